@@ -1,0 +1,108 @@
+//! Cache configuration: what is stored and how.
+
+use crate::{Error, Result};
+
+/// Axis along which groups of `group_size` elements share one scale and min.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// One group = `group_size` consecutive tokens of one channel (KIVI's keys).
+    PerChannel,
+    /// One group = `group_size` consecutive channels of one token, inside a head (KIVI's values).
+    PerToken,
+}
+
+/// Geometry of the cache: independent of any model file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub n_layer: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+/// KIVI settings. Defaults are the paper's: 2-bit, G = 32, R = 128, K per-channel, V per-token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KiviConfig {
+    pub k_bits: u8,
+    pub v_bits: u8,
+    /// G: elements per quantization group.
+    pub group_size: usize,
+    /// R: full-precision window. Keys flush in whole R-token chunks; values are a FIFO of R tokens.
+    /// 0 means every token is quantized.
+    pub residual_len: usize,
+    pub k_axis: Axis,
+    pub v_axis: Axis,
+    /// The first `sink_tokens` tokens of each sequence are kept in f16 forever (attention sinks).
+    pub sink_tokens: usize,
+}
+
+impl Default for KiviConfig {
+    fn default() -> Self {
+        KiviConfig {
+            k_bits: 2,
+            v_bits: 2,
+            group_size: 32,
+            residual_len: 128,
+            k_axis: Axis::PerChannel,
+            v_axis: Axis::PerToken,
+            sink_tokens: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheConfig {
+    /// Every token in f16: the baseline.
+    F16,
+    Kivi(KiviConfig),
+}
+
+impl KiviConfig {
+    pub fn kivi2() -> Self {
+        Self::default()
+    }
+    pub fn kivi4() -> Self {
+        KiviConfig { k_bits: 4, v_bits: 4, ..Self::default() }
+    }
+
+    /// Rejects combinations the cache cannot store, naming the offending parameter.
+    pub fn validate(&self, shape: &CacheShape) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        for (name, b) in [("k_bits", self.k_bits), ("v_bits", self.v_bits)] {
+            if ![2, 4, 8].contains(&b) {
+                return bad(format!("{name} = {b}: supported bit widths are 2, 4 and 8"));
+            }
+        }
+        let g = self.group_size;
+        if g == 0 {
+            return bad("group_size must be > 0".into());
+        }
+        for b in [self.k_bits, self.v_bits] {
+            let per_word = 32 / b as usize;
+            if g % per_word != 0 {
+                return bad(format!(
+                    "group_size {g} is not a multiple of {per_word} (codes per u32 word at {b} bits)"
+                ));
+            }
+        }
+        if shape.head_dim == 0 || shape.n_kv_head == 0 {
+            return bad("head_dim and n_kv_head must be > 0".into());
+        }
+        let per_token_used = self.k_axis == Axis::PerToken || self.v_axis == Axis::PerToken;
+        if per_token_used && shape.head_dim % g != 0 {
+            return bad(format!("head_dim {} is not a multiple of group_size {g}", shape.head_dim));
+        }
+        if self.residual_len % g != 0 {
+            return bad(format!(
+                "residual_len {} is not a multiple of group_size {g}",
+                self.residual_len
+            ));
+        }
+        Ok(())
+    }
+
+    /// Average stored bits per quantized element (codes + f16 scale + f16 min).
+    pub fn bits_per_element(&self) -> (f64, f64) {
+        let meta = 32.0 / self.group_size as f64;
+        (self.k_bits as f64 + meta, self.v_bits as f64 + meta)
+    }
+}

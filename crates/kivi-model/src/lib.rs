@@ -1,0 +1,9 @@
+//! Loading Llama-family models (GGUF and Hugging Face safetensors), their weight kernels,
+//! tokenizers and chat templates, and the forward pass over any [`kivi_core::KvCache`].
+
+pub mod error;
+pub mod gguf;
+pub mod matrix;
+pub mod tensor;
+
+pub use error::{ModelError, Result};
