@@ -1,1 +1,8 @@
-//! Sequences, sampling and generation.
+//! Sequences, sampling and the generation loop over a kivi model.
+
+pub mod kv_spec;
+pub mod sampler;
+pub mod session;
+
+pub use sampler::{Sampler, SamplingParams};
+pub use session::{GenerateParams, GenerationStats, Session, StopReason};

