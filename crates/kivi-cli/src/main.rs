@@ -1,6 +1,7 @@
 //! `kivi`: run Llama-family models with a KIVI-compressed KV cache.
 
 mod bench;
+mod eval;
 mod fetch;
 
 use std::io::{BufRead, Write};
@@ -31,6 +32,15 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Quality evaluation of KV cache configurations.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity, ΔPPL, KL and top-1 agreement against the f16 cache, decode-mode.
+    Ppl(eval::EvalPplArgs),
 }
 
 #[derive(Subcommand)]
@@ -187,6 +197,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
+        Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! Sequences, sampling and the generation loop over a kivi model.
 
+pub mod eval;
 pub mod kv_spec;
 pub mod sampler;
 pub mod session;
