@@ -13,9 +13,14 @@
 //! Query head `h` reads KV head `h / (n_head / n_kv_head)` (GQA/MQA, same grouping as HF's
 //! `repeat_kv`), without copying K/V.
 
+pub mod attn;
+pub mod cache;
 pub mod config;
 pub mod error;
+pub mod quant;
 
+pub use attn::Isa;
+pub use cache::{new_cache, F16Cache, KiviCache};
 pub use config::{Axis, CacheConfig, CacheShape, KiviConfig};
 pub use error::{Error, Result};
 
@@ -105,6 +110,14 @@ pub trait KvCache: Send + Sync {
     /// Stores `n_new = k.len() / (n_kv_head * head_dim)` tokens for `seq` in `layer`.
     fn append(&mut self, layer: usize, seq: SeqId, k: &[f32], v: &[f32]) -> Result<()>;
 
-    /// Exact bytes held by the whole cache, all layers and sequences.
+    /// Exact bytes held by the whole cache, all layers and sequences: storage used by the stored
+    /// tokens (codes, scales and mins of quantized tokens at word/group granularity, f16 rows),
+    /// excluding unused slack of preallocated blocks (see [`KvCache::memory_reserved`]).
     fn memory(&self) -> MemoryUsage;
+
+    /// Bytes reserved, including the unused part of preallocated blocks and freed blocks kept
+    /// for reuse. `tokens` is the same as in [`KvCache::memory`].
+    fn memory_reserved(&self) -> MemoryUsage {
+        self.memory()
+    }
 }

@@ -1,0 +1,213 @@
+//! Portable scalar kernels: the `_ref` twins of the SIMD kernels in [`super::simd`], always
+//! compiled, used on CPUs without AVX2/AVX-512 and with `KIVI_FORCE_SCALAR=1`.
+//!
+//! Every kernel works on one KV head and one query (or one row of softmax weights) and reads the
+//! stored form directly. Dequantization is fused (kivi.md §4.1):
+//! - keys per channel: `score[t] = Σ_d (q[d]·scale[d,g])·code[d,t] + Σ_d q[d]·min[d,g]`;
+//! - values per token: `acc[d] += Σ_t (p[t]·scale[t,g])·code[t,d] + Σ_t p[t]·min[t,g]`.
+
+use half::f16;
+
+use super::{ChanSeg, TokSeg};
+use crate::quant::{codes_per_word, max_code};
+
+/// `out[i] = Σ_d q[d]·rows[(t0+i)·stride + d]` for `i < n`.
+pub fn k_f16(q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+    let d = q.len();
+    for (i, o) in out[..n].iter_mut().enumerate() {
+        let r = &rows[(t0 + i) * stride..][..d];
+        *o = q.iter().zip(r).map(|(a, b)| a * b.to_f32()).sum();
+    }
+}
+
+/// Same as [`k_f16`] for exact f32 rows (the new tokens).
+pub fn k_f32(q: &[f32], rows: &[f32], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+    let d = q.len();
+    for (i, o) in out[..n].iter_mut().enumerate() {
+        let r = &rows[(t0 + i) * stride..][..d];
+        *o = q.iter().zip(r).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// `acc[d] += Σ_i p[i]·rows[(t0+i)·stride + d]`.
+pub fn v_f16(p: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, acc: &mut [f32]) {
+    let d = acc.len();
+    for (i, &w) in p[..n].iter().enumerate() {
+        let r = &rows[(t0 + i) * stride..][..d];
+        for (a, b) in acc.iter_mut().zip(r) {
+            *a += w * b.to_f32();
+        }
+    }
+}
+
+/// Same as [`v_f16`] for exact f32 rows.
+pub fn v_f32(p: &[f32], rows: &[f32], stride: usize, t0: usize, n: usize, acc: &mut [f32]) {
+    let d = acc.len();
+    for (i, &w) in p[..n].iter().enumerate() {
+        let r = &rows[(t0 + i) * stride..][..d];
+        for (a, b) in acc.iter_mut().zip(r) {
+            *a += w * b;
+        }
+    }
+}
+
+/// Scores of one whole per-channel group `g` (`group` tokens) into `tmp[..group]`.
+pub fn k_chan_group(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
+    let gs = seg.group;
+    let bits = seg.bits;
+    let fpi = codes_per_word(bits);
+    let mask = max_code(bits);
+    let tmp = &mut tmp[..gs];
+    tmp.fill(0.0);
+    let mut bias = 0.0f32;
+    for (d, &qd) in q.iter().enumerate() {
+        let meta = d * seg.groups_per_row + g;
+        let qs = qd * seg.scales[meta].to_f32();
+        bias += qd * seg.mins[meta].to_f32();
+        let row = &seg.codes[d * seg.words_per_row + g * gs / fpi..][..gs / fpi];
+        for (w, out) in row.iter().zip(tmp.chunks_exact_mut(fpi)) {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o += qs * ((w >> (j * bits as usize)) & mask) as f32;
+            }
+        }
+    }
+    for o in tmp.iter_mut() {
+        *o += bias;
+    }
+}
+
+/// Scores for tokens `t0..t0+n` of a per-channel quantized stretch.
+pub fn k_chan(q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: &mut [f32]) {
+    k_chan_with(q, seg, t0, n, out, k_chan_group)
+}
+
+/// Walks the groups covering `t0..t0+n`, computing whole groups with `group_fn` and copying the
+/// requested tokens (a partial trailing group computes on codes that are allocated but unused).
+pub(crate) fn k_chan_with(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    group_fn: impl Fn(&[f32], &ChanSeg<'_>, usize, &mut [f32]),
+) {
+    let gs = seg.group;
+    let mut tmp = [0f32; 1024];
+    let mut t = t0;
+    let end = t0 + n;
+    while t < end {
+        let g = t / gs;
+        let g0 = g * gs;
+        let hi = end.min(g0 + gs);
+        if gs <= tmp.len() && !(t == g0 && hi == g0 + gs) {
+            group_fn(q, seg, g, &mut tmp);
+            out[t - t0..hi - t0].copy_from_slice(&tmp[t - g0..hi - g0]);
+        } else if gs <= tmp.len() {
+            group_fn(q, seg, g, &mut out[t - t0..hi - t0]);
+        } else {
+            // Huge groups: token by token.
+            for tt in t..hi {
+                out[tt - t0] = k_chan_token(q, seg, tt);
+            }
+        }
+        t = hi;
+    }
+}
+
+fn k_chan_token(q: &[f32], seg: &ChanSeg<'_>, t: usize) -> f32 {
+    let g = t / seg.group;
+    let fpi = codes_per_word(seg.bits);
+    let mut s = 0.0;
+    for (d, &qd) in q.iter().enumerate() {
+        let meta = d * seg.groups_per_row + g;
+        let w = seg.codes[d * seg.words_per_row + t / fpi];
+        let c = (w >> ((t % fpi) * seg.bits as usize)) & max_code(seg.bits);
+        s += qd * (c as f32 * seg.scales[meta].to_f32() + seg.mins[meta].to_f32());
+    }
+    s
+}
+
+/// Scores for tokens `t0..t0+n` of a per-token quantized stretch (research mode for keys):
+/// `score[t] = Σ_g scale[t,g]·Σ_{d∈g} q[d]·code[t,d] + Σ_g min[t,g]·Σ_{d∈g} q[d]`.
+pub fn k_tok(q: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, out: &mut [f32]) {
+    let hd = q.len();
+    let gs = seg.group;
+    let fpi = codes_per_word(seg.bits);
+    let (wpt, gpt) = (hd / fpi, hd / gs);
+    let mask = max_code(seg.bits);
+    for (i, o) in out[..n].iter_mut().enumerate() {
+        let t = t0 + i;
+        let words = &seg.codes[t * wpt..][..wpt];
+        let mut s = 0.0f32;
+        for g in 0..gpt {
+            let mut dot = 0.0f32;
+            let mut qsum = 0.0f32;
+            for d in g * gs..(g + 1) * gs {
+                let c = (words[d / fpi] >> ((d % fpi) * seg.bits as usize)) & mask;
+                dot += q[d] * c as f32;
+                qsum += q[d];
+            }
+            s += seg.scales[t * gpt + g].to_f32() * dot + seg.mins[t * gpt + g].to_f32() * qsum;
+        }
+        *o = s;
+    }
+}
+
+/// `acc[d] += Σ_i p[i]·v[t0+i, d]` for a per-token quantized stretch (KIVI's values).
+pub fn v_tok(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    let hd = acc.len();
+    let gs = seg.group;
+    let bits = seg.bits;
+    let fpi = codes_per_word(bits);
+    let (wpt, gpt) = (hd / fpi, hd / gs);
+    let mask = max_code(bits);
+    let mut min_acc = [0f32; 256];
+    debug_assert!(gpt <= min_acc.len());
+    for (i, &w) in p[..n].iter().enumerate() {
+        let t = t0 + i;
+        let words = &seg.codes[t * wpt..][..wpt];
+        for g in 0..gpt {
+            let ps = w * seg.scales[t * gpt + g].to_f32();
+            min_acc[g] += w * seg.mins[t * gpt + g].to_f32();
+            let gw = &words[g * gs / fpi..(g + 1) * gs / fpi];
+            let ga = &mut acc[g * gs..(g + 1) * gs];
+            for (word, a) in gw.iter().zip(ga.chunks_exact_mut(fpi)) {
+                for (j, aj) in a.iter_mut().enumerate() {
+                    *aj += ps * ((word >> (j * bits as usize)) & mask) as f32;
+                }
+            }
+        }
+    }
+    for (g, &m) in min_acc[..gpt].iter().enumerate() {
+        for a in &mut acc[g * gs..(g + 1) * gs] {
+            *a += m;
+        }
+    }
+}
+
+/// `acc[d] += Σ_i p[i]·v[t0+i, d]` for a per-channel quantized stretch (research mode for values):
+/// per channel and group, `scale·Σ p·code + min·Σ p`.
+pub fn v_chan(p: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    let gs = seg.group;
+    let fpi = codes_per_word(seg.bits);
+    let mask = max_code(seg.bits);
+    for (d, a) in acc.iter_mut().enumerate() {
+        let row = &seg.codes[d * seg.words_per_row..][..seg.words_per_row];
+        let mut t = t0;
+        let end = t0 + n;
+        while t < end {
+            let g = t / gs;
+            let hi = end.min((g + 1) * gs);
+            let (mut pc, mut psum) = (0.0f32, 0.0f32);
+            for tt in t..hi {
+                let pt = p[tt - t0];
+                let c = (row[tt / fpi] >> ((tt % fpi) * seg.bits as usize)) & mask;
+                pc += pt * c as f32;
+                psum += pt;
+            }
+            let meta = d * seg.groups_per_row + g;
+            *a += seg.scales[meta].to_f32() * pc + seg.mins[meta].to_f32() * psum;
+            t = hi;
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Attention over a cache that is stored in pieces: f16 rows, exact f32 rows (the new tokens),
+//! per-channel quantized stretches (`[D][T/fpi]` codes, `[D][T/G]` scales/mins) and per-token
+//! quantized stretches (`[T][D/fpi]` codes, `[T][D/G]` scales/mins), read in place.
+//!
+//! A cache describes each sequence as a [`SeqView`]: for every KV head, the keys and the values as
+//! ordered lists of [`Seg`]s covering positions `0..n_old + n_new` (keys and values may switch
+//! form at different positions, e.g. KIVI's key chunk boundary vs value window), plus chunk
+//! boundaries that split the positions for flash-decoding. Work items are
+//! (sequence × KV head × chunk); each computes, for all `n_new · n_rep` queries that read this KV
+//! head, a partial softmax `(max, sum, Σ p·v)`; partials are merged in chunk order, so results do
+//! not depend on thread scheduling.
+
+pub mod cpu;
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+pub mod simd;
+
+use std::sync::OnceLock;
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Per-channel quantized stretch of one KV head: token `t` (relative to the stretch) of channel
+/// `d` is code `t` of row `codes[d * words_per_row ..]`, in group `t / group` whose parameters
+/// are at `d * groups_per_row + t / group`. Rows are sized for whole groups.
+#[derive(Clone, Copy, Debug)]
+pub struct ChanSeg<'a> {
+    /// `[D][words_per_row]`
+    pub codes: &'a [u32],
+    /// `[D][groups_per_row]`
+    pub scales: &'a [f16],
+    /// `[D][groups_per_row]`
+    pub mins: &'a [f16],
+    pub words_per_row: usize,
+    pub groups_per_row: usize,
+    pub bits: u8,
+    pub group: usize,
+}
+
+/// Per-token quantized stretch of one KV head: `codes [T][D/fpi]`, `scales`/`mins` `[T][D/G]`.
+#[derive(Clone, Copy, Debug)]
+pub struct TokSeg<'a> {
+    pub codes: &'a [u32],
+    pub scales: &'a [f16],
+    pub mins: &'a [f16],
+    pub bits: u8,
+    pub group: usize,
+}
+
+/// Storage form of one stretch of tokens.
+#[derive(Clone, Copy, Debug)]
+pub enum SegData<'a> {
+    /// Row `t` at `rows[t * stride ..][..head_dim]`.
+    F16 { rows: &'a [f16], stride: usize },
+    /// Exact rows (new tokens), row `t` at `rows[t * stride ..][..head_dim]`.
+    F32 { rows: &'a [f32], stride: usize },
+    Chan(ChanSeg<'a>),
+    Tok(TokSeg<'a>),
+}
+
+/// `len` tokens at positions `start..start + len`.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub data: SegData<'a>,
+}
+
+/// One sequence as the attention sees it.
+pub struct SeqView<'a> {
+    pub n_old: usize,
+    pub n_new: usize,
+    /// `[n_kv_head]` ordered key segments covering `0..n_old + n_new`.
+    pub k: Vec<Vec<Seg<'a>>>,
+    /// `[n_kv_head]` ordered value segments covering `0..n_old + n_new`.
+    pub v: Vec<Vec<Seg<'a>>>,
+    /// Chunk boundaries: `0 = b[0] < b[1] < … < b[last] = n_old + n_new`.
+    pub bounds: Vec<usize>,
+}
+
+/// Instruction set used by the kernels, detected once at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512F (plus AVX2/FMA/F16C).
+    Avx512,
+}
+
+impl Isa {
+    /// Best supported ISA; `KIVI_FORCE_SCALAR=1` forces the portable path, `KIVI_ISA=avx2`
+    /// caps it at AVX2 (for measurements).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var("KIVI_FORCE_SCALAR").is_ok_and(|v| v == "1") {
+                return Isa::Scalar;
+            }
+            let cap = std::env::var("KIVI_ISA").unwrap_or_default();
+            let best = Isa::best_supported();
+            match (cap.as_str(), best) {
+                ("scalar", _) => Isa::Scalar,
+                ("avx2", Isa::Avx512) => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// Best ISA this CPU supports, ignoring the environment.
+    pub fn best_supported() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every ISA usable on this CPU (for tests comparing kernels with their scalar twins).
+    pub fn all_supported() -> Vec<Isa> {
+        let best = Isa::best_supported();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| match i {
+                Isa::Scalar => true,
+                Isa::Avx2 => best != Isa::Scalar,
+                Isa::Avx512 => best == Isa::Avx512,
+            })
+            .collect()
+    }
+}
+
+/// Scores `out[i] = q · k[t0 + i]` for `i < n`, `k` read from `seg` in its stored form.
+pub fn k_scores(isa: Isa, q: &[f32], seg: &SegData<'_>, t0: usize, n: usize, out: &mut [f32]) {
+    match (isa, seg) {
+        (_, SegData::F32 { rows, stride }) => cpu::k_f32(q, rows, *stride, t0, n, out),
+        (_, SegData::Tok(s)) => cpu::k_tok(q, s, t0, n, out),
+        (Isa::Scalar, SegData::F16 { rows, stride }) => cpu::k_f16(q, rows, *stride, t0, n, out),
+        (Isa::Scalar, SegData::Chan(s)) => cpu::k_chan(q, s, t0, n, out),
+        #[cfg(target_arch = "x86_64")]
+        (isa, SegData::F16 { rows, stride }) => simd::k_f16(isa, q, rows, *stride, t0, n, out),
+        #[cfg(target_arch = "x86_64")]
+        (isa, SegData::Chan(s)) => simd::k_chan(isa, q, s, t0, n, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        (_, SegData::F16 { rows, stride }) => cpu::k_f16(q, rows, *stride, t0, n, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        (_, SegData::Chan(s)) => cpu::k_chan(q, s, t0, n, out),
+    }
+}
+
+/// `acc += Σ_i p[i] · v[t0 + i]`, `v` read from `seg` in its stored form.
+pub fn v_accumulate(isa: Isa, p: &[f32], seg: &SegData<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    match (isa, seg) {
+        (_, SegData::F32 { rows, stride }) => cpu::v_f32(p, rows, *stride, t0, n, acc),
+        (_, SegData::Chan(s)) => cpu::v_chan(p, s, t0, n, acc),
+        (Isa::Scalar, SegData::F16 { rows, stride }) => cpu::v_f16(p, rows, *stride, t0, n, acc),
+        (Isa::Scalar, SegData::Tok(s)) => cpu::v_tok(p, s, t0, n, acc),
+        #[cfg(target_arch = "x86_64")]
+        (isa, SegData::F16 { rows, stride }) => simd::v_f16(isa, p, rows, *stride, t0, n, acc),
+        #[cfg(target_arch = "x86_64")]
+        (isa, SegData::Tok(s)) => simd::v_tok(isa, p, s, t0, n, acc),
+        #[cfg(not(target_arch = "x86_64"))]
+        (_, SegData::F16 { rows, stride }) => cpu::v_f16(p, rows, *stride, t0, n, acc),
+        #[cfg(not(target_arch = "x86_64"))]
+        (_, SegData::Tok(s)) => cpu::v_tok(p, s, t0, n, acc),
+    }
+}
+
+/// Geometry shared by all sequences of one call.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+}
+
+/// Computes attention for every sequence: `qs[s]` and `outs[s]` are `[n_new][n_head][head_dim]`.
+pub fn attend_views(
+    isa: Isa,
+    heads: Heads,
+    views: &[SeqView<'_>],
+    qs: &[&[f32]],
+    outs: &mut [&mut [f32]],
+) {
+    let Heads { n_head, n_kv_head, head_dim } = heads;
+    let n_rep = n_head / n_kv_head;
+    // Work items: (sequence, kv head, chunk).
+    let mut items = Vec::new();
+    for (s, view) in views.iter().enumerate() {
+        for h in 0..n_kv_head {
+            for c in 0..view.bounds.len() - 1 {
+                items.push((s, h, c));
+            }
+        }
+    }
+    let work = |&(s, h, c): &(usize, usize, usize)| -> Vec<f32> {
+        partial(isa, heads, &views[s], qs[s], h, c, n_rep)
+    };
+    let partials: Vec<Vec<f32>> = if items.len() == 1 || rayon::current_num_threads() == 1 {
+        items.iter().map(work).collect()
+    } else {
+        items.par_iter().with_max_len(1).map(work).collect()
+    };
+    // Merge the chunks of each (sequence, kv head) in order.
+    let stride = head_dim + 2;
+    let mut idx = 0;
+    for (s, view) in views.iter().enumerate() {
+        let n_chunks = view.bounds.len() - 1;
+        let out = &mut *outs[s];
+        for h in 0..n_kv_head {
+            let parts = &partials[idx..idx + n_chunks];
+            idx += n_chunks;
+            for i in 0..view.n_new {
+                for r in 0..n_rep {
+                    let mi = i * n_rep + r;
+                    let m = parts
+                        .iter()
+                        .map(|p| p[mi * stride])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let o = &mut out[(i * n_head + h * n_rep + r) * head_dim..][..head_dim];
+                    o.fill(0.0);
+                    let mut l = 0.0f32;
+                    for p in parts {
+                        let p = &p[mi * stride..][..stride];
+                        if p[1] == 0.0 {
+                            continue;
+                        }
+                        let f = (p[0] - m).exp();
+                        l += p[1] * f;
+                        for (a, b) in o.iter_mut().zip(&p[2..]) {
+                            *a += f * b;
+                        }
+                    }
+                    let inv = 1.0 / l;
+                    for a in o.iter_mut() {
+                        *a *= inv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Partial softmax of all queries reading KV head `h` over chunk `c`:
+/// `[n_new * n_rep][max, sum, acc[head_dim]]`.
+fn partial(
+    isa: Isa,
+    heads: Heads,
+    view: &SeqView<'_>,
+    q: &[f32],
+    h: usize,
+    c: usize,
+    n_rep: usize,
+) -> Vec<f32> {
+    let hd = heads.head_dim;
+    let (a, b) = (view.bounds[c], view.bounds[c + 1]);
+    let len = b - a;
+    let m = view.n_new * n_rep;
+    let stride = hd + 2;
+    let mut res = vec![0f32; m * stride];
+    let mut scores = vec![0f32; m * len];
+    let inv_sqrt = 1.0 / (hd as f32).sqrt();
+    let mut qs = vec![0f32; hd];
+    // Causal limit of query i: positions < n_old + i + 1.
+    let lim = |i: usize| (view.n_old + i + 1).min(b);
+    for i in 0..view.n_new {
+        let hi_i = lim(i);
+        if hi_i <= a {
+            continue;
+        }
+        for r in 0..n_rep {
+            let mi = i * n_rep + r;
+            let qh = h * n_rep + r;
+            let qrow = &q[(i * heads.n_head + qh) * hd..][..hd];
+            for (d, s) in qs.iter_mut().zip(qrow) {
+                *d = s * inv_sqrt;
+            }
+            let sc = &mut scores[mi * len..][..len];
+            for seg in &view.k[h] {
+                let lo = a.max(seg.start);
+                let hi = hi_i.min(seg.start + seg.len);
+                if lo < hi {
+                    k_scores(isa, &qs, &seg.data, lo - seg.start, hi - lo, &mut sc[lo - a..]);
+                }
+            }
+            let n_valid = hi_i - a;
+            let sc = &mut sc[..n_valid];
+            let mx = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            let out = &mut res[mi * stride..][..stride];
+            out[0] = mx;
+            out[1] = sum;
+            let acc = &mut out[2..];
+            for seg in &view.v[h] {
+                let lo = a.max(seg.start);
+                let hi = hi_i.min(seg.start + seg.len);
+                if lo < hi {
+                    v_accumulate(isa, &sc[lo - a..], &seg.data, lo - seg.start, hi - lo, acc);
+                }
+            }
+        }
+    }
+    res
+}
+
+/// Chunk boundaries for flash-decoding: `first` (the end of the first chunk, e.g. after sink
+/// tokens + one chunk), then every `chunk` positions, up to `total`.
+pub fn chunk_bounds(total: usize, first: usize, chunk: usize) -> Vec<usize> {
+    let mut b = vec![0];
+    let mut x = first.max(1);
+    while x < total {
+        b.push(x);
+        x += chunk;
+    }
+    b.push(total);
+    b
+}

@@ -1,0 +1,532 @@
+//! x86-64 kernels (AVX2+FMA+F16C and AVX-512F), chosen at run time. Each has a scalar twin in
+//! [`super::cpu`] with the same signature; tests compare them on random data.
+//!
+//! Code extraction: a vector of 8 (AVX2) or 16 (AVX-512) consecutive codes is built from the
+//! packed words by broadcasting (or permuting) the words into lanes, shifting each lane right by
+//! its bit offset and masking: `(word >> (j*b)) & (2^b - 1)` as in kivi.md §1.3.
+//!
+//! Shapes supported by the SIMD paths (others fall back to the scalar twin, per call):
+//! - `k_chan`: group size G a multiple of the lane count (8 / 16) and at most 128;
+//! - `v_tok`: G a multiple of the lane count and `head_dim / lanes` in {2, 4, 8, 16}.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use half::f16;
+
+use super::{cpu, ChanSeg, Isa, TokSeg};
+use crate::quant::{codes_per_word, max_code};
+
+/// Panics if `isa` is not supported by this CPU: the `unsafe` calls below rely on it.
+fn assert_supported(isa: Isa) {
+    static BEST: OnceLock<Isa> = OnceLock::new();
+    let best = *BEST.get_or_init(Isa::best_supported);
+    let ok = match isa {
+        Isa::Scalar => true,
+        Isa::Avx2 => best != Isa::Scalar,
+        Isa::Avx512 => best == Isa::Avx512,
+    };
+    assert!(ok, "{isa:?} kernels requested on a CPU without the features");
+}
+
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn h2f(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// f16 rows
+
+/// `out[i] = q · rows[t0 + i]`, SIMD version of [`cpu::k_f16`].
+pub fn k_f16(isa: Isa, q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+    assert_supported(isa);
+    let d = q.len();
+    assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
+    assert!(out.len() >= n);
+    match isa {
+        // SAFETY: the CPU has the features (checked above); every row read is in bounds of
+        // `rows` and every write in bounds of `out` (checked above).
+        Isa::Avx512 => unsafe { k_f16_avx512(q, rows, stride, t0, n, out) },
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { k_f16_avx2(q, rows, stride, t0, n, out) },
+        Isa::Scalar => cpu::k_f16(q, rows, stride, t0, n, out),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_f16_avx512(q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+    let d = q.len();
+    let dv = d / 16 * 16;
+    let qp = q.as_ptr();
+    let rp = rows.as_ptr() as *const u16;
+    let row = |t: usize| rp.add((t0 + t) * stride);
+    let mut i = 0;
+    while i + 4 <= n {
+        let (r0, r1, r2, r3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
+        let mut a = [_mm512_setzero_ps(); 4];
+        let mut j = 0;
+        while j < dv {
+            let qv = _mm512_loadu_ps(qp.add(j));
+            let ld = |r: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(r.add(j) as *const __m256i));
+            a[0] = _mm512_fmadd_ps(qv, ld(r0), a[0]);
+            a[1] = _mm512_fmadd_ps(qv, ld(r1), a[1]);
+            a[2] = _mm512_fmadd_ps(qv, ld(r2), a[2]);
+            a[3] = _mm512_fmadd_ps(qv, ld(r3), a[3]);
+            j += 16;
+        }
+        for (r, (rp, acc)) in [r0, r1, r2, r3].into_iter().zip(a).enumerate() {
+            let mut s = _mm512_reduce_add_ps(acc);
+            for jj in dv..d {
+                s += q[jj] * h2f(f16::from_bits(*rp.add(jj)));
+            }
+            out[i + r] = s;
+        }
+        i += 4;
+    }
+    while i < n {
+        let r0 = row(i);
+        let mut a = _mm512_setzero_ps();
+        let mut j = 0;
+        while j < dv {
+            let kv = _mm512_cvtph_ps(_mm256_loadu_si256(r0.add(j) as *const __m256i));
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(j)), kv, a);
+            j += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(a);
+        for jj in dv..d {
+            s += q[jj] * h2f(f16::from_bits(*r0.add(jj)));
+        }
+        out[i] = s;
+        i += 1;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_f16_avx2(q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+    let d = q.len();
+    let dv = d / 8 * 8;
+    let qp = q.as_ptr();
+    let rp = rows.as_ptr() as *const u16;
+    let row = |t: usize| rp.add((t0 + t) * stride);
+    let mut i = 0;
+    while i + 4 <= n {
+        let (r0, r1, r2, r3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut j = 0;
+        while j < dv {
+            let qv = _mm256_loadu_ps(qp.add(j));
+            let ld = |r: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(r.add(j) as *const __m128i));
+            a[0] = _mm256_fmadd_ps(qv, ld(r0), a[0]);
+            a[1] = _mm256_fmadd_ps(qv, ld(r1), a[1]);
+            a[2] = _mm256_fmadd_ps(qv, ld(r2), a[2]);
+            a[3] = _mm256_fmadd_ps(qv, ld(r3), a[3]);
+            j += 8;
+        }
+        for (r, (rp, acc)) in [r0, r1, r2, r3].into_iter().zip(a).enumerate() {
+            let mut s = hsum256(acc);
+            for jj in dv..d {
+                s += q[jj] * h2f(f16::from_bits(*rp.add(jj)));
+            }
+            out[i + r] = s;
+        }
+        i += 4;
+    }
+    while i < n {
+        let r0 = row(i);
+        let mut a = _mm256_setzero_ps();
+        let mut j = 0;
+        while j < dv {
+            let kv = _mm256_cvtph_ps(_mm_loadu_si128(r0.add(j) as *const __m128i));
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(j)), kv, a);
+            j += 8;
+        }
+        let mut s = hsum256(a);
+        for jj in dv..d {
+            s += q[jj] * h2f(f16::from_bits(*r0.add(jj)));
+        }
+        out[i] = s;
+        i += 1;
+    }
+}
+
+/// `acc += Σ_i p[i] · rows[t0 + i]`, SIMD version of [`cpu::v_f16`].
+pub fn v_f16(isa: Isa, p: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, acc: &mut [f32]) {
+    assert_supported(isa);
+    let d = acc.len();
+    assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
+    assert!(p.len() >= n);
+    match (isa, d) {
+        // SAFETY (all arms): the CPU has the features (checked above); reads of `rows` and `p`
+        // are in bounds (checked above) and `acc` has exactly `d` = lanes * NV elements.
+        (Isa::Avx512, 64) => unsafe { v_f16_avx512::<4>(p, rows, stride, t0, n, acc) },
+        (Isa::Avx512, 128) => unsafe { v_f16_avx512::<8>(p, rows, stride, t0, n, acc) },
+        (Isa::Avx512, 256) => unsafe { v_f16_avx512::<16>(p, rows, stride, t0, n, acc) },
+        (Isa::Avx512 | Isa::Avx2, 32) => unsafe { v_f16_avx2::<4>(p, rows, stride, t0, n, acc) },
+        (Isa::Avx2, 64) => unsafe { v_f16_avx2::<8>(p, rows, stride, t0, n, acc) },
+        (Isa::Avx2, 128) => unsafe { v_f16_avx2::<16>(p, rows, stride, t0, n, acc) },
+        _ => cpu::v_f16(p, rows, stride, t0, n, acc),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn v_f16_avx512<const NV: usize>(
+    p: &[f32],
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    let rp = rows.as_ptr() as *const u16;
+    let ap = acc.as_mut_ptr();
+    let mut a = [_mm512_setzero_ps(); NV];
+    for (j, aj) in a.iter_mut().enumerate() {
+        *aj = _mm512_loadu_ps(ap.add(16 * j));
+    }
+    for (i, &w) in p[..n].iter().enumerate() {
+        let r = rp.add((t0 + i) * stride);
+        let wv = _mm512_set1_ps(w);
+        for (j, aj) in a.iter_mut().enumerate() {
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(16 * j) as *const __m256i));
+            *aj = _mm512_fmadd_ps(wv, x, *aj);
+        }
+    }
+    for (j, aj) in a.iter().enumerate() {
+        _mm512_storeu_ps(ap.add(16 * j), *aj);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn v_f16_avx2<const NV: usize>(
+    p: &[f32],
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    let rp = rows.as_ptr() as *const u16;
+    let ap = acc.as_mut_ptr();
+    let mut a = [_mm256_setzero_ps(); NV];
+    for (j, aj) in a.iter_mut().enumerate() {
+        *aj = _mm256_loadu_ps(ap.add(8 * j));
+    }
+    for (i, &w) in p[..n].iter().enumerate() {
+        let r = rp.add((t0 + i) * stride);
+        let wv = _mm256_set1_ps(w);
+        for (j, aj) in a.iter_mut().enumerate() {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(r.add(8 * j) as *const __m128i));
+            *aj = _mm256_fmadd_ps(wv, x, *aj);
+        }
+    }
+    for (j, aj) in a.iter().enumerate() {
+        _mm256_storeu_ps(ap.add(8 * j), *aj);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Code extraction
+
+/// Lane constants for 16 codes of `bits` bits starting at a word boundary or half word.
+struct Lanes16 {
+    idx: __m512i,
+    shifts: __m512i,
+    mask: __m512i,
+    nwords: usize,
+}
+
+impl Lanes16 {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new(bits: u8) -> Self {
+        let fpi = codes_per_word(bits);
+        let mut idx = [0i32; 16];
+        let mut sh = [0i32; 16];
+        for l in 0..16 {
+            idx[l] = (l / fpi) as i32;
+            sh[l] = ((l % fpi) * bits as usize) as i32;
+        }
+        Lanes16 {
+            idx: _mm512_loadu_si512(idx.as_ptr() as *const _),
+            shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
+            mask: _mm512_set1_epi32(max_code(bits) as i32),
+            nwords: 16 / fpi.min(16),
+        }
+    }
+
+    /// Codes `16k .. 16k+16` of a row whose words start at `wp` (`wp` points at the word that
+    /// holds code `16k`), as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(&self, wp: *const u32) -> __m512 {
+        let v = if self.nwords == 1 {
+            _mm512_set1_epi32(*wp as i32)
+        } else {
+            let w = _mm512_maskz_loadu_epi32((1u16 << self.nwords) - 1, wp as *const i32);
+            _mm512_permutexvar_epi32(self.idx, w)
+        };
+        _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, self.shifts), self.mask))
+    }
+}
+
+/// Lane constants for 8 codes.
+struct Lanes8 {
+    shifts: __m256i,
+    mask: __m256i,
+    bits: u8,
+}
+
+impl Lanes8 {
+    #[target_feature(enable = "avx2")]
+    unsafe fn new(bits: u8) -> Self {
+        let mut sh = [0i32; 8];
+        for (l, s) in sh.iter_mut().enumerate() {
+            *s = ((l * bits as usize) % 32) as i32;
+        }
+        Lanes8 {
+            shifts: _mm256_loadu_si256(sh.as_ptr() as *const _),
+            mask: _mm256_set1_epi32(max_code(bits) as i32),
+            bits,
+        }
+    }
+
+    /// Codes `c .. c+8` (`c` a multiple of 8) of a row of words at `row`, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(&self, row: *const u32, c: usize) -> __m256 {
+        let v = if self.bits == 8 {
+            let (w0, w1) = (*row.add(c / 4) as i32, *row.add(c / 4 + 1) as i32);
+            _mm256_setr_epi32(w0, w0, w0, w0, w1, w1, w1, w1)
+        } else {
+            let fpi = 32 / self.bits as usize;
+            _mm256_set1_epi32((*row.add(c / fpi) >> ((c % fpi) * self.bits as usize)) as i32)
+        };
+        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, self.shifts), self.mask))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel quantized keys
+
+/// Scores over a per-channel quantized stretch, SIMD version of [`cpu::k_chan`].
+pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: &mut [f32]) {
+    assert_supported(isa);
+    if n == 0 {
+        return;
+    }
+    let (hd, g) = (q.len(), seg.group);
+    let fpi = codes_per_word(seg.bits);
+    // Bounds of every access in the group kernels.
+    assert!(g % fpi == 0 && seg.words_per_row * fpi == seg.groups_per_row * g);
+    assert!((t0 + n - 1) / g < seg.groups_per_row);
+    assert!(seg.codes.len() >= hd * seg.words_per_row);
+    assert!(seg.scales.len() >= hd * seg.groups_per_row);
+    assert!(seg.mins.len() >= hd * seg.groups_per_row);
+    assert!(out.len() >= n);
+    macro_rules! run {
+        ($f:ident, $nb:literal) => {
+            // SAFETY: the CPU has the features; the group kernels read rows `d < hd` of whole
+            // groups `g < groups_per_row` and write `tmp[..group]` (k_chan_with passes a slice
+            // of exactly `group` elements); all asserted above.
+            cpu::k_chan_with(q, seg, t0, n, out, |q, s, gi, tmp| unsafe { $f::<$nb>(q, s, gi, tmp) })
+        };
+    }
+    match (isa, g) {
+        (Isa::Avx512, 16) => run!(k_chan_group_avx512, 1),
+        (Isa::Avx512, 32) => run!(k_chan_group_avx512, 2),
+        (Isa::Avx512, 64) => run!(k_chan_group_avx512, 4),
+        (Isa::Avx512, 128) => run!(k_chan_group_avx512, 8),
+        (Isa::Avx2, 8) => run!(k_chan_group_avx2, 1),
+        (Isa::Avx2, 16) => run!(k_chan_group_avx2, 2),
+        (Isa::Avx2, 32) => run!(k_chan_group_avx2, 4),
+        (Isa::Avx2, 64) => run!(k_chan_group_avx2, 8),
+        (Isa::Avx2, 128) => run!(k_chan_group_avx2, 16),
+        _ => cpu::k_chan(q, seg, t0, n, out),
+    }
+}
+
+/// One group of `16 * NB` tokens: `tmp[t] = Σ_d (q[d]·scale[d,g])·code[d,t] + Σ_d q[d]·min[d,g]`.
+/// Two accumulator sets (even/odd channels) to shorten the FMA dependency chains.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_chan_group_avx512<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
+    let fpi = codes_per_word(seg.bits);
+    let lanes = Lanes16::new(seg.bits);
+    let gw = g * (16 * NB) / fpi;
+    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let mut a0 = [_mm512_setzero_ps(); NB];
+    let mut a1 = [_mm512_setzero_ps(); NB];
+    let (mut bias0, mut bias1) = (0f32, 0f32);
+    let hd = q.len();
+    let mut d = 0;
+    while d + 2 <= hd {
+        let (m0, m1) = (d * seg.groups_per_row + g, (d + 1) * seg.groups_per_row + g);
+        let (q0, q1) = (q[d], q[d + 1]);
+        let qs0 = _mm512_set1_ps(q0 * h2f(*sp.add(m0)));
+        let qs1 = _mm512_set1_ps(q1 * h2f(*sp.add(m1)));
+        bias0 += q0 * h2f(*mp.add(m0));
+        bias1 += q1 * h2f(*mp.add(m1));
+        let r0 = cp.add(d * seg.words_per_row + gw);
+        let r1 = cp.add((d + 1) * seg.words_per_row + gw);
+        for b in 0..NB {
+            a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * 16 / fpi)), a0[b]);
+            a1[b] = _mm512_fmadd_ps(qs1, lanes.load(r1.add(b * 16 / fpi)), a1[b]);
+        }
+        d += 2;
+    }
+    if d < hd {
+        let m0 = d * seg.groups_per_row + g;
+        let qs0 = _mm512_set1_ps(q[d] * h2f(*sp.add(m0)));
+        bias0 += q[d] * h2f(*mp.add(m0));
+        let r0 = cp.add(d * seg.words_per_row + gw);
+        for b in 0..NB {
+            a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * 16 / fpi)), a0[b]);
+        }
+    }
+    let bias = _mm512_set1_ps(bias0 + bias1);
+    let tp = tmp.as_mut_ptr();
+    for b in 0..NB {
+        _mm512_storeu_ps(tp.add(16 * b), _mm512_add_ps(_mm512_add_ps(a0[b], a1[b]), bias));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_chan_group_avx2<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
+    let fpi = codes_per_word(seg.bits);
+    let lanes = Lanes8::new(seg.bits);
+    let gw = g * (8 * NB) / fpi;
+    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let mut a0 = [_mm256_setzero_ps(); NB];
+    let mut a1 = [_mm256_setzero_ps(); NB];
+    let (mut bias0, mut bias1) = (0f32, 0f32);
+    let hd = q.len();
+    let mut d = 0;
+    while d + 2 <= hd {
+        let (m0, m1) = (d * seg.groups_per_row + g, (d + 1) * seg.groups_per_row + g);
+        let (q0, q1) = (q[d], q[d + 1]);
+        let qs0 = _mm256_set1_ps(q0 * h2f(*sp.add(m0)));
+        let qs1 = _mm256_set1_ps(q1 * h2f(*sp.add(m1)));
+        bias0 += q0 * h2f(*mp.add(m0));
+        bias1 += q1 * h2f(*mp.add(m1));
+        let r0 = cp.add(d * seg.words_per_row + gw);
+        let r1 = cp.add((d + 1) * seg.words_per_row + gw);
+        for b in 0..NB {
+            a0[b] = _mm256_fmadd_ps(qs0, lanes.load(r0, 8 * b), a0[b]);
+            a1[b] = _mm256_fmadd_ps(qs1, lanes.load(r1, 8 * b), a1[b]);
+        }
+        d += 2;
+    }
+    if d < hd {
+        let m0 = d * seg.groups_per_row + g;
+        let qs0 = _mm256_set1_ps(q[d] * h2f(*sp.add(m0)));
+        bias0 += q[d] * h2f(*mp.add(m0));
+        let r0 = cp.add(d * seg.words_per_row + gw);
+        for b in 0..NB {
+            a0[b] = _mm256_fmadd_ps(qs0, lanes.load(r0, 8 * b), a0[b]);
+        }
+    }
+    let bias = _mm256_set1_ps(bias0 + bias1);
+    let tp = tmp.as_mut_ptr();
+    for b in 0..NB {
+        _mm256_storeu_ps(tp.add(8 * b), _mm256_add_ps(_mm256_add_ps(a0[b], a1[b]), bias));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-token quantized values
+
+/// `acc += Σ_i p[i]·v[t0 + i]` over a per-token quantized stretch, SIMD version of
+/// [`cpu::v_tok`].
+pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    assert_supported(isa);
+    let (hd, g) = (acc.len(), seg.group);
+    let fpi = codes_per_word(seg.bits);
+    assert!(hd % g == 0 && g % fpi == 0);
+    assert!(seg.codes.len() >= (t0 + n) * (hd / fpi));
+    assert!(seg.scales.len() >= (t0 + n) * (hd / g) && seg.mins.len() >= (t0 + n) * (hd / g));
+    assert!(p.len() >= n);
+    match (isa, hd, g % 16 == 0, g % 8 == 0) {
+        // SAFETY (all arms): the CPU has the features; codes/scales/mins of tokens
+        // `t0..t0+n` and `acc[..hd]` are in bounds (asserted above); groups are whole multiples
+        // of the lane count, so one lane vector lies in one group.
+        (Isa::Avx512, 32, true, _) => unsafe { v_tok_avx512::<2>(p, seg, t0, n, acc) },
+        (Isa::Avx512, 64, true, _) => unsafe { v_tok_avx512::<4>(p, seg, t0, n, acc) },
+        (Isa::Avx512, 128, true, _) => unsafe { v_tok_avx512::<8>(p, seg, t0, n, acc) },
+        (Isa::Avx512, 256, true, _) => unsafe { v_tok_avx512::<16>(p, seg, t0, n, acc) },
+        (Isa::Avx2, 16, _, true) => unsafe { v_tok_avx2::<2>(p, seg, t0, n, acc) },
+        (Isa::Avx2, 32, _, true) => unsafe { v_tok_avx2::<4>(p, seg, t0, n, acc) },
+        (Isa::Avx2, 64, _, true) => unsafe { v_tok_avx2::<8>(p, seg, t0, n, acc) },
+        (Isa::Avx2, 128, _, true) => unsafe { v_tok_avx2::<16>(p, seg, t0, n, acc) },
+        _ => cpu::v_tok(p, seg, t0, n, acc),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn v_tok_avx512<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    let hd = NV * 16;
+    let g = seg.group;
+    let fpi = codes_per_word(seg.bits);
+    let (wpt, gpt) = (hd / fpi, hd / g);
+    let lanes = Lanes16::new(seg.bits);
+    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let ap = acc.as_mut_ptr();
+    let mut a = [_mm512_setzero_ps(); NV];
+    let mut min_acc = [0f32; 16];
+    let mut ps = [0f32; 16];
+    for (i, &w) in p[..n].iter().enumerate() {
+        let t = t0 + i;
+        for gi in 0..gpt {
+            ps[gi] = w * h2f(*sp.add(t * gpt + gi));
+            min_acc[gi] += w * h2f(*mp.add(t * gpt + gi));
+        }
+        let row = cp.add(t * wpt);
+        for (j, aj) in a.iter_mut().enumerate() {
+            let c = lanes.load(row.add(j * 16 / fpi));
+            *aj = _mm512_fmadd_ps(_mm512_set1_ps(ps[j * 16 / g]), c, *aj);
+        }
+    }
+    for (j, aj) in a.iter().enumerate() {
+        let m = _mm512_set1_ps(min_acc[j * 16 / g]);
+        let cur = _mm512_loadu_ps(ap.add(16 * j));
+        _mm512_storeu_ps(ap.add(16 * j), _mm512_add_ps(cur, _mm512_add_ps(*aj, m)));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn v_tok_avx2<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    let hd = NV * 8;
+    let g = seg.group;
+    let fpi = codes_per_word(seg.bits);
+    let (wpt, gpt) = (hd / fpi, hd / g);
+    let lanes = Lanes8::new(seg.bits);
+    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let ap = acc.as_mut_ptr();
+    let mut a = [_mm256_setzero_ps(); NV];
+    let mut min_acc = [0f32; 16];
+    let mut ps = [0f32; 16];
+    for (i, &w) in p[..n].iter().enumerate() {
+        let t = t0 + i;
+        for gi in 0..gpt {
+            ps[gi] = w * h2f(*sp.add(t * gpt + gi));
+            min_acc[gi] += w * h2f(*mp.add(t * gpt + gi));
+        }
+        let row = cp.add(t * wpt);
+        for (j, aj) in a.iter_mut().enumerate() {
+            let c = lanes.load(row, 8 * j);
+            *aj = _mm256_fmadd_ps(_mm256_set1_ps(ps[j * 8 / g]), c, *aj);
+        }
+    }
+    for (j, aj) in a.iter().enumerate() {
+        let m = _mm256_set1_ps(min_acc[j * 8 / g]);
+        let cur = _mm256_loadu_ps(ap.add(8 * j));
+        _mm256_storeu_ps(ap.add(8 * j), _mm256_add_ps(cur, _mm256_add_ps(*aj, m)));
+    }
+}
