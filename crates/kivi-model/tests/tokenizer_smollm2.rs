@@ -1,0 +1,103 @@
+//! SmolLM2's GGUF tokenizer against token ids from an independent reference (Hugging Face
+//! transformers' GGUF converter; `scripts/fixtures/gen_tokenizer_fixtures.py` wrote the fixture).
+//! Needs the model in `$KIVI_CACHE/models` (default `~/.cache/kivi`, `scripts/fetch-models.sh`);
+//! prints `skipped: model not found` without it.
+
+use std::path::PathBuf;
+
+use kivi_model::gguf::Gguf;
+use kivi_model::tokenizer::Tokenizer;
+
+const FIXTURE: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.json");
+
+fn model_path(file: &str) -> Option<PathBuf> {
+    let cache = match std::env::var_os("KIVI_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/kivi"),
+    };
+    let path = cache.join("models").join(file);
+    path.is_file().then_some(path)
+}
+
+fn load() -> Option<(Tokenizer, serde_json::Value)> {
+    let fixture: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+    let file = fixture["model"].as_str().unwrap();
+    let Some(path) = model_path(file) else {
+        eprintln!("skipped: model not found ({file})");
+        return None;
+    };
+    let gguf = Gguf::open(&path).unwrap();
+    Some((Tokenizer::from_gguf(&gguf).unwrap(), fixture))
+}
+
+#[test]
+fn smollm2_ids_match_reference() {
+    let Some((tok, fixture)) = load() else { return };
+    let mut failures = Vec::new();
+    for case in fixture["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text, true).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}\n  want {want:?}\n  got  {got:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of the reference encodings differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_round_trip_and_stream() {
+    let Some((tok, fixture)) = load() else { return };
+    let mut texts: Vec<String> = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    texts.push("Ünïcödé ∑∫√ ⟨ket⟩ 𝔘𝔫𝔦 — “quotes” ‘single’ …".into());
+    texts.push("    indented\n\t\tcode\r\n  \n".into());
+    texts.push("a\u{0301} e\u{0301} (combining), ﬁ ligature, 한국어, العربية, עברית".into());
+    for text in &texts {
+        let ids = tok.encode(text, true).unwrap();
+        assert_eq!(&tok.decode(&ids).unwrap(), text);
+        let mut stream = tok.stream();
+        let mut out = String::new();
+        for &id in &ids {
+            if let Some(piece) = stream.push(id).unwrap() {
+                assert!(!piece.contains('\u{FFFD}'), "{text:?}: piece {piece:?}");
+                out.push_str(&piece);
+            }
+        }
+        out.extend(stream.finish().unwrap());
+        assert_eq!(&out, text);
+    }
+}
+
+#[test]
+fn smollm2_special_ids() {
+    let Some((tok, fixture)) = load() else { return };
+    assert_eq!(
+        tok.vocab_size(),
+        fixture["vocab_size"].as_u64().unwrap() as usize
+    );
+    assert_eq!(tok.bos_id(), Some(1));
+    assert!(!tok.adds_bos(), "SmolLM2 adds no BOS");
+    let eos: Vec<u32> = tok.eos_ids().iter().copied().collect();
+    assert_eq!(eos, vec![0, 2], "<|endoftext|> and <|im_end|>");
+    assert_eq!(tok.id_to_token(2).as_deref(), Some("<|im_end|>"));
+    assert_eq!(tok.encode("<|im_start|>", false).unwrap(), vec![1]);
+    assert_eq!(
+        tok.decode_with(&[1, 4093, 198, 6004, 2], true).unwrap(),
+        "user\nhi"
+    );
+}
