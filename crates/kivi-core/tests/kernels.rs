@@ -1,0 +1,157 @@
+//! Every SIMD kernel against its scalar twin, on random shapes and data.
+
+mod common;
+
+use common::*;
+use half::f16;
+use kivi_core::attn::{cpu, k_scores, v_accumulate, ChanSeg, Isa, SegData, TokSeg};
+use kivi_core::quant::codes_per_word;
+use proptest::prelude::*;
+use rand::Rng;
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    let scale = 1.0 + b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * scale)
+}
+
+fn f16s(r: &mut rand::rngs::StdRng, n: usize, lo: f32, hi: f32) -> Vec<f16> {
+    (0..n).map(|_| f16::from_f32(r.gen_range(lo..hi))).collect()
+}
+
+fn bits_group() -> impl Strategy<Value = (u8, usize)> {
+    (prop_oneof![Just(2u8), Just(4), Just(8)], prop_oneof![Just(1usize), Just(2), Just(4), Just(8)])
+        .prop_map(|(b, m)| (b, codes_per_word(b).max(8) * m))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn f16_kernels_match_scalar(hd in prop_oneof![Just(8usize), Just(24), Just(32), Just(40), Just(64), Just(72), Just(128), Just(256)],
+                                extra in 0usize..3, t0 in 0usize..5, n in 0usize..40, seed in any::<u64>()) {
+        let mut r = rng(seed);
+        let stride = hd * (1 + extra);
+        let rows = f16s(&mut r, (t0 + n + 1) * stride, -3.0, 3.0);
+        let q = uniform(&mut r, hd, -1.0, 1.0);
+        let p = uniform(&mut r, n, 0.0, 1.0);
+        let init = uniform(&mut r, hd, -1.0, 1.0);
+        let seg = SegData::F16 { rows: &rows, stride };
+        let mut want = vec![0f32; n];
+        cpu::k_f16(&q, &rows, stride, t0, n, &mut want);
+        let mut want_v = init.clone();
+        cpu::v_f16(&p, &rows, stride, t0, n, &mut want_v);
+        for isa in Isa::all_supported() {
+            let mut got = vec![0f32; n];
+            k_scores(isa, &q, &seg, t0, n, &mut got);
+            prop_assert!(close(&got, &want), "{:?} k_f16", isa);
+            let mut got_v = init.clone();
+            v_accumulate(isa, &p, &seg, t0, n, &mut got_v);
+            prop_assert!(close(&got_v, &want_v), "{:?} v_f16", isa);
+        }
+    }
+
+    #[test]
+    fn per_channel_key_kernels_match_scalar((bits, g) in bits_group(), hd in 1usize..70, groups in 1usize..6,
+                                            t0 in 0usize..200, n in 0usize..200, seed in any::<u64>()) {
+        let mut r = rng(seed);
+        let fpi = codes_per_word(bits);
+        let bt = groups * g;
+        let (t0, n) = (t0 % bt, n % (bt + 1));
+        let n = n.min(bt - t0);
+        let wpr = bt / fpi;
+        let codes: Vec<u32> = (0..hd * wpr).map(|_| r.gen()).collect();
+        let scales = f16s(&mut r, hd * groups, 0.0, 0.5);
+        let mins = f16s(&mut r, hd * groups, -2.0, 0.0);
+        let seg = ChanSeg { codes: &codes, scales: &scales, mins: &mins, words_per_row: wpr, groups_per_row: groups, bits, group: g };
+        let q = uniform(&mut r, hd, -1.0, 1.0);
+        let mut want = vec![0f32; n];
+        cpu::k_chan(&q, &seg, t0, n, &mut want);
+        // the scalar kernel itself against a per-element dequantization
+        for (i, w) in want.iter().enumerate() {
+            let t = t0 + i;
+            let mut s = 0.0f64;
+            for d in 0..hd {
+                let c = kivi_core::quant::reference::unpack_ref(&codes[d * wpr..], bits, t);
+                let m = d * groups + t / g;
+                s += q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+            }
+            prop_assert!((*w as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+        }
+        for isa in Isa::all_supported() {
+            let mut got = vec![0f32; n];
+            k_scores(isa, &q, &SegData::Chan(seg), t0, n, &mut got);
+            prop_assert!(close(&got, &want), "{:?} k_chan bits {} g {}", isa, bits, g);
+        }
+        // values per channel (research mode): scalar against the per-element form
+        let p = uniform(&mut r, n, 0.0, 1.0);
+        let mut acc = vec![0f32; hd];
+        cpu::v_chan(&p, &seg, t0, n, &mut acc);
+        for (d, a) in acc.iter().enumerate() {
+            let mut s = 0.0f64;
+            for (i, &pi) in p.iter().enumerate() {
+                let t = t0 + i;
+                let c = kivi_core::quant::reference::unpack_ref(&codes[d * wpr..], bits, t);
+                let m = d * groups + t / g;
+                s += pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+            }
+            prop_assert!((*a as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+        }
+    }
+
+    #[test]
+    fn per_token_value_kernels_match_scalar((bits, g) in bits_group(), gpt in 1usize..5, t0 in 0usize..50,
+                                            n in 0usize..60, seed in any::<u64>()) {
+        let mut r = rng(seed);
+        let fpi = codes_per_word(bits);
+        let hd = g * gpt;
+        let wpt = hd / fpi;
+        let nt = t0 + n;
+        let codes: Vec<u32> = (0..nt * wpt).map(|_| r.gen()).collect();
+        let scales = f16s(&mut r, nt * gpt, 0.0, 0.5);
+        let mins = f16s(&mut r, nt * gpt, -2.0, 0.0);
+        let seg = TokSeg { codes: &codes, scales: &scales, mins: &mins, bits, group: g };
+        let p = uniform(&mut r, n, 0.0, 1.0);
+        let init = uniform(&mut r, hd, -1.0, 1.0);
+        let mut want = init.clone();
+        cpu::v_tok(&p, &seg, t0, n, &mut want);
+        for d in 0..hd {
+            let mut s = init[d] as f64;
+            for (i, &pi) in p.iter().enumerate() {
+                let t = t0 + i;
+                let c = kivi_core::quant::reference::unpack_ref(&codes[t * wpt..], bits, d);
+                let m = t * gpt + d / g;
+                s += pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+            }
+            prop_assert!((want[d] as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+        }
+        for isa in Isa::all_supported() {
+            let mut got = init.clone();
+            v_accumulate(isa, &p, &SegData::Tok(seg), t0, n, &mut got);
+            prop_assert!(close(&got, &want), "{:?} v_tok bits {} g {} hd {}", isa, bits, g, hd);
+        }
+        // keys per token (research mode): scalar against the per-element form
+        let q = uniform(&mut r, hd, -1.0, 1.0);
+        let mut sc = vec![0f32; n];
+        cpu::k_tok(&q, &seg, t0, n, &mut sc);
+        for (i, w) in sc.iter().enumerate() {
+            let t = t0 + i;
+            let mut s = 0.0f64;
+            for d in 0..hd {
+                let c = kivi_core::quant::reference::unpack_ref(&codes[t * wpt..], bits, d);
+                let m = t * gpt + d / g;
+                s += q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+            }
+            prop_assert!((*w as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+        }
+    }
+}
+
+#[test]
+fn this_machine_uses_simd() {
+    // Not a correctness test: documents which path the tests above exercised.
+    eprintln!("supported: {:?}, detected: {:?}", Isa::all_supported(), Isa::detect());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        assert_eq!(Isa::best_supported(), Isa::Avx512);
+    }
+}
