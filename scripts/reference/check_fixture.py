@@ -52,6 +52,10 @@ def main():
         last = logits[T - 1]
         d_top = max(abs(last[i] - v) for i, v in p["last"]["top"])
         d_fix = max(abs(last[i] - v) for i, v in zip(fixed, p["last"]["fixed_logits"]))
+        # same after removing each side's mean over the vocabulary (a uniform shift does not matter)
+        sh = last.mean() - p["last"]["mean"]
+        c_top = max(abs(last[i] - sh - v) for i, v in p["last"]["top"])
+        c_fix = max(abs(last[i] - sh - v) for i, v in zip(fixed, p["last"]["fixed_logits"]))
         worst = max(worst, d_top, d_fix)
         ours = set(np.argsort(-last)[:40].tolist())
         overlap = len(ours & {i for i, _ in p["last"]["top"]}) / 40
@@ -63,7 +67,7 @@ def main():
         g_ok = [g_am[s] == gen[s] for s in range(len(gen)) if p["greedy"]["margin"][s] >= thr]
         g_bad_any = [s for s in range(len(gen)) if g_am[s] != gen[s]]
         print(f"[{p['name']}] last: max|d| top40 {d_top:.4f} fixed {d_fix:.4f} "
-              f"mean d {abs(last.mean() - p['last']['mean']):.4f} std d {abs(last.std() - p['last']['std']):.4f} "
+              f"centered {c_top:.4f}/{c_fix:.4f} mean d {abs(last.mean() - p['last']['mean']):.4f} std d {abs(last.std() - p['last']['std']):.4f} "
               f"top40 overlap {overlap:.3f} | argmax {sum(ok)}/{len(ok)} (margin>={thr}), "
               f"mismatches at any margin {bad_any} | greedy {sum(g_ok)}/{len(g_ok)}, mismatches {g_bad_any}")
     if not args.no_ppl:

@@ -54,7 +54,7 @@ AUSTEN_PARAGRAPH = (
 )
 
 TOP_K = 40
-FIXED_START, FIXED_STEP, FIXED_COUNT = 0, 192, 256
+FIXED_START, FIXED_COUNT = 0, 256  # fixed ids: start + step*i, step = n_vocab // 256 (192 for SmolLM2)
 N_GREEDY = 24
 PPL_TOKENS = 512
 
@@ -106,7 +106,8 @@ def main():
     t0 = time.time()
     tok = load_tokenizer(path)
     m = Model(path, dtype)
-    fixed_ids = [FIXED_START + FIXED_STEP * i for i in range(FIXED_COUNT)]
+    fixed_step = m.n_vocab // FIXED_COUNT
+    fixed_ids = [FIXED_START + fixed_step * i for i in range(FIXED_COUNT)]
     assert fixed_ids[-1] < m.n_vocab
     eos = {int(m.reader.fields["tokenizer.ggml.eos_token_id"].contents())}
     eos |= {i for i in range(m.n_vocab) if tok.id_to_token(i) in ("<|im_end|>", "<|endoftext|>")}
@@ -244,7 +245,7 @@ def main():
             "ppl_rel": 0.02,
             "top1_acc_abs": 0.02,
         },
-        "fixed_ids": {"start": FIXED_START, "step": FIXED_STEP, "count": FIXED_COUNT},
+        "fixed_ids": {"start": FIXED_START, "step": fixed_step, "count": FIXED_COUNT},
         "prompts": prompts,
         "perplexity": perplexity,
         "rope_check": rope_check,
