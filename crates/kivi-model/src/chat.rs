@@ -14,6 +14,7 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::gguf::Gguf;
+use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
 
 /// ChatML, the fallback (what SmolLM2 and Qwen2 use, minus their default system prompts).
@@ -46,6 +47,9 @@ impl ChatMessage {
         Self::new("assistant", content)
     }
 }
+
+/// The name the CLI uses.
+pub type Message = ChatMessage;
 
 /// A compiled chat template with the BOS/EOS strings it may reference.
 pub struct ChatTemplate {
@@ -105,37 +109,20 @@ impl ChatTemplate {
         t
     }
 
-    /// `tokenizer.chat_template` from a GGUF, with `bos_token`/`eos_token` spelled from
-    /// `tokenizer.ggml.{bos,eos}_token_id`; ChatML when the file has no template.
-    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
-        let token = |key: &str| -> Result<String> {
-            if gguf.get(key).is_none() || gguf.get("tokenizer.ggml.tokens").is_none() {
-                return Ok(String::new());
-            }
-            let id = gguf.get_u64(key)? as usize;
-            let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
-            Ok(tokens.get(id).map(|s| s.to_string()).unwrap_or_default())
-        };
-        let (bos, eos) = (
-            token("tokenizer.ggml.bos_token_id")?,
-            token("tokenizer.ggml.eos_token_id")?,
-        );
+    /// `tokenizer.chat_template` from a GGUF, with `bos_token`/`eos_token` spelled from the
+    /// tokenizer's BOS and first EOS id; ChatML when the file has no template.
+    pub fn from_gguf(gguf: &Gguf, tokenizer: &Tokenizer) -> Result<Self> {
+        let (bos, eos) = special_strings(tokenizer);
         match gguf.get("tokenizer.chat_template") {
-            None => {
-                let mut t = ChatTemplate::chatml();
-                if !eos.is_empty() {
-                    t.eos_token = eos;
-                }
-                t.bos_token = bos;
-                Ok(t)
-            }
+            None => Ok(ChatTemplate::chatml_with(bos, eos)),
             Some(_) => ChatTemplate::new(gguf.get_str("tokenizer.chat_template")?, bos, eos),
         }
     }
 
     /// `chat_template` from a Hugging Face directory (`tokenizer_config.json`, or a
     /// `chat_template.jinja` file); ChatML when neither has one.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    /// `bos_token`/`eos_token` come from `tokenizer_config.json`, else from `tokenizer`.
+    pub fn from_dir(dir: &Path, tokenizer: &Tokenizer) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
             Ok(s) => serde_json::from_str(&s).map_err(|e| {
@@ -149,7 +136,13 @@ impl ChatTemplate {
                 })
             }
         };
+        let (tok_bos, tok_eos) = special_strings(tokenizer);
         let token = |key: &str| -> String {
+            let fallback = if key == "bos_token" {
+                &tok_bos
+            } else {
+                &tok_eos
+            };
             match cfg.get(key) {
                 Some(serde_json::Value::String(s)) => s.clone(),
                 Some(serde_json::Value::Object(o)) => o
@@ -157,7 +150,7 @@ impl ChatTemplate {
                     .and_then(|c| c.as_str())
                     .unwrap_or_default()
                     .to_string(),
-                _ => String::new(),
+                _ => fallback.clone(),
             }
         };
         // A string, or a list of {name, template} where "default" is the chat one.
@@ -175,12 +168,21 @@ impl ChatTemplate {
         };
         match source {
             Some(s) => ChatTemplate::new(s, token("bos_token"), token("eos_token")),
-            None => {
-                let mut t = ChatTemplate::chatml();
-                t.bos_token = token("bos_token");
-                Ok(t)
-            }
+            None => Ok(ChatTemplate::chatml_with(
+                token("bos_token"),
+                token("eos_token"),
+            )),
         }
+    }
+
+    /// ChatML with the model's BOS/EOS strings (EOS defaults to `<|im_end|>`).
+    fn chatml_with(bos: String, eos: String) -> Self {
+        let mut t = ChatTemplate::chatml();
+        t.bos_token = bos;
+        if !eos.is_empty() {
+            t.eos_token = eos;
+        }
+        t
     }
 
     /// Renders `messages`; with `add_generation_prompt`, ends with the assistant header.
@@ -228,6 +230,15 @@ impl ChatTemplate {
     pub fn eos_token(&self) -> &str {
         &self.eos_token
     }
+}
+
+/// The tokenizer's BOS and EOS as text (empty when it has none).
+fn special_strings(tokenizer: &Tokenizer) -> (String, String) {
+    let spell = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    (spell(tokenizer.bos_id()), spell(tokenizer.eos_id()))
 }
 
 fn messages_value(messages: &[ChatMessage]) -> Value {

@@ -219,7 +219,10 @@ fn tk_err(context: &str, e: tokenizers::Error) -> ModelError {
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
     bos: Option<u32>,
-    eos: BTreeSet<u32>,
+    /// The file's own EOS id (`eos_token_id`, or `tokenizer_config.json`'s `eos_token`).
+    eos_id: Option<u32>,
+    /// Sorted, no duplicates.
+    eos: Vec<u32>,
     /// Prepend `bos` on `encode(.., add_special = true)` (GGUF tokenizers; a `tokenizer.json`
     /// does this itself through its post-processor).
     add_bos: bool,
@@ -314,7 +317,8 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner: Arc::new(inner),
             bos: spec.bos_id,
-            eos,
+            eos_id: spec.eos_id,
+            eos: eos.into_iter().collect(),
             add_bos,
             add_eos,
             n_vocab: n,
@@ -369,17 +373,18 @@ impl Tokenizer {
         let mut bos = tok_config
             .as_ref()
             .and_then(|c| token_id(c.get("bos_token")));
+        let mut eos_id = tok_config
+            .as_ref()
+            .and_then(|c| token_id(c.get("eos_token")));
         let mut eos = BTreeSet::new();
-        eos.extend(
-            tok_config
-                .as_ref()
-                .and_then(|c| token_id(c.get("eos_token"))),
-        );
+        eos.extend(eos_id);
         for c in [&config, &gen_config].into_iter().flatten() {
             if bos.is_none() {
                 bos = ids(c.get("bos_token_id")).first().copied();
             }
-            eos.extend(ids(c.get("eos_token_id")));
+            let more = ids(c.get("eos_token_id"));
+            eos_id = eos_id.or(more.first().copied());
+            eos.extend(more);
         }
         for added in inner.get_added_tokens_decoder().values() {
             if added.special && END_TOKENS.contains(&added.content.as_str()) {
@@ -396,7 +401,8 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner: Arc::new(inner),
             bos,
-            eos,
+            eos_id,
+            eos: eos.into_iter().collect(),
             add_bos: false,
             add_eos: None,
             n_vocab,
@@ -461,12 +467,18 @@ impl Tokenizer {
     }
 
     /// Every id that ends generation: the model's EOS plus end-of-turn tokens it has.
-    pub fn eos_ids(&self) -> &BTreeSet<u32> {
+    /// The model's own EOS id (one of [`Tokenizer::eos_ids`]).
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    /// Sorted, without duplicates.
+    pub fn eos_ids(&self) -> &[u32] {
         &self.eos
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
-        self.eos.contains(&id)
+        self.eos.binary_search(&id).is_ok()
     }
 
     /// Whether `encode(.., true)` prepends BOS.
@@ -510,8 +522,21 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
-    /// Adds one id; returns newly completed text, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+    /// Adds one id; returns the text it completes, empty while a character is still partial.
+    /// An id outside the vocabulary is dropped and yields nothing (see [`TokenStream::try_push`]).
+    pub fn push(&mut self, id: u32) -> String {
+        self.try_push(id).ok().flatten().unwrap_or_default()
+    }
+
+    /// Adds one id; `Ok(None)` while the text is incomplete. An id outside the vocabulary is an
+    /// error and is not added.
+    pub fn try_push(&mut self, id: u32) -> Result<Option<String>> {
+        if id as usize >= self.tok.vocab_size() {
+            return Err(tok_err(format!(
+                "token id {id} outside the vocabulary of {}",
+                self.tok.vocab_size()
+            )));
+        }
         self.ids.push(id);
         let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
         let now = self.tok.decode(&self.ids[self.prefix..])?;
@@ -528,13 +553,17 @@ impl TokenStream {
         }
     }
 
-    /// Whatever is still held back (an incomplete character decodes as U+FFFD).
-    pub fn finish(&mut self) -> Result<Option<String>> {
+    /// Whatever is still held back (an incomplete character comes out as U+FFFD); empty if
+    /// nothing is.
+    pub fn finish(&mut self) -> String {
         if self.read == self.ids.len() {
-            return Ok(None);
+            return String::new();
         }
-        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        let window = &self.ids[self.prefix..];
+        let held = &self.ids[self.prefix..self.read];
+        let (Ok(before), Ok(now)) = (self.tok.decode(held), self.tok.decode(window)) else {
+            return String::new();
+        };
         self.prefix = self.read;
         self.read = self.ids.len();
         let start = if now.is_char_boundary(before.len()) {
@@ -542,7 +571,7 @@ impl TokenStream {
         } else {
             0
         };
-        Ok(Some(now[start..].to_string()).filter(|s| !s.is_empty()))
+        now[start..].to_string()
     }
 
     /// All ids pushed so far.
@@ -877,15 +906,15 @@ mod tests {
         let mut out = String::new();
         let mut pieces = 0;
         for &id in &ids {
-            if let Some(t) = stream.push(id).unwrap() {
-                assert!(!t.contains('\u{FFFD}'));
+            let t = stream.push(id);
+            assert!(!t.contains('\u{FFFD}'));
+            if !t.is_empty() {
                 out.push_str(&t);
                 pieces += 1;
             }
         }
-        if let Some(t) = stream.finish().unwrap() {
-            out.push_str(&t);
-        }
+        out.push_str(&stream.finish());
+        assert!(stream.try_push(1 << 30).is_err());
         assert_eq!(out, text);
         assert!(
             pieces < ids.len(),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use kivi_model::chat::{ChatMessage, ChatTemplate};
 use kivi_model::gguf::Gguf;
+use kivi_model::tokenizer::Tokenizer;
 
 const FIXTURE: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.json");
 
@@ -66,7 +67,10 @@ fn template_from_the_gguf() {
         eprintln!("skipped: model not found ({})", path.display());
         return;
     }
-    let t = ChatTemplate::from_gguf(&Gguf::open(&path).unwrap()).unwrap();
+    let t = {
+        let gguf = Gguf::open(&path).unwrap();
+        ChatTemplate::from_gguf(&gguf, &Tokenizer::from_gguf(&gguf).unwrap()).unwrap()
+    };
     assert!(!t.is_fallback());
     assert_eq!(t.source(), template_source());
     assert_eq!(t.bos_token(), "<|im_start|>");
