@@ -299,10 +299,7 @@ impl Gguf {
                 format!("empty file (in {})", path.display()),
             ));
         }
-        // SAFETY: the file is opened read-only and the map is never written through. As with
-        // any memory map, another process truncating or rewriting the file while it is mapped
-        // can change the bytes or fault on access; like every mmap-based loader we accept that.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = map_file(&file, path)?;
         let parsed = parse(&mmap, path)?;
         let Parsed {
             version,
@@ -483,6 +480,18 @@ impl TensorSource for Gguf {
     fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
+}
+
+/// Maps `file` (opened read-only from `path`) into memory: the crate's one `unsafe` block,
+/// shared by the GGUF and safetensors loaders. Callers check for an empty file first.
+pub(crate) fn map_file(file: &File, path: &Path) -> Result<Mmap> {
+    // SAFETY: the file is opened read-only and the map is never written through. As with any
+    // memory map, another process truncating or rewriting the file while it is mapped can
+    // change the bytes under us or fault on access; like every mmap-based loader we accept that.
+    unsafe { Mmap::map(file) }.map_err(|source| ModelError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -670,7 +679,7 @@ fn read_value(
                 .ok_or_else(|| format!("unknown array element type {elem_ty}"))?;
             let n = c.u64("array length")?;
             let rem = c.remaining();
-            if n.checked_mul(min).map_or(true, |need| need > rem) {
+            if !matches!(n.checked_mul(min), Some(need) if need <= rem) {
                 return Err(format!(
                     "array length {n} × {min}-byte minimum element size exceeds the {rem} bytes \
                      left in the file"

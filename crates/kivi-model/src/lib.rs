@@ -7,6 +7,7 @@ pub mod error;
 pub mod gguf;
 pub mod llama;
 pub mod matrix;
+pub mod safetensors;
 pub mod tensor;
 pub mod tokenizer;
 

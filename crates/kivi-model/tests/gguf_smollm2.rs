@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use kivi_model::gguf::{Gguf, MetaValue};
 use kivi_model::tensor::{DType, TensorSource};
 
+/// (name, shape, type, absolute offset, bytes, FNV-1a hash)
+type Expected = (&'static str, &'static [usize], DType, u64, u64, u64);
+
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn model_path() -> Option<PathBuf> {
@@ -136,7 +139,7 @@ fn smollm2_tensors() {
     assert!(!g.contains("output.weight"));
 
     // (name, shape, type, absolute offset, bytes, FNV-1a of the bytes or of first+last 4 KiB)
-    let expected: [(&str, &[usize], DType, u64, u64, u64); 5] = [
+    let expected: [Expected; 5] = [
         (
             "token_embd.weight",
             &[49152, 576],
