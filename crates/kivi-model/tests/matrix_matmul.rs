@@ -80,11 +80,12 @@ fn random_tensor(rng: &mut StdRng, dtype: DType, rows: usize, cols: usize) -> Ra
     }
 }
 
-fn cols_for(dtype: DType) -> usize {
+/// Column counts to test: odd and even block counts (the 512-bit kernel pairs blocks).
+fn cols_list(dtype: DType) -> &'static [usize] {
     match dtype.block_size() {
-        256 => 512,
-        32 => 160,
-        _ => 77, // not a multiple of 8 or 16: exercises the SIMD tails
+        256 => &[512, 768],
+        32 => &[160, 192],
+        _ => &[77, 96], // 77: not a multiple of 8 or 16, exercises the SIMD tails
     }
 }
 
@@ -126,8 +127,11 @@ fn reference(
 #[test]
 fn matmul_matches_f64_reference_on_every_path() {
     let mut rng = StdRng::seed_from_u64(7);
-    for dtype in ALL {
-        let (rows, cols) = (37, cols_for(dtype));
+    for (dtype, cols) in ALL
+        .iter()
+        .flat_map(|&d| cols_list(d).iter().map(move |&c| (d, c)))
+    {
+        let rows = 37;
         let t = random_tensor(&mut rng, dtype, rows, cols);
         let wf = dequantize(&t).unwrap();
         let m = Matrix::from_raw(t).unwrap();
@@ -163,9 +167,11 @@ fn matmul_matches_f64_reference_on_every_path() {
 #[test]
 fn simd_paths_match_scalar() {
     let mut rng = StdRng::seed_from_u64(11);
-    for dtype in ALL {
+    for (dtype, cols) in ALL
+        .iter()
+        .flat_map(|&d| cols_list(d).iter().map(move |&c| (d, c)))
+    {
         for rows in [1, 5, 130, 261] {
-            let cols = cols_for(dtype);
             let m = Matrix::from_raw(random_tensor(&mut rng, dtype, rows, cols)).unwrap();
             for n in [1, 3, 17, 64] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -191,8 +197,11 @@ fn simd_paths_match_scalar() {
 fn tiled_rows_equal_single_rows() {
     // Prefill tiles 4 activation rows per weight row; each row must come out exactly as decode.
     let mut rng = StdRng::seed_from_u64(3);
-    for dtype in ALL {
-        let (rows, cols) = (19, cols_for(dtype));
+    for (dtype, cols) in ALL
+        .iter()
+        .flat_map(|&d| cols_list(d).iter().map(move |&c| (d, c)))
+    {
+        let rows = 19;
         let m = Matrix::from_raw(random_tensor(&mut rng, dtype, rows, cols)).unwrap();
         let n = 9;
         let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();

@@ -11,7 +11,8 @@
 //!
 //! Paths: [`KernelPath::Scalar`] (portable, the `_ref` functions), [`KernelPath::Avx2`]
 //! (`maddubs`), [`KernelPath::AvxVnni`] (`vpdpbusd` on 256-bit vectors, VEX or EVEX encoded).
-//! `KIVI_FORCE_SCALAR=1` forces the scalar path.
+//! [`KernelPath::Avx512Vnni`] (512-bit `vpdpbusd`, two blocks per instruction, activations
+//! re-laid contiguous with per-lane scale vectors). `KIVI_FORCE_SCALAR=1` forces the scalar path.
 
 pub mod dequant;
 pub mod q8;
@@ -38,6 +39,9 @@ pub enum KernelPath {
     Avx2,
     /// AVX2 + AVX-VNNI (or AVX-512 VNNI/VL) `vpdpbusd` integer dot products.
     AvxVnni,
+    /// AVX-512 F/BW/VL/VNNI: 512-bit `vpdpbusd` over two blocks at a time for the 32-element
+    /// block types (K-quants and floats use the AVX2 kernels).
+    Avx512Vnni,
 }
 
 impl KernelPath {
@@ -51,6 +55,9 @@ impl KernelPath {
             }
             if x86::vnni_flavour().is_some() {
                 v.push(KernelPath::AvxVnni);
+            }
+            if x86::has_avx512vnni() {
+                v.push(KernelPath::Avx512Vnni);
             }
         }
         v
@@ -96,6 +103,8 @@ impl std::fmt::Debug for Matrix {
 enum Act<'a> {
     F32(&'a [f32]),
     Q8(&'a [BlockQ8]),
+    /// Q8 activations laid out for the 512-bit kernel (`Avx512Vnni`, even blocks per row).
+    Wide(&'a Wide),
     Q8K(&'a [BlockQ8K]),
 }
 
@@ -104,6 +113,28 @@ struct Scratch {
     q8: Vec<BlockQ8>,
     q8k: Vec<BlockQ8K>,
     out_t: Vec<f32>,
+    wide: Wide,
+}
+
+/// `[n]` activation rows for `x86::rows_q8_avx512`: `qs` `[n][cols]`, `sc`/`sm` `[n][8 * blocks]`.
+#[derive(Default)]
+struct Wide {
+    qs: Vec<i8>,
+    sc: Vec<f32>,
+    sm: Vec<f32>,
+}
+
+impl Wide {
+    fn fill(&mut self, blocks: &[BlockQ8]) {
+        self.qs.clear();
+        self.sc.clear();
+        self.sm.clear();
+        for b in blocks {
+            self.qs.extend_from_slice(&b.qs);
+            self.sc.extend_from_slice(&[b.d; 8]);
+            self.sm.extend_from_slice(&[b.s / 8.0; 8]);
+        }
+    }
 }
 
 thread_local! {
@@ -234,7 +265,12 @@ impl Matrix {
                     let nb = n * self.cols / dequant::QK;
                     scratch.q8.resize(nb, BlockQ8::default());
                     quantize_q8(path, x, &mut scratch.q8);
-                    Act::Q8(&scratch.q8)
+                    if path == KernelPath::Avx512Vnni && (self.cols / dequant::QK) % 2 == 0 {
+                        scratch.wide.fill(&scratch.q8);
+                        Act::Wide(&scratch.wide)
+                    } else {
+                        Act::Q8(&scratch.q8)
+                    }
                 }
                 DType::Q4_K | DType::Q6_K => {
                     let nb = n * self.cols / dequant::QK_K;
@@ -282,7 +318,12 @@ impl Matrix {
         let w = &self.data.bytes()[r0 * self.row_bytes..(r0 + nr) * self.row_bytes];
         let mut i = 0;
         while i < n {
-            let step = if n - i >= 4 { 4 } else { 1 };
+            // The 512-bit kernel has 32 registers: 8 activation rows per weight block there.
+            let step = match (act, n - i) {
+                (Act::Wide(_), 8..) => 8,
+                (_, 4..) => 4,
+                _ => 1,
+            };
             match act {
                 Act::F32(x) => {
                     let c = self.cols;
@@ -320,6 +361,45 @@ impl Matrix {
                         rows_q8(path, self.dtype, w, self.row_bytes, [row(0)], out, n, i);
                     }
                 }
+                #[cfg(target_arch = "x86_64")]
+                Act::Wide(x) => {
+                    let c = self.cols;
+                    let row = |k: usize| x86::WideRow {
+                        qs: &x.qs[(i + k) * c..(i + k + 1) * c],
+                        sc: &x.sc[(i + k) * c / 4..(i + k + 1) * c / 4],
+                        sm: &x.sm[(i + k) * c / 4..(i + k + 1) * c / 4],
+                    };
+                    let (dt, rb) = (self.dtype, self.row_bytes);
+                    // SAFETY: `Act::Wide` is only built on the Avx512Vnni path, which
+                    // matmul_with checked is available; rows are whole, slices sized above.
+                    unsafe {
+                        if step == 8 {
+                            x86::rows_q8_avx512::<8>(
+                                dt,
+                                w,
+                                rb,
+                                std::array::from_fn(row),
+                                out,
+                                n,
+                                i,
+                            );
+                        } else if step == 4 {
+                            x86::rows_q8_avx512::<4>(
+                                dt,
+                                w,
+                                rb,
+                                std::array::from_fn(row),
+                                out,
+                                n,
+                                i,
+                            );
+                        } else {
+                            x86::rows_q8_avx512(dt, w, rb, [row(0)], out, n, i);
+                        }
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                Act::Wide(_) => unreachable!(),
                 Act::Q8K(x) => {
                     let c = self.cols / dequant::QK_K;
                     let row = |k: usize| &x[(i + k) * c..(i + k + 1) * c];
@@ -463,7 +543,7 @@ fn rows_q8<const N: usize>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if path != KernelPath::Scalar {
-        let vnni = path == KernelPath::AvxVnni;
+        let vnni = matches!(path, KernelPath::AvxVnni | KernelPath::Avx512Vnni);
         // SAFETY: as in rows_f32; `vnni` only when `x86::vnni_flavour()` found it.
         unsafe { x86::rows_q8(dtype, vnni, w, row_bytes, xs, out, n, i0) };
         return;

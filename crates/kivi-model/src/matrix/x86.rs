@@ -8,6 +8,10 @@
 //! Integer dot products of 32 bytes (unsigned weights × signed activations) are `maddubs` +
 //! `madd` (AVX2) or one `vpdpbusd` (VNNI, `M = 1` VEX / `M = 2` EVEX encoding).
 
+// The AVX-VNNI and AVX-512 intrinsics are stable since Rust 1.89 (the toolchain here is 1.95);
+// the workspace `rust-version` (1.80) predates them and should be raised to 1.89.
+#![allow(clippy::incompatible_msrv)]
+
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
@@ -136,8 +140,8 @@ unsafe fn rows_q8_body<const N: usize, const M: u8, const T: u8>(
         _ => 34,
     };
     let nb = row_bytes / bb;
-    for k in 0..N {
-        assert!(xs[k].len() >= nb);
+    for x in &xs {
+        assert!(x.len() >= nb);
     }
     let xp: [*const BlockQ8; N] = std::array::from_fn(|k| xs[k].as_ptr());
     for (wr, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
@@ -202,8 +206,8 @@ unsafe fn rows_q8k_body<const N: usize, const T: u8>(
 ) {
     let bb = if T == T_Q4_K { 144 } else { 210 };
     let nb = row_bytes / bb;
-    for k in 0..N {
-        assert!(xs[k].len() >= nb);
+    for x in &xs {
+        assert!(x.len() >= nb);
     }
     let xp: [*const BlockQ8K; N] = std::array::from_fn(|k| xs[k].as_ptr());
     let m4 = _mm256_set1_epi8(0x0F);
@@ -289,11 +293,12 @@ unsafe fn rows_q8k_body<const N: usize, const T: u8>(
                             )),
                         ),
                     ];
-                    let s: [__m256i; 4] = std::array::from_fn(|g| {
+                    let mut s = [_mm256_setzero_si256(); 4];
+                    for (g, s) in s.iter_mut().enumerate() {
                         let a = *sc.add(8 * h + 2 * g) as i16;
                         let b = *sc.add(8 * h + 2 * g + 1) as i16;
-                        _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a))
-                    });
+                        *s = _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a));
+                    }
                     for k in 0..N {
                         let xq = (*xp[k].add(b)).qs.as_ptr().add(128 * h);
                         for g in 0..4 {
@@ -344,8 +349,8 @@ unsafe fn rows_float_body<const N: usize, const T: u8>(
     i0: usize,
 ) {
     let cols = row_bytes / if T == T_F32 { 4 } else { 2 };
-    for k in 0..N {
-        assert!(xs[k].len() >= cols);
+    for x in &xs {
+        assert!(x.len() >= cols);
     }
     let c16 = cols / 16 * 16;
     for (wr, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
@@ -365,7 +370,7 @@ unsafe fn rows_float_body<const N: usize, const T: u8>(
         }
         for k in 0..N {
             let mut s = hsum_ps(_mm256_add_ps(a0[k], a1[k]));
-            for c in c16..cols {
+            for (c, xv) in xs[k].iter().enumerate().take(cols).skip(c16) {
                 let wv = match T {
                     T_F32 => (p as *const f32).add(c).read_unaligned(),
                     T_F16 => f16x1(p.add(2 * c)),
@@ -373,7 +378,7 @@ unsafe fn rows_float_body<const N: usize, const T: u8>(
                         f32::from_bits(((p.add(2 * c) as *const u16).read_unaligned() as u32) << 16)
                     }
                 };
-                s += wv * xs[k][c];
+                s += wv * xv;
             }
             o[i0 + k] = s;
         }
@@ -536,12 +541,13 @@ pub unsafe fn quantize_row_q8_avx2(x: &[f32], y: &mut [BlockQ8]) {
         let amax = _mm_cvtss_f32(m);
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        let q: [__m256i; 4] = std::array::from_fn(|i| {
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (q, v) in q.iter_mut().zip(v) {
             let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(v[i], id),
+                _mm256_mul_ps(v, id),
             );
-            _mm256_cvtps_epi32(r)
-        });
+            *q = _mm256_cvtps_epi32(r);
+        }
         let sum = hsum_epi32(_mm256_add_epi32(
             _mm256_add_epi32(q[0], q[1]),
             _mm256_add_epi32(q[2], q[3]),
@@ -552,5 +558,156 @@ pub unsafe fn quantize_row_q8_avx2(x: &[f32], y: &mut [BlockQ8]) {
         _mm256_storeu_si256(y.qs.as_mut_ptr() as *mut __m256i, bytes);
         y.d = d;
         y.s = d * sum as f32;
+    }
+}
+
+/// AVX-512 VNNI (+BW, VL): the 512-bit legacy-block kernel can run.
+pub fn has_avx512vnni() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        has_avx2()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// One activation row laid out for [`rows_q8_avx512`]: `qs` all `cols` values contiguous;
+/// per pair of blocks `p`, `sc[16p..16p+16] = [d_2p ×8, d_2p+1 ×8]` and
+/// `sm[16p..16p+16] = [s_2p/8 ×8, s_2p+1/8 ×8]` (so the lane sum of `mw × sm` is `Σ mw s`).
+#[derive(Clone, Copy)]
+pub struct WideRow<'a> {
+    pub qs: &'a [i8],
+    pub sc: &'a [f32],
+    pub sm: &'a [f32],
+}
+
+/// Two 16-byte nibble arrays → 64 bytes `[b0 0..15, b0 16..31, b1 0..15, b1 16..31]`.
+#[inline(always)]
+unsafe fn nibbles_64(q0: *const u8, q1: *const u8, perm: __m512i, m4: __m512i) -> __m512i {
+    let q = _mm256_set_m128i(
+        _mm_loadu_si128(q1 as *const __m128i),
+        _mm_loadu_si128(q0 as *const __m128i),
+    );
+    let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<4>(q));
+    _mm512_and_si512(_mm512_permutexvar_epi64(perm, v), m4)
+}
+
+/// Two blocks per 512-bit `vpdpbusd`, scales applied per 256-bit half. Twin of the
+/// `vec_dot_{q4_0,q4_1,q5_0,q8_0}_ref` functions (Q8_0 uses the unsigned `w + 128` form:
+/// `mw = -128 dw`). Needs an even number of blocks per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_q8_avx512_body<const N: usize, const T: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [WideRow<'_>; N],
+    out: &mut [f32],
+    n: usize,
+    i0: usize,
+) {
+    let bb = match T {
+        T_Q4_0 => 18,
+        T_Q4_1 => 20,
+        T_Q5_0 => 22,
+        _ => 34,
+    };
+    let nb = row_bytes / bb;
+    assert!(nb % 2 == 0);
+    let np = nb / 2;
+    for x in &xs {
+        assert!(x.qs.len() >= 32 * nb && x.sc.len() >= 16 * np && x.sm.len() >= 16 * np);
+    }
+    let perm = _mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let bias = _mm512_set1_epi8(-128);
+    let idx_d = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let idx_m = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
+    let idx_01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (wr, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        let mut acc = [_mm512_setzero_ps(); N];
+        let wp = wr.as_ptr();
+        for pr in 0..np {
+            let p0 = wp.add(2 * pr * bb);
+            let p1 = p0.add(bb);
+            // Scales: both blocks' f16 fields through one `vcvtph2ps`, then broadcast per half.
+            let (dw, mw, u) = match T {
+                T_Q4_1 => {
+                    let dm0 = (p0 as *const i32).read_unaligned();
+                    let dm1 = (p1 as *const i32).read_unaligned();
+                    let v = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, dm1, dm0)));
+                    let dw = _mm512_permutexvar_ps(idx_d, v);
+                    let mw = _mm512_permutexvar_ps(idx_m, v);
+                    (dw, mw, nibbles_64(p0.add(4), p1.add(4), perm, m4))
+                }
+                _ => {
+                    let d0 = (p0 as *const u16).read_unaligned() as i32;
+                    let d1 = (p1 as *const u16).read_unaligned() as i32;
+                    let v =
+                        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16))));
+                    let dw = _mm512_permutexvar_ps(idx_01, v);
+                    match T {
+                        T_Q4_0 => (
+                            dw,
+                            _mm512_mul_ps(dw, _mm512_set1_ps(-8.0)),
+                            nibbles_64(p0.add(2), p1.add(2), perm, m4),
+                        ),
+                        T_Q5_0 => {
+                            let h0 = (p0.add(2) as *const u32).read_unaligned() as u64;
+                            let h1 = (p1.add(2) as *const u32).read_unaligned() as u64;
+                            let u = nibbles_64(p0.add(6), p1.add(6), perm, m4);
+                            let u =
+                                _mm512_mask_add_epi8(u, h0 | (h1 << 32), u, _mm512_set1_epi8(0x10));
+                            (dw, _mm512_mul_ps(dw, _mm512_set1_ps(-16.0)), u)
+                        }
+                        _ => {
+                            let q0 = _mm256_loadu_si256(p0.add(2) as *const __m256i);
+                            let q1 = _mm256_loadu_si256(p1.add(2) as *const __m256i);
+                            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1);
+                            (
+                                dw,
+                                _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
+                                _mm512_xor_si512(v, bias),
+                            )
+                        }
+                    }
+                }
+            };
+            for k in 0..N {
+                let xv = _mm512_loadu_si512(xs[k].qs.as_ptr().add(64 * pr) as *const _);
+                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+                let dd = _mm512_mul_ps(dw, _mm512_loadu_ps(xs[k].sc.as_ptr().add(16 * pr)));
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dd, acc[k]);
+                acc[k] =
+                    _mm512_fmadd_ps(mw, _mm512_loadu_ps(xs[k].sm.as_ptr().add(16 * pr)), acc[k]);
+            }
+        }
+        for k in 0..N {
+            o[i0 + k] = _mm512_reduce_add_ps(acc[k]);
+        }
+    }
+}
+
+/// Weight rows of a 32-element block type (even block count) · wide Q8 activations.
+///
+/// # Safety
+/// [`has_avx512vnni`] must be true; `w` holds whole rows of `row_bytes`, each `xs[k]` one
+/// activation row, `out` `n` values per row.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rows_q8_avx512<const N: usize>(
+    dtype: DType,
+    w: &[u8],
+    rb: usize,
+    xs: [WideRow<'_>; N],
+    out: &mut [f32],
+    n: usize,
+    i0: usize,
+) {
+    match dtype {
+        DType::Q4_0 => rows_q8_avx512_body::<N, T_Q4_0>(w, rb, xs, out, n, i0),
+        DType::Q4_1 => rows_q8_avx512_body::<N, T_Q4_1>(w, rb, xs, out, n, i0),
+        DType::Q5_0 => rows_q8_avx512_body::<N, T_Q5_0>(w, rb, xs, out, n, i0),
+        DType::Q8_0 => rows_q8_avx512_body::<N, T_Q8_0>(w, rb, xs, out, n, i0),
+        _ => unreachable!("rows_q8_avx512 on {dtype:?}"),
     }
 }
