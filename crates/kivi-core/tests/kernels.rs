@@ -72,7 +72,7 @@ proptest! {
             let mut s = 0.0f64;
             for d in 0..hd {
                 let c = kivi_core::quant::reference::unpack_ref(&codes[d * wpr..], bits, t);
-                let m = d * groups + t / g;
+                let m = (t / g) * hd + d;
                 s += q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
             }
             prop_assert!((*w as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
@@ -91,7 +91,7 @@ proptest! {
             for (i, &pi) in p.iter().enumerate() {
                 let t = t0 + i;
                 let c = kivi_core::quant::reference::unpack_ref(&codes[d * wpr..], bits, t);
-                let m = d * groups + t / g;
+                let m = (t / g) * hd + d;
                 s += pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
             }
             prop_assert!((*a as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
@@ -153,5 +153,57 @@ fn this_machine_uses_simd() {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         assert_eq!(Isa::best_supported(), Isa::Avx512);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// GQA kernels (several queries per decoded code) against the scalar kernels query by query.
+    #[test]
+    fn multi_query_kernels_match_scalar((bits, g) in bits_group(), m in 1usize..5, gpt in 1usize..5,
+                                        groups in 1usize..5, t0 in 0usize..100, n in 0usize..100, seed in any::<u64>()) {
+        let mut r = rng(seed);
+        let fpi = codes_per_word(bits);
+        let hd = g * gpt;
+        // per-channel keys
+        let bt = groups * g;
+        let (t0c, nc) = (t0 % bt, n % (bt + 1));
+        let nc = nc.min(bt - t0c);
+        let wpr = bt / fpi;
+        let codes: Vec<u32> = (0..hd * wpr).map(|_| r.gen()).collect();
+        let scales = f16s(&mut r, hd * groups, 0.0, 0.5);
+        let mins = f16s(&mut r, hd * groups, -2.0, 0.0);
+        let seg = SegData::Chan(ChanSeg { codes: &codes, scales: &scales, mins: &mins, words_per_row: wpr, groups_per_row: groups, bits, group: g });
+        let q = uniform(&mut r, m * hd, -1.0, 1.0);
+        let stride = nc + 3;
+        let mut want = vec![0f32; m * stride];
+        for i in 0..m {
+            cpu::k_chan(&q[i * hd..(i + 1) * hd], match &seg { SegData::Chan(s) => s, _ => unreachable!() }, t0c, nc, &mut want[i * stride..]);
+        }
+        for isa in Isa::all_supported() {
+            let mut got = vec![0f32; m * stride];
+            kivi_core::attn::k_scores_multi(isa, &q, m, &seg, t0c, nc, &mut got, stride);
+            prop_assert!(close(&got, &want), "{:?} k multi m {} bits {} g {}", isa, m, bits, g);
+        }
+        // per-token values
+        let nt = t0 + n;
+        let wpt = hd / fpi;
+        let vcodes: Vec<u32> = (0..nt * wpt).map(|_| r.gen()).collect();
+        let vs = f16s(&mut r, nt * gpt, 0.0, 0.5);
+        let vm = f16s(&mut r, nt * gpt, -2.0, 0.0);
+        let tseg = TokSeg { codes: &vcodes, scales: &vs, mins: &vm, bits, group: g };
+        let pst = n + 2;
+        let p = uniform(&mut r, m * pst, 0.0, 1.0);
+        let init = uniform(&mut r, m * hd, -1.0, 1.0);
+        let mut want = init.clone();
+        for i in 0..m {
+            cpu::v_tok(&p[i * pst..], &tseg, t0, n, &mut want[i * hd..(i + 1) * hd]);
+        }
+        for isa in Isa::all_supported() {
+            let mut got = init.clone();
+            kivi_core::attn::v_accumulate_multi(isa, &p, pst, m, &SegData::Tok(tseg), t0, n, &mut got);
+            prop_assert!(close(&got, &want), "{:?} v multi m {} bits {} g {} hd {}", isa, m, bits, g, hd);
+        }
     }
 }

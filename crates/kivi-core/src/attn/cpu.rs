@@ -61,7 +61,7 @@ pub fn k_chan_group(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
     tmp.fill(0.0);
     let mut bias = 0.0f32;
     for (d, &qd) in q.iter().enumerate() {
-        let meta = d * seg.groups_per_row + g;
+        let meta = g * q.len() + d;
         let qs = qd * seg.scales[meta].to_f32();
         bias += qd * seg.mins[meta].to_f32();
         let row = &seg.codes[d * seg.words_per_row + g * gs / fpi..][..gs / fpi];
@@ -119,7 +119,7 @@ fn k_chan_token(q: &[f32], seg: &ChanSeg<'_>, t: usize) -> f32 {
     let fpi = codes_per_word(seg.bits);
     let mut s = 0.0;
     for (d, &qd) in q.iter().enumerate() {
-        let meta = d * seg.groups_per_row + g;
+        let meta = g * q.len() + d;
         let w = seg.codes[d * seg.words_per_row + t / fpi];
         let c = (w >> ((t % fpi) * seg.bits as usize)) & max_code(seg.bits);
         s += qd * (c as f32 * seg.scales[meta].to_f32() + seg.mins[meta].to_f32());
@@ -191,6 +191,7 @@ pub fn v_chan(p: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, acc: &mut [f32]
     let gs = seg.group;
     let fpi = codes_per_word(seg.bits);
     let mask = max_code(seg.bits);
+    let hd = acc.len();
     for (d, a) in acc.iter_mut().enumerate() {
         let row = &seg.codes[d * seg.words_per_row..][..seg.words_per_row];
         let mut t = t0;
@@ -205,7 +206,7 @@ pub fn v_chan(p: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, acc: &mut [f32]
                 pc += pt * c as f32;
                 psum += pt;
             }
-            let meta = d * seg.groups_per_row + g;
+            let meta = g * hd + d;
             *a += seg.scales[meta].to_f32() * pc + seg.mins[meta].to_f32() * psum;
             t = hi;
         }

@@ -22,14 +22,15 @@ use rayon::prelude::*;
 
 /// Per-channel quantized stretch of one KV head: token `t` (relative to the stretch) of channel
 /// `d` is code `t` of row `codes[d * words_per_row ..]`, in group `t / group` whose parameters
-/// are at `d * groups_per_row + t / group`. Rows are sized for whole groups.
+/// are at `(t / group) * D + d` (group-major, so one group's D scales are contiguous). Rows are
+/// sized for whole groups.
 #[derive(Clone, Copy, Debug)]
 pub struct ChanSeg<'a> {
     /// `[D][words_per_row]`
     pub codes: &'a [u32],
-    /// `[D][groups_per_row]`
+    /// `[groups_per_row][D]`
     pub scales: &'a [f16],
-    /// `[D][groups_per_row]`
+    /// `[groups_per_row][D]`
     pub mins: &'a [f16],
     pub words_per_row: usize,
     pub groups_per_row: usize,
@@ -250,7 +251,8 @@ pub fn attend_views(
 }
 
 /// Partial softmax of all queries reading KV head `h` over chunk `c`:
-/// `[n_new * n_rep][max, sum, acc[head_dim]]`.
+/// `[n_new * n_rep][max, sum, acc[head_dim]]`. The `n_rep` query heads of one token share the
+/// causal limit and go through the kernels together (GQA: codes decoded once for all of them).
 fn partial(
     isa: Isa,
     heads: Heads,
@@ -266,53 +268,108 @@ fn partial(
     let m = view.n_new * n_rep;
     let stride = hd + 2;
     let mut res = vec![0f32; m * stride];
-    let mut scores = vec![0f32; m * len];
+    let mut scores = vec![0f32; n_rep * len];
+    let mut acc = vec![0f32; n_rep * hd];
     let inv_sqrt = 1.0 / (hd as f32).sqrt();
-    let mut qs = vec![0f32; hd];
-    // Causal limit of query i: positions < n_old + i + 1.
-    let lim = |i: usize| (view.n_old + i + 1).min(b);
+    let mut qs = vec![0f32; n_rep * hd];
     for i in 0..view.n_new {
-        let hi_i = lim(i);
+        // Causal limit of query token i: positions < n_old + i + 1.
+        let hi_i = (view.n_old + i + 1).min(b);
         if hi_i <= a {
             continue;
         }
+        // Query heads h*n_rep .. (h+1)*n_rep of token i are contiguous in q.
+        let qrows = &q[(i * heads.n_head + h * n_rep) * hd..][..n_rep * hd];
+        for (d, s) in qs.iter_mut().zip(qrows) {
+            *d = s * inv_sqrt;
+        }
+        for seg in &view.k[h] {
+            let lo = a.max(seg.start);
+            let hi = hi_i.min(seg.start + seg.len);
+            if lo < hi {
+                let out = &mut scores[lo - a..];
+                k_scores_multi(isa, &qs, n_rep, &seg.data, lo - seg.start, hi - lo, out, len);
+            }
+        }
+        let n_valid = hi_i - a;
         for r in 0..n_rep {
-            let mi = i * n_rep + r;
-            let qh = h * n_rep + r;
-            let qrow = &q[(i * heads.n_head + qh) * hd..][..hd];
-            for (d, s) in qs.iter_mut().zip(qrow) {
-                *d = s * inv_sqrt;
-            }
-            let sc = &mut scores[mi * len..][..len];
-            for seg in &view.k[h] {
-                let lo = a.max(seg.start);
-                let hi = hi_i.min(seg.start + seg.len);
-                if lo < hi {
-                    k_scores(isa, &qs, &seg.data, lo - seg.start, hi - lo, &mut sc[lo - a..]);
-                }
-            }
-            let n_valid = hi_i - a;
-            let sc = &mut sc[..n_valid];
+            let sc = &mut scores[r * len..][..n_valid];
             let mx = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
             for s in sc.iter_mut() {
                 *s = (*s - mx).exp();
                 sum += *s;
             }
-            let out = &mut res[mi * stride..][..stride];
+            let out = &mut res[(i * n_rep + r) * stride..][..2];
             out[0] = mx;
             out[1] = sum;
-            let acc = &mut out[2..];
-            for seg in &view.v[h] {
-                let lo = a.max(seg.start);
-                let hi = hi_i.min(seg.start + seg.len);
-                if lo < hi {
-                    v_accumulate(isa, &sc[lo - a..], &seg.data, lo - seg.start, hi - lo, acc);
-                }
+        }
+        acc.fill(0.0);
+        for seg in &view.v[h] {
+            let lo = a.max(seg.start);
+            let hi = hi_i.min(seg.start + seg.len);
+            if lo < hi {
+                let p = &scores[lo - a..];
+                v_accumulate_multi(isa, p, len, n_rep, &seg.data, lo - seg.start, hi - lo, &mut acc);
             }
+        }
+        for r in 0..n_rep {
+            res[(i * n_rep + r) * stride + 2..][..hd].copy_from_slice(&acc[r * hd..][..hd]);
         }
     }
     res
+}
+
+/// Scores of `m` queries (`q = [m][head_dim]`) at once: `out[r * out_stride + i] = q_r · k[t0+i]`.
+/// Per-channel quantized keys decode each code once for all queries (AVX-512); other forms
+/// loop over the queries.
+#[allow(clippy::too_many_arguments)]
+pub fn k_scores_multi(
+    isa: Isa,
+    q: &[f32],
+    m: usize,
+    seg: &SegData<'_>,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let hd = q.len() / m;
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, SegData::Chan(s), 2..=4) = (isa, seg, m) {
+        if simd::k_chan_multi(isa, q, m, s, t0, n, out, out_stride) {
+            return;
+        }
+    }
+    for r in 0..m {
+        k_scores(isa, &q[r * hd..][..hd], seg, t0, n, &mut out[r * out_stride..]);
+    }
+}
+
+/// `acc[r] += Σ_i p[r * p_stride + i] · v[t0 + i]` for `m` weight rows at once
+/// (`acc = [m][head_dim]`). Per-token quantized values decode each code once for all rows
+/// (AVX-512); other forms loop over the rows.
+#[allow(clippy::too_many_arguments)]
+pub fn v_accumulate_multi(
+    isa: Isa,
+    p: &[f32],
+    p_stride: usize,
+    m: usize,
+    seg: &SegData<'_>,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    let hd = acc.len() / m;
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, SegData::Tok(s), 2..=4) = (isa, seg, m) {
+        if simd::v_tok_multi(isa, p, p_stride, m, s, t0, n, acc) {
+            return;
+        }
+    }
+    for r in 0..m {
+        v_accumulate(isa, &p[r * p_stride..], seg, t0, n, &mut acc[r * hd..][..hd]);
+    }
 }
 
 /// Chunk boundaries for flash-decoding: `first` (the end of the first chunk, e.g. after sink

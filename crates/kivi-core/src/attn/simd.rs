@@ -17,6 +17,9 @@ use half::f16;
 use super::{cpu, ChanSeg, Isa, TokSeg};
 use crate::quant::{codes_per_word, max_code};
 
+/// Largest head_dim of the SIMD key kernels (stack buffer for the folded query).
+const MAX_HEAD_DIM: usize = 512;
+
 /// Panics if `isa` is not supported by this CPU: the `unsafe` calls below rely on it.
 fn assert_supported(isa: Isa) {
     static BEST: OnceLock<Isa> = OnceLock::new();
@@ -329,6 +332,7 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
     assert!(g % fpi == 0 && seg.words_per_row * fpi == seg.groups_per_row * g);
     assert!((t0 + n - 1) / g < seg.groups_per_row);
     assert!(seg.codes.len() >= hd * seg.words_per_row);
+    assert!(hd <= MAX_HEAD_DIM, "head_dim {hd} > {MAX_HEAD_DIM}");
     assert!(seg.scales.len() >= hd * seg.groups_per_row);
     assert!(seg.mins.len() >= hd * seg.groups_per_row);
     assert!(out.len() >= n);
@@ -354,28 +358,52 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
     }
 }
 
-/// One group of `16 * NB` tokens: `tmp[t] = Σ_d (q[d]·scale[d,g])·code[d,t] + Σ_d q[d]·min[d,g]`.
+/// Per-group query folding: `qs[d] = q[d]·scale[g,d]` into `qs`, returns `Σ_d q[d]·min[g,d]`.
+/// One group's D scales and mins are contiguous (group-major layout).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn fold_query_avx512(q: &[f32], seg: &ChanSeg<'_>, g: usize, qs: &mut [f32]) -> f32 {
+    let hd = q.len();
+    let (sp, mp) = (seg.scales.as_ptr().add(g * hd) as *const u16, seg.mins.as_ptr().add(g * hd) as *const u16);
+    let (qp, op) = (q.as_ptr(), qs.as_mut_ptr());
+    let mut b = _mm512_setzero_ps();
+    let mut d = 0;
+    while d + 16 <= hd {
+        let qv = _mm512_loadu_ps(qp.add(d));
+        let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(d) as *const __m256i));
+        let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(d) as *const __m256i));
+        _mm512_storeu_ps(op.add(d), _mm512_mul_ps(qv, sc));
+        b = _mm512_fmadd_ps(qv, mn, b);
+        d += 16;
+    }
+    let mut bias = _mm512_reduce_add_ps(b);
+    while d < hd {
+        qs[d] = q[d] * h2f(f16::from_bits(*sp.add(d)));
+        bias += q[d] * h2f(f16::from_bits(*mp.add(d)));
+        d += 1;
+    }
+    bias
+}
+
+/// One group of `16 * NB` tokens: `tmp[t] = Σ_d (q[d]·scale[g,d])·code[d,t] + Σ_d q[d]·min[g,d]`.
 /// Two accumulator sets (even/odd channels) to shorten the FMA dependency chains.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn k_chan_group_avx512<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
     let fpi = codes_per_word(seg.bits);
     let lanes = Lanes16::new(seg.bits);
     let gw = g * (16 * NB) / fpi;
-    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let hd = q.len();
+    let mut qs = [0f32; MAX_HEAD_DIM];
+    let bias = fold_query_avx512(q, seg, g, &mut qs[..hd]);
+    let cp = seg.codes.as_ptr();
     let mut a0 = [_mm512_setzero_ps(); NB];
     let mut a1 = [_mm512_setzero_ps(); NB];
-    let (mut bias0, mut bias1) = (0f32, 0f32);
-    let hd = q.len();
     let mut d = 0;
     while d + 2 <= hd {
-        let (m0, m1) = (d * seg.groups_per_row + g, (d + 1) * seg.groups_per_row + g);
-        let (q0, q1) = (q[d], q[d + 1]);
-        let qs0 = _mm512_set1_ps(q0 * h2f(*sp.add(m0)));
-        let qs1 = _mm512_set1_ps(q1 * h2f(*sp.add(m1)));
-        bias0 += q0 * h2f(*mp.add(m0));
-        bias1 += q1 * h2f(*mp.add(m1));
+        let qs0 = _mm512_set1_ps(qs[d]);
+        let qs1 = _mm512_set1_ps(qs[d + 1]);
         let r0 = cp.add(d * seg.words_per_row + gw);
-        let r1 = cp.add((d + 1) * seg.words_per_row + gw);
+        let r1 = r0.add(seg.words_per_row);
         for b in 0..NB {
             a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * 16 / fpi)), a0[b]);
             a1[b] = _mm512_fmadd_ps(qs1, lanes.load(r1.add(b * 16 / fpi)), a1[b]);
@@ -383,15 +411,13 @@ unsafe fn k_chan_group_avx512<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: 
         d += 2;
     }
     if d < hd {
-        let m0 = d * seg.groups_per_row + g;
-        let qs0 = _mm512_set1_ps(q[d] * h2f(*sp.add(m0)));
-        bias0 += q[d] * h2f(*mp.add(m0));
+        let qs0 = _mm512_set1_ps(qs[d]);
         let r0 = cp.add(d * seg.words_per_row + gw);
         for b in 0..NB {
             a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * 16 / fpi)), a0[b]);
         }
     }
-    let bias = _mm512_set1_ps(bias0 + bias1);
+    let bias = _mm512_set1_ps(bias);
     let tp = tmp.as_mut_ptr();
     for b in 0..NB {
         _mm512_storeu_ps(tp.add(16 * b), _mm512_add_ps(_mm512_add_ps(a0[b], a1[b]), bias));
@@ -403,21 +429,23 @@ unsafe fn k_chan_group_avx2<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: us
     let fpi = codes_per_word(seg.bits);
     let lanes = Lanes8::new(seg.bits);
     let gw = g * (8 * NB) / fpi;
-    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let hd = q.len();
+    let mut qs = [0f32; MAX_HEAD_DIM];
+    let (sp, mp) = (seg.scales.as_ptr().add(g * hd), seg.mins.as_ptr().add(g * hd));
+    let mut bias = 0f32;
+    for d in 0..hd {
+        qs[d] = q[d] * h2f(*sp.add(d));
+        bias += q[d] * h2f(*mp.add(d));
+    }
+    let cp = seg.codes.as_ptr();
     let mut a0 = [_mm256_setzero_ps(); NB];
     let mut a1 = [_mm256_setzero_ps(); NB];
-    let (mut bias0, mut bias1) = (0f32, 0f32);
-    let hd = q.len();
     let mut d = 0;
     while d + 2 <= hd {
-        let (m0, m1) = (d * seg.groups_per_row + g, (d + 1) * seg.groups_per_row + g);
-        let (q0, q1) = (q[d], q[d + 1]);
-        let qs0 = _mm256_set1_ps(q0 * h2f(*sp.add(m0)));
-        let qs1 = _mm256_set1_ps(q1 * h2f(*sp.add(m1)));
-        bias0 += q0 * h2f(*mp.add(m0));
-        bias1 += q1 * h2f(*mp.add(m1));
+        let qs0 = _mm256_set1_ps(qs[d]);
+        let qs1 = _mm256_set1_ps(qs[d + 1]);
         let r0 = cp.add(d * seg.words_per_row + gw);
-        let r1 = cp.add((d + 1) * seg.words_per_row + gw);
+        let r1 = r0.add(seg.words_per_row);
         for b in 0..NB {
             a0[b] = _mm256_fmadd_ps(qs0, lanes.load(r0, 8 * b), a0[b]);
             a1[b] = _mm256_fmadd_ps(qs1, lanes.load(r1, 8 * b), a1[b]);
@@ -425,15 +453,13 @@ unsafe fn k_chan_group_avx2<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: us
         d += 2;
     }
     if d < hd {
-        let m0 = d * seg.groups_per_row + g;
-        let qs0 = _mm256_set1_ps(q[d] * h2f(*sp.add(m0)));
-        bias0 += q[d] * h2f(*mp.add(m0));
+        let qs0 = _mm256_set1_ps(qs[d]);
         let r0 = cp.add(d * seg.words_per_row + gw);
         for b in 0..NB {
             a0[b] = _mm256_fmadd_ps(qs0, lanes.load(r0, 8 * b), a0[b]);
         }
     }
-    let bias = _mm256_set1_ps(bias0 + bias1);
+    let bias = _mm256_set1_ps(bias);
     let tp = tmp.as_mut_ptr();
     for b in 0..NB {
         _mm256_storeu_ps(tp.add(8 * b), _mm256_add_ps(_mm256_add_ps(a0[b], a1[b]), bias));
@@ -469,6 +495,9 @@ pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &m
     }
 }
 
+/// Tokens per sub-chunk of the value kernel's prepass.
+const V_SUB: usize = 64;
+
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn v_tok_avx512<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
     let hd = NV * 16;
@@ -476,22 +505,56 @@ unsafe fn v_tok_avx512<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, 
     let fpi = codes_per_word(seg.bits);
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes16::new(seg.bits);
-    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
+    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr() as *const u16, seg.mins.as_ptr() as *const u16);
     let ap = acc.as_mut_ptr();
     let mut a = [_mm512_setzero_ps(); NV];
     let mut min_acc = [0f32; 16];
-    let mut ps = [0f32; 16];
-    for (i, &w) in p[..n].iter().enumerate() {
-        let t = t0 + i;
-        for gi in 0..gpt {
-            ps[gi] = w * h2f(*sp.add(t * gpt + gi));
-            min_acc[gi] += w * h2f(*mp.add(t * gpt + gi));
+    // ps[i * gpt + gi] = p[i] * scale[t0 + i, gi], computed 16 at a time (gpt divides 16 since
+    // gpt = hd / g with hd <= 256 and g a multiple of 16).
+    let mut ps = [0f32; V_SUB * 16];
+    let mut pidx = [0i32; 16];
+    for (l, x) in pidx.iter_mut().enumerate() {
+        *x = (l / gpt) as i32;
+    }
+    let pidx = _mm512_loadu_si512(pidx.as_ptr() as *const _);
+    let pmask: __mmask16 = ((1u32 << (16 / gpt)) - 1) as u16;
+    let mut macc = _mm512_setzero_ps();
+    let mut i0 = 0;
+    while i0 < n {
+        let cnt = V_SUB.min(n - i0);
+        let m = cnt * gpt;
+        let mut j = 0;
+        while j + 16 <= m {
+            let pv = _mm512_maskz_loadu_ps(pmask, p.as_ptr().add(i0 + j / gpt));
+            let pv = _mm512_permutexvar_ps(pidx, pv);
+            let off = (t0 + i0) * gpt + j;
+            let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(off) as *const __m256i));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(off) as *const __m256i));
+            _mm512_storeu_ps(ps.as_mut_ptr().add(j), _mm512_mul_ps(pv, sc));
+            macc = _mm512_fmadd_ps(pv, mn, macc);
+            j += 16;
         }
-        let row = cp.add(t * wpt);
-        for (j, aj) in a.iter_mut().enumerate() {
-            let c = lanes.load(row.add(j * 16 / fpi));
-            *aj = _mm512_fmadd_ps(_mm512_set1_ps(ps[j * 16 / g]), c, *aj);
+        while j < m {
+            let w = p[i0 + j / gpt];
+            let off = (t0 + i0) * gpt + j;
+            ps[j] = w * h2f(f16::from_bits(*sp.add(off)));
+            min_acc[j % gpt] += w * h2f(f16::from_bits(*mp.add(off)));
+            j += 1;
         }
+        for i in 0..cnt {
+            let row = cp.add((t0 + i0 + i) * wpt);
+            let pr = ps.as_ptr().add(i * gpt);
+            for (jv, aj) in a.iter_mut().enumerate() {
+                let c = lanes.load(row.add(jv * 16 / fpi));
+                *aj = _mm512_fmadd_ps(_mm512_set1_ps(*pr.add(jv * 16 / g)), c, *aj);
+            }
+        }
+        i0 += cnt;
+    }
+    let mut mv = [0f32; 16];
+    _mm512_storeu_ps(mv.as_mut_ptr(), macc);
+    for (l, x) in mv.iter().enumerate() {
+        min_acc[l % gpt] += x;
     }
     for (j, aj) in a.iter().enumerate() {
         let m = _mm512_set1_ps(min_acc[j * 16 / g]);
@@ -528,5 +591,230 @@ unsafe fn v_tok_avx2<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, n:
         let m = _mm256_set1_ps(min_acc[j * 8 / g]);
         let cur = _mm256_loadu_ps(ap.add(8 * j));
         _mm256_storeu_ps(ap.add(8 * j), _mm256_add_ps(cur, _mm256_add_ps(*aj, m)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GQA: several queries (the query heads sharing one KV head) per decoded code
+
+/// Scores of `m` queries over a per-channel quantized stretch, decoding each code once.
+/// Returns `false` (nothing written) for shapes without a multi-query kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn k_chan_multi(
+    isa: Isa,
+    q: &[f32],
+    m: usize,
+    seg: &ChanSeg<'_>,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) -> bool {
+    assert_supported(isa);
+    if isa != Isa::Avx512 || m == 0 {
+        return false;
+    }
+    if n == 0 {
+        return true;
+    }
+    let (hd, g) = (q.len() / m, seg.group);
+    let fpi = codes_per_word(seg.bits);
+    assert!(q.len() == m * hd && hd <= MAX_HEAD_DIM);
+    assert!(g % fpi == 0 && seg.words_per_row * fpi == seg.groups_per_row * g);
+    assert!((t0 + n - 1) / g < seg.groups_per_row);
+    assert!(seg.codes.len() >= hd * seg.words_per_row);
+    assert!(seg.scales.len() >= hd * seg.groups_per_row);
+    assert!(seg.mins.len() >= hd * seg.groups_per_row);
+    assert!(out.len() >= (m - 1) * out_stride + n);
+    macro_rules! go {
+        ($m:literal, $nb:literal) => {{
+            let mut tmp = [0f32; $m * 16 * $nb];
+            let mut t = t0;
+            while t < t0 + n {
+                let gi = t / g;
+                let g0 = gi * g;
+                let hi = (t0 + n).min(g0 + g);
+                // SAFETY: the CPU has AVX-512 (asserted); the kernel reads rows d < hd of the
+                // whole group gi < groups_per_row, the group's scales/mins and q[..m*hd], and
+                // writes tmp[..m*g]; all bounds asserted above.
+                unsafe { k_chan_group_multi_avx512::<$m, $nb>(q, seg, gi, &mut tmp) };
+                for r in 0..$m {
+                    let src = &tmp[r * g + (t - g0)..r * g + (hi - g0)];
+                    out[r * out_stride + (t - t0)..][..hi - t].copy_from_slice(src);
+                }
+                t = hi;
+            }
+        }};
+    }
+    match (m, g) {
+        (2, 16) => go!(2, 1),
+        (3, 16) => go!(3, 1),
+        (4, 16) => go!(4, 1),
+        (2, 32) => go!(2, 2),
+        (3, 32) => go!(3, 2),
+        (4, 32) => go!(4, 2),
+        (2, 64) => go!(2, 4),
+        (3, 64) => go!(3, 4),
+        (4, 64) => go!(4, 4),
+        (2, 128) => go!(2, 8),
+        _ => return false,
+    }
+    true
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_chan_group_multi_avx512<const M: usize, const NB: usize>(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    g: usize,
+    tmp: &mut [f32],
+) {
+    let fpi = codes_per_word(seg.bits);
+    let lanes = Lanes16::new(seg.bits);
+    let gw = g * (16 * NB) / fpi;
+    let hd = q.len() / M;
+    let mut qs = [[0f32; MAX_HEAD_DIM]; M];
+    let mut bias = [0f32; M];
+    for r in 0..M {
+        bias[r] = fold_query_avx512(&q[r * hd..(r + 1) * hd], seg, g, &mut qs[r][..hd]);
+    }
+    let cp = seg.codes.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); NB]; M];
+    for d in 0..hd {
+        let row = cp.add(d * seg.words_per_row + gw);
+        for b in 0..NB {
+            let c = lanes.load(row.add(b * 16 / fpi));
+            for r in 0..M {
+                acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), c, acc[r][b]);
+            }
+        }
+    }
+    let tp = tmp.as_mut_ptr();
+    for r in 0..M {
+        let bv = _mm512_set1_ps(bias[r]);
+        for b in 0..NB {
+            _mm512_storeu_ps(tp.add(r * 16 * NB + 16 * b), _mm512_add_ps(acc[r][b], bv));
+        }
+    }
+}
+
+/// `acc[r] += Σ_i p[r * p_stride + i]·v[t0 + i]` for `m` weight rows over a per-token quantized
+/// stretch, decoding each code once. Returns `false` (nothing written) for shapes without a
+/// multi-row kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn v_tok_multi(
+    isa: Isa,
+    p: &[f32],
+    p_stride: usize,
+    m: usize,
+    seg: &TokSeg<'_>,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) -> bool {
+    assert_supported(isa);
+    if isa != Isa::Avx512 || m == 0 {
+        return false;
+    }
+    let (hd, g) = (acc.len() / m, seg.group);
+    let fpi = codes_per_word(seg.bits);
+    if g % 16 != 0 {
+        return false;
+    }
+    assert!(acc.len() == m * hd && hd % g == 0 && g % fpi == 0);
+    assert!(seg.codes.len() >= (t0 + n) * (hd / fpi));
+    assert!(seg.scales.len() >= (t0 + n) * (hd / g) && seg.mins.len() >= (t0 + n) * (hd / g));
+    assert!(n == 0 || p.len() >= (m - 1) * p_stride + n);
+    match (m, hd) {
+        // SAFETY (all arms): the CPU has AVX-512 (asserted); codes/scales/mins of tokens
+        // t0..t0+n, the m weight rows and acc[..m*hd] are in bounds (asserted above); g is a
+        // multiple of 16 so one lane vector lies in one group.
+        (2, 32) => unsafe { v_tok_multi_avx512::<2, 2>(p, p_stride, seg, t0, n, acc) },
+        (3, 32) => unsafe { v_tok_multi_avx512::<3, 2>(p, p_stride, seg, t0, n, acc) },
+        (4, 32) => unsafe { v_tok_multi_avx512::<4, 2>(p, p_stride, seg, t0, n, acc) },
+        (2, 64) => unsafe { v_tok_multi_avx512::<2, 4>(p, p_stride, seg, t0, n, acc) },
+        (3, 64) => unsafe { v_tok_multi_avx512::<3, 4>(p, p_stride, seg, t0, n, acc) },
+        (4, 64) => unsafe { v_tok_multi_avx512::<4, 4>(p, p_stride, seg, t0, n, acc) },
+        (2, 128) => unsafe { v_tok_multi_avx512::<2, 8>(p, p_stride, seg, t0, n, acc) },
+        (3, 128) => unsafe { v_tok_multi_avx512::<3, 8>(p, p_stride, seg, t0, n, acc) },
+        _ => return false,
+    }
+    true
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
+    p: &[f32],
+    p_stride: usize,
+    seg: &TokSeg<'_>,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    let hd = NV * 16;
+    let g = seg.group;
+    let fpi = codes_per_word(seg.bits);
+    let (wpt, gpt) = (hd / fpi, hd / g);
+    let lanes = Lanes16::new(seg.bits);
+    let (cp, sp, mp) =
+        (seg.codes.as_ptr(), seg.scales.as_ptr() as *const u16, seg.mins.as_ptr() as *const u16);
+    let mut a = [[_mm512_setzero_ps(); NV]; M];
+    let mut min_acc = [[0f32; 16]; M];
+    let mut ps = [[0f32; V_SUB * 16]; M];
+    let mut pidx = [0i32; 16];
+    for (l, x) in pidx.iter_mut().enumerate() {
+        *x = (l / gpt) as i32;
+    }
+    let pidx = _mm512_loadu_si512(pidx.as_ptr() as *const _);
+    let pmask: __mmask16 = ((1u32 << (16 / gpt)) - 1) as u16;
+    let mut macc = [_mm512_setzero_ps(); M];
+    let mut i0 = 0;
+    while i0 < n {
+        let cnt = V_SUB.min(n - i0);
+        let mm = cnt * gpt;
+        for r in 0..M {
+            let pr = p.as_ptr().add(r * p_stride + i0);
+            let mut j = 0;
+            while j + 16 <= mm {
+                let pv = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(pmask, pr.add(j / gpt)));
+                let off = (t0 + i0) * gpt + j;
+                let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(off) as *const __m256i));
+                let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(off) as *const __m256i));
+                _mm512_storeu_ps(ps[r].as_mut_ptr().add(j), _mm512_mul_ps(pv, sc));
+                macc[r] = _mm512_fmadd_ps(pv, mn, macc[r]);
+                j += 16;
+            }
+            while j < mm {
+                let w = *pr.add(j / gpt);
+                let off = (t0 + i0) * gpt + j;
+                ps[r][j] = w * h2f(f16::from_bits(*sp.add(off)));
+                min_acc[r][j % gpt] += w * h2f(f16::from_bits(*mp.add(off)));
+                j += 1;
+            }
+        }
+        for i in 0..cnt {
+            let row = cp.add((t0 + i0 + i) * wpt);
+            for jv in 0..NV {
+                let c = lanes.load(row.add(jv * 16 / fpi));
+                for r in 0..M {
+                    let w = _mm512_set1_ps(ps[r][i * gpt + jv * 16 / g]);
+                    a[r][jv] = _mm512_fmadd_ps(w, c, a[r][jv]);
+                }
+            }
+        }
+        i0 += cnt;
+    }
+    let ap = acc.as_mut_ptr();
+    for r in 0..M {
+        let mut mv = [0f32; 16];
+        _mm512_storeu_ps(mv.as_mut_ptr(), macc[r]);
+        for (l, x) in mv.iter().enumerate() {
+            min_acc[r][l % gpt] += x;
+        }
+        for jv in 0..NV {
+            let mvv = _mm512_set1_ps(min_acc[r][jv * 16 / g]);
+            let dst = ap.add(r * hd + 16 * jv);
+            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(a[r][jv], mvv)));
+        }
     }
 }

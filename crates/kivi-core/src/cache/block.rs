@@ -7,7 +7,7 @@
 //! | part | per-channel layout | per-token layout |
 //! |---|---|---|
 //! | codes (u32) | `[Hkv][D][BT/fpi]` | `[Hkv][BT][D/fpi]` |
-//! | scales, mins (f16) | `[Hkv][D][BT/G]` | `[Hkv][BT][D/G]` |
+//! | scales, mins (f16) | `[Hkv][BT/G][D]` | `[Hkv][BT][D/G]` |
 //!
 //! Block `i` of a sequence holds key-stream tokens `i*BT..(i+1)*BT` and value-stream tokens
 //! `i*BT..(i+1)*BT` (keys and values are quantized at different times). Every block of a cache

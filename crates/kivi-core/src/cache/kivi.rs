@@ -309,7 +309,7 @@ fn quant_chan_group(
             let gp = quant::quantize_group(&x, part.bits, &mut codes[..n]);
             let w0 = d * part.words_per_row + off / fpi;
             quant::pack(&codes, part.bits, &mut p.codes[w0..w0 + g / fpi]);
-            let m = d * part.groups_per_row + off / g;
+            let m = (off / g) * hd + d;
             p.scales[m] = gp.scale;
             p.mins[m] = gp.min;
         }
