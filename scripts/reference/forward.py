@@ -83,6 +83,7 @@ class Model:
                 raise ValueError(f"rope scaling not implemented ({k}={_field(r, k)})")
 
         tensors = {t.name: t for t in r.tensors}
+        self._wtype = {}
         self.tensor_types = {t.name: t.tensor_type.name for t in r.tensors}
 
         def W(name, required=True):
@@ -94,7 +95,9 @@ class Model:
             x = dequantize(t.data, t.tensor_type)
             # ggml shape is [ne0, ne1, ...] with ne0 fastest; numpy wants the reverse.
             x = np.asarray(x).reshape(tuple(int(s) for s in reversed(t.shape)))
-            return x.astype(self.dtype, copy=False)
+            x = x.astype(self.dtype, copy=False)
+            self._wtype[id(x)] = t.tensor_type.name
+            return x
 
         self.tok_embd = W("token_embd.weight")
         self.n_vocab = self.tok_embd.shape[0]
@@ -156,8 +159,8 @@ class Model:
         return out
 
     def _lin(self, x, w, b=None):
-        if self.act_q8:
-            x = q8_roundtrip(x)
+        if self.act_q8:  # ggml vec_dot_type: Q8_K (256-blocks) for k-quants, Q8 (32-blocks) otherwise
+            x = q8_roundtrip(x, 256 if self._wtype.get(id(w), "").endswith("_K") else 32)
         y = x @ w.T
         return y if b is None else y + b
 
@@ -237,15 +240,15 @@ class Model:
         return out, steps
 
 
-def q8_roundtrip(x):
-    """Quantize rows of x to Q8_0 (blocks of 32: d = fp16(amax/127), q = round(x/d)) and back."""
+def q8_roundtrip(x, block=32):
+    """Quantize rows of x to symmetric 8 bits in blocks (d = amax/127 as f32, q = round(x/d)) and back,
+    like the Rust engine's activation quantization (Q8 32-blocks, Q8_K 256-blocks)."""
     shp = x.shape
-    b = x.reshape(-1, 32).astype(np.float64)
-    amax = np.abs(b).max(axis=1, keepdims=True)
-    d = amax / 127.0
-    q = np.round(b * np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0))
-    d16 = d.astype(np.float16).astype(np.float64)
-    return (q * d16).reshape(shp).astype(x.dtype)
+    b = x.reshape(-1, block).astype(np.float32)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127.0)
+    inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, np.float32(1.0)), np.float32(0.0))
+    q = np.round(b * inv)
+    return (q * d).reshape(shp).astype(x.dtype)
 
 
 def log_softmax(logits):

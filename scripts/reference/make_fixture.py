@@ -90,13 +90,69 @@ def last_logits_record(logits, fixed_ids):
     }
 
 
+# Measured with check_fixture.py --f32 --act-q8 --kv-f16 (numpy emulation of the Rust engine's
+# Q8/Q8_K activation quantization and an f16 KV cache) against the float reference.
+MEASURED_Q8 = {
+    "smollm2": {
+        "last_logit_max_abs": 0.73, "last_logit_max_abs_centered": 0.51, "top40_overlap_min": 0.95,
+        "argmax_agree_margin_ge_0.5": "all prompt positions; 0.9973 of the PPL window",
+        "greedy_teacher_forced_margin_ge_0.5": "all", "ppl": 16.2305, "ppl_rel": 0.0015,
+        "top1_acc": 0.4129, "per_token_nll_max_abs": 1.37,
+    },
+    "qwen": {
+        "last_logit_max_abs": 0.21, "last_logit_max_abs_centered": 0.21, "top40_overlap_min": 0.975,
+        "argmax_agree_margin_ge_0.5": "all prompt positions and all of the PPL window",
+        "greedy_teacher_forced_margin_ge_0.5": "all (steps 20, 23 differ, margins < 0.5)",
+        "ppl": 6.9300, "ppl_rel": 0.0079, "top1_acc": 0.5205, "per_token_nll_max_abs": 0.98,
+    },
+}
+
+
+def tolerance(name):
+    return {
+        "doc": "The reference keeps activations in float; the Rust engine (like llama.cpp) quantizes "
+               "activations to 8 bits (Q8 32-blocks, Q8_K 256-blocks for k-quants) for the integer dot "
+               "products, so logits differ by a few tenths (measured_q8_emulation: a numpy emulation of "
+               "that plus an f16 KV cache). Suggested asserts: |logit diff| <= logit_abs over top and "
+               "fixed ids (or logit_abs_centered after subtracting each side's vocabulary mean); argmax "
+               "equal wherever the reference margin >= argmax_hard_margin; agreement fraction >= "
+               "argmax_agree_min over positions with margin >= skip_if_margin_below; greedy compared "
+               "teacher-forced at steps with margin >= skip_if_margin_below (a free-running comparison "
+               "must stop at the first step below it); PPL within ppl_rel, top-1 within top1_acc_abs. "
+               "Per-token NLL differences can reach >1 nat on unlikely tokens: do not assert them "
+               "individually. A float-activation f32 implementation matches within "
+               "logit_abs_float_activations.",
+        "logit_abs": 1.0,
+        "logit_abs_centered": 0.75,
+        "logit_abs_float_activations": 0.02,
+        "skip_if_margin_below": 0.5,
+        "argmax_hard_margin": 1.0,
+        "argmax_agree_min": 0.99,
+        "top_k_overlap_min": 0.85,
+        "ppl_rel": 0.02,
+        "top1_acc_abs": 0.02,
+        "measured_q8_emulation": MEASURED_Q8.get(name),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("name", choices=sorted(MODELS))
     ap.add_argument("--f32", action="store_true", help="float32 reference (default: float64 for smollm2, float32 for qwen)")
     ap.add_argument("--out")
     ap.add_argument("--no-rope-check", action="store_true")
+    ap.add_argument("--update-tolerance", action="store_true",
+                    help="only rewrite the 'tolerance' block of an existing fixture (no forward pass)")
     args = ap.parse_args()
+    if args.update_tolerance:
+        out = args.out or os.path.join(REPO, "crates", "kivi-model", "tests", "fixtures", f"ref_{args.name}.json")
+        fx = json.load(open(out))
+        fx["tolerance"] = tolerance(args.name)
+        with open(out, "w") as f:
+            json.dump(fx, f, separators=(",", ":"))
+            f.write("\n")
+        print(f"updated tolerance in {out}", file=sys.stderr)
+        return
     spec = MODELS[args.name]
     dtype = np.float32 if (args.f32 or args.name == "qwen") else np.float64
     path = os.path.join(CACHE, "models", spec["file"])
@@ -231,20 +287,7 @@ def main():
             "add_bos": False,
             "special_tokens_parsed": True,
         },
-        "tolerance": {
-            "doc": "The reference keeps activations in float; the Rust engine (like llama.cpp) quantizes "
-                   "activations to Q8 for the integer dot products, so expect logit differences of up to "
-                   "~0.1-0.3 (abs) and a few tenths in mean/std-normalized terms. Compare argmax only where "
-                   "the reference's top1-top2 margin exceeds skip_if_margin_below; compare greedy ids only up "
-                   "to the first step whose margin is below it (after a legitimate divergence the continuations "
-                   "differ). PPL should agree within ~1-2% relative.",
-            "logit_abs": 0.35,
-            "logit_abs_f32_float_activations": 0.02,
-            "skip_if_margin_below": 0.5,
-            "top_k_overlap_min": 0.8,
-            "ppl_rel": 0.02,
-            "top1_acc_abs": 0.02,
-        },
+        "tolerance": tolerance(args.name),
         "fixed_ids": {"start": FIXED_START, "step": fixed_step, "count": FIXED_COUNT},
         "prompts": prompts,
         "perplexity": perplexity,
