@@ -207,3 +207,24 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The softmax exponential on every ISA against f64 `exp`.
+    #[test]
+    fn exp_kernels_match_f64(x in prop::collection::vec(-120.0f32..0.0, 0..70), shift in -3.0f32..3.0) {
+        for isa in Isa::all_supported() {
+            let mut y: Vec<f32> = x.iter().map(|v| v + shift).collect();
+            let sum = kivi_core::attn::exp_shift_sum(isa, &mut y, shift);
+            let mut want_sum = 0.0f64;
+            for (i, (&xi, &yi)) in x.iter().zip(&y).enumerate() {
+                let arg = ((xi + shift) - shift) as f64;
+                let w = if arg < -87.3 { 0.0 } else { arg.exp() };
+                want_sum += w;
+                prop_assert!((yi as f64 - w).abs() <= 5e-7 * w + 1e-37, "{:?} [{}] exp({}) = {} vs {}", isa, i, arg, yi, w);
+            }
+            prop_assert!((sum as f64 - want_sum).abs() <= 1e-5 * want_sum + 1e-30);
+        }
+    }
+}

@@ -212,3 +212,49 @@ pub fn v_chan(p: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, acc: &mut [f32]
         }
     }
 }
+
+/// Cephes `expf` constants shared with the SIMD versions.
+pub(crate) mod expc {
+    pub const LO: f32 = -87.3;
+    pub const HI: f32 = 88.3;
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const C1: f32 = 0.693359375;
+    pub const C2: f32 = -2.121_944_4e-4;
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ];
+}
+
+/// `exp(x)` by range reduction `x = n·ln2 + r` and a degree-6 polynomial in `r` (Cephes expf);
+/// inputs below -87.3 give 0.
+#[inline]
+pub fn exp_approx(x: f32) -> f32 {
+    use expc::*;
+    if x < LO {
+        return 0.0;
+    }
+    let x = x.min(HI);
+    let n = (x * LOG2E).round_ties_even();
+    let r = x - n * C1 - n * C2;
+    let mut y = P[0];
+    for c in &P[1..] {
+        y = y * r + c;
+    }
+    let y = y * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `x[i] = exp(x[i] - shift)`, returns the sum.
+pub fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = exp_approx(*v - shift);
+        sum += *v;
+    }
+    sum
+}

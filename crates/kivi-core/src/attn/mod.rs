@@ -175,6 +175,18 @@ pub fn v_accumulate(isa: Isa, p: &[f32], seg: &SegData<'_>, t0: usize, n: usize,
     }
 }
 
+/// `x[i] = exp(x[i] - shift)` (for `x[i] <= shift`), returns the sum. Vectorised Cephes-style
+/// `expf` (relative error ~2e-7); the scalar path uses the same polynomial.
+pub fn exp_shift_sum(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
+    match isa {
+        Isa::Scalar => cpu::exp_shift_sum(x, shift),
+        #[cfg(target_arch = "x86_64")]
+        _ => simd::exp_shift_sum(isa, x, shift),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => cpu::exp_shift_sum(x, shift),
+    }
+}
+
 /// Geometry shared by all sequences of one call.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
@@ -294,12 +306,8 @@ fn partial(
         let n_valid = hi_i - a;
         for r in 0..n_rep {
             let sc = &mut scores[r * len..][..n_valid];
-            let mx = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - mx).exp();
-                sum += *s;
-            }
+            let mx = sc.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+            let sum = exp_shift_sum(isa, sc, mx);
             let out = &mut res[(i * n_rep + r) * stride..][..2];
             out[0] = mx;
             out[1] = sum;

@@ -818,3 +818,94 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Softmax exponentials
+
+/// `x[i] = exp(x[i] - shift)`, returns the sum; SIMD version of [`cpu::exp_shift_sum`].
+pub fn exp_shift_sum(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
+    assert_supported(isa);
+    match isa {
+        // SAFETY: the CPU has the features; the kernels access x[..x.len()] only.
+        Isa::Avx512 => unsafe { exp_shift_sum_avx512(x, shift) },
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { exp_shift_sum_avx2(x, shift) },
+        Isa::Scalar => cpu::exp_shift_sum(x, shift),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_shift_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
+    use cpu::expc::*;
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let sh = _mm512_set1_ps(shift);
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_sub_ps(_mm512_loadu_ps(p.add(i)), sh);
+        let under = _mm512_cmp_ps_mask(v, _mm512_set1_ps(LO), _CMP_LT_OQ);
+        let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(LO)), _mm512_set1_ps(HI));
+        let k = _mm512_roundscale_ps(
+            _mm512_mul_ps(v, _mm512_set1_ps(LOG2E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(C1), v);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(C2), r);
+        let mut y = _mm512_set1_ps(P[0]);
+        for c in &P[1..] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
+        }
+        let y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        let e = _mm512_scalef_ps(y, k);
+        let e = _mm512_maskz_mov_ps(!under, e);
+        _mm512_storeu_ps(p.add(i), e);
+        acc = _mm512_add_ps(acc, e);
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_ps(acc);
+    while i < n {
+        x[i] = cpu::exp_approx(x[i] - shift);
+        sum += x[i];
+        i += 1;
+    }
+    sum
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shift_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
+    use cpu::expc::*;
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let sh = _mm256_set1_ps(shift);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), sh);
+        let keep = _mm256_cmp_ps(v, _mm256_set1_ps(LO), _CMP_GE_OQ);
+        let v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
+        let k = _mm256_round_ps(
+            _mm256_mul_ps(v, _mm256_set1_ps(LOG2E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(C1), v);
+        let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(C2), r);
+        let mut y = _mm256_set1_ps(P[0]);
+        for c in &P[1..] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
+        }
+        let y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let pow = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        let e = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow)), keep);
+        _mm256_storeu_ps(p.add(i), e);
+        acc = _mm256_add_ps(acc, e);
+        i += 8;
+    }
+    let mut sum = hsum256(acc);
+    while i < n {
+        x[i] = cpu::exp_approx(x[i] - shift);
+        sum += x[i];
+        i += 1;
+    }
+    sum
+}
