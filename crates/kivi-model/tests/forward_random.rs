@@ -150,6 +150,7 @@ fn kivi_cache_tracks_reference_and_is_exact_inside_the_window() {
             let l = model.forward(&tokens[i..i + 1], cache.as_mut(), seq, Logits::Last).unwrap();
             worst = worst.max(max_abs_diff(&l, &reference[i]));
         }
+        eprintln!("{bits}-bit: worst logit error {worst} over 80 decode steps");
         assert!(worst < tol, "{bits}-bit worst logit error {worst}");
         errs.push(worst);
         assert!(cache.memory().code_bytes > 0, "{bits}-bit: nothing was quantized");
@@ -158,10 +159,8 @@ fn kivi_cache_tracks_reference_and_is_exact_inside_the_window() {
 }
 
 #[test]
-fn chunked_prefill_equals_token_by_token_with_kivi() {
-    // KIVI's cache contents do not depend on how tokens are grouped into appends, and every
-    // token attends to older tokens through the cache: chunk size changes only which new
-    // tokens are attended exactly, so compare chunking inside the full-precision window.
+fn chunked_prefill_matches_one_shot_prefill() {
+    // Chunks read older tokens from the f16 cache instead of exact f32: only rounding differs.
     let c = preset("tiny").unwrap();
     let src = RandomWeights::new(&c, DType::F32, rand::random()).unwrap();
     let model = Model::load(&src, Naming::Gguf, c.clone()).unwrap();
