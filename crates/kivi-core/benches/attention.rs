@@ -24,13 +24,25 @@ struct Shape {
 }
 
 const SHAPES: [Shape; 2] = [
-    Shape { name: "smollm2", n_head: 9, n_kv_head: 3, head_dim: 64 },
-    Shape { name: "llama2-7b", n_head: 32, n_kv_head: 32, head_dim: 128 },
+    Shape {
+        name: "smollm2",
+        n_head: 9,
+        n_kv_head: 3,
+        head_dim: 64,
+    },
+    Shape {
+        name: "llama2-7b",
+        n_head: 32,
+        n_kv_head: 32,
+        head_dim: 128,
+    },
 ];
 const LENS: [usize; 3] = [1024, 4096, 16384];
 
 fn kv_like(r: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i % 61) as f32 * 0.05 - 1.5) + r.gen_range(-1.0f32..1.0)).collect()
+    (0..n)
+        .map(|i| ((i % 61) as f32 * 0.05 - 1.5) + r.gen_range(-1.0f32..1.0))
+        .collect()
 }
 
 fn decode_attention(c: &mut Criterion) {
@@ -41,17 +53,25 @@ fn decode_attention(c: &mut Criterion) {
     ];
     for s in &SHAPES {
         let mut group = c.benchmark_group(format!("decode_attention/{}", s.name));
-        group.sample_size(10).warm_up_time(Duration::from_millis(500));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(500));
         group.measurement_time(Duration::from_secs(2));
         let row = s.n_kv_head * s.head_dim;
         let mut r = StdRng::seed_from_u64(1);
         let max = *LENS.last().unwrap();
         let k = kv_like(&mut r, (max + 1) * row);
         let v = kv_like(&mut r, (max + 1) * row);
-        let q: Vec<f32> = (0..s.n_head * s.head_dim).map(|_| r.gen_range(-0.3f32..0.3)).collect();
+        let q: Vec<f32> = (0..s.n_head * s.head_dim)
+            .map(|_| r.gen_range(-0.3f32..0.3))
+            .collect();
         for &t in &LENS {
             for (name, cfg) in &configs {
-                let shape = CacheShape { n_layer: 1, n_kv_head: s.n_kv_head, head_dim: s.head_dim };
+                let shape = CacheShape {
+                    n_layer: 1,
+                    n_kv_head: s.n_kv_head,
+                    head_dim: s.head_dim,
+                };
                 let mut cache = new_cache(cfg, shape).unwrap();
                 let seq = cache.add_sequence();
                 cache.append(0, seq, &k[..t * row], &v[..t * row]).unwrap();
@@ -61,7 +81,9 @@ fn decode_attention(c: &mut Criterion) {
                 let mut out = vec![0f32; q.len()];
                 group.bench_function(BenchmarkId::new(*name, t), |b| {
                     b.iter(|| {
-                        cache.attend(0, s.n_head, seq, black_box(&q), kn, vn, &mut out).unwrap();
+                        cache
+                            .attend(0, s.n_head, seq, black_box(&q), kn, vn, &mut out)
+                            .unwrap();
                         black_box(&out);
                     })
                 });
@@ -76,7 +98,9 @@ fn memory_bandwidth(c: &mut Criterion) {
     let n = (1usize << 30) / 8;
     let buf: Vec<u64> = (0..n as u64).collect();
     let mut group = c.benchmark_group("memory_bandwidth");
-    group.sample_size(10).warm_up_time(Duration::from_millis(500));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(3));
     group.throughput(Throughput::Bytes((n * 8) as u64));
     group.bench_function("read_1GiB/1thread", |b| {

@@ -12,18 +12,29 @@ fn cpu_secs() -> f64 {
 }
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|x| x.parse().unwrap()).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
     let (n_head, nkv, hd, t) = (a[0], a[1], a[2], a[3]);
     println!("isa {:?}", Isa::detect());
     let row = nkv * hd;
-    let k: Vec<f32> = (0..(t + 1) * row).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    let q: Vec<f32> = (0..n_head * hd).map(|i| ((i * 31) % 100) as f32 / 300.0).collect();
+    let k: Vec<f32> = (0..(t + 1) * row)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let q: Vec<f32> = (0..n_head * hd)
+        .map(|i| ((i * 31) % 100) as f32 / 300.0)
+        .collect();
     for (name, cfg) in [
         ("f16", CacheConfig::F16),
         ("kivi2", CacheConfig::Kivi(KiviConfig::kivi2())),
         ("kivi4", CacheConfig::Kivi(KiviConfig::kivi4())),
     ] {
-        let shape = CacheShape { n_layer: 1, n_kv_head: nkv, head_dim: hd };
+        let shape = CacheShape {
+            n_layer: 1,
+            n_kv_head: nkv,
+            head_dim: hd,
+        };
         let mut c = new_cache(&cfg, shape).unwrap();
         let s = c.add_sequence();
         c.append(0, s, &k[..t * row], &k[..t * row]).unwrap();

@@ -61,7 +61,11 @@ impl KiviConfig {
         Self::default()
     }
     pub fn kivi4() -> Self {
-        KiviConfig { k_bits: 4, v_bits: 4, ..Self::default() }
+        KiviConfig {
+            k_bits: 4,
+            v_bits: 4,
+            ..Self::default()
+        }
     }
 
     /// Rejects combinations the cache cannot store, naming the offending parameter.
@@ -78,7 +82,7 @@ impl KiviConfig {
         }
         for b in [self.k_bits, self.v_bits] {
             let per_word = 32 / b as usize;
-            if g % per_word != 0 {
+            if !g.is_multiple_of(per_word) {
                 return bad(format!(
                     "group_size {g} is not a multiple of {per_word} (codes per u32 word at {b} bits)"
                 ));
@@ -88,10 +92,13 @@ impl KiviConfig {
             return bad("head_dim and n_kv_head must be > 0".into());
         }
         let per_token_used = self.k_axis == Axis::PerToken || self.v_axis == Axis::PerToken;
-        if per_token_used && shape.head_dim % g != 0 {
-            return bad(format!("head_dim {} is not a multiple of group_size {g}", shape.head_dim));
+        if per_token_used && !shape.head_dim.is_multiple_of(g) {
+            return bad(format!(
+                "head_dim {} is not a multiple of group_size {g}",
+                shape.head_dim
+            ));
         }
-        if self.residual_len % g != 0 {
+        if !self.residual_len.is_multiple_of(g) {
             return bad(format!(
                 "residual_len {} is not a multiple of group_size {g}",
                 self.residual_len

@@ -87,6 +87,7 @@ pub trait KvCache: Send + Sync {
     fn seq_len(&self, layer: usize, seq: SeqId) -> Result<usize>;
 
     /// Attention for the new tokens of one sequence (see the trait docs). Does not modify the cache.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         layer: usize,
@@ -100,7 +101,12 @@ pub trait KvCache: Send + Sync {
 
     /// Attention for several sequences at once (continuous batching). Implementations spread the
     /// work over threads; the default runs them one after the other.
-    fn attend_batch(&self, layer: usize, n_head: usize, items: &mut [AttendItem<'_>]) -> Result<()> {
+    fn attend_batch(
+        &self,
+        layer: usize,
+        n_head: usize,
+        items: &mut [AttendItem<'_>],
+    ) -> Result<()> {
         for it in items.iter_mut() {
             self.attend(layer, n_head, it.seq, it.q, it.k_new, it.v_new, it.out)?;
         }

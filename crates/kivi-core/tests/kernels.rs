@@ -1,4 +1,5 @@
 //! Every SIMD kernel against its scalar twin, on random shapes and data.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 
@@ -19,7 +20,10 @@ fn f16s(r: &mut rand::rngs::StdRng, n: usize, lo: f32, hi: f32) -> Vec<f16> {
 }
 
 fn bits_group() -> impl Strategy<Value = (u8, usize)> {
-    (prop_oneof![Just(2u8), Just(4), Just(8)], prop_oneof![Just(1usize), Just(2), Just(4), Just(8)])
+    (
+        prop_oneof![Just(2u8), Just(4), Just(8)],
+        prop_oneof![Just(1usize), Just(2), Just(4), Just(8)],
+    )
         .prop_map(|(b, m)| (b, codes_per_word(b).max(8) * m))
 }
 
@@ -149,7 +153,11 @@ proptest! {
 #[test]
 fn this_machine_uses_simd() {
     // Not a correctness test: documents which path the tests above exercised.
-    eprintln!("supported: {:?}, detected: {:?}", Isa::all_supported(), Isa::detect());
+    eprintln!(
+        "supported: {:?}, detected: {:?}",
+        Isa::all_supported(),
+        Isa::detect()
+    );
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         assert_eq!(Isa::best_supported(), Isa::Avx512);

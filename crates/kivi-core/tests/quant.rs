@@ -11,19 +11,30 @@ fn bits() -> impl Strategy<Value = u8> {
 
 /// Group values: f16-representable (as the cache feeds them), various ranges, sometimes constant.
 fn group() -> impl Strategy<Value = Vec<f32>> {
-    (1usize..=128, -1000.0f32..1000.0, 0.0f32..50.0, any::<bool>(), any::<u64>()).prop_map(
-        |(n, center, spread, constant, seed)| {
+    (
+        1usize..=128,
+        -1000.0f32..1000.0,
+        0.0f32..50.0,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(n, center, spread, constant, seed)| {
             let mut s = seed;
             (0..n)
                 .map(|_| {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let u = (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-                    let x = if constant { center } else { center + spread * u as f32 };
+                    let x = if constant {
+                        center
+                    } else {
+                        center + spread * u as f32
+                    };
                     f16::from_f32(x).to_f32()
                 })
                 .collect()
-        },
-    )
+        })
 }
 
 proptest! {
@@ -118,6 +129,9 @@ fn error_bound_per_bit_width() {
             .map(|(&v, &c)| (quant::dequantize_value(c, p) - v).abs())
             .fold(0.0f32, f32::max);
         assert!(err <= expect * 1.01, "bits {bits}: err {err} > {expect}");
-        assert!(err >= expect * 0.5, "bits {bits}: err {err} suspiciously small");
+        assert!(
+            err >= expect * 0.5,
+            "bits {bits}: err {err} suspiciously small"
+        );
     }
 }

@@ -213,7 +213,8 @@ pub fn v_chan(p: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, acc: &mut [f32]
     }
 }
 
-/// Cephes `expf` constants shared with the SIMD versions.
+/// Cephes `expf` constants shared with the SIMD versions (digits as published).
+#[allow(clippy::excessive_precision)]
 pub(crate) mod expc {
     pub const LO: f32 = -87.3;
     pub const HI: f32 = 88.3;

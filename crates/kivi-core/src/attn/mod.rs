@@ -52,9 +52,15 @@ pub struct TokSeg<'a> {
 #[derive(Clone, Copy, Debug)]
 pub enum SegData<'a> {
     /// Row `t` at `rows[t * stride ..][..head_dim]`.
-    F16 { rows: &'a [f16], stride: usize },
+    F16 {
+        rows: &'a [f16],
+        stride: usize,
+    },
     /// Exact rows (new tokens), row `t` at `rows[t * stride ..][..head_dim]`.
-    F32 { rows: &'a [f32], stride: usize },
+    F32 {
+        rows: &'a [f32],
+        stride: usize,
+    },
     Chan(ChanSeg<'a>),
     Tok(TokSeg<'a>),
 }
@@ -203,7 +209,11 @@ pub fn attend_views(
     qs: &[&[f32]],
     outs: &mut [&mut [f32]],
 ) {
-    let Heads { n_head, n_kv_head, head_dim } = heads;
+    let Heads {
+        n_head,
+        n_kv_head,
+        head_dim,
+    } = heads;
     let n_rep = n_head / n_kv_head;
     // Work items: (sequence, kv head, chunk).
     let mut items = Vec::new();
@@ -300,13 +310,24 @@ fn partial(
             let hi = hi_i.min(seg.start + seg.len);
             if lo < hi {
                 let out = &mut scores[lo - a..];
-                k_scores_multi(isa, &qs, n_rep, &seg.data, lo - seg.start, hi - lo, out, len);
+                k_scores_multi(
+                    isa,
+                    &qs,
+                    n_rep,
+                    &seg.data,
+                    lo - seg.start,
+                    hi - lo,
+                    out,
+                    len,
+                );
             }
         }
         let n_valid = hi_i - a;
         for r in 0..n_rep {
             let sc = &mut scores[r * len..][..n_valid];
-            let mx = sc.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+            let mx = sc
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
             let sum = exp_shift_sum(isa, sc, mx);
             let out = &mut res[(i * n_rep + r) * stride..][..2];
             out[0] = mx;
@@ -318,7 +339,16 @@ fn partial(
             let hi = hi_i.min(seg.start + seg.len);
             if lo < hi {
                 let p = &scores[lo - a..];
-                v_accumulate_multi(isa, p, len, n_rep, &seg.data, lo - seg.start, hi - lo, &mut acc);
+                v_accumulate_multi(
+                    isa,
+                    p,
+                    len,
+                    n_rep,
+                    &seg.data,
+                    lo - seg.start,
+                    hi - lo,
+                    &mut acc,
+                );
             }
         }
         for r in 0..n_rep {
@@ -350,7 +380,14 @@ pub fn k_scores_multi(
         }
     }
     for r in 0..m {
-        k_scores(isa, &q[r * hd..][..hd], seg, t0, n, &mut out[r * out_stride..]);
+        k_scores(
+            isa,
+            &q[r * hd..][..hd],
+            seg,
+            t0,
+            n,
+            &mut out[r * out_stride..],
+        );
     }
 }
 
@@ -376,7 +413,14 @@ pub fn v_accumulate_multi(
         }
     }
     for r in 0..m {
-        v_accumulate(isa, &p[r * p_stride..], seg, t0, n, &mut acc[r * hd..][..hd]);
+        v_accumulate(
+            isa,
+            &p[r * p_stride..],
+            seg,
+            t0,
+            n,
+            &mut acc[r * hd..][..hd],
+        );
     }
 }
 

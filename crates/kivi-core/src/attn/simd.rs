@@ -9,6 +9,9 @@
 //! - `k_chan`: group size G a multiple of the lane count (8 / 16) and at most 128;
 //! - `v_tok`: G a multiple of the lane count and `head_dim / lanes` in {2, 4, 8, 16}.
 
+// Kernels index several fixed-size arrays in lockstep (accumulators, lanes, queries).
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
@@ -29,7 +32,10 @@ fn assert_supported(isa: Isa) {
         Isa::Avx2 => best != Isa::Scalar,
         Isa::Avx512 => best == Isa::Avx512,
     };
-    assert!(ok, "{isa:?} kernels requested on a CPU without the features");
+    assert!(
+        ok,
+        "{isa:?} kernels requested on a CPU without the features"
+    );
 }
 
 #[inline]
@@ -42,7 +48,15 @@ unsafe fn h2f(h: f16) -> f32 {
 // f16 rows
 
 /// `out[i] = q · rows[t0 + i]`, SIMD version of [`cpu::k_f16`].
-pub fn k_f16(isa: Isa, q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+pub fn k_f16(
+    isa: Isa,
+    q: &[f32],
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     assert_supported(isa);
     let d = q.len();
     assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
@@ -58,7 +72,14 @@ pub fn k_f16(isa: Isa, q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usi
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn k_f16_avx512(q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, out: &mut [f32]) {
+unsafe fn k_f16_avx512(
+    q: &[f32],
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     let d = q.len();
     let dv = d / 16 * 16;
     let qp = q.as_ptr();
@@ -71,7 +92,8 @@ unsafe fn k_f16_avx512(q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usi
         let mut j = 0;
         while j < dv {
             let qv = _mm512_loadu_ps(qp.add(j));
-            let ld = |r: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(r.add(j) as *const __m256i));
+            let ld =
+                |r: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(r.add(j) as *const __m256i));
             a[0] = _mm512_fmadd_ps(qv, ld(r0), a[0]);
             a[1] = _mm512_fmadd_ps(qv, ld(r1), a[1]);
             a[2] = _mm512_fmadd_ps(qv, ld(r2), a[2]);
@@ -163,7 +185,15 @@ unsafe fn k_f16_avx2(q: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize
 }
 
 /// `acc += Σ_i p[i] · rows[t0 + i]`, SIMD version of [`cpu::v_f16`].
-pub fn v_f16(isa: Isa, p: &[f32], rows: &[f16], stride: usize, t0: usize, n: usize, acc: &mut [f32]) {
+pub fn v_f16(
+    isa: Isa,
+    p: &[f32],
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
     assert_supported(isa);
     let d = acc.len();
     assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
@@ -277,7 +307,10 @@ impl Lanes16 {
             let w = _mm512_maskz_loadu_epi32((1u16 << self.nwords) - 1, wp as *const i32);
             _mm512_permutexvar_epi32(self.idx, w)
         };
-        _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, self.shifts), self.mask))
+        _mm512_cvtepi32_ps(_mm512_and_si512(
+            _mm512_srlv_epi32(v, self.shifts),
+            self.mask,
+        ))
     }
 }
 
@@ -313,7 +346,10 @@ impl Lanes8 {
             let fpi = 32 / self.bits as usize;
             _mm256_set1_epi32((*row.add(c / fpi) >> ((c % fpi) * self.bits as usize)) as i32)
         };
-        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, self.shifts), self.mask))
+        _mm256_cvtepi32_ps(_mm256_and_si256(
+            _mm256_srlv_epi32(v, self.shifts),
+            self.mask,
+        ))
     }
 }
 
@@ -341,7 +377,9 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
             // SAFETY: the CPU has the features; the group kernels read rows `d < hd` of whole
             // groups `g < groups_per_row` and write `tmp[..group]` (k_chan_with passes a slice
             // of exactly `group` elements); all asserted above.
-            cpu::k_chan_with(q, seg, t0, n, out, |q, s, gi, tmp| unsafe { $f::<$nb>(q, s, gi, tmp) })
+            cpu::k_chan_with(q, seg, t0, n, out, |q, s, gi, tmp| unsafe {
+                $f::<$nb>(q, s, gi, tmp)
+            })
         };
     }
     match (isa, g) {
@@ -364,7 +402,10 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn fold_query_avx512(q: &[f32], seg: &ChanSeg<'_>, g: usize, qs: &mut [f32]) -> f32 {
     let hd = q.len();
-    let (sp, mp) = (seg.scales.as_ptr().add(g * hd) as *const u16, seg.mins.as_ptr().add(g * hd) as *const u16);
+    let (sp, mp) = (
+        seg.scales.as_ptr().add(g * hd) as *const u16,
+        seg.mins.as_ptr().add(g * hd) as *const u16,
+    );
     let (qp, op) = (q.as_ptr(), qs.as_mut_ptr());
     let mut b = _mm512_setzero_ps();
     let mut d = 0;
@@ -388,7 +429,12 @@ unsafe fn fold_query_avx512(q: &[f32], seg: &ChanSeg<'_>, g: usize, qs: &mut [f3
 /// One group of `16 * NB` tokens: `tmp[t] = Σ_d (q[d]·scale[g,d])·code[d,t] + Σ_d q[d]·min[g,d]`.
 /// Two accumulator sets (even/odd channels) to shorten the FMA dependency chains.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn k_chan_group_avx512<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
+unsafe fn k_chan_group_avx512<const NB: usize>(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    g: usize,
+    tmp: &mut [f32],
+) {
     let fpi = codes_per_word(seg.bits);
     let lanes = Lanes16::new(seg.bits);
     let gw = g * (16 * NB) / fpi;
@@ -420,18 +466,29 @@ unsafe fn k_chan_group_avx512<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: 
     let bias = _mm512_set1_ps(bias);
     let tp = tmp.as_mut_ptr();
     for b in 0..NB {
-        _mm512_storeu_ps(tp.add(16 * b), _mm512_add_ps(_mm512_add_ps(a0[b], a1[b]), bias));
+        _mm512_storeu_ps(
+            tp.add(16 * b),
+            _mm512_add_ps(_mm512_add_ps(a0[b], a1[b]), bias),
+        );
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_chan_group_avx2<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: usize, tmp: &mut [f32]) {
+unsafe fn k_chan_group_avx2<const NB: usize>(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    g: usize,
+    tmp: &mut [f32],
+) {
     let fpi = codes_per_word(seg.bits);
     let lanes = Lanes8::new(seg.bits);
     let gw = g * (8 * NB) / fpi;
     let hd = q.len();
     let mut qs = [0f32; MAX_HEAD_DIM];
-    let (sp, mp) = (seg.scales.as_ptr().add(g * hd), seg.mins.as_ptr().add(g * hd));
+    let (sp, mp) = (
+        seg.scales.as_ptr().add(g * hd),
+        seg.mins.as_ptr().add(g * hd),
+    );
     let mut bias = 0f32;
     for d in 0..hd {
         qs[d] = q[d] * h2f(*sp.add(d));
@@ -462,7 +519,10 @@ unsafe fn k_chan_group_avx2<const NB: usize>(q: &[f32], seg: &ChanSeg<'_>, g: us
     let bias = _mm256_set1_ps(bias);
     let tp = tmp.as_mut_ptr();
     for b in 0..NB {
-        _mm256_storeu_ps(tp.add(8 * b), _mm256_add_ps(_mm256_add_ps(a0[b], a1[b]), bias));
+        _mm256_storeu_ps(
+            tp.add(8 * b),
+            _mm256_add_ps(_mm256_add_ps(a0[b], a1[b]), bias),
+        );
     }
 }
 
@@ -499,13 +559,23 @@ pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &m
 const V_SUB: usize = 64;
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn v_tok_avx512<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+unsafe fn v_tok_avx512<const NV: usize>(
+    p: &[f32],
+    seg: &TokSeg<'_>,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
     let hd = NV * 16;
     let g = seg.group;
     let fpi = codes_per_word(seg.bits);
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes16::new(seg.bits);
-    let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr() as *const u16, seg.mins.as_ptr() as *const u16);
+    let (cp, sp, mp) = (
+        seg.codes.as_ptr(),
+        seg.scales.as_ptr() as *const u16,
+        seg.mins.as_ptr() as *const u16,
+    );
     let ap = acc.as_mut_ptr();
     let mut a = [_mm512_setzero_ps(); NV];
     let mut min_acc = [0f32; 16];
@@ -564,7 +634,13 @@ unsafe fn v_tok_avx512<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, 
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn v_tok_avx2<const NV: usize>(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+unsafe fn v_tok_avx2<const NV: usize>(
+    p: &[f32],
+    seg: &TokSeg<'_>,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
     let hd = NV * 8;
     let g = seg.group;
     let fpi = codes_per_word(seg.bits);
@@ -756,8 +832,11 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
     let fpi = codes_per_word(seg.bits);
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes16::new(seg.bits);
-    let (cp, sp, mp) =
-        (seg.codes.as_ptr(), seg.scales.as_ptr() as *const u16, seg.mins.as_ptr() as *const u16);
+    let (cp, sp, mp) = (
+        seg.codes.as_ptr(),
+        seg.scales.as_ptr() as *const u16,
+        seg.mins.as_ptr() as *const u16,
+    );
     let mut a = [[_mm512_setzero_ps(); NV]; M];
     let mut min_acc = [[0f32; 16]; M];
     let mut ps = [[0f32; V_SUB * 16]; M];
@@ -814,7 +893,10 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
         for jv in 0..NV {
             let mvv = _mm512_set1_ps(min_acc[r][jv * 16 / g]);
             let dst = ap.add(r * hd + 16 * jv);
-            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(a[r][jv], mvv)));
+            _mm512_storeu_ps(
+                dst,
+                _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(a[r][jv], mvv)),
+            );
         }
     }
 }
@@ -856,7 +938,11 @@ unsafe fn exp_shift_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
         for c in &P[1..] {
             y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(*c));
         }
-        let y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        let y = _mm512_fmadd_ps(
+            _mm512_mul_ps(y, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
         let e = _mm512_scalef_ps(y, k);
         let e = _mm512_maskz_mov_ps(!under, e);
         _mm512_storeu_ps(p.add(i), e);
@@ -894,8 +980,15 @@ unsafe fn exp_shift_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
         for c in &P[1..] {
             y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*c));
         }
-        let y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let pow = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        let y = _mm256_fmadd_ps(
+            _mm256_mul_ps(y, r),
+            r,
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)),
+            23,
+        );
         let e = _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow)), keep);
         _mm256_storeu_ps(p.add(i), e);
         acc = _mm256_add_ps(acc, e);

@@ -68,7 +68,11 @@ impl BlockLayout {
     /// Tokens per block: the largest multiple of the flush unit (R, or G when R = 0) that is at
     /// most 256 tokens, and at least one unit.
     pub fn new(cfg: &KiviConfig, shape: &CacheShape) -> Self {
-        let unit = if cfg.residual_len > 0 { cfg.residual_len } else { cfg.group_size };
+        let unit = if cfg.residual_len > 0 {
+            cfg.residual_len
+        } else {
+            cfg.group_size
+        };
         let bt = unit * (256 / unit).max(1);
         let (hd, g) = (shape.head_dim, cfg.group_size);
         BlockLayout {
@@ -160,7 +164,10 @@ pub struct BlockPool {
 
 impl BlockPool {
     pub fn new(layout: BlockLayout) -> Self {
-        BlockPool { layout, free: Vec::new() }
+        BlockPool {
+            layout,
+            free: Vec::new(),
+        }
     }
 
     pub fn alloc(&mut self) -> Block {

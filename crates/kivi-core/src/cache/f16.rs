@@ -40,7 +40,9 @@ pub struct F16Cache {
 impl F16Cache {
     pub fn new(shape: CacheShape) -> Result<Self> {
         if shape.head_dim == 0 || shape.n_kv_head == 0 {
-            return Err(Error::InvalidConfig("head_dim and n_kv_head must be > 0".into()));
+            return Err(Error::InvalidConfig(
+                "head_dim and n_kv_head must be > 0".into(),
+            ));
         }
         Ok(F16Cache {
             config: CacheConfig::F16,
@@ -64,9 +66,14 @@ impl F16Cache {
 
     fn state(&self, layer: usize, seq: SeqId) -> Result<&SeqState> {
         if layer >= self.shape.n_layer {
-            return Err(Error::Layer { layer, n_layer: self.shape.n_layer });
+            return Err(Error::Layer {
+                layer,
+                n_layer: self.shape.n_layer,
+            });
         }
-        self.layers[layer].get(&seq).ok_or(Error::UnknownSequence(seq))
+        self.layers[layer]
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq))
     }
 
     fn view<'a>(&self, st: &'a SeqState, k_new: &'a [f32], v_new: &'a [f32]) -> SeqView<'a> {
@@ -88,8 +95,15 @@ impl F16Cache {
                         data: SegData::F16 { rows, stride: hd },
                     });
                 }
-                let data = SegData::F32 { rows: &new[h * hd..], stride: nh * hd };
-                segs.push(Seg { start: st.n, len: n_new, data });
+                let data = SegData::F32 {
+                    rows: &new[h * hd..],
+                    stride: nh * hd,
+                };
+                segs.push(Seg {
+                    start: st.n,
+                    len: n_new,
+                    data,
+                });
                 dst.push(segs);
             }
         }
@@ -105,7 +119,10 @@ impl F16Cache {
     /// Bytes reserved by whole blocks (held and free).
     pub fn memory_reserved(&self) -> MemoryUsage {
         let per_block = (2 * 2 * self.block_elems()) as u64;
-        let mut m = MemoryUsage { full_precision_bytes: per_block * self.free.len() as u64, ..Default::default() };
+        let mut m = MemoryUsage {
+            full_precision_bytes: per_block * self.free.len() as u64,
+            ..Default::default()
+        };
         for layer in &self.layers {
             for st in layer.values() {
                 m.full_precision_bytes += per_block * st.blocks.len() as u64;
@@ -165,12 +182,27 @@ impl KvCache for F16Cache {
         if n_new == 0 {
             return Ok(());
         }
-        let heads = Heads { n_head, n_kv_head: self.shape.n_kv_head, head_dim: self.shape.head_dim };
-        attn::attend_views(self.isa, heads, &[self.view(st, k_new, v_new)], &[q], &mut [out]);
+        let heads = Heads {
+            n_head,
+            n_kv_head: self.shape.n_kv_head,
+            head_dim: self.shape.head_dim,
+        };
+        attn::attend_views(
+            self.isa,
+            heads,
+            &[self.view(st, k_new, v_new)],
+            &[q],
+            &mut [out],
+        );
         Ok(())
     }
 
-    fn attend_batch(&self, layer: usize, n_head: usize, items: &mut [AttendItem<'_>]) -> Result<()> {
+    fn attend_batch(
+        &self,
+        layer: usize,
+        n_head: usize,
+        items: &mut [AttendItem<'_>],
+    ) -> Result<()> {
         let mut views = Vec::with_capacity(items.len());
         let mut qs = Vec::with_capacity(items.len());
         let mut outs = Vec::with_capacity(items.len());
@@ -185,7 +217,11 @@ impl KvCache for F16Cache {
             qs.push(it.q);
             outs.push(&mut *it.out);
         }
-        let heads = Heads { n_head, n_kv_head: self.shape.n_kv_head, head_dim: self.shape.head_dim };
+        let heads = Heads {
+            n_head,
+            n_kv_head: self.shape.n_kv_head,
+            head_dim: self.shape.head_dim,
+        };
         attn::attend_views(self.isa, heads, &views, &qs, &mut outs);
         Ok(())
     }
@@ -196,7 +232,9 @@ impl KvCache for F16Cache {
         super::check_append_shapes(nh * hd, k, v)?;
         let elems = self.block_elems();
         let bt = F16_BLOCK_TOKENS;
-        let st = self.layers[layer].get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let st = self.layers[layer]
+            .get_mut(&seq)
+            .ok_or(Error::UnknownSequence(seq))?;
         for (kt, vt) in k.chunks_exact(nh * hd).zip(v.chunks_exact(nh * hd)) {
             let (bi, slot) = (st.n / bt, st.n % bt);
             if bi == st.blocks.len() {

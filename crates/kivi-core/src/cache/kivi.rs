@@ -169,12 +169,17 @@ impl KiviCache {
 
     fn state(&self, layer: usize, seq: SeqId) -> Result<&SeqState> {
         self.check_layer(layer)?;
-        self.layers[layer].get(&seq).ok_or(Error::UnknownSequence(seq))
+        self.layers[layer]
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq))
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.shape.n_layer {
-            return Err(Error::Layer { layer, n_layer: self.shape.n_layer });
+            return Err(Error::Layer {
+                layer,
+                n_layer: self.shape.n_layer,
+            });
         }
         Ok(())
     }
@@ -185,13 +190,24 @@ impl KiviCache {
         let row = nh * hd;
         let l = &self.layout;
         let part = l.part(key);
-        let (stream, sink) = if key { (&st.k, &st.sink_k) } else { (&st.v, &st.sink_v) };
+        let (stream, sink) = if key {
+            (&st.k, &st.sink_k)
+        } else {
+            (&st.v, &st.sink_v)
+        };
         let r = self.kc.residual_len;
         let s_n = st.n.min(self.kc.sink_tokens);
         let mut segs = Vec::new();
         if s_n > 0 {
-            let data = SegData::F16 { rows: &sink[h * hd..], stride: row };
-            segs.push(Seg { start: 0, len: s_n, data });
+            let data = SegData::F16 {
+                rows: &sink[h * hd..],
+                stride: row,
+            };
+            segs.push(Seg {
+                start: 0,
+                len: s_n,
+                data,
+            });
         }
         let bt = l.block_tokens;
         let mut pos = s_n;
@@ -220,20 +236,42 @@ impl KiviCache {
                     group: l.group,
                 }),
             };
-            segs.push(Seg { start: pos, len, data });
+            segs.push(Seg {
+                start: pos,
+                len,
+                data,
+            });
             pos += len;
         }
         let attended = !(part.axis == Axis::PerChannel && r == 0);
         if attended && stream.len > 0 {
             // Ring order: slots head.., then 0..head (per-channel windows have head = 0).
-            let cap = if part.axis == Axis::PerToken { r } else { usize::MAX };
+            let cap = if part.axis == Axis::PerToken {
+                r
+            } else {
+                usize::MAX
+            };
             let n1 = stream.len.min(cap - stream.head);
-            let data = SegData::F16 { rows: &stream.win[stream.head * row + h * hd..], stride: row };
-            segs.push(Seg { start: pos, len: n1, data });
+            let data = SegData::F16 {
+                rows: &stream.win[stream.head * row + h * hd..],
+                stride: row,
+            };
+            segs.push(Seg {
+                start: pos,
+                len: n1,
+                data,
+            });
             pos += n1;
             if stream.len > n1 {
-                let data = SegData::F16 { rows: &stream.win[h * hd..], stride: row };
-                segs.push(Seg { start: pos, len: stream.len - n1, data });
+                let data = SegData::F16 {
+                    rows: &stream.win[h * hd..],
+                    stride: row,
+                };
+                segs.push(Seg {
+                    start: pos,
+                    len: stream.len - n1,
+                    data,
+                });
                 pos += stream.len - n1;
             }
         }
@@ -249,15 +287,28 @@ impl KiviCache {
         for h in 0..nh {
             for (key, dst, new) in [(true, &mut k, k_new), (false, &mut v, v_new)] {
                 let mut segs = self.segments(st, key, h);
-                let data = SegData::F32 { rows: &new[h * hd..], stride: nh * hd };
-                segs.push(Seg { start: st.n, len: n_new, data });
+                let data = SegData::F32 {
+                    rows: &new[h * hd..],
+                    stride: nh * hd,
+                };
+                segs.push(Seg {
+                    start: st.n,
+                    len: n_new,
+                    data,
+                });
                 dst.push(segs);
             }
         }
         let bt = self.layout.block_tokens;
         let chunk = bt * (CHUNK_TOKENS / bt).max(1);
         let first = self.kc.sink_tokens + chunk;
-        SeqView { n_old: st.n, n_new, k, v, bounds: attn::chunk_bounds(st.n + n_new, first, chunk) }
+        SeqView {
+            n_old: st.n,
+            n_new,
+            k,
+            v,
+            bounds: attn::chunk_bounds(st.n + n_new, first, chunk),
+        }
     }
 
     fn check_attend(
@@ -478,13 +529,22 @@ impl KvCache for KiviCache {
         if n_new == 0 {
             return Ok(());
         }
-        let heads = Heads { n_head, n_kv_head: self.shape.n_kv_head, head_dim: self.shape.head_dim };
+        let heads = Heads {
+            n_head,
+            n_kv_head: self.shape.n_kv_head,
+            head_dim: self.shape.head_dim,
+        };
         let views = [self.view(st, k_new, v_new)];
         attn::attend_views(self.isa, heads, &views, &[q], &mut [out]);
         Ok(())
     }
 
-    fn attend_batch(&self, layer: usize, n_head: usize, items: &mut [AttendItem<'_>]) -> Result<()> {
+    fn attend_batch(
+        &self,
+        layer: usize,
+        n_head: usize,
+        items: &mut [AttendItem<'_>],
+    ) -> Result<()> {
         let mut views = Vec::with_capacity(items.len());
         let mut qs = Vec::with_capacity(items.len());
         let mut outs = Vec::with_capacity(items.len());
@@ -498,7 +558,11 @@ impl KvCache for KiviCache {
             qs.push(it.q);
             outs.push(&mut *it.out);
         }
-        let heads = Heads { n_head, n_kv_head: self.shape.n_kv_head, head_dim: self.shape.head_dim };
+        let heads = Heads {
+            n_head,
+            n_kv_head: self.shape.n_kv_head,
+            head_dim: self.shape.head_dim,
+        };
         attn::attend_views(self.isa, heads, &views, &qs, &mut outs);
         Ok(())
     }
@@ -507,7 +571,9 @@ impl KvCache for KiviCache {
         self.check_layer(layer)?;
         let row = self.shape.n_kv_head * self.shape.head_dim;
         super::check_append_shapes(row, k, v)?;
-        let st = self.layers[layer].get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let st = self.layers[layer]
+            .get_mut(&seq)
+            .ok_or(Error::UnknownSequence(seq))?;
         let (l, kc) = (&self.layout, &self.kc);
         let mut k16 = vec![f16::ZERO; row];
         let mut v16 = vec![f16::ZERO; row];
@@ -523,7 +589,15 @@ impl KvCache for KiviCache {
                 st.sink_v.extend_from_slice(&v16);
             } else {
                 push_stream(&mut st.k, &mut st.blocks, &mut self.pool, l, kc, true, &k16);
-                push_stream(&mut st.v, &mut st.blocks, &mut self.pool, l, kc, false, &v16);
+                push_stream(
+                    &mut st.v,
+                    &mut st.blocks,
+                    &mut self.pool,
+                    l,
+                    kc,
+                    false,
+                    &v16,
+                );
             }
             st.n += 1;
         }

@@ -29,12 +29,12 @@ pub(crate) fn check_attend_shapes(
 ) -> Result<usize> {
     let op = "attend";
     let (nh, hd) = (shape.n_kv_head, shape.head_dim);
-    if n_head == 0 || n_head % nh != 0 {
+    if n_head == 0 || !n_head.is_multiple_of(nh) {
         let detail = format!("n_head {n_head} is not a positive multiple of n_kv_head {nh}");
         return Err(Error::Shape { op, detail });
     }
     let row = nh * hd;
-    if k_new.len() % row != 0 || v_new.len() != k_new.len() {
+    if !k_new.len().is_multiple_of(row) || v_new.len() != k_new.len() {
         let detail = format!(
             "k_new ({}) and v_new ({}) must be equal multiples of n_kv_head * head_dim = {row}",
             k_new.len(),
@@ -53,7 +53,11 @@ pub(crate) fn check_attend_shapes(
         return Err(Error::Shape { op, detail });
     }
     if let Some((index, &value)) = q.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::NonFinite { what: "q", index, value });
+        return Err(Error::NonFinite {
+            what: "q",
+            index,
+            value,
+        });
     }
     quant::check_input("k_new", k_new)?;
     quant::check_input("v_new", v_new)?;
@@ -62,13 +66,16 @@ pub(crate) fn check_attend_shapes(
 
 /// Checks `append` arguments (before anything is stored).
 pub(crate) fn check_append_shapes(row: usize, k: &[f32], v: &[f32]) -> Result<()> {
-    if k.len() % row != 0 || v.len() != k.len() {
+    if !k.len().is_multiple_of(row) || v.len() != k.len() {
         let detail = format!(
             "k ({}) and v ({}) must be equal multiples of n_kv_head * head_dim = {row}",
             k.len(),
             v.len()
         );
-        return Err(Error::Shape { op: "append", detail });
+        return Err(Error::Shape {
+            op: "append",
+            detail,
+        });
     }
     quant::check_input("k", k)?;
     quant::check_input("v", v)

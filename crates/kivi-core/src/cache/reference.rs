@@ -13,7 +13,11 @@ pub fn stored_ref(
     head_dim: usize,
     x: &[f32],
 ) -> Vec<f64> {
-    let (axis, bits) = if key { (cfg.k_axis, cfg.k_bits) } else { (cfg.v_axis, cfg.v_bits) };
+    let (axis, bits) = if key {
+        (cfg.k_axis, cfg.k_bits)
+    } else {
+        (cfg.v_axis, cfg.v_bits)
+    };
     let (g, r) = (cfg.group_size, cfg.residual_len);
     let row = n_kv_head * head_dim;
     let n = x.len() / row;
@@ -24,7 +28,7 @@ pub fn stored_ref(
     match axis {
         Axis::PerChannel => {
             // Whole R-chunks are quantized; with R = 0 everything, the last group possibly partial.
-            let nq = if r > 0 { m / r * r } else { m };
+            let nq = if r > 0 { m - m % r } else { m };
             for h in 0..n_kv_head {
                 for d in 0..head_dim {
                     let mut t0 = 0;

@@ -97,7 +97,11 @@ pub fn group_params(x: &[f32], bits: u8) -> GroupParams {
     let min = f16_round_down(mn as f64);
     // Exact in f64: both are f32/f16 values.
     let range = mx as f64 - min.to_f64();
-    let scale = if range == 0.0 { f16::ZERO } else { f16_round_up(range / max_code(bits) as f64) };
+    let scale = if range == 0.0 {
+        f16::ZERO
+    } else {
+        f16_round_up(range / max_code(bits) as f64)
+    };
     GroupParams { scale, min }
 }
 
@@ -195,7 +199,17 @@ mod tests {
 
     #[test]
     fn directed_f16_rounding() {
-        for v in [0.1f64, -0.1, 1.0 + 1e-9, -1.0 - 1e-9, 65504.0, -65504.0, 0.0, 1e-9, -1e-9] {
+        for v in [
+            0.1f64,
+            -0.1,
+            1.0 + 1e-9,
+            -1.0 - 1e-9,
+            65504.0,
+            -65504.0,
+            0.0,
+            1e-9,
+            -1e-9,
+        ] {
             let d = f16_round_down(v).to_f64();
             let u = f16_round_up(v).to_f64();
             assert!(d <= v && v <= u, "{v}: {d} {u}");
@@ -228,7 +242,10 @@ mod tests {
             Err(Error::NonFinite { index: 1, .. })
         ));
         assert!(check_input("k", &[f32::INFINITY]).is_err());
-        assert!(matches!(check_input("v", &[7e4]), Err(Error::OutOfRange { index: 0, .. })));
+        assert!(matches!(
+            check_input("v", &[7e4]),
+            Err(Error::OutOfRange { index: 0, .. })
+        ));
         assert!(check_input("v", &[65504.0, -65504.0]).is_ok());
     }
 }

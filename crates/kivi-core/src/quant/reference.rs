@@ -6,7 +6,11 @@
 /// f16 spacing at `v`: `2^(max(floor(log2|v|), -14) - 10)`.
 fn f16_ulp(v: f64) -> f64 {
     let a = v.abs();
-    let e = if a == 0.0 { -14 } else { (a.log2().floor() as i32).max(-14) };
+    let e = if a == 0.0 {
+        -14
+    } else {
+        (a.log2().floor() as i32).max(-14)
+    };
     // log2 can be off by one right at powers of two: fix by checking the binade.
     let e = if a >= 2f64.powi(e + 1) {
         e + 1
@@ -46,7 +50,11 @@ pub fn quantize_group_ref(x: &[f64], bits: u8) -> RefGroup {
     let mn = x.iter().cloned().fold(f64::INFINITY, f64::min);
     let mx = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let min = f16_floor_ref(mn);
-    let scale = if mx - min == 0.0 { 0.0 } else { f16_ceil_ref((mx - min) / levels) };
+    let scale = if mx - min == 0.0 {
+        0.0
+    } else {
+        f16_ceil_ref((mx - min) / levels)
+    };
     let mut codes = Vec::with_capacity(x.len());
     let mut recon = Vec::with_capacity(x.len());
     for &v in x {
@@ -56,13 +64,22 @@ pub fn quantize_group_ref(x: &[f64], bits: u8) -> RefGroup {
             let t = (v - min) / scale;
             // round half to even
             let f = t.floor();
-            let r = if t - f > 0.5 || (t - f == 0.5 && f % 2.0 != 0.0) { f + 1.0 } else { f };
+            let r = if t - f > 0.5 || (t - f == 0.5 && f % 2.0 != 0.0) {
+                f + 1.0
+            } else {
+                f
+            };
             r.clamp(0.0, levels)
         };
         codes.push(c as u32);
         recon.push(c * scale + min);
     }
-    RefGroup { min, scale, codes, recon }
+    RefGroup {
+        min,
+        scale,
+        codes,
+        recon,
+    }
 }
 
 /// Code `i` of an LSB-first packed row of `bits`-bit codes.

@@ -23,7 +23,9 @@ pub fn kv_data(r: &mut StdRng, n: usize, n_kv_head: usize, head_dim: usize) -> V
             _ => 1.0,
         })
         .collect();
-    (0..n * row).map(|i| offs[i % row] + amp[i % row] * r.gen_range(-1.0f32..1.0)).collect()
+    (0..n * row)
+        .map(|i| offs[i % row] + amp[i % row] * r.gen_range(-1.0f32..1.0))
+        .collect()
 }
 
 pub fn uniform(r: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -50,8 +52,14 @@ pub fn expected_attention(
             stored_ref(c, false, n_kv_head, head_dim, hist_v),
         ),
         None => (
-            hist_k.iter().map(|&x| half::f16::from_f32(x).to_f64()).collect(),
-            hist_v.iter().map(|&x| half::f16::from_f32(x).to_f64()).collect(),
+            hist_k
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_f64())
+                .collect(),
+            hist_v
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_f64())
+                .collect(),
         ),
     };
     k.extend(k_new.iter().map(|&x| x as f64));
@@ -65,5 +73,8 @@ pub fn expected_attention(
 pub fn max_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = 1.0 + b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
+        / scale
 }
