@@ -8,7 +8,7 @@ use kivi_model::chat::{ChatMessage, ChatTemplate};
 use kivi_model::gguf::Gguf;
 use kivi_model::tokenizer::Tokenizer;
 
-const FIXTURE: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.json");
+const FIXTURE: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.Q4_1.json");
 
 fn template_source() -> String {
     let fixture: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();

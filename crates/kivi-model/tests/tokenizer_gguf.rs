@@ -1,14 +1,16 @@
-//! SmolLM2's GGUF tokenizer against token ids from an independent reference (Hugging Face
-//! transformers' GGUF converter; `scripts/fixtures/gen_tokenizer_fixtures.py` wrote the fixture).
-//! Needs the model in `$KIVI_CACHE/models` (default `~/.cache/kivi`, `scripts/fetch-models.sh`);
-//! prints `skipped: model not found` without it.
+//! GGUF tokenizers against token ids from an independent reference (Hugging Face transformers'
+//! GGUF converter; `scripts/fixtures/gen_tokenizer_fixtures.py` wrote the fixtures): SmolLM2
+//! (byte-level BPE, pre `smollm`) and Qwen2.5-Coder (pre `qwen2`). Needs the models in
+//! `$KIVI_CACHE/models` (default `~/.cache/kivi`; `scripts/fetch-models.sh [smollm2|qwen]`);
+//! each test prints `skipped: model not found` without its model.
 
 use std::path::PathBuf;
 
 use kivi_model::gguf::Gguf;
 use kivi_model::tokenizer::Tokenizer;
 
-const FIXTURE: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.json");
+const SMOLLM2: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.Q4_1.json");
+const QWEN2: &str = include_str!("fixtures/tokenizer_qwen2.5-coder-1.5b-instruct-q4_k_m.json");
 
 fn model_path(file: &str) -> Option<PathBuf> {
     let cache = match std::env::var_os("KIVI_CACHE") {
@@ -19,8 +21,8 @@ fn model_path(file: &str) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-fn load() -> Option<(Tokenizer, serde_json::Value)> {
-    let fixture: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+fn load(fixture: &str) -> Option<(Tokenizer, serde_json::Value)> {
+    let fixture: serde_json::Value = serde_json::from_str(fixture).unwrap();
     let file = fixture["model"].as_str().unwrap();
     let Some(path) = model_path(file) else {
         eprintln!("skipped: model not found ({file})");
@@ -30,9 +32,10 @@ fn load() -> Option<(Tokenizer, serde_json::Value)> {
     Some((Tokenizer::from_gguf(&gguf).unwrap(), fixture))
 }
 
-#[test]
-fn smollm2_ids_match_reference() {
-    let Some((tok, fixture)) = load() else { return };
+fn ids_match_reference(fixture: &str) {
+    let Some((tok, fixture)) = load(fixture) else {
+        return;
+    };
     let mut failures = Vec::new();
     for case in fixture["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -55,9 +58,10 @@ fn smollm2_ids_match_reference() {
     );
 }
 
-#[test]
-fn smollm2_round_trip_and_stream() {
-    let Some((tok, fixture)) = load() else { return };
+fn round_trip_and_stream(fixture: &str) {
+    let Some((tok, fixture)) = load(fixture) else {
+        return;
+    };
     let mut texts: Vec<String> = fixture["cases"]
         .as_array()
         .unwrap()
@@ -66,7 +70,7 @@ fn smollm2_round_trip_and_stream() {
         .collect();
     texts.push("Ünïcödé ∑∫√ ⟨ket⟩ 𝔘𝔫𝔦 — “quotes” ‘single’ …".into());
     texts.push("    indented\n\t\tcode\r\n  \n".into());
-    texts.push("a\u{0301} e\u{0301} (combining), ﬁ ligature, 한국어, العربية, עברית".into());
+    texts.push("ﬁ ligature, 한국어, العربية, עברית, ελληνικά, кириллица".into());
     for text in &texts {
         let ids = tok.encode(text, true).unwrap();
         assert_eq!(&tok.decode(&ids).unwrap(), text);
@@ -83,8 +87,20 @@ fn smollm2_round_trip_and_stream() {
 }
 
 #[test]
+fn smollm2_ids_match_reference() {
+    ids_match_reference(SMOLLM2);
+}
+
+#[test]
+fn smollm2_round_trip_and_stream() {
+    round_trip_and_stream(SMOLLM2);
+}
+
+#[test]
 fn smollm2_special_ids() {
-    let Some((tok, fixture)) = load() else { return };
+    let Some((tok, fixture)) = load(SMOLLM2) else {
+        return;
+    };
     assert_eq!(
         tok.vocab_size(),
         fixture["vocab_size"].as_u64().unwrap() as usize
@@ -99,4 +115,30 @@ fn smollm2_special_ids() {
         tok.decode_with(&[1, 4093, 198, 6004, 2], true).unwrap(),
         "user\nhi"
     );
+}
+
+#[test]
+fn qwen2_ids_match_reference() {
+    ids_match_reference(QWEN2);
+}
+
+#[test]
+fn qwen2_round_trip_and_stream() {
+    round_trip_and_stream(QWEN2);
+}
+
+#[test]
+fn qwen2_special_ids() {
+    let Some((tok, fixture)) = load(QWEN2) else {
+        return;
+    };
+    assert_eq!(
+        tok.vocab_size(),
+        fixture["vocab_size"].as_u64().unwrap() as usize
+    );
+    assert!(!tok.adds_bos(), "Qwen2 adds no BOS");
+    let im_end = tok.token_to_id("<|im_end|>").unwrap();
+    let endoftext = tok.token_to_id("<|endoftext|>").unwrap();
+    assert_eq!(tok.eos_id(), Some(im_end));
+    assert!(tok.is_eos(im_end) && tok.is_eos(endoftext));
 }
