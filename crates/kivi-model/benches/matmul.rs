@@ -5,13 +5,17 @@
 //! output) and a 64-token prefill chunk.
 //!
 //!   CARGO_TARGET_DIR=... cargo bench -p kivi-model --bench matmul [-- filter]
+//!   KIVI_MATMUL_SUMMARY=1 cargo bench -p kivi-model --bench matmul   (=model: whole token only)
+//!
+//! The second form skips criterion and prints a table: variants interleaved round by round,
+//! best of 15 rounds each (robust when other processes share the cores).
 //!
 //! n = 1 reports weight GiB/s; n = 64 reports "elements/s" = FLOP/s (2 per multiply-add).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use kivi_model::matrix::{dequantize, KernelPath, Matrix};
 use kivi_model::tensor::{DType, RawTensor, Storage};
@@ -151,5 +155,127 @@ fn whole_model(c: &mut Criterion) {
     g.finish();
 }
 
+/// Best-of-`rounds` seconds per call for each variant, variants interleaved within a round.
+fn best_of(
+    rounds: usize,
+    reps: usize,
+    variants: &mut [(String, Box<dyn FnMut() + '_>)],
+) -> Vec<f64> {
+    let mut best = vec![f64::MAX; variants.len()];
+    for _ in 0..rounds {
+        for (i, (_, f)) in variants.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            best[i] = best[i].min(t0.elapsed().as_secs_f64() / reps as f64);
+        }
+    }
+    best
+}
+
+fn summary() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let paths: Vec<KernelPath> = KernelPath::available()
+        .into_iter()
+        .filter(|p| *p != KernelPath::Scalar)
+        .collect();
+    println!(
+        "variant timings: best of 15 interleaved rounds; GB/s = quantized weight bytes / time"
+    );
+    let only_model = std::env::var("KIVI_MATMUL_SUMMARY").is_ok_and(|v| v == "model");
+    for n in [1usize, 64] {
+        if only_model {
+            break;
+        }
+        for (name, dtype, rows, cols) in [
+            ("q4_1 576->576", DType::Q4_1, HIDDEN, HIDDEN),
+            ("q4_1 576->192", DType::Q4_1, KV, HIDDEN),
+            ("q4_1 576->1536", DType::Q4_1, FFN, HIDDEN),
+            ("q4_1 1536->576", DType::Q4_1, HIDDEN, FFN),
+            ("q8_0 576->49152", DType::Q8_0, VOCAB, HIDDEN),
+        ] {
+            let t = random_tensor(&mut rng, dtype, rows, cols);
+            let wf = Matrix::from_f32("wf", rows, cols, dequantize(&t).unwrap());
+            let m = Matrix::from_raw(t).unwrap();
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let out = std::cell::RefCell::new(vec![0.0; n * rows]);
+            let mut variants: Vec<(String, Box<dyn FnMut() + '_>)> = Vec::new();
+            for &p in &paths {
+                let (m, x, out) = (&m, &x, &out);
+                variants.push((
+                    format!("{p:?}"),
+                    Box::new(move || m.matmul_with(p, x, n, &mut out.borrow_mut())),
+                ));
+            }
+            let (wf, x2, out2) = (&wf, &x, &out);
+            variants.push((
+                "f32-dequant".into(),
+                Box::new(move || wf.matmul(x2, n, &mut out2.borrow_mut())),
+            ));
+            let reps = (2e8 / (rows * cols * n) as f64).ceil().clamp(1.0, 2000.0) as usize;
+            let best = best_of(15, reps, &mut variants);
+            for ((v, _), s) in variants.iter().zip(best) {
+                println!(
+                    "n={n:<3} {name:16} {v:12} {:10.1} us {:7.2} GB/s {:7.1} GFLOP/s",
+                    s * 1e6,
+                    m.n_bytes() as f64 / s / 1e9,
+                    2.0 * (rows * cols * n) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+    // One token of SmolLM2-135M: 30 layers x 7 matmuls + the tied Q8_0 output.
+    let layers: Vec<Matrix> = (0..LAYERS)
+        .flat_map(|_| LAYER.iter().copied())
+        .map(|(r, c)| Matrix::from_raw(random_tensor(&mut rng, DType::Q4_1, r, c)).unwrap())
+        .collect();
+    let output = Matrix::from_raw(random_tensor(&mut rng, DType::Q8_0, VOCAB, HIDDEN)).unwrap();
+    for n in [1usize, 64] {
+        let x: Vec<f32> = (0..n * FFN).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let out = std::cell::RefCell::new(vec![0.0; n * VOCAB]);
+        let mut variants: Vec<(String, Box<dyn FnMut() + '_>)> = Vec::new();
+        for &p in &paths {
+            let (layers, output, x, out) = (&layers, &output, &x, &out);
+            variants.push((
+                format!("{p:?}"),
+                Box::new(move || {
+                    let mut o = out.borrow_mut();
+                    for m in layers {
+                        m.matmul_with(p, &x[..n * m.cols], n, &mut o[..n * m.rows]);
+                    }
+                    // Prefill needs logits for the last token only.
+                    output.matmul_with(p, &x[..HIDDEN], 1, &mut o[..VOCAB]);
+                }),
+            ));
+        }
+        let best = best_of(
+            if n == 1 { 15 } else { 5 },
+            if n == 1 { 5 } else { 1 },
+            &mut variants,
+        );
+        for ((v, _), s) in variants.iter().zip(best) {
+            println!(
+                "{} {v:12} {:8.2} ms/token  -> {:6.1} tok/s (matmuls only)",
+                if n == 1 {
+                    "decode token     "
+                } else {
+                    "prefill 64 tokens"
+                },
+                s * 1e3 / n as f64,
+                n as f64 / s
+            );
+        }
+    }
+}
+
 criterion_group!(benches, shapes, whole_model);
-criterion_main!(benches);
+
+fn main() {
+    if std::env::var_os("KIVI_MATMUL_SUMMARY").is_some() {
+        summary();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
