@@ -155,12 +155,11 @@ fn whole_model(c: &mut Criterion) {
     g.finish();
 }
 
+/// A named closure that runs one timed call.
+type Variant<'a> = (String, Box<dyn FnMut() + 'a>);
+
 /// Best-of-`rounds` seconds per call for each variant, variants interleaved within a round.
-fn best_of(
-    rounds: usize,
-    reps: usize,
-    variants: &mut [(String, Box<dyn FnMut() + '_>)],
-) -> Vec<f64> {
+fn best_of(rounds: usize, reps: usize, variants: &mut [Variant<'_>]) -> Vec<f64> {
     let mut best = vec![f64::MAX; variants.len()];
     for _ in 0..rounds {
         for (i, (_, f)) in variants.iter_mut().enumerate() {
@@ -200,7 +199,7 @@ fn summary() {
             let m = Matrix::from_raw(t).unwrap();
             let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let out = std::cell::RefCell::new(vec![0.0; n * rows]);
-            let mut variants: Vec<(String, Box<dyn FnMut() + '_>)> = Vec::new();
+            let mut variants: Vec<Variant<'_>> = Vec::new();
             for &p in &paths {
                 let (m, x, out) = (&m, &x, &out);
                 variants.push((
@@ -234,7 +233,7 @@ fn summary() {
     for n in [1usize, 64] {
         let x: Vec<f32> = (0..n * FFN).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let out = std::cell::RefCell::new(vec![0.0; n * VOCAB]);
-        let mut variants: Vec<(String, Box<dyn FnMut() + '_>)> = Vec::new();
+        let mut variants: Vec<Variant<'_>> = Vec::new();
         for &p in &paths {
             let (layers, output, x, out) = (&layers, &output, &x, &out);
             variants.push((

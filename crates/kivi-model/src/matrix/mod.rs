@@ -47,20 +47,30 @@ pub enum KernelPath {
 impl KernelPath {
     /// Every path this CPU can run, slowest first (for tests and benches).
     pub fn available() -> Vec<KernelPath> {
-        let mut v = vec![KernelPath::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if x86::has_avx2() {
-                v.push(KernelPath::Avx2);
-            }
-            if x86::vnni_flavour().is_some() {
-                v.push(KernelPath::AvxVnni);
-            }
-            if x86::has_avx512vnni() {
-                v.push(KernelPath::Avx512Vnni);
-            }
+        [
+            KernelPath::Scalar,
+            KernelPath::Avx2,
+            KernelPath::AvxVnni,
+            KernelPath::Avx512Vnni,
+        ]
+        .into_iter()
+        .filter(|p| p.is_supported())
+        .collect()
+    }
+
+    /// Whether this CPU can run the path (feature detection is cached; no allocation).
+    pub fn is_supported(self) -> bool {
+        match self {
+            KernelPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => x86::has_avx2(),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::AvxVnni => x86::vnni_flavour().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => x86::has_avx512vnni(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        v
     }
 
     /// The fastest available path, or `Scalar` when `KIVI_FORCE_SCALAR=1`. Detected once.
@@ -242,13 +252,10 @@ impl Matrix {
         if n == 0 || self.rows == 0 {
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        if path != KernelPath::Scalar {
-            assert!(
-                KernelPath::available().contains(&path),
-                "kernel path {path:?} not supported here"
-            );
-        }
+        assert!(
+            path.is_supported(),
+            "kernel path {path:?} not supported on this CPU"
+        );
         let x = &x[..n * self.cols];
         let out = &mut out[..n * self.rows];
         let mut fresh = None;
