@@ -93,6 +93,58 @@ fn decode_attention(c: &mut Criterion) {
     }
 }
 
+/// All 30 layers of SmolLM2-135M at 16K tokens, one decode step (the realistic case: the f16
+/// cache of all layers, 378 MB, no longer fits the last-level cache; one layer's 12.6 MB does).
+fn decode_attention_all_layers(c: &mut Criterion) {
+    let s = &SHAPES[0];
+    let (n_layer, t) = (30, 16384);
+    let configs = [
+        ("f16", CacheConfig::F16),
+        ("kivi2", CacheConfig::Kivi(KiviConfig::kivi2())),
+        ("kivi4", CacheConfig::Kivi(KiviConfig::kivi4())),
+    ];
+    let mut group = c.benchmark_group("decode_attention_30_layers/smollm2");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(3));
+    let row = s.n_kv_head * s.head_dim;
+    let mut r = StdRng::seed_from_u64(2);
+    let k = kv_like(&mut r, (t + 1) * row);
+    let v = kv_like(&mut r, (t + 1) * row);
+    let q: Vec<f32> = (0..s.n_head * s.head_dim)
+        .map(|_| r.gen_range(-0.3f32..0.3))
+        .collect();
+    for (name, cfg) in &configs {
+        let shape = CacheShape {
+            n_layer,
+            n_kv_head: s.n_kv_head,
+            head_dim: s.head_dim,
+        };
+        let mut cache = new_cache(cfg, shape).unwrap();
+        let seq = cache.add_sequence();
+        for layer in 0..n_layer {
+            cache
+                .append(layer, seq, &k[..t * row], &v[..t * row])
+                .unwrap();
+        }
+        group.throughput(Throughput::Bytes(cache.memory().total_bytes()));
+        let (kn, vn) = (&k[t * row..], &v[t * row..]);
+        let mut out = vec![0f32; q.len()];
+        group.bench_function(BenchmarkId::new(*name, t), |b| {
+            b.iter(|| {
+                for layer in 0..n_layer {
+                    cache
+                        .attend(layer, s.n_head, seq, black_box(&q), kn, vn, &mut out)
+                        .unwrap();
+                }
+                black_box(&out);
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Streaming read of 1 GiB of u64 (sum), one thread and all threads.
 fn memory_bandwidth(c: &mut Criterion) {
     let n = (1usize << 30) / 8;
@@ -118,5 +170,10 @@ fn memory_bandwidth(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_attention, memory_bandwidth);
+criterion_group!(
+    benches,
+    decode_attention,
+    decode_attention_all_layers,
+    memory_bandwidth
+);
 criterion_main!(benches);

@@ -208,6 +208,24 @@ proptest! {
         for i in 0..m {
             cpu::v_tok(&p[i * pst..], &tseg, t0, n, &mut want[i * hd..(i + 1) * hd]);
         }
+        // f16 rows (GQA path of the baseline)
+        let frows = f16s(&mut r, nt * hd, -2.0, 2.0);
+        let fseg = SegData::F16 { rows: &frows, stride: hd };
+        let fq = uniform(&mut r, m * hd, -1.0, 1.0);
+        let mut fwant_k = vec![0f32; m * pst];
+        let mut fwant_v = init.clone();
+        for i in 0..m {
+            cpu::k_f16(&fq[i * hd..(i + 1) * hd], &frows, hd, t0, n, &mut fwant_k[i * pst..]);
+            cpu::v_f16(&p[i * pst..], &frows, hd, t0, n, &mut fwant_v[i * hd..(i + 1) * hd]);
+        }
+        for isa in Isa::all_supported() {
+            let mut gk = vec![0f32; m * pst];
+            kivi_core::attn::k_scores_multi(isa, &fq, m, &fseg, t0, n, &mut gk, pst);
+            prop_assert!(close(&gk, &fwant_k), "{:?} f16 k multi m {} hd {}", isa, m, hd);
+            let mut gv = init.clone();
+            kivi_core::attn::v_accumulate_multi(isa, &p, pst, m, &fseg, t0, n, &mut gv);
+            prop_assert!(close(&gv, &fwant_v), "{:?} f16 v multi m {} hd {}", isa, m, hd);
+        }
         for isa in Isa::all_supported() {
             let mut got = init.clone();
             kivi_core::attn::v_accumulate_multi(isa, &p, pst, m, &SegData::Tok(tseg), t0, n, &mut got);

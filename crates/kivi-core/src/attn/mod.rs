@@ -359,8 +359,8 @@ fn partial(
 }
 
 /// Scores of `m` queries (`q = [m][head_dim]`) at once: `out[r * out_stride + i] = q_r · k[t0+i]`.
-/// Per-channel quantized keys decode each code once for all queries (AVX-512); other forms
-/// loop over the queries.
+/// Per-channel quantized keys decode each code once for all queries, f16 rows convert each
+/// row once (AVX-512, both caches get the same GQA treatment); other forms loop over the queries.
 #[allow(clippy::too_many_arguments)]
 pub fn k_scores_multi(
     isa: Isa,
@@ -374,10 +374,18 @@ pub fn k_scores_multi(
 ) {
     let hd = q.len() / m;
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, SegData::Chan(s), 2..=4) = (isa, seg, m) {
-        if simd::k_chan_multi(isa, q, m, s, t0, n, out, out_stride) {
-            return;
+    match (isa, seg, m) {
+        (Isa::Avx512, SegData::Chan(s), 2..=4) => {
+            if simd::k_chan_multi(isa, q, m, s, t0, n, out, out_stride) {
+                return;
+            }
         }
+        (Isa::Avx512, SegData::F16 { rows, stride }, 2..=4) => {
+            if simd::k_f16_multi(isa, q, m, rows, *stride, t0, n, out, out_stride) {
+                return;
+            }
+        }
+        _ => {}
     }
     for r in 0..m {
         k_scores(
@@ -392,8 +400,8 @@ pub fn k_scores_multi(
 }
 
 /// `acc[r] += Σ_i p[r * p_stride + i] · v[t0 + i]` for `m` weight rows at once
-/// (`acc = [m][head_dim]`). Per-token quantized values decode each code once for all rows
-/// (AVX-512); other forms loop over the rows.
+/// (`acc = [m][head_dim]`). Per-token quantized values decode each code once for all rows, f16
+/// rows convert once (AVX-512); other forms loop over the rows.
 #[allow(clippy::too_many_arguments)]
 pub fn v_accumulate_multi(
     isa: Isa,
@@ -407,10 +415,18 @@ pub fn v_accumulate_multi(
 ) {
     let hd = acc.len() / m;
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, SegData::Tok(s), 2..=4) = (isa, seg, m) {
-        if simd::v_tok_multi(isa, p, p_stride, m, s, t0, n, acc) {
-            return;
+    match (isa, seg, m) {
+        (Isa::Avx512, SegData::Tok(s), 2..=4) => {
+            if simd::v_tok_multi(isa, p, p_stride, m, s, t0, n, acc) {
+                return;
+            }
         }
+        (Isa::Avx512, SegData::F16 { rows, stride }, 2..=4) => {
+            if simd::v_f16_multi(isa, p, p_stride, m, rows, *stride, t0, n, acc) {
+                return;
+            }
+        }
+        _ => {}
     }
     for r in 0..m {
         v_accumulate(

@@ -1002,3 +1002,141 @@ unsafe fn exp_shift_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
     }
     sum
 }
+
+/// Scores of `m` queries over f16 rows, converting each row once (GQA; the f16 baseline gets
+/// the same treatment as KIVI). Returns `false` for unsupported shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn k_f16_multi(
+    isa: Isa,
+    q: &[f32],
+    m: usize,
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) -> bool {
+    assert_supported(isa);
+    if isa != Isa::Avx512 || m == 0 {
+        return false;
+    }
+    let d = q.len() / m;
+    if d % 16 != 0 || d > MAX_HEAD_DIM {
+        return false;
+    }
+    assert!(q.len() == m * d);
+    assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
+    assert!(n == 0 || out.len() >= (m - 1) * out_stride + n);
+    match m {
+        // SAFETY (all arms): the CPU has AVX-512 (asserted); rows t0..t0+n, q[..m*d] and the m
+        // output rows are in bounds (asserted above); d is a multiple of 16.
+        2 => unsafe { k_f16_multi_avx512::<2>(q, rows, stride, t0, n, out, out_stride) },
+        3 => unsafe { k_f16_multi_avx512::<3>(q, rows, stride, t0, n, out, out_stride) },
+        4 => unsafe { k_f16_multi_avx512::<4>(q, rows, stride, t0, n, out, out_stride) },
+        _ => return false,
+    }
+    true
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_f16_multi_avx512<const M: usize>(
+    q: &[f32],
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let d = q.len() / M;
+    let qp = q.as_ptr();
+    let rp = rows.as_ptr() as *const u16;
+    let op = out.as_mut_ptr();
+    for i in 0..n {
+        let r = rp.add((t0 + i) * stride);
+        let mut a = [_mm512_setzero_ps(); M];
+        let mut j = 0;
+        while j < d {
+            let kv = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(j) as *const __m256i));
+            for qi in 0..M {
+                a[qi] = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(qi * d + j)), kv, a[qi]);
+            }
+            j += 16;
+        }
+        for qi in 0..M {
+            *op.add(qi * out_stride + i) = _mm512_reduce_add_ps(a[qi]);
+        }
+    }
+}
+
+/// `acc[r] += Σ_i p[r * p_stride + i]·rows[t0 + i]` for `m` weight rows, converting each row
+/// once. Returns `false` for unsupported shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn v_f16_multi(
+    isa: Isa,
+    p: &[f32],
+    p_stride: usize,
+    m: usize,
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) -> bool {
+    assert_supported(isa);
+    if isa != Isa::Avx512 || m == 0 {
+        return false;
+    }
+    let d = acc.len() / m;
+    assert!(acc.len() == m * d);
+    assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
+    assert!(n == 0 || p.len() >= (m - 1) * p_stride + n);
+    match (m, d) {
+        // SAFETY (all arms): the CPU has AVX-512 (asserted); rows t0..t0+n, the m weight rows
+        // and acc[..m*d] are in bounds (asserted above); d = 16 * NV.
+        (2, 64) => unsafe { v_f16_multi_avx512::<2, 4>(p, p_stride, rows, stride, t0, n, acc) },
+        (3, 64) => unsafe { v_f16_multi_avx512::<3, 4>(p, p_stride, rows, stride, t0, n, acc) },
+        (4, 64) => unsafe { v_f16_multi_avx512::<4, 4>(p, p_stride, rows, stride, t0, n, acc) },
+        (2, 128) => unsafe { v_f16_multi_avx512::<2, 8>(p, p_stride, rows, stride, t0, n, acc) },
+        (3, 128) => unsafe { v_f16_multi_avx512::<3, 8>(p, p_stride, rows, stride, t0, n, acc) },
+        _ => return false,
+    }
+    true
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn v_f16_multi_avx512<const M: usize, const NV: usize>(
+    p: &[f32],
+    p_stride: usize,
+    rows: &[f16],
+    stride: usize,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    let d = NV * 16;
+    let rp = rows.as_ptr() as *const u16;
+    let ap = acc.as_mut_ptr();
+    let pp = p.as_ptr();
+    let mut a = [[_mm512_setzero_ps(); NV]; M];
+    for i in 0..n {
+        let r = rp.add((t0 + i) * stride);
+        let mut w = [_mm512_setzero_ps(); M];
+        for qi in 0..M {
+            w[qi] = _mm512_set1_ps(*pp.add(qi * p_stride + i));
+        }
+        for j in 0..NV {
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(16 * j) as *const __m256i));
+            for qi in 0..M {
+                a[qi][j] = _mm512_fmadd_ps(w[qi], x, a[qi][j]);
+            }
+        }
+    }
+    for qi in 0..M {
+        for j in 0..NV {
+            let dst = ap.add(qi * d + 16 * j);
+            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a[qi][j]));
+        }
+    }
+}
