@@ -922,6 +922,60 @@ mod tests {
         );
     }
 
+    /// A Hugging Face directory: `tokenizer.json` written from the tiny GGUF tokenizer, BOS/EOS
+    /// from `tokenizer_config.json` and `config.json`, and its chat template.
+    #[test]
+    fn from_dir_reads_json_and_configs() {
+        let gguf_tok = Tokenizer::from_spec(&tiny_byte_level("smollm")).unwrap();
+        let dir = std::env::temp_dir().join(format!("kivi-tok-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        gguf_tok
+            .inner()
+            .save(dir.join("tokenizer.json"), false)
+            .unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"},
+                "chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        assert_eq!(tok.vocab_size(), gguf_tok.vocab_size());
+        assert_eq!(tok.bos_id(), Some(1));
+        assert_eq!(tok.eos_id(), Some(2));
+        assert_eq!(tok.eos_ids(), &[0, 2]);
+        let text = "<|im_start|>hello world 12 🦀<|im_end|>";
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            gguf_tok.encode(text, true).unwrap()
+        );
+        assert_eq!(tok.decode(&tok.encode(text, true).unwrap()).unwrap(), text);
+        let chat = crate::chat::ChatTemplate::from_dir(&dir, &tok).unwrap();
+        assert!(!chat.is_fallback());
+        let s = chat
+            .render(&[crate::chat::ChatMessage::user("hi")], false)
+            .unwrap();
+        assert_eq!(s, "<|im_start|>hi<|im_end|>");
+        // No template anywhere: ChatML, and it says so.
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|im_end|>"}"#,
+        )
+        .unwrap();
+        let chat = crate::chat::ChatTemplate::from_dir(&dir, &tok).unwrap();
+        assert!(chat.is_fallback());
+        assert_eq!(
+            chat.bos_token(),
+            "<|im_start|>",
+            "falls back to the tokenizer's BOS"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A missing tokenizer.json is a tokenizer error naming the file.
+        let e = Tokenizer::from_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+    }
+
     #[test]
     fn sentencepiece_from_scores() {
         // <unk> <s> </s>, byte tokens, then pieces with scores.
