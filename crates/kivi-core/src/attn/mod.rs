@@ -375,15 +375,15 @@ pub fn k_scores_multi(
     let hd = q.len() / m;
     #[cfg(target_arch = "x86_64")]
     match (isa, seg, m) {
-        (Isa::Avx512, SegData::Chan(s), 2..=4) => {
-            if simd::k_chan_multi(isa, q, m, s, t0, n, out, out_stride) {
-                return;
-            }
+        (Isa::Avx512, SegData::Chan(s), 2..=4)
+            if simd::k_chan_multi(isa, q, m, s, t0, n, out, out_stride) =>
+        {
+            return
         }
-        (Isa::Avx512, SegData::F16 { rows, stride }, 2..=4) => {
-            if simd::k_f16_multi(isa, q, m, rows, *stride, t0, n, out, out_stride) {
-                return;
-            }
+        (Isa::Avx512, SegData::F16 { rows, stride }, 2..=4)
+            if simd::k_f16_multi(isa, q, m, rows, *stride, t0, n, out, out_stride) =>
+        {
+            return
         }
         _ => {}
     }
@@ -416,15 +416,15 @@ pub fn v_accumulate_multi(
     let hd = acc.len() / m;
     #[cfg(target_arch = "x86_64")]
     match (isa, seg, m) {
-        (Isa::Avx512, SegData::Tok(s), 2..=4) => {
-            if simd::v_tok_multi(isa, p, p_stride, m, s, t0, n, acc) {
-                return;
-            }
+        (Isa::Avx512, SegData::Tok(s), 2..=4)
+            if simd::v_tok_multi(isa, p, p_stride, m, s, t0, n, acc) =>
+        {
+            return
         }
-        (Isa::Avx512, SegData::F16 { rows, stride }, 2..=4) => {
-            if simd::v_f16_multi(isa, p, p_stride, m, rows, *stride, t0, n, acc) {
-                return;
-            }
+        (Isa::Avx512, SegData::F16 { rows, stride }, 2..=4)
+            if simd::v_f16_multi(isa, p, p_stride, m, rows, *stride, t0, n, acc) =>
+        {
+            return
         }
         _ => {}
     }

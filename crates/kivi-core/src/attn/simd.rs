@@ -1022,7 +1022,7 @@ pub fn k_f16_multi(
         return false;
     }
     let d = q.len() / m;
-    if d % 16 != 0 || d > MAX_HEAD_DIM {
+    if !d.is_multiple_of(16) || d > MAX_HEAD_DIM {
         return false;
     }
     assert!(q.len() == m * d);
