@@ -89,7 +89,7 @@ pub(crate) fn k_chan_with(
     t0: usize,
     n: usize,
     out: &mut [f32],
-    group_fn: impl Fn(&[f32], &ChanSeg<'_>, usize, &mut [f32]),
+    mut group_fn: impl FnMut(&[f32], &ChanSeg<'_>, usize, &mut [f32]),
 ) {
     let gs = seg.group;
     let mut tmp = [0f32; 1024];

@@ -278,21 +278,38 @@ struct Lanes16 {
     nwords: usize,
 }
 
+/// Per-lane word index and shift for 16 codes: `idx[l] = l / fpi`, `shift[l] = (l % fpi) * b`.
+const LANE_TABLES: [([i32; 16], [i32; 16]); 3] = {
+    let mut t = [([0i32; 16], [0i32; 16]); 3];
+    let mut k = 0;
+    while k < 3 {
+        let bits = [2usize, 4, 8][k];
+        let fpi = 32 / bits;
+        let mut l = 0;
+        while l < 16 {
+            t[k].0[l] = (l / fpi) as i32;
+            t[k].1[l] = ((l % fpi) * bits) as i32;
+            l += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
 impl Lanes16 {
+    #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn new(bits: u8) -> Self {
-        let fpi = codes_per_word(bits);
-        let mut idx = [0i32; 16];
-        let mut sh = [0i32; 16];
-        for l in 0..16 {
-            idx[l] = (l / fpi) as i32;
-            sh[l] = ((l % fpi) * bits as usize) as i32;
-        }
+        let (idx, sh) = &LANE_TABLES[match bits {
+            2 => 0,
+            4 => 1,
+            _ => 2,
+        }];
         Lanes16 {
             idx: _mm512_loadu_si512(idx.as_ptr() as *const _),
             shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
             mask: _mm512_set1_epi32(max_code(bits) as i32),
-            nwords: 16 / fpi.min(16),
+            nwords: 16 / codes_per_word(bits).min(16),
         }
     }
 
