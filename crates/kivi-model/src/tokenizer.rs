@@ -89,6 +89,8 @@ pub struct GgufTokenizerSpec {
     pub add_eos: Option<bool>,
     /// `tokenizer.ggml.add_space_prefix` (SentencePiece; default yes).
     pub add_space_prefix: Option<bool>,
+    /// `general.architecture`: Gemma's SentencePiece vocabularies need their own rules.
+    pub architecture: Option<String>,
 }
 
 impl GgufTokenizerSpec {
@@ -160,7 +162,38 @@ impl GgufTokenizerSpec {
             add_bos: opt_bool("tokenizer.ggml.add_bos_token")?,
             add_eos: opt_bool("tokenizer.ggml.add_eos_token")?,
             add_space_prefix: opt_bool("tokenizer.ggml.add_space_prefix")?,
+            architecture: match gguf.get("general.architecture") {
+                Some(_) => Some(gguf.architecture()?.to_owned()),
+                None => None,
+            },
         })
+    }
+
+    fn is_gemma(&self) -> bool {
+        self.model == "llama"
+            && self
+                .architecture
+                .as_deref()
+                .is_some_and(|a| a.starts_with("gemma"))
+    }
+
+    /// Tokens as the BPE vocabulary spells them. Gemma stores a token of several spaces as
+    /// spaces, where its text (spaces replaced by `▁`) needs `▁▁`; Hugging Face's converter
+    /// renames them the same way.
+    fn vocab_tokens(&self) -> Vec<String> {
+        if !self.is_gemma() {
+            return self.tokens.clone();
+        }
+        self.tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    "▁".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect()
     }
 
     fn token_type(&self, id: usize) -> i32 {
@@ -263,7 +296,12 @@ impl Tokenizer {
         };
         let mut special = Vec::new();
         let mut user = Vec::new();
+        let spelled = spec.vocab_tokens();
         for (id, token) in spec.tokens.iter().enumerate() {
+            if spelled[id] != *token {
+                // Renamed in the vocabulary (Gemma's space runs): matched by BPE, not whole.
+                continue;
+            }
             match spec.token_type(id) {
                 TOKEN_TYPE_CONTROL => {
                     special.push(AddedToken::from(token.clone(), true).normalized(false))
@@ -665,8 +703,9 @@ fn build_byte_level_bpe(spec: &GgufTokenizerSpec) -> Result<tokenizers::Tokenize
 }
 
 fn vocab_map(spec: &GgufTokenizerSpec) -> Result<Vocab> {
+    let tokens = spec.vocab_tokens();
     let mut vocab = Vocab::default();
-    for (id, token) in spec.tokens.iter().enumerate() {
+    for (id, token) in tokens.iter().enumerate() {
         // A duplicate keeps its first id; llama.cpp does the same (text_to_token).
         vocab.entry(token.clone()).or_insert(id as u32);
     }
@@ -674,7 +713,7 @@ fn vocab_map(spec: &GgufTokenizerSpec) -> Result<Vocab> {
         // Make every id reachable in id_to_token: rename later duplicates (they are unused).
         let mut seen = HashSet::new();
         vocab.clear();
-        for (id, token) in spec.tokens.iter().enumerate() {
+        for (id, token) in tokens.iter().enumerate() {
             let key = if seen.insert(token.clone()) {
                 token.clone()
             } else {
@@ -701,8 +740,12 @@ fn build_sentencepiece(spec: &GgufTokenizerSpec) -> Result<tokenizers::Tokenizer
                     .map(|(a, b)| (a.to_string(), b.to_string()))
             })
             .collect()
+    } else if spec.is_gemma() {
+        // Gemma's scores do not follow its merge order; the order of the tokens does (HF).
+        let order: Vec<f32> = (0..spec.tokens.len()).map(|i| -(i as f32)).collect();
+        merges_from_scores(&spec.vocab_tokens(), &order, &vocab)
     } else {
-        merges_from_scores(&spec.tokens, &spec.scores, &vocab)
+        merges_from_scores(&spec.vocab_tokens(), &spec.scores, &vocab)
     };
     let mut builder = BPE::builder()
         .vocab_and_merges(vocab, merges)
@@ -737,34 +780,49 @@ fn build_sentencepiece(spec: &GgufTokenizerSpec) -> Result<tokenizers::Tokenizer
 }
 
 /// Every split of a token into two tokens of the vocabulary is a merge, ranked by the merged
-/// token's score (higher first), ties by the pieces' lengths, then ids (HF `generate_merges`).
+/// token's score (higher first), then the pieces' lengths in characters (longer first), then
+/// token order and the pieces' ids: Hugging Face's `generate_merges`, whose stable sort this
+/// reproduces.
 fn merges_from_scores(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
-    let mut merges: Vec<(f32, usize, usize, u32, u32, String, String)> = Vec::new();
-    for (id, token) in tokens.iter().enumerate() {
-        let score = scores.get(id).copied().unwrap_or(0.0);
-        for (split, _) in token.char_indices().skip(1) {
-            let (l, r) = token.split_at(split);
+    struct Merge<'a> {
+        score: f32,
+        len_l: usize,
+        len_r: usize,
+        token: usize,
+        ids: (u32, u32),
+        l: &'a str,
+        r: &'a str,
+    }
+    let mut merges = Vec::new();
+    for (token, text) in tokens.iter().enumerate() {
+        let score = scores.get(token).copied().unwrap_or(0.0);
+        for (split, _) in text.char_indices().skip(1) {
+            let (l, r) = text.split_at(split);
             if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                merges.push((
+                merges.push(Merge {
                     score,
-                    l.len(),
-                    r.len(),
-                    li,
-                    ri,
-                    l.to_string(),
-                    r.to_string(),
-                ));
+                    len_l: l.chars().count(),
+                    len_r: r.chars().count(),
+                    token,
+                    ids: (li, ri),
+                    l,
+                    r,
+                });
             }
         }
     }
     merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(b.1.cmp(&a.1))
-            .then(b.2.cmp(&a.2))
-            .then(a.3.cmp(&b.3))
-            .then(a.4.cmp(&b.4))
+        b.score
+            .total_cmp(&a.score)
+            .then(b.len_l.cmp(&a.len_l))
+            .then(b.len_r.cmp(&a.len_r))
+            .then(a.token.cmp(&b.token))
+            .then(a.ids.cmp(&b.ids))
     });
-    merges.into_iter().map(|m| (m.5, m.6)).collect()
+    merges
+        .into_iter()
+        .map(|m| (m.l.to_string(), m.r.to_string()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -866,10 +924,7 @@ mod tests {
         let tok = Tokenizer::from_spec(&tiny_byte_level("smollm")).unwrap();
         assert_eq!(tok.bos_id(), Some(1));
         assert!(!tok.adds_bos());
-        assert_eq!(
-            tok.eos_ids().iter().copied().collect::<Vec<_>>(),
-            vec![0, 2]
-        );
+        assert_eq!(tok.eos_ids(), &[0, 2]);
         let mut spec = tiny_byte_level("smollm");
         spec.add_bos = Some(true);
         let tok = Tokenizer::from_spec(&spec).unwrap();

@@ -1,7 +1,8 @@
 //! GGUF tokenizers against token ids from an independent reference (Hugging Face transformers'
 //! GGUF converter; `scripts/fixtures/gen_tokenizer_fixtures.py` wrote the fixtures): SmolLM2
-//! (byte-level BPE, pre `smollm`) and Qwen2.5-Coder (pre `qwen2`). Needs the models in
-//! `$KIVI_CACHE/models` (default `~/.cache/kivi`; `scripts/fetch-models.sh [smollm2|qwen]`);
+//! (byte-level BPE, pre `smollm`), Qwen2.5-Coder (pre `qwen2`) and Gemma 3 (SentencePiece, BOS).
+//! Needs the models in `$KIVI_CACHE/models` (default `~/.cache/kivi`;
+//! `scripts/fetch-models.sh [smollm2|qwen|gemma3]`);
 //! each test prints `skipped: model not found` without its model.
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use kivi_model::tokenizer::Tokenizer;
 
 const SMOLLM2: &str = include_str!("fixtures/tokenizer_SmolLM2-135M-Instruct.Q4_1.json");
 const QWEN2: &str = include_str!("fixtures/tokenizer_qwen2.5-coder-1.5b-instruct-q4_k_m.json");
+const GEMMA3: &str = include_str!("fixtures/tokenizer_gemma-3-270m-q4_k_m.json");
 
 fn model_path(file: &str) -> Option<PathBuf> {
     let cache = match std::env::var_os("KIVI_CACHE") {
@@ -72,7 +74,8 @@ fn round_trip_and_stream(fixture: &str) {
     texts.push("    indented\n\t\tcode\r\n  \n".into());
     texts.push("ﬁ ligature, 한국어, العربية, עברית, ελληνικά, кириллица".into());
     for text in &texts {
-        let ids = tok.encode(text, true).unwrap();
+        // Without BOS (Gemma adds one); special tokens written in the text still parse.
+        let ids = tok.encode(text, false).unwrap();
         assert_eq!(&tok.decode(&ids).unwrap(), text);
         let mut stream = tok.stream();
         let mut out = String::new();
@@ -141,4 +144,36 @@ fn qwen2_special_ids() {
     let endoftext = tok.token_to_id("<|endoftext|>").unwrap();
     assert_eq!(tok.eos_id(), Some(im_end));
     assert!(tok.is_eos(im_end) && tok.is_eos(endoftext));
+}
+
+#[test]
+fn gemma3_ids_match_reference() {
+    ids_match_reference(GEMMA3);
+}
+
+#[test]
+fn gemma3_round_trip_and_stream() {
+    round_trip_and_stream(GEMMA3);
+}
+
+#[test]
+fn gemma3_special_ids() {
+    let Some((tok, fixture)) = load(GEMMA3) else {
+        return;
+    };
+    assert_eq!(
+        tok.vocab_size(),
+        fixture["vocab_size"].as_u64().unwrap() as usize
+    );
+    assert_eq!(tok.bos_id(), Some(2));
+    assert!(tok.adds_bos());
+    assert_eq!(tok.encode("hi", true).unwrap()[0], 2);
+    assert_eq!(
+        tok.encode("<bos>hi", true).unwrap(),
+        tok.encode("hi", true).unwrap(),
+        "no double BOS"
+    );
+    assert_eq!(tok.eos_id(), Some(1));
+    let end_of_turn = tok.token_to_id("<end_of_turn>").unwrap();
+    assert!(tok.is_eos(1) && tok.is_eos(end_of_turn));
 }
