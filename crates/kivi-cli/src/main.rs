@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use kivi_core::{Axis, CacheConfig, KvCache};
 use kivi_engine::kv_spec::{format_kv, parse_kv};
 use kivi_engine::{GenerateParams, GenerationStats, SamplingParams, Session};
-use kivi_model::chat::Message;
+use kivi_model::chat::ChatMessage as Message;
 use kivi_model::loader::{load, LoadedModel};
 
 #[derive(Parser)]
@@ -219,7 +219,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         a.prompt.clone()
     };
     let prompt = m.tokenizer.encode(&text, true)?;
-    let eos = m.tokenizer.eos_ids();
+    let eos = m.tokenizer.eos_ids().to_vec();
     let mut stream = m.tokenizer.stream();
     let mut stdout = std::io::stdout().lock();
     if !a.chat_template {
@@ -242,7 +242,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let m = a.model.load()?;
     let mut session = Session::new(&m.model, &cache_cfg)?;
     let mut messages: Vec<Message> = a.system.iter().map(|s| Message::system(s)).collect();
-    let eos = m.tokenizer.eos_ids();
+    let eos = m.tokenizer.eos_ids().to_vec();
     eprintln!(
         "kivi chat: {} ({}), KV cache {}. /reset starts over, /exit or Ctrl-D quits.",
         m.name,
@@ -308,7 +308,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 fn print_stats(s: &GenerationStats, cache: &dyn KvCache, cfg: &CacheConfig, m: &LoadedModel) {
     let mem = cache.memory();
     let c = &m.model.config;
-    let f16_bytes = mem.tokens * (c.n_layer * 2 * c.kv_dim() * 2) as u64;
+    let f16_bytes = mem.tokens * (2 * c.kv_dim() * 2) as u64;
     let kv = format_kv(cfg);
     let axes = match cfg {
         CacheConfig::Kivi(k) if k.k_axis != Axis::PerChannel || k.v_axis != Axis::PerToken => {
@@ -327,7 +327,7 @@ fn print_stats(s: &GenerationStats, cache: &dyn KvCache, cfg: &CacheConfig, m: &
     eprintln!(
         "[stats] KV cache {kv}{axes}: {} bytes for {} tokens x {} layers (codes {}, scales {}, mins {}, f16 {}); f16 cache would be {} bytes ({:.2}x)",
         mem.total_bytes(),
-        mem.tokens,
+        mem.tokens / c.n_layer as u64,
         c.n_layer,
         mem.code_bytes,
         mem.scale_bytes,

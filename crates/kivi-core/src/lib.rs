@@ -39,7 +39,8 @@ pub struct MemoryUsage {
     pub min_bytes: u64,
     /// Full-precision (f16) tokens: the KIVI residual window, sink tokens, or the whole f16 cache.
     pub full_precision_bytes: u64,
-    /// Tokens stored, summed over sequences (per layer; not multiplied by layers).
+    /// Tokens stored, summed over layers and sequences (a 10-token sequence in a 30-layer cache
+    /// counts 300): `tokens * 2 * n_kv_head * head_dim` elements are cached.
     pub tokens: u64,
 }
 

@@ -98,7 +98,7 @@ pub fn eval_ppl(
         .map(|((cfg, a), s)| {
             let ppl = (a.nll / n).exp();
             let mem = s.cache().memory();
-            let elems = mem.tokens as f64 * (c.n_layer * 2 * c.kv_dim()) as f64;
+            let elems = mem.tokens as f64 * (2 * c.kv_dim()) as f64;
             EvalResult {
                 kv: format_kv(cfg),
                 ppl,
