@@ -338,13 +338,22 @@ struct Lanes8 {
     bits: u8,
 }
 
+/// Per-lane shifts for 8 codes: `((l * b) % 32)` for b = 2, 4, 8.
+const LANE8_SHIFTS: [[i32; 8]; 3] = [
+    [0, 2, 4, 6, 8, 10, 12, 14],
+    [0, 4, 8, 12, 16, 20, 24, 28],
+    [0, 8, 16, 24, 0, 8, 16, 24],
+];
+
 impl Lanes8 {
+    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn new(bits: u8) -> Self {
-        let mut sh = [0i32; 8];
-        for (l, s) in sh.iter_mut().enumerate() {
-            *s = ((l * bits as usize) % 32) as i32;
-        }
+        let sh = &LANE8_SHIFTS[match bits {
+            2 => 0,
+            4 => 1,
+            _ => 2,
+        }];
         Lanes8 {
             shifts: _mm256_loadu_si256(sh.as_ptr() as *const _),
             mask: _mm256_set1_epi32(max_code(bits) as i32),
