@@ -41,7 +41,10 @@ fn main() {
         let bytes = c.memory().total_bytes();
         let mut out = vec![0f32; q.len()];
         let (kn, vn) = (&k[t * row..], &k[t * row..]);
-        let iters = 50;
+        let iters: usize = std::env::var("ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
         let c0 = cpu_secs();
         let w0 = Instant::now();
         for _ in 0..iters {

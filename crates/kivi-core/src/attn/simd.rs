@@ -276,7 +276,20 @@ struct Lanes16 {
     shifts: __m512i,
     mask: __m512i,
     nwords: usize,
+    /// Lookup-table base for 2/4-bit codes: entry `e` holds the code in the low `b` bits of `e`
+    /// (`e & 3` at 2 bits: the 4-bit index also holds the next code; `e` at 4 bits).
+    iota: __m512,
 }
+
+/// `e & 3` and `e` for e in 0..16.
+const IOTA: [[f32; 16]; 2] = [
+    [
+        0., 1., 2., 3., 0., 1., 2., 3., 0., 1., 2., 3., 0., 1., 2., 3.,
+    ],
+    [
+        0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+    ],
+];
 
 /// Per-lane word index and shift for 16 codes: `idx[l] = l / fpi`, `shift[l] = (l % fpi) * b`.
 const LANE_TABLES: [([i32; 16], [i32; 16]); 3] = {
@@ -310,6 +323,7 @@ impl Lanes16 {
             shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
             mask: _mm512_set1_epi32(max_code(bits) as i32),
             nwords: 16 / codes_per_word(bits).min(16),
+            iota: _mm512_loadu_ps(IOTA[(bits == 4) as usize].as_ptr()),
         }
     }
 
@@ -328,6 +342,21 @@ impl Lanes16 {
             _mm512_srlv_epi32(v, self.shifts),
             self.mask,
         ))
+    }
+
+    /// Codes `16k .. 16k+16` looked up in `lut` (2/4-bit only): the code of lane `l` sits in the
+    /// low bits of the shifted word, and `vpermps` uses only the low 4 bits of each index, so no
+    /// mask and no int→float conversion are needed: `lut[code]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lookup(&self, wp: *const u32, lut: __m512) -> __m512 {
+        let v = if self.nwords == 1 {
+            _mm512_set1_epi32(*wp as i32)
+        } else {
+            let w = _mm512_maskz_loadu_epi32((1u16 << self.nwords) - 1, wp as *const i32);
+            _mm512_permutexvar_epi32(self.idx, w)
+        };
+        _mm512_permutexvar_ps(_mm512_srlv_epi32(v, self.shifts), lut)
     }
 }
 
@@ -366,11 +395,11 @@ impl Lanes8 {
     #[target_feature(enable = "avx2")]
     unsafe fn load(&self, row: *const u32, c: usize) -> __m256 {
         let v = if self.bits == 8 {
-            let (w0, w1) = (*row.add(c / 4) as i32, *row.add(c / 4 + 1) as i32);
+            let (w0, w1) = (*row.add(c >> 2) as i32, *row.add((c >> 2) + 1) as i32);
             _mm256_setr_epi32(w0, w0, w0, w0, w1, w1, w1, w1)
         } else {
-            let fpi = 32 / self.bits as usize;
-            _mm256_set1_epi32((*row.add(c / fpi) >> ((c % fpi) * self.bits as usize)) as i32)
+            let bit = c * self.bits as usize;
+            _mm256_set1_epi32((*row.add(bit >> 5) >> (bit & 31)) as i32)
         };
         _mm256_cvtepi32_ps(_mm256_and_si256(
             _mm256_srlv_epi32(v, self.shifts),
@@ -471,14 +500,28 @@ unsafe fn k_chan_group_avx512<const NB: usize>(
     let mut a0 = [_mm512_setzero_ps(); NB];
     let mut a1 = [_mm512_setzero_ps(); NB];
     let mut d = 0;
+    if seg.bits <= 4 {
+        // Lookup-table decode: lut[c] = qs[d]·c, one multiply per channel and group.
+        while d + 2 <= hd {
+            let l0 = _mm512_mul_ps(_mm512_set1_ps(qs[d]), lanes.iota);
+            let l1 = _mm512_mul_ps(_mm512_set1_ps(qs[d + 1]), lanes.iota);
+            let r0 = cp.add(d * seg.words_per_row + gw);
+            let r1 = r0.add(seg.words_per_row);
+            for b in 0..NB {
+                a0[b] = _mm512_add_ps(a0[b], lanes.lookup(r0.add(b * lanes.nwords), l0));
+                a1[b] = _mm512_add_ps(a1[b], lanes.lookup(r1.add(b * lanes.nwords), l1));
+            }
+            d += 2;
+        }
+    }
     while d + 2 <= hd {
         let qs0 = _mm512_set1_ps(qs[d]);
         let qs1 = _mm512_set1_ps(qs[d + 1]);
         let r0 = cp.add(d * seg.words_per_row + gw);
         let r1 = r0.add(seg.words_per_row);
         for b in 0..NB {
-            a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * 16 / fpi)), a0[b]);
-            a1[b] = _mm512_fmadd_ps(qs1, lanes.load(r1.add(b * 16 / fpi)), a1[b]);
+            a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * lanes.nwords)), a0[b]);
+            a1[b] = _mm512_fmadd_ps(qs1, lanes.load(r1.add(b * lanes.nwords)), a1[b]);
         }
         d += 2;
     }
@@ -486,7 +529,7 @@ unsafe fn k_chan_group_avx512<const NB: usize>(
         let qs0 = _mm512_set1_ps(qs[d]);
         let r0 = cp.add(d * seg.words_per_row + gw);
         for b in 0..NB {
-            a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * 16 / fpi)), a0[b]);
+            a0[b] = _mm512_fmadd_ps(qs0, lanes.load(r0.add(b * lanes.nwords)), a0[b]);
         }
     }
     let bias = _mm512_set1_ps(bias);
@@ -597,6 +640,9 @@ unsafe fn v_tok_avx512<const NV: usize>(
     let fpi = codes_per_word(seg.bits);
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes16::new(seg.bits);
+    // Group of each 16-lane vector, and whether it starts a group (no divisions in the loops).
+    let gof: [usize; NV] = std::array::from_fn(|j| j * 16 / g);
+    let gstart: [bool; NV] = std::array::from_fn(|j| (j * 16) % g == 0);
     let (cp, sp, mp) = (
         seg.codes.as_ptr(),
         seg.scales.as_ptr() as *const u16,
@@ -637,12 +683,27 @@ unsafe fn v_tok_avx512<const NV: usize>(
             min_acc[j % gpt] += w * h2f(f16::from_bits(*mp.add(off)));
             j += 1;
         }
-        for i in 0..cnt {
-            let row = cp.add((t0 + i0 + i) * wpt);
-            let pr = ps.as_ptr().add(i * gpt);
-            for (jv, aj) in a.iter_mut().enumerate() {
-                let c = lanes.load(row.add(jv * 16 / fpi));
-                *aj = _mm512_fmadd_ps(_mm512_set1_ps(*pr.add(jv * 16 / g)), c, *aj);
+        if seg.bits <= 4 {
+            // Lookup-table decode: lut = p·scale·[codes], one multiply per token and group.
+            for i in 0..cnt {
+                let row = cp.add((t0 + i0 + i) * wpt);
+                let pr = ps.as_ptr().add(i * gpt);
+                let mut lut = _mm512_setzero_ps();
+                for (jv, aj) in a.iter_mut().enumerate() {
+                    if gstart[jv] {
+                        lut = _mm512_mul_ps(_mm512_set1_ps(*pr.add(gof[jv])), lanes.iota);
+                    }
+                    *aj = _mm512_add_ps(*aj, lanes.lookup(row.add(jv * lanes.nwords), lut));
+                }
+            }
+        } else {
+            for i in 0..cnt {
+                let row = cp.add((t0 + i0 + i) * wpt);
+                let pr = ps.as_ptr().add(i * gpt);
+                for (jv, aj) in a.iter_mut().enumerate() {
+                    let c = lanes.load(row.add(jv * lanes.nwords));
+                    *aj = _mm512_fmadd_ps(_mm512_set1_ps(*pr.add(gof[jv])), c, *aj);
+                }
             }
         }
         i0 += cnt;
@@ -653,7 +714,7 @@ unsafe fn v_tok_avx512<const NV: usize>(
         min_acc[l % gpt] += x;
     }
     for (j, aj) in a.iter().enumerate() {
-        let m = _mm512_set1_ps(min_acc[j * 16 / g]);
+        let m = _mm512_set1_ps(min_acc[gof[j]]);
         let cur = _mm512_loadu_ps(ap.add(16 * j));
         _mm512_storeu_ps(ap.add(16 * j), _mm512_add_ps(cur, _mm512_add_ps(*aj, m)));
     }
@@ -672,6 +733,7 @@ unsafe fn v_tok_avx2<const NV: usize>(
     let fpi = codes_per_word(seg.bits);
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes8::new(seg.bits);
+    let gof: [usize; NV] = std::array::from_fn(|j| j * 8 / g);
     let (cp, sp, mp) = (seg.codes.as_ptr(), seg.scales.as_ptr(), seg.mins.as_ptr());
     let ap = acc.as_mut_ptr();
     let mut a = [_mm256_setzero_ps(); NV];
@@ -686,11 +748,11 @@ unsafe fn v_tok_avx2<const NV: usize>(
         let row = cp.add(t * wpt);
         for (j, aj) in a.iter_mut().enumerate() {
             let c = lanes.load(row, 8 * j);
-            *aj = _mm256_fmadd_ps(_mm256_set1_ps(ps[j * 8 / g]), c, *aj);
+            *aj = _mm256_fmadd_ps(_mm256_set1_ps(ps[gof[j]]), c, *aj);
         }
     }
     for (j, aj) in a.iter().enumerate() {
-        let m = _mm256_set1_ps(min_acc[j * 8 / g]);
+        let m = _mm256_set1_ps(min_acc[gof[j]]);
         let cur = _mm256_loadu_ps(ap.add(8 * j));
         _mm256_storeu_ps(ap.add(8 * j), _mm256_add_ps(cur, _mm256_add_ps(*aj, m)));
     }
@@ -785,7 +847,7 @@ unsafe fn k_chan_group_multi_avx512<const M: usize, const NB: usize>(
     for d in 0..hd {
         let row = cp.add(d * seg.words_per_row + gw);
         for b in 0..NB {
-            let c = lanes.load(row.add(b * 16 / fpi));
+            let c = lanes.load(row.add(b * lanes.nwords));
             for r in 0..M {
                 acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), c, acc[r][b]);
             }
@@ -858,6 +920,8 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
     let fpi = codes_per_word(seg.bits);
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes16::new(seg.bits);
+    // Group of each 16-lane vector, and whether it starts a group (no divisions in the loops).
+    let gof: [usize; NV] = std::array::from_fn(|j| j * 16 / g);
     let (cp, sp, mp) = (
         seg.codes.as_ptr(),
         seg.scales.as_ptr() as *const u16,
@@ -900,9 +964,9 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
         for i in 0..cnt {
             let row = cp.add((t0 + i0 + i) * wpt);
             for jv in 0..NV {
-                let c = lanes.load(row.add(jv * 16 / fpi));
+                let c = lanes.load(row.add(jv * lanes.nwords));
                 for r in 0..M {
-                    let w = _mm512_set1_ps(ps[r][i * gpt + jv * 16 / g]);
+                    let w = _mm512_set1_ps(ps[r][i * gpt + gof[jv]]);
                     a[r][jv] = _mm512_fmadd_ps(w, c, a[r][jv]);
                 }
             }
@@ -917,7 +981,7 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
             min_acc[r][l % gpt] += x;
         }
         for jv in 0..NV {
-            let mvv = _mm512_set1_ps(min_acc[r][jv * 16 / g]);
+            let mvv = _mm512_set1_ps(min_acc[r][gof[jv]]);
             let dst = ap.add(r * hd + 16 * jv);
             _mm512_storeu_ps(
                 dst,
