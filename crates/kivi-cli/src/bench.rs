@@ -32,7 +32,11 @@ pub struct BenchModelArgs {
 
 fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
     s.split(',')
-        .map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("bad {what} `{x}`")))
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("bad {what} `{x}`"))
+        })
         .collect()
 }
 
@@ -50,14 +54,25 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     let cfg = &m.model.config;
     let max_depth = depths.iter().max().copied().unwrap_or(0);
     if max_depth + a.prompt_tokens + a.gen_tokens > cfg.context_len {
-        bail!("depth {max_depth} + {} + {} tokens exceed the context of {}", a.prompt_tokens, a.gen_tokens, cfg.context_len);
+        bail!(
+            "depth {max_depth} + {} + {} tokens exceed the context of {}",
+            a.prompt_tokens,
+            a.gen_tokens,
+            cfg.context_len
+        );
     }
     // Token ids drawn from the vocabulary with a fixed seed: speed does not depend on content.
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let vocab = m.tokenizer.vocab_size().min(cfg.vocab) as u32;
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
     let threads = rayon::current_num_threads();
-    println!("model: {} ({}), {threads} threads, prompt {} tok, decode {} tok", m.name, cfg.arch.name(), a.prompt_tokens, a.gen_tokens);
+    println!(
+        "model: {} ({}), {threads} threads, prompt {} tok, decode {} tok",
+        m.name,
+        cfg.arch.name(),
+        a.prompt_tokens,
+        a.gen_tokens
+    );
     println!("| cache | depth | prefill tok/s | decode tok/s | KV bytes at end |");
     println!("|---|---|---|---|---|");
     for &depth in &depths {

@@ -48,7 +48,9 @@ pub fn run(a: EvalPplArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.file.display()))?;
     let text = match &a.start_at {
         Some(s) => {
-            let i = text.find(s.as_str()).with_context(|| format!("`{s}` not found in {}", a.file.display()))?;
+            let i = text
+                .find(s.as_str())
+                .with_context(|| format!("`{s}` not found in {}", a.file.display()))?;
             &text[i..]
         }
         None => &text[..],
@@ -61,10 +63,14 @@ pub fn run(a: EvalPplArgs) -> Result<()> {
     }
     let bar = indicatif::ProgressBar::new(tokens.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens, {per_sec}, eta {eta}")
-            .expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} tokens, {per_sec}, eta {eta}",
+        )
+        .expect("static template"),
     );
-    let results = eval_ppl(&m.model, &tokens, &caches, a.chunk, |done| bar.set_position(done as u64))?;
+    let results = eval_ppl(&m.model, &tokens, &caches, a.chunk, |done| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     println!(
         "{}: {} tokens scored, chunk {}, model {}",

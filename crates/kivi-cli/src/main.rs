@@ -17,7 +17,11 @@ use kivi_model::chat::ChatMessage as Message;
 use kivi_model::loader::{load, LoadedModel};
 
 #[derive(Parser)]
-#[command(name = "kivi", version, about = "LLM inference with a KIVI 2/4-bit KV cache")]
+#[command(
+    name = "kivi",
+    version,
+    about = "LLM inference with a KIVI 2/4-bit KV cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -227,7 +231,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let (_, stats) = session.generate(&prompt, &params, &eos, |t| {
         let piece = stream.push(t);
-        write!(stdout, "{piece}").and_then(|_| stdout.flush()).is_ok()
+        write!(stdout, "{piece}")
+            .and_then(|_| stdout.flush())
+            .is_ok()
     })?;
     writeln!(stdout, "{}", stream.finish())?;
     if a.sampling.stats {
@@ -285,7 +291,9 @@ fn chat(a: ChatArgs) -> Result<()> {
         let result = session.generate(&new, &params, &eos, |t| {
             reply_ids.push(t);
             let piece = stream.push(t);
-            write!(stdout, "{piece}").and_then(|_| stdout.flush()).is_ok()
+            write!(stdout, "{piece}")
+                .and_then(|_| stdout.flush())
+                .is_ok()
         });
         let stats = match result {
             Ok((_, stats)) => stats,

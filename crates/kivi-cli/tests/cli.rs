@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn kivi(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kivi")).args(args).output().expect("running kivi")
+    Command::new(env!("CARGO_BIN_EXE_kivi"))
+        .args(args)
+        .output()
+        .expect("running kivi")
 }
 
 fn default_model() -> Option<PathBuf> {
@@ -18,10 +21,19 @@ fn default_model() -> Option<PathBuf> {
 
 fn assert_clean_failure(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic instead of an error: {stderr}"
+    );
     assert!(stderr.contains("error:"), "no error message: {stderr}");
-    assert!(stderr.contains(needle), "error should mention `{needle}`: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "error should mention `{needle}`: {stderr}"
+    );
 }
 
 #[test]
@@ -32,15 +44,29 @@ fn capital_of_france_is_paris_with_every_cache() {
     };
     for kv in ["f16", "kivi4", "kivi2"] {
         let out = kivi(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "The capital of France is",
-            "--kv", kv, "--max-tokens", "12", "--stats",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--kv",
+            kv,
+            "--max-tokens",
+            "12",
+            "--stats",
         ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{kv}: {stderr}");
-        assert!(stdout.starts_with("The capital of France is"), "{kv}: {stdout}");
+        assert!(
+            stdout.starts_with("The capital of France is"),
+            "{kv}: {stdout}"
+        );
         assert!(stdout.contains("Paris"), "{kv}: {stdout}");
-        assert!(stderr.contains("decode") && stderr.contains("KV cache"), "{kv}: no stats: {stderr}");
+        assert!(
+            stderr.contains("decode") && stderr.contains("KV cache"),
+            "{kv}: no stats: {stderr}"
+        );
     }
 }
 
@@ -53,25 +79,57 @@ fn kivi_cache_is_smaller_than_f16_after_the_window() {
     // 300 tokens: beyond R = 128, so KIVI has quantized most of them.
     let bytes = |kv: &str| -> u64 {
         let out = kivi(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "Once upon a time",
-            "--kv", kv, "--max-tokens", "300", "--ignore-eos", "--stats",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--kv",
+            kv,
+            "--max-tokens",
+            "300",
+            "--ignore-eos",
+            "--stats",
         ]);
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success(), "{stderr}");
-        let line = stderr.lines().find(|l| l.contains("KV cache")).expect("stats line").to_string();
-        line.split(": ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap()
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("KV cache"))
+            .expect("stats line")
+            .to_string();
+        line.split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let (f16, kivi2, kivi4) = (bytes("f16"), bytes("kivi2"), bytes("kivi4"));
     // 4 prompt + 299 fed generated tokens (the last one sampled is never fed back)
     // x 30 layers x (K and V) x 192 channels x 2 bytes.
     assert_eq!(f16, 303 * 30 * 2 * 192 * 2);
-    assert!(kivi2 < kivi4 && kivi4 < f16, "f16 {f16}, kivi4 {kivi4}, kivi2 {kivi2}");
-    assert!((f16 as f64 / kivi2 as f64) > 2.0, "f16 {f16} vs kivi2 {kivi2}");
+    assert!(
+        kivi2 < kivi4 && kivi4 < f16,
+        "f16 {f16}, kivi4 {kivi4}, kivi2 {kivi2}"
+    );
+    assert!(
+        (f16 as f64 / kivi2 as f64) > 2.0,
+        "f16 {f16} vs kivi2 {kivi2}"
+    );
 }
 
 #[test]
 fn missing_model_file() {
-    let out = kivi(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
+    let out = kivi(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
     assert_clean_failure(&out, "/nonexistent/model.gguf");
 }
 
@@ -80,14 +138,32 @@ fn corrupt_and_truncated_model_files() {
     let dir = std::env::temp_dir().join(format!("kivi-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let garbage = dir.join("garbage.gguf");
-    std::fs::write(&garbage, (0..4096u32).map(|i| (i * 2654435761u32 >> 13) as u8).collect::<Vec<_>>()).unwrap();
-    assert_clean_failure(&kivi(&["generate", "--model", garbage.to_str().unwrap(), "--prompt", "hi"]), "GGUF");
+    std::fs::write(
+        &garbage,
+        (0..4096u32)
+            .map(|i| (i * 2654435761u32 >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &kivi(&[
+            "generate",
+            "--model",
+            garbage.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ]),
+        "GGUF",
+    );
     if let Some(model) = default_model() {
         let bytes = std::fs::read(&model).unwrap();
         for cut in [10, 1000, 1_000_000, bytes.len() - 1] {
             let t = dir.join(format!("cut{cut}.gguf"));
             std::fs::write(&t, &bytes[..cut]).unwrap();
-            assert_clean_failure(&kivi(&["generate", "--model", t.to_str().unwrap(), "--prompt", "hi"]), "GGUF");
+            assert_clean_failure(
+                &kivi(&["generate", "--model", t.to_str().unwrap(), "--prompt", "hi"]),
+                "GGUF",
+            );
         }
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -100,7 +176,13 @@ fn prompt_longer_than_the_context() {
         return;
     };
     let prompt = "hello ".repeat(9000);
-    let out = kivi(&["generate", "--model", model.to_str().unwrap(), "--prompt", &prompt]);
+    let out = kivi(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+    ]);
     assert_clean_failure(&out, "context window");
 }
 

@@ -44,7 +44,12 @@ struct Accum {
 /// Log-softmax in f64.
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     logits.iter().map(|&l| l as f64 - lse).collect()
 }
 
@@ -60,25 +65,46 @@ pub fn eval_ppl(
     let vocab = model.config.vocab;
     let mut configs = vec![CacheConfig::F16];
     configs.extend(caches.iter().filter(|c| **c != CacheConfig::F16).cloned());
-    let mut sessions = configs.iter().map(|c| Session::new(model, c)).collect::<Result<Vec<_>>>()?;
-    let mut acc: Vec<Accum> =
-        configs.iter().map(|_| Accum { nll: 0.0, kl: 0.0, top1: 0, correct: 0 }).collect();
+    let mut sessions = configs
+        .iter()
+        .map(|c| Session::new(model, c))
+        .collect::<Result<Vec<_>>>()?;
+    let mut acc: Vec<Accum> = configs
+        .iter()
+        .map(|_| Accum {
+            nll: 0.0,
+            kl: 0.0,
+            top1: 0,
+            correct: 0,
+        })
+        .collect();
     let mut scored = 0;
     let mut start = 0;
     while start + 1 < tokens.len() {
         let end = (start + chunk.max(1)).min(tokens.len() - 1);
         let piece = &tokens[start..end];
-        let all: Vec<Vec<f32>> = sessions.iter_mut().map(|s| s.score(piece)).collect::<Result<_>>()?;
+        let all: Vec<Vec<f32>> = sessions
+            .iter_mut()
+            .map(|s| s.score(piece))
+            .collect::<Result<_>>()?;
         for i in 0..piece.len() {
             let target = tokens[start + i + 1] as usize;
             let base = log_softmax(&all[0][i * vocab..(i + 1) * vocab]);
             let base_top = argmax(&all[0][i * vocab..(i + 1) * vocab]);
             for (c, logits) in all.iter().enumerate() {
                 let row = &logits[i * vocab..(i + 1) * vocab];
-                let lp = if c == 0 { base.clone() } else { log_softmax(row) };
+                let lp = if c == 0 {
+                    base.clone()
+                } else {
+                    log_softmax(row)
+                };
                 let a = &mut acc[c];
                 a.nll -= lp[target];
-                a.kl += base.iter().zip(&lp).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+                a.kl += base
+                    .iter()
+                    .zip(&lp)
+                    .map(|(p, q)| p.exp() * (p - q))
+                    .sum::<f64>();
                 let top = argmax(row);
                 a.top1 += usize::from(top == base_top);
                 a.correct += usize::from(top as usize == target);
@@ -119,4 +145,3 @@ pub fn eval_ppl(
         })
         .collect())
 }
-

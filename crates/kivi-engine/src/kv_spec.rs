@@ -24,7 +24,8 @@ pub fn parse_kv(spec: &str) -> Result<CacheConfig, String> {
     }
     let mut cfg = KiviConfig::default();
     let bits = |s: &str| -> Result<u8, String> {
-        s.parse::<u8>().map_err(|_| format!("`{spec}`: `{s}` is not a bit width"))
+        s.parse::<u8>()
+            .map_err(|_| format!("`{spec}`: `{s}` is not a bit width"))
     };
     if let Some(b) = head.strip_prefix("kivi") {
         let b = bits(b)?;
@@ -37,11 +38,15 @@ pub fn parse_kv(spec: &str) -> Result<CacheConfig, String> {
         cfg.k_bits = bits(k)?;
         cfg.v_bits = bits(v)?;
     } else {
-        return Err(format!("`{spec}`: expected f16, kivi2, kivi4 or k<bits>v<bits>"));
+        return Err(format!(
+            "`{spec}`: expected f16, kivi2, kivi4 or k<bits>v<bits>"
+        ));
     }
     for opt in parts {
         let num = |p: &str| -> Result<usize, String> {
-            opt[p.len()..].parse().map_err(|_| format!("`{spec}`: bad number in `{opt}`"))
+            opt[p.len()..]
+                .parse()
+                .map_err(|_| format!("`{spec}`: bad number in `{opt}`"))
         };
         match opt {
             "kt" => cfg.k_axis = Axis::PerToken,
@@ -51,7 +56,11 @@ pub fn parse_kv(spec: &str) -> Result<CacheConfig, String> {
             o if o.starts_with("sink") => cfg.sink_tokens = num("sink")?,
             o if o.starts_with('g') => cfg.group_size = num("g")?,
             o if o.starts_with('r') => cfg.residual_len = num("r")?,
-            _ => return Err(format!("`{spec}`: unknown option `{opt}` (g<N>, r<N>, sink<N>, kt, vc)")),
+            _ => {
+                return Err(format!(
+                    "`{spec}`: unknown option `{opt}` (g<N>, r<N>, sink<N>, kt, vc)"
+                ))
+            }
         }
     }
     Ok(CacheConfig::Kivi(cfg))
@@ -95,8 +104,14 @@ mod tests {
     #[test]
     fn presets() {
         assert_eq!(parse_kv("f16").unwrap(), CacheConfig::F16);
-        assert_eq!(parse_kv("kivi2").unwrap(), CacheConfig::Kivi(KiviConfig::kivi2()));
-        assert_eq!(parse_kv("KIVI4").unwrap(), CacheConfig::Kivi(KiviConfig::kivi4()));
+        assert_eq!(
+            parse_kv("kivi2").unwrap(),
+            CacheConfig::Kivi(KiviConfig::kivi2())
+        );
+        assert_eq!(
+            parse_kv("KIVI4").unwrap(),
+            CacheConfig::Kivi(KiviConfig::kivi4())
+        );
     }
 
     #[test]
@@ -104,20 +119,43 @@ mod tests {
         let CacheConfig::Kivi(c) = parse_kv("k4v2:g16:r64:sink4:kt:vc").unwrap() else {
             panic!("expected kivi")
         };
-        assert_eq!((c.k_bits, c.v_bits, c.group_size, c.residual_len, c.sink_tokens), (4, 2, 16, 64, 4));
+        assert_eq!(
+            (
+                c.k_bits,
+                c.v_bits,
+                c.group_size,
+                c.residual_len,
+                c.sink_tokens
+            ),
+            (4, 2, 16, 64, 4)
+        );
         assert_eq!((c.k_axis, c.v_axis), (Axis::PerToken, Axis::PerChannel));
     }
 
     #[test]
     fn round_trip() {
-        for s in ["f16", "kivi2", "kivi4", "k4v2", "kivi2:g16", "kivi2:r0", "k2v4:sink4:kt:vc"] {
+        for s in [
+            "f16",
+            "kivi2",
+            "kivi4",
+            "k4v2",
+            "kivi2:g16",
+            "kivi2:r0",
+            "k2v4:sink4:kt:vc",
+        ] {
             assert_eq!(format_kv(&parse_kv(s).unwrap()), s);
         }
     }
 
     #[test]
     fn errors_name_the_problem() {
-        for (s, needle) in [("q8", "expected"), ("kivi2:x3", "unknown option"), ("kivi2:gabc", "bad number"), ("kxv2", "not a bit width"), ("f16:g32", "no options")] {
+        for (s, needle) in [
+            ("q8", "expected"),
+            ("kivi2:x3", "unknown option"),
+            ("kivi2:gabc", "bad number"),
+            ("kxv2", "not a bit width"),
+            ("f16:g32", "no options"),
+        ] {
             let e = parse_kv(s).unwrap_err();
             assert!(e.contains(needle), "{s}: {e}");
         }

@@ -16,7 +16,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -27,7 +32,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Sampler { params, rng: StdRng::seed_from_u64(params.seed) }
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+        }
     }
 
     /// Picks the next token from `logits` (`[vocab]`).
@@ -38,7 +46,11 @@ impl Sampler {
         }
         // Candidates sorted by logit, cut to top-k.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
+        let k = if p.top_k == 0 {
+            logits.len()
+        } else {
+            p.top_k.min(logits.len())
+        };
         let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if k < idx.len() {
             idx.select_nth_unstable_by(k - 1, by_logit_desc);
@@ -47,8 +59,10 @@ impl Sampler {
         idx.sort_unstable_by(by_logit_desc);
         // Softmax over the candidates at temperature T (max-subtracted for stability).
         let max = logits[idx[0] as usize];
-        let mut probs: Vec<f32> =
-            idx.iter().map(|&i| ((logits[i as usize] - max) / p.temperature).exp()).collect();
+        let mut probs: Vec<f32> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) / p.temperature).exp())
+            .collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
         // Nucleus: the smallest prefix whose mass reaches top_p.
@@ -113,7 +127,12 @@ mod tests {
         let mut sorted = l.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let kth = sorted[4];
-        let mut s = Sampler::new(SamplingParams { temperature: 2.0, top_k: 5, top_p: 1.0, seed: rand::random() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            top_k: 5,
+            top_p: 1.0,
+            seed: rand::random(),
+        });
         for _ in 0..500 {
             assert!(l[s.sample(&l) as usize] >= kth);
         }
@@ -125,7 +144,12 @@ mod tests {
         let l = [0.0f32, 1.0, 2.0];
         let z: f64 = l.iter().map(|&x| (x as f64).exp()).sum();
         let expected: Vec<f64> = l.iter().map(|&x| (x as f64).exp() / z).collect();
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: rand::random() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: rand::random(),
+        });
         let mut counts = [0usize; 3];
         let n = 40_000;
         for _ in 0..n {
@@ -133,7 +157,11 @@ mod tests {
         }
         for i in 0..3 {
             let f = counts[i] as f64 / n as f64;
-            assert!((f - expected[i]).abs() < 0.015, "token {i}: {f} vs {}", expected[i]);
+            assert!(
+                (f - expected[i]).abs() < 0.015,
+                "token {i}: {f} vs {}",
+                expected[i]
+            );
         }
     }
 
@@ -141,7 +169,12 @@ mod tests {
     fn top_p_cuts_the_tail() {
         // p = [0.665, 0.245, 0.090] at T = 1; top_p 0.6 keeps only the first.
         let l = [2.0f32, 1.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.6, seed: rand::random() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.6,
+            seed: rand::random(),
+        });
         for _ in 0..1000 {
             assert_eq!(s.sample(&l), 0);
         }
@@ -150,7 +183,12 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let l = random_logits(300, 7);
-        let p = SamplingParams { temperature: 0.9, top_k: 50, top_p: 0.95, seed: rand::random() };
+        let p = SamplingParams {
+            temperature: 0.9,
+            top_k: 50,
+            top_p: 0.95,
+            seed: rand::random(),
+        };
         let (mut a, mut b) = (Sampler::new(p), Sampler::new(p));
         let ta: Vec<u32> = (0..50).map(|_| a.sample(&l)).collect();
         let tb: Vec<u32> = (0..50).map(|_| b.sample(&l)).collect();

@@ -68,11 +68,19 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model, cache: &CacheConfig) -> Result<Self> {
         let c = &model.config;
-        let shape =
-            CacheShape { n_layer: c.n_layer, n_kv_head: c.n_kv_head, head_dim: c.head_dim };
+        let shape = CacheShape {
+            n_layer: c.n_layer,
+            n_kv_head: c.n_kv_head,
+            head_dim: c.head_dim,
+        };
         let mut cache = kivi_core::new_cache(cache, shape)?;
         let seq = cache.add_sequence();
-        Ok(Session { model, cache, seq, tokens: Vec::new() })
+        Ok(Session {
+            model,
+            cache,
+            seq,
+            tokens: Vec::new(),
+        })
     }
 
     /// Tokens fed to the model so far.
@@ -97,7 +105,9 @@ impl<'m> Session<'m> {
         self.check_room(tokens.len())?;
         let mut last = Vec::new();
         for piece in tokens.chunks(chunk.max(1)) {
-            last = self.model.forward(piece, self.cache.as_mut(), self.seq, Logits::Last)?;
+            last = self
+                .model
+                .forward(piece, self.cache.as_mut(), self.seq, Logits::Last)?;
             self.tokens.extend_from_slice(piece);
         }
         Ok(last)
@@ -106,7 +116,9 @@ impl<'m> Session<'m> {
     /// Feeds `tokens` and returns logits for every one of them (`[n][vocab]`), for evaluation.
     pub fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_room(tokens.len())?;
-        let out = self.model.forward(tokens, self.cache.as_mut(), self.seq, Logits::All)?;
+        let out = self
+            .model
+            .forward(tokens, self.cache.as_mut(), self.seq, Logits::All)?;
         self.tokens.extend_from_slice(tokens);
         Ok(out)
     }
@@ -114,7 +126,10 @@ impl<'m> Session<'m> {
     fn check_room(&self, n: usize) -> Result<()> {
         let context = self.model.config.context_len;
         if self.tokens.len() + n > context {
-            return Err(ModelError::ContextOverflow { prompt: self.tokens.len() + n, context });
+            return Err(ModelError::ContextOverflow {
+                prompt: self.tokens.len() + n,
+                context,
+            });
         }
         Ok(())
     }
@@ -129,7 +144,9 @@ impl<'m> Session<'m> {
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<(Vec<u32>, GenerationStats)> {
         if prompt.is_empty() {
-            return Err(ModelError::Tokenizer("empty prompt: nothing to condition on".into()));
+            return Err(ModelError::Tokenizer(
+                "empty prompt: nothing to condition on".into(),
+            ));
         }
         let context = self.model.config.context_len;
         let t0 = Instant::now();
@@ -156,7 +173,9 @@ impl<'m> Session<'m> {
             if self.tokens.len() >= context {
                 break StopReason::ContextFull;
             }
-            logits = self.model.forward(&[next], self.cache.as_mut(), self.seq, Logits::Last)?;
+            logits = self
+                .model
+                .forward(&[next], self.cache.as_mut(), self.seq, Logits::Last)?;
             self.tokens.push(next);
         };
         let stats = GenerationStats {

@@ -60,7 +60,11 @@ const MAX_CONTEXT: u64 = 1 << 24;
 
 fn bounded(name: &str, v: u64, max: u64) -> Result<usize> {
     if v == 0 || v > max {
-        return Err(ModelError::format("model", name, format!("{v} is out of range 1..={max}")));
+        return Err(ModelError::format(
+            "model",
+            name,
+            format!("{v} is out of range 1..={max}"),
+        ));
     }
     Ok(v as usize)
 }
@@ -71,17 +75,31 @@ impl Config {
         let arch = Arch::from_name(&arch_name)?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let n_layer = bounded("block_count", g.get_u64(&key("block_count"))?, MAX_LAYERS)?;
-        let hidden = bounded("embedding_length", g.get_u64(&key("embedding_length"))?, MAX_DIM)?;
-        let n_head =
-            bounded("attention.head_count", g.get_u64(&key("attention.head_count"))?, MAX_DIM)?;
+        let hidden = bounded(
+            "embedding_length",
+            g.get_u64(&key("embedding_length"))?,
+            MAX_DIM,
+        )?;
+        let n_head = bounded(
+            "attention.head_count",
+            g.get_u64(&key("attention.head_count"))?,
+            MAX_DIM,
+        )?;
         let n_kv_head = match g.get_u64(&key("attention.head_count_kv")) {
             Ok(v) => bounded("attention.head_count_kv", v, MAX_DIM)?,
             Err(ModelError::MissingMetadata(_)) => n_head,
             Err(e) => return Err(e),
         };
-        let ffn = bounded("feed_forward_length", g.get_u64(&key("feed_forward_length"))?, MAX_DIM)?;
-        let context_len =
-            bounded("context_length", g.get_u64(&key("context_length"))?, MAX_CONTEXT)?;
+        let ffn = bounded(
+            "feed_forward_length",
+            g.get_u64(&key("feed_forward_length"))?,
+            MAX_DIM,
+        )?;
+        let context_len = bounded(
+            "context_length",
+            g.get_u64(&key("context_length"))?,
+            MAX_CONTEXT,
+        )?;
         let rms_eps = g.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
         let rope_theta = match g.get_f32(&key("rope.freq_base")) {
             Ok(v) => v,
@@ -172,20 +190,32 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, d: String| Err(ModelError::format("model", f, d));
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(
                 "head_count_kv",
-                format!("{} query heads not divisible by {} KV heads", self.n_head, self.n_kv_head),
+                format!(
+                    "{} query heads not divisible by {} KV heads",
+                    self.n_head, self.n_kv_head
+                ),
             );
         }
-        if self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(
+                "head_dim",
+                format!("{} is odd; RoPE needs pairs", self.head_dim),
+            );
         }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
-            return bad("rms_epsilon", format!("{} is not a valid epsilon", self.rms_eps));
+            return bad(
+                "rms_epsilon",
+                format!("{} is not a valid epsilon", self.rms_eps),
+            );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad("rope.freq_base", format!("{} is not a valid RoPE base", self.rope_theta));
+            return bad(
+                "rope.freq_base",
+                format!("{} is not a valid RoPE base", self.rope_theta),
+            );
         }
         Ok(())
     }

@@ -77,11 +77,11 @@ struct Layer {
     wk: Matrix,          // [n_kv_head*head_dim][hidden]
     wv: Matrix,          // [n_kv_head*head_dim][hidden]
     bias: Option<QkvBias>,
-    wo: Matrix,        // [hidden][n_head*head_dim]
+    wo: Matrix,         // [hidden][n_head*head_dim]
     ffn_norm: Vec<f32>, // [hidden]
-    w_gate: Matrix,    // [ffn][hidden]
-    w_up: Matrix,      // [ffn][hidden]
-    w_down: Matrix,    // [hidden][ffn]
+    w_gate: Matrix,     // [ffn][hidden]
+    w_up: Matrix,       // [ffn][hidden]
+    w_down: Matrix,     // [hidden][ffn]
 }
 
 struct QkvBias {
@@ -101,7 +101,7 @@ pub enum Logits {
 
 pub struct Model {
     pub config: Config,
-    tok_embd: Matrix,  // [vocab][hidden]
+    tok_embd: Matrix, // [vocab][hidden]
     layers: Vec<Layer>,
     out_norm: Vec<f32>, // [hidden]
     /// `None` when the output matrix is tied to the token embedding.
@@ -135,7 +135,11 @@ impl Model {
             check_shape(&t, &[len])?;
             let v = dequantize(&t)?;
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(ModelError::format("model", name, format!("non-finite value at {i}")));
+                return Err(ModelError::format(
+                    "model",
+                    name,
+                    format!("non-finite value at {i}"),
+                ));
             }
             Ok(v)
         };
@@ -212,7 +216,10 @@ impl Model {
         }
         let pos0 = cache.seq_len(0, seq)?;
         if pos0 + n > c.context_len {
-            return Err(ModelError::ContextOverflow { prompt: pos0 + n, context: c.context_len });
+            return Err(ModelError::ContextOverflow {
+                prompt: pos0 + n,
+                context: c.context_len,
+            });
         }
         let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
 
@@ -220,7 +227,10 @@ impl Model {
         let mut x = vec![0f32; n * h];
         for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
             if t as usize >= c.vocab {
-                return Err(ModelError::Tokenizer(format!("token id {t} >= vocab {}", c.vocab)));
+                return Err(ModelError::Tokenizer(format!(
+                    "token id {t} >= vocab {}",
+                    c.vocab
+                )));
             }
             self.tok_embd.row_f32(t as usize, row);
         }
@@ -256,7 +266,9 @@ impl Model {
             rmsnorm(&mut xb, &x, &layer.ffn_norm, c.rms_eps);
             layer.w_gate.matmul(&xb, n, &mut gate);
             layer.w_up.matmul(&xb, n, &mut up);
-            gate.par_iter_mut().zip(up.par_iter()).for_each(|(g, u)| *g = silu(*g) * u);
+            gate.par_iter_mut()
+                .zip(up.par_iter())
+                .for_each(|(g, u)| *g = silu(*g) * u);
             layer.w_down.matmul(&gate, n, &mut tmp);
             add_in_place(&mut x, &tmp);
         }
@@ -271,7 +283,10 @@ impl Model {
         let mut normed = vec![0f32; m * h];
         rmsnorm(&mut normed, xs, &self.out_norm, c.rms_eps);
         let mut out = vec![0f32; m * c.vocab];
-        self.output.as_ref().unwrap_or(&self.tok_embd).matmul(&normed, m, &mut out);
+        self.output
+            .as_ref()
+            .unwrap_or(&self.tok_embd)
+            .matmul(&normed, m, &mut out);
         Ok(out)
     }
 
@@ -280,22 +295,24 @@ impl Model {
         let d = self.config.head_dim;
         let half = d / 2;
         let style = self.config.rope_style;
-        x.par_chunks_mut(heads * d).enumerate().for_each(|(t, tok)| {
-            let pos = (pos0 + t) as f32;
-            let (sin, cos): (Vec<f32>, Vec<f32>) =
-                self.inv_freq.iter().map(|f| (pos * f).sin_cos()).unzip();
-            for head in tok.chunks_exact_mut(d) {
-                for i in 0..half {
-                    let (a, b) = match style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + half),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos[i] - x1 * sin[i];
-                    head[b] = x0 * sin[i] + x1 * cos[i];
+        x.par_chunks_mut(heads * d)
+            .enumerate()
+            .for_each(|(t, tok)| {
+                let pos = (pos0 + t) as f32;
+                let (sin, cos): (Vec<f32>, Vec<f32>) =
+                    self.inv_freq.iter().map(|f| (pos * f).sin_cos()).unzip();
+                for head in tok.chunks_exact_mut(d) {
+                    for i in 0..half {
+                        let (a, b) = match style {
+                            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                            RopeStyle::Neox => (i, i + half),
+                        };
+                        let (x0, x1) = (head[a], head[b]);
+                        head[a] = x0 * cos[i] - x1 * sin[i];
+                        head[b] = x0 * sin[i] + x1 * cos[i];
+                    }
                 }
-            }
-        });
+            });
     }
 
     pub fn arch(&self) -> Arch {

@@ -25,7 +25,10 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let io_err = |e: std::io::Error| ModelError::Io { path: path.display().to_string(), source: e };
+    let io_err = |e: std::io::Error| ModelError::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
     let meta = std::fs::metadata(path).map_err(io_err)?;
     if meta.is_dir() {
         let dir = SafetensorsDir::open(path)?;
@@ -34,7 +37,12 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let chat_template = ChatTemplate::from_dir(path, &tokenizer)?;
         let model = Model::load(&dir, Naming::HuggingFace, config)?;
         check_vocab(&model, &tokenizer)?;
-        Ok(LoadedModel { name, model, tokenizer, chat_template })
+        Ok(LoadedModel {
+            name,
+            model,
+            tokenizer,
+            chat_template,
+        })
     } else {
         let gguf = Gguf::open(path)?;
         let config = Config::from_gguf(&gguf)?;
@@ -42,7 +50,12 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let chat_template = ChatTemplate::from_gguf(&gguf, &tokenizer)?;
         let model = Model::load(&gguf, Naming::Gguf, config)?;
         check_vocab(&model, &tokenizer)?;
-        Ok(LoadedModel { name, model, tokenizer, chat_template })
+        Ok(LoadedModel {
+            name,
+            model,
+            tokenizer,
+            chat_template,
+        })
     }
 }
 

@@ -77,7 +77,12 @@ impl RandomWeights {
                     .flat_map(|_| (center + rng.gen_range(-spread..spread)).to_le_bytes())
                     .collect(),
             };
-            let t = RawTensor { name: name.clone(), dtype, shape, data: Storage::Owned(Arc::new(bytes)) };
+            let t = RawTensor {
+                name: name.clone(),
+                dtype,
+                shape,
+                data: Storage::Owned(Arc::new(bytes)),
+            };
             tensors.insert(name, t);
         };
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
@@ -108,7 +113,10 @@ impl RandomWeights {
 
 impl TensorSource for RandomWeights {
     fn tensor(&self, name: &str) -> Result<RawTensor> {
-        self.tensors.get(name).cloned().ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
     fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

@@ -11,7 +11,11 @@ use rand::Rng;
 
 fn weights(src: &RandomWeights, name: &str) -> Vec<f64> {
     let t = src.tensor(name).unwrap();
-    t.data.bytes().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
+    t.data
+        .bytes()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+        .collect()
 }
 
 /// Naive f64 forward over all `tokens` from scratch; logits of every position `[n][vocab]`.
@@ -19,7 +23,9 @@ fn reference_forward(c: &Config, src: &RandomWeights, tokens: &[u32]) -> Vec<Vec
     let (h, d) = (c.hidden, c.head_dim);
     let n = tokens.len();
     let matvec = |w: &[f64], x: &[f64], rows: usize| -> Vec<f64> {
-        (0..rows).map(|r| (0..x.len()).map(|i| w[r * x.len() + i] * x[i]).sum()).collect()
+        (0..rows)
+            .map(|r| (0..x.len()).map(|i| w[r * x.len() + i] * x[i]).sum())
+            .collect()
     };
     let rms = |x: &[f64], w: &[f64]| -> Vec<f64> {
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
@@ -41,18 +47,36 @@ fn reference_forward(c: &Config, src: &RandomWeights, tokens: &[u32]) -> Vec<Vec
         }
     };
     let emb = weights(src, "token_embd.weight");
-    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
     for l in 0..c.n_layer {
         let w = |n: &str| weights(src, &format!("blk.{l}.{n}"));
-        let (wq, wk, wv, wo) = (w("attn_q.weight"), w("attn_k.weight"), w("attn_v.weight"), w("attn_output.weight"));
+        let (wq, wk, wv, wo) = (
+            w("attn_q.weight"),
+            w("attn_k.weight"),
+            w("attn_v.weight"),
+            w("attn_output.weight"),
+        );
         let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
         for (p, x) in xs.iter().enumerate() {
             let xn = rms(x, &w("attn_norm.weight"));
-            let (mut q, mut k, mut v) = (matvec(&wq, &xn, c.q_dim()), matvec(&wk, &xn, c.kv_dim()), matvec(&wv, &xn, c.kv_dim()));
+            let (mut q, mut k, mut v) = (
+                matvec(&wq, &xn, c.q_dim()),
+                matvec(&wk, &xn, c.kv_dim()),
+                matvec(&wv, &xn, c.kv_dim()),
+            );
             if c.qkv_bias {
-                for (a, b) in q.iter_mut().zip(w("attn_q.bias")) { *a += b; }
-                for (a, b) in k.iter_mut().zip(w("attn_k.bias")) { *a += b; }
-                for (a, b) in v.iter_mut().zip(w("attn_v.bias")) { *a += b; }
+                for (a, b) in q.iter_mut().zip(w("attn_q.bias")) {
+                    *a += b;
+                }
+                for (a, b) in k.iter_mut().zip(w("attn_k.bias")) {
+                    *a += b;
+                }
+                for (a, b) in v.iter_mut().zip(w("attn_v.bias")) {
+                    *a += b;
+                }
             }
             rope(&mut q, p);
             rope(&mut k, p);
@@ -67,7 +91,9 @@ fn reference_forward(c: &Config, src: &RandomWeights, tokens: &[u32]) -> Vec<Vec
                 let kvh = hq / group;
                 let q = &qs[i][hq * d..(hq + 1) * d];
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| (0..d).map(|e| q[e] * ks[j][kvh * d + e]).sum::<f64>() / (d as f64).sqrt())
+                    .map(|j| {
+                        (0..d).map(|e| q[e] * ks[j][kvh * d + e]).sum::<f64>() / (d as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
@@ -79,25 +105,46 @@ fn reference_forward(c: &Config, src: &RandomWeights, tokens: &[u32]) -> Vec<Vec
                 }
             }
             let o = matvec(&wo, &att, h);
-            for (a, b) in xs[i].iter_mut().zip(o) { *a += b; }
+            for (a, b) in xs[i].iter_mut().zip(o) {
+                *a += b;
+            }
             let xn = rms(&xs[i], &w("ffn_norm.weight"));
             let g = matvec(&w("ffn_gate.weight"), &xn, c.ffn);
             let u = matvec(&w("ffn_up.weight"), &xn, c.ffn);
-            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let down = matvec(&w("ffn_down.weight"), &act, h);
-            for (a, b) in xs[i].iter_mut().zip(down) { *a += b; }
+            for (a, b) in xs[i].iter_mut().zip(down) {
+                *a += b;
+            }
         }
     }
     let out = weights(src, "output.weight");
-    xs.iter().map(|x| matvec(&out, &rms(x, &weights(src, "output_norm.weight")), c.vocab)).collect()
+    xs.iter()
+        .map(|x| matvec(&out, &rms(x, &weights(src, "output_norm.weight")), c.vocab))
+        .collect()
 }
 
 fn new_cache(c: &Config, cfg: CacheConfig) -> Box<dyn KvCache> {
-    kivi_core::new_cache(&cfg, CacheShape { n_layer: c.n_layer, n_kv_head: c.n_kv_head, head_dim: c.head_dim }).unwrap()
+    kivi_core::new_cache(
+        &cfg,
+        CacheShape {
+            n_layer: c.n_layer,
+            n_kv_head: c.n_kv_head,
+            head_dim: c.head_dim,
+        },
+    )
+    .unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn random_tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -116,13 +163,17 @@ fn f16_cache_matches_f64_reference_llama_and_qwen2() {
         // Prefill 15 tokens at once, then 8 one-token decode steps reading the f16 cache.
         let mut cache = new_cache(&c, CacheConfig::F16);
         let seq = cache.add_sequence();
-        let pre = model.forward(&tokens[..15], cache.as_mut(), seq, Logits::All).unwrap();
+        let pre = model
+            .forward(&tokens[..15], cache.as_mut(), seq, Logits::All)
+            .unwrap();
         for i in 0..15 {
             let d = max_abs_diff(&pre[i * c.vocab..(i + 1) * c.vocab], &reference[i]);
             assert!(d < 2e-3, "{arch} prefill pos {i}: max |diff| {d}");
         }
         for i in 15..23 {
-            let l = model.forward(&tokens[i..i + 1], cache.as_mut(), seq, Logits::Last).unwrap();
+            let l = model
+                .forward(&tokens[i..i + 1], cache.as_mut(), seq, Logits::Last)
+                .unwrap();
             let d = max_abs_diff(&l, &reference[i]);
             // K/V of earlier tokens were rounded to f16 in the cache.
             assert!(d < 2e-2, "{arch} decode pos {i}: max |diff| {d}");
@@ -139,23 +190,41 @@ fn kivi_cache_tracks_reference_and_is_exact_inside_the_window() {
     let reference = reference_forward(&c, &src, &tokens);
     let mut errs = vec![];
     for (bits, tol) in [(4u8, 0.5f64), (2, 2.0)] {
-        let kivi = KiviConfig { k_bits: bits, v_bits: bits, group_size: 16, residual_len: 32, ..KiviConfig::default() };
+        let kivi = KiviConfig {
+            k_bits: bits,
+            v_bits: bits,
+            group_size: 16,
+            residual_len: 32,
+            ..KiviConfig::default()
+        };
         let mut cache = new_cache(&c, CacheConfig::Kivi(kivi));
         let seq = cache.add_sequence();
         // Prompt of 20 < R: nothing quantized, prefill logits equal the reference.
-        let pre = model.forward(&tokens[..20], cache.as_mut(), seq, Logits::All).unwrap();
+        let pre = model
+            .forward(&tokens[..20], cache.as_mut(), seq, Logits::All)
+            .unwrap();
         assert!(max_abs_diff(&pre[19 * c.vocab..], &reference[19]) < 2e-3);
         let mut worst: f64 = 0.0;
         for i in 20..100 {
-            let l = model.forward(&tokens[i..i + 1], cache.as_mut(), seq, Logits::Last).unwrap();
+            let l = model
+                .forward(&tokens[i..i + 1], cache.as_mut(), seq, Logits::Last)
+                .unwrap();
             worst = worst.max(max_abs_diff(&l, &reference[i]));
         }
         eprintln!("{bits}-bit: worst logit error {worst} over 80 decode steps");
         assert!(worst < tol, "{bits}-bit worst logit error {worst}");
         errs.push(worst);
-        assert!(cache.memory().code_bytes > 0, "{bits}-bit: nothing was quantized");
+        assert!(
+            cache.memory().code_bytes > 0,
+            "{bits}-bit: nothing was quantized"
+        );
     }
-    assert!(errs[0] < errs[1], "4-bit ({}) should be closer than 2-bit ({})", errs[0], errs[1]);
+    assert!(
+        errs[0] < errs[1],
+        "4-bit ({}) should be closer than 2-bit ({})",
+        errs[0],
+        errs[1]
+    );
 }
 
 #[test]
@@ -170,14 +239,20 @@ fn chunked_prefill_matches_one_shot_prefill() {
         let seq = cache.add_sequence();
         let mut last = vec![];
         for piece in tokens.chunks(chunk) {
-            last = model.forward(piece, cache.as_mut(), seq, Logits::Last).unwrap();
+            last = model
+                .forward(piece, cache.as_mut(), seq, Logits::Last)
+                .unwrap();
         }
         last
     };
     let one_shot = run(48);
     for chunk in [1, 5, 16] {
         let l = run(chunk);
-        let d = l.iter().zip(&one_shot).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let d = l
+            .iter()
+            .zip(&one_shot)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(d < 2e-2, "chunk {chunk}: max |diff| {d}");
     }
 }
@@ -204,6 +279,8 @@ fn wrong_tensor_shape_is_an_error_naming_it() {
     let src = RandomWeights::new(&c, DType::F32, 1).unwrap();
     let mut wrong = c.clone();
     wrong.ffn += 1;
-    let err = Model::load(&src, Naming::Gguf, wrong).err().expect("must fail");
+    let err = Model::load(&src, Naming::Gguf, wrong)
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("blk.0.ffn_gate.weight"), "{err}");
 }

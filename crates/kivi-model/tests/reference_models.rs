@@ -22,16 +22,26 @@ fn model_path(file: &str) -> Option<PathBuf> {
 }
 
 fn fixture(name: &str) -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn argmax(x: &[f32]) -> usize {
@@ -39,7 +49,11 @@ fn argmax(x: &[f32]) -> usize {
 }
 
 fn new_cache(c: &Config, cfg: CacheConfig) -> Box<dyn KvCache> {
-    let shape = CacheShape { n_layer: c.n_layer, n_kv_head: c.n_kv_head, head_dim: c.head_dim };
+    let shape = CacheShape {
+        n_layer: c.n_layer,
+        n_kv_head: c.n_kv_head,
+        head_dim: c.head_dim,
+    };
     kivi_core::new_cache(&cfg, shape).unwrap()
 }
 
@@ -50,10 +64,14 @@ fn check_against_fixture(model_file: &str, fixture_file: &str) {
     };
     let fx = fixture(fixture_file);
     let tol = &fx["tolerance"];
-    let (logit_abs, centered_abs) =
-        (tol["logit_abs"].as_f64().unwrap(), tol["logit_abs_centered"].as_f64().unwrap());
-    let (soft_margin, hard_margin) =
-        (tol["skip_if_margin_below"].as_f64().unwrap(), tol["argmax_hard_margin"].as_f64().unwrap());
+    let (logit_abs, centered_abs) = (
+        tol["logit_abs"].as_f64().unwrap(),
+        tol["logit_abs_centered"].as_f64().unwrap(),
+    );
+    let (soft_margin, hard_margin) = (
+        tol["skip_if_margin_below"].as_f64().unwrap(),
+        tol["argmax_hard_margin"].as_f64().unwrap(),
+    );
     let gguf = Gguf::open(&path).unwrap();
     let config = Config::from_gguf(&gguf).unwrap();
     let model = Model::load(&gguf, Naming::Gguf, config.clone()).unwrap();
@@ -65,7 +83,9 @@ fn check_against_fixture(model_file: &str, fixture_file: &str) {
         let prompt = ids(&p["ids"]);
         let mut cache = new_cache(&config, CacheConfig::F16);
         let seq = cache.add_sequence();
-        let all = model.forward(&prompt, cache.as_mut(), seq, Logits::All).unwrap();
+        let all = model
+            .forward(&prompt, cache.as_mut(), seq, Logits::All)
+            .unwrap();
         let last = &all[(prompt.len() - 1) * vocab..];
 
         // Last-position logits: top-40 and 256 fixed ids, raw and mean-centred.
@@ -78,22 +98,37 @@ fn check_against_fixture(model_file: &str, fixture_file: &str) {
             .iter()
             .map(|e| (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap()))
             .collect();
-        let fixed = f64s(&p["last"]["fixed_logits"]).into_iter().enumerate().map(|(i, l)| (i * step, l));
+        let fixed = f64s(&p["last"]["fixed_logits"])
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (i * step, l));
         for (id, want) in top.iter().cloned().chain(fixed) {
             let got = last[id] as f64;
             worst.0 = worst.0.max((got - want).abs());
             worst.1 = worst.1.max(((got - mean) - (want - ref_mean)).abs());
         }
-        eprintln!("{fixture_file} {name}: max |logit diff| {:.3}, centred {:.3}", worst.0, worst.1);
-        assert!(worst.0 <= logit_abs || worst.1 <= centered_abs, "{name}: logits differ by {worst:?}");
+        eprintln!(
+            "{fixture_file} {name}: max |logit diff| {:.3}, centred {:.3}",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 <= logit_abs || worst.1 <= centered_abs,
+            "{name}: logits differ by {worst:?}"
+        );
         // Top-40 overlap.
         let mut ours: Vec<usize> = (0..vocab).collect();
         ours.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
         let overlap = top.iter().filter(|(id, _)| ours[..40].contains(id)).count() as f64 / 40.0;
-        assert!(overlap >= tol["top_k_overlap_min"].as_f64().unwrap(), "{name}: top-40 overlap {overlap}");
+        assert!(
+            overlap >= tol["top_k_overlap_min"].as_f64().unwrap(),
+            "{name}: top-40 overlap {overlap}"
+        );
 
         // Teacher-forced argmax at every prompt position.
-        let (ref_arg, margins) = (ids(&p["positions"]["argmax"]), f64s(&p["positions"]["margin"]));
+        let (ref_arg, margins) = (
+            ids(&p["positions"]["argmax"]),
+            f64s(&p["positions"]["margin"]),
+        );
         let (mut agree, mut counted) = (0, 0);
         for i in 0..prompt.len() {
             let ours = argmax(&all[i * vocab..(i + 1) * vocab]);
@@ -123,7 +158,9 @@ fn check_against_fixture(model_file: &str, fixture_file: &str) {
             if free_running {
                 assert_eq!(ours, want, "{name}: free-running greedy step {i}");
             }
-            logits = model.forward(&[want], cache.as_mut(), seq, Logits::Last).unwrap();
+            logits = model
+                .forward(&[want], cache.as_mut(), seq, Logits::Last)
+                .unwrap();
         }
     }
 
@@ -132,21 +169,37 @@ fn check_against_fixture(model_file: &str, fixture_file: &str) {
     let text = ids(&ppl_fx["ids"]);
     let mut cache = new_cache(&config, CacheConfig::F16);
     let seq = cache.add_sequence();
-    let all = model.forward(&text, cache.as_mut(), seq, Logits::All).unwrap();
+    let all = model
+        .forward(&text, cache.as_mut(), seq, Logits::All)
+        .unwrap();
     let (mut nll, mut correct) = (0.0f64, 0usize);
     for i in 0..text.len() - 1 {
         let row = &all[i * vocab..(i + 1) * vocab];
         let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let lse = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+        let lse = row
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
         nll += lse - row[text[i + 1] as usize] as f64;
         correct += usize::from(argmax(row) == text[i + 1] as usize);
     }
     let n = (text.len() - 1) as f64;
     let (ppl, acc) = ((nll / n).exp(), correct as f64 / n);
-    let (ref_ppl, ref_acc) = (ppl_fx["ppl"].as_f64().unwrap(), ppl_fx["top1_acc"].as_f64().unwrap());
+    let (ref_ppl, ref_acc) = (
+        ppl_fx["ppl"].as_f64().unwrap(),
+        ppl_fx["top1_acc"].as_f64().unwrap(),
+    );
     eprintln!("{fixture_file}: PPL {ppl:.4} (reference {ref_ppl:.4}), top-1 {acc:.4} (reference {ref_acc:.4})");
-    assert!((ppl / ref_ppl - 1.0).abs() <= tol["ppl_rel"].as_f64().unwrap(), "PPL {ppl} vs {ref_ppl}");
-    assert!((acc - ref_acc).abs() <= tol["top1_acc_abs"].as_f64().unwrap(), "top-1 {acc} vs {ref_acc}");
+    assert!(
+        (ppl / ref_ppl - 1.0).abs() <= tol["ppl_rel"].as_f64().unwrap(),
+        "PPL {ppl} vs {ref_ppl}"
+    );
+    assert!(
+        (acc - ref_acc).abs() <= tol["top1_acc_abs"].as_f64().unwrap(),
+        "top-1 {acc} vs {ref_acc}"
+    );
 }
 
 #[test]
