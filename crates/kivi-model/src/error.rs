@@ -5,10 +5,17 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 #[derive(Debug, Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// A malformed or hostile file. `field` names what was being read.
     #[error("invalid {format} file: {field}: {detail}")]
-    Format { format: &'static str, field: String, detail: String },
+    Format {
+        format: &'static str,
+        field: String,
+        detail: String,
+    },
     #[error("unsupported tensor type {0}")]
     UnsupportedType(String),
     #[error("unknown architecture `{0}` (supported: llama, qwen2)")]
@@ -18,7 +25,11 @@ pub enum ModelError {
     #[error("missing metadata `{0}`")]
     MissingMetadata(String),
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
-    TensorShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -30,7 +41,15 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub fn format(format: &'static str, field: impl Into<String>, detail: impl Into<String>) -> Self {
-        ModelError::Format { format, field: field.into(), detail: detail.into() }
+    pub fn format(
+        format: &'static str,
+        field: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        ModelError::Format {
+            format,
+            field: field.into(),
+            detail: detail.into(),
+        }
     }
 }
