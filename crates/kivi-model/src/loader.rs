@@ -30,33 +30,26 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         source: e,
     };
     let meta = std::fs::metadata(path).map_err(io_err)?;
-    if meta.is_dir() {
+    let (model, tokenizer, chat_template) = if meta.is_dir() {
         let dir = SafetensorsDir::open(path)?;
-        let config = Config::from_hf(dir.config())?;
         let tokenizer = Tokenizer::from_dir(path)?;
         let chat_template = ChatTemplate::from_dir(path, &tokenizer)?;
-        let model = Model::load(&dir, Naming::HuggingFace, config)?;
-        check_vocab(&model, &tokenizer)?;
-        Ok(LoadedModel {
-            name,
-            model,
-            tokenizer,
-            chat_template,
-        })
+        let model = Model::load(&dir, Naming::HuggingFace, Config::from_hf(dir.config())?)?;
+        (model, tokenizer, chat_template)
     } else {
         let gguf = Gguf::open(path)?;
-        let config = Config::from_gguf(&gguf)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let chat_template = ChatTemplate::from_gguf(&gguf, &tokenizer)?;
-        let model = Model::load(&gguf, Naming::Gguf, config)?;
-        check_vocab(&model, &tokenizer)?;
-        Ok(LoadedModel {
-            name,
-            model,
-            tokenizer,
-            chat_template,
-        })
-    }
+        let model = Model::load(&gguf, Naming::Gguf, Config::from_gguf(&gguf)?)?;
+        (model, tokenizer, chat_template)
+    };
+    check_vocab(&model, &tokenizer)?;
+    Ok(LoadedModel {
+        name,
+        model,
+        tokenizer,
+        chat_template,
+    })
 }
 
 /// Every id the tokenizer can produce must index the embedding.
