@@ -3,6 +3,8 @@
 mod bench;
 mod eval;
 mod fetch;
+mod inspect;
+mod passkey;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -39,12 +41,16 @@ enum Command {
     /// Quality evaluation of KV cache configurations.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Plot per-channel magnitudes of post-RoPE keys and values (the KIVI paper's Figure 2).
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Perplexity, ΔPPL, KL and top-1 agreement against the f16 cache, decode-mode.
     Ppl(eval::EvalPplArgs),
+    /// Passkey retrieval accuracy per (length, depth) in a Paul Graham haystack, with a heatmap.
+    Passkey(passkey::EvalPasskeyArgs),
 }
 
 #[derive(Subcommand)]
@@ -202,6 +208,8 @@ fn main() -> ExitCode {
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
+        Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
+        Command::Inspect(a) => inspect::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

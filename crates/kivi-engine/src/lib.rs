@@ -1,7 +1,10 @@
 //! Sequences, sampling and the generation loop over a kivi model.
 
 pub mod eval;
+pub mod inspect;
 pub mod kv_spec;
+pub mod passkey;
+pub mod plot;
 pub mod sampler;
 pub mod session;
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Regenerates the measurements behind docs/quality.md (SmolLM2-135M, CPU).
+#   scripts/eval/quality.sh [OUT_DIR]        (default: docs/quality-data)
+# Needs the default model (scripts/fetch-models.sh smollm2) and texts (scripts/fetch-data.sh).
+# Runs one evaluation at a time; on a 2-core machine the whole set takes about an hour.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-docs/quality-data}
+DATA=${KIVI_CACHE:-$HOME/.cache/kivi}/data
+KIVI=${KIVI:-target/release/kivi}
+mkdir -p "$OUT"
+[ -x "$KIVI" ] || cargo build --release -p kivi-cli
+PP="$DATA/austen/prideprejudice.txt"
+
+# 1. chunk 1 (exact decode semantics) against chunk 16, 500 tokens.
+for c in 1 16; do
+  "$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 500 --chunk "$c" \
+    --caches kivi4,k4v2,kivi2,kivi2:r0,kivi2:kt --out "$OUT/ppl-chunk$c-500.json" | tee "$OUT/ppl-chunk$c-500.md"
+done
+
+# 2. Ablations, 1,500 tokens, exact decode semantics.
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 1500 --chunk 1 \
+  --caches kivi8,kivi4,k4v2,k2v4,k8v2,kivi2,kivi2:sink4,kivi2:g16,kivi2:r0,kivi2:r32,kivi2:r64,kivi2:kt,kivi2:vc,kivi2:kt:vc,k4v2:sink4,k4v2:g16:sink4 \
+  --out "$OUT/ppl-ablation-1500.json" | tee "$OUT/ppl-ablation-1500.md"
+
+# 3. Passkey retrieval, 1K/2K/4K tokens, 5 depths.
+"$KIVI" eval passkey --caches kivi4,k4v2,kivi2 --lengths 1k,2k,4k --depths 0,25,50,75,100 \
+  --out "$OUT/passkey.json" --png "$OUT/passkey.png" | tee "$OUT/passkey.md"
+
+# 4. Figure 2: key and value channel magnitudes.
+"$KIVI" inspect --layers 0,15,29 --heads all --max-tokens 512 --out-dir "$OUT/inspect" | tee "$OUT/inspect.md"
