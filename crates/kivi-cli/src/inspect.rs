@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kivi_engine::inspect::{channel_absmax, head_matrix, outlier_ratio, record_kv};
+use kivi_engine::inspect::{
+    channel_absmax, channel_absmean, head_matrix, outlier_ratio, record_kv,
+};
 use kivi_engine::plot::{text_width, viridis, Canvas, BLACK, GREY, WHITE};
 
 use crate::ModelArgs;
@@ -109,13 +111,17 @@ pub fn run(a: InspectArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
     println!(
-        "{}: {} tokens of {}, post-RoPE K and V; outlier ratio = largest per-channel max|x| / median",
+        "{}: {} tokens of {}, post-RoPE K and V. Outlier ratio: the largest channel's max|x| \
+         (or mean|x|) / the median channel's",
         m.name,
         tokens.len(),
         file.display()
     );
-    println!("| layer | KV head | K max|x| | K outlier ratio | top K channels | V max|x| | V outlier ratio |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| layer | KV head | K max|x| | K ratio (max) | K ratio (mean) | top K channels \
+         | V max|x| | V ratio (max) | V ratio (mean) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let d = c.head_dim;
     for l in &rec {
         for &h in &heads {
@@ -128,11 +134,13 @@ pub fn run(a: InspectArgs) -> Result<()> {
             let kmax = ka.iter().cloned().fold(0f32, f32::max);
             let vmax = va.iter().cloned().fold(0f32, f32::max);
             println!(
-                "| {} | {h} | {kmax:.2} | {:.1} | {} | {vmax:.2} | {:.1} |",
+                "| {} | {h} | {kmax:.2} | {:.1} | {:.1} | {} | {vmax:.2} | {:.1} | {:.1} |",
                 l.layer,
                 outlier_ratio(&ka),
+                outlier_ratio(&channel_absmean(&k, d)),
                 top.join(", "),
-                outlier_ratio(&va)
+                outlier_ratio(&va),
+                outlier_ratio(&channel_absmean(&v, d))
             );
             let png = a.out_dir.join(format!("layer{}_head{h}.png", l.layer));
             let title = format!(

@@ -334,8 +334,9 @@ fn heatmap(
     let panel_gap = 30;
     let width = left + names.len() * (panel_w + panel_gap) + 10;
     let height = top + ch * lengths.len() + 50;
-    let mut c = Canvas::new(width.max(text_width(model, s) + 20), height, WHITE);
-    c.text(10, 8, &format!("PASSKEY ACCURACY, {model}"), s, BLACK);
+    let title = format!("PASSKEY ACCURACY (%), {model}");
+    let mut c = Canvas::new(width.max(text_width(&title, s) + 20), height, WHITE);
+    c.text(10, 8, &title, s, BLACK);
     c.text(10, top - 14, "LEN", 1, GREY);
     for (r, &len) in lengths.iter().enumerate() {
         c.text(10, top + r * ch + ch / 2 - 7, &len.to_string(), s, BLACK);

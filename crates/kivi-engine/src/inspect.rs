@@ -153,8 +153,20 @@ pub fn channel_absmax(x: &[f32], dim: usize) -> Vec<f32> {
     m
 }
 
-/// How much the largest channel stands out: max over channels of the per-channel max |x|, divided
-/// by the median of the per-channel max |x|.
+/// Per-channel mean |x| over tokens of a `[tokens][dim]` matrix.
+pub fn channel_absmean(x: &[f32], dim: usize) -> Vec<f32> {
+    let mut m = vec![0f64; dim];
+    let n = (x.len() / dim.max(1)).max(1) as f64;
+    for row in x.chunks(dim) {
+        for (a, &v) in m.iter_mut().zip(row) {
+            *a += v.abs() as f64;
+        }
+    }
+    m.into_iter().map(|a| (a / n) as f32).collect()
+}
+
+/// How much the largest channel stands out: the largest per-channel statistic (max |x| or mean
+/// |x|) divided by the median over channels.
 pub fn outlier_ratio(absmax: &[f32]) -> f64 {
     if absmax.is_empty() {
         return 0.0;
@@ -190,6 +202,7 @@ mod tests {
         let h1 = head_matrix(&k, 2, 4, 1);
         assert_eq!(h1, vec![4.0, 5.0, 6.0, 7.0, 12.0, 13.0, 14.0, 15.0]);
         assert_eq!(channel_absmax(&h1, 4), vec![12.0, 13.0, 14.0, 15.0]);
+        assert_eq!(channel_absmean(&h1, 4), vec![8.0, 9.0, 10.0, 11.0]);
         assert!((outlier_ratio(&[1.0, 1.0, 1.0, 10.0]) - 10.0).abs() < 1e-9);
     }
 }
