@@ -255,7 +255,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(a.model.prefill_chunk)?;
     let m = a.model.load()?;
     let mut session = Session::new(&m.model, &cache_cfg)?;
-    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::system(s)).collect();
+    let mut messages: Vec<Message> = a.system.iter().map(Message::system).collect();
     let eos = m.tokenizer.eos_ids().to_vec();
     eprintln!(
         "kivi chat: {} ({}), KV cache {}. /reset starts over, /exit or Ctrl-D quits.",

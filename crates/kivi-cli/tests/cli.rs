@@ -141,7 +141,7 @@ fn corrupt_and_truncated_model_files() {
     std::fs::write(
         &garbage,
         (0..4096u32)
-            .map(|i| (i * 2654435761u32 >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2654435761u32) >> 13) as u8)
             .collect::<Vec<_>>(),
     )
     .unwrap();

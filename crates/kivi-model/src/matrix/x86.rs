@@ -629,7 +629,7 @@ unsafe fn rows_q8_avx512_body<const N: usize, const T: u8>(
         _ => 34,
     };
     let nb = row_bytes / bb;
-    assert!(nb % 2 == 0);
+    assert!(nb.is_multiple_of(2));
     let np = nb / 2;
     for x in &xs {
         assert!(x.qs.len() >= 32 * nb && x.sc.len() >= 16 * np && x.sm.len() >= 16 * np);
