@@ -266,9 +266,7 @@ impl Model {
             rmsnorm(&mut xb, &x, &layer.ffn_norm, c.rms_eps);
             layer.w_gate.matmul(&xb, n, &mut gate);
             layer.w_up.matmul(&xb, n, &mut up);
-            gate.par_iter_mut()
-                .zip(up.par_iter())
-                .for_each(|(g, u)| *g = silu(*g) * u);
+            swiglu_in_place(&mut gate, &up);
             layer.w_down.matmul(&gate, n, &mut tmp);
             add_in_place(&mut x, &tmp);
         }
@@ -341,6 +339,16 @@ fn add_bias(x: &mut [f32], b: &[f32]) {
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+/// `gate = silu(gate) * up`; threads only pay off for prefill-sized inputs.
+fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    let f = |(g, u): (&mut f32, &f32)| *g = silu(*g) * u;
+    if gate.len() >= 1 << 16 {
+        gate.par_iter_mut().zip(up.par_iter()).for_each(f);
+    } else {
+        gate.iter_mut().zip(up).for_each(f);
     }
 }
 
