@@ -272,7 +272,8 @@ impl Matrix {
                     let nb = n * self.cols / dequant::QK;
                     scratch.q8.resize(nb, BlockQ8::default());
                     quantize_q8(path, x, &mut scratch.q8);
-                    if path == KernelPath::Avx512Vnni && (self.cols / dequant::QK).is_multiple_of(2) {
+                    if path == KernelPath::Avx512Vnni && (self.cols / dequant::QK).is_multiple_of(2)
+                    {
                         scratch.wide.fill(&scratch.q8);
                         Act::Wide(&scratch.wide)
                     } else {
