@@ -305,10 +305,19 @@ fn partial(
         for (d, s) in qs.iter_mut().zip(qrows) {
             *d = s * inv_sqrt;
         }
-        for seg in &view.k[h] {
+        for (j, seg) in view.k[h].iter().enumerate() {
             let lo = a.max(seg.start);
             let hi = hi_i.min(seg.start + seg.len);
             if lo < hi {
+                // Next block of keys, or after the last one the first block of values.
+                match view.k[h].get(j + 1) {
+                    Some(nx) if nx.start < hi_i => prefetch(isa, &nx.data),
+                    _ => {
+                        if let Some(v0) = view.v[h].iter().find(|s| s.start + s.len > a) {
+                            prefetch(isa, &v0.data);
+                        }
+                    }
+                }
                 let out = &mut scores[lo - a..];
                 k_scores_multi(
                     isa,
@@ -334,10 +343,13 @@ fn partial(
             out[1] = sum;
         }
         acc.fill(0.0);
-        for seg in &view.v[h] {
+        for (j, seg) in view.v[h].iter().enumerate() {
             let lo = a.max(seg.start);
             let hi = hi_i.min(seg.start + seg.len);
             if lo < hi {
+                if let Some(nx) = view.v[h].get(j + 1).filter(|s| s.start < hi_i) {
+                    prefetch(isa, &nx.data);
+                }
                 let p = &scores[lo - a..];
                 v_accumulate_multi(
                     isa,
@@ -356,6 +368,17 @@ fn partial(
         }
     }
     res
+}
+
+/// Hints the cache to load a quantized segment ahead of its kernel (no-op for f16/f32 rows and
+/// on the scalar path).
+fn prefetch(isa: Isa, seg: &SegData<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        simd::prefetch_seg(seg);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (isa, seg);
 }
 
 /// Scores of `m` queries (`q = [m][head_dim]`) at once: `out[r * out_stride + i] = q_r · k[t0+i]`.

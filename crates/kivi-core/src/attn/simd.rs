@@ -360,6 +360,20 @@ impl Lanes16 {
     }
 }
 
+impl Lanes16 {
+    /// Codes as f32 like [`Lanes16::load`]; 2/4-bit codes through the `iota` table (shift +
+    /// `vpermps`, no mask and no int→float conversion; spreads the work over ports 0 and 5).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn decode(&self, wp: *const u32, bits: u8) -> __m512 {
+        if bits <= 4 {
+            self.lookup(wp, self.iota)
+        } else {
+            self.load(wp)
+        }
+    }
+}
+
 /// Lane constants for 8 codes.
 struct Lanes8 {
     shifts: __m256i,
@@ -438,6 +452,14 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
         };
     }
     match (isa, g) {
+        (Isa::Avx512, 16) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 1),
+        (Isa::Avx512, 32) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 2),
+        (Isa::Avx512, 64) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 4),
+        (Isa::Avx512, 128) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 8),
+        (Isa::Avx512, 16) if seg.bits == 4 => run!(k_chan_group_4bit_avx512, 1),
+        (Isa::Avx512, 32) if seg.bits == 4 => run!(k_chan_group_4bit_avx512, 2),
+        (Isa::Avx512, 64) if seg.bits == 4 => run!(k_chan_group_4bit_avx512, 4),
+        (Isa::Avx512, 128) if seg.bits == 4 => run!(k_chan_group_4bit_avx512, 8),
         (Isa::Avx512, 16) => run!(k_chan_group_avx512, 1),
         (Isa::Avx512, 32) => run!(k_chan_group_avx512, 2),
         (Isa::Avx512, 64) => run!(k_chan_group_avx512, 4),
@@ -542,6 +564,215 @@ unsafe fn k_chan_group_avx512<const NB: usize>(
     }
 }
 
+/// Index constants of the paired 2-bit decode (two rows per `vpermps`, 16-entry table).
+///
+/// Rows `x` and `y` (two channels of a key group, or two tokens of a value row) each hold 16
+/// codes per word. Lane `j` needs `code_x[j] + 4·code_y[j]` in its low 4 bits:
+/// `srlv(x, 2j)` puts `code_x[j]` in bits 0–1, `rorv(y, 2j − 2)` puts `code_y[j]` in bits 2–3,
+/// and a bit-select on `0b11` merges them (`vpermps` ignores index bits above 3). The table is
+/// `T[a + 4b] = wx·a + wy·b`, one multiply and one FMA from the constants below.
+struct Pair2 {
+    shift_x: __m512i,
+    rot_y: __m512i,
+    low2: __m512i,
+    /// `e & 3`
+    ca: __m512,
+    /// `e >> 2`
+    cb: __m512,
+}
+
+const PAIR2_CB: [f32; 16] = [
+    0., 0., 0., 0., 1., 1., 1., 1., 2., 2., 2., 2., 3., 3., 3., 3.,
+];
+
+impl Pair2 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new() -> Self {
+        let sx: [i32; 16] = std::array::from_fn(|j| 2 * j as i32);
+        let ry: [i32; 16] = std::array::from_fn(|j| ((2 * j as i32) + 30) % 32);
+        Pair2 {
+            shift_x: _mm512_loadu_si512(sx.as_ptr() as *const _),
+            rot_y: _mm512_loadu_si512(ry.as_ptr() as *const _),
+            low2: _mm512_set1_epi32(3),
+            ca: _mm512_loadu_ps(IOTA[0].as_ptr()),
+            cb: _mm512_loadu_ps(PAIR2_CB.as_ptr()),
+        }
+    }
+
+    /// `T[a + 4b] = wx·a + wy·b`.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn table(&self, wx: f32, wy: f32) -> __m512 {
+        _mm512_fmadd_ps(
+            _mm512_set1_ps(wy),
+            self.cb,
+            _mm512_mul_ps(_mm512_set1_ps(wx), self.ca),
+        )
+    }
+
+    /// `T[code_x[j] + 4·code_y[j]]` for the 16 codes of the words at `x` and `y`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lookup(&self, x: *const u32, y: *const u32, t: __m512) -> __m512 {
+        let a = _mm512_srlv_epi32(_mm512_set1_epi32(*x as i32), self.shift_x);
+        let b = _mm512_rorv_epi32(_mm512_set1_epi32(*y as i32), self.rot_y);
+        // Bit-select: bits of `a` where `low2` is set, of `b` elsewhere.
+        let idx = _mm512_ternarylogic_epi32(self.low2, a, b, 0xCA);
+        _mm512_permutexvar_ps(idx, t)
+    }
+}
+
+/// 2-bit keys, one group of `16 * NB` tokens (same result as [`k_chan_group_avx512`]):
+/// channels are taken in pairs, each pair's codes decoded by one `vpermps` of a 16-entry table
+/// of `qs[d]·a + qs[d+1]·b` (see [`Pair2`]); two accumulator sets (pairs alternate).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_chan_group_2bit_avx512<const NB: usize>(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    g: usize,
+    tmp: &mut [f32],
+) {
+    debug_assert_eq!(seg.bits, 2);
+    let gw = g * NB;
+    let wpr = seg.words_per_row;
+    let hd = q.len();
+    let mut qs = [0f32; MAX_HEAD_DIM];
+    let bias = fold_query_avx512(q, seg, g, &mut qs[..hd]);
+    let pair = Pair2::new();
+    let cp = seg.codes.as_ptr();
+    let mut a0 = [_mm512_setzero_ps(); NB];
+    let mut a1 = [_mm512_setzero_ps(); NB];
+    let mut d = 0;
+    while d + 4 <= hd {
+        let t0 = pair.table(qs[d], qs[d + 1]);
+        let t1 = pair.table(qs[d + 2], qs[d + 3]);
+        let r0 = cp.add(d * wpr + gw);
+        let (r1, r2, r3) = (r0.add(wpr), r0.add(2 * wpr), r0.add(3 * wpr));
+        for b in 0..NB {
+            a0[b] = _mm512_add_ps(a0[b], pair.lookup(r0.add(b), r1.add(b), t0));
+            a1[b] = _mm512_add_ps(a1[b], pair.lookup(r2.add(b), r3.add(b), t1));
+        }
+        d += 4;
+    }
+    if d + 2 <= hd {
+        let t0 = pair.table(qs[d], qs[d + 1]);
+        let r0 = cp.add(d * wpr + gw);
+        let r1 = r0.add(wpr);
+        for b in 0..NB {
+            a0[b] = _mm512_add_ps(a0[b], pair.lookup(r0.add(b), r1.add(b), t0));
+        }
+        d += 2;
+    }
+    if d < hd {
+        // Last odd channel: pair it with itself at weight 0.
+        let t0 = pair.table(qs[d], 0.0);
+        let r0 = cp.add(d * wpr + gw);
+        for b in 0..NB {
+            a1[b] = _mm512_add_ps(a1[b], pair.lookup(r0.add(b), r0.add(b), t0));
+        }
+    }
+    let bias = _mm512_set1_ps(bias);
+    let tp = tmp.as_mut_ptr();
+    for b in 0..NB {
+        _mm512_storeu_ps(
+            tp.add(16 * b),
+            _mm512_add_ps(_mm512_add_ps(a0[b], a1[b]), bias),
+        );
+    }
+}
+
+/// 4-bit decode of 16 codes (two words) without a cross-lane permute of the words: the two
+/// words are broadcast as one 64-bit value, so lanes alternate between them, and lane `2k` /
+/// `2k + 1` take nibble `k` of word 0 / word 1 (`srlv` by `4k`), i.e. codes `k` and `8 + k`.
+/// Results come out in that interleaved order; `unperm` restores the natural order once at the
+/// end (`vpermps`). `vpermps` reads the low 4 bits of the shifted word: the code itself.
+struct Quad4 {
+    shifts: __m512i,
+    unperm: __m512i,
+}
+
+impl Quad4 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new() -> Self {
+        let sh: [i32; 16] = std::array::from_fn(|l| 4 * (l as i32 / 2));
+        let un: [i32; 16] = std::array::from_fn(|t| {
+            if t < 8 {
+                2 * t as i32
+            } else {
+                2 * (t as i32 - 8) + 1
+            }
+        });
+        Quad4 {
+            shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
+            unperm: _mm512_loadu_si512(un.as_ptr() as *const _),
+        }
+    }
+
+    /// `lut[code]` of the 16 codes in the words `wp[0..2]`, interleaved order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lookup(&self, wp: *const u32, lut: __m512) -> __m512 {
+        let w = _mm512_set1_epi64((wp as *const i64).read_unaligned());
+        _mm512_permutexvar_ps(_mm512_srlv_epi32(w, self.shifts), lut)
+    }
+
+    /// Interleaved order → natural order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn unpermute(&self, v: __m512) -> __m512 {
+        _mm512_permutexvar_ps(self.unperm, v)
+    }
+}
+
+/// 4-bit keys, one group of `16 * NB` tokens (same result as [`k_chan_group_avx512`]): a
+/// 16-entry table `qs[d]·c` per channel, codes decoded by [`Quad4`].
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_chan_group_4bit_avx512<const NB: usize>(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    g: usize,
+    tmp: &mut [f32],
+) {
+    debug_assert_eq!(seg.bits, 4);
+    let gw = g * 2 * NB;
+    let wpr = seg.words_per_row;
+    let hd = q.len();
+    let mut qs = [0f32; MAX_HEAD_DIM];
+    let bias = fold_query_avx512(q, seg, g, &mut qs[..hd]);
+    let quad = Quad4::new();
+    let iota = _mm512_loadu_ps(IOTA[1].as_ptr());
+    let cp = seg.codes.as_ptr();
+    let mut a0 = [_mm512_setzero_ps(); NB];
+    let mut a1 = [_mm512_setzero_ps(); NB];
+    let mut d = 0;
+    while d + 2 <= hd {
+        let l0 = _mm512_mul_ps(_mm512_set1_ps(qs[d]), iota);
+        let l1 = _mm512_mul_ps(_mm512_set1_ps(qs[d + 1]), iota);
+        let r0 = cp.add(d * wpr + gw);
+        let r1 = r0.add(wpr);
+        for b in 0..NB {
+            a0[b] = _mm512_add_ps(a0[b], quad.lookup(r0.add(2 * b), l0));
+            a1[b] = _mm512_add_ps(a1[b], quad.lookup(r1.add(2 * b), l1));
+        }
+        d += 2;
+    }
+    if d < hd {
+        let l0 = _mm512_mul_ps(_mm512_set1_ps(qs[d]), iota);
+        let r0 = cp.add(d * wpr + gw);
+        for b in 0..NB {
+            a0[b] = _mm512_add_ps(a0[b], quad.lookup(r0.add(2 * b), l0));
+        }
+    }
+    let bias = _mm512_set1_ps(bias);
+    let tp = tmp.as_mut_ptr();
+    for b in 0..NB {
+        let v = quad.unpermute(_mm512_add_ps(a0[b], a1[b]));
+        _mm512_storeu_ps(tp.add(16 * b), _mm512_add_ps(v, bias));
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k_chan_group_avx2<const NB: usize>(
     q: &[f32],
@@ -624,6 +855,46 @@ pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &m
     }
 }
 
+/// Prefetches (into L1) the cache lines of `len` bytes from `p` (no access: `p` may dangle).
+#[inline]
+#[target_feature(enable = "sse")]
+unsafe fn prefetch_lines(p: *const u8, len: usize) {
+    let mut o = 0;
+    while o < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8);
+        o += 64;
+    }
+}
+
+/// Software prefetch (into L2) of a quantized segment's codes, scales and mins, issued one
+/// segment (block) ahead by the driver: each block's per-head parts are only 2–16 KB, too short
+/// for the hardware prefetcher to ramp up. f16/f32 rows are left to the hardware prefetcher.
+pub fn prefetch_seg(seg: &super::SegData<'_>) {
+    let parts = |c: &[u32], s: &[f16], m: &[f16]| {
+        // SAFETY: prefetches only hint the cache; the ranges are inside live slices.
+        unsafe {
+            prefetch_lines_l2(c.as_ptr() as *const u8, c.len() * 4);
+            prefetch_lines_l2(s.as_ptr() as *const u8, s.len() * 2);
+            prefetch_lines_l2(m.as_ptr() as *const u8, m.len() * 2);
+        }
+    };
+    match seg {
+        super::SegData::Chan(c) => parts(c.codes, c.scales, c.mins),
+        super::SegData::Tok(t) => parts(t.codes, t.scales, t.mins),
+        _ => {}
+    }
+}
+
+#[inline]
+#[target_feature(enable = "sse")]
+unsafe fn prefetch_lines_l2(p: *const u8, len: usize) {
+    let mut o = 0;
+    while o < len.min(1 << 16) {
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o) as *const i8);
+        o += 64;
+    }
+}
+
 /// Tokens per sub-chunk of the value kernel's prepass.
 const V_SUB: usize = 64;
 
@@ -665,6 +936,21 @@ unsafe fn v_tok_avx512<const NV: usize>(
     while i0 < n {
         let cnt = V_SUB.min(n - i0);
         let m = cnt * gpt;
+        // Software prefetch of the next sub-chunk's codes and scales/mins: the hardware
+        // prefetcher restarts at every block (8 KB per KV head) and at page boundaries.
+        let nx = (n - i0 - cnt).min(V_SUB);
+        prefetch_lines(
+            cp.wrapping_add((t0 + i0 + cnt) * wpt) as *const u8,
+            nx * wpt * 4,
+        );
+        prefetch_lines(
+            sp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
+            nx * gpt * 2,
+        );
+        prefetch_lines(
+            mp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
+            nx * gpt * 2,
+        );
         let mut j = 0;
         while j + 16 <= m {
             let pv = _mm512_maskz_loadu_ps(pmask, p.as_ptr().add(i0 + j / gpt));
@@ -683,7 +969,47 @@ unsafe fn v_tok_avx512<const NV: usize>(
             min_acc[j % gpt] += w * h2f(f16::from_bits(*mp.add(off)));
             j += 1;
         }
-        if seg.bits <= 4 {
+        if seg.bits == 2 {
+            // Tokens in pairs: one `vpermps` of a 16-entry table per two codes (see [`Pair2`]);
+            // an odd last token is paired with itself at weight 0.
+            let pair = Pair2::new();
+            let mut i = 0;
+            while i < cnt {
+                let i1 = if i + 1 < cnt { i + 1 } else { i };
+                let (rx, ry) = (cp.add((t0 + i0 + i) * wpt), cp.add((t0 + i0 + i1) * wpt));
+                let (px, py) = (ps.as_ptr().add(i * gpt), ps.as_ptr().add(i1 * gpt));
+                let wy = |gi: usize| if i1 > i { *py.add(gi) } else { 0.0 };
+                let mut lut = _mm512_setzero_ps();
+                for (jv, aj) in a.iter_mut().enumerate() {
+                    if gstart[jv] {
+                        lut = pair.table(*px.add(gof[jv]), wy(gof[jv]));
+                    }
+                    *aj = _mm512_add_ps(*aj, pair.lookup(rx.add(jv), ry.add(jv), lut));
+                }
+                i += 2;
+            }
+        } else if seg.bits == 4 {
+            // 16-entry table p·scale·[0..16] per token and group, codes decoded by [`Quad4`]
+            // (accumulators in interleaved channel order until the end).
+            let quad = Quad4::new();
+            let iota = _mm512_loadu_ps(IOTA[1].as_ptr());
+            for i in 0..cnt {
+                let row = cp.add((t0 + i0 + i) * wpt);
+                let pr = ps.as_ptr().add(i * gpt);
+                let mut lut = _mm512_setzero_ps();
+                for (jv, aj) in a.iter_mut().enumerate() {
+                    if gstart[jv] {
+                        lut = _mm512_mul_ps(_mm512_set1_ps(*pr.add(gof[jv])), iota);
+                    }
+                    *aj = _mm512_add_ps(*aj, quad.lookup(row.add(2 * jv), lut));
+                }
+            }
+            if i0 + cnt >= n {
+                for aj in a.iter_mut() {
+                    *aj = quad.unpermute(*aj);
+                }
+            }
+        } else if seg.bits <= 4 {
             // Lookup-table decode: lut = p·scale·[codes], one multiply per token and group.
             for i in 0..cnt {
                 let row = cp.add((t0 + i0 + i) * wpt);
@@ -847,7 +1173,7 @@ unsafe fn k_chan_group_multi_avx512<const M: usize, const NB: usize>(
     for d in 0..hd {
         let row = cp.add(d * seg.words_per_row + gw);
         for b in 0..NB {
-            let c = lanes.load(row.add(b * lanes.nwords));
+            let c = lanes.decode(row.add(b * lanes.nwords), seg.bits);
             for r in 0..M {
                 acc[r][b] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), c, acc[r][b]);
             }
@@ -964,7 +1290,7 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
         for i in 0..cnt {
             let row = cp.add((t0 + i0 + i) * wpt);
             for jv in 0..NV {
-                let c = lanes.load(row.add(jv * lanes.nwords));
+                let c = lanes.decode(row.add(jv * lanes.nwords), seg.bits);
                 for r in 0..M {
                     let w = _mm512_set1_ps(ps[r][i * gpt + gof[jv]]);
                     a[r][jv] = _mm512_fmadd_ps(w, c, a[r][jv]);
