@@ -372,13 +372,16 @@ fn partial(
 
 /// Hints the cache to load a quantized segment ahead of its kernel (no-op for f16/f32 rows and
 /// on the scalar path).
+/// `KIVI_NO_PREFETCH=1` turns it off (for measurements).
 fn prefetch(isa: Isa, seg: &SegData<'_>) {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("KIVI_NO_PREFETCH").is_ok_and(|v| v == "1"));
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Scalar {
+    if isa != Isa::Scalar && !off {
         simd::prefetch_seg(seg);
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (isa, seg);
+    let _ = (isa, seg, off);
 }
 
 /// Scores of `m` queries (`q = [m][head_dim]`) at once: `out[r * out_stride + i] = q_r · k[t0+i]`.
