@@ -843,10 +843,32 @@ pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &m
         // SAFETY (all arms): the CPU has the features; codes/scales/mins of tokens
         // `t0..t0+n` and `acc[..hd]` are in bounds (asserted above); groups are whole multiples
         // of the lane count, so one lane vector lies in one group.
-        (Isa::Avx512, 32, true, _) => unsafe { v_tok_avx512::<2>(p, seg, t0, n, acc) },
-        (Isa::Avx512, 64, true, _) => unsafe { v_tok_avx512::<4>(p, seg, t0, n, acc) },
-        (Isa::Avx512, 128, true, _) => unsafe { v_tok_avx512::<8>(p, seg, t0, n, acc) },
-        (Isa::Avx512, 256, true, _) => unsafe { v_tok_avx512::<16>(p, seg, t0, n, acc) },
+        (Isa::Avx512, 32, true, _) => match g {
+            // SAFETY (these arms): as above; VPG = g / 16 (g is a multiple of 16 dividing hd).
+            16 => unsafe { v_tok_avx512::<2, 1>(p, seg, t0, n, acc) },
+            _ => unsafe { v_tok_avx512::<2, 2>(p, seg, t0, n, acc) },
+        },
+        (Isa::Avx512, 64, true, _) => match g {
+            // SAFETY (these arms): as above; VPG = g / 16 (g is a multiple of 16 dividing hd).
+            16 => unsafe { v_tok_avx512::<4, 1>(p, seg, t0, n, acc) },
+            32 => unsafe { v_tok_avx512::<4, 2>(p, seg, t0, n, acc) },
+            _ => unsafe { v_tok_avx512::<4, 4>(p, seg, t0, n, acc) },
+        },
+        (Isa::Avx512, 128, true, _) => match g {
+            // SAFETY (these arms): as above; VPG = g / 16 (g is a multiple of 16 dividing hd).
+            16 => unsafe { v_tok_avx512::<8, 1>(p, seg, t0, n, acc) },
+            32 => unsafe { v_tok_avx512::<8, 2>(p, seg, t0, n, acc) },
+            64 => unsafe { v_tok_avx512::<8, 4>(p, seg, t0, n, acc) },
+            _ => unsafe { v_tok_avx512::<8, 8>(p, seg, t0, n, acc) },
+        },
+        (Isa::Avx512, 256, true, _) => match g {
+            // SAFETY (these arms): as above; VPG = g / 16 (g is a multiple of 16 dividing hd).
+            16 => unsafe { v_tok_avx512::<16, 1>(p, seg, t0, n, acc) },
+            32 => unsafe { v_tok_avx512::<16, 2>(p, seg, t0, n, acc) },
+            64 => unsafe { v_tok_avx512::<16, 4>(p, seg, t0, n, acc) },
+            128 => unsafe { v_tok_avx512::<16, 8>(p, seg, t0, n, acc) },
+            _ => unsafe { v_tok_avx512::<16, 16>(p, seg, t0, n, acc) },
+        },
         (Isa::Avx2, 16, _, true) => unsafe { v_tok_avx2::<2>(p, seg, t0, n, acc) },
         (Isa::Avx2, 32, _, true) => unsafe { v_tok_avx2::<4>(p, seg, t0, n, acc) },
         (Isa::Avx2, 64, _, true) => unsafe { v_tok_avx2::<8>(p, seg, t0, n, acc) },
@@ -898,8 +920,11 @@ unsafe fn prefetch_lines_l2(p: *const u8, len: usize) {
 /// Tokens per sub-chunk of the value kernel's prepass.
 const V_SUB: usize = 64;
 
+/// `NV` vectors of 16 channels per token, `VPG` vectors per group (`G = 16·VPG`, so the group
+/// of every vector is a compile-time constant and the unrolled loops keep tables and
+/// accumulators in registers).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn v_tok_avx512<const NV: usize>(
+unsafe fn v_tok_avx512<const NV: usize, const VPG: usize>(
     p: &[f32],
     seg: &TokSeg<'_>,
     t0: usize,
@@ -912,8 +937,9 @@ unsafe fn v_tok_avx512<const NV: usize>(
     let (wpt, gpt) = (hd / fpi, hd / g);
     let lanes = Lanes16::new(seg.bits);
     // Group of each 16-lane vector, and whether it starts a group (no divisions in the loops).
-    let gof: [usize; NV] = std::array::from_fn(|j| j * 16 / g);
-    let gstart: [bool; NV] = std::array::from_fn(|j| (j * 16) % g == 0);
+    debug_assert_eq!(g, 16 * VPG);
+    let gof: [usize; NV] = std::array::from_fn(|j| j / VPG);
+    let gstart: [bool; NV] = std::array::from_fn(|j| j % VPG == 0);
     let (cp, sp, mp) = (
         seg.codes.as_ptr(),
         seg.scales.as_ptr() as *const u16,
