@@ -3,7 +3,7 @@
 `kivi eval ppl --out` JSON file, with llama.cpp's q8_0 / q4_0 cache results on SmolLM2-135M (from
 issue 4) marked.
 
-    scripts/eval/pareto.py docs/quality-data/ppl-ablation-1500.json docs/quality-data/pareto.svg
+    scripts/eval/pareto.py RESULTS.json [MORE.json ...] OUT.svg
 """
 import json
 import math
@@ -13,9 +13,9 @@ LLAMA_CPP = [("llama.cpp q8_0", 8.5, 0.10), ("llama.cpp q4_0", 4.5, 4.4)]
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    rows = [r for r in json.load(open(sys.argv[1])) if r["kv"] != "f16"]
+    rows = [r for f in sys.argv[1:-1] for r in json.load(open(f)) if r["kv"] != "f16"]
     W, H, L, T, R, B = 760, 520, 70, 40, 200, 50
     xs = [r["bits_per_element"] for r in rows] + [p[1] for p in LLAMA_CPP]
     x0, x1 = 2.0, max(xs) + 0.5
@@ -56,7 +56,7 @@ def main():
         out.append(f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="#d73027"/>')
         out.append(f'<text x="{x + 6:.1f}" y="{y + 4:.1f}" fill="#d73027">{name} (+{d} %)</text>')
     out.append("</svg>")
-    open(sys.argv[2], "w").write("\n".join(out))
+    open(sys.argv[-1], "w").write("\n".join(out))
 
 
 if __name__ == "__main__":

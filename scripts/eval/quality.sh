@@ -23,9 +23,15 @@ done
   --caches kivi8,kivi4,k4v2,k2v4,k8v2,kivi2,kivi2:sink4,kivi2:g16,kivi2:r0,kivi2:r32,kivi2:r64,kivi2:kt,kivi2:vc,kivi2:kt:vc,k4v2:sink4,k4v2:g16:sink4 \
   --out "$OUT/ppl-ablation-1500.json" | tee "$OUT/ppl-ablation-1500.md"
 
-# 3. Passkey retrieval, 1K/2K/4K tokens, 5 depths.
-"$KIVI" eval passkey --caches kivi4,k4v2,kivi2 --lengths 1k,2k,4k --depths 0,25,50,75,100 \
-  --out "$OUT/passkey.json" --png "$OUT/passkey.png" | tee "$OUT/passkey.md"
+# 2b. Every token quantized (R = 0, like llama.cpp) and 3.5-bit candidates.
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 1500 --chunk 1 \
+  --caches kivi4:r0,k4v2:sink4:r0,k4v2:g64:sink4:r0,k4v2:g64:sink4,kivi2:g16:sink4 \
+  --out "$OUT/ppl-beyond-1500.json" | tee "$OUT/ppl-beyond-1500.md"
+scripts/eval/pareto.py "$OUT/ppl-ablation-1500.json" "$OUT/ppl-beyond-1500.json" "$OUT/pareto.svg"
+
+# 3. Passkey retrieval, 1K/2K tokens, 5 depths (add 4k,8k / --trials 3 with more CPU time).
+"$KIVI" eval passkey --caches kivi4,k4v2:sink4,kivi2 --lengths 1k,2k --depths 0,25,50,75,100 \
+  --out "$OUT/passkey-1k2k.json" --png "$OUT/passkey-1k2k.png" | tee "$OUT/passkey-1k2k.md"
 
 # 4. Figure 2: key and value channel magnitudes.
 "$KIVI" inspect --layers 0,15,29 --heads all --max-tokens 512 --out-dir "$OUT/inspect" | tee "$OUT/inspect.md"
