@@ -32,6 +32,8 @@ scripts/eval/pareto.py "$OUT/ppl-ablation-1500.json" "$OUT/ppl-beyond-1500.json"
 # 3. Passkey retrieval, 1K/2K tokens, 5 depths (add 4k,8k / --trials 3 with more CPU time).
 "$KIVI" eval passkey --caches kivi4,k4v2:sink4,kivi2 --lengths 1k,2k --depths 0,25,50,75,100 \
   --out "$OUT/passkey-1k2k.json" --png "$OUT/passkey-1k2k.png" | tee "$OUT/passkey-1k2k.md"
+"$KIVI" eval passkey --caches k4v2:g64:sink4 --lengths 1k,2k --depths 0,25,50,75,100 \
+  --out "$OUT/passkey-1k2k-g64.json" --png "$OUT/passkey-1k2k-g64.png" | tee "$OUT/passkey-1k2k-g64.md"
 
 # 4. Figure 2: key and value channel magnitudes.
 "$KIVI" inspect --layers 0,15,29 --heads all --max-tokens 512 --out-dir "$OUT/inspect" | tee "$OUT/inspect.md"
