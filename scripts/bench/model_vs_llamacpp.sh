@@ -7,7 +7,8 @@
 # SIGILL on these machines), with AVX-512 + VNNI enabled explicitly. Builds are cached under
 # ${KIVI_CACHE:-~/.cache/kivi}/llamacpp.
 #
-# Usage: scripts/bench/model_vs_llamacpp.sh [threads]   (kivi must be built: cargo build --release)
+# Usage: scripts/bench/model_vs_llamacpp.sh [threads]   (build kivi first: cargo build --release;
+# KIVI_BIN overrides the binary)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 threads=${1:-2}
@@ -35,5 +36,5 @@ for ctk in f16 q8_0; do
     "$bench" -m "$model" -t "$threads" -fa 1 -ctk $ctk -ctv $ctk -p 128 -n 64 -d 0,4096 -r 2 -o md
 done
 echo "## kivi $(git rev-parse --short HEAD), $threads threads"
-target/release/kivi bench model --model "$model" --threads "$threads" \
+"${KIVI_BIN:-target/release/kivi}" bench model --model "$model" --threads "$threads" \
     --caches f16,kivi2,kivi4 --depth 0,4096 --prompt-tokens 128 --gen-tokens 64

@@ -27,6 +27,9 @@ use kivi_model::loader::{load, LoadedModel};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -83,9 +86,6 @@ struct ModelArgs {
     /// Keep the first N tokens of each sequence in f16.
     #[arg(long)]
     sink_tokens: Option<usize>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Prompt tokens per forward pass during prefill.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
@@ -162,12 +162,6 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<LoadedModel> {
-        if let Some(n) = self.threads {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n.max(1))
-                .build_global()
-                .context("setting up the thread pool")?;
-        }
         let path = match &self.model {
             Some(p) => p.clone(),
             None => fetch::default_model_path()?,
@@ -203,20 +197,35 @@ impl SamplingArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Generate(a) => generate(a),
-        Command::Chat(a) => chat(a),
-        Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
-        Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
-        Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
-        Command::Inspect(a) => inspect::run(a),
-    };
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = cli.threads {
+        pool = pool.num_threads(n.max(1));
+    }
+    if let Err(e) = pool.build_global() {
+        eprintln!("error: setting up the thread pool: {e}");
+        return ExitCode::FAILURE;
+    }
+    // Run the command on a pool thread: each matmul and attention call then forks from a
+    // worker (cheap) instead of handing work across threads and sleeping (decode makes
+    // ~300 parallel calls per token).
+    let result = rayon::scope(|_| run(cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
+        Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
+        Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
+        Command::Inspect(a) => inspect::run(a),
     }
 }
 
