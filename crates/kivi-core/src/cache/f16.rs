@@ -177,24 +177,15 @@ impl KvCache for F16Cache {
         v_new: &[f32],
         out: &mut [f32],
     ) -> Result<()> {
-        let n_new = super::check_attend_shapes(&self.shape, n_head, q, k_new, v_new, out)?;
-        let st = self.state(layer, seq)?;
-        if n_new == 0 {
-            return Ok(());
-        }
-        let heads = Heads {
-            n_head,
-            n_kv_head: self.shape.n_kv_head,
-            head_dim: self.shape.head_dim,
-        };
-        attn::attend_views(
-            self.isa,
-            heads,
-            &[self.view(st, k_new, v_new)],
-            &[q],
-            &mut [out],
-        );
-        Ok(())
+        // One sequence is a batch of one: same checks, same driver.
+        let mut item = [AttendItem {
+            seq,
+            q,
+            k_new,
+            v_new,
+            out,
+        }];
+        self.attend_batch(layer, n_head, &mut item)
     }
 
     fn attend_batch(

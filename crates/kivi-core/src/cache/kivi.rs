@@ -524,19 +524,15 @@ impl KvCache for KiviCache {
         v_new: &[f32],
         out: &mut [f32],
     ) -> Result<()> {
-        let n_new = self.check_attend(n_head, q, k_new, v_new, out)?;
-        let st = self.state(layer, seq)?;
-        if n_new == 0 {
-            return Ok(());
-        }
-        let heads = Heads {
-            n_head,
-            n_kv_head: self.shape.n_kv_head,
-            head_dim: self.shape.head_dim,
-        };
-        let views = [self.view(st, k_new, v_new)];
-        attn::attend_views(self.isa, heads, &views, &[q], &mut [out]);
-        Ok(())
+        // One sequence is a batch of one: same checks, same driver.
+        let mut item = [AttendItem {
+            seq,
+            q,
+            k_new,
+            v_new,
+            out,
+        }];
+        self.attend_batch(layer, n_head, &mut item)
     }
 
     fn attend_batch(
