@@ -1,6 +1,7 @@
 //! Sequences, sampling and the generation loop over a kivi model.
 
 pub mod eval;
+pub mod humaneval;
 pub mod inspect;
 pub mod kv_spec;
 pub mod passkey;

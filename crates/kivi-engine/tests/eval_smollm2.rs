@@ -65,6 +65,9 @@ fn kivi_quality_orderings_on_smollm2() {
     assert!(k4.kl > 0.0, "KIVI-4 cannot be exactly f16: {k4:?}");
     assert!(2.0 * k4.kl < k2.kl, "KIVI-4 {k4:?} vs KIVI-2 {k2:?}");
     assert!(k4.top1 > k2.top1);
-    assert!(1.5 * k2.kl < kt.kl, "per-channel {k2:?} vs per-token {kt:?}");
+    assert!(
+        1.5 * k2.kl < kt.kl,
+        "per-channel {k2:?} vs per-token {kt:?}"
+    );
     assert!(1.5 * k2.kl < r0.kl, "R=128 {k2:?} vs R=0 {r0:?}");
 }
