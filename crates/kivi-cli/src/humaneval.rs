@@ -2,17 +2,19 @@
 //! Candidate programs run in a sandboxed subprocess (see `kivi_engine::humaneval`).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kivi_core::CacheConfig;
+use kivi_engine::engine::{Event, FinishReason, Request, RequestId, Scheduler, Sink};
 use kivi_engine::humaneval::{
     extract_code, has_complete_block, instruction, load_problems, program, run_sandboxed,
     sandbox_description, Outcome,
 };
 use kivi_engine::kv_spec::{format_kv, parse_kv};
-use kivi_engine::{GenerateParams, Session};
+use kivi_engine::{EngineConfig, SamplingParams};
 use kivi_model::chat::ChatMessage;
 use serde::Serialize;
 
@@ -40,9 +42,27 @@ pub struct EvalHumanevalArgs {
     /// Seconds each candidate program may run.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// Problems generated at once (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
     /// Write every (cache, problem) result as JSON.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// What a request's sink collected.
+#[derive(Default)]
+struct Generated {
+    ids: Vec<u32>,
+    text: String,
+    error: Option<String>,
+    ended: bool,
+}
+
+impl Generated {
+    fn finished(&self) -> bool {
+        self.ended
+    }
 }
 
 #[derive(Serialize)]
@@ -88,6 +108,10 @@ pub fn run(a: EvalHumanevalArgs) -> Result<()> {
     let problems = &all[a.first..end];
     let m = a.model.load()?;
     let eos = m.tokenizer.eos_ids().to_vec();
+    let tokenizer = Arc::new(m.tokenizer);
+    let chat_template = m.chat_template;
+    let name = m.name;
+    let model = Arc::new(m.model);
     let workdir = std::env::temp_dir().join(format!("kivi-humaneval-{}", std::process::id()));
     let timeout = Duration::from_secs(a.timeout);
     println!(
@@ -96,17 +120,15 @@ pub fn run(a: EvalHumanevalArgs) -> Result<()> {
         end,
         all.len(),
         path.display(),
-        m.name,
+        name,
         a.max_new_tokens,
         sandbox_description()
     );
     let prompts: Vec<Vec<u32>> = problems
         .iter()
         .map(|p| {
-            let text = m
-                .chat_template
-                .render(&[ChatMessage::user(instruction(p))], true)?;
-            Ok(m.tokenizer.encode(&text, true)?)
+            let text = chat_template.render(&[ChatMessage::user(instruction(p))], true)?;
+            Ok(tokenizer.encode(&text, true)?)
         })
         .collect::<Result<_>>()?;
 
@@ -122,26 +144,76 @@ pub fn run(a: EvalHumanevalArgs) -> Result<()> {
         bar.set_message(kv.clone());
         let t0 = Instant::now();
         let (mut passed, mut tokens) = (0usize, 0usize);
-        let mut session = Session::new(&m.model, cfg)?;
-        for (p, prompt) in problems.iter().zip(&prompts) {
-            session.reset()?;
-            let params = GenerateParams {
-                max_tokens: a.max_new_tokens,
-                prefill_chunk: a.model.prefill_chunk,
-                ..GenerateParams::default()
-            };
-            let mut stream = m.tokenizer.stream();
-            let mut response = String::new();
-            let (ids, _) = session.generate(prompt, &params, &eos, |t| {
-                response.push_str(&stream.push(t));
-                !has_complete_block(&response)
-            })?;
-            response.push_str(&stream.finish());
-            let outcome = run_sandboxed(&program(p, &extract_code(&response)), &workdir, timeout)
+        // All problems go through the continuous-batching scheduler at once (greedy output is the
+        // same as one at a time; the batch shares each weight read).
+        let mut sched = Scheduler::new(
+            model.clone(),
+            EngineConfig {
+                cache: *cfg,
+                max_running: a.batch.max(1),
+                max_waiting: problems.len(),
+                ..EngineConfig::default()
+            },
+        )?;
+        let outputs: Vec<Arc<Mutex<Generated>>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let out = Arc::new(Mutex::new(Generated::default()));
+                let (sink_out, tok) = (out.clone(), tokenizer.clone());
+                let mut stream = tok.stream();
+                let sink: Sink = Box::new(move |ev| {
+                    let mut o = sink_out.lock().expect("no panics while held");
+                    match ev {
+                        Event::Token(t) => {
+                            o.ids.push(t);
+                            o.text.push_str(&stream.push(t));
+                            // Stop once the answer's code block is closed.
+                            !has_complete_block(&o.text)
+                        }
+                        Event::Finished(f) => {
+                            o.ended = true;
+                            o.text.push_str(&stream.finish());
+                            o.error = match f.reason {
+                                FinishReason::Error(e) => Some(e),
+                                _ => None,
+                            };
+                            false
+                        }
+                    }
+                });
+                let request = Request {
+                    prompt: prompt.clone(),
+                    max_tokens: a.max_new_tokens,
+                    sampling: SamplingParams::default(),
+                    stop_tokens: eos.clone(),
+                };
+                sched
+                    .validate(&request)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", problems[i].task_id))?;
+                sched.add(RequestId(i as u64), request, sink, Instant::now());
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        let mut done = 0;
+        while sched.step() {
+            let finished = outputs
+                .iter()
+                .filter(|o| o.lock().expect("no panics while held").finished())
+                .count();
+            bar.inc((finished - done) as u64);
+            done = finished;
+        }
+        for (p, out) in problems.iter().zip(&outputs) {
+            let g = std::mem::take(&mut *out.lock().expect("no panics while held"));
+            if let Some(e) = g.error {
+                bail!("{}: generation failed: {e}", p.task_id);
+            }
+            let outcome = run_sandboxed(&program(p, &extract_code(&g.text)), &workdir, timeout)
                 .context("running a candidate program (is python3 installed?)")?;
             let ok = outcome == Outcome::Passed;
             passed += usize::from(ok);
-            tokens += ids.len();
+            tokens += g.ids.len();
             records.push(Record {
                 kv: kv.clone(),
                 task_id: p.task_id.clone(),
@@ -151,11 +223,11 @@ pub fn run(a: EvalHumanevalArgs) -> Result<()> {
                     Outcome::TimedOut => "timed out".into(),
                     Outcome::Failed(m) => format!("failed: {m}"),
                 },
-                generated_tokens: ids.len(),
-                response,
+                generated_tokens: g.ids.len(),
+                response: g.text,
             });
-            bar.inc(1);
         }
+        bar.inc((problems.len() - done) as u64);
         summary.push((kv, passed, tokens, t0.elapsed().as_secs_f64()));
     }
     bar.finish_and_clear();
