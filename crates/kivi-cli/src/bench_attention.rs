@@ -57,7 +57,9 @@ fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
     let v: Vec<usize> = parse_list(&s.replace('/', ","), "shape")?;
     match v[..] {
         [h, kv, d] if h > 0 && kv > 0 && h % kv == 0 && d > 0 => Ok((h, kv, d)),
-        _ => bail!("bad shape `{s}`: want n_head/n_kv_head/head_dim with n_kv_head dividing n_head"),
+        _ => {
+            bail!("bad shape `{s}`: want n_head/n_kv_head/head_dim with n_kv_head dividing n_head")
+        }
     }
 }
 
@@ -91,7 +93,9 @@ pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
         a.inner
     );
     let mut json = match &a.json {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
         None => None,
     };
     println!("| heads (q/kv/d) | B | T | cache | time µs | GB read | GB/s | vs f16 |");

@@ -321,6 +321,35 @@ __device__ __forceinline__ void load_f32(const float* p, float (&x)[CPL]) {
     for (int c = 0; c < CPL; c++) x[c] = p[c];
 }
 
+
+// Raw row chunk of CPL channels: f16 bits packed two per word, or f32 bits. Loads are issued raw
+// (several in flight) and converted only when all are issued.
+template <int CPL>
+__device__ __forceinline__ void raw_f16(const u16* p, u32 (&r)[CPL]) {
+    if (CPL == 4) {
+        uint2 u = *(const uint2*)p;
+        r[0] = u.x;
+        r[1] = u.y;
+    } else {
+        r[0] = *(const u32*)p;
+    }
+}
+template <int CPL>
+__device__ __forceinline__ void raw_f32(const float* p, u32 (&r)[CPL]) {
+#pragma unroll
+    for (int c = 0; c < CPL; c++) r[c] = __float_as_uint(p[c]);
+}
+template <int CPL>
+__device__ __forceinline__ void raw_to_float(const u32 (&r)[CPL], bool is_f32, float (&x)[CPL]) {
+    if (is_f32) {
+#pragma unroll
+        for (int c = 0; c < CPL; c++) x[c] = __uint_as_float(r[c]);
+    } else {
+#pragma unroll
+        for (int c = 0; c < CPL; c++) x[c] = h2f((u16)(r[c / 2] >> (16 * (c % 2))));
+    }
+}
+
 template <int D, int KB, int VB, int NG>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
@@ -448,15 +477,17 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         } else {
             const int tend = min(t0 + 32, s1);
             for (int b0 = t0; b0 < tend; b0 += 8) {
-                // All loads first (independent, in flight together), then the dot products.
-                float kv[8][CPL];
+                // All loads first, raw (independent, in flight together), then convert and dot.
+                u32 raw[8][CPL];
+                bool is_f32[8];
                 const int d0 = lane * CPL;
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const int p = b0 + k;
+                    is_f32[k] = true;
                     if (p >= tend) {
 #pragma unroll
-                        for (int x = 0; x < CPL; x++) kv[k][x] = 0.0f;
+                        for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
                     } else if (QUANT && p < nqk) {
                         constexpr int KBq = QUANT ? KB : 2;
                         constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
@@ -467,26 +498,30 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                             const int d = d0 + x;
                             const u32 wd = base[d * WPD + (p % 32) / FPI];
                             const u32 code = (wd >> ((p % FPI) * KBq)) & ((1u << KBq) - 1);
-                            kv[k][x] = (float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]);
+                            raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
                         }
                     } else if (p < n) {
                         // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
                         // the f16 cache: slot p.
-                        load_f16<CPL>(c.kwin + kwin + (u64)(p - nqk) * D + d0, kv[k]);
+                        raw_f16<CPL>(c.kwin + kwin + (u64)(p - nqk) * D + d0, raw[k]);
+                        is_f32[k] = false;
                     } else {
-                        load_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, kv[k]);
+                        raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
                     }
                 }
                 float part8[NG][8];
 #pragma unroll
-                for (int k = 0; k < 8; k++)
+                for (int k = 0; k < 8; k++) {
+                    float kv[CPL];
+                    raw_to_float<CPL>(raw[k], is_f32[k], kv);
 #pragma unroll
                     for (int g = 0; g < NG; g++) {
                         float a = 0.0f;
 #pragma unroll
-                        for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[k][x];
+                        for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
                         part8[g][k] = a;
                     }
+                }
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
                     const float v = transpose_reduce<8>(part8[g], lane);
@@ -598,30 +633,35 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int vbase = QUANT ? nqv % vmod : 0;
         constexpr int UNROLL = 8;
         for (int pb = fstart + warp * UNROLL; pb < s1; pb += WARPS * UNROLL) {
-            float vv[UNROLL][CPL];
+            u32 raw[UNROLL][CPL];
+            bool is_f32[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u;
+                is_f32[u] = true;
                 if (p >= s1) {
 #pragma unroll
-                    for (int x = 0; x < CPL; x++) vv[u][x] = 0.0f;
+                    for (int x = 0; x < CPL; x++) raw[u][x] = 0u;
                 } else if (p < n) {
                     // Value window: slot p % R, i.e. vbase + (p - nqv) wrapped once.
                     int slot = vbase + (p - nqv);
                     if (slot >= vmod) slot -= vmod;
-                    load_f16<CPL>(c.vwin + vwin + (u64)slot * D + d0, vv[u]);
+                    raw_f16<CPL>(c.vwin + vwin + (u64)slot * D + d0, raw[u]);
+                    is_f32[u] = false;
                 } else {
-                    load_f32<CPL>(vnew + (u64)(p - n) * new_stride + d0, vv[u]);
+                    raw_f32<CPL>(vnew + (u64)(p - n) * new_stride + d0, raw[u]);
                 }
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u;
+                float vv[CPL];
+                raw_to_float<CPL>(raw[u], is_f32[u], vv);
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
                     const float pv = p < s1 ? sc[g * P.split_len + (p - s0)] : 0.0f;
 #pragma unroll
-                    for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[u][x];
+                    for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
                 }
             }
         }
@@ -645,8 +685,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     }
 }
 
+// KIVI kernels: at least 5 CTAs per SM (<= 102 registers) keeps enough loads in flight; the
+// rarely taken full-precision paths then use fewer registers at a small cost.
+#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? 5 : 3)
 #define ATTN(D, KB, VB, NG)                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS(KB, NG))         \
         kivi_attn_d##D##_k##KB##_v##VB##_g##NG(AttnParams p) {                         \
         attn_split<D, KB, VB, NG>(p);                                                  \
     }

@@ -12,9 +12,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use kivi_core::{Axis, CacheConfig, CacheShape, KiviConfig};
 
@@ -281,11 +279,12 @@ impl GpuCache {
 
     /// Takes a free slot for a new, empty sequence.
     pub fn add_sequence(&mut self) -> Result<usize> {
-        let slot = self
-            .lens
-            .iter()
-            .position(|l| l.is_none())
-            .ok_or_else(|| unsupported(format!("all {} GPU cache slots are in use", self.lens.len())))?;
+        let slot = self.lens.iter().position(|l| l.is_none()).ok_or_else(|| {
+            unsupported(format!(
+                "all {} GPU cache slots are in use",
+                self.lens.len()
+            ))
+        })?;
         self.lens[slot] = Some(0);
         Ok(slot)
     }
@@ -686,8 +685,10 @@ impl GpuCache {
                         for c in 0..d {
                             let o = (p * hkv + h) * d + c;
                             k[o] = if p < nqk {
-                                let w = kq[h * g.kq_head + ((p / 32) * d + c) * wpd + (p % 32) / kf];
-                                let code = (w >> ((p % kf) * k_bits as usize)) & ((1 << k_bits) - 1);
+                                let w =
+                                    kq[h * g.kq_head + ((p / 32) * d + c) * wpd + (p % 32) / kf];
+                                let code =
+                                    (w >> ((p % kf) * k_bits as usize)) & ((1 << k_bits) - 1);
                                 let m = h * g.ksm_head + (p / gs) * d + c;
                                 code as f32 * h2f(ks[m]) + h2f(km[m])
                             } else {
@@ -695,7 +696,8 @@ impl GpuCache {
                             };
                             v[o] = if p < nqv {
                                 let w = vq[h * g.vq_head + p * (d / vf) + c / vf];
-                                let code = (w >> ((c % vf) * v_bits as usize)) & ((1 << v_bits) - 1);
+                                let code =
+                                    (w >> ((c % vf) * v_bits as usize)) & ((1 << v_bits) - 1);
                                 let m = h * g.vsm_head + p * (d / gs) + c / gs;
                                 code as f32 * h2f(vs[m]) + h2f(vm[m])
                             } else {

@@ -120,7 +120,10 @@ impl Gpu {
 
     fn compile(&self, module: &str, source: &str) -> Result<String> {
         let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
-        let options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string()];
+        let options = vec![
+            format!("--gpu-architecture={arch}"),
+            "-std=c++17".to_string(),
+        ];
         let key = fnv1a(&[source.as_bytes(), options.join(" ").as_bytes()]);
         let path = cache_dir().map(|d| d.join(format!("{module}-{key:016x}.ptx")));
         if let Some(p) = &path {

@@ -156,7 +156,10 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
             assert_eq!(gcache.seq_len(slot), Some(cpu.seq_len(0, seqs[i]).unwrap()));
         }
     }
-    eprintln!("{:?} hkv {hkv} nh {nh} d {d}: worst rel err {worst:.2e}", case.config);
+    eprintln!(
+        "{:?} hkv {hkv} nh {nh} d {d}: worst rel err {worst:.2e}",
+        case.config
+    );
 }
 
 /// Stored bytes: the GPU cache read back equals the CPU cache's dequantized view, bit for bit.
@@ -169,11 +172,18 @@ fn check_stored(gpu: &Arc<Gpu>, kc: KiviConfig, hkv: usize, d: usize, r: &mut St
     let mut cpu = KiviCache::new(kc, shape).unwrap();
     let mut gcache = GpuCache::new(gpu.clone(), CacheConfig::Kivi(kc), shape, 2, 1100).unwrap();
     let seqs = [cpu.add_sequence(), cpu.add_sequence()];
-    let slots = [gcache.add_sequence().unwrap(), gcache.add_sequence().unwrap()];
+    let slots = [
+        gcache.add_sequence().unwrap(),
+        gcache.add_sequence().unwrap(),
+    ];
     let s = gpu.stream().clone();
     for step in 0..40 {
         let n_new = [
-            if step % 13 == 0 { r.gen_range(1..300) } else { 1 },
+            if step % 13 == 0 {
+                r.gen_range(1..300)
+            } else {
+                1
+            },
             if step % 7 == 3 { r.gen_range(1..70) } else { 1 },
         ];
         let batch = gcache
@@ -289,8 +299,13 @@ fn long_context_splits_match_cpu() {
             let v = kv_data(&mut r, lens[i], row);
             cpu.append(0, seqs[i], &k, &v).unwrap();
             let b = g.batch(&[(slots[i], lens[i])]).unwrap();
-            g.append(0, &b, &s.clone_htod(&k).unwrap(), &s.clone_htod(&v).unwrap())
-                .unwrap();
+            g.append(
+                0,
+                &b,
+                &s.clone_htod(&k).unwrap(),
+                &s.clone_htod(&v).unwrap(),
+            )
+            .unwrap();
             g.advance(&b);
         }
         for split in [None, Some(64), Some(2048)] {
