@@ -1,6 +1,7 @@
 //! `kivi`: run Llama-family models with a KIVI-compressed KV cache.
 
 mod bench;
+mod bench_attention;
 mod eval;
 mod fetch;
 mod humaneval;
@@ -63,6 +64,8 @@ enum EvalCommand {
 enum BenchCommand {
     /// Prefill and decode tokens/s at several context depths, for several caches.
     Model(bench::BenchModelArgs),
+    /// One layer's decode attention on the GPU: f16 vs KIVI caches, time and GB/s.
+    Attention(bench_attention::BenchAttentionArgs),
 }
 
 #[derive(Args)]
@@ -226,6 +229,7 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
+        Command::Bench(BenchCommand::Attention(a)) => bench_attention::bench_attention(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
         Command::Eval(EvalCommand::Humaneval(a)) => humaneval::run(a),
