@@ -7,13 +7,12 @@
 //! `chunk = 1` is exact decode semantics; larger chunks are faster and slightly optimistic (up to
 //! `chunk - 1` recent tokens are seen in full precision, on top of KIVI's own window).
 
-use kivi_core::CacheConfig;
-use kivi_model::llama::Model;
-use kivi_model::Result;
+use kivi_core::{CacheConfig, CacheShape, KvCache, SeqId};
+use kivi_model::llama::{BatchItem, Logits, Model};
+use kivi_model::{ModelError, Result};
 
 use crate::kv_spec::format_kv;
 use crate::sampler::argmax;
-use crate::session::Session;
 
 #[derive(Clone, Debug, Default)]
 pub struct EvalResult {
@@ -53,22 +52,63 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&l| l as f64 - lse).collect()
 }
 
-/// Scores `tokens[1..]` under every cache in `caches` (an f16 baseline runs first, always).
-/// `progress` receives the number of tokens processed so far.
+/// Scores `tokens[1..]` under every cache in `caches` (an f16 baseline runs first, always), as one
+/// stream. Same as [`eval_ppl_windows`] with one window.
 pub fn eval_ppl(
     model: &Model,
     tokens: &[u32],
     caches: &[CacheConfig],
     chunk: usize,
+    progress: impl FnMut(usize),
+) -> Result<Vec<EvalResult>> {
+    eval_ppl_windows(model, tokens, caches, chunk, 1, progress)
+}
+
+/// Splits `tokens` into `windows` consecutive windows of equal length (the remainder is dropped)
+/// and scores every window as its own sequence, all windows in one batch per step (the weights are
+/// read once for all of them). Each window starts with an empty cache, so its first tokens have
+/// little context: with W windows, W - 1 more tokens are scored with a short context than in one
+/// stream. `progress` receives the number of tokens processed so far.
+pub fn eval_ppl_windows(
+    model: &Model,
+    tokens: &[u32],
+    caches: &[CacheConfig],
+    chunk: usize,
+    windows: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<EvalResult>> {
-    let vocab = model.config.vocab;
+    let c = &model.config;
+    let vocab = c.vocab;
+    let windows = windows.max(1);
+    let win = tokens.len() / windows;
+    if win < 2 {
+        return Err(ModelError::Tokenizer(format!(
+            "{} tokens cannot make {windows} windows of at least 2 tokens",
+            tokens.len()
+        )));
+    }
+    if win > c.context_len {
+        return Err(ModelError::ContextOverflow {
+            prompt: win,
+            context: c.context_len,
+        });
+    }
+    let texts: Vec<&[u32]> = tokens.chunks_exact(win).take(windows).collect();
     let mut configs = vec![CacheConfig::F16];
     configs.extend(caches.iter().filter(|c| **c != CacheConfig::F16).cloned());
-    let mut sessions = configs
+    let shape = CacheShape {
+        n_layer: c.n_layer,
+        n_kv_head: c.n_kv_head,
+        head_dim: c.head_dim,
+    };
+    let mut kv: Vec<Box<dyn KvCache>> = configs
         .iter()
-        .map(|c| Session::new(model, c))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|cfg| kivi_core::new_cache(cfg, shape))
+        .collect::<std::result::Result<_, _>>()?;
+    let seqs: Vec<Vec<SeqId>> = kv
+        .iter_mut()
+        .map(|cache| (0..texts.len()).map(|_| cache.add_sequence()).collect())
+        .collect();
     let mut acc: Vec<Accum> = configs
         .iter()
         .map(|_| Accum {
@@ -80,50 +120,59 @@ pub fn eval_ppl(
         .collect();
     let mut scored = 0;
     let mut start = 0;
-    while start + 1 < tokens.len() {
-        let end = (start + chunk.max(1)).min(tokens.len() - 1);
-        let piece = &tokens[start..end];
-        let all: Vec<Vec<f32>> = sessions
-            .iter_mut()
-            .map(|s| s.score(piece))
-            .collect::<Result<_>>()?;
-        for i in 0..piece.len() {
-            let target = tokens[start + i + 1] as usize;
-            let base = log_softmax(&all[0][i * vocab..(i + 1) * vocab]);
-            let base_top = argmax(&all[0][i * vocab..(i + 1) * vocab]);
-            for (c, logits) in all.iter().enumerate() {
-                let row = &logits[i * vocab..(i + 1) * vocab];
-                let lp = if c == 0 {
-                    base.clone()
-                } else {
-                    log_softmax(row)
-                };
-                let a = &mut acc[c];
-                a.nll -= lp[target];
-                a.kl += base
-                    .iter()
-                    .zip(&lp)
-                    .map(|(p, q)| p.exp() * (p - q))
-                    .sum::<f64>();
-                let top = argmax(row);
-                a.top1 += usize::from(top == base_top);
-                a.correct += usize::from(top as usize == target);
+    while start + 1 < win {
+        let end = (start + chunk.max(1)).min(win - 1);
+        // all[config][window] = logits [end - start][vocab]
+        let mut all: Vec<Vec<Vec<f32>>> = Vec::with_capacity(configs.len());
+        for (cache, ids) in kv.iter_mut().zip(&seqs) {
+            let items: Vec<BatchItem> = texts
+                .iter()
+                .zip(ids)
+                .map(|(t, &seq)| BatchItem {
+                    seq,
+                    tokens: &t[start..end],
+                    logits: Logits::All,
+                })
+                .collect();
+            all.push(model.forward_batch(&items, cache.as_mut())?);
+        }
+        for (w, text) in texts.iter().enumerate() {
+            for i in 0..end - start {
+                let target = text[start + i + 1] as usize;
+                let row = |cfg: usize| &all[cfg][w][i * vocab..(i + 1) * vocab];
+                let base = log_softmax(row(0));
+                let base_top = argmax(row(0));
+                for (cfg, a) in acc.iter_mut().enumerate() {
+                    let lp = if cfg == 0 {
+                        base.clone()
+                    } else {
+                        log_softmax(row(cfg))
+                    };
+                    a.nll -= lp[target];
+                    a.kl += base
+                        .iter()
+                        .zip(&lp)
+                        .map(|(p, q)| p.exp() * (p - q))
+                        .sum::<f64>();
+                    let top = argmax(row(cfg));
+                    a.top1 += usize::from(top == base_top);
+                    a.correct += usize::from(top as usize == target);
+                }
             }
         }
-        scored += piece.len();
+        scored += (end - start) * texts.len();
         start = end;
-        progress(end);
+        progress(end * texts.len());
     }
     let n = scored.max(1) as f64;
     let base_ppl = (acc[0].nll / n).exp();
-    let c = &model.config;
     Ok(configs
         .iter()
         .zip(&acc)
-        .zip(&sessions)
-        .map(|((cfg, a), s)| {
+        .zip(&kv)
+        .map(|((cfg, a), cache)| {
             let ppl = (a.nll / n).exp();
-            let mem = s.cache().memory();
+            let mem = cache.memory();
             let elems = mem.tokens as f64 * (2 * c.kv_dim()) as f64;
             EvalResult {
                 kv: format_kv(cfg),
