@@ -137,8 +137,12 @@ pub fn run(a: EvalHumanevalArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} eta {eta}")
             .expect("static template"),
     );
-    let mut records = Vec::new();
-    let mut summary = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
+    let mut base_passed: Option<usize> = None;
+    println!(
+        "| cache | pass@1 | passed | Δ vs f16 (points) | same verdict as f16 | tokens | minutes |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for cfg in &caches {
         let kv = format_kv(cfg);
         bar.set_message(kv.clone());
@@ -228,34 +232,30 @@ pub fn run(a: EvalHumanevalArgs) -> Result<()> {
             });
         }
         bar.inc((problems.len() - done) as u64);
-        summary.push((kv, passed, tokens, t0.elapsed().as_secs_f64()));
+        // Each cache's row as soon as it is done (a long run can be read while it goes on).
+        let n = problems.len();
+        let secs = t0.elapsed().as_secs_f64();
+        let base_passed = base_passed.get_or_insert(passed);
+        let rows = &records[records.len() - n..];
+        let same = rows
+            .iter()
+            .zip(&records[..n])
+            .filter(|(r, b)| r.passed == b.passed)
+            .count();
+        bar.suspend(|| {
+            println!(
+                "| {kv} | {:.1} % | {passed}/{n} | {:+.1} | {same}/{n} | {tokens} | {:.1} |",
+                100.0 * passed as f64 / n as f64,
+                100.0 * (passed as f64 - *base_passed as f64) / n as f64,
+                secs / 60.0
+            )
+        });
+        if let Some(out) = &a.out {
+            std::fs::write(out, serde_json::to_string_pretty(&records)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
     }
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&workdir);
-
-    let n = problems.len();
-    let base: Vec<bool> = records.iter().take(n).map(|r| r.passed).collect();
-    println!(
-        "| cache | pass@1 | passed | Δ vs f16 (points) | same verdict as f16 | tokens | minutes |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for (i, (kv, passed, tokens, secs)) in summary.iter().enumerate() {
-        let rows = &records[i * n..(i + 1) * n];
-        let same = rows
-            .iter()
-            .zip(&base)
-            .filter(|(r, b)| r.passed == **b)
-            .count();
-        println!(
-            "| {kv} | {:.1} % | {passed}/{n} | {:+.1} | {same}/{n} | {tokens} | {:.1} |",
-            100.0 * *passed as f64 / n as f64,
-            100.0 * (*passed as f64 - summary[0].1 as f64) / n as f64,
-            secs / 60.0
-        );
-    }
-    if let Some(out) = &a.out {
-        std::fs::write(out, serde_json::to_string_pretty(&records)?)
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
     Ok(())
 }
