@@ -5,6 +5,7 @@ mod eval;
 mod fetch;
 mod inspect;
 mod passkey;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ enum Command {
     Eval(EvalCommand),
     /// Plot per-channel magnitudes of post-RoPE keys and values (the KIVI paper's Figure 2).
     Inspect(inspect::InspectArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics) on the
+    /// continuous-batching engine.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -208,7 +212,12 @@ fn main() -> ExitCode {
     // Run the command on a pool thread: each matmul and attention call then forks from a
     // worker (cheap) instead of handing work across threads and sleeping (decode makes
     // ~300 parallel calls per token).
-    let result = rayon::scope(|_| run(cli.command));
+    let result = match cli.command {
+        // The server's HTTP thread must not be a pool thread: the engine's loop and kernels
+        // need every pool thread.
+        Command::Serve(a) => serve::run(a),
+        command => rayon::scope(|_| run(command)),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -226,6 +235,7 @@ fn run(command: Command) -> Result<()> {
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
