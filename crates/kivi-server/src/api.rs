@@ -227,13 +227,15 @@ fn parse_message(i: usize, m: &Value) -> Result<Message, ApiError> {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
-        other => return Err(ApiError::invalid_param(
-            &param("role"),
-            format!(
+        other => {
+            return Err(ApiError::invalid_param(
+                &param("role"),
+                format!(
                 "unknown role `{}` in messages[{i}]: expected system, developer, user or assistant",
                 truncate(other, 64)
             ),
-        )),
+            ))
+        }
     };
     if m.get("tool_calls").is_some_and(|v| !v.is_null()) {
         return Err(ApiError::invalid_param(
@@ -311,7 +313,6 @@ fn parse_prompt(v: &Value) -> Result<Prompt, ApiError> {
                 .map(|t| {
                     t.as_u64()
                         .and_then(|t| u32::try_from(t).ok())
-                        .map(|t| t as u32)
                         .ok_or_else(bad)
                 })
                 .collect::<Result<Vec<u32>, _>>()

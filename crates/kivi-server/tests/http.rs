@@ -410,7 +410,7 @@ fn chat_completion_non_streaming() {
     let prompt_tokens = s.tokenizer.encode(&text, true).unwrap().len();
     assert_eq!(usage["prompt_tokens"], prompt_tokens);
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert!(completion >= 1 && completion <= 24);
+    assert!((1..=24).contains(&completion));
     assert_eq!(reason == "length", completion == 24, "{v}");
     assert_eq!(usage["total_tokens"], prompt_tokens as u64 + completion);
     // Independent reference: the single-sequence Session, greedy, same cache and prefill chunks.
@@ -639,8 +639,16 @@ fn bad_requests_get_openai_errors() {
     let long_prompt = "hello ".repeat(ctx + 10);
     let user = |extra: Value| chat_body("hi", extra).to_string();
     let json_ct = ("Content-Type", "application/json");
-    // (method, path, headers, body, status, param)
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, String, u16, Option<&str>)> = vec![
+    /// (method, path, headers, body, status, param)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        String,
+        u16,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/chat/completions",
