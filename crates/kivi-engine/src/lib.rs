@@ -1,5 +1,6 @@
 //! Sequences, sampling and the generation loop over a kivi model.
 
+pub mod engine;
 pub mod eval;
 pub mod inspect;
 pub mod kv_spec;
@@ -8,5 +9,9 @@ pub mod plot;
 pub mod sampler;
 pub mod session;
 
+pub use engine::{
+    Engine, EngineConfig, EngineStats, Event, FinishReason, Finished, Request, RequestId,
+    Scheduler, SubmitError,
+};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{GenerateParams, GenerationStats, Session, StopReason};
