@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod fetch;
+mod humaneval;
 mod inspect;
 mod passkey;
 mod serve;
@@ -58,6 +59,8 @@ enum EvalCommand {
     Ppl(eval::EvalPplArgs),
     /// Passkey retrieval accuracy per (length, depth) in a Paul Graham haystack, with a heatmap.
     Passkey(passkey::EvalPasskeyArgs),
+    /// HumanEval pass@1 (greedy) per cache; candidate code runs in a sandboxed subprocess.
+    Humaneval(humaneval::EvalHumanevalArgs),
 }
 
 #[derive(Subcommand)]
@@ -234,6 +237,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
+        Command::Eval(EvalCommand::Humaneval(a)) => humaneval::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Serve(a) => serve::run(a),
     }

@@ -2,6 +2,7 @@
 
 pub mod engine;
 pub mod eval;
+pub mod humaneval;
 pub mod inspect;
 pub mod kv_spec;
 pub mod passkey;
