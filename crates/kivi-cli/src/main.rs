@@ -7,6 +7,7 @@ mod fetch;
 mod humaneval;
 mod inspect;
 mod passkey;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -48,6 +49,9 @@ enum Command {
     Eval(EvalCommand),
     /// Plot per-channel magnitudes of post-RoPE keys and values (the KIVI paper's Figure 2).
     Inspect(inspect::InspectArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics) on the
+    /// continuous-batching engine.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -214,7 +218,12 @@ fn main() -> ExitCode {
     // Run the command on a pool thread: each matmul and attention call then forks from a
     // worker (cheap) instead of handing work across threads and sleeping (decode makes
     // ~300 parallel calls per token).
-    let result = rayon::scope(|_| run(cli.command));
+    let result = match cli.command {
+        // The server's HTTP thread must not be a pool thread: the engine's loop and kernels
+        // need every pool thread.
+        Command::Serve(a) => serve::run(a),
+        command => rayon::scope(|_| run(command)),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -234,6 +243,7 @@ fn run(command: Command) -> Result<()> {
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
         Command::Eval(EvalCommand::Humaneval(a)) => humaneval::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
