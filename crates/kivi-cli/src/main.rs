@@ -5,6 +5,7 @@ mod eval;
 mod fetch;
 mod inspect;
 mod passkey;
+mod throughput;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -60,6 +61,8 @@ enum EvalCommand {
 enum BenchCommand {
     /// Prefill and decode tokens/s at several context depths, for several caches.
     Model(bench::BenchModelArgs),
+    /// Throughput vs batch size under a KV memory budget, per cache (the paper's Figure 5).
+    Throughput(throughput::BenchThroughputArgs),
 }
 
 #[derive(Args)]
@@ -223,6 +226,7 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
+        Command::Bench(BenchCommand::Throughput(a)) => throughput::run(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
         Command::Inspect(a) => inspect::run(a),

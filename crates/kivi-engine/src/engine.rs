@@ -475,7 +475,9 @@ impl Scheduler {
             // Recompute needs everything fed before (prompt and generated tokens but the last).
             let n = s.total_len().max(s.prompt.len());
             let need = self.cache.blocks_for_tokens(n) as u64 * bb + fixed;
-            if need.saturating_add(reserved) > self.free_bytes() {
+            // Alone, it always goes in (a prompt that fits was checked at submit; a sequence
+            // that outgrew the whole budget ends with Length in `step`): progress is certain.
+            if !self.running.is_empty() && need.saturating_add(reserved) > self.free_bytes() {
                 break;
             }
             reserved += need;

@@ -522,3 +522,32 @@ fn smollm2_batch_equals_alone() {
     }
     assert_drained(&sched);
 }
+
+#[test]
+fn a_sequence_outgrowing_the_whole_budget_ends_with_length() {
+    let model = tiny_model(rand::random());
+    let mut rng = rand::thread_rng();
+    let probe = Scheduler::new(model.clone(), EngineConfig::default()).unwrap();
+    let c = probe.cache();
+    // Two 256-token f16 blocks per layer: 512 tokens at most.
+    let budget = c.blocks_for_tokens(300) as u64 * c.block_bytes();
+    let config = EngineConfig {
+        kv_memory_bytes: Some(budget),
+        ..Default::default()
+    };
+    let mut sched = Scheduler::new(model.clone(), config.clone()).unwrap();
+    let req = Request {
+        prompt: random_prompt(&mut rng, 10, model.config.vocab),
+        max_tokens: 800,
+        sampling: SamplingParams::default(),
+        stop_tokens: vec![],
+    };
+    let got = drive(&mut sched, std::slice::from_ref(&req), &[0], |_| None);
+    let (toks, fin) = &got[0];
+    assert_eq!(fin.reason, FinishReason::Length);
+    // 512 tokens stored: the prompt and 502 generated, the last one never fed.
+    assert_eq!(toks.len(), 503);
+    let want = alone(&model, &config.cache, &req, sched.prefill_chunk());
+    assert_eq!(toks[..], want[..503]);
+    assert_drained(&sched);
+}
