@@ -1,10 +1,13 @@
 //! `kivi`: run Llama-family models with a KIVI-compressed KV cache.
 
 mod bench;
+mod bench_attention;
 mod eval;
 mod fetch;
+mod humaneval;
 mod inspect;
 mod passkey;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -46,6 +49,9 @@ enum Command {
     Eval(EvalCommand),
     /// Plot per-channel magnitudes of post-RoPE keys and values (the KIVI paper's Figure 2).
     Inspect(inspect::InspectArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics) on the
+    /// continuous-batching engine.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -54,12 +60,16 @@ enum EvalCommand {
     Ppl(eval::EvalPplArgs),
     /// Passkey retrieval accuracy per (length, depth) in a Paul Graham haystack, with a heatmap.
     Passkey(passkey::EvalPasskeyArgs),
+    /// HumanEval pass@1 (greedy) per cache; candidate code runs in a sandboxed subprocess.
+    Humaneval(humaneval::EvalHumanevalArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s at several context depths, for several caches.
     Model(bench::BenchModelArgs),
+    /// One layer's decode attention on the GPU: f16 vs KIVI caches, time and GB/s.
+    Attention(bench_attention::BenchAttentionArgs),
 }
 
 #[derive(Args)]
@@ -208,7 +218,12 @@ fn main() -> ExitCode {
     // Run the command on a pool thread: each matmul and attention call then forks from a
     // worker (cheap) instead of handing work across threads and sleeping (decode makes
     // ~300 parallel calls per token).
-    let result = rayon::scope(|_| run(cli.command));
+    let result = match cli.command {
+        // The server's HTTP thread must not be a pool thread: the engine's loop and kernels
+        // need every pool thread.
+        Command::Serve(a) => serve::run(a),
+        command => rayon::scope(|_| run(command)),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -223,9 +238,12 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
+        Command::Bench(BenchCommand::Attention(a)) => bench_attention::bench_attention(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
+        Command::Eval(EvalCommand::Humaneval(a)) => humaneval::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -127,4 +127,31 @@ pub trait KvCache: Send + Sync {
     fn memory_reserved(&self) -> MemoryUsage {
         self.memory()
     }
+
+    // ---- Paging: what a scheduler needs to keep the cache inside a memory budget ----
+    //
+    // Storage of a sequence = pool blocks (one layer each, all the same size) + a fixed part
+    // outside the pool (KIVI's full-precision windows and sink tokens, reserved at full size).
+    // `blocks_in_use() * block_bytes() + sequences * seq_fixed_bytes()` bounds
+    // `memory_reserved()` minus the free list, and appends never take more blocks than
+    // `blocks_needed` said.
+
+    /// Bytes of one pool block.
+    fn block_bytes(&self) -> u64;
+    /// Pool blocks held by sequences (all layers).
+    fn blocks_in_use(&self) -> usize;
+    /// Pool blocks kept for reuse (released by removed sequences).
+    fn free_blocks(&self) -> usize;
+    /// Pool blocks (all layers) a sequence holding `n_tokens` tokens needs.
+    fn blocks_for_tokens(&self, n_tokens: usize) -> usize;
+    /// Pool blocks (all layers) that appending `n_new` tokens to `seq` will take from the pool.
+    fn blocks_needed(&self, seq: SeqId, n_new: usize) -> Result<usize> {
+        let n = self.seq_len(0, seq)?;
+        Ok(self.blocks_for_tokens(n + n_new) - self.blocks_for_tokens(n))
+    }
+    /// Bytes one sequence holds outside pool blocks at most, all layers (KIVI: the f16 key and
+    /// value windows and sink tokens, reserved at their full size on first use; f16: 0).
+    fn seq_fixed_bytes(&self) -> u64;
+    /// Sequences currently registered.
+    fn n_sequences(&self) -> usize;
 }

@@ -94,6 +94,27 @@ impl KvCache for RecordingCache {
     fn memory_reserved(&self) -> MemoryUsage {
         self.inner.memory_reserved()
     }
+    fn block_bytes(&self) -> u64 {
+        self.inner.block_bytes()
+    }
+    fn blocks_in_use(&self) -> usize {
+        self.inner.blocks_in_use()
+    }
+    fn free_blocks(&self) -> usize {
+        self.inner.free_blocks()
+    }
+    fn blocks_for_tokens(&self, n_tokens: usize) -> usize {
+        self.inner.blocks_for_tokens(n_tokens)
+    }
+    fn blocks_needed(&self, seq: SeqId, n_new: usize) -> CoreResult<usize> {
+        self.inner.blocks_needed(seq, n_new)
+    }
+    fn seq_fixed_bytes(&self) -> u64 {
+        self.inner.seq_fixed_bytes()
+    }
+    fn n_sequences(&self) -> usize {
+        self.inner.n_sequences()
+    }
 }
 
 /// Runs `tokens` through `model` in chunks and returns the post-RoPE keys and the values that the

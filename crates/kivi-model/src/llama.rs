@@ -1,7 +1,7 @@
 //! The Llama-family forward pass (Llama 2/3, Mistral, SmolLM2, Qwen2), written top to bottom
 //! like llama2.c's `forward`, generic over the KV cache (`dyn KvCache`: f16 or KIVI).
 
-use kivi_core::{KvCache, SeqId};
+use kivi_core::{AttendItem, KvCache, SeqId};
 use rayon::prelude::*;
 
 use crate::config::{Arch, Config, RopeStyle};
@@ -97,6 +97,15 @@ pub enum Logits {
     Last,
     /// Every token (evaluation).
     All,
+}
+
+/// One sequence's new tokens in [`Model::forward_batch`].
+#[derive(Clone, Copy, Debug)]
+pub struct BatchItem<'a> {
+    pub seq: SeqId,
+    /// Tokens at positions `cache.seq_len(seq)..`; may be empty (no logits then).
+    pub tokens: &'a [u32],
+    pub logits: Logits,
 }
 
 pub struct Model {
@@ -209,29 +218,70 @@ impl Model {
         seq: SeqId,
         logits: Logits,
     ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let n = tokens.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let pos0 = cache.seq_len(0, seq)?;
-        if pos0 + n > c.context_len {
-            return Err(ModelError::ContextOverflow {
-                prompt: pos0 + n,
-                context: c.context_len,
-            });
-        }
-        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        let item = BatchItem {
+            seq,
+            tokens,
+            logits,
+        };
+        Ok(self
+            .forward_batch(&[item], cache)?
+            .pop()
+            .unwrap_or_default())
+    }
 
-        // x = embed(tokens): [n][hidden]
-        let mut x = vec![0f32; n * h];
-        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
-            if t as usize >= c.vocab {
+    /// Runs several sequences, each with its own new tokens (1 for decode, many for a prefill
+    /// chunk), in one pass: their rows are concatenated for every matmul (weights are read once
+    /// per step), RoPE uses each item's own positions, attention goes through
+    /// [`KvCache::attend_batch`]. Returns each item's logits as [`Model::forward`] would.
+    ///
+    /// Each row's result does not depend on the other rows of the batch (the weight kernels
+    /// compute every activation row with the same instruction sequence whatever the tile, and
+    /// attention is per item), so a sequence's outputs are bit-identical alone or batched.
+    /// Everything is checked before anything is computed: on error the cache is unchanged.
+    pub fn forward_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        cache: &mut dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        // Row offsets and positions of every item; checks first, so errors leave no trace.
+        let mut starts = Vec::with_capacity(items.len() + 1);
+        let mut pos = Vec::new(); // position of every row
+        let mut n = 0;
+        for (i, it) in items.iter().enumerate() {
+            starts.push(n);
+            if items[..i].iter().any(|o| o.seq == it.seq) {
+                return Err(ModelError::Cache(kivi_core::Error::Shape {
+                    op: "forward_batch",
+                    detail: format!("sequence {:?} appears twice in one batch", it.seq),
+                }));
+            }
+            let pos0 = cache.seq_len(0, it.seq)?;
+            if pos0 + it.tokens.len() > c.context_len {
+                return Err(ModelError::ContextOverflow {
+                    prompt: pos0 + it.tokens.len(),
+                    context: c.context_len,
+                });
+            }
+            if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= c.vocab) {
                 return Err(ModelError::Tokenizer(format!(
                     "token id {t} >= vocab {}",
                     c.vocab
                 )));
             }
+            pos.extend(pos0..pos0 + it.tokens.len());
+            n += it.tokens.len();
+        }
+        starts.push(n);
+        if n == 0 {
+            return Ok(vec![Vec::new(); items.len()]);
+        }
+        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+
+        // x = embed(tokens): [n][hidden]
+        let mut x = vec![0f32; n * h];
+        let all_tokens = items.iter().flat_map(|it| it.tokens.iter());
+        for (row, &t) in x.chunks_exact_mut(h).zip(all_tokens) {
             self.tok_embd.row_f32(t as usize, row);
         }
 
@@ -255,10 +305,31 @@ impl Model {
                 add_bias(&mut k, &b.k);
                 add_bias(&mut v, &b.v);
             }
-            self.rope(&mut q, c.n_head, pos0);
-            self.rope(&mut k, c.n_kv_head, pos0);
-            cache.attend(li, c.n_head, seq, &q, &k, &v, &mut att)?;
-            cache.append(li, seq, &k, &v)?;
+            self.rope(&mut q, c.n_head, &pos);
+            self.rope(&mut k, c.n_kv_head, &pos);
+            {
+                let mut att_rest = &mut att[..];
+                let mut attend = Vec::with_capacity(items.len());
+                for (i, it) in items.iter().enumerate() {
+                    let (a, b) = (starts[i], starts[i + 1]);
+                    let (out, rest) = std::mem::take(&mut att_rest).split_at_mut((b - a) * qd);
+                    att_rest = rest;
+                    attend.push(AttendItem {
+                        seq: it.seq,
+                        q: &q[a * qd..b * qd],
+                        k_new: &k[a * kvd..b * kvd],
+                        v_new: &v[a * kvd..b * kvd],
+                        out,
+                    });
+                }
+                cache.attend_batch(li, c.n_head, &mut attend)?;
+            }
+            for (i, it) in items.iter().enumerate() {
+                let (a, b) = (starts[i], starts[i + 1]);
+                if b > a {
+                    cache.append(li, it.seq, &k[a * kvd..b * kvd], &v[a * kvd..b * kvd])?;
+                }
+            }
             layer.wo.matmul(&att, n, &mut tmp);
             add_in_place(&mut x, &tmp);
 
@@ -271,34 +342,59 @@ impl Model {
             add_in_place(&mut x, &tmp);
         }
 
-        // --- logits = rmsnorm(x)·W_outᵀ, for the rows asked for
-        let rows = match logits {
-            Logits::All => 0..n,
-            Logits::Last => n - 1..n,
-        };
-        let m = rows.len();
-        let xs = &x[rows.start * h..rows.end * h];
+        // --- logits = rmsnorm(x)·W_outᵀ, for the rows each item asks for, in one matmul
+        let rows: Vec<std::ops::Range<usize>> = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let (a, b) = (starts[i], starts[i + 1]);
+                match it.logits {
+                    _ if a == b => a..a,
+                    Logits::All => a..b,
+                    Logits::Last => b - 1..b,
+                }
+            })
+            .collect();
+        let m: usize = rows.iter().map(|r| r.len()).sum();
         let mut normed = vec![0f32; m * h];
-        rmsnorm(&mut normed, xs, &self.out_norm, c.rms_eps);
+        let mut o = 0;
+        for r in &rows {
+            let xs = &x[r.start * h..r.end * h];
+            rmsnorm(
+                &mut normed[o * h..(o + r.len()) * h],
+                xs,
+                &self.out_norm,
+                c.rms_eps,
+            );
+            o += r.len();
+        }
         let mut out = vec![0f32; m * c.vocab];
         self.output
             .as_ref()
             .unwrap_or(&self.tok_embd)
             .matmul(&normed, m, &mut out);
-        Ok(out)
+        let mut o = 0;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let l = out[o * c.vocab..(o + r.len()) * c.vocab].to_vec();
+                o += r.len();
+                l
+            })
+            .collect())
     }
 
-    /// Rotates each head of `x` (`[n][heads][head_dim]`) by its token's position.
-    fn rope(&self, x: &mut [f32], heads: usize, pos0: usize) {
+    /// Rotates each head of `x` (`[n][heads][head_dim]`) by its row's position `pos[row]`.
+    fn rope(&self, x: &mut [f32], heads: usize, pos: &[usize]) {
         let d = self.config.head_dim;
         let half = d / 2;
         let style = self.config.rope_style;
         x.par_chunks_mut(heads * d)
-            .enumerate()
-            .for_each(|(t, tok)| {
-                let pos = (pos0 + t) as f32;
+            .zip(pos.par_iter())
+            .for_each(|(tok, &p)| {
+                let p = p as f32;
                 let (sin, cos): (Vec<f32>, Vec<f32>) =
-                    self.inv_freq.iter().map(|f| (pos * f).sin_cos()).unzip();
+                    self.inv_freq.iter().map(|f| (p * f).sin_cos()).unzip();
                 for head in tok.chunks_exact_mut(d) {
                     for i in 0..half {
                         let (a, b) = match style {

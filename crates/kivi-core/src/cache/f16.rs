@@ -266,4 +266,32 @@ impl KvCache for F16Cache {
     fn memory_reserved(&self) -> MemoryUsage {
         F16Cache::memory_reserved(self)
     }
+
+    fn block_bytes(&self) -> u64 {
+        (2 * 2 * self.block_elems()) as u64
+    }
+
+    fn blocks_in_use(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.values())
+            .map(|st| st.blocks.len())
+            .sum()
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    fn blocks_for_tokens(&self, n_tokens: usize) -> usize {
+        n_tokens.div_ceil(F16_BLOCK_TOKENS) * self.shape.n_layer
+    }
+
+    fn seq_fixed_bytes(&self) -> u64 {
+        0
+    }
+
+    fn n_sequences(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
 }

@@ -412,6 +412,11 @@ fn push_stream(
     let r = kc.residual_len;
     let g = l.group;
     let row = x.len();
+    if s.win.capacity() == 0 {
+        // Reserved once at full size: the scheduler's budget counts it (`seq_fixed_bytes`).
+        s.win
+            .reserve_exact(window_tokens(l.part(key).axis, r, g) * row);
+    }
     match l.part(key).axis {
         Axis::PerChannel => {
             s.win.extend_from_slice(x);
@@ -452,6 +457,24 @@ fn push_stream(
                 s.head = (s.head + 1) % r;
             }
         }
+    }
+}
+
+/// f16 window slots of one stream: the per-channel residual (R, or the partial group when
+/// R = 0) or the per-token ring (R).
+fn window_tokens(axis: Axis, r: usize, g: usize) -> usize {
+    match axis {
+        Axis::PerChannel if r == 0 => g,
+        _ => r,
+    }
+}
+
+/// Stream tokens quantized (stored in blocks) once `m` stream tokens have been appended.
+fn quantized_tokens(axis: Axis, r: usize, m: usize) -> usize {
+    match axis {
+        Axis::PerChannel if r > 0 => m / r * r,
+        Axis::PerToken => m.saturating_sub(r),
+        Axis::PerChannel => m,
     }
 }
 
@@ -581,6 +604,10 @@ impl KvCache for KiviCache {
                 *a = f16::from_f32(*b);
             }
             if st.n < kc.sink_tokens {
+                if st.sink_k.capacity() == 0 {
+                    st.sink_k.reserve_exact(kc.sink_tokens * row);
+                    st.sink_v.reserve_exact(kc.sink_tokens * row);
+                }
                 st.sink_k.extend_from_slice(&k16);
                 st.sink_v.extend_from_slice(&v16);
             } else {
@@ -622,5 +649,43 @@ impl KvCache for KiviCache {
 
     fn memory_reserved(&self) -> MemoryUsage {
         KiviCache::memory_reserved(self)
+    }
+
+    fn block_bytes(&self) -> u64 {
+        let (c, s, m) = self.layout.bytes();
+        c + s + m
+    }
+
+    fn blocks_in_use(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.values())
+            .map(|st| st.blocks.len())
+            .sum()
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.pool.free_blocks()
+    }
+
+    fn blocks_for_tokens(&self, n_tokens: usize) -> usize {
+        let (kc, bt) = (&self.kc, self.layout.block_tokens);
+        let m = n_tokens.saturating_sub(kc.sink_tokens);
+        let nq_k = quantized_tokens(kc.k_axis, kc.residual_len, m);
+        let nq_v = quantized_tokens(kc.v_axis, kc.residual_len, m);
+        nq_k.max(nq_v).div_ceil(bt) * self.shape.n_layer
+    }
+
+    fn seq_fixed_bytes(&self) -> u64 {
+        let kc = &self.kc;
+        let (r, g) = (kc.residual_len, kc.group_size);
+        let slots =
+            2 * kc.sink_tokens + window_tokens(kc.k_axis, r, g) + window_tokens(kc.v_axis, r, g);
+        let row = self.shape.n_kv_head * self.shape.head_dim;
+        (2 * slots * row * self.shape.n_layer) as u64
+    }
+
+    fn n_sequences(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
     }
 }

@@ -1,0 +1,199 @@
+//! `kivi bench attention --device cuda`: one layer's decode attention (one new token per
+//! sequence over a filled cache) for several shapes, batches, contexts and caches; time (CUDA
+//! events, warm-up, median) and achieved bandwidth over the bytes the kernel must read.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kivi_core::{CacheConfig, CacheShape};
+use kivi_cuda::{Gpu, GpuCache};
+use kivi_engine::kv_spec::{format_kv, parse_kv};
+use rand::{Rng, SeedableRng};
+
+#[derive(Args)]
+pub struct BenchAttentionArgs {
+    /// Device to run on (cuda only: the CPU kernels are measured by
+    /// `cargo bench -p kivi-core --bench attention`).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Head shapes as n_head/n_kv_head/head_dim, comma-separated.
+    #[arg(long, default_value = "32/32/128,32/8/128")]
+    pub shapes: String,
+    /// Batch sizes (sequences), comma-separated.
+    #[arg(long, default_value = "1,8,32")]
+    pub batch: String,
+    /// Context lengths (tokens in the cache), comma-separated.
+    #[arg(long, default_value = "1024,4096,16384,32768")]
+    pub context: String,
+    /// Caches to compare, comma-separated (each as in --kv).
+    #[arg(long, default_value = "f16,kivi2,kivi4")]
+    pub caches: String,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 15)]
+    pub reps: usize,
+    /// Attention calls per timed repetition.
+    #[arg(long, default_value_t = 10)]
+    pub inner: usize,
+    /// Tokens per split (default: chosen to fill the GPU).
+    #[arg(long)]
+    pub split: Option<usize>,
+    /// Also write one JSON object per measurement to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("bad {what} `{x}`"))
+        })
+        .collect()
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
+    let v: Vec<usize> = parse_list(&s.replace('/', ","), "shape")?;
+    match v[..] {
+        [h, kv, d] if h > 0 && kv > 0 && h % kv == 0 && d > 0 => Ok((h, kv, d)),
+        _ => {
+            bail!("bad shape `{s}`: want n_head/n_kv_head/head_dim with n_kv_head dividing n_head")
+        }
+    }
+}
+
+pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
+    if a.device != "cuda" {
+        bail!(
+            "`kivi bench attention` runs on --device cuda; the CPU attention kernels are measured \
+             by `cargo bench -p kivi-core --bench attention`"
+        );
+    }
+    let shapes: Vec<_> = a
+        .shapes
+        .split(',')
+        .map(parse_shape)
+        .collect::<Result<_>>()?;
+    let batches: Vec<usize> = parse_list(&a.batch, "batch")?;
+    let contexts: Vec<usize> = parse_list(&a.context, "context")?;
+    let caches: Vec<CacheConfig> = a
+        .caches
+        .split(',')
+        .map(|s| parse_kv(s).map_err(anyhow::Error::msg))
+        .collect::<Result<_>>()?;
+    if a.reps == 0 || a.inner == 0 {
+        bail!("--reps and --inner must be at least 1");
+    }
+    let gpu = Gpu::new(0)?;
+    println!(
+        "device: {}; one layer's decode attention, 1 new token per sequence; median of {} x {} calls",
+        gpu.describe(),
+        a.reps,
+        a.inner
+    );
+    let mut json = match &a.json {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    println!("| heads (q/kv/d) | B | T | cache | time µs | GB read | GB/s | vs f16 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &(nh, hkv, d) in &shapes {
+        for &b in &batches {
+            for &t in &contexts {
+                let mut f16_us = None;
+                for cache in &caches {
+                    let (us, bytes) = measure(&gpu, cache, (nh, hkv, d), b, t, &a)?;
+                    let gbs = bytes as f64 / (us * 1e-6) / 1e9;
+                    if matches!(cache, CacheConfig::F16) {
+                        f16_us = Some(us);
+                    }
+                    let ratio = f16_us.map_or("".to_string(), |f| format!("{:.2}x", f / us));
+                    println!(
+                        "| {nh}/{hkv}/{d} | {b} | {t} | {} | {us:.1} | {:.3} | {gbs:.0} | {ratio} |",
+                        format_kv(cache),
+                        bytes as f64 / 1e9
+                    );
+                    if let Some(f) = json.as_mut() {
+                        use std::io::Write;
+                        writeln!(
+                            f,
+                            "{{\"n_head\":{nh},\"n_kv_head\":{hkv},\"head_dim\":{d},\"batch\":{b},\
+                             \"context\":{t},\"cache\":\"{}\",\"us\":{us:.3},\"bytes\":{bytes}}}",
+                            format_kv(cache)
+                        )?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Median time (µs) of one decode attention call, and the bytes it must read.
+fn measure(
+    gpu: &Arc<Gpu>,
+    config: &CacheConfig,
+    (nh, hkv, d): (usize, usize, usize),
+    b: usize,
+    t: usize,
+    a: &BenchAttentionArgs,
+) -> Result<(f64, u64)> {
+    let shape = CacheShape {
+        n_layer: 1,
+        n_kv_head: hkv,
+        head_dim: d,
+    };
+    let mut cache = GpuCache::new(gpu.clone(), *config, shape, b, t + 1)?;
+    cache.set_split_tokens(a.split);
+    let s = gpu.stream().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Fill every sequence with t tokens, appended in chunks of random data.
+    let chunk = 1024.min(t.max(1));
+    let row = hkv * d;
+    let kc: Vec<f32> = (0..chunk * row).map(|_| rng.gen_range(-2.0..2.0)).collect();
+    let vc: Vec<f32> = (0..chunk * row).map(|_| rng.gen_range(-2.0..2.0)).collect();
+    let (dk, dv) = (s.clone_htod(&kc)?, s.clone_htod(&vc)?);
+    for _ in 0..b {
+        let slot = cache.add_sequence()?;
+        let mut n = 0;
+        while n < t {
+            let m = chunk.min(t - n);
+            let batch = cache.batch(&[(slot, m)])?;
+            cache.append(0, &batch, &dk, &dv)?;
+            cache.advance(&batch);
+            n += m;
+        }
+    }
+    let items: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
+    let batch = cache.batch(&items)?;
+    let q: Vec<f32> = (0..b * nh * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let kn: Vec<f32> = (0..b * row).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let (dq, dkn, dvn) = (s.clone_htod(&q)?, s.clone_htod(&kn)?, s.clone_htod(&kn)?);
+    let mut out = s.alloc_zeros::<f32>(b * nh * d)?;
+    for _ in 0..3 {
+        cache.attend(0, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
+    }
+    gpu.synchronize()?;
+    let ctx = gpu.context().clone();
+    let flag = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut times = Vec::with_capacity(a.reps);
+    for _ in 0..a.reps {
+        let start = ctx.new_event(flag)?;
+        let end = ctx.new_event(flag)?;
+        start.record(&s)?;
+        for _ in 0..a.inner {
+            cache.attend(0, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
+        }
+        end.record(&s)?;
+        times.push(start.elapsed_ms(&end)? as f64 * 1e3 / a.inner as f64);
+    }
+    let got = s.clone_dtoh(&out)?;
+    if got.iter().any(|x| !x.is_finite()) {
+        bail!("non-finite attention output");
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    Ok((times[times.len() / 2], cache.decode_bytes(&batch, nh)))
+}

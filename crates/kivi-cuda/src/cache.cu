@@ -1,0 +1,719 @@
+// KIVI / f16 KV-cache kernels: quantize-and-pack on append, flash-decoding attention over
+// [quantized | f16 window | new tokens], and the split reduction. Compiled with NVRTC at run time
+// (no CUDA headers: f16 conversions are inline PTX).
+//
+// GPU cache layout, per layer (slot = one sequence; cap = token capacity, a multiple of 32):
+//   keys, quantized per channel: codes  [slot][Hkv][cap/32][D][32/fpi] u32  (a 32-token sub-tile of
+//                                        one channel is 32/fpi consecutive words, the same words as
+//                                        the CPU packing of that channel row)
+//                                scale, min [slot][Hkv][cap/G][D] f16
+//                                window [slot][Hkv][W][D] f16, token p at slot p % W (W = R, or G
+//                                        for the R = 0 staging of the partial group)
+//   values, quantized per token: codes  [slot][Hkv][cap][D/fpi] u32, scale, min [slot][Hkv][cap][D/G]
+//                                window [slot][Hkv][R][D] f16, token p at slot p % R
+//   f16 cache: keys and values [slot][Hkv][cap][D] f16 (the "window" with W = cap).
+// Sequence positions: keys [0, nqk) quantized, [nqk, n) window; values [0, nqv) quantized,
+// [nqv, n) window; with R > 0: nqk = n - n % R, nqv = max(n - R, 0); R = 0: nqk = nqv = n.
+// Offsets are 64-bit.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define WARPS 4
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ double h2d(u16 h) { return (double)h2f(h); }
+
+// ---------------------------------------------------------------------------------------------
+// Quantization parameters, bit-exact with kivi_core::quant::group_params.
+
+__device__ __forceinline__ u16 h_next_up(u16 b) {
+    if (b == 0x8000 || b == 0) return 0x0001;
+    return (b & 0x8000) == 0 ? (u16)(b + 1) : (u16)(b - 1);
+}
+__device__ __forceinline__ u16 h_next_down(u16 b) {
+    if (b == 0 || b == 0x8000) return 0x8001;
+    return (b & 0x8000) == 0 ? (u16)(b - 1) : (u16)(b + 1);
+}
+// Largest f16 <= v.
+__device__ u16 h_round_down(double v) {
+    u16 h = f2h((float)v);
+    while (h2d(h) > v) h = h_next_down(h);
+    while (true) {
+        u16 u = h_next_up(h);
+        if ((u & 0x7c00) == 0x7c00 || h2d(u) > v) break;
+        h = u;
+    }
+    return h;
+}
+// Smallest f16 >= v.
+__device__ u16 h_round_up(double v) {
+    u16 h = f2h((float)v);
+    while (h2d(h) < v) h = h_next_up(h);
+    while (true) {
+        u16 d = h_next_down(h);
+        if ((d & 0x7c00) == 0x7c00 || h2d(d) < v) break;
+        h = d;
+    }
+    return h;
+}
+
+struct GroupParams {
+    u16 scale, min;
+};
+
+__device__ __forceinline__ GroupParams group_params(float mn, float mx, int bits) {
+    GroupParams p;
+    p.min = h_round_down((double)mn);
+    double range = (double)mx - h2d(p.min);
+    p.scale = range == 0.0 ? (u16)0 : h_round_up(range / (double)((1 << bits) - 1));
+    return p;
+}
+
+__device__ __forceinline__ u32 quantize_value(float x, GroupParams p, int bits) {
+    float s = h2f(p.scale);
+    if (s == 0.0f) return 0;
+    float c = rintf(__fdiv_rn(x - h2f(p.min), s));
+    c = fminf(fmaxf(c, 0.0f), (float)((1 << bits) - 1));
+    return (u32)c;
+}
+
+// A new token enters the cache rounded to f16.
+__device__ __forceinline__ float f16_round(float x) { return h2f(f2h(x)); }
+
+struct CacheBufs {
+    u32* kq;
+    u16* ks;
+    u16* km;
+    u16* kwin;
+    u32* vq;
+    u16* vs;
+    u16* vm;
+    u16* vwin;
+    // Element strides (64-bit) per slot and per KV head.
+    u64 kq_slot, kq_head, ksm_slot, ksm_head, kwin_slot, kwin_head;
+    u64 vq_slot, vq_head, vsm_slot, vsm_head, vwin_slot, vwin_head;
+    int n_kv, head_dim, group, resid, k_bits, v_bits;
+    // Key window modulus: R, or G for the R = 0 staging; the f16 cache: cap.
+    int kwin_mod;
+    int is_f16;
+};
+
+// Batch item: slot, n_old, n_new, offset of its first token in the packed token arrays.
+struct Item {
+    int slot, n_old, n_new, tok_off;
+};
+
+__device__ __forceinline__ int key_quant_end(const CacheBufs& c, int n) {
+    return c.resid > 0 ? n - n % c.resid : n;
+}
+__device__ __forceinline__ int val_quant_end(const CacheBufs& c, int n) {
+    return c.resid > 0 ? max(n - c.resid, 0) : n;
+}
+
+// One thread per (item, KV head, key group, channel): (re)quantizes the key groups that this
+// append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
+// with its current statistics). grid = (groups, Hkv, items), block = D.
+extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const float* knew) {
+    const Item it = items[blockIdx.z];
+    const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim, G = c.group;
+    const int n0 = it.n_old, n1 = it.n_old + it.n_new;
+    const int q0 = key_quant_end(c, n0), q1 = key_quant_end(c, n1);
+    const int g = q0 / G + blockIdx.x;
+    const int gend = (q1 + G - 1) / G;
+    if (g >= gend || d >= D) return;
+    const int p0 = g * G, cnt = min(G, q1 - p0);
+    const u64 kwin = (u64)it.slot * c.kwin_slot + (u64)h * c.kwin_head;
+    float mn = __int_as_float(0x7f800000), mx = -mn;
+    for (int t = 0; t < cnt; t++) {
+        int p = p0 + t;
+        float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
+                         : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
+        mn = fminf(mn, x);
+        mx = fmaxf(mx, x);
+    }
+    const int bits = c.k_bits, fpi = 32 / bits, wpd = 32 / fpi;
+    GroupParams gp = group_params(mn, mx, bits);
+    const u64 kq = (u64)it.slot * c.kq_slot + (u64)h * c.kq_head;
+    for (int w0 = 0; w0 < G; w0 += fpi) {
+        u32 word = 0;
+        for (int j = 0; j < fpi; j++) {
+            int t = w0 + j;
+            if (t < cnt) {
+                int p = p0 + t;
+                float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
+                                 : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
+                word |= quantize_value(x, gp, bits) << (j * bits);
+            }
+        }
+        int p = p0 + w0;
+        c.kq[kq + ((u64)(p / 32) * D + d) * wpd + (p % 32) / fpi] = word;
+    }
+    const u64 m = (u64)it.slot * c.ksm_slot + (u64)h * c.ksm_head + (u64)g * D + d;
+    c.ks[m] = gp.scale;
+    c.km[m] = gp.min;
+}
+
+// One thread per (item, token to quantize, KV head, value group). grid = (tokens, items),
+// block = Hkv * D/G.
+extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const float* vnew) {
+    const Item it = items[blockIdx.y];
+    const int D = c.head_dim, G = c.group, gpt = D / G;
+    const int h = threadIdx.x / gpt, gi = threadIdx.x % gpt;
+    if (h >= c.n_kv) return;
+    const int n0 = it.n_old, n1 = it.n_old + it.n_new;
+    const int q0 = val_quant_end(c, n0), q1 = val_quant_end(c, n1);
+    const int p = q0 + blockIdx.x;
+    if (p >= q1) return;
+    const u64 vwin = (u64)it.slot * c.vwin_slot + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
+    const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D;
+    float mn = __int_as_float(0x7f800000), mx = -mn;
+    for (int t = 0; t < G; t++) {
+        int ch = gi * G + t;
+        float x = p < n0 ? h2f(c.vwin[vwin + ch]) : f16_round(src[ch]);
+        mn = fminf(mn, x);
+        mx = fmaxf(mx, x);
+    }
+    const int bits = c.v_bits, fpi = 32 / bits;
+    GroupParams gp = group_params(mn, mx, bits);
+    const u64 vq = (u64)it.slot * c.vq_slot + (u64)h * c.vq_head + (u64)p * (D / fpi);
+    for (int w0 = 0; w0 < G; w0 += fpi) {
+        u32 word = 0;
+        for (int j = 0; j < fpi; j++) {
+            int ch = gi * G + w0 + j;
+            float x = p < n0 ? h2f(c.vwin[vwin + ch]) : f16_round(src[ch]);
+            word |= quantize_value(x, gp, bits) << (j * bits);
+        }
+        c.vq[vq + (gi * G + w0) / fpi] = word;
+    }
+    const u64 m = (u64)it.slot * c.vsm_slot + (u64)h * c.vsm_head + (u64)p * gpt + gi;
+    c.vs[m] = gp.scale;
+    c.vm[m] = gp.min;
+}
+
+// Writes the new tokens that stay in full precision into the windows (after the quantize
+// kernels, which read the old window slots). grid = (n_new max, Hkv, items), block = D.
+extern "C" __global__ void kivi_write_window(CacheBufs c, const Item* items, const float* knew,
+                                             const float* vnew) {
+    const Item it = items[blockIdx.z];
+    const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x, D = c.head_dim;
+    if (t >= it.n_new || d >= D) return;
+    const int n0 = it.n_old, n1 = n0 + it.n_new, p = n0 + t;
+    const u64 src = ((u64)(it.tok_off + t) * c.n_kv + h) * D + d;
+    int kstart, vstart;
+    if (c.is_f16) {
+        kstart = 0;
+        vstart = 0;
+    } else if (c.resid > 0) {
+        kstart = key_quant_end(c, n1);
+        vstart = val_quant_end(c, n1);
+    } else {
+        kstart = n1 - n1 % c.group;  // staging of the partial key group
+        vstart = n1 + 1;             // no value window
+    }
+    if (p >= kstart)
+        c.kwin[(u64)it.slot * c.kwin_slot + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d] = f2h(knew[src]);
+    if (p >= vstart) {
+        int vmod = c.is_f16 ? c.kwin_mod : c.resid;
+        c.vwin[(u64)it.slot * c.vwin_slot + (u64)h * c.vwin_head + (u64)(p % vmod) * D + d] = f2h(vnew[src]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention (flash-decoding). One CTA = one packed query token x one KV head x NG of its
+// query heads x one split of the sequence: packed K/V of a KV head is read once for all the query
+// heads sharing it. Scores of the split stay in shared memory; the CTA writes its unnormalised
+// output, max and sum, and kivi_attn_reduce combines the splits.
+
+struct Tok {
+    int slot, n_old, i, tok_off;  // query token i of an item: attends positions [0, n_old + i]
+};
+
+struct AttnParams {
+    CacheBufs c;
+    const float* q;     // [T][H][D]
+    const float* knew;  // [T][Hkv][D]
+    const float* vnew;  // [T][Hkv][D]
+    const Tok* toks;    // [T]
+    float* part_o;      // [T][H][nsplit][D]
+    float* part_ml;     // [T][H][nsplit][2]
+    int n_head, nsplit, split_len;
+    float scale_log2;   // log2(e) / sqrt(D)
+};
+
+// Code j of word w as f = 1 + c / 2^b (mantissa bits 21..22 at 2 bits, 19..22 at 4 bits), so
+// s*c + m = (2^b s) f + (m - 2^b s): one shift, one LOP3, one FFMA per code.
+template <int B>
+__device__ __forceinline__ float code_as_float(u32 w, int j) {
+    const int top = 23 - B;
+    const int pos = j * B;
+    u32 x = pos <= top ? (w << (top - pos)) : (w >> (pos - top));
+    return __int_as_float((x & (((1u << B) - 1) << top)) | 0x3f800000u);
+}
+
+// One halving step of transpose_reduce: lanes with bit O set keep the upper half of a[0..2O).
+// Template recursion keeps every array index a compile-time constant (registers, no local memory).
+template <int O>
+__device__ __forceinline__ void tr_step(float* a, int lane) {
+    const bool upper = lane & O;
+#pragma unroll
+    for (int k = 0; k < O; k++) {
+        const float send = upper ? a[k] : a[k + O];
+        const float keep = upper ? a[k + O] : a[k];
+        a[k] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    if constexpr (O > 1) tr_step<O / 2>(a, lane);
+}
+
+// Lane l ends with the warp-wide sum of a[l % N] (N a power of two <= 32).
+template <int N>
+__device__ __forceinline__ float transpose_reduce(float (&a)[N], int lane) {
+    tr_step<N / 2>(a, lane);
+    float v = a[0];
+#pragma unroll
+    for (int o = N; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// CPL contiguous f16 values -> f32.
+template <int CPL>
+__device__ __forceinline__ void load_f16(const u16* p, float (&x)[CPL]) {
+    if (CPL == 4) {
+        uint2 u = *(const uint2*)p;
+        x[0] = h2f(u.x & 0xffff);
+        x[1] = h2f(u.x >> 16);
+        x[2] = h2f(u.y & 0xffff);
+        x[3] = h2f(u.y >> 16);
+    } else if (CPL == 2) {
+        u32 u = *(const u32*)p;
+        x[0] = h2f(u & 0xffff);
+        x[1] = h2f(u >> 16);
+    } else {
+#pragma unroll
+        for (int c = 0; c < CPL; c++) x[c] = h2f(p[c]);
+    }
+}
+template <int CPL>
+__device__ __forceinline__ void load_f32(const float* p, float (&x)[CPL]) {
+#pragma unroll
+    for (int c = 0; c < CPL; c++) x[c] = p[c];
+}
+
+
+// Raw row chunk of CPL channels: f16 bits packed two per word, or f32 bits. Loads are issued raw
+// (several in flight) and converted only when all are issued.
+template <int CPL>
+__device__ __forceinline__ void raw_f16(const u16* p, u32 (&r)[CPL]) {
+    if (CPL == 4) {
+        uint2 u = *(const uint2*)p;
+        r[0] = u.x;
+        r[1] = u.y;
+    } else {
+        r[0] = *(const u32*)p;
+    }
+}
+template <int CPL>
+__device__ __forceinline__ void raw_f32(const float* p, u32 (&r)[CPL]) {
+#pragma unroll
+    for (int c = 0; c < CPL; c++) r[c] = __float_as_uint(p[c]);
+}
+template <int CPL>
+__device__ __forceinline__ void raw_to_float(const u32 (&r)[CPL], bool is_f32, float (&x)[CPL]) {
+    if (is_f32) {
+#pragma unroll
+        for (int c = 0; c < CPL; c++) x[c] = __uint_as_float(r[c]);
+    } else {
+#pragma unroll
+        for (int c = 0; c < CPL; c++) x[c] = h2f((u16)(r[c / 2] >> (16 * (c % 2))));
+    }
+}
+
+template <int D, int KB, int VB, int NG>
+__device__ __forceinline__ void attn_split(const AttnParams& P) {
+    constexpr int CPL = D / 32;
+    constexpr bool QUANT = KB < 16;
+    const CacheBufs& c = P.c;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int split = blockIdx.x;
+    const int n_rep = P.n_head / c.n_kv;
+    const int nchunk = n_rep / NG;
+    const int kvh = blockIdx.y / nchunk;
+    const int h0 = kvh * n_rep + (blockIdx.y % nchunk) * NG;
+    const int tok = blockIdx.z;
+    const Tok tk = P.toks[tok];
+    const int n = tk.n_old, L = n + tk.i + 1;
+    const int s0 = split * P.split_len;
+    const int s1 = min(s0 + P.split_len, L);
+
+    extern __shared__ float smem[];
+    float* sq = smem;                  // [NG][D]
+    float* sacc = sq + NG * D;         // [NG][D]
+    float* sml = sacc + NG * D;        // [NG][2]
+    float* sc = sml + 2 * NG + 8;      // [NG][split_len]
+
+    const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
+    if (s0 >= s1) {
+        if (threadIdx.x < NG) {
+            float* ml = P.part_ml + (part + (u64)threadIdx.x * P.nsplit) * 2;
+            ml[0] = NEG_INF;
+            ml[1] = 0.0f;
+        }
+        return;
+    }
+    for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
+        sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
+        sacc[x] = 0.0f;
+    }
+    __syncthreads();
+
+    int nqk = 0, nqv = 0;
+    if (QUANT) {
+        nqk = key_quant_end(c, n);
+        nqv = val_quant_end(c, n);
+    }
+    const int vmod = QUANT ? max(c.resid, 1) : c.kwin_mod;
+    const u64 kwin = (u64)tk.slot * c.kwin_slot + (u64)kvh * c.kwin_head;
+    const u64 vwin = (u64)tk.slot * c.vwin_slot + (u64)kvh * c.vwin_head;
+    const float* knew = P.knew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
+    const float* vnew = P.vnew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
+    const u64 new_stride = (u64)c.n_kv * D;
+
+    // ---- scores
+    float qr[NG][CPL];
+#pragma unroll
+    for (int g = 0; g < NG; g++)
+#pragma unroll
+        for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
+
+    for (int t0 = s0 + warp * 32; t0 < s1; t0 += WARPS * 32) {
+        if (QUANT && t0 + 32 <= nqk) {
+            constexpr int KBq = QUANT ? KB : 2;
+            constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
+            const u32* base = c.kq + (u64)tk.slot * c.kq_slot + (u64)kvh * c.kq_head + (u64)(t0 / 32) * (D * WPD);
+            const u64 sm = (u64)tk.slot * c.ksm_slot + (u64)kvh * c.ksm_head + (u64)(t0 / c.group) * D;
+            u32 w[CPL][WPD];
+            float s[CPL], m[CPL];
+#pragma unroll
+            for (int i = 0; i < CPL; i++) {
+                const int d = lane + 32 * i;
+                if (WPD == 2) {
+                    uint2 u = *(const uint2*)(base + d * WPD);
+                    w[i][0] = u.x;
+                    w[i][1] = u.y;
+                } else {
+                    uint4 u = *(const uint4*)(base + d * WPD);
+                    w[i][0] = u.x;
+                    w[i][1] = u.y;
+                    w[i][WPD > 2 ? 2 : 0] = u.z;
+                    w[i][WPD > 3 ? 3 : 0] = u.w;
+                }
+                s[i] = h2f(c.ks[sm + d]);
+                m[i] = h2f(c.km[sm + d]);
+            }
+            // Many heads per CTA: two passes of 16 tokens keep the accumulators in registers.
+            constexpr int PASSES = NG >= 3 ? 2 : 1, TOK = 32 / PASSES, WPP = WPD / PASSES;
+            float qs[CPL][NG], bias[NG];
+#pragma unroll
+            for (int g = 0; g < NG; g++) bias[g] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < CPL; i++) {
+                const int d = lane + 32 * i;
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float qd = sq[g * D + d];
+                    qs[i][g] = qd * (s[i] * (float)(1 << KBq));
+                    bias[g] += qd * m[i] - qs[i][g];
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < NG; g++) bias[g] = warp_sum(bias[g]);
+#pragma unroll
+            for (int pass = 0; pass < PASSES; pass++) {
+                float acc[NG][TOK];
+#pragma unroll
+                for (int g = 0; g < NG; g++)
+#pragma unroll
+                    for (int t = 0; t < TOK; t++) acc[g][t] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < CPL; i++)
+#pragma unroll
+                    for (int wi = 0; wi < WPP; wi++)
+#pragma unroll
+                        for (int j = 0; j < FPI; j++) {
+                            const float f = code_as_float<KBq>(w[i][pass * WPP + wi], j);
+#pragma unroll
+                            for (int g = 0; g < NG; g++) acc[g][wi * FPI + j] += qs[i][g] * f;
+                        }
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float v = transpose_reduce<TOK>(acc[g], lane);
+                    const int p = t0 + pass * TOK + (lane % TOK);
+                    if (lane < TOK)
+                        sc[g * P.split_len + (p - s0)] = p < s1 ? (v + bias[g]) * P.scale_log2 : NEG_INF;
+                }
+            }
+        } else {
+            const int tend = min(t0 + 32, s1);
+            for (int b0 = t0; b0 < tend; b0 += 8) {
+                // All loads first, raw (independent, in flight together), then convert and dot.
+                u32 raw[8][CPL];
+                bool is_f32[8];
+                const int d0 = lane * CPL;
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const int p = b0 + k;
+                    is_f32[k] = true;
+                    if (p >= tend) {
+#pragma unroll
+                        for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
+                    } else if (QUANT && p < nqk) {
+                        constexpr int KBq = QUANT ? KB : 2;
+                        constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
+                        const u32* base = c.kq + (u64)tk.slot * c.kq_slot + (u64)kvh * c.kq_head + (u64)(p / 32) * (D * WPD);
+                        const u64 sm = (u64)tk.slot * c.ksm_slot + (u64)kvh * c.ksm_head + (u64)(p / c.group) * D;
+#pragma unroll
+                        for (int x = 0; x < CPL; x++) {
+                            const int d = d0 + x;
+                            const u32 wd = base[d * WPD + (p % 32) / FPI];
+                            const u32 code = (wd >> ((p % FPI) * KBq)) & ((1u << KBq) - 1);
+                            raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
+                        }
+                    } else if (p < n) {
+                        // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
+                        // the f16 cache: slot p.
+                        raw_f16<CPL>(c.kwin + kwin + (u64)(p - nqk) * D + d0, raw[k]);
+                        is_f32[k] = false;
+                    } else {
+                        raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
+                    }
+                }
+                float part8[NG][8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    float kv[CPL];
+                    raw_to_float<CPL>(raw[k], is_f32[k], kv);
+#pragma unroll
+                    for (int g = 0; g < NG; g++) {
+                        float a = 0.0f;
+#pragma unroll
+                        for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
+                        part8[g][k] = a;
+                    }
+                }
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float v = transpose_reduce<8>(part8[g], lane);
+                    const int p = b0 + (lane & 7);
+                    if (lane < 8 && p < tend) sc[g * P.split_len + (p - s0)] = v * P.scale_log2;
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // ---- softmax of the split (warp g owns query head g)
+    const int ns = s1 - s0;
+    for (int g = warp; g < NG; g += WARPS) {
+        float* row = sc + g * P.split_len;
+        float mx = NEG_INF;
+        for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int t = lane; t < ns; t += 32) {
+            const float e = exp2f(row[t] - mx);
+            row[t] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            sml[2 * g] = mx;
+            sml[2 * g + 1] = sum;
+        }
+    }
+    __syncthreads();
+
+    // ---- values: quantized tokens [s0, min(s1, nqv))
+    if (QUANT) {
+        constexpr int VBq = QUANT ? VB : 2;
+        constexpr int FPI = 32 / VBq, WPT = D / FPI, TPI = 32 / WPT;
+        const int wi = lane % WPT, sub = lane / WPT;
+        const int vg = (wi * FPI) / c.group, gpt = D / c.group;
+        const u64 vqb = (u64)tk.slot * c.vq_slot + (u64)kvh * c.vq_head;
+        const u64 vsb = (u64)tk.slot * c.vsm_slot + (u64)kvh * c.vsm_head;
+        float acc[NG][FPI];
+        float bias[NG];
+#pragma unroll
+        for (int g = 0; g < NG; g++) {
+            bias[g] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
+        }
+        const int qend = min(s1, nqv);
+        constexpr int UNROLL = 4;
+        for (int pb = s0 + warp * TPI * UNROLL; pb < qend; pb += WARPS * TPI * UNROLL) {
+            u32 w[UNROLL];
+            float s[UNROLL], m[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u * TPI + sub;
+                if (p < qend) {
+                    w[u] = c.vq[vqb + (u64)p * WPT + wi];
+                    s[u] = h2f(c.vs[vsb + (u64)p * gpt + vg]);
+                    m[u] = h2f(c.vm[vsb + (u64)p * gpt + vg]);
+                } else {
+                    w[u] = 0;
+                    s[u] = 0.0f;
+                    m[u] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u * TPI + sub;
+                float ps[NG];
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                    ps[g] = pv * (s[u] * (float)(1 << VBq));
+                    bias[g] += pv * m[u] - ps[g];
+                }
+#pragma unroll
+                for (int j = 0; j < FPI; j++) {
+                    const float f = code_as_float<VBq>(w[u], j);
+#pragma unroll
+                    for (int g = 0; g < NG; g++) acc[g][j] += ps[g] * f;
+                }
+            }
+        }
+        // Sum over the lanes holding the same channels, then into shared memory.
+#pragma unroll
+        for (int g = 0; g < NG; g++) {
+#pragma unroll
+            for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
+#pragma unroll
+            for (int j = 0; j < FPI; j++) {
+                float v = acc[g][j];
+#pragma unroll
+                for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (sub == 0) atomicAdd(&sacc[g * D + wi * FPI + j], v + bias[g]);
+            }
+        }
+    }
+
+    // ---- values: full-precision tokens [max(s0, nqv), s1) (window, new tokens; all of f16)
+    {
+        float acc[NG][CPL];
+#pragma unroll
+        for (int g = 0; g < NG; g++)
+#pragma unroll
+            for (int x = 0; x < CPL; x++) acc[g][x] = 0.0f;
+        const int d0 = lane * CPL;
+        const int fstart = max(s0, nqv);
+        const int vbase = QUANT ? nqv % vmod : 0;
+        constexpr int UNROLL = 8;
+        for (int pb = fstart + warp * UNROLL; pb < s1; pb += WARPS * UNROLL) {
+            u32 raw[UNROLL][CPL];
+            bool is_f32[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u;
+                is_f32[u] = true;
+                if (p >= s1) {
+#pragma unroll
+                    for (int x = 0; x < CPL; x++) raw[u][x] = 0u;
+                } else if (p < n) {
+                    // Value window: slot p % R, i.e. vbase + (p - nqv) wrapped once.
+                    int slot = vbase + (p - nqv);
+                    if (slot >= vmod) slot -= vmod;
+                    raw_f16<CPL>(c.vwin + vwin + (u64)slot * D + d0, raw[u]);
+                    is_f32[u] = false;
+                } else {
+                    raw_f32<CPL>(vnew + (u64)(p - n) * new_stride + d0, raw[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u;
+                float vv[CPL];
+                raw_to_float<CPL>(raw[u], is_f32[u], vv);
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float pv = p < s1 ? sc[g * P.split_len + (p - s0)] : 0.0f;
+#pragma unroll
+                    for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
+                }
+            }
+        }
+        if (fstart < s1) {
+#pragma unroll
+            for (int g = 0; g < NG; g++)
+#pragma unroll
+                for (int x = 0; x < CPL; x++) atomicAdd(&sacc[g * D + d0 + x], acc[g][x]);
+        }
+    }
+    __syncthreads();
+
+    for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
+        const int g = x / D, d = x % D;
+        P.part_o[(part + (u64)g * P.nsplit) * D + d] = sacc[x];
+    }
+    if (threadIdx.x < NG) {
+        float* ml = P.part_ml + (part + (u64)threadIdx.x * P.nsplit) * 2;
+        ml[0] = sml[2 * threadIdx.x];
+        ml[1] = sml[2 * threadIdx.x + 1];
+    }
+}
+
+// KIVI kernels: at least 5 CTAs per SM (<= 102 registers) keeps enough loads in flight; the
+// rarely taken full-precision paths then use fewer registers at a small cost.
+#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? 5 : 3)
+#define ATTN(D, KB, VB, NG)                                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS(KB, NG))         \
+        kivi_attn_d##D##_k##KB##_v##VB##_g##NG(AttnParams p) {                         \
+        attn_split<D, KB, VB, NG>(p);                                                  \
+    }
+#define ATTN_NG(D, KB, VB) ATTN(D, KB, VB, 1) ATTN(D, KB, VB, 2) ATTN(D, KB, VB, 3) ATTN(D, KB, VB, 4)
+#define ATTN_BITS(D)                                                                   \
+    ATTN_NG(D, 2, 2) ATTN_NG(D, 4, 4) ATTN_NG(D, 2, 4) ATTN_NG(D, 4, 2) ATTN_NG(D, 16, 16)
+ATTN_BITS(64)
+ATTN_BITS(128)
+
+// Combines the splits of one (token, query head). grid = (H, T), block = D.
+extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* part_ml, float* out,
+                                            int n_head, int nsplit, int head_dim) {
+    const int h = blockIdx.x, tok = blockIdx.y, d = threadIdx.x;
+    if (d >= head_dim) return;
+    const u64 base = ((u64)tok * n_head + h) * nsplit;
+    float mx = NEG_INF;
+    for (int s = 0; s < nsplit; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+    float num = 0.0f, den = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        const float m = part_ml[(base + s) * 2];
+        if (m == NEG_INF) continue;
+        const float e = exp2f(m - mx);
+        num += e * part_o[(base + s) * head_dim + d];
+        den += e * part_ml[(base + s) * 2 + 1];
+    }
+    out[((u64)tok * n_head + h) * head_dim + d] = num / den;
+}

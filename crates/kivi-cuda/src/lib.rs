@@ -1,0 +1,207 @@
+//! CUDA backend for kivi: the KIVI and f16 KV caches on an NVIDIA GPU, with fused kernels
+//! (quantize-and-pack on append, flash-decoding attention that reads the packed cache directly).
+//!
+//! Kernels are `.cu` files next to their Rust launchers, compiled with NVRTC at run time for the
+//! device's architecture and cached on disk by a hash of source and options
+//! (`~/.cache/kivi/cuda/<hash>.ptx`). The CUDA libraries are loaded dynamically: building needs
+//! no CUDA toolkit, and a machine without a driver gets [`Error::NoDriver`] from [`Gpu::new`]
+//! while the CPU backend keeps working.
+
+pub mod cache;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+pub use cache::{GpuBatch, GpuCache};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no CUDA driver found: {0}")]
+    NoDriver(String),
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] DriverError),
+    #[error("CUDA kernel compilation failed: {0}")]
+    Compile(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Core(#[from] kivi_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One GPU: context, the stream every kernel runs on, and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: (i32, i32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Fails with [`Error::NoDriver`] when the CUDA driver library (or
+    /// NVRTC) cannot be loaded, and with [`Error::NoDevice`] when the driver sees no device.
+    pub fn new(ordinal: usize) -> Result<Arc<Gpu>> {
+        // SAFETY: only tries to dlopen the libraries; no CUDA call is made.
+        let (has_driver, has_nvrtc) = unsafe {
+            (
+                cudarc::driver::sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !has_driver {
+            return Err(Error::NoDriver(
+                "libcuda.so could not be loaded (is an NVIDIA driver installed?)".into(),
+            ));
+        }
+        if !has_nvrtc {
+            return Err(Error::NoDriver(
+                "libnvrtc.so could not be loaded (add the CUDA toolkit's lib64 folder to \
+                 LD_LIBRARY_PATH)"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| Error::NoDevice(e.to_string()))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice(e.to_string()))?;
+        let arch = ctx.compute_capability()?;
+        let stream = ctx.default_stream();
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            arch,
+            modules: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Device name and compute capability, for reports.
+    pub fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown".into());
+        format!("{name} (sm_{}{})", self.arch.0, self.arch.1)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Kernel `name` of the module compiled from `source` (compiled once per process, PTX cached
+    /// on disk across processes).
+    pub fn function(&self, module: &'static str, source: &str, name: &str) -> Result<CudaFunction> {
+        let mut modules = self.modules.lock().expect("module cache poisoned");
+        let m = match modules.get(module) {
+            Some(m) => m.clone(),
+            None => {
+                let ptx = self.compile(module, source)?;
+                let m = self.ctx.load_module(Ptx::from_src(ptx))?;
+                modules.insert(module, m.clone());
+                m
+            }
+        };
+        Ok(m.load_function(name)?)
+    }
+
+    fn compile(&self, module: &str, source: &str) -> Result<String> {
+        let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
+        let options = vec![
+            format!("--gpu-architecture={arch}"),
+            "-std=c++17".to_string(),
+        ];
+        let key = fnv1a(&[source.as_bytes(), options.join(" ").as_bytes()]);
+        let path = cache_dir().map(|d| d.join(format!("{module}-{key:016x}.ptx")));
+        if let Some(p) = &path {
+            if let Ok(ptx) = std::fs::read_to_string(p) {
+                return Ok(ptx);
+            }
+        }
+        let opts = CompileOptions {
+            options,
+            name: Some(format!("{module}.cu")),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+            .map_err(|e| Error::Compile(format!("{module}.cu: {e:?}")))?
+            .to_src();
+        if let Some(p) = &path {
+            // A failed write only costs a recompilation next time.
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &ptx).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+        Ok(ptx)
+    }
+}
+
+/// `$KIVI_CUDA_CACHE`, else `$XDG_CACHE_HOME/kivi/cuda`, else `~/.cache/kivi/cuda`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("KIVI_CUDA_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("kivi/cuda"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kivi/cuda"))
+}
+
+/// FNV-1a, 64-bit: a stable hash for the on-disk kernel cache.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for part in parts {
+        for &b in *part {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_depends_on_every_part() {
+        let a = fnv1a(&[b"src", b"opts"]);
+        assert_ne!(a, fnv1a(&[b"src", b"opts2"]));
+        assert_ne!(a, fnv1a(&[b"sr", b"copts"]));
+        assert_eq!(a, fnv1a(&[b"src", b"opts"]));
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        // On a machine without a GPU this must be a clean error; with one, a working device.
+        match Gpu::new(0) {
+            Ok(g) => assert!(!g.describe().is_empty()),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with("no CUDA driver found") || msg.starts_with("no CUDA device"),
+                    "{msg}"
+                );
+            }
+        }
+    }
+}

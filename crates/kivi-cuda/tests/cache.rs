@@ -1,0 +1,374 @@
+//! GPU cache kernels against the CPU cache (kivi-core), on fresh random inputs.
+//!
+//! Every step feeds both caches the same tokens: attention outputs must agree within a relative
+//! error bound (f32 accumulation on both sides; the GPU output buffer is poisoned with NaN before
+//! each run, so an unwritten element fails), and after each append the stored cache, read back
+//! and dequantized, must be bit-identical to the CPU's (same codes, scales and mins).
+//! Without a CUDA device the tests print `skipped: no CUDA device` and pass.
+
+use std::sync::Arc;
+
+use kivi_core::{
+    new_cache, AttendItem, CacheConfig, CacheShape, KiviCache, KiviConfig, KvCache, SeqId,
+};
+use kivi_cuda::{Gpu, GpuCache};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match Gpu::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn fresh_rng(name: &str) -> StdRng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    eprintln!("{name}: seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+/// KV-like data: per-channel offsets, outlier channels, constant channels.
+fn kv_data(r: &mut StdRng, n: usize, row: usize) -> Vec<f32> {
+    let offs: Vec<f32> = (0..row).map(|_| r.gen_range(-2.0..2.0)).collect();
+    let amp: Vec<f32> = (0..row)
+        .map(|_| match r.gen_range(0..10) {
+            0 => 8.0,
+            1 => 0.0,
+            _ => 1.0,
+        })
+        .collect();
+    (0..n * row)
+        .map(|i| offs[i % row] + amp[i % row] * r.gen_range(-1.0f32..1.0))
+        .collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+struct Case {
+    config: CacheConfig,
+    n_kv_head: usize,
+    n_head: usize,
+    head_dim: usize,
+}
+
+/// Runs a random schedule of steps (prefill chunks and decode steps, different per sequence) on
+/// both caches, checking attention and stored contents after every step.
+fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
+    let shape = CacheShape {
+        n_layer: 2,
+        n_kv_head: case.n_kv_head,
+        head_dim: case.head_dim,
+    };
+    let (hkv, d, nh) = (case.n_kv_head, case.head_dim, case.n_head);
+    let n_seq = 3;
+    let mut cpu = new_cache(&case.config, shape).unwrap();
+    let mut gcache = GpuCache::new(gpu.clone(), case.config, shape, n_seq, 1200).unwrap();
+    let seqs: Vec<SeqId> = (0..n_seq).map(|_| cpu.add_sequence()).collect();
+    let slots: Vec<usize> = (0..n_seq).map(|_| gcache.add_sequence().unwrap()).collect();
+    let s = gpu.stream().clone();
+    let bound = 2e-4;
+    let mut worst = 0f64;
+    for step in 0..14 {
+        // Step sizes: a long chunk sometimes, else single tokens; sequences differ.
+        let n_new: Vec<usize> = (0..n_seq)
+            .map(|i| match (step + i) % 5 {
+                0 => r.gen_range(1..260),
+                1 => r.gen_range(2..40),
+                _ => 1,
+            })
+            .collect();
+        let items: Vec<(usize, usize)> = slots.iter().copied().zip(n_new.iter().copied()).collect();
+        let batch = gcache.batch(&items).unwrap();
+        let t: usize = n_new.iter().sum();
+        for layer in 0..shape.n_layer {
+            let q: Vec<f32> = (0..t * nh * d).map(|_| r.gen_range(-1.0..1.0)).collect();
+            let k = kv_data(r, t, hkv * d);
+            let v = kv_data(r, t, hkv * d);
+            // CPU reference.
+            let mut want = vec![0f32; t * nh * d];
+            {
+                let mut items = Vec::new();
+                let mut rest = want.as_mut_slice();
+                let mut off = 0;
+                for (i, &nn) in n_new.iter().enumerate() {
+                    let (head, tail) = rest.split_at_mut(nn * nh * d);
+                    rest = tail;
+                    items.push(AttendItem {
+                        seq: seqs[i],
+                        q: &q[off * nh * d..(off + nn) * nh * d],
+                        k_new: &k[off * hkv * d..(off + nn) * hkv * d],
+                        v_new: &v[off * hkv * d..(off + nn) * hkv * d],
+                        out: head,
+                    });
+                    off += nn;
+                }
+                cpu.attend_batch(layer, nh, &mut items).unwrap();
+            }
+            // GPU, output poisoned.
+            let dq = s.clone_htod(&q).unwrap();
+            let dk = s.clone_htod(&k).unwrap();
+            let dv = s.clone_htod(&v).unwrap();
+            let mut dout = s.clone_htod(&vec![f32::NAN; t * nh * d]).unwrap();
+            gcache
+                .attend(layer, nh, &batch, &dq, &dk, &dv, &mut dout)
+                .unwrap();
+            let got = s.clone_dtoh(&dout).unwrap();
+            let e = rel_err(&got, &want);
+            worst = worst.max(e);
+            assert!(
+                e <= bound,
+                "attention step {step} layer {layer} n_new {n_new:?}: rel err {e:.3e} > {bound:.0e}"
+            );
+            // Append on both, then compare the stored contents exactly.
+            let mut off = 0;
+            for (i, &nn) in n_new.iter().enumerate() {
+                cpu.append(
+                    layer,
+                    seqs[i],
+                    &k[off * hkv * d..(off + nn) * hkv * d],
+                    &v[off * hkv * d..(off + nn) * hkv * d],
+                )
+                .unwrap();
+                off += nn;
+            }
+            gcache.append(layer, &batch, &dk, &dv).unwrap();
+        }
+        gcache.advance(&batch);
+        for (i, &slot) in slots.iter().enumerate() {
+            assert_eq!(gcache.seq_len(slot), Some(cpu.seq_len(0, seqs[i]).unwrap()));
+        }
+    }
+    eprintln!(
+        "{:?} hkv {hkv} nh {nh} d {d}: worst rel err {worst:.2e}",
+        case.config
+    );
+}
+
+/// Stored bytes: the GPU cache read back equals the CPU cache's dequantized view, bit for bit.
+fn check_stored(gpu: &Arc<Gpu>, kc: KiviConfig, hkv: usize, d: usize, r: &mut StdRng) {
+    let shape = CacheShape {
+        n_layer: 1,
+        n_kv_head: hkv,
+        head_dim: d,
+    };
+    let mut cpu = KiviCache::new(kc, shape).unwrap();
+    let mut gcache = GpuCache::new(gpu.clone(), CacheConfig::Kivi(kc), shape, 2, 1100).unwrap();
+    let seqs = [cpu.add_sequence(), cpu.add_sequence()];
+    let slots = [
+        gcache.add_sequence().unwrap(),
+        gcache.add_sequence().unwrap(),
+    ];
+    let s = gpu.stream().clone();
+    for step in 0..40 {
+        let n_new = [
+            if step % 13 == 0 {
+                r.gen_range(1..300)
+            } else {
+                1
+            },
+            if step % 7 == 3 { r.gen_range(1..70) } else { 1 },
+        ];
+        let batch = gcache
+            .batch(&[(slots[0], n_new[0]), (slots[1], n_new[1])])
+            .unwrap();
+        let t = n_new[0] + n_new[1];
+        let k = kv_data(r, t, hkv * d);
+        let v = kv_data(r, t, hkv * d);
+        let row = hkv * d;
+        cpu.append(0, seqs[0], &k[..n_new[0] * row], &v[..n_new[0] * row])
+            .unwrap();
+        cpu.append(0, seqs[1], &k[n_new[0] * row..], &v[n_new[0] * row..])
+            .unwrap();
+        let dk = s.clone_htod(&k).unwrap();
+        let dv = s.clone_htod(&v).unwrap();
+        gcache.append(0, &batch, &dk, &dv).unwrap();
+        gcache.advance(&batch);
+        for i in 0..2 {
+            let (ck, cv) = cpu.dequantized(0, seqs[i]).unwrap();
+            let (gk, gv) = gcache.dequantized(0, slots[i]).unwrap();
+            assert_eq!(ck.len(), gk.len());
+            for (what, c, g) in [("keys", &ck, &gk), ("values", &cv, &gv)] {
+                if let Some(j) = (0..c.len()).find(|&j| c[j].to_bits() != g[j].to_bits()) {
+                    let p = j / row;
+                    panic!(
+                        "{kc:?} step {step} seq {i}: stored {what} differ at token {p} \
+                         (of {}), head {}, channel {}: cpu {} gpu {}",
+                        c.len() / row,
+                        (j % row) / d,
+                        j % d,
+                        c[j],
+                        g[j]
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn kivi(bits: (u8, u8), g: usize, r: usize) -> KiviConfig {
+    KiviConfig {
+        k_bits: bits.0,
+        v_bits: bits.1,
+        group_size: g,
+        residual_len: r,
+        ..KiviConfig::default()
+    }
+}
+
+#[test]
+fn stored_bytes_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = fresh_rng("stored_bytes_match_cpu");
+    for (kc, hkv, d) in [
+        (kivi((2, 2), 32, 128), 2, 128),
+        (kivi((4, 4), 32, 32), 3, 64),
+        (kivi((2, 4), 64, 128), 1, 128),
+        (kivi((4, 2), 32, 0), 2, 128),
+        (kivi((2, 2), 32, 0), 2, 64),
+    ] {
+        check_stored(&gpu, kc, hkv, d, &mut r);
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = fresh_rng("attention_matches_cpu");
+    let cases = [
+        (CacheConfig::F16, 2, 8, 128),
+        (CacheConfig::F16, 3, 9, 64),
+        (CacheConfig::Kivi(kivi((2, 2), 32, 128)), 2, 8, 128),
+        (CacheConfig::Kivi(kivi((4, 4), 32, 128)), 4, 4, 128),
+        (CacheConfig::Kivi(kivi((2, 2), 32, 32)), 3, 9, 64),
+        (CacheConfig::Kivi(kivi((4, 2), 64, 64)), 1, 6, 128),
+        (CacheConfig::Kivi(kivi((2, 4), 32, 0)), 2, 14, 128),
+    ];
+    for (config, hkv, nh, d) in cases {
+        run_case(
+            &gpu,
+            &Case {
+                config,
+                n_kv_head: hkv,
+                n_head: nh,
+                head_dim: d,
+            },
+            &mut r,
+        );
+    }
+}
+
+#[test]
+fn long_context_splits_match_cpu() {
+    // Long sequences of different lengths: many splits per sequence, forced small and large.
+    let Some(gpu) = gpu() else { return };
+    let mut r = fresh_rng("long_context_splits_match_cpu");
+    for config in [CacheConfig::F16, CacheConfig::Kivi(kivi((2, 2), 32, 128))] {
+        let (hkv, nh, d) = (2, 8, 128);
+        let shape = CacheShape {
+            n_layer: 1,
+            n_kv_head: hkv,
+            head_dim: d,
+        };
+        let mut cpu = new_cache(&config, shape).unwrap();
+        let mut g = GpuCache::new(gpu.clone(), config, shape, 2, 5000).unwrap();
+        let seqs = [cpu.add_sequence(), cpu.add_sequence()];
+        let slots = [g.add_sequence().unwrap(), g.add_sequence().unwrap()];
+        let s = gpu.stream().clone();
+        let lens = [r.gen_range(3000..4900), r.gen_range(1..900)];
+        let row = hkv * d;
+        for i in 0..2 {
+            let k = kv_data(&mut r, lens[i], row);
+            let v = kv_data(&mut r, lens[i], row);
+            cpu.append(0, seqs[i], &k, &v).unwrap();
+            let b = g.batch(&[(slots[i], lens[i])]).unwrap();
+            g.append(
+                0,
+                &b,
+                &s.clone_htod(&k).unwrap(),
+                &s.clone_htod(&v).unwrap(),
+            )
+            .unwrap();
+            g.advance(&b);
+        }
+        for split in [None, Some(64), Some(2048)] {
+            g.set_split_tokens(split);
+            let q: Vec<f32> = (0..2 * nh * d).map(|_| r.gen_range(-1.0..1.0)).collect();
+            let k = kv_data(&mut r, 2, row);
+            let v = kv_data(&mut r, 2, row);
+            let mut want = vec![0f32; 2 * nh * d];
+            let (w0, w1) = want.split_at_mut(nh * d);
+            let mut items = [
+                AttendItem {
+                    seq: seqs[0],
+                    q: &q[..nh * d],
+                    k_new: &k[..row],
+                    v_new: &v[..row],
+                    out: w0,
+                },
+                AttendItem {
+                    seq: seqs[1],
+                    q: &q[nh * d..],
+                    k_new: &k[row..],
+                    v_new: &v[row..],
+                    out: w1,
+                },
+            ];
+            cpu.attend_batch(0, nh, &mut items).unwrap();
+            let b = g.batch(&[(slots[0], 1), (slots[1], 1)]).unwrap();
+            let mut dout = s.clone_htod(&vec![f32::NAN; 2 * nh * d]).unwrap();
+            g.attend(
+                0,
+                nh,
+                &b,
+                &s.clone_htod(&q).unwrap(),
+                &s.clone_htod(&k).unwrap(),
+                &s.clone_htod(&v).unwrap(),
+                &mut dout,
+            )
+            .unwrap();
+            let got = s.clone_dtoh(&dout).unwrap();
+            let e = rel_err(&got, &want);
+            eprintln!("{config:?} lens {lens:?} split {split:?}: rel err {e:.2e}");
+            assert!(e <= 2e-4, "{config:?} split {split:?}: rel err {e:.3e}");
+        }
+    }
+}
+
+#[test]
+fn unsupported_configs_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let shape = CacheShape {
+        n_layer: 1,
+        n_kv_head: 1,
+        head_dim: 96,
+    };
+    assert!(GpuCache::new(gpu.clone(), CacheConfig::F16, shape, 1, 64).is_err());
+    let shape = CacheShape {
+        head_dim: 128,
+        ..shape
+    };
+    let kc = KiviConfig {
+        group_size: 16,
+        residual_len: 32,
+        ..KiviConfig::default()
+    };
+    assert!(GpuCache::new(gpu, CacheConfig::Kivi(kc), shape, 1, 64).is_err());
+}
