@@ -120,7 +120,7 @@ fn type_size(id: u32, n: u64) -> u64 {
         13 => (256, 176),
         _ => (1, 1),
     };
-    n.div_ceil(block) * bytes
+    n.div_ceil(block).saturating_mul(bytes)
 }
 
 fuzz_target!(|input: Input| {

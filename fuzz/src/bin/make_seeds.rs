@@ -200,6 +200,17 @@ fn main() {
     put(&dir, "gguf_open", "every-type", &every_type_gguf());
     put(&dir, "chat_template", "chatml", &chat_seed(CHATML_TEMPLATE));
     hf_seeds(&dir);
+    let bodies: [&[u8]; 6] = [
+        br#"{"model":"kivi","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hello"}],"max_tokens":16,"temperature":0.7,"top_p":0.9,"stop":["\n\n"],"stream":true,"stream_options":{"include_usage":true}}"#,
+        br#"{"messages":[{"role":"user","content":[{"type":"text","text":"Hi"}]}],"seed":42,"max_completion_tokens":8}"#,
+        br#"{"messages":[{"role":"developer","content":"x"},{"role":"assistant","content":null}],"top_k":40,"ignore_eos":true}"#,
+        br#"{"model":"kivi","prompt":"Once upon a time","max_tokens":32,"temperature":0}"#,
+        br#"{"prompt":[1,2,3,4],"stop":"END","logit_bias":{},"presence_penalty":0}"#,
+        br#"{"prompt":["a"],"n":1,"best_of":1}"#,
+    ];
+    for (i, b) in bodies.iter().enumerate() {
+        put(&dir, "server_request", &format!("body-{i}"), b);
+    }
     for model in args {
         let path = PathBuf::from(&model);
         let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
