@@ -202,6 +202,7 @@ async def main_async(args, base):
             text, finish, ntok, _, _ = await run_good(client, endpoint, body, stream=False)
             reference.append((text, finish, ntok))
         ref_secs = time.perf_counter() - t
+        ref_tokens = sum(r[2] for r in reference)
         print(f"reference pass: {len(kinds)} requests alone in {ref_secs:.1f} s", flush=True)
 
         # 2. Load.
@@ -265,6 +266,8 @@ async def main_async(args, base):
             await asyncio.sleep(0.1)
 
     result = {
+        "alone_requests_per_s": round(len(kinds) / ref_secs, 2),
+        "alone_generated_tokens_per_s": round(ref_tokens / ref_secs, 1),
         "clients": args.clients,
         "duration_s": round(elapsed, 1),
         "good_answered": stats["good"],

@@ -8,6 +8,7 @@ mod humaneval;
 mod inspect;
 mod passkey;
 mod serve;
+mod throughput;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -70,6 +71,8 @@ enum BenchCommand {
     Model(bench::BenchModelArgs),
     /// One layer's decode attention on the GPU: f16 vs KIVI caches, time and GB/s.
     Attention(bench_attention::BenchAttentionArgs),
+    /// Throughput vs batch size under a KV memory budget, per cache (the paper's Figure 5).
+    Throughput(throughput::BenchThroughputArgs),
 }
 
 #[derive(Args)]
@@ -239,6 +242,7 @@ fn run(command: Command) -> Result<()> {
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
         Command::Bench(BenchCommand::Attention(a)) => bench_attention::bench_attention(a),
+        Command::Bench(BenchCommand::Throughput(a)) => throughput::run(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
         Command::Eval(EvalCommand::Humaneval(a)) => humaneval::run(a),

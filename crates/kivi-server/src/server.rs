@@ -329,13 +329,14 @@ async fn chat_completions(
         .iter()
         .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
         .collect();
-    let text = state.template.render(&messages, true).map_err(|e| {
-        ApiError::invalid_param("messages", format!("the chat template failed: {e}"))
-    })?;
-    let prompt = state
-        .tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?;
+    let st = state.clone();
+    let prompt = off_runtime(move || {
+        let text = st.template.render(&messages, true).map_err(|e| {
+            ApiError::invalid_param("messages", format!("the chat template failed: {e}"))
+        })?;
+        tokenize(&st, &text)
+    })
+    .await?;
     let gen = Generation::start(&state, prompt, &req.params, "messages", arrived)?;
     let id = state.next_id("chatcmpl");
     if req.params.stream {
@@ -362,6 +363,23 @@ async fn chat_completions(
     }
 }
 
+fn tokenize(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    state
+        .tokenizer
+        .encode(text, true)
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+}
+
+/// Runs `f` on tokio's blocking pool: rendering and tokenizing a prompt of up to the body limit
+/// (megabytes) must not stall the runtime thread that streams every other answer.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the prompt failed: {e}")))?
+}
+
 async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -371,10 +389,10 @@ async fn completions(
     let body = json_body(&headers, body)?;
     let req = api::parse_completion_request(&body)?;
     let prompt = match req.prompt {
-        Prompt::Text(text) => state
-            .tokenizer
-            .encode(&text, true)
-            .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))?,
+        Prompt::Text(text) => {
+            let st = state.clone();
+            off_runtime(move || tokenize(&st, &text)).await?
+        }
         Prompt::Tokens(ids) => {
             let vocab = state.engine.model().config.vocab;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {

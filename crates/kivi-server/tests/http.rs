@@ -81,6 +81,7 @@ struct Options {
     max_running: Option<usize>,
     max_waiting: Option<usize>,
     body_limit: Option<usize>,
+    kv_memory: Option<u64>,
 }
 
 impl TestServer {
@@ -95,6 +96,7 @@ impl TestServer {
             cache: parse_kv(KV).unwrap(),
             max_running: opts.max_running.unwrap_or(defaults.max_running),
             max_waiting: opts.max_waiting.unwrap_or(defaults.max_waiting),
+            kv_memory_bytes: opts.kv_memory,
             ..defaults
         };
         let engine = Engine::start(s.model.clone(), config).unwrap();
@@ -953,4 +955,45 @@ fn graceful_shutdown_finishes_streams_in_flight() {
     // No longer accepting.
     assert!(TcpStream::connect(addr).is_err());
     assert_eq!(srv.engine.stats().running, 0);
+}
+
+#[test]
+fn metrics_report_kv_blocks_under_a_budget() {
+    let Some(srv) = TestServer::start(Options {
+        kv_memory: Some(64 << 20),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let scrape = || request(srv.addr, "GET", "/metrics", &[], b"").body;
+    let idle = scrape();
+    let total = metric(&idle, "kivi_kv_blocks_total");
+    assert!(total > 0.0, "{idle}");
+    assert_eq!(metric(&idle, "kivi_kv_blocks_free"), total);
+    assert_eq!(metric(&idle, "kivi_kv_bytes_budget"), (64u64 << 20) as f64);
+    let mut sse = SseStream::open(
+        srv.addr,
+        "/v1/chat/completions",
+        &chat_body(
+            "Write a very long story.",
+            json!({"max_tokens": 4000, "ignore_eos": true, "stream": true}),
+        ),
+    );
+    for _ in 0..3 {
+        assert!(sse.next_data().is_some());
+    }
+    let busy = scrape();
+    let used = metric(&busy, "kivi_kv_blocks_used");
+    assert!(used > 0.0, "{busy}");
+    assert_eq!(metric(&busy, "kivi_kv_blocks_free"), total - used);
+    assert!(metric(&busy, "kivi_kv_bytes_used") > 0.0);
+    assert_eq!(metric(&busy, "kivi_requests_running"), 1.0);
+    assert!(metric(&busy, "kivi_time_to_first_token_seconds_count") >= 1.0);
+    drop(sse);
+    srv.wait_idle();
+    let after = scrape();
+    assert_eq!(metric(&after, "kivi_kv_blocks_used"), 0.0);
+    assert_eq!(metric(&after, "kivi_kv_blocks_free"), total);
+    // 3 events: the role chunk, then 2 tokens at least.
+    assert!(metric(&after, "kivi_generation_tokens_total") >= 2.0);
 }
