@@ -88,8 +88,9 @@ impl KiviConfig {
                 ));
             }
         }
-        if shape.head_dim == 0 || shape.n_kv_head == 0 {
-            return bad("head_dim and n_kv_head must be > 0".into());
+        // A cache of no layers could not remember its sequences (they live in the layers).
+        if shape.n_layer == 0 || shape.head_dim == 0 || shape.n_kv_head == 0 {
+            return bad("n_layer, head_dim and n_kv_head must be > 0".into());
         }
         let per_token_used = self.k_axis == Axis::PerToken || self.v_axis == Axis::PerToken;
         if per_token_used && !shape.head_dim.is_multiple_of(g) {

@@ -22,6 +22,14 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// minijinja fuel for one render: one unit per instruction, plus the bytes the template
+/// produces and the items its filters visit (1/64 unit per byte). A template comes from a model
+/// file, i.e. a stranger: without a budget, `{% for a in range(99999) %}{% for b in
+/// range(99999) %}` runs for hours; with the budget it fails with an out-of-fuel error in about
+/// a second. Real templates need far less: SmolLM2's and Qwen2.5's render 200 messages of 2 KB
+/// within it (`tests/fuzz_regressions.rs`).
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
 /// One chat turn.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -79,6 +87,9 @@ impl ChatTemplate {
     ) -> Result<Self> {
         let source = source.into();
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        // Also bounded by minijinja itself: parser nesting (150), render recursion (500),
+        // `range` (100 000 items), repeated strings.
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
                 .trim_blocks(true)

@@ -8,6 +8,15 @@
 //! Shapes supported by the SIMD paths (others fall back to the scalar twin, per call):
 //! - `k_chan`: group size G a multiple of the lane count (8 / 16) and at most 128;
 //! - `v_tok`: G a multiple of the lane count and `head_dim / lanes` in {2, 4, 8, 16}.
+//!
+//! # Safety
+//!
+//! Every `unsafe fn` here is private and shares one contract: the CPU has the features of its
+//! `#[target_feature]` (the safe `pub fn` wrappers call `assert_supported` first), and every
+//! pointer it forms from its slice arguments stays inside them (the wrappers `assert!` the
+//! lengths; each call site has a `// SAFETY:` line saying which asserts cover it). The tests in
+//! `tests/kernels.rs` and the `kv_cache` fuzz target compare each kernel with its scalar twin,
+//! and both ran under AddressSanitizer (docs/reliability.md).
 
 // Kernels index several fixed-size arrays in lockstep (accumulators, lanes, queries).
 #![allow(clippy::needless_range_loop)]

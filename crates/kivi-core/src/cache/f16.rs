@@ -39,9 +39,10 @@ pub struct F16Cache {
 
 impl F16Cache {
     pub fn new(shape: CacheShape) -> Result<Self> {
-        if shape.head_dim == 0 || shape.n_kv_head == 0 {
+        // A cache of no layers could not remember its sequences (they live in the layers).
+        if shape.n_layer == 0 || shape.head_dim == 0 || shape.n_kv_head == 0 {
             return Err(Error::InvalidConfig(
-                "head_dim and n_kv_head must be > 0".into(),
+                "n_layer, head_dim and n_kv_head must be > 0".into(),
             ));
         }
         Ok(F16Cache {

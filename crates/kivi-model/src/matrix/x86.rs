@@ -7,6 +7,14 @@
 //! The weight block is loaded and unpacked once and used for the `N` activation rows.
 //! Integer dot products of 32 bytes (unsigned weights × signed activations) are `maddubs` +
 //! `madd` (AVX2) or one `vpdpbusd` (VNNI, `M = 1` VEX / `M = 2` EVEX encoding).
+//!
+//! # Safety
+//!
+//! The `pub unsafe fn`s document their contract; the private `unsafe fn`s share theirs: the CPU
+//! has the features of their `#[target_feature]`, `w` holds whole rows of `row_bytes`, each
+//! activation row holds at least one weight row's worth of blocks and `out` has room for
+//! `n` values per weight row. Callers in `mod.rs` check the features once (`matmul_with`) and
+//! size the buffers; each call site has a `// SAFETY:` line.
 
 // The AVX-VNNI and AVX-512 intrinsics are stable since Rust 1.89 (the toolchain here is 1.95);
 // the workspace `rust-version` (1.80) predates them and should be raised to 1.89.
