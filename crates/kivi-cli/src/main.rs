@@ -8,6 +8,8 @@ mod fetch;
 mod humaneval;
 mod inspect;
 mod passkey;
+mod serve;
+mod throughput;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ enum Command {
     Eval(EvalCommand),
     /// Plot per-channel magnitudes of post-RoPE keys and values (the KIVI paper's Figure 2).
     Inspect(inspect::InspectArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics) on the
+    /// continuous-batching engine.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -67,6 +72,8 @@ enum BenchCommand {
     Model(bench::BenchModelArgs),
     /// One layer's decode attention on the GPU: f16 vs KIVI caches, time and GB/s.
     Attention(bench_attention::BenchAttentionArgs),
+    /// Throughput vs batch size under a KV memory budget, per cache (the paper's Figure 5).
+    Throughput(throughput::BenchThroughputArgs),
 }
 
 #[derive(Args)]
@@ -217,7 +224,12 @@ fn main() -> ExitCode {
     // Run the command on a pool thread: each matmul and attention call then forks from a
     // worker (cheap) instead of handing work across threads and sleeping (decode makes
     // ~300 parallel calls per token).
-    let result = rayon::scope(|_| run(cli.command));
+    let result = match cli.command {
+        // The server's HTTP thread must not be a pool thread: the engine's loop and kernels
+        // need every pool thread.
+        Command::Serve(a) => serve::run(a),
+        command => rayon::scope(|_| run(command)),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -233,10 +245,12 @@ fn run(command: Command) -> Result<()> {
         Command::Chat(a) => chat(a),
         Command::Bench(BenchCommand::Model(a)) => bench::bench_model(a),
         Command::Bench(BenchCommand::Attention(a)) => bench_attention::bench_attention(a),
+        Command::Bench(BenchCommand::Throughput(a)) => throughput::run(a),
         Command::Eval(EvalCommand::Ppl(a)) => eval::run(a),
         Command::Eval(EvalCommand::Passkey(a)) => passkey::run(a),
         Command::Eval(EvalCommand::Humaneval(a)) => humaneval::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -205,3 +205,24 @@ fn bad_arguments() {
     assert_clean_failure(&run(&["--kv", "f16", "--residual", "64"]), "KIVI");
     assert_clean_failure(&run(&["--top-p", "0"]), "top-p");
 }
+
+#[test]
+fn serve_rejects_bad_arguments_before_listening() {
+    let Some(model) = default_model() else {
+        eprintln!("skipped: model not found");
+        return;
+    };
+    let m = model.to_str().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--model", m, "--port", "0"];
+        args.extend_from_slice(extra);
+        kivi(&args)
+    };
+    assert_clean_failure(&serve(&["--max-running", "0"]), "--max-running");
+    assert_clean_failure(&serve(&["--api-key", ""]), "--api-key");
+    assert_clean_failure(&serve(&["--kv", "bogus"]), "expected f16");
+    assert_clean_failure(&serve(&["--host", "256.1.1.1"]), "listening on");
+    let out = serve(&["--kv-memory", "lots"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
+}

@@ -154,4 +154,6 @@ pub trait KvCache: Send + Sync {
     fn seq_fixed_bytes(&self) -> u64;
     /// Sequences currently registered.
     fn n_sequences(&self) -> usize;
+    /// Frees pool blocks kept for reuse beyond `keep` (a budget keeps the free list inside it).
+    fn trim_free_blocks(&mut self, keep: usize);
 }

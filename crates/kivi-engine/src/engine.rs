@@ -415,6 +415,17 @@ impl Scheduler {
         budget.saturating_sub(used)
     }
 
+    /// Keeps the pool's free list inside the budget: reserved memory (blocks held and free,
+    /// windows of live sequences) never exceeds it.
+    fn trim_pool(&mut self) {
+        if self.config.kv_memory_bytes.is_some() {
+            let keep = (self.free_bytes() / self.cache.block_bytes().max(1)) as usize;
+            if self.cache.free_blocks() > keep {
+                self.cache.trim_free_blocks(keep);
+            }
+        }
+    }
+
     /// Bytes of pool blocks `seq`'s next chunk (`n` tokens) takes.
     fn chunk_bytes(&self, s: &Seq, n: usize) -> u64 {
         let seq = s.cache_seq.expect("running sequences are in the cache");
@@ -449,9 +460,9 @@ impl Scheduler {
         self.waiting.push_front(s);
     }
 
-    /// Admits waiting requests, oldest first, while the budget has room for their prompt next to
+    /// Admits waiting requests (also done by [`Scheduler::step`]), oldest first, while the budget has room for their prompt next to
     /// the running sequences' next step.
-    fn admit(&mut self) {
+    pub fn admit(&mut self) {
         let (bb, fixed) = (self.cache.block_bytes(), self.cache.seq_fixed_bytes());
         // What the running sequences take in their next step (decode or prefill chunk).
         let mut reserved: u64 = self
@@ -464,7 +475,9 @@ impl Scheduler {
             // Recompute needs everything fed before (prompt and generated tokens but the last).
             let n = s.total_len().max(s.prompt.len());
             let need = self.cache.blocks_for_tokens(n) as u64 * bb + fixed;
-            if need.saturating_add(reserved) > self.free_bytes() {
+            // Alone, it always goes in (a prompt that fits was checked at submit; a sequence
+            // that outgrew the whole budget ends with Length in `step`): progress is certain.
+            if !self.running.is_empty() && need.saturating_add(reserved) > self.free_bytes() {
                 break;
             }
             reserved += need;
@@ -479,6 +492,7 @@ impl Scheduler {
     /// false when there was nothing to do.
     pub fn step(&mut self) -> bool {
         self.admit();
+        self.trim_pool();
         if self.running.is_empty() {
             return false;
         }
@@ -550,6 +564,7 @@ impl Scheduler {
                 }
             }
         }
+        self.trim_pool();
         let reserved = self.cache.memory_reserved().total_bytes();
         self.peak_reserved = self.peak_reserved.max(reserved);
         true
@@ -783,8 +798,9 @@ fn run_loop(sh: &Shared, sched: &mut Scheduler) {
                 for id in inbox.cancels.drain(..) {
                     sched.cancel(id);
                 }
-                // Keeps submit()'s queue-full check exact.
-                sh.stats().waiting = sched.n_waiting();
+                // Admit now so that submit()'s queue-full check sees the exact queue.
+                sched.admit();
+                *sh.stats() = sched.stats();
                 if !sched.is_idle() {
                     break;
                 }

@@ -115,6 +115,9 @@ impl KvCache for RecordingCache {
     fn n_sequences(&self) -> usize {
         self.inner.n_sequences()
     }
+    fn trim_free_blocks(&mut self, keep: usize) {
+        self.inner.trim_free_blocks(keep)
+    }
 }
 
 /// Runs `tokens` through `model` in chunks and returns the post-RoPE keys and the values that the

@@ -249,3 +249,188 @@ mod tests {
         assert_eq!(viridis(2.0), [253, 231, 37]);
     }
 }
+
+/// One line of a [`line_chart`]: a name for the legend, a colour, `(x, y)` points.
+pub struct Series {
+    pub name: String,
+    pub color: Rgb,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Line colours for up to 8 series (then they repeat).
+pub const PALETTE: [Rgb; 8] = [
+    [31, 119, 180],
+    [214, 39, 40],
+    [44, 160, 44],
+    [255, 127, 14],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+];
+
+impl Canvas {
+    /// A 1-pixel line from `(x0, y0)` to `(x1, y1)` (Bresenham), `thick` pixels wide.
+    pub fn line(&mut self, p0: (i64, i64), p1: (i64, i64), thick: i64, c: Rgb) {
+        let (mut x, mut y) = p0;
+        let (dx, dy) = ((p1.0 - x).abs(), -(p1.1 - y).abs());
+        let (sx, sy) = (if x < p1.0 { 1 } else { -1 }, if y < p1.1 { 1 } else { -1 });
+        let mut err = dx + dy;
+        loop {
+            for ox in 0..thick {
+                for oy in 0..thick {
+                    let (px, py) = (x + ox - thick / 2, y + oy - thick / 2);
+                    if px >= 0 && py >= 0 {
+                        self.set(px as usize, py as usize, c);
+                    }
+                }
+            }
+            if (x, y) == p1 {
+                break;
+            }
+            let e2 = 2 * err;
+            if e2 >= dy {
+                err += dy;
+                x += sx;
+            }
+            if e2 <= dx {
+                err += dx;
+                y += sy;
+            }
+        }
+    }
+}
+
+/// A line chart with markers, axes from 0 to the largest value (ticks at 5 even steps), a title
+/// and a legend: enough for "metric vs batch size" figures.
+pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Canvas {
+    let (w, h) = (720usize, 480usize);
+    let (left, right, top, bottom) = (80usize, 20usize, 40usize, 60usize);
+    let white = [255, 255, 255];
+    let black = [0, 0, 0];
+    let grey = [220, 220, 220];
+    let mut c = Canvas::new(w, h, white);
+    let max_of = |f: fn(&(f64, f64)) -> f64| {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().map(f))
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max)
+    };
+    let nice = |v: f64| {
+        if v <= 0.0 {
+            return 1.0;
+        }
+        let p = 10f64.powf(v.log10().floor());
+        [1.0, 2.0, 2.5, 5.0, 10.0]
+            .iter()
+            .map(|m| m * p)
+            .find(|&m| m >= v)
+            .unwrap_or(10.0 * p)
+    };
+    let (xmax, ymax) = (nice(max_of(|p| p.0)), nice(max_of(|p| p.1)));
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let px = |x: f64| (left as f64 + x / xmax * pw as f64).round() as i64;
+    let py = |y: f64| ((top + ph) as f64 - y / ymax * ph as f64).round() as i64;
+    for i in 0..=5 {
+        let (fx, fy) = (xmax * i as f64 / 5.0, ymax * i as f64 / 5.0);
+        let yy = py(fy) as usize;
+        c.fill_rect(left, yy, pw, 1, grey);
+        let label = format_tick(fy);
+        c.text(
+            left.saturating_sub(text_width(&label, 1) + 6),
+            yy.saturating_sub(3),
+            &label,
+            1,
+            black,
+        );
+        let label = format_tick(fx);
+        let xx = px(fx) as usize;
+        c.text(
+            xx.saturating_sub(text_width(&label, 1) / 2),
+            top + ph + 8,
+            &label,
+            1,
+            black,
+        );
+    }
+    c.frame(left, top, pw, ph, black);
+    c.text(
+        w.saturating_sub(text_width(title, 2)) / 2,
+        12,
+        title,
+        2,
+        black,
+    );
+    c.text(
+        left + (pw - text_width(x_label, 1).min(pw)) / 2,
+        h - 24,
+        x_label,
+        1,
+        black,
+    );
+    c.text(4, top - 14, y_label, 1, black);
+    for s in series {
+        let pts: Vec<(i64, i64)> = s.points.iter().map(|&(x, y)| (px(x), py(y))).collect();
+        for pair in pts.windows(2) {
+            c.line(pair[0], pair[1], 2, s.color);
+        }
+        for &(x, y) in &pts {
+            c.fill_rect(
+                (x - 3).max(0) as usize,
+                (y - 3).max(0) as usize,
+                7,
+                7,
+                s.color,
+            );
+        }
+    }
+    // Legend, top left inside the plot.
+    for (i, s) in series.iter().enumerate() {
+        let y = top + 10 + 14 * i;
+        c.fill_rect(left + 10, y, 16, 7, s.color);
+        c.text(left + 32, y, &s.name, 1, black);
+    }
+    c
+}
+
+fn format_tick(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{}G", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{}k", v / 1e3)
+    } else if v.fract() == 0.0 {
+        format!("{v}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+#[cfg(test)]
+mod chart_tests {
+    use super::*;
+
+    #[test]
+    fn line_chart_draws_its_series_colour_at_the_points() {
+        let s = Series {
+            name: "a".into(),
+            color: PALETTE[1],
+            points: vec![(1.0, 1.0), (4.0, 8.0), (9.0, 3.0)],
+        };
+        let c = line_chart("t", "x", "y", &[s]);
+        // Axes go to nice(9) = 10 and nice(8) = 10; plot area 620 x 380 from (80, 40).
+        let at = |x: f64, y: f64| {
+            let px = (80.0 + x / 10.0 * 620.0).round() as usize;
+            let py = (420.0 - y / 10.0 * 380.0).round() as usize;
+            c.get(px, py)
+        };
+        for (x, y) in [(1.0, 1.0), (4.0, 8.0), (9.0, 3.0)] {
+            assert_eq!(at(x, y), PALETTE[1], "marker at ({x}, {y})");
+        }
+        assert_eq!(at(6.5, 9.5), [255, 255, 255]);
+        let png = c.encode_png();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+}

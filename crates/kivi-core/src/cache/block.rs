@@ -184,6 +184,12 @@ impl BlockPool {
         self.free.push(b);
     }
 
+    /// Frees the blocks kept for reuse beyond `keep`.
+    pub fn trim(&mut self, keep: usize) {
+        self.free.truncate(keep);
+        self.free.shrink_to(keep);
+    }
+
     /// Blocks kept for reuse.
     pub fn free_blocks(&self) -> usize {
         self.free.len()

@@ -293,4 +293,9 @@ impl KvCache for F16Cache {
     fn n_sequences(&self) -> usize {
         self.layers.first().map_or(0, |l| l.len())
     }
+
+    fn trim_free_blocks(&mut self, keep: usize) {
+        self.free.truncate(keep);
+        self.free.shrink_to(keep);
+    }
 }

@@ -688,4 +688,8 @@ impl KvCache for KiviCache {
     fn n_sequences(&self) -> usize {
         self.layers.first().map_or(0, |l| l.len())
     }
+
+    fn trim_free_blocks(&mut self, keep: usize) {
+        self.pool.trim(keep);
+    }
 }

@@ -1,0 +1,449 @@
+//! `kivi bench throughput`: the KIVI paper's batching experiment (Figure 5). For each cache, a
+//! sweep over batch size until the KV memory budget is full; at each batch size, `B` requests run
+//! together through the continuous-batching scheduler, generation ignores EOS (fixed output
+//! lengths), and we report output tokens/s, time per output token and peak memory.
+//!
+//! Workloads (token ids are random: speed does not depend on content):
+//! - `sharegpt`: the paper's ShareGPT shape. Prompt and output lengths are drawn, per request,
+//!   from log-normal distributions with means `--prompt-len` (161) and `--output-len` (338) and
+//!   log-space sigma 0.5, clipped to [mean/8, 4 * mean]; seeded, and request `i` has the same
+//!   lengths in every batch size and cache (the batch of `B` is a prefix of the batch of `2B`).
+//! - `fixed`: every request has exactly `--prompt-len` / `--output-len` tokens.
+//! - `long`: fixed 4096 in / 512 out (override with the same flags to scale it down on CPU).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use kivi_core::CacheConfig;
+use kivi_engine::engine::Sink;
+use kivi_engine::kv_spec::{format_kv, parse_kv};
+use kivi_engine::plot::{line_chart, Series, PALETTE};
+use kivi_engine::{EngineConfig, Event, Request, RequestId, SamplingParams, Scheduler};
+use kivi_model::llama::{Model, Naming};
+use kivi_model::random::{preset, RandomWeights};
+use kivi_model::tensor::DType;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    Sharegpt,
+    Fixed,
+    Long,
+}
+
+#[derive(Args)]
+pub struct BenchThroughputArgs {
+    /// GGUF file or safetensors directory (default: SmolLM2-135M-Instruct).
+    #[arg(long, conflicts_with = "random_weights")]
+    pub model: Option<PathBuf>,
+    /// Use seeded random weights with the shapes of `--arch` (no model file; clearly labelled).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Random-weight shape preset: llama2-7b, llama3-8b, mistral-7b, smollm2-135m, tiny.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub arch: String,
+    /// Caches to compare, comma-separated (each as in --kv).
+    #[arg(long, default_value = "f16,kivi2:r32,kivi2,kivi4")]
+    pub kv: String,
+    /// KV-cache memory budget: bytes, or with a KiB/MiB/GiB (or K/M/G) suffix.
+    #[arg(long, default_value = "64MiB")]
+    pub kv_memory: String,
+    #[arg(long, value_enum, default_value_t = Workload::Sharegpt)]
+    pub workload: Workload,
+    /// Mean (sharegpt) or exact prompt length; default 161 (sharegpt, fixed) or 4096 (long).
+    #[arg(long)]
+    pub prompt_len: Option<usize>,
+    /// Mean (sharegpt) or exact output length; default 338 (sharegpt, fixed) or 512 (long).
+    #[arg(long)]
+    pub output_len: Option<usize>,
+    /// Batch sizes to run (comma-separated); default: 1, 2, 4, ... and the largest that fits.
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Largest batch size considered.
+    #[arg(long, default_value_t = 256)]
+    pub max_batch: usize,
+    /// Most tokens per forward pass (decode tokens + prefill chunk).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Seed of the workload (lengths and token ids).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write `<prefix>-memory.png` and `<prefix>-throughput.png` (peak memory and throughput vs
+    /// batch size, the paper's Figure 5).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// Parses `64MiB`, `1.5GiB`, `100000`, `8G`.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("bad byte count `{s}`"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        u => bail!("bad unit `{u}` in `{s}` (use B, KiB, MiB or GiB)"),
+    };
+    let b = v * mult as f64;
+    if !(b.is_finite() && b >= 1.0) {
+        bail!("byte count `{s}` must be at least 1 byte");
+    }
+    Ok(b as u64)
+}
+
+/// `(prompt, output)` lengths of request `i` (independent of the batch size).
+fn lengths(w: Workload, prompt: usize, output: usize, seed: u64, i: usize) -> (usize, usize) {
+    if w != Workload::Sharegpt {
+        return (prompt, output);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+    let mut draw = |mean: usize| {
+        // Log-normal with the given mean: mu = ln(mean) - sigma^2 / 2 (Box-Muller normal).
+        let sigma = 0.5f64;
+        let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let x = ((mean as f64).ln() - sigma * sigma / 2.0 + sigma * z).exp();
+        (x.round() as usize).clamp((mean / 8).max(1), 4 * mean)
+    };
+    (draw(prompt), draw(output))
+}
+
+struct Point {
+    batch: usize,
+    output_tokens: usize,
+    secs: f64,
+    tok_s: f64,
+    tpot_ms: f64,
+    peak_kv: u64,
+    peak_total: u64,
+    preemptions: u64,
+}
+
+pub fn run(a: BenchThroughputArgs) -> Result<()> {
+    let caches: Vec<CacheConfig> =
+        a.kv.split(',')
+            .map(|s| parse_kv(s).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?;
+    let budget = parse_bytes(&a.kv_memory)?;
+    let (dp, dout) = match a.workload {
+        Workload::Long => (4096, 512),
+        _ => (161, 338),
+    };
+    let (prompt_len, output_len) = (a.prompt_len.unwrap_or(dp), a.output_len.unwrap_or(dout));
+    if prompt_len == 0 || output_len == 0 || a.max_batch == 0 {
+        bail!("--prompt-len, --output-len and --max-batch must be at least 1");
+    }
+    let (model, name) = if a.random_weights {
+        let c = preset(&a.arch)?;
+        let src = RandomWeights::new(&c, DType::F16, a.seed)?;
+        let m = Model::load(&src, Naming::Gguf, c)?;
+        (m, format!("RANDOM WEIGHTS ({} shapes, f16)", a.arch))
+    } else {
+        let path = match &a.model {
+            Some(p) => p.clone(),
+            None => crate::fetch::default_model_path()?,
+        };
+        let m = kivi_model::loader::load(&path)
+            .with_context(|| format!("loading {}", path.display()))?;
+        (m.model, m.name)
+    };
+    let model = Arc::new(model);
+    let cfg = model.config.clone();
+    let weights = model.weight_bytes() as u64;
+    let reqs: Vec<(usize, usize)> = (0..a.max_batch)
+        .map(|i| lengths(a.workload, prompt_len, output_len, a.seed, i))
+        .collect();
+    if let Some(&(p, o)) = reqs.iter().find(|(p, o)| p + o > cfg.context_len) {
+        bail!(
+            "a request of {p} + {o} tokens exceeds the context of {} tokens",
+            cfg.context_len
+        );
+    }
+    let threads = rayon::current_num_threads();
+    println!(
+        "model: {name}, {threads} threads, workload {:?} (prompt {prompt_len}, output \
+         {output_len}{}), KV budget {budget} B ({:.1} MiB), weights {:.1} MiB, seed {}",
+        a.workload,
+        if a.workload == Workload::Sharegpt {
+            " means, log-normal sigma 0.5"
+        } else {
+            ""
+        },
+        budget as f64 / 1048576.0,
+        weights as f64 / 1048576.0,
+        a.seed
+    );
+    println!(
+        "| cache | batch | output tok | time s | output tok/s | TPOT ms | peak KV MiB | peak \
+         weights+KV MiB | preemptions |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for cache in &caches {
+        let config = EngineConfig {
+            cache: *cache,
+            kv_memory_bytes: Some(budget),
+            max_running: a.max_batch,
+            max_waiting: usize::MAX,
+            max_batch_tokens: a.max_batch_tokens,
+            prefill_chunk: 0,
+        };
+        // Largest batch whose every sequence fits at its final length at once (no preemption).
+        let probe = Scheduler::new(model.clone(), config.clone())?;
+        let c = probe.cache();
+        let mut used = 0u64;
+        let mut max_fit = 0;
+        for &(p, o) in &reqs {
+            used += c.blocks_for_tokens(p + o - 1) as u64 * c.block_bytes() + c.seq_fixed_bytes();
+            if used > budget {
+                break;
+            }
+            max_fit += 1;
+        }
+        drop(probe);
+        let batches: Vec<usize> = match &a.batch {
+            Some(list) => list
+                .split(',')
+                .map(|x| x.trim().parse().with_context(|| format!("bad batch `{x}`")))
+                .collect::<Result<_>>()?,
+            None => {
+                let mut v: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
+                    .take_while(|&b| b <= max_fit)
+                    .collect();
+                if max_fit > 0 && v.last() != Some(&max_fit) {
+                    v.push(max_fit);
+                }
+                v
+            }
+        };
+        let mut points = Vec::new();
+        for &b in &batches {
+            if b == 0 || b > a.max_batch {
+                bail!(
+                    "batch size {b} is outside 1..=--max-batch ({})",
+                    a.max_batch
+                );
+            }
+            let pt = run_batch(&model, &config, &reqs[..b], a.seed, weights)?;
+            println!(
+                "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
+                format_kv(cache),
+                pt.batch,
+                pt.output_tokens,
+                pt.secs,
+                pt.tok_s,
+                pt.tpot_ms,
+                pt.peak_kv as f64 / 1048576.0,
+                pt.peak_total as f64 / 1048576.0,
+                pt.preemptions
+            );
+            points.push(pt);
+        }
+        results.push((*cache, max_fit, points));
+    }
+
+    // Summary: each cache at its best batch, against f16 in the same run.
+    println!();
+    println!(
+        "| cache | max batch (fits) | best tok/s (batch) | vs f16 | peak MiB at f16's max batch \
+         | f16 / this |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let best = |pts: &[Point]| {
+        pts.iter()
+            .max_by(|x, y| x.tok_s.total_cmp(&y.tok_s))
+            .map(|p| (p.tok_s, p.batch))
+    };
+    let f16 = results.iter().find(|r| r.0 == CacheConfig::F16);
+    let f16_best = f16.and_then(|r| best(&r.2)).map(|b| b.0);
+    let f16_max = f16.map(|r| r.1);
+    let peak_at = |pts: &[Point], b: usize| pts.iter().find(|p| p.batch == b).map(|p| p.peak_total);
+    let f16_peak = f16.and_then(|r| f16_max.and_then(|b| peak_at(&r.2, b)));
+    for (cache, max_fit, pts) in &results {
+        let (tok_s, at) = best(pts).unwrap_or((0.0, 0));
+        let ratio = f16_best.map_or("-".into(), |f| format!("{:.2}x", tok_s / f));
+        let peak = f16_max.and_then(|b| peak_at(pts, b));
+        let mem_ratio = match (f16_peak, peak) {
+            (Some(f), Some(p)) => format!("{:.2}x", f as f64 / p as f64),
+            _ => "-".into(),
+        };
+        println!(
+            "| {} | {max_fit} | {tok_s:.1} ({at}) | {ratio} | {} | {mem_ratio} |",
+            format_kv(cache),
+            peak.map_or("-".into(), |p| format!("{:.1}", p as f64 / 1048576.0)),
+        );
+    }
+
+    if let Some(path) = &a.out {
+        let j = json!({
+            "model": name,
+            "threads": threads,
+            "workload": format!("{:?}", a.workload),
+            "prompt_len": prompt_len,
+            "output_len": output_len,
+            "kv_budget_bytes": budget,
+            "weight_bytes": weights,
+            "max_batch_tokens": a.max_batch_tokens,
+            "seed": a.seed,
+            "caches": results.iter().map(|(c, max_fit, pts)| json!({
+                "cache": format_kv(c),
+                "max_batch": max_fit,
+                "points": pts.iter().map(|p| json!({
+                    "batch": p.batch,
+                    "output_tokens": p.output_tokens,
+                    "secs": p.secs,
+                    "output_tok_s": p.tok_s,
+                    "tpot_ms": p.tpot_ms,
+                    "peak_kv_bytes": p.peak_kv,
+                    "peak_weights_kv_bytes": p.peak_total,
+                    "preemptions": p.preemptions,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&j)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(prefix) = &a.plot {
+        let series = |f: &dyn Fn(&Point) -> f64| -> Vec<Series> {
+            results
+                .iter()
+                .enumerate()
+                .map(|(i, (c, _, pts))| Series {
+                    name: format_kv(c),
+                    color: PALETTE[i % PALETTE.len()],
+                    points: pts.iter().map(|p| (p.batch as f64, f(p))).collect(),
+                })
+                .collect()
+        };
+        let mem = line_chart(
+            "Peak memory (weights + KV) vs batch size",
+            "batch size",
+            "MiB",
+            &series(&|p| p.peak_total as f64 / 1048576.0),
+        );
+        let thr = line_chart(
+            "Throughput vs batch size",
+            "batch size",
+            "output tokens/s",
+            &series(&|p| p.tok_s),
+        );
+        for (suffix, canvas) in [("memory", mem), ("throughput", thr)] {
+            let path = PathBuf::from(format!("{}-{suffix}.png", prefix.display()));
+            canvas
+                .save_png(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `reqs` together (one wave, `max_running` = all of them) on this thread.
+fn run_batch(
+    model: &Arc<Model>,
+    config: &EngineConfig,
+    reqs: &[(usize, usize)],
+    seed: u64,
+    weights: u64,
+) -> Result<Point> {
+    let config = EngineConfig {
+        max_running: reqs.len(),
+        ..config.clone()
+    };
+    let mut sched = Scheduler::new(model.clone(), config)?;
+    let vocab = model.config.vocab as u32;
+    // Token times per request, for the time per output token.
+    let times: Arc<Mutex<Vec<Vec<Instant>>>> = Arc::new(Mutex::new(vec![Vec::new(); reqs.len()]));
+    let t0 = Instant::now();
+    for (i, &(p, o)) in reqs.iter().enumerate() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1 + i as u64));
+        let request = Request {
+            prompt: (0..p).map(|_| rng.gen_range(0..vocab)).collect(),
+            max_tokens: o,
+            sampling: SamplingParams::default(),
+            stop_tokens: vec![], // ignore EOS: fixed output lengths
+        };
+        sched
+            .validate(&request)
+            .map_err(|e| anyhow::anyhow!("request {i}: {e}"))?;
+        let times = times.clone();
+        let sink: Sink = Box::new(move |e| {
+            if let Event::Token(_) = e {
+                times.lock().unwrap()[i].push(Instant::now());
+            }
+            true
+        });
+        sched.add(RequestId(i as u64), request, sink, t0);
+    }
+    while sched.step() {}
+    let secs = t0.elapsed().as_secs_f64();
+    let st = sched.stats();
+    let times = times.lock().unwrap();
+    let output_tokens: usize = times.iter().map(|t| t.len()).sum();
+    let tpots: Vec<f64> = times
+        .iter()
+        .filter(|t| t.len() > 1)
+        .map(|t| (t[t.len() - 1] - t[0]).as_secs_f64() / (t.len() - 1) as f64)
+        .collect();
+    let tpot_ms = 1e3 * tpots.iter().sum::<f64>() / tpots.len().max(1) as f64;
+    let peak_kv = sched.peak_kv_reserved();
+    Ok(Point {
+        batch: reqs.len(),
+        output_tokens,
+        secs,
+        tok_s: output_tokens as f64 / secs,
+        tpot_ms,
+        peak_kv,
+        peak_total: weights + peak_kv,
+        preemptions: st.preemptions_total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
+
+    #[test]
+    fn sharegpt_lengths_have_the_requested_means() {
+        let n = 4000;
+        let (mut sp, mut so) = (0usize, 0usize);
+        for i in 0..n {
+            let (p, o) = lengths(Workload::Sharegpt, 161, 338, 7, i);
+            assert!((20..=644).contains(&p) && (42..=1352).contains(&o));
+            sp += p;
+            so += o;
+        }
+        let (mp, mo) = (sp as f64 / n as f64, so as f64 / n as f64);
+        // Clipping moves the mean by well under 2 %.
+        assert!((mp / 161.0 - 1.0).abs() < 0.04, "prompt mean {mp}");
+        assert!((mo / 338.0 - 1.0).abs() < 0.04, "output mean {mo}");
+        assert_eq!(
+            lengths(Workload::Sharegpt, 161, 338, 7, 5),
+            lengths(Workload::Sharegpt, 161, 338, 7, 5)
+        );
+    }
+}
