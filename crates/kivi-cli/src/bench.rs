@@ -16,6 +16,8 @@ use crate::ModelArgs;
 pub struct BenchModelArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
     /// Caches to compare, comma-separated (each as in --kv).
     #[arg(long, default_value = "f16,kivi2,kivi4")]
     pub caches: String,
@@ -49,6 +51,10 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     let depths: Vec<usize> = parse_list(&a.depth, "depth")?;
     if a.prompt_tokens == 0 || a.gen_tokens == 0 {
         bail!("--prompt-tokens and --gen-tokens must be at least 1");
+    }
+    let dev = a.device.pick()?;
+    if a.device.random_weights || matches!(dev, crate::device::Device::Cuda(_)) {
+        return bench_other(&a, dev, &caches, &depths);
     }
     let m = a.model.load()?;
     let cfg = &m.model.config;
@@ -98,4 +104,91 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Random weights (CPU or GPU) and files on the GPU.
+fn bench_other(
+    a: &BenchModelArgs,
+    dev: crate::device::Device,
+    caches: &[CacheConfig],
+    depths: &[usize],
+) -> Result<()> {
+    let max_depth = depths.iter().max().copied().unwrap_or(0);
+    let check = |context_len: usize| -> Result<()> {
+        if max_depth + a.prompt_tokens + a.gen_tokens > context_len {
+            bail!(
+                "depth {max_depth} + {} + {} tokens exceed the context of {context_len}",
+                a.prompt_tokens,
+                a.gen_tokens,
+            );
+        }
+        Ok(())
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    match dev {
+        crate::device::Device::Cuda(gpu) => {
+            let (model, tok, _, name) =
+                crate::device::load_cuda(gpu, &a.device, a.model.model.clone())?;
+            check(model.config.context_len)?;
+            let vocab = tok.map_or(model.config.vocab, |t| {
+                t.vocab_size().min(model.config.vocab)
+            }) as u32;
+            let mut ids =
+                |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
+            crate::device::bench_cuda(
+                &model,
+                caches,
+                depths,
+                a.prompt_tokens,
+                a.gen_tokens,
+                a.model.prefill_chunk,
+                &mut ids,
+                &name,
+            )
+        }
+        crate::device::Device::Cpu => {
+            let config = a.device.preset()?;
+            check(config.context_len)?;
+            let src = kivi_model::random::RandomWeights::new(
+                &config,
+                kivi_model::tensor::DType::F16,
+                a.device.weight_seed,
+            )?;
+            let model =
+                kivi_model::llama::Model::load(&src, kivi_model::llama::Naming::Gguf, config)?;
+            let vocab = model.config.vocab as u32;
+            let mut ids =
+                |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
+            println!(
+                "model: RANDOM WEIGHTS {} (f16), cpu, {} threads, prompt {} tok, decode {} tok",
+                a.device.arch,
+                rayon::current_num_threads(),
+                a.prompt_tokens,
+                a.gen_tokens
+            );
+            println!("| cache | depth | prefill tok/s | decode tok/s | KV bytes at end |");
+            println!("|---|---|---|---|---|");
+            for &depth in depths {
+                let (fill, prompt, gen) = (ids(depth), ids(a.prompt_tokens), ids(a.gen_tokens));
+                for cache in caches {
+                    let mut s = Session::new(&model, cache)?;
+                    s.prefill(&fill, a.model.prefill_chunk)?;
+                    let t = Instant::now();
+                    s.prefill(&prompt, a.model.prefill_chunk)?;
+                    let prefill = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    for &tok in &gen {
+                        s.prefill(&[tok], 1)?;
+                    }
+                    let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+                    println!(
+                        "| {} | {depth} | {prefill:.1} | {decode:.1} | {} |",
+                        format_kv(cache),
+                        s.cache().memory().total_bytes()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_attention;
+mod device;
 mod eval;
 mod fetch;
 mod humaneval;
@@ -132,6 +133,8 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
+    device: device::DeviceArgs,
+    #[command(flatten)]
     sampling: SamplingArgs,
     /// Text to continue.
     #[arg(long)]
@@ -253,7 +256,43 @@ fn run(command: Command) -> Result<()> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let cache_cfg = a.model.cache_config()?;
-    let params = a.sampling.params(a.model.prefill_chunk)?;
+    let mut params = a.sampling.params(a.model.prefill_chunk)?;
+    let dev = a.device.pick()?;
+    if a.device.random_weights {
+        // Speed and memory do not depend on the weights as long as generation ignores EOS.
+        params.stop_at_eos = false;
+        return generate_random(&a, dev, &cache_cfg, &params);
+    }
+    if let device::Device::Cuda(gpu) = dev {
+        let (model, tok, tmpl, _) = device::load_cuda(gpu, &a.device, a.model.model.clone())?;
+        let (tok, tmpl) = (
+            tok.expect("file models have a tokenizer"),
+            tmpl.expect("and a template"),
+        );
+        let text = if a.chat_template {
+            tmpl.render(&[Message::user(&a.prompt)], true)?
+        } else {
+            a.prompt.clone()
+        };
+        let prompt = tok.encode(&text, true)?;
+        let mut stream = tok.stream();
+        let mut stdout = std::io::stdout().lock();
+        if !a.chat_template {
+            write!(stdout, "{}", a.prompt)?;
+        }
+        let (_, stats) =
+            device::generate_cuda(&model, &cache_cfg, &prompt, &params, tok.eos_ids(), |t| {
+                let piece = stream.push(t);
+                write!(stdout, "{piece}")
+                    .and_then(|_| stdout.flush())
+                    .is_ok()
+            })?;
+        writeln!(stdout, "{}", stream.finish())?;
+        if a.sampling.stats {
+            print_gpu_stats(&stats, &cache_cfg, "");
+        }
+        return Ok(());
+    }
     let m = a.model.load()?;
     let mut session = Session::new(&m.model, &cache_cfg)?;
     let text = if a.chat_template {
@@ -279,6 +318,65 @@ fn generate(a: GenerateArgs) -> Result<()> {
         print_stats(&stats, session.cache(), &cache_cfg, &m);
     }
     Ok(())
+}
+
+/// `--random-weights`: no tokenizer, so the prompt's bytes are the token ids and the output is
+/// token ids, all labelled RANDOM WEIGHTS.
+fn generate_random(
+    a: &GenerateArgs,
+    dev: device::Device,
+    cache_cfg: &CacheConfig,
+    params: &kivi_engine::GenerateParams,
+) -> Result<()> {
+    let label = format!("RANDOM WEIGHTS ({})", a.device.arch);
+    let config = a.device.preset()?;
+    let prompt: Vec<u32> = a
+        .prompt
+        .bytes()
+        .map(|b| b as u32 % config.vocab as u32)
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "{label}: prompt = the {} bytes of --prompt as token ids; generated token ids:",
+        prompt.len()
+    )?;
+    let mut emit = |t: u32| write!(stdout, "{t} ").and_then(|_| stdout.flush()).is_ok();
+    let stats = match dev {
+        device::Device::Cuda(gpu) => {
+            let (model, ..) = device::load_cuda(gpu, &a.device, None)?;
+            device::generate_cuda(&model, cache_cfg, &prompt, params, &[], &mut emit)?.1
+        }
+        device::Device::Cpu => {
+            let src = kivi_model::random::RandomWeights::new(
+                &config,
+                kivi_model::tensor::DType::F16,
+                a.device.weight_seed,
+            )?;
+            let model =
+                kivi_model::llama::Model::load(&src, kivi_model::llama::Naming::Gguf, config)?;
+            let mut session = Session::new(&model, cache_cfg)?;
+            session.generate(&prompt, params, &[], &mut emit)?.1
+        }
+    };
+    writeln!(stdout)?;
+    if a.sampling.stats {
+        print_gpu_stats(&stats, cache_cfg, &label);
+    }
+    Ok(())
+}
+
+fn print_gpu_stats(s: &GenerationStats, cfg: &CacheConfig, label: &str) {
+    eprintln!(
+        "\n[stats] {label}{}prompt {} tok, prefill {:.1} tok/s | generated {} tok, decode {:.1} tok/s | stop: {:?} | KV cache {}",
+        if label.is_empty() { "" } else { ": " },
+        s.prompt_tokens,
+        s.prefill_tok_s(),
+        s.generated_tokens,
+        s.decode_tok_s(),
+        s.stop,
+        format_kv(cfg)
+    );
 }
 
 fn chat(a: ChatArgs) -> Result<()> {

@@ -117,6 +117,11 @@ pub struct GpuBatch {
 }
 
 impl GpuBatch {
+    /// Per-token `(slot, n_old, i, offset)` records on the device (RoPE reads positions here).
+    pub(crate) fn dev_toks(&self) -> &CudaSlice<i32> {
+        &self.dev_toks
+    }
+
     /// `(slot, n_old, n_new)` of each item.
     pub fn items(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         self.items

@@ -8,6 +8,7 @@
 //! while the CPU backend keeps working.
 
 pub mod cache;
+pub mod model;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use cache::{GpuBatch, GpuCache};
+pub use model::{random_model, CudaBackend, CudaModel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

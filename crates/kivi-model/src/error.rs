@@ -38,6 +38,9 @@ pub enum ModelError {
     ContextOverflow { prompt: usize, context: usize },
     #[error(transparent)]
     Cache(#[from] kivi_core::Error),
+    /// An error of a compute backend (e.g. the CUDA driver), as its message.
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl ModelError {

@@ -1,6 +1,7 @@
 //! Loading Llama-family models (GGUF and Hugging Face safetensors), their weight kernels,
 //! tokenizers and chat templates, and the forward pass over any [`kivi_core::KvCache`].
 
+pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod error;

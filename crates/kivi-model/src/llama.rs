@@ -1,11 +1,11 @@
-//! The Llama-family forward pass (Llama 2/3, Mistral, SmolLM2, Qwen2), written top to bottom
-//! like llama2.c's `forward`, generic over the KV cache (`dyn KvCache`: f16 or KIVI).
+//! The Llama-family forward pass (Llama 2/3, Mistral, SmolLM2, Qwen2), written once, top to
+//! bottom like llama2.c's `forward`, over a [`Backend`] (CPU: [`Cpu`] with any `dyn KvCache`,
+//! f16 or KIVI; GPU: `kivi_cuda::CudaBackend`).
 
-use kivi_core::{AttendItem, KvCache, SeqId};
-use rayon::prelude::*;
+use kivi_core::{KvCache, SeqId};
 
-use crate::config::{Arch, Config, RopeStyle};
-use crate::matrix::{dequantize, Matrix};
+use crate::backend::{finite_vector, Backend, Cpu, Rope};
+use crate::config::{Arch, Config};
 use crate::tensor::{RawTensor, TensorSource};
 use crate::{ModelError, Result};
 
@@ -71,23 +71,34 @@ impl Naming {
     }
 }
 
-struct Layer {
-    attn_norm: Vec<f32>, // [hidden]
-    wq: Matrix,          // [n_head*head_dim][hidden]
-    wk: Matrix,          // [n_kv_head*head_dim][hidden]
-    wv: Matrix,          // [n_kv_head*head_dim][hidden]
-    bias: Option<QkvBias>,
-    wo: Matrix,         // [hidden][n_head*head_dim]
-    ffn_norm: Vec<f32>, // [hidden]
-    w_gate: Matrix,     // [ffn][hidden]
-    w_up: Matrix,       // [ffn][hidden]
-    w_down: Matrix,     // [hidden][ffn]
+/// One transformer block's weights.
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: B::Vector, // [hidden]
+    pub wq: B::Weight,        // [n_head*head_dim][hidden]
+    pub wk: B::Weight,        // [n_kv_head*head_dim][hidden]
+    pub wv: B::Weight,        // [n_kv_head*head_dim][hidden]
+    pub bias: Option<QkvBias<B>>,
+    pub wo: B::Weight,       // [hidden][n_head*head_dim]
+    pub ffn_norm: B::Vector, // [hidden]
+    pub w_gate: B::Weight,   // [ffn][hidden]
+    pub w_up: B::Weight,     // [ffn][hidden]
+    pub w_down: B::Weight,   // [hidden][ffn]
 }
 
-struct QkvBias {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+/// Qwen2's q/k/v projection biases.
+pub struct QkvBias<B: Backend> {
+    pub q: B::Vector,
+    pub k: B::Vector,
+    pub v: B::Vector,
+}
+
+/// Every weight of a model, in a backend's form.
+pub struct Weights<B: Backend> {
+    pub tok_embd: B::Weight, // [vocab][hidden]
+    pub layers: Vec<LayerWeights<B>>,
+    pub out_norm: B::Vector, // [hidden]
+    /// `None` when the output matrix is tied to the token embedding.
+    pub output: Option<B::Weight>, // [vocab][hidden]
 }
 
 /// Which positions of a forward pass produce logits.
@@ -108,16 +119,16 @@ pub struct BatchItem<'a> {
     pub logits: Logits,
 }
 
-pub struct Model {
+/// A Llama-family model on backend `B`.
+pub struct Llama<B: Backend> {
     pub config: Config,
-    tok_embd: Matrix, // [vocab][hidden]
-    layers: Vec<Layer>,
-    out_norm: Vec<f32>, // [hidden]
-    /// `None` when the output matrix is tied to the token embedding.
-    output: Option<Matrix>, // [vocab][hidden]
-    /// RoPE inverse frequencies, `[head_dim/2]`.
-    inv_freq: Vec<f32>,
+    pub backend: B,
+    weights: Weights<B>,
+    rope: Rope,
 }
+
+/// The CPU model (quantized GGUF weights as stored, any [`KvCache`]).
+pub type Model = Llama<Cpu>;
 
 fn check_shape(t: &RawTensor, expected: &[usize]) -> Result<()> {
     if t.shape != expected {
@@ -131,32 +142,84 @@ fn check_shape(t: &RawTensor, expected: &[usize]) -> Result<()> {
 }
 
 impl Model {
-    /// Loads every tensor the architecture needs, checking each shape against `config`.
+    /// Loads every tensor the architecture needs for the CPU, checking each shape against `config`.
     pub fn load(src: &dyn TensorSource, naming: Naming, config: Config) -> Result<Model> {
+        Llama::load_on(Cpu, src, naming, config)
+    }
+
+    /// Runs `tokens` (positions `cache.seq_len(seq)..`) through the model, reading and extending
+    /// `seq`'s KV cache, and returns logits `[n][vocab]` (`Logits::All`) or `[vocab]` (`Last`).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut (dyn KvCache + 'static),
+        seq: SeqId,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let item = BatchItem {
+            seq,
+            tokens,
+            logits,
+        };
+        Ok(self
+            .forward_batch(&[item], cache)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// Runs several sequences in one pass ([`Llama::forward_rows`]) and returns each item's
+    /// logits as [`Model::forward`] would.
+    ///
+    /// Each row's result does not depend on the other rows of the batch (the weight kernels
+    /// compute every activation row with the same instruction sequence whatever the tile, and
+    /// attention is per item), so a sequence's outputs are bit-identical alone or batched.
+    pub fn forward_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        cache: &mut (dyn KvCache + 'static),
+    ) -> Result<Vec<Vec<f32>>> {
+        let Some((out, rows)) = self.forward_rows(items, cache)? else {
+            return Ok(vec![Vec::new(); items.len()]);
+        };
+        let vocab = self.config.vocab;
+        let mut o = 0;
+        Ok(rows
+            .iter()
+            .map(|&r| {
+                let l = out[o * vocab..(o + r) * vocab].to_vec();
+                o += r;
+                l
+            })
+            .collect())
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads every tensor the architecture needs onto `backend`, checking each shape against
+    /// `config`.
+    pub fn load_on(
+        backend: B,
+        src: &dyn TensorSource,
+        naming: Naming,
+        config: Config,
+    ) -> Result<Llama<B>> {
         let c = &config;
-        let matrix = |name: String, rows: usize, cols: usize| -> Result<Matrix> {
+        let b = &backend;
+        let matrix = |name: String, rows: usize, cols: usize| -> Result<B::Weight> {
             let t = src.tensor(&name)?;
             check_shape(&t, &[rows, cols])?;
-            Matrix::from_raw(t)
+            b.matrix(t)
         };
-        let vector = |name: String, len: usize| -> Result<Vec<f32>> {
+        let vector = |name: String, len: usize| -> Result<B::Vector> {
             let t = src.tensor(&name)?;
             check_shape(&t, &[len])?;
-            let v = dequantize(&t)?;
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(ModelError::format(
-                    "model",
-                    name,
-                    format!("non-finite value at {i}"),
-                ));
-            }
-            Ok(v)
+            b.vector(finite_vector(&t)?)
         };
         let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
         let layers = (0..c.n_layer)
             .map(|i| {
                 let name = |role: &str| naming.layer(i, role);
-                Ok(Layer {
+                Ok(LayerWeights {
                     attn_norm: vector(name("attn_norm"), h)?,
                     wq: matrix(name("wq"), q, h)?,
                     wk: matrix(name("wk"), kv, h)?,
@@ -184,79 +247,75 @@ impl Model {
         } else {
             None
         };
-        let half = c.head_dim / 2;
-        let inv_freq = (0..half)
-            .map(|i| c.rope_theta.powf(-((2 * i) as f32) / c.head_dim as f32))
-            .collect();
-        Ok(Model {
+        let weights = Weights {
             tok_embd: matrix(naming.global("embed"), c.vocab, h)?,
             out_norm: vector(naming.global("norm"), h)?,
             layers,
             output,
+        };
+        Ok(Llama::from_weights(backend, config, weights))
+    }
+
+    /// A model from weights already on `backend` (e.g. random weights made on a GPU).
+    pub fn from_weights(backend: B, config: Config, weights: Weights<B>) -> Llama<B> {
+        let half = config.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                config
+                    .rope_theta
+                    .powf(-((2 * i) as f32) / config.head_dim as f32)
+            })
+            .collect();
+        let rope = Rope {
+            style: config.rope_style,
+            head_dim: config.head_dim,
             inv_freq,
+        };
+        Llama {
             config,
-        })
+            backend,
+            weights,
+            rope,
+        }
     }
 
     /// Bytes of weights held or mapped.
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.tok_embd.n_bytes() + self.output.as_ref().map_or(0, |m| m.n_bytes());
-        for l in &self.layers {
+        let (b, w) = (&self.backend, &self.weights);
+        let mut n =
+            b.weight_bytes(&w.tok_embd) + w.output.as_ref().map_or(0, |m| b.weight_bytes(m));
+        for l in &w.layers {
             for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                n += m.n_bytes();
+                n += b.weight_bytes(m);
             }
         }
         n
     }
 
-    /// Runs `tokens` (positions `cache.seq_len(seq)..`) through the model, reading and extending
-    /// `seq`'s KV cache, and returns logits `[n][vocab]` (`Logits::All`) or `[vocab]` (`Last`).
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut dyn KvCache,
-        seq: SeqId,
-        logits: Logits,
-    ) -> Result<Vec<f32>> {
-        let item = BatchItem {
-            seq,
-            tokens,
-            logits,
-        };
-        Ok(self
-            .forward_batch(&[item], cache)?
-            .pop()
-            .unwrap_or_default())
-    }
-
     /// Runs several sequences, each with its own new tokens (1 for decode, many for a prefill
     /// chunk), in one pass: their rows are concatenated for every matmul (weights are read once
-    /// per step), RoPE uses each item's own positions, attention goes through
-    /// [`KvCache::attend_batch`]. Returns each item's logits as [`Model::forward`] would.
+    /// per step), RoPE uses each item's own positions, attention goes through the backend's
+    /// cache. Returns the logits rows `[m][vocab]` of every item in order and how many rows each
+    /// item has (0, 1 for `Logits::Last`, its token count for `Logits::All`); `None` when no
+    /// item has tokens.
     ///
-    /// Each row's result does not depend on the other rows of the batch (the weight kernels
-    /// compute every activation row with the same instruction sequence whatever the tile, and
-    /// attention is per item), so a sequence's outputs are bit-identical alone or batched.
     /// Everything is checked before anything is computed: on error the cache is unchanged.
-    pub fn forward_batch(
+    pub fn forward_rows(
         &self,
         items: &[BatchItem<'_>],
-        cache: &mut dyn KvCache,
-    ) -> Result<Vec<Vec<f32>>> {
-        let c = &self.config;
-        // Row offsets and positions of every item; checks first, so errors leave no trace.
-        let mut starts = Vec::with_capacity(items.len() + 1);
-        let mut pos = Vec::new(); // position of every row
+        cache: &mut B::Cache,
+    ) -> Result<Option<(B::Act, Vec<usize>)>> {
+        let (c, b, w) = (&self.config, &self.backend, &self.weights);
+        // Checks first, so errors leave no trace.
         let mut n = 0;
         for (i, it) in items.iter().enumerate() {
-            starts.push(n);
             if items[..i].iter().any(|o| o.seq == it.seq) {
                 return Err(ModelError::Cache(kivi_core::Error::Shape {
                     op: "forward_batch",
                     detail: format!("sequence {:?} appears twice in one batch", it.seq),
                 }));
             }
-            let pos0 = cache.seq_len(0, it.seq)?;
+            let pos0 = b.seq_len(cache, it.seq)?;
             if pos0 + it.tokens.len() > c.context_len {
                 return Err(ModelError::ContextOverflow {
                     prompt: pos0 + it.tokens.len(),
@@ -269,185 +328,83 @@ impl Model {
                     c.vocab
                 )));
             }
-            pos.extend(pos0..pos0 + it.tokens.len());
             n += it.tokens.len();
         }
-        starts.push(n);
         if n == 0 {
-            return Ok(vec![Vec::new(); items.len()]);
+            return Ok(None);
         }
         let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        let step_items: Vec<(SeqId, usize)> =
+            items.iter().map(|it| (it.seq, it.tokens.len())).collect();
+        let step = b.begin_step(cache, &step_items)?;
 
         // x = embed(tokens): [n][hidden]
-        let mut x = vec![0f32; n * h];
-        let all_tokens = items.iter().flat_map(|it| it.tokens.iter());
-        for (row, &t) in x.chunks_exact_mut(h).zip(all_tokens) {
-            self.tok_embd.row_f32(t as usize, row);
-        }
+        let tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
+        let mut x = b.zeros(n * h)?;
+        b.embed(&w.tok_embd, &tokens, &mut x)?;
 
-        let mut xb = vec![0f32; n * h]; // normed activations [n][hidden]
-        let mut q = vec![0f32; n * qd]; // [n][n_head][head_dim]
-        let mut k = vec![0f32; n * kvd]; // [n][n_kv_head][head_dim]
-        let mut v = vec![0f32; n * kvd];
-        let mut att = vec![0f32; n * qd]; // attention output [n][n_head][head_dim]
-        let mut gate = vec![0f32; n * c.ffn]; // [n][ffn]
-        let mut up = vec![0f32; n * c.ffn];
-        let mut tmp = vec![0f32; n * h];
+        let mut xb = b.zeros(n * h)?; // normed activations [n][hidden]
+        let mut q = b.zeros(n * qd)?; // [n][n_head][head_dim]
+        let mut k = b.zeros(n * kvd)?; // [n][n_kv_head][head_dim]
+        let mut v = b.zeros(n * kvd)?;
+        let mut att = b.zeros(n * qd)?; // attention output [n][n_head][head_dim]
+        let mut gate = b.zeros(n * c.ffn)?; // [n][ffn]
+        let mut up = b.zeros(n * c.ffn)?;
+        let mut tmp = b.zeros(n * h)?;
 
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in w.layers.iter().enumerate() {
             // --- attention block: xb = rmsnorm(x); q,k,v = xb·Wqᵀ,.. ; rope; attend; x += att·Woᵀ
-            rmsnorm(&mut xb, &x, &layer.attn_norm, c.rms_eps);
-            layer.wq.matmul(&xb, n, &mut q);
-            layer.wk.matmul(&xb, n, &mut k);
-            layer.wv.matmul(&xb, n, &mut v);
-            if let Some(b) = &layer.bias {
-                add_bias(&mut q, &b.q);
-                add_bias(&mut k, &b.k);
-                add_bias(&mut v, &b.v);
+            b.rmsnorm(&mut xb, &x, &layer.attn_norm, c.rms_eps)?;
+            b.matmul(&layer.wq, &xb, n, &mut q)?;
+            b.matmul(&layer.wk, &xb, n, &mut k)?;
+            b.matmul(&layer.wv, &xb, n, &mut v)?;
+            if let Some(bias) = &layer.bias {
+                b.add_bias(&mut q, &bias.q)?;
+                b.add_bias(&mut k, &bias.k)?;
+                b.add_bias(&mut v, &bias.v)?;
             }
-            self.rope(&mut q, c.n_head, &pos);
-            self.rope(&mut k, c.n_kv_head, &pos);
-            {
-                let mut att_rest = &mut att[..];
-                let mut attend = Vec::with_capacity(items.len());
-                for (i, it) in items.iter().enumerate() {
-                    let (a, b) = (starts[i], starts[i + 1]);
-                    let (out, rest) = std::mem::take(&mut att_rest).split_at_mut((b - a) * qd);
-                    att_rest = rest;
-                    attend.push(AttendItem {
-                        seq: it.seq,
-                        q: &q[a * qd..b * qd],
-                        k_new: &k[a * kvd..b * kvd],
-                        v_new: &v[a * kvd..b * kvd],
-                        out,
-                    });
-                }
-                cache.attend_batch(li, c.n_head, &mut attend)?;
-            }
-            for (i, it) in items.iter().enumerate() {
-                let (a, b) = (starts[i], starts[i + 1]);
-                if b > a {
-                    cache.append(li, it.seq, &k[a * kvd..b * kvd], &v[a * kvd..b * kvd])?;
-                }
-            }
-            layer.wo.matmul(&att, n, &mut tmp);
-            add_in_place(&mut x, &tmp);
+            b.rope(&mut q, c.n_head, &self.rope, &step)?;
+            b.rope(&mut k, c.n_kv_head, &self.rope, &step)?;
+            b.attend_append(cache, &step, li, c.n_head, &q, &k, &v, &mut att)?;
+            b.matmul(&layer.wo, &att, n, &mut tmp)?;
+            b.add(&mut x, &tmp)?;
 
             // --- feed-forward block: x += W_down·(silu(W_gate·xb) * W_up·xb), xb = rmsnorm(x)
-            rmsnorm(&mut xb, &x, &layer.ffn_norm, c.rms_eps);
-            layer.w_gate.matmul(&xb, n, &mut gate);
-            layer.w_up.matmul(&xb, n, &mut up);
-            swiglu_in_place(&mut gate, &up);
-            layer.w_down.matmul(&gate, n, &mut tmp);
-            add_in_place(&mut x, &tmp);
+            b.rmsnorm(&mut xb, &x, &layer.ffn_norm, c.rms_eps)?;
+            b.matmul(&layer.w_gate, &xb, n, &mut gate)?;
+            b.matmul(&layer.w_up, &xb, n, &mut up)?;
+            b.swiglu(&mut gate, &up)?;
+            b.matmul(&layer.w_down, &gate, n, &mut tmp)?;
+            b.add(&mut x, &tmp)?;
         }
+        b.end_step(cache, step)?;
 
         // --- logits = rmsnorm(x)·W_outᵀ, for the rows each item asks for, in one matmul
-        let rows: Vec<std::ops::Range<usize>> = items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let (a, b) = (starts[i], starts[i + 1]);
-                match it.logits {
-                    _ if a == b => a..a,
-                    Logits::All => a..b,
-                    Logits::Last => b - 1..b,
-                }
-            })
-            .collect();
-        let m: usize = rows.iter().map(|r| r.len()).sum();
-        let mut normed = vec![0f32; m * h];
-        let mut o = 0;
-        for r in &rows {
-            let xs = &x[r.start * h..r.end * h];
-            rmsnorm(
-                &mut normed[o * h..(o + r.len()) * h],
-                xs,
-                &self.out_norm,
-                c.rms_eps,
-            );
-            o += r.len();
-        }
-        let mut out = vec![0f32; m * c.vocab];
-        self.output
-            .as_ref()
-            .unwrap_or(&self.tok_embd)
-            .matmul(&normed, m, &mut out);
-        let mut o = 0;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let l = out[o * c.vocab..(o + r.len()) * c.vocab].to_vec();
-                o += r.len();
-                l
-            })
-            .collect())
-    }
-
-    /// Rotates each head of `x` (`[n][heads][head_dim]`) by its row's position `pos[row]`.
-    fn rope(&self, x: &mut [f32], heads: usize, pos: &[usize]) {
-        let d = self.config.head_dim;
-        let half = d / 2;
-        let style = self.config.rope_style;
-        x.par_chunks_mut(heads * d)
-            .zip(pos.par_iter())
-            .for_each(|(tok, &p)| {
-                let p = p as f32;
-                let (sin, cos): (Vec<f32>, Vec<f32>) =
-                    self.inv_freq.iter().map(|f| (p * f).sin_cos()).unzip();
-                for head in tok.chunks_exact_mut(d) {
-                    for i in 0..half {
-                        let (a, b) = match style {
-                            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                            RopeStyle::Neox => (i, i + half),
-                        };
-                        let (x0, x1) = (head[a], head[b]);
-                        head[a] = x0 * cos[i] - x1 * sin[i];
-                        head[b] = x0 * sin[i] + x1 * cos[i];
-                    }
-                }
+        let mut rows = Vec::with_capacity(items.len());
+        let mut start = 0;
+        for it in items {
+            let end = start + it.tokens.len();
+            rows.push(match it.logits {
+                _ if start == end => start..start,
+                Logits::All => start..end,
+                Logits::Last => end - 1..end,
             });
+            start = end;
+        }
+        let m: usize = rows.iter().map(|r| r.len()).sum();
+        let picked = b.gather_rows(&x, h, &rows)?;
+        let mut normed = b.zeros(m * h)?;
+        b.rmsnorm(&mut normed, &picked, &w.out_norm, c.rms_eps)?;
+        let mut out = b.zeros(m * c.vocab)?;
+        let w_out = w.output.as_ref().unwrap_or(&w.tok_embd);
+        b.matmul(w_out, &normed, m, &mut out)?;
+        Ok(Some((out, rows.iter().map(|r| r.len()).collect())))
     }
 
     pub fn arch(&self) -> Arch {
         self.config.arch
     }
-}
-
-/// `out[t] = x[t] / sqrt(mean(x[t]²) + eps) * w` for each row `t`.
-fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-    let h = w.len();
-    for (o, xr) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-        let inv = 1.0 / (ss + eps).sqrt();
-        for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-            *o = xv * inv * wv;
-        }
-    }
-}
-
-fn add_bias(x: &mut [f32], b: &[f32]) {
-    for row in x.chunks_exact_mut(b.len()) {
-        add_in_place(row, b);
-    }
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
-/// `gate = silu(gate) * up`; threads only pay off for prefill-sized inputs.
-fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-    let f = |(g, u): (&mut f32, &f32)| *g = silu(*g) * u;
-    if gate.len() >= 1 << 16 {
-        gate.par_iter_mut().zip(up.par_iter()).for_each(f);
-    } else {
-        gate.iter_mut().zip(up).for_each(f);
-    }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }

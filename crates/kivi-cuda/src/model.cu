@@ -1,0 +1,158 @@
+// Elementwise and row kernels of the Llama forward pass (launchers: model.rs). Activations are
+// row-major f32; weights f16 (stored as u16). GEMMs are cuBLAS, attention is cache.cu. Compiled
+// with NVRTC at run time (no CUDA headers: f16 conversions are inline PTX).
+
+typedef unsigned short u16;
+#define INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+#define ROW_THREADS 256
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// out[t] = table[tokens[t]] (f16 rows to f32). grid: rows; block: ROW_THREADS.
+extern "C" __global__ void embed_f16(const u16* __restrict__ table,
+                                     const unsigned* __restrict__ tokens,
+                                     float* __restrict__ out, int hidden) {
+    const long long row = blockIdx.x;
+    const u16* src = table + (long long)tokens[row] * hidden;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[row * hidden + c] = h2f(src[c]);
+}
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w. grid: rows; block: ROW_THREADS.
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+rmsnorm(float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
+        int h, float eps) {
+    __shared__ float partial[ROW_THREADS / 32];
+    const float* xr = x + (long long)blockIdx.x * h;
+    float* o = out + (long long)blockIdx.x * h;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < h; c += blockDim.x) ss += xr[c] * xr[c];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += partial[i];
+    const float inv = 1.0f / sqrtf(total / (float)h + eps);
+    for (int c = threadIdx.x; c < h; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+}
+
+// y = (f16) x, n elements. GEMM inputs.
+extern "C" __global__ void to_f16(const float* __restrict__ x, u16* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = f2h(x[i]);
+}
+
+// x[i] += b[i % width], n elements.
+extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ b, int width,
+                                    long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] += b[i % width];
+}
+
+// x += y, n elements.
+extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __restrict__ y,
+                                       long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+// gate = silu(gate) * up, n elements.
+extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up,
+                                  long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// RoPE on x [rows][heads][d]; row t's position = toks[4t+1] + toks[4t+2] (the cache batch's
+// per-token (slot, n_old, i, off) records). neox: pairs (i, i+d/2), else (2i, 2i+1).
+// grid: (rows, heads); block: d/2.
+extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ toks,
+                                const float* __restrict__ inv_freq, int heads, int d, int neox) {
+    const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    const int half = d / 2;
+    if (i >= half) return;
+    const float p = (float)(toks[4 * t + 1] + toks[4 * t + 2]);
+    float s, c;
+    sincosf(p * inv_freq[i], &s, &c);
+    float* head = x + ((long long)t * heads + h) * d;
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x0 = head[a], x1 = head[b];
+    head[a] = x0 * c - x1 * s;
+    head[b] = x0 * s + x1 * c;
+}
+
+// out[j] = x[rows[j]] (rows of `width`). grid: picked rows; block: ROW_THREADS.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ rows,
+                                       float* __restrict__ out, int width) {
+    const long long src = (long long)rows[blockIdx.x] * width, dst = (long long)blockIdx.x * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) out[dst + c] = x[src + c];
+}
+
+// out[r] = argmax of logits row r (first index of the maximum; NaN never wins).
+// grid: rows; block: 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+argmax_rows(const float* __restrict__ logits, int vocab, unsigned* __restrict__ out) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* l = logits + (long long)blockIdx.x * vocab;
+    float bv = -INF;
+    int bi = 0x7fffffff;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = l[c];
+        if (v > bv) { bv = v; bi = c; }  // c increases: ties keep the first
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x >> 5;
+        bv = lane < nw ? best_v[lane] : -INF;
+        bi = lane < nw ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0u : (unsigned)bi;
+    }
+}
+
+// Deterministic pseudo-random f16 weights: center + spread * u, u uniform in [-1, 1) from a hash
+// of (seed, index). Random-weights mode on the GPU (no host generation of billions of values).
+extern "C" __global__ void fill_random_f16(u16* __restrict__ w, long long n, float center,
+                                           float spread, unsigned long long seed) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        unsigned long long z = seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+        w[i] = f2h(center + spread * u);
+    }
+}

@@ -1,0 +1,554 @@
+//! The Llama forward pass on the GPU: [`CudaBackend`] implements `kivi_model`'s [`Backend`]
+//! (the model itself is `kivi_model::llama::Llama`, written once for both backends).
+//!
+//! Weights are dequantized to f16 at load (any GGUF type the CPU reads, on the host) and
+//! uploaded; GEMMs are cuBLAS (f16 inputs, f32 accumulation and output); activations are f32
+//! between ops (GEMM inputs are rounded to f16 on the way in); attention is [`GpuCache`]'s
+//! flash-decoding kernel over the f16 or KIVI cache. Sequences are cache slots:
+//! `SeqId(slot)`.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use half::f16;
+use kivi_core::SeqId;
+use kivi_model::backend::{Backend, Rope};
+use kivi_model::config::{Config, RopeStyle};
+use kivi_model::llama::{LayerWeights, Llama, QkvBias, Weights};
+use kivi_model::matrix::dequantize;
+use kivi_model::tensor::{DType, RawTensor};
+use kivi_model::ModelError;
+
+use crate::cache::{GpuBatch, GpuCache};
+use crate::{Error, Gpu};
+
+const SOURCE: &str = include_str!("model.cu");
+const MODULE: &str = "model";
+const ROW_THREADS: u32 = 256;
+
+/// The model on a GPU.
+pub type CudaModel = Llama<CudaBackend>;
+
+/// A `[rows][cols]` f16 weight matrix on the GPU.
+pub struct GpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: CudaSlice<u16>,
+}
+
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    blas: CudaBlas,
+    /// f16 copy of the current GEMM input.
+    x16: RefCell<Option<CudaSlice<u16>>>,
+    /// RoPE inverse frequencies on the device (uploaded on first use).
+    inv_freq: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
+}
+
+fn err(e: impl Into<Error>) -> ModelError {
+    ModelError::Backend(e.into().to_string())
+}
+
+impl From<cudarc::cublas::result::CublasError> for Error {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        Error::Unsupported(format!("cuBLAS: {e:?}"))
+    }
+}
+
+type R<T> = kivi_model::Result<T>;
+
+/// Grid for a grid-stride elementwise kernel over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    pub fn new(gpu: Arc<Gpu>) -> crate::Result<CudaBackend> {
+        let blas = CudaBlas::new(gpu.stream().clone())?;
+        // Compile (or load) the kernels now, so that timing never includes it.
+        gpu.function(MODULE, SOURCE, "rmsnorm")?;
+        Ok(CudaBackend {
+            gpu,
+            blas,
+            x16: RefCell::new(None),
+            inv_freq: RefCell::new(None),
+        })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn f(&self, name: &str) -> R<CudaFunction> {
+        self.gpu.function(MODULE, SOURCE, name).map_err(err)
+    }
+
+    /// A `[rows][cols]` matrix of f16 values.
+    pub fn upload_f16(&self, rows: usize, cols: usize, values: &[u16]) -> R<GpuMatrix> {
+        assert_eq!(values.len(), rows * cols);
+        let data = self.gpu.stream().clone_htod(values).map_err(err)?;
+        Ok(GpuMatrix { rows, cols, data })
+    }
+
+    /// A `[rows][cols]` matrix of deterministic pseudo-random f16 values in
+    /// `center ± spread` (random-weights mode).
+    pub fn random_matrix(
+        &self,
+        rows: usize,
+        cols: usize,
+        center: f32,
+        spread: f32,
+        seed: u64,
+    ) -> R<GpuMatrix> {
+        let n = rows * cols;
+        let s = self.gpu.stream();
+        let mut data = s.alloc_zeros::<u16>(n.max(1)).map_err(err)?;
+        let f = self.f("fill_random_f16")?;
+        let n64 = n as i64;
+        // SAFETY: data holds n elements.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut data)
+                .arg(&n64)
+                .arg(&center)
+                .arg(&spread)
+                .arg(&seed)
+                .launch(elementwise(n))
+                .map_err(err)?
+        };
+        Ok(GpuMatrix { rows, cols, data })
+    }
+
+    /// Copies a device buffer to the host.
+    pub fn to_host(&self, x: &CudaSlice<f32>) -> R<Vec<f32>> {
+        self.gpu.stream().clone_dtoh(x).map_err(err)
+    }
+
+    /// Index of the largest value of each of the `rows` rows of `logits` (`[rows][vocab]`),
+    /// computed on the GPU; only the indices are copied back.
+    pub fn argmax(&self, logits: &CudaSlice<f32>, rows: usize, vocab: usize) -> R<Vec<u32>> {
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let s = self.gpu.stream();
+        let mut out = s.alloc_zeros::<u32>(rows).map_err(err)?;
+        let f = self.f("argmax_rows")?;
+        let v = vocab as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        assert!(logits.len() >= rows * vocab);
+        // SAFETY: logits holds rows * vocab values, out rows.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(logits)
+                .arg(&v)
+                .arg(&mut out)
+                .launch(cfg)
+                .map_err(err)?
+        };
+        s.clone_dtoh(&out).map_err(err)
+    }
+
+    fn launch_elementwise(&self, name: &str, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> R<()> {
+        let n = x.len().min(y.len());
+        let f = self.f(name)?;
+        let n64 = n as i64;
+        // SAFETY: both buffers hold at least n values.
+        unsafe {
+            self.gpu
+                .stream()
+                .launch_builder(&f)
+                .arg(x)
+                .arg(y)
+                .arg(&n64)
+                .launch(elementwise(n))
+                .map_err(err)?
+        };
+        Ok(())
+    }
+}
+
+/// Random weights on the GPU with the shapes of `config` and the scales of
+/// `kivi_model::random::RandomWeights` (norms near 1, matrices ~ 1/sqrt(fan_in)); the values
+/// differ from the host generator's. For speed and memory measurements: label the output.
+pub fn random_model(backend: CudaBackend, config: Config, seed: u64) -> R<CudaModel> {
+    let c = &config;
+    let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+    let mut seed_n = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut next = || {
+        seed_n = seed_n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        seed_n
+    };
+    let w = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    let b = &backend;
+    let vector = |len: usize, center: f32, spread: f32, s: u64| -> R<CudaSlice<f32>> {
+        let m = b.random_matrix(1, len, center, spread, s)?;
+        let host: Vec<u16> = b.gpu.stream().clone_dtoh(&m.data).map_err(err)?;
+        let v: Vec<f32> = host[..len]
+            .iter()
+            .map(|&x| f16::from_bits(x).to_f32())
+            .collect();
+        b.vector(v)
+    };
+    let mut layers = Vec::with_capacity(c.n_layer);
+    for _ in 0..c.n_layer {
+        layers.push(LayerWeights {
+            attn_norm: vector(h, 1.0, 0.1, next())?,
+            wq: b.random_matrix(q, h, 0.0, w(h), next())?,
+            wk: b.random_matrix(kv, h, 0.0, w(h), next())?,
+            wv: b.random_matrix(kv, h, 0.0, w(h), next())?,
+            bias: if c.qkv_bias {
+                Some(QkvBias {
+                    q: vector(q, 0.0, 0.5, next())?,
+                    k: vector(kv, 0.0, 0.5, next())?,
+                    v: vector(kv, 0.0, 0.5, next())?,
+                })
+            } else {
+                None
+            },
+            wo: b.random_matrix(h, q, 0.0, w(q), next())?,
+            ffn_norm: vector(h, 1.0, 0.1, next())?,
+            w_gate: b.random_matrix(f, h, 0.0, w(h), next())?,
+            w_up: b.random_matrix(f, h, 0.0, w(h), next())?,
+            w_down: b.random_matrix(h, f, 0.0, w(f), next())?,
+        });
+    }
+    let weights = Weights {
+        tok_embd: b.random_matrix(c.vocab, h, 0.0, 1.0, next())?,
+        out_norm: vector(h, 1.0, 0.1, next())?,
+        output: Some(b.random_matrix(c.vocab, h, 0.0, w(h), next())?),
+        layers,
+    };
+    Ok(Llama::from_weights(backend, config, weights))
+}
+
+impl Backend for CudaBackend {
+    type Act = CudaSlice<f32>;
+    type Weight = GpuMatrix;
+    type Vector = CudaSlice<f32>;
+    type Cache = GpuCache;
+    type Step = GpuBatch;
+
+    fn matrix(&self, t: RawTensor) -> R<GpuMatrix> {
+        let (rows, cols) = match t.shape[..] {
+            [r, c] => (r, c),
+            [c] => (1, c),
+            _ => {
+                return Err(ModelError::TensorShape {
+                    name: t.name,
+                    expected: vec![0, 0],
+                    found: t.shape,
+                })
+            }
+        };
+        let values: Vec<u16> = if t.dtype == DType::F16 {
+            let b = t.data.bytes();
+            if b.len() != rows * cols * 2 {
+                return Err(ModelError::format(
+                    "tensor",
+                    t.name.clone(),
+                    format!("{} bytes for an F16 [{rows}][{cols}] matrix", b.len()),
+                ));
+            }
+            b.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        } else {
+            dequantize(&t)?
+                .iter()
+                .map(|&x| f16::from_f32(x).to_bits())
+                .collect()
+        };
+        self.upload_f16(rows, cols, &values)
+    }
+
+    fn vector(&self, v: Vec<f32>) -> R<CudaSlice<f32>> {
+        self.gpu.stream().clone_htod(&v).map_err(err)
+    }
+
+    fn weight_bytes(&self, w: &GpuMatrix) -> usize {
+        w.rows * w.cols * 2
+    }
+
+    fn zeros(&self, len: usize) -> R<CudaSlice<f32>> {
+        self.gpu
+            .stream()
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(err)
+    }
+
+    fn seq_len(&self, cache: &GpuCache, seq: SeqId) -> R<usize> {
+        cache
+            .seq_len(seq.0 as usize)
+            .ok_or(ModelError::Cache(kivi_core::Error::UnknownSequence(seq)))
+    }
+
+    fn begin_step(&self, cache: &mut GpuCache, items: &[(SeqId, usize)]) -> R<GpuBatch> {
+        let items: Vec<(usize, usize)> = items.iter().map(|&(s, n)| (s.0 as usize, n)).collect();
+        cache.batch(&items).map_err(err)
+    }
+
+    fn end_step(&self, cache: &mut GpuCache, step: GpuBatch) -> R<()> {
+        cache.advance(&step);
+        Ok(())
+    }
+
+    fn embed(&self, table: &GpuMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) -> R<()> {
+        let s = self.gpu.stream();
+        let toks = s.clone_htod(tokens).map_err(err)?;
+        let f = self.f("embed_f16")?;
+        let hidden = table.cols as i32;
+        assert!(out.len() >= tokens.len() * table.cols);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens.len() as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: token ids were checked < vocab (the table's rows) by the forward pass; out
+        // holds tokens.len() rows.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&table.data)
+                .arg(&toks)
+                .arg(out)
+                .arg(&hidden)
+                .launch(cfg)
+                .map_err(err)?
+        };
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+    ) -> R<()> {
+        let h = w.len();
+        let rows = x.len().min(out.len()) / h;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.f("rmsnorm")?;
+        let hi = h as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: out and x hold `rows` rows of h values, w holds h.
+        unsafe {
+            self.gpu
+                .stream()
+                .launch_builder(&f)
+                .arg(out)
+                .arg(x)
+                .arg(w)
+                .arg(&hi)
+                .arg(&eps)
+                .launch(cfg)
+                .map_err(err)?
+        };
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        w: &GpuMatrix,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> R<()> {
+        let n_in = rows * w.cols;
+        if rows == 0 {
+            return Ok(());
+        }
+        assert!(x.len() >= n_in && out.len() >= rows * w.rows);
+        let s = self.gpu.stream();
+        let mut scratch = self.x16.borrow_mut();
+        if scratch.as_ref().is_none_or(|b| b.len() < n_in) {
+            *scratch = Some(s.alloc_zeros::<u16>(n_in).map_err(err)?);
+        }
+        let x16 = scratch.as_mut().expect("allocated above");
+        let f = self.f("to_f16")?;
+        let n64 = n_in as i64;
+        // SAFETY: x holds n_in values, x16 at least n_in.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(x)
+                .arg(&mut *x16)
+                .arg(&n64)
+                .launch(elementwise(n_in))
+                .map_err(err)?
+        };
+        // Row-major out[rows][w.rows] = x[rows][cols] · Wᵀ is, column-major,
+        // out (w.rows × rows) = Wᵀ(w.rows × cols) · x (cols × rows) with W read as (cols × w.rows).
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, _g1) = w.data.device_ptr(s);
+        let (xp, _g2) = x16.device_ptr(s);
+        let (op, _g3) = out.device_ptr_mut(s);
+        // SAFETY: the pointers are live device buffers of the sizes asserted above, on the
+        // stream the handle is bound to; alpha/beta are f32 as the compute type requires.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                w.rows as i32,
+                rows as i32,
+                w.cols as i32,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                cudaDataType::CUDA_R_16F,
+                w.cols as i32,
+                xp as *const _,
+                cudaDataType::CUDA_R_16F,
+                w.cols as i32,
+                (&beta) as *const f32 as *const _,
+                op as *mut _,
+                cudaDataType::CUDA_R_32F,
+                w.rows as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .map_err(err)?
+        };
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> R<()> {
+        let n = x.len() / b.len() * b.len();
+        let f = self.f("add_bias")?;
+        let (width, n64) = (b.len() as i32, n as i64);
+        // SAFETY: x holds n values; b holds `width`.
+        unsafe {
+            self.gpu
+                .stream()
+                .launch_builder(&f)
+                .arg(x)
+                .arg(b)
+                .arg(&width)
+                .arg(&n64)
+                .launch(elementwise(n))
+                .map_err(err)?
+        };
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CudaSlice<f32>, heads: usize, rope: &Rope, step: &GpuBatch) -> R<()> {
+        let rows = step.n_tokens;
+        let d = rope.head_dim;
+        if rows == 0 {
+            return Ok(());
+        }
+        assert!(x.len() >= rows * heads * d);
+        let s = self.gpu.stream();
+        let mut cached = self.inv_freq.borrow_mut();
+        if cached.as_ref().is_none_or(|(h, _)| *h != rope.inv_freq) {
+            let dev = s.clone_htod(&rope.inv_freq).map_err(err)?;
+            *cached = Some((rope.inv_freq.clone(), dev));
+        }
+        let inv_freq = &cached.as_ref().expect("uploaded above").1;
+        let f = self.f("rope")?;
+        let (h, di, neox) = (
+            heads as i32,
+            d as i32,
+            (rope.style == RopeStyle::Neox) as i32,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, heads as u32, 1),
+            block_dim: ((d / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds rows * heads * d values; toks holds 4 ints per row.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(x)
+                .arg(step.dev_toks())
+                .arg(inv_freq)
+                .arg(&h)
+                .arg(&di)
+                .arg(&neox)
+                .launch(cfg)
+                .map_err(err)?
+        };
+        Ok(())
+    }
+
+    fn attend_append(
+        &self,
+        cache: &mut GpuCache,
+        step: &GpuBatch,
+        layer: usize,
+        n_head: usize,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> R<()> {
+        cache
+            .attend(layer, n_head, step, q, k, v, out)
+            .map_err(err)?;
+        cache.append(layer, step, k, v).map_err(err)
+    }
+
+    fn swiglu(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> R<()> {
+        self.launch_elementwise("swiglu", gate, up)
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> R<()> {
+        self.launch_elementwise("add_inplace", x, y)
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        width: usize,
+        rows: &[Range<usize>],
+    ) -> R<CudaSlice<f32>> {
+        let idx: Vec<i32> = rows
+            .iter()
+            .flat_map(|r| r.clone())
+            .map(|i| i as i32)
+            .collect();
+        let mut out = self.zeros(idx.len() * width)?;
+        if idx.is_empty() {
+            return Ok(out);
+        }
+        assert!(idx.iter().all(|&i| (i as usize + 1) * width <= x.len()));
+        let s = self.gpu.stream();
+        let dev_idx = s.clone_htod(&idx).map_err(err)?;
+        let f = self.f("gather_rows")?;
+        let w = width as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (idx.len() as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every index is a row of x (asserted); out holds idx.len() rows.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(x)
+                .arg(&dev_idx)
+                .arg(&mut out)
+                .arg(&w)
+                .launch(cfg)
+                .map_err(err)?
+        };
+        Ok(out)
+    }
+}

@@ -1,0 +1,408 @@
+//! The CUDA backend's forward-pass ops against the CPU backend's, on fresh random inputs, and
+//! end-to-end greedy tokens of the one model definition on both backends.
+//!
+//! Op tests: GPU outputs are poisoned with NaN before each run (an unwritten element fails) and
+//! must match the CPU op within a relative error bound per dtype (f32 ops: 1e-5; GEMMs with f16
+//! inputs: 2e-3, the rounding of the activations to f16). End to end: both backends load the same
+//! f16 random weights; with the CPU's greedy tokens fed to both, the GPU's argmax must equal the
+//! CPU's at every step where the CPU's top-2 margin is above the f16 error of the logits.
+//! Without a CUDA device the tests print `skipped: no CUDA device` and pass.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use half::f16;
+use kivi_core::{new_cache, CacheConfig, CacheShape, KiviConfig, SeqId};
+use kivi_cuda::{CudaBackend, Gpu, GpuCache};
+use kivi_model::backend::{Backend, Cpu, Rope};
+use kivi_model::config::{Arch, Config, RopeStyle};
+use kivi_model::llama::{BatchItem, Llama, Logits, Model, Naming};
+use kivi_model::random::{preset, RandomWeights};
+use kivi_model::tensor::{DType, RawTensor, Storage, TensorSource};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match Gpu::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn fresh_rng(name: &str) -> StdRng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    eprintln!("{name}: seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn randn(r: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-scale..scale)).collect()
+}
+
+fn up(b: &CudaBackend, v: &[f32]) -> CudaSlice<f32> {
+    b.gpu().stream().clone_htod(v).unwrap()
+}
+
+/// A device buffer of `n` NaNs.
+fn poisoned(b: &CudaBackend, n: usize) -> CudaSlice<f32> {
+    up(b, &vec![f32::NAN; n])
+}
+
+fn down(b: &CudaBackend, x: &CudaSlice<f32>) -> Vec<f32> {
+    b.to_host(x).unwrap()
+}
+
+fn f16_tensor(name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
+    let bytes: Vec<u8> = v
+        .iter()
+        .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+        .collect();
+    RawTensor {
+        name: name.into(),
+        dtype: DType::F16,
+        shape: vec![rows, cols],
+        data: Storage::Owned(Arc::new(bytes)),
+    }
+}
+
+fn check(name: &str, got: &[f32], want: &[f32], bound: f64) {
+    let e = rel_err(got, want);
+    eprintln!("{name}: relative error {e:.2e} (bound {bound:.0e})");
+    assert!(e <= bound, "{name}: relative error {e:.3e} > {bound:.0e}");
+}
+
+#[test]
+fn elementwise_and_row_ops_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::new(g).unwrap();
+    let mut r = fresh_rng("elementwise_and_row_ops_match_cpu");
+    for &(rows, width) in &[(1usize, 576usize), (7, 4096), (33, 1536)] {
+        let x = randn(&mut r, rows * width, 3.0);
+        let y = randn(&mut r, rows * width, 3.0);
+        let w = randn(&mut r, width, 1.5);
+
+        // rmsnorm
+        let mut want = vec![0f32; rows * width];
+        Cpu.rmsnorm(&mut want, &x, &w, 1e-5).unwrap();
+        let mut got = poisoned(&b, rows * width);
+        b.rmsnorm(&mut got, &up(&b, &x), &up(&b, &w), 1e-5).unwrap();
+        check("rmsnorm", &down(&b, &got), &want, 1e-5);
+
+        // swiglu, add, add_bias
+        let mut want = x.clone();
+        Cpu.swiglu(&mut want, &y).unwrap();
+        let mut got = up(&b, &x);
+        b.swiglu(&mut got, &up(&b, &y)).unwrap();
+        check("swiglu", &down(&b, &got), &want, 1e-5);
+
+        let mut want = x.clone();
+        Cpu.add(&mut want, &y).unwrap();
+        let mut got = up(&b, &x);
+        b.add(&mut got, &up(&b, &y)).unwrap();
+        check("add", &down(&b, &got), &want, 1e-6);
+
+        let mut want = x.clone();
+        Cpu.add_bias(&mut want, &w).unwrap();
+        let mut got = up(&b, &x);
+        b.add_bias(&mut got, &up(&b, &w)).unwrap();
+        check("add_bias", &down(&b, &got), &want, 1e-6);
+
+        // gather_rows
+        let picks = [0..rows.min(2), rows - 1..rows];
+        let want = Cpu.gather_rows(&x, width, &picks).unwrap();
+        let got = b.gather_rows(&up(&b, &x), width, &picks).unwrap();
+        check("gather_rows", &down(&b, &got), &want, 0.0);
+
+        // argmax: distinct values, exact
+        let got = b.argmax(&up(&b, &x), rows, width).unwrap();
+        for (i, &t) in got.iter().enumerate() {
+            let row = &x[i * width..(i + 1) * width];
+            let want = (0..width)
+                .max_by(|&a, &c| row[a].total_cmp(&row[c]).then(c.cmp(&a)))
+                .unwrap();
+            assert_eq!(t as usize, want, "argmax row {i}");
+        }
+    }
+}
+
+#[test]
+fn embed_and_matmul_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::new(g).unwrap();
+    let mut r = fresh_rng("embed_and_matmul_match_cpu");
+    for &(out_dim, in_dim, rows) in &[
+        (576usize, 576usize, 1usize),
+        (1536, 576, 5),
+        (4096, 4096, 17),
+    ] {
+        let wv = randn(&mut r, out_dim * in_dim, (3.0 / in_dim as f32).sqrt());
+        let cpu_w = Cpu.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
+        let gpu_w = b.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
+        let x = randn(&mut r, rows * in_dim, 2.0);
+        let mut want = vec![0f32; rows * out_dim];
+        Cpu.matmul(&cpu_w, &x, rows, &mut want).unwrap();
+        let mut got = poisoned(&b, rows * out_dim);
+        b.matmul(&gpu_w, &up(&b, &x), rows, &mut got).unwrap();
+        check(
+            &format!("matmul f16 {out_dim}x{in_dim}, {rows} rows"),
+            &down(&b, &got),
+            &want,
+            2e-3,
+        );
+
+        // embed: rows of the same f16 table; exact (both widen f16 to f32)
+        let tokens: Vec<u32> = (0..rows).map(|_| r.gen_range(0..out_dim as u32)).collect();
+        let mut want = vec![0f32; rows * in_dim];
+        Cpu.embed(&cpu_w, &tokens, &mut want).unwrap();
+        let mut got = poisoned(&b, rows * in_dim);
+        b.embed(&gpu_w, &tokens, &mut got).unwrap();
+        check("embed", &down(&b, &got), &want, 0.0);
+    }
+}
+
+#[test]
+fn rope_matches_cpu_both_styles() {
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::new(g.clone()).unwrap();
+    let mut r = fresh_rng("rope_matches_cpu_both_styles");
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        for &(d, heads) in &[(64usize, 9usize), (128, 8)] {
+            let shape = CacheShape {
+                n_layer: 1,
+                n_kv_head: 1,
+                head_dim: d,
+            };
+            let theta = 10_000f32;
+            let rope = Rope {
+                style,
+                head_dim: d,
+                inv_freq: (0..d / 2)
+                    .map(|i| theta.powf(-((2 * i) as f32) / d as f32))
+                    .collect(),
+            };
+            // Two sequences at different depths: positions come from each one's length.
+            let (n_a, n_b, old_b) = (3usize, 4usize, 37usize);
+            let mut cpu_cache = new_cache(&CacheConfig::F16, shape).unwrap();
+            let (sa, sb) = (cpu_cache.add_sequence(), cpu_cache.add_sequence());
+            let zeros = vec![0f32; old_b * d];
+            cpu_cache.append(0, sb, &zeros, &zeros).unwrap();
+            let mut gcache = GpuCache::new(g.clone(), CacheConfig::F16, shape, 2, 256).unwrap();
+            let (ga, gb) = (
+                gcache.add_sequence().unwrap(),
+                gcache.add_sequence().unwrap(),
+            );
+            let warm = gcache.batch(&[(gb, old_b)]).unwrap();
+            gcache.advance(&warm);
+            let n = n_a + n_b;
+            let x = randn(&mut r, n * heads * d, 2.0);
+            let cpu_step = Cpu
+                .begin_step(&mut *cpu_cache, &[(sa, n_a), (sb, n_b)])
+                .unwrap();
+            let mut want = x.clone();
+            Cpu.rope(&mut want, heads, &rope, &cpu_step).unwrap();
+            let gpu_step = b
+                .begin_step(
+                    &mut gcache,
+                    &[(SeqId(ga as u64), n_a), (SeqId(gb as u64), n_b)],
+                )
+                .unwrap();
+            let mut got = up(&b, &x);
+            b.rope(&mut got, heads, &rope, &gpu_step).unwrap();
+            check(
+                &format!("rope {style:?} d{d}"),
+                &down(&b, &got),
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+/// A small model of SmolLM2's head layout (head_dim 64, GQA 3:1) with `n_layer` layers.
+fn small_config(qwen2: bool, n_layer: usize) -> Config {
+    let mut c = preset("smollm2-135m").unwrap();
+    c.n_layer = n_layer;
+    c.vocab = 4096;
+    if qwen2 {
+        c.arch = Arch::Qwen2;
+        c.rope_style = RopeStyle::Neox;
+        c.qkv_bias = true;
+    }
+    c
+}
+
+/// Teacher-forced greedy comparison over `steps` tokens; returns the steps compared.
+fn compare_greedy(
+    cpu: &Model,
+    gpu_model: &Llama<CudaBackend>,
+    cache_cfg: CacheConfig,
+    prompt: &[u32],
+    steps: usize,
+) -> usize {
+    let c = &cpu.config;
+    let shape = CacheShape {
+        n_layer: c.n_layer,
+        n_kv_head: c.n_kv_head,
+        head_dim: c.head_dim,
+    };
+    let mut cpu_cache = new_cache(&cache_cfg, shape).unwrap();
+    let cs = cpu_cache.add_sequence();
+    let gpu = gpu_model.backend.gpu().clone();
+    let mut gcache = GpuCache::new(gpu, cache_cfg, shape, 1, prompt.len() + steps + 1).unwrap();
+    let gs = SeqId(gcache.add_sequence().unwrap() as u64);
+    let mut input = prompt.to_vec();
+    let mut compared = 0;
+    let mut worst_logit_err = 0f64;
+    for step in 0..steps {
+        let want = cpu
+            .forward(&input, &mut *cpu_cache, cs, Logits::Last)
+            .unwrap();
+        let item = BatchItem {
+            seq: gs,
+            tokens: &input,
+            logits: Logits::Last,
+        };
+        let (dev_logits, rows) = gpu_model
+            .forward_rows(&[item], &mut gcache)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows, vec![1]);
+        let got = gpu_model.backend.to_host(&dev_logits).unwrap();
+        let got = &got[..c.vocab];
+        let e = rel_err(got, &want);
+        worst_logit_err = worst_logit_err.max(e);
+        let mut sorted = want.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let margin = sorted[0] - sorted[1];
+        let scale = sorted[0].abs().max(1.0);
+        let cpu_tok = kivi_engine_argmax(&want);
+        let gpu_tok = gpu_model.backend.argmax(&dev_logits, 1, c.vocab).unwrap()[0];
+        // The f16 rounding of GEMM inputs moves logits by ~1e-3 relative; a margin above 2 %
+        // of the top logit cannot flip.
+        if margin > 0.02 * scale {
+            assert_eq!(
+                gpu_tok, cpu_tok,
+                "{cache_cfg:?} step {step}: GPU token {gpu_tok} != CPU {cpu_tok} (margin {margin})"
+            );
+            compared += 1;
+        }
+        assert!(
+            e < 0.05,
+            "{cache_cfg:?} step {step}: logits relative error {e:.3e}"
+        );
+        input = vec![cpu_tok];
+    }
+    eprintln!(
+        "{cache_cfg:?}: {compared}/{steps} steps compared, worst logits relative error {worst_logit_err:.2e}"
+    );
+    compared
+}
+
+fn kivi_engine_argmax(l: &[f32]) -> u32 {
+    (0..l.len())
+        .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
+        .unwrap() as u32
+}
+
+#[test]
+fn greedy_tokens_equal_cpu_on_random_weights() {
+    let Some(g) = gpu() else { return };
+    let mut r = fresh_rng("greedy_tokens_equal_cpu_on_random_weights");
+    for qwen2 in [false, true] {
+        let config = small_config(qwen2, 4);
+        let seed = r.gen();
+        let src = RandomWeights::new(&config, DType::F16, seed).unwrap();
+        let cpu = Model::load(&src, Naming::Gguf, config.clone()).unwrap();
+        let gpu_model = Llama::load_on(
+            CudaBackend::new(g.clone()).unwrap(),
+            &src,
+            Naming::Gguf,
+            config.clone(),
+        )
+        .unwrap();
+        let prompt: Vec<u32> = (0..150)
+            .map(|_| r.gen_range(0..config.vocab as u32))
+            .collect();
+        for cache in [
+            CacheConfig::F16,
+            CacheConfig::Kivi(KiviConfig {
+                k_bits: 4,
+                v_bits: 4,
+                ..KiviConfig::default()
+            }),
+            CacheConfig::Kivi(KiviConfig::default()),
+        ] {
+            let steps = 40;
+            let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, steps);
+            assert!(
+                compared >= steps / 4,
+                "qwen2={qwen2} {cache:?}: only {compared}/{steps} steps had a clear margin"
+            );
+        }
+    }
+}
+
+/// A tensor source whose matrices are another's, dequantized and rounded to f16 on the host: the
+/// CPU reference then computes with exactly the weights the GPU holds (f32 activations).
+struct AsF16<'a>(&'a dyn TensorSource);
+
+impl TensorSource for AsF16<'_> {
+    fn tensor(&self, name: &str) -> kivi_model::Result<RawTensor> {
+        let t = self.0.tensor(name)?;
+        if t.shape.len() != 2 {
+            return Ok(t);
+        }
+        let v = kivi_model::matrix::dequantize(&t)?;
+        Ok(f16_tensor(name, t.shape[0], t.shape[1], &v))
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+/// SmolLM2 (Q4_1 GGUF at `$KIVI_SMOLLM2_GGUF`), when present: the GPU against the CPU backend
+/// running the same weights as f16.
+#[test]
+fn greedy_tokens_equal_cpu_on_smollm2() {
+    let Some(g) = gpu() else { return };
+    let path = std::env::var_os("KIVI_SMOLLM2_GGUF").map(std::path::PathBuf::from);
+    let Some(path) = path.filter(|p| p.exists()) else {
+        eprintln!("skipped: KIVI_SMOLLM2_GGUF not set or missing");
+        return;
+    };
+    let gguf = kivi_model::gguf::Gguf::open(&path).unwrap();
+    let config = Config::from_gguf(&gguf).unwrap();
+    let tokenizer = kivi_model::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
+    let cpu = Model::load(&AsF16(&gguf), Naming::Gguf, config.clone()).unwrap();
+    let gpu_model =
+        Llama::load_on(CudaBackend::new(g).unwrap(), &gguf, Naming::Gguf, config).unwrap();
+    let prompt = tokenizer
+        .encode(
+            "The capital of France is Paris. The capital of Germany is",
+            true,
+        )
+        .unwrap();
+    for cache in [CacheConfig::F16, CacheConfig::Kivi(KiviConfig::default())] {
+        let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, 32);
+        assert!(compared >= 8, "{cache:?}: only {compared} steps compared");
+    }
+}
