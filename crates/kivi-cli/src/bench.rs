@@ -79,31 +79,7 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         a.prompt_tokens,
         a.gen_tokens
     );
-    println!("| cache | depth | prefill tok/s | decode tok/s | KV bytes at end |");
-    println!("|---|---|---|---|---|");
-    for &depth in &depths {
-        let fill = ids(depth);
-        let prompt = ids(a.prompt_tokens);
-        let gen = ids(a.gen_tokens);
-        for cache in &caches {
-            let mut s = Session::new(&m.model, cache)?;
-            s.prefill(&fill, a.model.prefill_chunk)?;
-            let t = Instant::now();
-            s.prefill(&prompt, a.model.prefill_chunk)?;
-            let prefill = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            for &tok in &gen {
-                s.prefill(&[tok], 1)?;
-            }
-            let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
-            println!(
-                "| {} | {depth} | {prefill:.1} | {decode:.1} | {} |",
-                format_kv(cache),
-                s.cache().memory().total_bytes()
-            );
-        }
-    }
-    Ok(())
+    cpu_table(&m.model, &a, &caches, &depths, &mut ids)
 }
 
 /// Random weights (CPU or GPU) and files on the GPU.
@@ -166,29 +142,40 @@ fn bench_other(
                 a.prompt_tokens,
                 a.gen_tokens
             );
-            println!("| cache | depth | prefill tok/s | decode tok/s | KV bytes at end |");
-            println!("|---|---|---|---|---|");
-            for &depth in depths {
-                let (fill, prompt, gen) = (ids(depth), ids(a.prompt_tokens), ids(a.gen_tokens));
-                for cache in caches {
-                    let mut s = Session::new(&model, cache)?;
-                    s.prefill(&fill, a.model.prefill_chunk)?;
-                    let t = Instant::now();
-                    s.prefill(&prompt, a.model.prefill_chunk)?;
-                    let prefill = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    for &tok in &gen {
-                        s.prefill(&[tok], 1)?;
-                    }
-                    let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
-                    println!(
-                        "| {} | {depth} | {prefill:.1} | {decode:.1} | {} |",
-                        format_kv(cache),
-                        s.cache().memory().total_bytes()
-                    );
-                }
-            }
-            Ok(())
+            cpu_table(&model, a, caches, depths, &mut ids)
         }
     }
+}
+
+/// Prefill and decode speed of `model` on the CPU per (depth, cache), as a table on stdout.
+fn cpu_table(
+    model: &kivi_model::llama::Model,
+    a: &BenchModelArgs,
+    caches: &[CacheConfig],
+    depths: &[usize],
+    ids: &mut impl FnMut(usize) -> Vec<u32>,
+) -> Result<()> {
+    println!("| cache | depth | prefill tok/s | decode tok/s | KV bytes at end |");
+    println!("|---|---|---|---|---|");
+    for &depth in depths {
+        let (fill, prompt, gen) = (ids(depth), ids(a.prompt_tokens), ids(a.gen_tokens));
+        for cache in caches {
+            let mut s = Session::new(model, cache)?;
+            s.prefill(&fill, a.model.prefill_chunk)?;
+            let t = Instant::now();
+            s.prefill(&prompt, a.model.prefill_chunk)?;
+            let prefill = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for &tok in &gen {
+                s.prefill(&[tok], 1)?;
+            }
+            let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+            println!(
+                "| {} | {depth} | {prefill:.1} | {decode:.1} | {} |",
+                format_kv(cache),
+                s.cache().memory().total_bytes()
+            );
+        }
+    }
+    Ok(())
 }
