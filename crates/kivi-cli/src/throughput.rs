@@ -10,6 +10,11 @@
 //!   lengths in every batch size and cache (the batch of `B` is a prefix of the batch of `2B`).
 //! - `fixed`: every request has exactly `--prompt-len` / `--output-len` tokens.
 //! - `long`: fixed 4096 in / 512 out (override with the same flags to scale it down on CPU).
+//!
+//! `--device cuda` runs the same scheduler over the GPU model (`kivi_cuda::GpuRunner`) under a
+//! total GPU memory budget (`--gpu-memory`, weights included; the KV budget is what is left after
+//! the weights and the activation workspace), and reports peak memory two ways: our accounting
+//! (weights + workspace + KV held) and the driver's (cuMemGetInfo, the whole process).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,12 +23,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use kivi_core::CacheConfig;
+use kivi_cuda::{CudaModel, GpuCache, GpuRunner};
 use kivi_engine::engine::Sink;
 use kivi_engine::kv_spec::{format_kv, parse_kv};
 use kivi_engine::plot::{line_chart, Series, PALETTE};
 use kivi_engine::{EngineConfig, Event, Request, RequestId, SamplingParams, Scheduler};
+use kivi_model::config::Config;
 use kivi_model::llama::{Model, Naming};
 use kivi_model::random::{preset, RandomWeights};
+use kivi_model::runner::{cache_shape, Runner};
 use kivi_model::tensor::DType;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -49,9 +57,20 @@ pub struct BenchThroughputArgs {
     /// Caches to compare, comma-separated (each as in --kv).
     #[arg(long, default_value = "f16,kivi2:r32,kivi2,kivi4")]
     pub kv: String,
-    /// KV-cache memory budget: bytes, or with a KiB/MiB/GiB (or K/M/G) suffix.
+    /// KV-cache memory budget: bytes, or with a KiB/MiB/GiB (or K/M/G) suffix (CPU).
     #[arg(long, default_value = "64MiB")]
     pub kv_memory: String,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// --device cuda: total GPU memory allowed, weights included (G = GiB). The KV budget is
+    /// this minus the weights, the activation workspace and the CUDA context (printed).
+    #[arg(long, default_value = "80GB")]
+    pub gpu_memory: String,
+    /// --device cuda: prompt tokens per prefill chunk; a pass holds the batch's decode tokens
+    /// plus one chunk.
+    #[arg(long, default_value_t = 2048)]
+    pub gpu_prefill_chunk: usize,
     #[arg(long, value_enum, default_value_t = Workload::Sharegpt)]
     pub workload: Workload,
     /// Mean (sharegpt) or exact prompt length; default 161 (sharegpt, fixed) or 4096 (long).
@@ -131,7 +150,15 @@ struct Point {
     peak_kv: u64,
     peak_total: u64,
     preemptions: u64,
+    /// GPU only: the driver's view of peak device memory in use (cuMemGetInfo).
+    peak_device: Option<u64>,
+    /// GPU only: forward passes, and the share of their time the host spent queueing work.
+    steps: u64,
+    launch_share: Option<f64>,
 }
+
+/// Results of one cache: its configuration, the largest batch that fits, the points.
+type CacheResult = (CacheConfig, usize, Vec<Point>);
 
 pub fn run(a: BenchThroughputArgs) -> Result<()> {
     let caches: Vec<CacheConfig> =
@@ -146,6 +173,12 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
     let (prompt_len, output_len) = (a.prompt_len.unwrap_or(dp), a.output_len.unwrap_or(dout));
     if prompt_len == 0 || output_len == 0 || a.max_batch == 0 {
         bail!("--prompt-len, --output-len and --max-batch must be at least 1");
+    }
+    if a.device == "cuda" {
+        return run_cuda(&a, &caches, prompt_len, output_len);
+    }
+    if a.device != "cpu" {
+        bail!("unknown --device `{}` (cpu, cuda)", a.device);
     }
     let (model, name) = if a.random_weights {
         let c = preset(&a.arch)?;
@@ -187,11 +220,7 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
         weights as f64 / 1048576.0,
         a.seed
     );
-    println!(
-        "| cache | batch | output tok | time s | output tok/s | TPOT ms | peak KV MiB | peak \
-         weights+KV MiB | preemptions |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    print_header(false);
     let mut results = Vec::new();
     for cache in &caches {
         let config = EngineConfig {
@@ -239,28 +268,90 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
                 );
             }
             let pt = run_batch(&model, &config, &reqs[..b], a.seed, weights)?;
-            println!(
-                "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
-                format_kv(cache),
-                pt.batch,
-                pt.output_tokens,
-                pt.secs,
-                pt.tok_s,
-                pt.tpot_ms,
-                pt.peak_kv as f64 / 1048576.0,
-                pt.peak_total as f64 / 1048576.0,
-                pt.preemptions
-            );
+            print_point(cache, &pt);
             points.push(pt);
         }
         results.push((*cache, max_fit, points));
     }
+    let meta = json!({
+        "model": name,
+        "device": "cpu",
+        "threads": threads,
+        "workload": format!("{:?}", a.workload),
+        "prompt_len": prompt_len,
+        "output_len": output_len,
+        "kv_budget_bytes": budget,
+        "weight_bytes": weights,
+        "max_batch_tokens": a.max_batch_tokens,
+        "seed": a.seed,
+    });
+    report(&a, &results, meta)
+}
+
+fn print_header(gpu: bool) {
+    if gpu {
+        println!(
+            "| cache | batch | output tok | time s | output tok/s | TPOT ms | peak KV GiB | peak \
+             memory GiB (ours) | peak memory GiB (driver) | steps | host launch share | \
+             preemptions |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    } else {
+        println!(
+            "| cache | batch | output tok | time s | output tok/s | TPOT ms | peak KV MiB | peak \
+             weights+KV MiB | preemptions |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
+}
+
+fn print_point(cache: &CacheConfig, pt: &Point) {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match pt.peak_device {
+        Some(dev) => println!(
+            "| {} | {} | {} | {:.2} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {:.0} % | {} |",
+            format_kv(cache),
+            pt.batch,
+            pt.output_tokens,
+            pt.secs,
+            pt.tok_s,
+            pt.tpot_ms,
+            gib(pt.peak_kv),
+            gib(pt.peak_total),
+            gib(dev),
+            pt.steps,
+            100.0 * pt.launch_share.unwrap_or(0.0),
+            pt.preemptions
+        ),
+        None => println!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} | {} |",
+            format_kv(cache),
+            pt.batch,
+            pt.output_tokens,
+            pt.secs,
+            pt.tok_s,
+            pt.tpot_ms,
+            pt.peak_kv as f64 / 1048576.0,
+            pt.peak_total as f64 / 1048576.0,
+            pt.preemptions
+        ),
+    }
+}
+
+/// Summary table, JSON and plots.
+fn report(a: &BenchThroughputArgs, results: &[CacheResult], meta: serde_json::Value) -> Result<()> {
+    let gpu = a.device == "cuda";
+    let (unit, div) = if gpu {
+        ("GiB", (1u64 << 30) as f64)
+    } else {
+        ("MiB", 1048576.0)
+    };
 
     // Summary: each cache at its best batch, against f16 in the same run.
     println!();
     println!(
-        "| cache | max batch (fits) | best tok/s (batch) | vs f16 | peak MiB at f16's max batch \
-         | f16 / this |"
+        "| cache | max batch (fits) | best tok/s (batch) | vs f16 | peak {unit} at f16's max \
+         batch | f16 / this |"
     );
     println!("|---|---|---|---|---|---|");
     let best = |pts: &[Point]| {
@@ -273,7 +364,7 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
     let f16_max = f16.map(|r| r.1);
     let peak_at = |pts: &[Point], b: usize| pts.iter().find(|p| p.batch == b).map(|p| p.peak_total);
     let f16_peak = f16.and_then(|r| f16_max.and_then(|b| peak_at(&r.2, b)));
-    for (cache, max_fit, pts) in &results {
+    for (cache, max_fit, pts) in results {
         let (tok_s, at) = best(pts).unwrap_or((0.0, 0));
         let ratio = f16_best.map_or("-".into(), |f| format!("{:.2}x", tok_s / f));
         let peak = f16_max.and_then(|b| peak_at(pts, b));
@@ -284,22 +375,15 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
         println!(
             "| {} | {max_fit} | {tok_s:.1} ({at}) | {ratio} | {} | {mem_ratio} |",
             format_kv(cache),
-            peak.map_or("-".into(), |p| format!("{:.1}", p as f64 / 1048576.0)),
+            peak.map_or("-".into(), |p| format!("{:.2}", p as f64 / div)),
         );
     }
 
     if let Some(path) = &a.out {
-        let j = json!({
-            "model": name,
-            "threads": threads,
-            "workload": format!("{:?}", a.workload),
-            "prompt_len": prompt_len,
-            "output_len": output_len,
-            "kv_budget_bytes": budget,
-            "weight_bytes": weights,
-            "max_batch_tokens": a.max_batch_tokens,
-            "seed": a.seed,
-            "caches": results.iter().map(|(c, max_fit, pts)| json!({
+        let mut j = meta;
+        j["caches"] = json!(results
+            .iter()
+            .map(|(c, max_fit, pts)| json!({
                 "cache": format_kv(c),
                 "max_batch": max_fit,
                 "points": pts.iter().map(|p| json!({
@@ -311,9 +395,12 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
                     "peak_kv_bytes": p.peak_kv,
                     "peak_weights_kv_bytes": p.peak_total,
                     "preemptions": p.preemptions,
+                    "peak_device_bytes": p.peak_device,
+                    "steps": p.steps,
+                    "host_launch_share": p.launch_share,
                 })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        });
+            }))
+            .collect::<Vec<_>>());
         std::fs::write(path, serde_json::to_string_pretty(&j)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
@@ -331,10 +418,14 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
                 .collect()
         };
         let mem = line_chart(
-            "Peak memory (weights + KV) vs batch size",
+            if gpu {
+                "Peak GPU memory (weights + activations + KV) vs batch size"
+            } else {
+                "Peak memory (weights + KV) vs batch size"
+            },
             "batch size",
-            "MiB",
-            &series(&|p| p.peak_total as f64 / 1048576.0),
+            unit,
+            &series(&|p| p.peak_total as f64 / div),
         );
         let thr = line_chart(
             "Throughput vs batch size",
@@ -353,6 +444,211 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of the activations of one GPU forward pass of `tokens` tokens with `rows` logits rows:
+/// the buffers `Llama::forward_rows` and `CudaBackend` allocate (f32 activations, the f16 GEMM
+/// input copy, logits) and the attention partials, plus 256 MiB for allocator rounding.
+fn gpu_workspace(c: &Config, tokens: usize, rows: usize) -> u64 {
+    let (t, m) = (tokens as u64, rows as u64);
+    let (h, qd, kvd, f, v) = (
+        c.hidden as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.ffn as u64,
+        c.vocab as u64,
+    );
+    // x, xb, tmp, q, att, k, v, gate, up; picked and normed rows, logits.
+    let f32s = t * (3 * h + 2 * qd + 2 * kvd + 2 * f) + m * (2 * h + v);
+    let f16s = t * h.max(f).max(qd);
+    // Flash-decoding partials (o and m/l per split); at most a few splits per token here.
+    let parts = t * c.n_head as u64 * 4 * (c.head_dim as u64 + 2);
+    4 * f32s + 2 * f16s + 4 * parts + (256 << 20)
+}
+
+/// `--device cuda`: the sweep on the GPU model.
+fn run_cuda(
+    a: &BenchThroughputArgs,
+    caches: &[CacheConfig],
+    prompt_len: usize,
+    output_len: usize,
+) -> Result<()> {
+    let gpu = kivi_cuda::Gpu::new(0)
+        .map_err(|e| anyhow::anyhow!("{e} (--device cuda needs an NVIDIA driver and GPU)"))?;
+    gpu.retain_freed_memory()?;
+    let dev = crate::device::DeviceArgs {
+        device: "cuda".into(),
+        random_weights: a.random_weights,
+        arch: a.arch.clone(),
+        weight_seed: a.seed,
+    };
+    let (model, _, _, name) = crate::device::load_cuda(gpu.clone(), &dev, a.model.clone())?;
+    gpu.trim_pool()?;
+    let cfg = model.config.clone();
+    let weights = model.weight_bytes() as u64;
+    let (used_base, device_total) = gpu.memory_info()?;
+    let total = parse_bytes(&a.gpu_memory)?;
+    let chunk = a.gpu_prefill_chunk.max(1);
+    let workspace = gpu_workspace(&cfg, a.max_batch + chunk, a.max_batch);
+    // The driver's view after loading: weights + CUDA context + cuBLAS + kernels.
+    let context = used_base.saturating_sub(weights);
+    let Some(kv_budget) = total.checked_sub(used_base + workspace).filter(|&b| b > 0) else {
+        bail!(
+            "--gpu-memory {} leaves nothing for the KV cache: weights {weights} B, context \
+             {context} B, activation workspace {workspace} B",
+            a.gpu_memory
+        );
+    };
+    if total > device_total {
+        bail!(
+            "--gpu-memory {} is more than the device has ({device_total} B)",
+            a.gpu_memory
+        );
+    }
+    let reqs: Vec<(usize, usize)> = (0..a.max_batch)
+        .map(|i| lengths(a.workload, prompt_len, output_len, a.seed, i))
+        .collect();
+    if let Some(&(p, o)) = reqs.iter().find(|(p, o)| p + o > cfg.context_len) {
+        bail!(
+            "a request of {p} + {o} tokens exceeds the context of {} tokens",
+            cfg.context_len
+        );
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "model: {name} on {}, workload {:?} (prompt {prompt_len}, output {output_len}{}), seed {}",
+        gpu.describe(),
+        a.workload,
+        if a.workload == Workload::Sharegpt {
+            " means, log-normal sigma 0.5"
+        } else {
+            ""
+        },
+        a.seed
+    );
+    println!(
+        "GPU memory budget {:.2} GiB = weights {:.2} GiB + CUDA context/cuBLAS {:.2} GiB + \
+         activation workspace {:.2} GiB (passes of up to {} tokens: the batch's decodes + a \
+         {chunk}-token prefill chunk) + KV {:.2} GiB; device total {:.1} GiB",
+        gib(total),
+        gib(weights),
+        gib(context),
+        gib(workspace),
+        a.max_batch + chunk,
+        gib(kv_budget),
+        gib(device_total)
+    );
+    print_header(true);
+    let shape = cache_shape(&cfg);
+    let mut results = Vec::new();
+    for cache in caches {
+        // Bytes a sequence needs at its final length (interim slot cache: every slot holds the
+        // longest request of the sweep).
+        let cap = reqs.iter().map(|(p, o)| p + o).max().unwrap_or(1);
+        let per_seq = {
+            let probe = GpuCache::new(gpu.clone(), *cache, shape, 1, cap)?;
+            GpuRunner::new(&model, probe, 1).block_bytes()
+        };
+        gpu.trim_pool()?;
+        let max_fit = ((kv_budget / per_seq.max(1)) as usize).min(a.max_batch);
+        let batches: Vec<usize> = match &a.batch {
+            Some(list) => list
+                .split(',')
+                .map(|x| x.trim().parse().with_context(|| format!("bad batch `{x}`")))
+                .collect::<Result<Vec<usize>>>()?
+                .into_iter()
+                .filter(|&b| b <= max_fit)
+                .chain((max_fit > 0).then_some(max_fit))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            None => {
+                let mut v: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
+                    .take_while(|&b| b <= max_fit)
+                    .collect();
+                if max_fit > 0 && v.last() != Some(&max_fit) {
+                    v.push(max_fit);
+                }
+                v
+            }
+        };
+        let mut points = Vec::new();
+        for &b in &batches {
+            if b == 0 {
+                bail!("batch size 0");
+            }
+            let pt = run_batch_cuda(&model, cache, &reqs[..b], a.seed, chunk, weights)?;
+            gpu.trim_pool()?;
+            print_point(cache, &pt);
+            points.push(pt);
+        }
+        results.push((*cache, max_fit, points));
+    }
+    let meta = json!({
+        "model": name,
+        "device": gpu.describe(),
+        "workload": format!("{:?}", a.workload),
+        "prompt_len": prompt_len,
+        "output_len": output_len,
+        "gpu_memory_budget_bytes": total,
+        "kv_budget_bytes": kv_budget,
+        "weight_bytes": weights,
+        "context_bytes": context,
+        "workspace_bytes": workspace,
+        "prefill_chunk": chunk,
+        "seed": a.seed,
+    });
+    report(a, &results, meta)
+}
+
+/// Runs `reqs` together on the GPU (one wave, `max_running` = all of them).
+fn run_batch_cuda(
+    model: &CudaModel,
+    cache: &CacheConfig,
+    reqs: &[(usize, usize)],
+    seed: u64,
+    chunk: usize,
+    weights: u64,
+) -> Result<Point> {
+    let b = reqs.len();
+    let gpu = model.backend.gpu().clone();
+    let cap = reqs.iter().map(|(p, o)| p + o).max().unwrap_or(1);
+    let gcache = GpuCache::new(gpu.clone(), *cache, cache_shape(&model.config), b, cap)?;
+    let runner = GpuRunner::new(model, gcache, b);
+    let pool = b as u64 * runner.block_bytes();
+    let config = EngineConfig {
+        cache: *cache,
+        kv_memory_bytes: Some(pool),
+        max_running: b,
+        max_waiting: usize::MAX,
+        max_batch_tokens: b + chunk,
+        prefill_chunk: chunk,
+    };
+    let mut sched = Scheduler::with_runner(runner, config);
+    let mut peak_kv = 0u64;
+    let d = drive(&mut sched, reqs, seed, |s| {
+        let r = s.runner();
+        let held = r.blocks_in_use() as u64 * r.block_bytes()
+            + r.n_sequences() as u64 * r.seq_fixed_bytes();
+        peak_kv = peak_kv.max(held);
+    })?;
+    let st = sched.stats();
+    let runner = sched.into_runner();
+    let times = runner.times();
+    let workspace = gpu_workspace(&model.config, b + chunk, b);
+    Ok(Point {
+        batch: b,
+        output_tokens: d.output_tokens,
+        secs: d.secs,
+        tok_s: d.output_tokens as f64 / d.secs,
+        tpot_ms: d.tpot_ms,
+        peak_kv,
+        peak_total: weights + workspace + peak_kv,
+        preemptions: st.preemptions_total,
+        peak_device: Some(runner.peak_device_used()),
+        steps: times.steps,
+        launch_share: Some(times.launch.as_secs_f64() / times.total.as_secs_f64().max(1e-9)),
+    })
+}
+
 /// Runs `reqs` together (one wave, `max_running` = all of them) on this thread.
 fn run_batch(
     model: &Arc<Model>,
@@ -366,7 +662,40 @@ fn run_batch(
         ..config.clone()
     };
     let mut sched = Scheduler::new(model.clone(), config)?;
-    let vocab = model.config.vocab as u32;
+    let d = drive(&mut sched, reqs, seed, |_| {})?;
+    let st = sched.stats();
+    let peak_kv = sched.peak_kv_reserved();
+    Ok(Point {
+        batch: reqs.len(),
+        output_tokens: d.output_tokens,
+        secs: d.secs,
+        tok_s: d.output_tokens as f64 / d.secs,
+        tpot_ms: d.tpot_ms,
+        peak_kv,
+        peak_total: weights + peak_kv,
+        preemptions: st.preemptions_total,
+        peak_device: None,
+        steps: 0,
+        launch_share: None,
+    })
+}
+
+/// What one run of a batch measured.
+struct Drive {
+    output_tokens: usize,
+    secs: f64,
+    tpot_ms: f64,
+}
+
+/// Submits `reqs` (random prompts, greedy, EOS ignored) and steps the scheduler until all are
+/// done, calling `after_step` after every step.
+fn drive<R: Runner>(
+    sched: &mut Scheduler<R>,
+    reqs: &[(usize, usize)],
+    seed: u64,
+    mut after_step: impl FnMut(&Scheduler<R>),
+) -> Result<Drive> {
+    let vocab = sched.runner().model_config().vocab as u32;
     // Token times per request, for the time per output token.
     let times: Arc<Mutex<Vec<Vec<Instant>>>> = Arc::new(Mutex::new(vec![Vec::new(); reqs.len()]));
     let t0 = Instant::now();
@@ -390,9 +719,13 @@ fn run_batch(
         });
         sched.add(RequestId(i as u64), request, sink, t0);
     }
-    while sched.step() {}
+    while sched.step() {
+        after_step(sched);
+    }
     let secs = t0.elapsed().as_secs_f64();
-    let st = sched.stats();
+    if !sched.is_idle() {
+        bail!("the scheduler stopped with requests left (a request cannot be admitted)");
+    }
     let times = times.lock().unwrap();
     let output_tokens: usize = times.iter().map(|t| t.len()).sum();
     let tpots: Vec<f64> = times
@@ -401,16 +734,10 @@ fn run_batch(
         .map(|t| (t[t.len() - 1] - t[0]).as_secs_f64() / (t.len() - 1) as f64)
         .collect();
     let tpot_ms = 1e3 * tpots.iter().sum::<f64>() / tpots.len().max(1) as f64;
-    let peak_kv = sched.peak_kv_reserved();
-    Ok(Point {
-        batch: reqs.len(),
+    Ok(Drive {
         output_tokens,
         secs,
-        tok_s: output_tokens as f64 / secs,
         tpot_ms,
-        peak_kv,
-        peak_total: weights + peak_kv,
-        preemptions: st.preemptions_total,
     })
 }
 

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod model;
+pub mod runner;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use cache::{GpuBatch, GpuCache};
 pub use model::{random_model, CudaBackend, CudaModel};
+pub use runner::{GpuRunner, RunnerTimes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,6 +100,51 @@ impl Gpu {
     pub fn describe(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown".into());
         format!("{name} (sm_{}{})", self.arch.0, self.arch.1)
+    }
+
+    /// Keeps memory released by stream-ordered frees in the device's default pool instead of
+    /// handing it back to the driver at every synchronization: a step's activations are then
+    /// reused by the next step instead of being mapped again (the pool's size stays at its
+    /// high-water mark, which cuMemGetInfo reports as used).
+    pub fn retain_freed_memory(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread()?;
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        let mut threshold = u64::MAX;
+        // SAFETY: plain driver calls on this context's device; `pool` is written by the first
+        // call before it is read, and the attribute takes a pointer to a u64.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), self.ctx.cu_device()).result()?;
+            sys::cuMemPoolSetAttribute(
+                pool.assume_init(),
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the unused memory of the device's default pool back to the driver (after a
+    /// synchronization), so that the next measurement starts from what is really held.
+    pub fn trim_pool(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        self.synchronize()?;
+        self.ctx.bind_to_thread()?;
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        // SAFETY: plain driver calls on this context's device; `pool` is written before use.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), self.ctx.cu_device()).result()?;
+            sys::cuMemPoolTrimTo(pool.assume_init(), 0).result()?;
+        }
+        Ok(())
+    }
+
+    /// `(used, total)` device memory in bytes, the driver's view (cuMemGetInfo): every process
+    /// and context on the device.
+    pub fn memory_info(&self) -> Result<(u64, u64)> {
+        let (free, total) = self.ctx.mem_get_info()?;
+        Ok(((total - free) as u64, total as u64))
     }
 
     pub fn synchronize(&self) -> Result<()> {

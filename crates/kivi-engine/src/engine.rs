@@ -14,8 +14,13 @@
 //!    they are missing, the newest running sequence is preempted (recompute: its blocks go back
 //!    to the pool and it waits at the front of the queue with its prompt and generated tokens).
 //!    So a step never fails for memory.
-//! 3. One [`Model::forward_batch`] over the planned chunks, then sampling for the sequences that
-//!    are caught up, events to the sinks, finished sequences freed.
+//! 3. One [`Runner::forward`] over the planned chunks, then sampling for the sequences that
+//!    are caught up, events to the sinks, finished sequences freed. Only caught-up sequences ask
+//!    for an output: greedy ones for a token (a GPU runner picks it on the device), sampled ones
+//!    for their logits.
+//!
+//! The scheduler drives any [`Runner`] (a model bound to its KV cache): [`CpuRunner`] (the
+//! default; [`Scheduler::new`]) or the GPU's (`kivi_cuda::GpuRunner`, [`Scheduler::with_runner`]).
 //!
 //! Greedy determinism: a sequence's token stream is `prompt ++ generated`, and the boundaries at
 //! which it is fed to the model depend on that sequence alone: the prompt in chunks of
@@ -32,8 +37,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kivi_core::{CacheConfig, CacheShape, KvCache, SeqId};
-use kivi_model::llama::{BatchItem, Logits, Model};
+use kivi_core::{CacheConfig, KvCache, SeqId};
+use kivi_model::config::Config;
+use kivi_model::llama::Model;
+use kivi_model::runner::{cache_shape, CpuRunner, Runner, StepItem, StepOutput, Want};
 
 use crate::sampler::{Sampler, SamplingParams};
 
@@ -221,14 +228,14 @@ struct Counters {
     finished: u64,
 }
 
-/// The scheduling core: owns the cache and every request. Not thread-safe; [`Engine`] wraps it.
-/// Must be driven from a rayon pool thread for speed (the model's kernels are rayon-parallel).
-pub struct Scheduler {
-    model: Arc<Model>,
+/// The scheduling core: owns the runner (model + cache) and every request. Not thread-safe;
+/// [`Engine`] wraps it. On the CPU it must be driven from a rayon pool thread for speed (the
+/// model's kernels are rayon-parallel).
+pub struct Scheduler<R: Runner = CpuRunner> {
+    runner: R,
     config: EngineConfig,
     max_running: usize,
     prefill_chunk: usize,
-    cache: Box<dyn KvCache>,
     /// Front = next to admit; preempted sequences go back to the front.
     waiting: VecDeque<Seq>,
     /// Sorted by request id (arrival): the last one is preempted first.
@@ -238,25 +245,14 @@ pub struct Scheduler {
     peak_reserved: u64,
 }
 
-/// Budget arithmetic shared by the scheduler and submit-time validation.
-fn kv_shape(model: &Model) -> CacheShape {
-    let c = &model.config;
-    CacheShape {
-        n_layer: c.n_layer,
-        n_kv_head: c.n_kv_head,
-        head_dim: c.head_dim,
-    }
-}
-
-/// Checks a request against the model and the budget; `cache` may be any (empty) cache of the
-/// engine's configuration.
+/// Checks a request against the model and the budget; `prompt_bytes(n)` is the KV memory a
+/// sequence of `n` tokens takes (pool blocks and fixed part).
 fn validate(
-    model: &Model,
-    cache: &dyn KvCache,
+    c: &Config,
+    prompt_bytes: &dyn Fn(usize) -> u64,
     budget: Option<u64>,
     r: &Request,
 ) -> Result<(), SubmitError> {
-    let c = &model.config;
     let bad = |m: String| Err(SubmitError::Invalid(m));
     if r.prompt.is_empty() {
         return bad("the prompt is empty".into());
@@ -278,8 +274,7 @@ fn validate(
         ));
     }
     if let Some(b) = budget {
-        let need = cache.blocks_for_tokens(r.prompt.len()) as u64 * cache.block_bytes()
-            + cache.seq_fixed_bytes();
+        let need = prompt_bytes(r.prompt.len());
         if need > b {
             return bad(format!(
                 "the prompt needs {need} bytes of KV cache; the whole budget is {b} bytes"
@@ -289,33 +284,52 @@ fn validate(
     Ok(())
 }
 
-impl Scheduler {
+impl Scheduler<CpuRunner> {
+    /// A scheduler over the CPU model with a new cache of `config.cache`.
     pub fn new(model: Arc<Model>, config: EngineConfig) -> kivi_model::Result<Scheduler> {
-        let cache = kivi_core::new_cache(&config.cache, kv_shape(&model))?;
+        let runner = CpuRunner::new(model, &config.cache)?;
+        Ok(Scheduler::with_runner(runner, config))
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        self.runner.model()
+    }
+
+    pub fn cache(&self) -> &dyn KvCache {
+        self.runner.cache()
+    }
+}
+
+impl<R: Runner> Scheduler<R> {
+    /// A scheduler over `runner` (its cache empty). `config.cache` is informational here: the
+    /// runner's cache is what runs. `config.kv_memory_bytes` should not exceed the runner's
+    /// pool when the pool is fixed (GPU).
+    pub fn with_runner(runner: R, config: EngineConfig) -> Scheduler<R> {
         let (max_running, prefill_chunk) = config.effective_limits();
-        Ok(Scheduler {
-            model,
+        Scheduler {
+            runner,
             config,
             max_running,
             prefill_chunk,
-            cache,
             waiting: VecDeque::new(),
             running: Vec::new(),
             counters: Counters::default(),
             peak_reserved: 0,
-        })
+        }
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
 
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
+    /// The model and cache this scheduler drives.
+    pub fn runner(&self) -> &R {
+        &self.runner
     }
 
-    pub fn cache(&self) -> &dyn KvCache {
-        self.cache.as_ref()
+    /// Gives the runner back (its cache empty once the scheduler is idle).
+    pub fn into_runner(self) -> R {
+        self.runner
     }
 
     /// Prompt tokens per prefill chunk (a run alone with `Session` must use the same).
@@ -325,9 +339,12 @@ impl Scheduler {
 
     /// Checks a request (see [`SubmitError::Invalid`]).
     pub fn validate(&self, request: &Request) -> Result<(), SubmitError> {
+        let r = &self.runner;
+        let bytes =
+            |n: usize| r.blocks_for_tokens(n) as u64 * r.block_bytes() + r.seq_fixed_bytes();
         validate(
-            &self.model,
-            self.cache.as_ref(),
+            r.model_config(),
+            &bytes,
             self.config.kv_memory_bytes,
             request,
         )
@@ -386,7 +403,7 @@ impl Scheduler {
     }
 
     pub fn stats(&self) -> EngineStats {
-        let cache = self.cache.as_ref();
+        let cache = &self.runner;
         let bb = cache.block_bytes().max(1);
         let fixed = cache.n_sequences() as u64 * cache.seq_fixed_bytes();
         EngineStats {
@@ -409,7 +426,7 @@ impl Scheduler {
         let Some(budget) = self.config.kv_memory_bytes else {
             return u64::MAX;
         };
-        let c = self.cache.as_ref();
+        let c = &self.runner;
         let used = c.blocks_in_use() as u64 * c.block_bytes()
             + c.n_sequences() as u64 * c.seq_fixed_bytes();
         budget.saturating_sub(used)
@@ -419,9 +436,9 @@ impl Scheduler {
     /// windows of live sequences) never exceeds it.
     fn trim_pool(&mut self) {
         if self.config.kv_memory_bytes.is_some() {
-            let keep = (self.free_bytes() / self.cache.block_bytes().max(1)) as usize;
-            if self.cache.free_blocks() > keep {
-                self.cache.trim_free_blocks(keep);
+            let keep = (self.free_bytes() / self.runner.block_bytes().max(1)) as usize;
+            if self.runner.free_blocks() > keep {
+                self.runner.trim_free_blocks(keep);
             }
         }
     }
@@ -429,14 +446,14 @@ impl Scheduler {
     /// Bytes of pool blocks `seq`'s next chunk (`n` tokens) takes.
     fn chunk_bytes(&self, s: &Seq, n: usize) -> u64 {
         let seq = s.cache_seq.expect("running sequences are in the cache");
-        let blocks = self.cache.blocks_needed(seq, n).unwrap_or(usize::MAX / 2);
-        blocks as u64 * self.cache.block_bytes()
+        let blocks = self.runner.blocks_needed(seq, n).unwrap_or(usize::MAX / 2);
+        blocks as u64 * self.runner.block_bytes()
     }
 
     /// Sends the final event and frees the sequence's blocks.
     fn finish(&mut self, mut s: Seq, reason: FinishReason) {
         if let Some(seq) = s.cache_seq.take() {
-            let _ = self.cache.remove_sequence(seq);
+            let _ = self.runner.remove_sequence(seq);
         }
         self.counters.finished += 1;
         (s.sink)(Event::Finished(Finished {
@@ -452,7 +469,7 @@ impl Scheduler {
     fn preempt(&mut self, idx: usize) {
         let mut s = self.running.remove(idx);
         if let Some(seq) = s.cache_seq.take() {
-            let _ = self.cache.remove_sequence(seq);
+            let _ = self.runner.remove_sequence(seq);
         }
         s.fed = 0;
         s.preemptions += 1;
@@ -463,7 +480,7 @@ impl Scheduler {
     /// Admits waiting requests (also done by [`Scheduler::step`]), oldest first, while the budget has room for their prompt next to
     /// the running sequences' next step.
     pub fn admit(&mut self) {
-        let (bb, fixed) = (self.cache.block_bytes(), self.cache.seq_fixed_bytes());
+        let (bb, fixed) = (self.runner.block_bytes(), self.runner.seq_fixed_bytes());
         // What the running sequences take in their next step (decode or prefill chunk).
         let mut reserved: u64 = self
             .running
@@ -474,15 +491,24 @@ impl Scheduler {
             let Some(s) = self.waiting.front() else { break };
             // Recompute needs everything fed before (prompt and generated tokens but the last).
             let n = s.total_len().max(s.prompt.len());
-            let need = self.cache.blocks_for_tokens(n) as u64 * bb + fixed;
+            let need = self.runner.blocks_for_tokens(n) as u64 * bb + fixed;
             // Alone, it always goes in (a prompt that fits was checked at submit; a sequence
             // that outgrew the whole budget ends with Length in `step`): progress is certain.
             if !self.running.is_empty() && need.saturating_add(reserved) > self.free_bytes() {
                 break;
             }
+            if let Some(max) = self.runner.max_sequences() {
+                if self.runner.n_sequences() >= max {
+                    break;
+                }
+            }
+            // A cache with no free sequence slot: wait for one to finish.
+            let Ok(seq) = self.runner.add_sequence() else {
+                break;
+            };
             reserved += need;
             let mut s = self.waiting.pop_front().expect("front exists");
-            s.cache_seq = Some(self.cache.add_sequence());
+            s.cache_seq = Some(seq);
             let at = self.running.partition_point(|r| r.id < s.id);
             self.running.insert(at, s);
         }
@@ -532,7 +558,7 @@ impl Scheduler {
         if plan.is_empty() {
             return !self.is_idle();
         }
-        let items: Vec<BatchItem<'_>> = plan
+        let items: Vec<StepItem<'_>> = plan
             .iter()
             .map(|&(i, end)| {
                 let s = &self.running[i];
@@ -542,14 +568,22 @@ impl Scheduler {
                 } else {
                     &s.generated[s.fed - p..end - p]
                 };
-                BatchItem {
+                // Caught up after this chunk: the next token is due.
+                let want = if end < s.total_len() {
+                    Want::Nothing
+                } else if s.sampler.is_greedy() {
+                    Want::Greedy
+                } else {
+                    Want::Logits
+                };
+                StepItem {
                     seq: s.cache_seq.expect("running sequences are in the cache"),
                     tokens,
-                    logits: Logits::Last,
+                    want,
                 }
             })
             .collect();
-        let result = self.model.forward_batch(&items, self.cache.as_mut());
+        let result = self.runner.forward(&items);
         drop(items);
         match result {
             Ok(logits) => self.after_forward(&plan, logits),
@@ -565,25 +599,25 @@ impl Scheduler {
             }
         }
         self.trim_pool();
-        let reserved = self.cache.memory_reserved().total_bytes();
+        let reserved = self.runner.memory_reserved().total_bytes();
         self.peak_reserved = self.peak_reserved.max(reserved);
         true
     }
 
     /// Pool and window bytes `running[i]` holds (what preempting it gives back to the budget).
     fn cache_bytes_of(&self, i: usize) -> u64 {
-        let c = self.cache.as_ref();
+        let c = &self.runner;
         let seq = self.running[i]
             .cache_seq
             .expect("running sequences are in the cache");
-        let n = c.seq_len(0, seq).unwrap_or(0);
+        let n = c.seq_len(seq).unwrap_or(0);
         c.blocks_for_tokens(n) as u64 * c.block_bytes() + c.seq_fixed_bytes()
     }
 
-    fn after_forward(&mut self, plan: &[(usize, usize)], logits: Vec<Vec<f32>>) {
-        let context = self.model.config.context_len;
+    fn after_forward(&mut self, plan: &[(usize, usize)], outputs: Vec<StepOutput>) {
+        let context = self.runner.model_config().context_len;
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
-        for (&(i, end), l) in plan.iter().zip(logits) {
+        for (&(i, end), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[i];
             let p = s.prompt.len();
             if s.prompt_counted < end.min(p) {
@@ -594,7 +628,17 @@ impl Scheduler {
             if s.fed < s.total_len() {
                 continue; // prefill or recompute: no new token yet
             }
-            let next = s.sampler.sample(&l);
+            let next = match out {
+                StepOutput::Token(t) => t,
+                StepOutput::Logits(l) => s.sampler.sample(&l),
+                StepOutput::Nothing => {
+                    done.push((
+                        i,
+                        FinishReason::Error("the model returned no output".into()),
+                    ));
+                    continue;
+                }
+            };
             if s.stop_tokens.contains(&next) {
                 done.push((i, FinishReason::Stop));
                 continue;
@@ -617,7 +661,7 @@ impl Scheduler {
                 // The sink said the client is gone: no further events, not even Finished.
                 let mut s = s;
                 if let Some(seq) = s.cache_seq.take() {
-                    let _ = self.cache.remove_sequence(seq);
+                    let _ = self.runner.remove_sequence(seq);
                 }
                 self.counters.finished += 1;
             } else {
@@ -700,7 +744,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the loop on the global rayon pool.
     pub fn start(model: Arc<Model>, config: EngineConfig) -> kivi_model::Result<Engine> {
-        let probe = kivi_core::new_cache(&config.cache, kv_shape(&model))?;
+        let probe = kivi_core::new_cache(&config.cache, cache_shape(&model.config))?;
         let mut scheduler = Scheduler::new(model.clone(), config.clone())?;
         let shared = Arc::new(Shared {
             model,
@@ -731,9 +775,12 @@ impl Engine {
     /// is cancelled at once and its KV blocks are freed; no further events are sent.
     pub fn submit(&self, request: Request, sink: Sink) -> Result<RequestId, SubmitError> {
         let sh = self.shared();
+        let p = sh.probe.as_ref();
+        let bytes =
+            |n: usize| p.blocks_for_tokens(n) as u64 * p.block_bytes() + p.seq_fixed_bytes();
         validate(
-            &sh.model,
-            sh.probe.as_ref(),
+            &sh.model.config,
+            &bytes,
             sh.config.kv_memory_bytes,
             &request,
         )?;

@@ -38,6 +38,11 @@ impl Sampler {
         }
     }
 
+    /// Whether [`Sampler::sample`] is the argmax (no randomness): a GPU can pick on the device.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 || self.params.top_k == 1
+    }
+
     /// Picks the next token from `logits` (`[vocab]`).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod loader;
 pub mod matrix;
 pub mod random;
+pub mod runner;
 pub mod safetensors;
 pub mod tensor;
 pub mod tokenizer;

@@ -108,6 +108,8 @@ pub enum Logits {
     Last,
     /// Every token (evaluation).
     All,
+    /// None (a prefill chunk whose logits nobody reads).
+    None,
 }
 
 /// One sequence's new tokens in [`Model::forward_batch`].
@@ -389,12 +391,16 @@ impl<B: Backend> Llama<B> {
             let end = start + it.tokens.len();
             rows.push(match it.logits {
                 _ if start == end => start..start,
+                Logits::None => end..end,
                 Logits::All => start..end,
                 Logits::Last => end - 1..end,
             });
             start = end;
         }
         let m: usize = rows.iter().map(|r| r.len()).sum();
+        if m == 0 {
+            return Ok(Some((b.zeros(0)?, vec![0; items.len()])));
+        }
         let picked = b.gather_rows(&x, h, &rows)?;
         let mut normed = b.zeros(m * h)?;
         b.rmsnorm(&mut normed, &picked, &w.out_norm, c.rms_eps)?;
