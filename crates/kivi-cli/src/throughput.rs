@@ -545,7 +545,7 @@ fn run_cuda(
         let cap = reqs.iter().map(|(p, o)| p + o).max().unwrap_or(1);
         let per_seq = {
             let probe = GpuCache::new(gpu.clone(), *cache, shape, 1, cap)?;
-            GpuRunner::new(&model, probe, 1).block_bytes()
+            GpuRunner::new(&model, probe, 1, cap).block_bytes()
         };
         gpu.trim_pool()?;
         let max_fit = ((kv_budget / per_seq.max(1)) as usize).min(a.max_batch);
@@ -612,7 +612,7 @@ fn run_batch_cuda(
     let gpu = model.backend.gpu().clone();
     let cap = reqs.iter().map(|(p, o)| p + o).max().unwrap_or(1);
     let gcache = GpuCache::new(gpu.clone(), *cache, cache_shape(&model.config), b, cap)?;
-    let runner = GpuRunner::new(model, gcache, b);
+    let runner = GpuRunner::new(model, gcache, b, cap);
     let pool = b as u64 * runner.block_bytes();
     let config = EngineConfig {
         cache: *cache,

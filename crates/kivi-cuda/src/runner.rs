@@ -38,15 +38,16 @@ pub struct RunnerTimes {
 /// paged pool of `GpuCache` lands.
 struct SlotPaging {
     slots: usize,
+    capacity: usize,
     slot_bytes: u64,
     /// Average bytes per stored token, all layers (codes, scales, mins; f16 rows).
     token_bytes: u64,
 }
 
 impl SlotPaging {
-    fn new(c: &Config, cache: &GpuCache, slots: usize) -> SlotPaging {
+    fn new(c: &Config, cache: &GpuCache, slots: usize, capacity: usize) -> SlotPaging {
         let (l, hkv, d) = (c.n_layer as u64, c.n_kv_head as u64, c.head_dim as u64);
-        let cap = cache.capacity() as u64;
+        let cap = capacity.div_ceil(32) as u64 * 32;
         let (token_bytes, window) = match cache.config() {
             CacheConfig::F16 => (l * hkv * d * 4, 0),
             CacheConfig::Kivi(kc) => {
@@ -58,6 +59,7 @@ impl SlotPaging {
         };
         SlotPaging {
             slots,
+            capacity,
             slot_bytes: cap * token_bytes + window,
             token_bytes,
         }
@@ -76,11 +78,17 @@ pub struct GpuRunner<'m> {
 }
 
 impl<'m> GpuRunner<'m> {
-    /// Binds `model` to `cache` (empty, `slots` sequences; same shape as the model's).
-    pub fn new(model: &'m CudaModel, cache: GpuCache, slots: usize) -> GpuRunner<'m> {
+    /// Binds `model` to `cache` (empty, made by `GpuCache::new(.., slots, capacity)`; the
+    /// model's shape).
+    pub fn new(
+        model: &'m CudaModel,
+        cache: GpuCache,
+        slots: usize,
+        capacity: usize,
+    ) -> GpuRunner<'m> {
         GpuRunner {
             model,
-            paging: SlotPaging::new(&model.config, &cache, slots),
+            paging: SlotPaging::new(&model.config, &cache, slots, capacity),
             cache,
             times: RunnerTimes::default(),
             peak_device_used: 0,
@@ -211,7 +219,7 @@ impl Runner for GpuRunner<'_> {
     }
     fn blocks_needed(&self, seq: SeqId, n_new: usize) -> R<usize> {
         let n = self.seq_len(seq)?;
-        if n + n_new > self.cache.capacity() {
+        if n + n_new > self.paging.capacity {
             return Ok(usize::MAX / 4);
         }
         Ok(self.blocks_for_tokens(n + n_new) - self.blocks_for_tokens(n))

@@ -111,7 +111,7 @@ fn gpu_scheduler_matches_cpu_with_arrivals_and_finishes_mid_batch() {
     ] {
         let slots = 4;
         let gcache = GpuCache::new(gpu.clone(), cache, cache_shape(&config), slots, 256).unwrap();
-        let runner = GpuRunner::new(&gpu_model, gcache, slots);
+        let runner = GpuRunner::new(&gpu_model, gcache, slots, 256);
         let budget = slots as u64 * runner.block_bytes();
         // More running sequences allowed than the cache has slots: admission must wait.
         let econf = EngineConfig {
