@@ -96,6 +96,10 @@ fn main() {
         ("kivi2", CacheConfig::Kivi(KiviConfig::kivi2())),
         ("kivi4", CacheConfig::Kivi(KiviConfig::kivi4())),
     ] {
+        // `DEV_CACHE=kivi2` (etc.): only that cache (for profiles).
+        if std::env::var("DEV_CACHE").is_ok_and(|c| c != name) {
+            continue;
+        }
         let shape = CacheShape {
             n_layer: 1,
             n_kv_head: nkv,

@@ -81,10 +81,24 @@ proptest! {
             }
             prop_assert!((*w as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
         }
+        // the integer twin of the VNNI kernel against the same per-element form: its error is
+        // the 16-bit query quantization, at most hd·3·alpha/2 per score
+        let mut want_q16 = vec![0f32; n];
+        if bits == 2 {
+            cpu::k_chan_q16(&q, &seg, t0, n, &mut want_q16);
+        }
+        for (i, w) in want_q16.iter().enumerate().filter(|_| bits == 2) {
+            let t = t0 + i;
+            let mut iq = vec![0i32; hd];
+            let (alpha, _) = cpu::quantize_query_q16(&q, &seg, t / g, &mut iq);
+            let bound = hd as f32 * 1.5 * alpha + 1e-5 * (1.0 + want[i].abs());
+            prop_assert!((w - want[i]).abs() <= bound, "q16 key err {} > {}", (w - want[i]).abs(), bound);
+        }
         for isa in Isa::all_supported() {
             let mut got = vec![0f32; n];
             k_scores(isa, &q, &SegData::Chan(seg), t0, n, &mut got);
-            prop_assert!(close(&got, &want), "{:?} k_chan bits {} g {}", isa, bits, g);
+            let twin = if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, &seg) { &want_q16 } else { &want };
+            prop_assert!(close(&got, twin), "{:?} k_chan bits {} g {}", isa, bits, g);
         }
         // values per channel (research mode): scalar against the per-element form
         let p = uniform(&mut r, n, 0.0, 1.0);
@@ -128,10 +142,29 @@ proptest! {
             }
             prop_assert!((want[d] as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
         }
+        // the integer twin of the VNNI kernel: its error is the 16-bit weight quantization, at
+        // most 3·alpha/2 per token (alpha = max p·scale of the token's 64-token sub-chunk / 65535)
+        let mut want_q16 = init.clone();
+        if bits == 2 && g % 16 == 0 {
+            cpu::v_tok_q16(&p, &seg, t0, n, &mut want_q16);
+            let mut bound = 0f32;
+            for c in (0..n).step_by(cpu::Q16_VAL_SUB) {
+                let hi = n.min(c + cpu::Q16_VAL_SUB);
+                let amax = (c..hi).flat_map(|i| (0..gpt).map(move |gi| (i, gi)))
+                    .map(|(i, gi)| p[i] * scales[(t0 + i) * gpt + gi].to_f32())
+                    .fold(0f32, f32::max);
+                bound += (hi - c) as f32 * 1.5 * amax / cpu::Q16_VAL_MAX;
+            }
+            for d in 0..hd {
+                let e = (want_q16[d] - want[d]).abs();
+                prop_assert!(e <= bound + 1e-5 * (1.0 + want[d].abs()), "q16 value err {} > {}", e, bound);
+            }
+        }
         for isa in Isa::all_supported() {
             let mut got = init.clone();
             v_accumulate(isa, &p, &SegData::Tok(seg), t0, n, &mut got);
-            prop_assert!(close(&got, &want), "{:?} v_tok bits {} g {} hd {}", isa, bits, g, hd);
+            let twin = if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, &seg) { &want_q16 } else { &want };
+            prop_assert!(close(&got, twin), "{:?} v_tok bits {} g {} hd {}", isa, bits, g, hd);
         }
         // keys per token (research mode): scalar against the per-element form
         let q = uniform(&mut r, hd, -1.0, 1.0);
@@ -160,7 +193,10 @@ fn this_machine_uses_simd() {
     );
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
-        assert_eq!(Isa::best_supported(), Isa::Avx512);
+        assert!(matches!(
+            Isa::best_supported(),
+            Isa::Avx512 | Isa::Avx512Vnni
+        ));
     }
 }
 
@@ -185,14 +221,20 @@ proptest! {
         let seg = SegData::Chan(ChanSeg { codes: &codes, scales: &scales, mins: &mins, words_per_row: wpr, groups_per_row: groups, bits, group: g });
         let q = uniform(&mut r, m * hd, -1.0, 1.0);
         let stride = nc + 3;
+        let cseg = match &seg { SegData::Chan(s) => *s, _ => unreachable!() };
         let mut want = vec![0f32; m * stride];
+        let mut want_q16 = vec![0f32; m * stride];
         for i in 0..m {
-            cpu::k_chan(&q[i * hd..(i + 1) * hd], match &seg { SegData::Chan(s) => s, _ => unreachable!() }, t0c, nc, &mut want[i * stride..]);
+            cpu::k_chan(&q[i * hd..(i + 1) * hd], &cseg, t0c, nc, &mut want[i * stride..]);
+            if bits == 2 {
+                cpu::k_chan_q16(&q[i * hd..(i + 1) * hd], &cseg, t0c, nc, &mut want_q16[i * stride..]);
+            }
         }
         for isa in Isa::all_supported() {
             let mut got = vec![0f32; m * stride];
             kivi_core::attn::k_scores_multi(isa, &q, m, &seg, t0c, nc, &mut got, stride);
-            prop_assert!(close(&got, &want), "{:?} k multi m {} bits {} g {}", isa, m, bits, g);
+            let twin = if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, &cseg) { &want_q16 } else { &want };
+            prop_assert!(close(&got, twin), "{:?} k multi m {} bits {} g {}", isa, m, bits, g);
         }
         // per-token values
         let nt = t0 + n;
@@ -205,8 +247,12 @@ proptest! {
         let p = uniform(&mut r, m * pst, 0.0, 1.0);
         let init = uniform(&mut r, m * hd, -1.0, 1.0);
         let mut want = init.clone();
+        let mut want_q16 = init.clone();
         for i in 0..m {
             cpu::v_tok(&p[i * pst..], &tseg, t0, n, &mut want[i * hd..(i + 1) * hd]);
+            if bits == 2 {
+                cpu::v_tok_q16(&p[i * pst..], &tseg, t0, n, &mut want_q16[i * hd..(i + 1) * hd]);
+            }
         }
         // f16 rows (GQA path of the baseline)
         let frows = f16s(&mut r, nt * hd, -2.0, 2.0);
@@ -229,7 +275,8 @@ proptest! {
         for isa in Isa::all_supported() {
             let mut got = init.clone();
             kivi_core::attn::v_accumulate_multi(isa, &p, pst, m, &SegData::Tok(tseg), t0, n, &mut got);
-            prop_assert!(close(&got, &want), "{:?} v multi m {} bits {} g {} hd {}", isa, m, bits, g, hd);
+            let twin = if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, &tseg) { &want_q16 } else { &want };
+            prop_assert!(close(&got, twin), "{:?} v multi m {} bits {} g {} hd {}", isa, m, bits, g, hd);
         }
     }
 }
@@ -251,6 +298,76 @@ proptest! {
                 prop_assert!((yi as f64 - w).abs() <= 5e-7 * w + 1e-37, "{:?} [{}] exp({}) = {} vs {}", isa, i, arg, yi, w);
             }
             prop_assert!((sum as f64 - want_sum).abs() <= 1e-5 * want_sum + 1e-30);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// 2-bit shapes of the AVX-512 VNNI kernels (the generic tests above reach them rarely):
+    /// the kernels against their integer twins, the twins against the float kernels within the
+    /// 16-bit quantization bound.
+    #[test]
+    fn vnni_kernels_match_integer_twins(g in prop_oneof![Just(16usize), Just(32), Just(64), Just(128)],
+                                        hd in prop_oneof![Just(16usize), Just(32), Just(64), Just(128), Just(256)],
+                                        m in 1usize..5, chunks in 1usize..5, t0 in 0usize..300, n in 0usize..300,
+                                        seed in any::<u64>()) {
+        let mut r = rng(seed);
+        // per-channel keys: rows of whole groups and a multiple of 64 tokens
+        let bt = (64 * chunks).div_ceil(g) * g;
+        let bt = bt.div_ceil(64) * 64;
+        let groups = bt / g;
+        let (t0c, nc) = (t0 % bt, n % (bt + 1));
+        let nc = nc.min(bt - t0c);
+        let wpr = bt / 16;
+        let codes: Vec<u32> = (0..hd * wpr).map(|_| r.gen()).collect();
+        let scales = f16s(&mut r, hd * groups, 0.0, 0.5);
+        let mins = f16s(&mut r, hd * groups, -2.0, 0.0);
+        let seg = ChanSeg { codes: &codes, scales: &scales, mins: &mins, words_per_row: wpr, groups_per_row: groups, bits: 2, group: g };
+        let q = uniform(&mut r, m * hd, -1.0, 1.0);
+        let stride = nc + 1;
+        let (mut want, mut want_f) = (vec![0f32; m * stride], vec![0f32; m * stride]);
+        for i in 0..m {
+            cpu::k_chan_q16(&q[i * hd..(i + 1) * hd], &seg, t0c, nc, &mut want[i * stride..]);
+            cpu::k_chan(&q[i * hd..(i + 1) * hd], &seg, t0c, nc, &mut want_f[i * stride..]);
+            for j in 0..nc {
+                let mut iq = vec![0i32; hd];
+                let (alpha, _) = cpu::quantize_query_q16(&q[i * hd..(i + 1) * hd], &seg, (t0c + j) / g, &mut iq);
+                let (a, b) = (want[i * stride + j], want_f[i * stride + j]);
+                prop_assert!((a - b).abs() <= hd as f32 * 1.5 * alpha + 1e-5 * (1.0 + b.abs()));
+            }
+        }
+        for isa in Isa::all_supported() {
+            let mut got = vec![0f32; m * stride];
+            kivi_core::attn::k_scores_multi(isa, &q, m, &SegData::Chan(seg), t0c, nc, &mut got, stride);
+            let twin = if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, &seg) { &want } else { &want_f };
+            prop_assert!(close(&got, twin), "{:?} keys m {} g {} hd {} t0 {} n {}", isa, m, g, hd, t0c, nc);
+        }
+        // per-token values
+        if hd % g == 0 && hd / g <= 4 {
+            let gpt = hd / g;
+            let nt = t0 + n;
+            let wpt = hd / 16;
+            let vcodes: Vec<u32> = (0..nt * wpt).map(|_| r.gen()).collect();
+            let vs = f16s(&mut r, nt * gpt, 0.0, 0.5);
+            let vm = f16s(&mut r, nt * gpt, -2.0, 0.0);
+            let tseg = TokSeg { codes: &vcodes, scales: &vs, mins: &vm, bits: 2, group: g };
+            let pst = n + 2;
+            // softmax-like weights: a few large, most small
+            let p: Vec<f32> = (0..m * pst).map(|_| r.gen_range(-12.0f32..0.0).exp()).collect();
+            let init = uniform(&mut r, m * hd, -1.0, 1.0);
+            let (mut want, mut want_f) = (init.clone(), init.clone());
+            for i in 0..m {
+                cpu::v_tok_q16(&p[i * pst..], &tseg, t0, n, &mut want[i * hd..(i + 1) * hd]);
+                cpu::v_tok(&p[i * pst..], &tseg, t0, n, &mut want_f[i * hd..(i + 1) * hd]);
+            }
+            for isa in Isa::all_supported() {
+                let mut got = init.clone();
+                kivi_core::attn::v_accumulate_multi(isa, &p, pst, m, &SegData::Tok(tseg), t0, n, &mut got);
+                let twin = if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, &tseg) { &want } else { &want_f };
+                prop_assert!(close(&got, twin), "{:?} values m {} g {} hd {} t0 {} n {}", isa, m, g, hd, t0, n);
+            }
         }
     }
 }

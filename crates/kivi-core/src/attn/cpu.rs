@@ -259,3 +259,121 @@ pub fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
     }
     sum
 }
+
+// ---------------------------------------------------------------------------------------------
+// Integer twins of the AVX-512 VNNI 2-bit kernels (`simd.rs`): same quantization of the query /
+// weights, same integer sums, same float epilogue, so the SIMD kernels can be compared with them
+// to float rounding; their own error against the exact dequantized form is bounded in
+// `tests/kernels.rs`.
+
+/// Largest 16-bit code of a folded key query (signed: `|iq| <= 32767`).
+pub const Q16_KEY_MAX: f32 = 32767.0;
+/// Largest 16-bit code of a value weight (unsigned: `0 <= iq <= 65535`).
+pub const Q16_VAL_MAX: f32 = 65535.0;
+/// Tokens per value weight quantization (one scale per sub-chunk of the stretch).
+pub const Q16_VAL_SUB: usize = 64;
+
+/// Shapes of per-channel key stretches that the VNNI kernel handles: 2-bit codes, groups of a
+/// multiple of 32 tokens, rows of a multiple of 64 tokens, head_dim a multiple of 16 up to 512.
+pub fn k_chan_q16_shape(hd: usize, seg: &ChanSeg<'_>) -> bool {
+    seg.bits == 2
+        && seg.group.is_multiple_of(32)
+        && seg.words_per_row.is_multiple_of(4)
+        && hd.is_multiple_of(16)
+        && (16..=512).contains(&hd)
+}
+
+/// Shapes of per-token value stretches that the VNNI kernel handles: 2-bit codes, head_dim 64
+/// or 128, groups of a multiple of 16 channels, at most 4 groups per token.
+pub fn v_tok_q16_shape(hd: usize, seg: &TokSeg<'_>) -> bool {
+    seg.bits == 2
+        && seg.group.is_multiple_of(16)
+        && hd.is_multiple_of(seg.group)
+        && hd / seg.group <= 4
+        && matches!(hd, 64 | 128)
+}
+
+/// The VNNI value kernel needs non-negative weights (softmax numerators are).
+pub fn all_nonnegative(p: &[f32]) -> bool {
+    p.iter().fold(0f32, |m, &x| m.min(x)) >= 0.0
+}
+
+/// Group `g`'s folded query `qs[d] = q[d]·scale[g,d]` quantized to `iq[d] = round(qs[d] / alpha)`
+/// with `alpha = max|qs| / 32767`; returns `(alpha, Σ_d q[d]·min[g,d])`.
+pub fn quantize_query_q16(q: &[f32], seg: &ChanSeg<'_>, g: usize, iq: &mut [i32]) -> (f32, f32) {
+    let hd = q.len();
+    let mut qs = vec![0f32; hd];
+    let (mut amax, mut bias) = (0f32, 0f32);
+    for d in 0..hd {
+        qs[d] = q[d] * seg.scales[g * hd + d].to_f32();
+        bias += q[d] * seg.mins[g * hd + d].to_f32();
+        amax = amax.max(qs[d].abs());
+    }
+    let inv = if amax > 0.0 { Q16_KEY_MAX / amax } else { 0.0 };
+    for d in 0..hd {
+        iq[d] = (qs[d] * inv).round_ties_even() as i32;
+    }
+    (amax / Q16_KEY_MAX, bias)
+}
+
+/// Twin of the VNNI key kernel: `score[t] = alpha_g · Σ_d iq_g[d]·code[d,t] + bias_g`.
+pub fn k_chan_q16(q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: &mut [f32]) {
+    let hd = q.len();
+    let mut iq = vec![0i32; hd];
+    let mut cur = (usize::MAX, 0f32, 0f32);
+    for (i, o) in out[..n].iter_mut().enumerate() {
+        let t = t0 + i;
+        let g = t / seg.group;
+        if cur.0 != g {
+            let (a, b) = quantize_query_q16(q, seg, g, &mut iq[..hd]);
+            cur = (g, a, b);
+        }
+        let mut sum = 0i32;
+        for (d, &x) in iq.iter().enumerate() {
+            let w = seg.codes[d * seg.words_per_row + t / 16];
+            sum += x * ((w >> (2 * (t % 16))) & 3) as i32;
+        }
+        *o = cur.1.mul_add(sum as f32, cur.2);
+    }
+}
+
+/// Twin of the VNNI value kernel: per sub-chunk of [`Q16_VAL_SUB`] tokens (from `t0`),
+/// `w[t,g] = p[t]·scale[t,g]` is quantized to `iq = round(w / alpha)`, `alpha = max w / 65535`,
+/// and `acc[d] += alpha · Σ_t iq[t,g(d)]·code[t,d]` (f32 fused multiply-add per sub-chunk); the
+/// mins as in [`v_tok`]. Weights must be non-negative ([`all_nonnegative`]).
+pub fn v_tok_q16(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
+    let hd = acc.len();
+    let gs = seg.group;
+    let (wpt, gpt) = (hd / 16, hd / gs);
+    let mut facc = vec![0f32; hd];
+    let mut min_acc = vec![0f32; gpt];
+    let mut ps = vec![0f32; Q16_VAL_SUB * gpt];
+    let mut i0 = 0;
+    while i0 < n {
+        let cnt = Q16_VAL_SUB.min(n - i0);
+        let mut amax = 0f32;
+        for i in 0..cnt {
+            let t = t0 + i0 + i;
+            for g in 0..gpt {
+                ps[i * gpt + g] = p[i0 + i] * seg.scales[t * gpt + g].to_f32();
+                min_acc[g] += p[i0 + i] * seg.mins[t * gpt + g].to_f32();
+                amax = amax.max(ps[i * gpt + g]);
+            }
+        }
+        let inv = if amax > 0.0 { Q16_VAL_MAX / amax } else { 0.0 };
+        let alpha = amax / Q16_VAL_MAX;
+        for d in 0..hd {
+            let mut sum = 0i32;
+            for i in 0..cnt {
+                let w = seg.codes[(t0 + i0 + i) * wpt + d / 16];
+                let iq = (ps[i * gpt + d / gs] * inv).round_ties_even() as i32;
+                sum += iq * ((w >> (2 * (d % 16))) & 3) as i32;
+            }
+            facc[d] = alpha.mul_add(sum as f32, facc[d]);
+        }
+        i0 += cnt;
+    }
+    for d in 0..hd {
+        acc[d] += facc[d] + min_acc[d / gs];
+    }
+}

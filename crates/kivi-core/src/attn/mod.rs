@@ -93,11 +93,16 @@ pub enum Isa {
     Avx2,
     /// AVX-512F (plus AVX2/FMA/F16C).
     Avx512,
+    /// AVX-512 plus VNNI, VBMI, BW and GFNI: the [`Isa::Avx512`] kernels, except that 2-bit KIVI
+    /// codes go through integer dot products (`vpdpbusd`) against a 16-bit quantized query or
+    /// softmax weight (`simd.rs`, "2-bit codes through integer dot products").
+    Avx512Vnni,
 }
 
 impl Isa {
-    /// Best supported ISA; `KIVI_FORCE_SCALAR=1` forces the portable path, `KIVI_ISA=avx2`
-    /// caps it at AVX2 (for measurements).
+    /// Best supported ISA; `KIVI_FORCE_SCALAR=1` forces the portable path, `KIVI_ISA=avx2` /
+    /// `KIVI_ISA=avx512` cap it at AVX2 / AVX-512 without the integer 2-bit kernels (for
+    /// measurements).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
@@ -108,7 +113,8 @@ impl Isa {
             let best = Isa::best_supported();
             match (cap.as_str(), best) {
                 ("scalar", _) => Isa::Scalar,
-                ("avx2", Isa::Avx512) => Isa::Avx2,
+                ("avx2", Isa::Avx512 | Isa::Avx512Vnni) => Isa::Avx2,
+                ("avx512", Isa::Avx512Vnni) => Isa::Avx512,
                 _ => best,
             }
         })
@@ -122,7 +128,11 @@ impl Isa {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
+                let vnni = is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vbmi")
+                    && is_x86_feature_detected!("gfni");
+                return if vnni { Isa::Avx512Vnni } else { Isa::Avx512 };
             }
             if avx2 {
                 return Isa::Avx2;
@@ -133,15 +143,30 @@ impl Isa {
 
     /// Every ISA usable on this CPU (for tests comparing kernels with their scalar twins).
     pub fn all_supported() -> Vec<Isa> {
-        let best = Isa::best_supported();
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        let best = Isa::best_supported().rank();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni]
             .into_iter()
-            .filter(|&i| match i {
-                Isa::Scalar => true,
-                Isa::Avx2 => best != Isa::Scalar,
-                Isa::Avx512 => best == Isa::Avx512,
-            })
+            .filter(|i| i.rank() <= best)
             .collect()
+    }
+
+    /// Order of the ISAs: each one's CPU features include those of the lower ones.
+    pub(crate) fn rank(self) -> u8 {
+        match self {
+            Isa::Scalar => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512 => 2,
+            Isa::Avx512Vnni => 3,
+        }
+    }
+
+    /// The ISA of the float kernels: [`Isa::Avx512Vnni`] uses the [`Isa::Avx512`] ones for
+    /// everything but 2-bit codes.
+    pub fn base(self) -> Isa {
+        match self {
+            Isa::Avx512Vnni => Isa::Avx512,
+            isa => isa,
+        }
     }
 }
 
@@ -400,7 +425,7 @@ pub fn k_scores_multi(
 ) {
     let hd = q.len() / m;
     #[cfg(target_arch = "x86_64")]
-    match (isa, seg, m) {
+    match (isa.base(), seg, m) {
         (Isa::Avx512, SegData::Chan(s), 2..=4)
             if simd::k_chan_multi(isa, q, m, s, t0, n, out, out_stride) =>
         {
@@ -441,7 +466,7 @@ pub fn v_accumulate_multi(
 ) {
     let hd = acc.len() / m;
     #[cfg(target_arch = "x86_64")]
-    match (isa, seg, m) {
+    match (isa.base(), seg, m) {
         (Isa::Avx512, SegData::Tok(s), 2..=4)
             if simd::v_tok_multi(isa, p, p_stride, m, s, t0, n, acc) =>
         {

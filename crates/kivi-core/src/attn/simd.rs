@@ -36,11 +36,7 @@ const MAX_HEAD_DIM: usize = 512;
 fn assert_supported(isa: Isa) {
     static BEST: OnceLock<Isa> = OnceLock::new();
     let best = *BEST.get_or_init(Isa::best_supported);
-    let ok = match isa {
-        Isa::Scalar => true,
-        Isa::Avx2 => best != Isa::Scalar,
-        Isa::Avx512 => best == Isa::Avx512,
-    };
+    let ok = isa.rank() <= best.rank();
     assert!(
         ok,
         "{isa:?} kernels requested on a CPU without the features"
@@ -70,10 +66,10 @@ pub fn k_f16(
     let d = q.len();
     assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
     assert!(out.len() >= n);
-    match isa {
+    match isa.base() {
         // SAFETY: the CPU has the features (checked above); every row read is in bounds of
         // `rows` and every write in bounds of `out` (checked above).
-        Isa::Avx512 => unsafe { k_f16_avx512(q, rows, stride, t0, n, out) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { k_f16_avx512(q, rows, stride, t0, n, out) },
         // SAFETY: as above.
         Isa::Avx2 => unsafe { k_f16_avx2(q, rows, stride, t0, n, out) },
         Isa::Scalar => cpu::k_f16(q, rows, stride, t0, n, out),
@@ -207,7 +203,7 @@ pub fn v_f16(
     let d = acc.len();
     assert!(n == 0 || rows.len() >= (t0 + n - 1) * stride + d);
     assert!(p.len() >= n);
-    match (isa, d) {
+    match (isa.base(), d) {
         // SAFETY (all arms): the CPU has the features (checked above); reads of `rows` and `p`
         // are in bounds (checked above) and `acc` has exactly `d` = lanes * NV elements.
         (Isa::Avx512, 64) => unsafe { v_f16_avx512::<4>(p, rows, stride, t0, n, acc) },
@@ -460,7 +456,14 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
             })
         };
     }
-    match (isa, g) {
+    if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, seg) {
+        // SAFETY: the CPU has the features; the kernel reads rows d < hd of the 64-token chunks
+        // covering t0..t0+n (inside rows of a multiple of 64 tokens, k_chan_q16_shape), the
+        // groups' scales/mins, q[..hd], and writes out[..n]; all asserted above.
+        unsafe { k_chan_vnni::<1>(q, seg, t0, n, out, 0) };
+        return;
+    }
+    match (isa.base(), g) {
         (Isa::Avx512, 16) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 1),
         (Isa::Avx512, 32) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 2),
         (Isa::Avx512, 64) if seg.bits == 2 => run!(k_chan_group_2bit_avx512, 4),
@@ -848,7 +851,16 @@ pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &m
     assert!(seg.codes.len() >= (t0 + n) * (hd / fpi));
     assert!(seg.scales.len() >= (t0 + n) * (hd / g) && seg.mins.len() >= (t0 + n) * (hd / g));
     assert!(p.len() >= n);
-    match (isa, hd, g % 16 == 0, g % 8 == 0) {
+    if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, seg) && cpu::all_nonnegative(&p[..n]) {
+        // SAFETY: the CPU has the features; codes/scales/mins of tokens t0..t0+n, p[..n] and
+        // acc[..hd] are in bounds (asserted above); hd = 64 * NV.
+        match hd {
+            64 => unsafe { v_tok_vnni::<1, 1>(p, 0, seg, t0, n, acc) },
+            _ => unsafe { v_tok_vnni::<1, 2>(p, 0, seg, t0, n, acc) },
+        }
+        return;
+    }
+    match (isa.base(), hd, g % 16 == 0, g % 8 == 0) {
         // SAFETY (all arms): the CPU has the features; codes/scales/mins of tokens
         // `t0..t0+n` and `acc[..hd]` are in bounds (asserted above); groups are whole multiples
         // of the lane count, so one lane vector lies in one group.
@@ -1136,7 +1148,7 @@ pub fn k_chan_multi(
     out_stride: usize,
 ) -> bool {
     assert_supported(isa);
-    if isa != Isa::Avx512 || m == 0 {
+    if isa.base() != Isa::Avx512 || m == 0 {
         return false;
     }
     if n == 0 {
@@ -1151,6 +1163,16 @@ pub fn k_chan_multi(
     assert!(seg.scales.len() >= hd * seg.groups_per_row);
     assert!(seg.mins.len() >= hd * seg.groups_per_row);
     assert!(out.len() >= (m - 1) * out_stride + n);
+    if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, seg) {
+        // SAFETY: as in `k_chan` (bounds asserted above for all m queries and output rows).
+        match m {
+            1 => unsafe { k_chan_vnni::<1>(q, seg, t0, n, out, out_stride) },
+            2 => unsafe { k_chan_vnni::<2>(q, seg, t0, n, out, out_stride) },
+            3 => unsafe { k_chan_vnni::<3>(q, seg, t0, n, out, out_stride) },
+            _ => unsafe { k_chan_vnni::<4>(q, seg, t0, n, out, out_stride) },
+        }
+        return true;
+    }
     macro_rules! go {
         ($m:literal, $nb:literal) => {{
             let mut tmp = [0f32; $m * 16 * $nb];
@@ -1238,7 +1260,7 @@ pub fn v_tok_multi(
     acc: &mut [f32],
 ) -> bool {
     assert_supported(isa);
-    if isa != Isa::Avx512 || m == 0 {
+    if isa.base() != Isa::Avx512 || m == 0 {
         return false;
     }
     let (hd, g) = (acc.len() / m, seg.group);
@@ -1250,6 +1272,25 @@ pub fn v_tok_multi(
     assert!(seg.codes.len() >= (t0 + n) * (hd / fpi));
     assert!(seg.scales.len() >= (t0 + n) * (hd / g) && seg.mins.len() >= (t0 + n) * (hd / g));
     assert!(n == 0 || p.len() >= (m - 1) * p_stride + n);
+    if isa == Isa::Avx512Vnni
+        && cpu::v_tok_q16_shape(hd, seg)
+        && (0..m).all(|r| cpu::all_nonnegative(&p[r * p_stride..][..n]))
+    {
+        // SAFETY: as in `v_tok`, for the m weight rows and acc[..m*hd] (asserted above); the
+        // single-row calls get row r's weights and accumulator.
+        match (m, hd) {
+            (2, 64) => unsafe { v_tok_vnni::<2, 1>(p, p_stride, seg, t0, n, acc) },
+            (3, 64) => unsafe { v_tok_vnni::<3, 1>(p, p_stride, seg, t0, n, acc) },
+            // More rows than registers for the accumulators: one row at a time.
+            (_, 64) => (0..m).for_each(|r| unsafe {
+                v_tok_vnni::<1, 1>(&p[r * p_stride..], 0, seg, t0, n, &mut acc[r * hd..][..hd])
+            }),
+            _ => (0..m).for_each(|r| unsafe {
+                v_tok_vnni::<1, 2>(&p[r * p_stride..], 0, seg, t0, n, &mut acc[r * hd..][..hd])
+            }),
+        }
+        return true;
+    }
     match (m, hd) {
         // SAFETY (all arms): the CPU has AVX-512 (asserted); codes/scales/mins of tokens
         // t0..t0+n, the m weight rows and acc[..m*hd] are in bounds (asserted above); g is a
@@ -1358,9 +1399,9 @@ unsafe fn v_tok_multi_avx512<const M: usize, const NV: usize>(
 /// `x[i] = exp(x[i] - shift)`, returns the sum; SIMD version of [`cpu::exp_shift_sum`].
 pub fn exp_shift_sum(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
     assert_supported(isa);
-    match isa {
+    match isa.base() {
         // SAFETY: the CPU has the features; the kernels access x[..x.len()] only.
-        Isa::Avx512 => unsafe { exp_shift_sum_avx512(x, shift) },
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { exp_shift_sum_avx512(x, shift) },
         // SAFETY: as above.
         Isa::Avx2 => unsafe { exp_shift_sum_avx2(x, shift) },
         Isa::Scalar => cpu::exp_shift_sum(x, shift),
@@ -1469,7 +1510,7 @@ pub fn k_f16_multi(
     out_stride: usize,
 ) -> bool {
     assert_supported(isa);
-    if isa != Isa::Avx512 || m == 0 {
+    if isa.base() != Isa::Avx512 || m == 0 {
         return false;
     }
     let d = q.len() / m;
@@ -1536,7 +1577,7 @@ pub fn v_f16_multi(
     acc: &mut [f32],
 ) -> bool {
     assert_supported(isa);
-    if isa != Isa::Avx512 || m == 0 {
+    if isa.base() != Isa::Avx512 || m == 0 {
         return false;
     }
     let d = acc.len() / m;
@@ -1588,6 +1629,431 @@ unsafe fn v_f16_multi_avx512<const M: usize, const NV: usize>(
         for j in 0..NV {
             let dst = ap.add(qi * d + 16 * j);
             _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a[qi][j]));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2-bit codes through integer dot products (AVX-512 VNNI + VBMI + BW + GFNI)
+//
+// `vpdpbusd` adds, per dword lane, the products of 4 unsigned bytes with 4 signed bytes. The
+// float side (the folded key query `q·scale`, or the value weights `p·scale`) is quantized to 16
+// bits and split into a high and a low byte (two `vpdpbusd`, recombined as `256·hi + lo`); the
+// codes are arranged so that the 4 bytes of a lane hold the same token (keys) or channel
+// (values) of 4 channels (tokens), and `vgf2p8affineqb` moves code k of each byte (bits 2k,
+// 2k+1) to bits 0–1 and clears the rest, in one µop. Per 64 codes: about 1/4 byte permute,
+// 1 affine and 2 dot products, against ~10 µops of the float lookup kernels. The integer twins
+// in `cpu.rs` (`k_chan_q16`, `v_tok_q16`) define the results.
+
+/// `vgf2p8affineqb` matrices: result bit 0 = bit 2k, bit 1 = bit 2k+1 (row of result bit i in
+/// byte 7 - i of the matrix).
+const GF_CODE2: [u64; 4] = {
+    let mut m = [0u64; 4];
+    let mut k = 0;
+    while k < 4 {
+        m[k] = (1u64 << (2 * k)) << 56 | (1u64 << (2 * k + 1)) << 48;
+        k += 1;
+    }
+    m
+};
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,gfni")]
+unsafe fn gf_matrices() -> [__m512i; 4] {
+    std::array::from_fn(|k| _mm512_set1_epi64(GF_CODE2[k] as i64))
+}
+
+/// Byte-permute index from a `[u8; 64]` built by `f(output byte)`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn byte_index(f: impl Fn(usize) -> usize) -> __m512i {
+    let b: [u8; 64] = std::array::from_fn(|o| f(o) as u8);
+    _mm512_loadu_si512(b.as_ptr() as *const _)
+}
+
+/// f32 lane index for `vpermt2ps` built by `f(output lane)`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_index(f: impl Fn(usize) -> usize) -> __m512i {
+    let b: [i32; 16] = std::array::from_fn(|o| f(o) as i32);
+    _mm512_loadu_si512(b.as_ptr() as *const _)
+}
+
+/// Group `g`'s folded key query quantized to i16 (as i32 in `iq`), see
+/// [`cpu::quantize_query_q16`]; `q.len()` is a multiple of 16.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn quantize_query_q16_avx512(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    g: usize,
+    iq: &mut [i32],
+) -> (f32, f32) {
+    let hd = q.len();
+    let (sp, mp) = (
+        seg.scales.as_ptr().add(g * hd) as *const u16,
+        seg.mins.as_ptr().add(g * hd) as *const u16,
+    );
+    let qp = q.as_ptr();
+    let mut qs = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
+    let (mut b, mut amax) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for v in 0..hd / 16 {
+        let qv = _mm512_loadu_ps(qp.add(16 * v));
+        let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(16 * v) as *const __m256i));
+        let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(16 * v) as *const __m256i));
+        qs[v] = _mm512_mul_ps(qv, sc);
+        b = _mm512_fmadd_ps(qv, mn, b);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(qs[v]));
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    let inv = _mm512_set1_ps(if amax > 0.0 {
+        cpu::Q16_KEY_MAX / amax
+    } else {
+        0.0
+    });
+    let ip = iq.as_mut_ptr();
+    for v in 0..hd / 16 {
+        let x = _mm512_cvtps_epi32(_mm512_mul_ps(qs[v], inv));
+        _mm512_storeu_si512(ip.add(16 * v) as *mut _, x);
+    }
+    (amax / cpu::Q16_KEY_MAX, _mm512_reduce_add_ps(b))
+}
+
+/// 2-bit keys of `M` queries (`q = [M][hd]`) over tokens `t0..t0+n`, by chunks of 64 tokens
+/// (16 bytes of each channel row; two halves of 32 tokens, each inside one group): per 4
+/// channels, the 4 rows' chunks are loaded into one vector and byte-permuted so that dword lane
+/// `2i + s` holds byte column `8s + i` (tokens `32s + 4i .. +4`) of the 4 channels; code k of
+/// each byte then feeds `vpdpbusd` against the 4 channels' query bytes of half s (broadcast as one
+/// qword per half pair from a per-chunk table). Result = [`cpu::k_chan_q16`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+unsafe fn k_chan_vnni<const M: usize>(
+    q: &[f32],
+    seg: &ChanSeg<'_>,
+    t0: usize,
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let hd = q.len() / M;
+    let (g, wpr) = (seg.group, seg.words_per_row);
+    // Quantized query of the group of each half (slot) of the current chunk.
+    let mut iq = [[[0i32; MAX_HEAD_DIM]; 2]; M];
+    let mut qpar = [[(0f32, 0f32); 2]; M];
+    let mut cur = [usize::MAX; 2];
+    // Per query and 4 channels: 16 bytes [hi(slot 0), hi(slot 1), lo(slot 0), lo(slot 1)].
+    let mut tab = [[0u8; 4 * MAX_HEAD_DIM]; M];
+    let mut tmp = [0f32; 64 * 4];
+    // Table builder: bytes of 16 channels' i32 codes of both slots.
+    let tidx = byte_index(|o| {
+        let (k, j) = (o / 16, o % 16);
+        let (part, slot, ch) = (j / 8, (j / 4) % 2, 4 * k + j % 4);
+        64 * slot + 4 * ch + (part == 0) as usize
+    });
+    // Chunk arrangement: lane L = 2i + s, byte ch -> row ch, column 8s + i.
+    let aidx = byte_index(|o| {
+        let (l, ch) = (o / 4, o % 4);
+        16 * ch + 8 * (l % 2) + l / 2
+    });
+    // Lane (2i + s, code k) = token 32s + 4i + k: two vpermt2ps stages to natural order.
+    let u_idx: [__m512i; 2] =
+        std::array::from_fn(|s| lane_index(|e| 16 * (e % 2) + 2 * (e / 2) + s));
+    let o_idx: [__m512i; 2] = std::array::from_fn(|h| {
+        lane_index(|e| {
+            let (i, k) = (4 * h + e / 4, e % 4);
+            16 * (k / 2) + 2 * i + k % 2
+        })
+    });
+    let mats = gf_matrices();
+    let cp = seg.codes.as_ptr();
+    let end = t0 + n;
+    let mut t = t0;
+    while t < end {
+        let c = t / 64;
+        let c0 = 64 * c;
+        let hi = end.min(c0 + 64);
+        let gs = [c0 / g, (c0 + 32) / g];
+        if cur != gs {
+            for h in 0..2 {
+                if cur[h] == gs[h] {
+                    continue;
+                }
+                for r in 0..M {
+                    if h == 1 && gs[1] == gs[0] {
+                        let (a, b) = iq[r].split_at_mut(1);
+                        b[0][..hd].copy_from_slice(&a[0][..hd]);
+                        qpar[r][1] = qpar[r][0];
+                    } else {
+                        qpar[r][h] = quantize_query_q16_avx512(
+                            &q[r * hd..(r + 1) * hd],
+                            seg,
+                            gs[h],
+                            &mut iq[r][h][..hd],
+                        );
+                    }
+                }
+            }
+            cur = gs;
+            for r in 0..M {
+                for v in 0..hd / 16 {
+                    let a = _mm512_loadu_si512(iq[r][0].as_ptr().add(16 * v) as *const _);
+                    let b = _mm512_loadu_si512(iq[r][1].as_ptr().add(16 * v) as *const _);
+                    let x = _mm512_permutex2var_epi8(a, tidx, b);
+                    _mm512_storeu_si512(tab[r].as_mut_ptr().add(64 * v) as *mut _, x);
+                }
+            }
+        }
+        let mut ah = [[_mm512_setzero_si512(); 4]; M];
+        let mut al = [[_mm512_setzero_si512(); 4]; M];
+        let base = cp.add(4 * c);
+        for cq in 0..hd / 4 {
+            let r0 = base.add(4 * cq * wpr);
+            let ld = |i: usize| _mm_loadu_si128(r0.add(i * wpr) as *const __m128i);
+            let x = _mm512_castsi128_si512(ld(0));
+            let x = _mm512_inserti32x4::<1>(x, ld(1));
+            let x = _mm512_inserti32x4::<2>(x, ld(2));
+            let x = _mm512_inserti32x4::<3>(x, ld(3));
+            let y = _mm512_permutexvar_epi8(aidx, x);
+            for k in 0..4 {
+                let ck = _mm512_gf2p8affine_epi64_epi8::<0>(y, mats[k]);
+                for r in 0..M {
+                    let tp = tab[r].as_ptr().add(16 * cq) as *const i64;
+                    let qh = _mm512_set1_epi64(tp.read_unaligned());
+                    let ql = _mm512_set1_epi64(tp.add(1).read_unaligned());
+                    ah[r][k] = _mm512_dpbusd_epi32(ah[r][k], ck, qh);
+                    al[r][k] = _mm512_dpbusd_epi32(al[r][k], ql, ck);
+                }
+            }
+        }
+        for r in 0..M {
+            let pair = |a: f32, b: f32| {
+                let bits = (a.to_bits() as u64) | (b.to_bits() as u64) << 32;
+                _mm512_castsi512_ps(_mm512_set1_epi64(bits as i64))
+            };
+            let alpha = pair(qpar[r][0].0, qpar[r][1].0);
+            let bias = pair(qpar[r][0].1, qpar[r][1].1);
+            let f: [__m512; 4] = std::array::from_fn(|k| {
+                let tot = _mm512_add_epi32(_mm512_slli_epi32::<8>(ah[r][k]), al[r][k]);
+                _mm512_fmadd_ps(alpha, _mm512_cvtepi32_ps(tot), bias)
+            });
+            for s in 0..2 {
+                let u = _mm512_permutex2var_ps(f[0], u_idx[s], f[1]);
+                let w = _mm512_permutex2var_ps(f[2], u_idx[s], f[3]);
+                for h in 0..2 {
+                    let o = _mm512_permutex2var_ps(u, o_idx[h], w);
+                    _mm512_storeu_ps(tmp.as_mut_ptr().add(64 * r + 32 * s + 16 * h), o);
+                }
+            }
+            out[r * out_stride + (t - t0)..][..hi - t]
+                .copy_from_slice(&tmp[64 * r + (t - c0)..64 * r + (hi - c0)]);
+        }
+        t = hi;
+    }
+}
+
+/// 2-bit values, `M` weight rows (`p[r * p_stride ..]`), head_dim `64·NV`: per sub-chunk of
+/// [`cpu::Q16_VAL_SUB`] tokens the weights `p·scale` are quantized to u16 and laid out per 4
+/// tokens as `[vector][hi | lo][quarter][token]` bytes; per 4 tokens the rows (contiguous) are
+/// byte-permuted so that dword lane `4i + s` of vector v holds byte column `16v + 4s + i`
+/// (channels `64v + 16s + 4i .. +4`) of the 4 tokens, and code k of each byte feeds `vpdpbusd`
+/// against the 4 tokens' weight bytes of quarter s (`vbroadcasti32x4`). Result =
+/// [`cpu::v_tok_q16`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
+    p: &[f32],
+    p_stride: usize,
+    seg: &TokSeg<'_>,
+    t0: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    const SUB: usize = cpu::Q16_VAL_SUB;
+    let hd = 64 * NV;
+    let g = seg.group;
+    let (wpt, gpt) = (hd / 16, hd / g);
+    let (cp, sp, mp) = (
+        seg.codes.as_ptr(),
+        seg.scales.as_ptr() as *const u16,
+        seg.mins.as_ptr() as *const u16,
+    );
+    let mut fa = [[[_mm512_setzero_ps(); 4]; NV]; M];
+    let mut min_acc = [[0f32; 16]; M];
+    let mut macc = [_mm512_setzero_ps(); M];
+    // p·scale of the sub-chunk, [token][group], padded to whole 4-token quads.
+    let mut ps = [[0f32; SUB * 4 + 16]; M];
+    // Per 4 tokens: 64 bytes of weight codes.
+    let mut wt = [[[0u8; 64]; SUB / 4]; M];
+    let mut pidx = [0i32; 16];
+    for (l, x) in pidx.iter_mut().enumerate() {
+        *x = (l / gpt) as i32;
+    }
+    let pidx = _mm512_loadu_si512(pidx.as_ptr() as *const _);
+    let pmask: __mmask16 = ((1u32 << (16 / gpt)) - 1) as u16;
+    let qmask: __mmask16 = ((1u32 << (4 * gpt)) - 1) as u16;
+    // Weight table: output byte v·32 + part·16 + 4s + tt <- byte (part == hi) of the i32 code of
+    // token tt, group (64v + 16s) / g.
+    let widx = byte_index(|o| {
+        let (v, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
+        if v >= NV {
+            return 0;
+        }
+        4 * (tt * gpt + (64 * v + 16 * s) / g) + (part == 0) as usize
+    });
+    // Row arrangement: lane L = 4i + s of vector v, byte tt <- row tt, column 16v + 4s + i.
+    let aidx: [__m512i; NV] = std::array::from_fn(|v| {
+        byte_index(|o| {
+            let (l, tt) = (o / 4, o % 4);
+            let col = 16 * v + 4 * (l % 4) + l / 4;
+            if NV == 1 {
+                16 * tt + col
+            } else {
+                32 * tt + col
+            }
+        })
+    });
+    let mats = gf_matrices();
+    let mut i0 = 0;
+    while i0 < n {
+        let cnt = SUB.min(n - i0);
+        let mm = cnt * gpt;
+        let nx = (n - i0 - cnt).min(SUB);
+        prefetch_lines(
+            cp.wrapping_add((t0 + i0 + cnt) * wpt) as *const u8,
+            nx * wpt * 4,
+        );
+        prefetch_lines(
+            sp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
+            nx * gpt * 2,
+        );
+        prefetch_lines(
+            mp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
+            nx * gpt * 2,
+        );
+        let quads = cnt.div_ceil(4);
+        let mut alpha = [0f32; M];
+        for r in 0..M {
+            let pr = p.as_ptr().add(r * p_stride + i0);
+            let psr = ps[r].as_mut_ptr();
+            let mut mx = _mm512_setzero_ps();
+            let mut mxs = 0f32;
+            let mut j = 0;
+            while j + 16 <= mm {
+                let pv = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(pmask, pr.add(j / gpt)));
+                let off = (t0 + i0) * gpt + j;
+                let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(off) as *const __m256i));
+                let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(off) as *const __m256i));
+                let x = _mm512_mul_ps(pv, sc);
+                _mm512_storeu_ps(psr.add(j), x);
+                mx = _mm512_max_ps(mx, x);
+                macc[r] = _mm512_fmadd_ps(pv, mn, macc[r]);
+                j += 16;
+            }
+            while j < mm {
+                let w = *pr.add(j / gpt);
+                let off = (t0 + i0) * gpt + j;
+                let x = w * h2f(f16::from_bits(*sp.add(off)));
+                *psr.add(j) = x;
+                mxs = mxs.max(x);
+                min_acc[r][j % gpt] += w * h2f(f16::from_bits(*mp.add(off)));
+                j += 1;
+            }
+            while j < 4 * quads * gpt {
+                *psr.add(j) = 0.0;
+                j += 1;
+            }
+            let amax = _mm512_reduce_max_ps(mx).max(mxs);
+            let inv = _mm512_set1_ps(if amax > 0.0 {
+                cpu::Q16_VAL_MAX / amax
+            } else {
+                0.0
+            });
+            alpha[r] = amax / cpu::Q16_VAL_MAX;
+            for t4 in 0..quads {
+                let x = _mm512_maskz_loadu_ps(qmask, psr.add(4 * t4 * gpt));
+                let z = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
+                let b = _mm512_permutexvar_epi8(widx, z);
+                _mm512_storeu_si512(wt[r][t4].as_mut_ptr() as *mut _, b);
+            }
+        }
+        let mut ih = [[[_mm512_setzero_si512(); 4]; NV]; M];
+        let mut il = [[[_mm512_setzero_si512(); 4]; NV]; M];
+        let mut tail = [0u32; 4 * 8];
+        for t4 in 0..quads {
+            let mut rows = cp.add((t0 + i0 + 4 * t4) * wpt);
+            let valid = cnt - 4 * t4;
+            if valid < 4 {
+                // Last, partial quad: zero rows past the stretch (their weights are 0 too).
+                std::ptr::copy_nonoverlapping(rows, tail.as_mut_ptr(), valid * wpt);
+                rows = tail.as_ptr();
+            }
+            let y: [__m512i; NV] = if NV == 1 {
+                let x = _mm512_loadu_si512(rows as *const _);
+                [_mm512_permutexvar_epi8(aidx[0], x); NV]
+            } else {
+                let x0 = _mm512_loadu_si512(rows as *const _);
+                let x1 = _mm512_loadu_si512(rows.add(16) as *const _);
+                std::array::from_fn(|v| _mm512_permutex2var_epi8(x0, aidx[v], x1))
+            };
+            for v in 0..NV {
+                for k in 0..4 {
+                    let ck = _mm512_gf2p8affine_epi64_epi8::<0>(y[v], mats[k]);
+                    for r in 0..M {
+                        let wp = wt[r][t4].as_ptr().add(32 * v) as *const __m128i;
+                        let wh = _mm512_broadcast_i32x4(_mm_loadu_si128(wp));
+                        let wl = _mm512_broadcast_i32x4(_mm_loadu_si128(wp.add(1)));
+                        ih[r][v][k] = _mm512_dpbusd_epi32(ih[r][v][k], wh, ck);
+                        il[r][v][k] = _mm512_dpbusd_epi32(il[r][v][k], wl, ck);
+                    }
+                }
+            }
+        }
+        for r in 0..M {
+            let a = _mm512_set1_ps(alpha[r]);
+            for v in 0..NV {
+                for k in 0..4 {
+                    let tot = _mm512_add_epi32(_mm512_slli_epi32::<8>(ih[r][v][k]), il[r][v][k]);
+                    fa[r][v][k] = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(tot), fa[r][v][k]);
+                }
+            }
+        }
+        i0 += cnt;
+    }
+    // Lane (4i + s, code k) of vector v = channel 64v + 16s + 4i + k: two vpermt2ps stages.
+    let s1: [__m512i; 2] = std::array::from_fn(|sb| {
+        lane_index(|e| {
+            let (s2, i, kk) = (e / 8, (e / 2) % 4, e % 2);
+            16 * kk + 4 * i + 2 * sb + s2
+        })
+    });
+    let s2: [__m512i; 2] = std::array::from_fn(|s2| {
+        lane_index(|e| {
+            let (i, k) = (e / 4, e % 4);
+            16 * (k / 2) + 8 * s2 + 2 * i + k % 2
+        })
+    });
+    let ap = acc.as_mut_ptr();
+    for r in 0..M {
+        let mut mv = [0f32; 16];
+        _mm512_storeu_ps(mv.as_mut_ptr(), macc[r]);
+        for (l, x) in mv.iter().enumerate() {
+            min_acc[r][l % gpt] += x;
+        }
+        for v in 0..NV {
+            let f = &fa[r][v];
+            for sb in 0..2 {
+                let x01 = _mm512_permutex2var_ps(f[0], s1[sb], f[1]);
+                let x23 = _mm512_permutex2var_ps(f[2], s1[sb], f[3]);
+                for h in 0..2 {
+                    let s = 2 * sb + h;
+                    let o = _mm512_permutex2var_ps(x01, s2[h], x23);
+                    let ch = 64 * v + 16 * s;
+                    let m = _mm512_set1_ps(min_acc[r][ch / g]);
+                    let dst = ap.add(r * hd + ch);
+                    _mm512_storeu_ps(
+                        dst,
+                        _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(o, m)),
+                    );
+                }
+            }
         }
     }
 }
