@@ -2,16 +2,21 @@
 // [quantized | f16 window | new tokens], and the split reduction. Compiled with NVRTC at run time
 // (no CUDA headers: f16 conversions are inline PTX).
 //
-// GPU cache layout, per layer (slot = one sequence; cap = token capacity, a multiple of 32):
-//   keys, quantized per channel: codes  [slot][Hkv][cap/32][D][32/fpi] u32  (a 32-token sub-tile of
+// Paged layout (vLLM style). A pool of blocks of BLOCK_TOKENS token positions; one block id
+// indexes the same place in every layer's arenas. Sequence ("slot") position p lives in block
+// table[slot][p / BLOCK_TOKENS] at position p % BLOCK_TOKENS. Per layer (arenas head-major, so
+// that a head's consecutive blocks are contiguous; strides in CacheBufs):
+//   keys, quantized per channel: codes  [Hkv][block][BT/32][D][32/fpi] u32  (a 32-token sub-tile of
 //                                        one channel is 32/fpi consecutive words, the same words as
 //                                        the CPU packing of that channel row)
-//                                scale, min [slot][Hkv][cap/G][D] f16
+//                                scale, min [Hkv][block][BT/G][D] f16
 //                                window [slot][Hkv][W][D] f16, token p at slot p % W (W = R, or G
 //                                        for the R = 0 staging of the partial group)
-//   values, quantized per token: codes  [slot][Hkv][cap][D/fpi] u32, scale, min [slot][Hkv][cap][D/G]
+//   values, quantized per token: codes  [Hkv][block][BT][D/fpi] u32, scale, min [Hkv][block][BT][D/G]
 //                                window [slot][Hkv][R][D] f16, token p at slot p % R
-//   f16 cache: keys and values [slot][Hkv][cap][D] f16 (the "window" with W = cap).
+//   f16 cache: keys and values [Hkv][block][BT][D] f16 (in the "window" buffers, paged).
+// The windows are per slot, outside the pool. BT is a multiple of every supported G (G divides
+// D <= 128 and is a multiple of 32), so a key group never straddles two blocks.
 // Sequence positions: keys [0, nqk) quantized, [nqk, n) window; values [0, nqv) quantized,
 // [nqv, n) window; with R > 0: nqk = n - n % R, nqv = max(n - R, 0); R = 0: nqk = nqv = n.
 // Offsets are 64-bit.
@@ -21,6 +26,10 @@ typedef unsigned short u16;
 typedef unsigned long long u64;
 
 #define WARPS 4
+// Token positions per pool block (BLOCK_TOKENS in cache.rs) and the longest attention split
+// (MAX_SPLIT in cache.rs; a multiple of BLOCK_TOKENS).
+#define BLOCK_TOKENS 128
+#define MAX_SPLIT 2048
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 __device__ __forceinline__ float h2f(u16 h) {
@@ -101,14 +110,22 @@ struct CacheBufs {
     u16* vs;
     u16* vm;
     u16* vwin;
-    // Element strides (64-bit) per slot and per KV head.
-    u64 kq_slot, kq_head, ksm_slot, ksm_head, kwin_slot, kwin_head;
-    u64 vq_slot, vq_head, vsm_slot, vsm_head, vwin_slot, vwin_head;
+    const int* table;  // [slot][table_stride] block ids
+    u64 table_stride;
+    // Element strides (64-bit) per block and per KV head of the paged arenas.
+    u64 kq_block, kq_head, ksm_block, ksm_head, vq_block, vq_head, vsm_block, vsm_head;
+    // Windows: strides per unit (KIVI: slot; f16 cache: block, the rows are paged) and KV head.
+    u64 kwin_unit, kwin_head, vwin_unit, vwin_head;
     int n_kv, head_dim, group, resid, k_bits, v_bits;
-    // Key window modulus: R, or G for the R = 0 staging; the f16 cache: cap.
+    // Key window modulus: R, or G for the R = 0 staging (unused by the f16 cache).
     int kwin_mod;
     int is_f16;
 };
+
+// Block holding position p of a slot.
+__device__ __forceinline__ u64 block_of(const CacheBufs& c, int slot, int p) {
+    return (u64)c.table[(u64)slot * c.table_stride + p / BLOCK_TOKENS];
+}
 
 // Batch item: slot, n_old, n_new, offset of its first token in the packed token arrays.
 struct Item {
@@ -134,7 +151,7 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
     const int gend = (q1 + G - 1) / G;
     if (g >= gend || d >= D) return;
     const int p0 = g * G, cnt = min(G, q1 - p0);
-    const u64 kwin = (u64)it.slot * c.kwin_slot + (u64)h * c.kwin_head;
+    const u64 kwin = (u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head;
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int t = 0; t < cnt; t++) {
         int p = p0 + t;
@@ -145,7 +162,9 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
     }
     const int bits = c.k_bits, fpi = 32 / bits, wpd = 32 / fpi;
     GroupParams gp = group_params(mn, mx, bits);
-    const u64 kq = (u64)it.slot * c.kq_slot + (u64)h * c.kq_head;
+    const u64 blk = block_of(c, it.slot, p0);
+    const int b0 = p0 % BLOCK_TOKENS;
+    const u64 kq = blk * c.kq_block + (u64)h * c.kq_head;
     for (int w0 = 0; w0 < G; w0 += fpi) {
         u32 word = 0;
         for (int j = 0; j < fpi; j++) {
@@ -157,10 +176,10 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
                 word |= quantize_value(x, gp, bits) << (j * bits);
             }
         }
-        int p = p0 + w0;
-        c.kq[kq + ((u64)(p / 32) * D + d) * wpd + (p % 32) / fpi] = word;
+        int b = b0 + w0;
+        c.kq[kq + ((u64)(b / 32) * D + d) * wpd + (b % 32) / fpi] = word;
     }
-    const u64 m = (u64)it.slot * c.ksm_slot + (u64)h * c.ksm_head + (u64)g * D + d;
+    const u64 m = blk * c.ksm_block + (u64)h * c.ksm_head + (u64)(b0 / G) * D + d;
     c.ks[m] = gp.scale;
     c.km[m] = gp.min;
 }
@@ -176,7 +195,7 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     const int q0 = val_quant_end(c, n0), q1 = val_quant_end(c, n1);
     const int p = q0 + blockIdx.x;
     if (p >= q1) return;
-    const u64 vwin = (u64)it.slot * c.vwin_slot + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
+    const u64 vwin = (u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
     const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D;
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int t = 0; t < G; t++) {
@@ -187,7 +206,9 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     }
     const int bits = c.v_bits, fpi = 32 / bits;
     GroupParams gp = group_params(mn, mx, bits);
-    const u64 vq = (u64)it.slot * c.vq_slot + (u64)h * c.vq_head + (u64)p * (D / fpi);
+    const u64 blk = block_of(c, it.slot, p);
+    const int b = p % BLOCK_TOKENS;
+    const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / fpi);
     for (int w0 = 0; w0 < G; w0 += fpi) {
         u32 word = 0;
         for (int j = 0; j < fpi; j++) {
@@ -197,7 +218,7 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
         }
         c.vq[vq + (gi * G + w0) / fpi] = word;
     }
-    const u64 m = (u64)it.slot * c.vsm_slot + (u64)h * c.vsm_head + (u64)p * gpt + gi;
+    const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
     c.vs[m] = gp.scale;
     c.vm[m] = gp.min;
 }
@@ -211,11 +232,14 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Item* items, con
     if (t >= it.n_new || d >= D) return;
     const int n0 = it.n_old, n1 = n0 + it.n_new, p = n0 + t;
     const u64 src = ((u64)(it.tok_off + t) * c.n_kv + h) * D + d;
-    int kstart, vstart;
     if (c.is_f16) {
-        kstart = 0;
-        vstart = 0;
-    } else if (c.resid > 0) {
+        const u64 row = block_of(c, it.slot, p) * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % BLOCK_TOKENS) * D + d;
+        c.kwin[row] = f2h(knew[src]);
+        c.vwin[row] = f2h(vnew[src]);
+        return;
+    }
+    int kstart, vstart;
+    if (c.resid > 0) {
         kstart = key_quant_end(c, n1);
         vstart = val_quant_end(c, n1);
     } else {
@@ -223,11 +247,9 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Item* items, con
         vstart = n1 + 1;             // no value window
     }
     if (p >= kstart)
-        c.kwin[(u64)it.slot * c.kwin_slot + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d] = f2h(knew[src]);
-    if (p >= vstart) {
-        int vmod = c.is_f16 ? c.kwin_mod : c.resid;
-        c.vwin[(u64)it.slot * c.vwin_slot + (u64)h * c.vwin_head + (u64)(p % vmod) * D + d] = f2h(vnew[src]);
-    }
+        c.kwin[(u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d] = f2h(knew[src]);
+    if (p >= vstart)
+        c.vwin[(u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(p % c.resid) * D + d] = f2h(vnew[src]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,6 +394,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     float* sacc = sq + NG * D;         // [NG][D]
     float* sml = sacc + NG * D;        // [NG][2]
     float* sc = sml + 2 * NG + 8;      // [NG][split_len]
+    __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
     if (s0 >= s1) {
@@ -382,20 +405,28 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         }
         return;
     }
+    int nqk = 0, nqv = 0;
+    if (QUANT) {
+        nqk = key_quant_end(c, n);
+        nqv = val_quant_end(c, n);
+    }
+    {
+        // Paged positions: [0, nqk) and [0, nqv) quantized; the f16 cache: [0, n).
+        const int paged = QUANT ? max(nqk, nqv) : n;
+        const int nb = min((max(paged - s0, 0) + BLOCK_TOKENS - 1) / BLOCK_TOKENS, P.split_len / BLOCK_TOKENS);
+        const int* row = c.table + (u64)tk.slot * c.table_stride + s0 / BLOCK_TOKENS;
+        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
+    }
     for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
         sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
         sacc[x] = 0.0f;
     }
     __syncthreads();
 
-    int nqk = 0, nqv = 0;
-    if (QUANT) {
-        nqk = key_quant_end(c, n);
-        nqv = val_quant_end(c, n);
-    }
-    const int vmod = QUANT ? max(c.resid, 1) : c.kwin_mod;
-    const u64 kwin = (u64)tk.slot * c.kwin_slot + (u64)kvh * c.kwin_head;
-    const u64 vwin = (u64)tk.slot * c.vwin_slot + (u64)kvh * c.vwin_head;
+    const int vmod = max(c.resid, 1);
+    // KIVI windows (per slot); the f16 cache's rows are paged (block-relative, head offset only).
+    const u64 kwin = (QUANT ? (u64)tk.slot * c.kwin_unit : 0) + (u64)kvh * c.kwin_head;
+    const u64 vwin = (QUANT ? (u64)tk.slot * c.vwin_unit : 0) + (u64)kvh * c.vwin_head;
     const float* knew = P.knew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
     const float* vnew = P.vnew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
     const u64 new_stride = (u64)c.n_kv * D;
@@ -411,8 +442,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         if (QUANT && t0 + 32 <= nqk) {
             constexpr int KBq = QUANT ? KB : 2;
             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
-            const u32* base = c.kq + (u64)tk.slot * c.kq_slot + (u64)kvh * c.kq_head + (u64)(t0 / 32) * (D * WPD);
-            const u64 sm = (u64)tk.slot * c.ksm_slot + (u64)kvh * c.ksm_head + (u64)(t0 / c.group) * D;
+            const u64 blk = (u64)sblk[(unsigned)(t0 - s0) / BLOCK_TOKENS];
+            const int b = t0 & (BLOCK_TOKENS - 1);
+            const u32* base = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
+            const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
             u32 w[CPL][WPD];
             float s[CPL], m[CPL];
 #pragma unroll
@@ -481,6 +514,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 u32 raw[8][CPL];
                 bool is_f32[8];
                 const int d0 = lane * CPL;
+                // The f16 cache: the 8 tokens (b0 is 8-aligned) are rows of one block.
+                u64 f16row = 0;
+                if (!QUANT && b0 < n)
+                    f16row = (u64)sblk[(unsigned)(b0 - s0) / BLOCK_TOKENS] * c.kwin_unit + (u64)(b0 & (BLOCK_TOKENS - 1)) * D;
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const int p = b0 + k;
@@ -491,19 +528,22 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                     } else if (QUANT && p < nqk) {
                         constexpr int KBq = QUANT ? KB : 2;
                         constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
-                        const u32* base = c.kq + (u64)tk.slot * c.kq_slot + (u64)kvh * c.kq_head + (u64)(p / 32) * (D * WPD);
-                        const u64 sm = (u64)tk.slot * c.ksm_slot + (u64)kvh * c.ksm_head + (u64)(p / c.group) * D;
+                        const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
+                        const int b = p & (BLOCK_TOKENS - 1);
+                        const u32* base = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
+                        const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
 #pragma unroll
                         for (int x = 0; x < CPL; x++) {
                             const int d = d0 + x;
-                            const u32 wd = base[d * WPD + (p % 32) / FPI];
+                            const u32 wd = base[d * WPD + (b % 32) / FPI];
                             const u32 code = (wd >> ((p % FPI) * KBq)) & ((1u << KBq) - 1);
                             raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
                         }
                     } else if (p < n) {
                         // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
-                        // the f16 cache: slot p.
-                        raw_f16<CPL>(c.kwin + kwin + (u64)(p - nqk) * D + d0, raw[k]);
+                        // the f16 cache: paged.
+                        const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
+                        raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
                         is_f32[k] = false;
                     } else {
                         raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
@@ -560,8 +600,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         constexpr int FPI = 32 / VBq, WPT = D / FPI, TPI = 32 / WPT;
         const int wi = lane % WPT, sub = lane / WPT;
         const int vg = (wi * FPI) / c.group, gpt = D / c.group;
-        const u64 vqb = (u64)tk.slot * c.vq_slot + (u64)kvh * c.vq_head;
-        const u64 vsb = (u64)tk.slot * c.vsm_slot + (u64)kvh * c.vsm_head;
+        const u64 vqb = (u64)kvh * c.vq_head;
+        const u64 vsb = (u64)kvh * c.vsm_head;
         float acc[NG][FPI];
         float bias[NG];
 #pragma unroll
@@ -572,16 +612,21 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         }
         const int qend = min(s1, nqv);
         constexpr int UNROLL = 4;
+        // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
         for (int pb = s0 + warp * TPI * UNROLL; pb < qend; pb += WARPS * TPI * UNROLL) {
+            const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
+            const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
+            const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
             u32 w[UNROLL];
             float s[UNROLL], m[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u * TPI + sub;
+                const int b = bp + u * TPI;
                 if (p < qend) {
-                    w[u] = c.vq[vqb + (u64)p * WPT + wi];
-                    s[u] = h2f(c.vs[vsb + (u64)p * gpt + vg]);
-                    m[u] = h2f(c.vm[vsb + (u64)p * gpt + vg]);
+                    w[u] = c.vq[vqo + (u64)b * WPT + wi];
+                    s[u] = h2f(c.vs[vso + (u64)b * gpt + vg]);
+                    m[u] = h2f(c.vm[vso + (u64)b * gpt + vg]);
                 } else {
                     w[u] = 0;
                     s[u] = 0.0f;
@@ -635,6 +680,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int pb = fstart + warp * UNROLL; pb < s1; pb += WARPS * UNROLL) {
             u32 raw[UNROLL][CPL];
             bool is_f32[UNROLL];
+            // The f16 cache: fstart = s0, so pb is 8-aligned and the 8 tokens are in one block.
+            u64 f16row = 0;
+            if (!QUANT && pb < n)
+                f16row = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS] * c.vwin_unit + (u64)(pb & (BLOCK_TOKENS - 1)) * D;
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u;
@@ -643,10 +692,17 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
                     for (int x = 0; x < CPL; x++) raw[u][x] = 0u;
                 } else if (p < n) {
-                    // Value window: slot p % R, i.e. vbase + (p - nqv) wrapped once.
-                    int slot = vbase + (p - nqv);
-                    if (slot >= vmod) slot -= vmod;
-                    raw_f16<CPL>(c.vwin + vwin + (u64)slot * D + d0, raw[u]);
+                    // Value window: slot p % R, i.e. vbase + (p - nqv) wrapped once; the f16
+                    // cache: paged.
+                    u64 row;
+                    if (QUANT) {
+                        int slot = vbase + (p - nqv);
+                        if (slot >= vmod) slot -= vmod;
+                        row = (u64)slot * D;
+                    } else {
+                        row = f16row + (u64)u * D;
+                    }
+                    raw_f16<CPL>(c.vwin + vwin + row + d0, raw[u]);
                     is_f32[u] = false;
                 } else {
                     raw_f32<CPL>(vnew + (u64)(p - n) * new_stride + d0, raw[u]);

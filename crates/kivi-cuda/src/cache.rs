@@ -7,6 +7,14 @@
 //! tokens; R = 0 re-quantizes the partial key group on every append). The quantized bytes are
 //! the CPU cache's: same codes, same LSB-first words, same f16 scales and mins.
 //!
+//! Storage is paged (vLLM style): a pool of blocks of [`BLOCK_TOKENS`] token positions, sized by
+//! a memory budget ([`GpuCache::with_budget`]). A block holds the quantized keys and values
+//! (codes, scales, mins; the f16 cache: the K and V rows) of its positions in every layer, and
+//! the kernels find position `p` of a sequence in block `table[slot][p / BLOCK_TOKENS]`. Blocks
+//! are taken when a step needs them ([`GpuCache::batch`]) and returned by
+//! [`GpuCache::remove_sequence`]. KIVI's f16 key and value windows (R tokens each) are
+//! preallocated per slot, outside the pool.
+//!
 //! Supported: keys per-channel and values per-token (KIVI), 2 or 4 bits, G a multiple of 32,
 //! head_dim 64 or 128, no sink tokens; the f16 cache with head_dim 64 or 128.
 
@@ -14,7 +22,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
-use kivi_core::{Axis, CacheConfig, CacheShape, KiviConfig};
+use kivi_core::{Axis, CacheConfig, CacheShape, KiviConfig, MemoryUsage};
 
 use crate::{Error, Gpu, Result};
 
@@ -22,9 +30,18 @@ const SOURCE: &str = include_str!("cache.cu");
 const MODULE: &str = "cache";
 /// Threads per attention CTA (`WARPS * 32` in cache.cu).
 const ATTN_THREADS: u32 = 128;
-/// Longest split: the split's scores live in shared memory (`NG * split * 4` bytes).
+/// Token positions per pool block (`BLOCK_TOKENS` in cache.cu). 128: a multiple of every
+/// supported group size (G divides head_dim <= 128 and is a multiple of 32), so a key group
+/// never straddles blocks; attention splits are whole blocks, whose ids a CTA keeps in shared
+/// memory (at most 16 per split); a block of one (layer, KV head) is 2-8 KiB contiguous of
+/// KIVI codes, long enough for full-speed DRAM reads; and the block table stays small (128 KiB
+/// for 256 sequences of 16K tokens). The cost: at most 127 positions of slack per sequence.
+pub const BLOCK_TOKENS: usize = 128;
+/// Longest split: the split's scores live in shared memory (`NG * split * 4` bytes); a
+/// multiple of [`BLOCK_TOKENS`] (`MAX_SPLIT` in cache.cu).
 const MAX_SPLIT: usize = 2048;
-const MIN_SPLIT: usize = 64;
+/// Initial block-table width (blocks per sequence); it doubles when a sequence needs more.
+const TABLE_WIDTH: usize = 32;
 
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
@@ -38,17 +55,19 @@ struct CacheBufs {
     vs: u64,
     vm: u64,
     vwin: u64,
-    kq_slot: u64,
+    table: u64,
+    table_stride: u64,
+    kq_block: u64,
     kq_head: u64,
-    ksm_slot: u64,
+    ksm_block: u64,
     ksm_head: u64,
-    kwin_slot: u64,
-    kwin_head: u64,
-    vq_slot: u64,
+    vq_block: u64,
     vq_head: u64,
-    vsm_slot: u64,
+    vsm_block: u64,
     vsm_head: u64,
-    vwin_slot: u64,
+    kwin_unit: u64,
+    kwin_head: u64,
+    vwin_unit: u64,
     vwin_head: u64,
     n_kv: i32,
     head_dim: i32,
@@ -81,7 +100,8 @@ struct AttnParams {
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
 
-/// Element counts of one layer's buffers, and strides (elements) per slot and per KV head.
+/// Elements per KV head of one layer's buffers: in one block (codes, scales/mins; the f16
+/// cache's rows in `kwin`/`vwin`), or in one slot (KIVI windows).
 #[derive(Clone, Copy, Debug, Default)]
 struct Geometry {
     kq_head: usize,
@@ -90,6 +110,82 @@ struct Geometry {
     vq_head: usize,
     vsm_head: usize,
     vwin_head: usize,
+}
+
+impl Geometry {
+    fn new(config: &CacheConfig, d: usize) -> Geometry {
+        let bt = BLOCK_TOKENS;
+        match config {
+            CacheConfig::F16 => Geometry {
+                kwin_head: bt * d,
+                vwin_head: bt * d,
+                ..Default::default()
+            },
+            CacheConfig::Kivi(kc) => {
+                let g = kc.group_size;
+                let w = if kc.residual_len > 0 {
+                    kc.residual_len
+                } else {
+                    g
+                };
+                Geometry {
+                    kq_head: bt * d * kc.k_bits as usize / 32,
+                    ksm_head: bt / g * d,
+                    kwin_head: w * d,
+                    vq_head: bt * d * kc.v_bits as usize / 32,
+                    vsm_head: bt * (d / g),
+                    vwin_head: kc.residual_len.max(1) * d,
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of the paged part of one block (all layers): (codes, scales, mins, f16 rows).
+fn block_parts(config: &CacheConfig, shape: &CacheShape) -> (u64, u64, u64, u64) {
+    let g = Geometry::new(config, shape.head_dim);
+    let n = (shape.n_layer * shape.n_kv_head) as u64;
+    match config {
+        CacheConfig::F16 => (0, 0, 0, n * 2 * (g.kwin_head + g.vwin_head) as u64),
+        CacheConfig::Kivi(_) => (
+            n * 4 * (g.kq_head + g.vq_head) as u64,
+            n * 2 * (g.ksm_head + g.vsm_head) as u64,
+            n * 2 * (g.ksm_head + g.vsm_head) as u64,
+            0,
+        ),
+    }
+}
+
+/// Bytes of one slot's preallocated windows, all layers (the f16 cache: none).
+fn window_bytes(config: &CacheConfig, shape: &CacheShape) -> u64 {
+    match config {
+        CacheConfig::F16 => 0,
+        CacheConfig::Kivi(_) => {
+            let g = Geometry::new(config, shape.head_dim);
+            (shape.n_layer * shape.n_kv_head * 2 * (g.kwin_head + g.vwin_head)) as u64
+        }
+    }
+}
+
+/// Tokens of a sequence of length `n` in quantized keys and values: (nqk, nqv); f16: (n, n).
+fn quantized_ends(config: &CacheConfig, n: usize) -> (usize, usize) {
+    match config {
+        CacheConfig::F16 => (n, n),
+        CacheConfig::Kivi(kc) => {
+            let r = kc.residual_len;
+            if r > 0 {
+                (n - n % r, n.saturating_sub(r))
+            } else {
+                (n, n)
+            }
+        }
+    }
+}
+
+/// Pool blocks a sequence of `n` tokens holds.
+fn blocks_for(config: &CacheConfig, n: usize) -> usize {
+    let (k, v) = quantized_ends(config, n);
+    k.max(v).div_ceil(BLOCK_TOKENS)
 }
 
 struct Layer {
@@ -130,16 +226,23 @@ impl GpuBatch {
     }
 }
 
-/// KV cache of `slots` sequences of at most `capacity` tokens each, all layers, on one GPU.
+/// Paged KV cache of up to `max_seqs` sequences, all layers, on one GPU.
 pub struct GpuCache {
     gpu: Arc<Gpu>,
     config: CacheConfig,
     shape: CacheShape,
-    capacity: usize,
     geo: Geometry,
     layers: Vec<Layer>,
     /// Stored tokens per slot (the same in every layer between steps); None = free slot.
     lens: Vec<Option<usize>>,
+    /// Blocks held by each slot, in position order.
+    tables: Vec<Vec<u32>>,
+    /// Free pool blocks (a stack: the most recently freed is reused first).
+    free: Vec<u32>,
+    pool_blocks: usize,
+    /// Device copy of `tables`: `[slot][table_width]` block ids (unused entries 0, a valid id).
+    dev_table: CudaSlice<i32>,
+    table_width: usize,
     part_o: Option<CudaSlice<f32>>,
     part_ml: Option<CudaSlice<f32>>,
     split_override: Option<usize>,
@@ -170,9 +273,9 @@ pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
                 "the CUDA cache supports 2- and 4-bit codes".into(),
             ));
         }
-        if !kc.group_size.is_multiple_of(32) {
+        if !kc.group_size.is_multiple_of(32) || !BLOCK_TOKENS.is_multiple_of(kc.group_size) {
             return Err(unsupported(format!(
-                "the CUDA cache needs group_size a multiple of 32, not {}",
+                "the CUDA cache needs group_size a multiple of 32 dividing {BLOCK_TOKENS}, not {}",
                 kc.group_size
             )));
         }
@@ -185,9 +288,15 @@ pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
     Ok(())
 }
 
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
 impl GpuCache {
-    /// Allocates the whole cache: `slots` sequences of up to `capacity` tokens (rounded up to a
-    /// multiple of 32 and of G).
+    /// A cache for `slots` sequences of up to `capacity` tokens each: [`GpuCache::with_budget`]
+    /// with the budget of `slots` windows and `slots * blocks_for_tokens(capacity)` blocks (at
+    /// least one). The pool is shared: one sequence may grow past `capacity` while others are
+    /// shorter.
     pub fn new(
         gpu: Arc<Gpu>,
         config: CacheConfig,
@@ -196,50 +305,80 @@ impl GpuCache {
         capacity: usize,
     ) -> Result<Self> {
         check_supported(&config, &shape)?;
+        let (c, s, m, f) = block_parts(&config, &shape);
+        let blocks = (slots * blocks_for(&config, capacity.max(1))).max(1) as u64;
+        let budget = slots as u64 * window_bytes(&config, &shape) + blocks * (c + s + m + f);
+        Self::with_budget(gpu, config, shape, budget, slots)
+    }
+
+    /// A cache inside `budget_bytes` of GPU memory for at most `max_seqs` sequences at a time:
+    /// the f16 windows of `max_seqs` slots are preallocated, the rest of the budget becomes the
+    /// block pool (`(budget - max_seqs * window_bytes_per_seq) / block_bytes` blocks).
+    pub fn with_budget(
+        gpu: Arc<Gpu>,
+        config: CacheConfig,
+        shape: CacheShape,
+        budget_bytes: u64,
+        max_seqs: usize,
+    ) -> Result<Self> {
+        check_supported(&config, &shape)?;
+        if max_seqs == 0 || max_seqs > i32::MAX as usize {
+            return Err(unsupported(format!(
+                "the GPU cache needs 1 to {} sequence slots, not {max_seqs}",
+                i32::MAX
+            )));
+        }
+        let (c, s, m, f) = block_parts(&config, &shape);
+        let block = c + s + m + f;
+        let windows = max_seqs as u64 * window_bytes(&config, &shape);
+        if budget_bytes < windows.saturating_add(block) {
+            return Err(unsupported(format!(
+                "a GPU cache budget of {budget_bytes} bytes ({:.3} GiB) is too small: the windows \
+                 of {max_seqs} sequences take {windows} bytes and one block {block} bytes",
+                gib(budget_bytes)
+            )));
+        }
+        let pool_blocks = (budget_bytes - windows) / block;
+        if pool_blocks > i32::MAX as u64 {
+            return Err(unsupported(format!(
+                "{pool_blocks} GPU cache blocks: more than the block table can address"
+            )));
+        }
+        let pool_blocks = pool_blocks as usize;
         let (hkv, d) = (shape.n_kv_head, shape.head_dim);
-        let unit = match config {
-            CacheConfig::F16 => 32,
-            CacheConfig::Kivi(kc) => kc.group_size.max(32),
+        let geo = Geometry::new(&config, d);
+        let st = gpu.stream().clone();
+        let oom = |e: cudarc::driver::DriverError| {
+            unsupported(format!(
+                "cannot allocate the GPU cache ({:.3} GiB: {pool_blocks} blocks of {block} bytes, \
+                 {windows} bytes of windows): {e}",
+                gib(pool_blocks as u64 * block + windows)
+            ))
         };
-        let cap = capacity.max(1).div_ceil(unit) * unit;
-        let geo = match config {
-            CacheConfig::F16 => Geometry {
-                kwin_head: cap * d,
-                vwin_head: cap * d,
-                ..Default::default()
-            },
-            CacheConfig::Kivi(kc) => {
-                let g = kc.group_size;
-                let w = if kc.residual_len > 0 {
-                    kc.residual_len
-                } else {
-                    g
-                };
-                Geometry {
-                    kq_head: cap * d / (32 / kc.k_bits as usize),
-                    ksm_head: cap / g * d,
-                    kwin_head: w * d,
-                    vq_head: cap * d / (32 / kc.v_bits as usize),
-                    vsm_head: cap * (d / g),
-                    vwin_head: kc.residual_len.max(1) * d,
-                }
-            }
+        let paged = |per_head: usize| (pool_blocks * hkv * per_head).max(1);
+        let (kwin_units, vwin_units) = match config {
+            CacheConfig::F16 => (pool_blocks, pool_blocks),
+            CacheConfig::Kivi(_) => (max_seqs, max_seqs),
         };
-        let s = gpu.stream().clone();
-        let n = |per_head: usize| (slots * hkv * per_head).max(1);
         let mut layers = Vec::with_capacity(shape.n_layer);
         for _ in 0..shape.n_layer {
             layers.push(Layer {
-                kq: s.alloc_zeros::<u32>(n(geo.kq_head))?,
-                ks: s.alloc_zeros::<u16>(n(geo.ksm_head))?,
-                km: s.alloc_zeros::<u16>(n(geo.ksm_head))?,
-                kwin: s.alloc_zeros::<u16>(n(geo.kwin_head))?,
-                vq: s.alloc_zeros::<u32>(n(geo.vq_head))?,
-                vs: s.alloc_zeros::<u16>(n(geo.vsm_head))?,
-                vm: s.alloc_zeros::<u16>(n(geo.vsm_head))?,
-                vwin: s.alloc_zeros::<u16>(n(geo.vwin_head))?,
+                kq: st.alloc_zeros::<u32>(paged(geo.kq_head)).map_err(oom)?,
+                ks: st.alloc_zeros::<u16>(paged(geo.ksm_head)).map_err(oom)?,
+                km: st.alloc_zeros::<u16>(paged(geo.ksm_head)).map_err(oom)?,
+                kwin: st
+                    .alloc_zeros::<u16>((kwin_units * hkv * geo.kwin_head).max(1))
+                    .map_err(oom)?,
+                vq: st.alloc_zeros::<u32>(paged(geo.vq_head)).map_err(oom)?,
+                vs: st.alloc_zeros::<u16>(paged(geo.vsm_head)).map_err(oom)?,
+                vm: st.alloc_zeros::<u16>(paged(geo.vsm_head)).map_err(oom)?,
+                vwin: st
+                    .alloc_zeros::<u16>((vwin_units * hkv * geo.vwin_head).max(1))
+                    .map_err(oom)?,
             });
         }
+        let table_width = TABLE_WIDTH;
+        let dev_table = st.alloc_zeros::<i32>(max_seqs * table_width).map_err(oom)?;
         let sm_count = gpu
             .context()
             .attribute(
@@ -253,10 +392,14 @@ impl GpuCache {
             gpu,
             config,
             shape,
-            capacity: cap,
             geo,
             layers,
-            lens: vec![None; slots],
+            lens: vec![None; max_seqs],
+            tables: vec![Vec::new(); max_seqs],
+            free: (0..pool_blocks as u32).rev().collect(),
+            pool_blocks,
+            dev_table,
+            table_width,
             part_o: None,
             part_ml: None,
             split_override: None,
@@ -270,14 +413,16 @@ impl GpuCache {
     pub fn shape(&self) -> CacheShape {
         self.shape
     }
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
+    /// Sequence slots (the most sequences at a time).
+    pub fn max_seqs(&self) -> usize {
+        self.lens.len()
+    }
 
-    /// Forces the tokens per attention split (None: chosen from the batch to fill the GPU).
+    /// Forces the tokens per attention split (None: chosen from the batch to fill the GPU);
+    /// rounded up to whole blocks, at most 2048.
     pub fn set_split_tokens(&mut self, split: Option<usize>) {
         self.split_override = split;
     }
@@ -286,7 +431,7 @@ impl GpuCache {
     pub fn add_sequence(&mut self) -> Result<usize> {
         let slot = self.lens.iter().position(|l| l.is_none()).ok_or_else(|| {
             unsupported(format!(
-                "all {} GPU cache slots are in use",
+                "all {} GPU cache sequence slots are in use",
                 self.lens.len()
             ))
         })?;
@@ -294,10 +439,13 @@ impl GpuCache {
         Ok(slot)
     }
 
+    /// Drops a sequence and returns its blocks to the pool.
     pub fn remove_sequence(&mut self, slot: usize) -> Result<()> {
         match self.lens.get_mut(slot) {
             Some(l @ Some(_)) => {
                 *l = None;
+                let blocks = std::mem::take(&mut self.tables[slot]);
+                self.free.extend(blocks.iter().rev());
                 Ok(())
             }
             _ => Err(unsupported(format!("slot {slot} holds no sequence"))),
@@ -309,22 +457,124 @@ impl GpuCache {
         self.lens.get(slot).copied().flatten()
     }
 
-    /// Describes one step: `n_new` tokens for each `(slot, n_new)`, packed in this order.
-    pub fn batch(&self, items: &[(usize, usize)]) -> Result<GpuBatch> {
+    /// Pool blocks held by `slot`, in position order (position p is in `[p / BLOCK_TOKENS]`).
+    pub fn block_table(&self, slot: usize) -> Option<&[u32]> {
+        self.seq_len(slot)?;
+        Some(&self.tables[slot])
+    }
+
+    // ---- Paging (the names and meanings of kivi_core::KvCache's; a block spans all layers) ----
+
+    /// Bytes of one pool block (all layers).
+    pub fn block_bytes(&self) -> u64 {
+        let (c, s, m, f) = block_parts(&self.config, &self.shape);
+        c + s + m + f
+    }
+    /// Blocks in the pool (in use and free).
+    pub fn pool_blocks(&self) -> usize {
+        self.pool_blocks
+    }
+    /// Pool blocks held by sequences.
+    pub fn blocks_in_use(&self) -> usize {
+        self.pool_blocks - self.free.len()
+    }
+    /// Pool blocks not held by any sequence (the pool is preallocated: all of them can be taken).
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    /// Pool blocks a sequence holding `n_tokens` tokens needs.
+    pub fn blocks_for_tokens(&self, n_tokens: usize) -> usize {
+        blocks_for(&self.config, n_tokens)
+    }
+    /// Pool blocks that a step appending `n_new` tokens to `slot` will take from the pool.
+    pub fn blocks_needed(&self, slot: usize, n_new: usize) -> Result<usize> {
+        let n = self
+            .seq_len(slot)
+            .ok_or_else(|| unsupported(format!("slot {slot} holds no sequence")))?;
+        Ok(self
+            .blocks_for_tokens(n + n_new)
+            .saturating_sub(self.tables[slot].len()))
+    }
+    /// Bytes a sequence holds outside pool blocks: 0, the windows are preallocated per slot
+    /// (see [`GpuCache::window_bytes_per_seq`]) and counted in the budget up front.
+    pub fn seq_fixed_bytes(&self) -> u64 {
+        0
+    }
+    /// Bytes of one slot's preallocated f16 key and value windows, all layers (f16 cache: 0).
+    pub fn window_bytes_per_seq(&self) -> u64 {
+        window_bytes(&self.config, &self.shape)
+    }
+    /// Sequences currently registered.
+    pub fn n_sequences(&self) -> usize {
+        self.lens.iter().filter(|l| l.is_some()).count()
+    }
+    /// A no-op: the pool is allocated once for the whole budget; free blocks stay reserved.
+    pub fn trim_free_blocks(&mut self, _keep: usize) {}
+
+    /// Bytes used by the live sequences' stored tokens (codes, scales and mins of quantized
+    /// tokens at word/group granularity, f16 rows of the windows and of the f16 cache), like
+    /// [`kivi_core::KvCache::memory`]; excludes block slack and unused windows.
+    pub fn memory(&self) -> MemoryUsage {
+        let (hkv, d) = (self.shape.n_kv_head as u64, self.shape.head_dim as u64);
+        let layers = self.shape.n_layer as u64;
+        let mut m = MemoryUsage::default();
+        for n in self.lens.iter().flatten() {
+            let n = *n as u64;
+            m.tokens += n * layers;
+            match self.config {
+                CacheConfig::F16 => m.full_precision_bytes += layers * 2 * n * hkv * d * 2,
+                CacheConfig::Kivi(kc) => {
+                    let (nqk, nqv) = quantized_ends(&self.config, n as usize);
+                    let (nqk, nqv, g) = (nqk as u64, nqv as u64, kc.group_size as u64);
+                    let (kf, vf) = (32 / kc.k_bits as u64, 32 / kc.v_bits as u64);
+                    let metas = hkv * d * nqk.div_ceil(g) + nqv * hkv * (d / g);
+                    m.code_bytes += layers * 4 * (hkv * d * nqk.div_ceil(kf) + nqv * hkv * d / vf);
+                    m.scale_bytes += layers * 2 * metas;
+                    m.min_bytes += layers * 2 * metas;
+                    m.full_precision_bytes += layers * 2 * ((n - nqk) + (n - nqv)) * hkv * d;
+                }
+            }
+        }
+        m
+    }
+
+    /// Bytes allocated for the cache: the whole pool and every slot's windows. `tokens` is the
+    /// same as in [`GpuCache::memory`].
+    pub fn memory_reserved(&self) -> MemoryUsage {
+        let (c, s, m, f) = block_parts(&self.config, &self.shape);
+        let b = self.pool_blocks as u64;
+        MemoryUsage {
+            code_bytes: b * c,
+            scale_bytes: b * s,
+            min_bytes: b * m,
+            full_precision_bytes: b * f + self.max_seqs() as u64 * self.window_bytes_per_seq(),
+            tokens: self.memory().tokens,
+        }
+    }
+
+    /// Describes one step: `n_new` tokens for each `(slot, n_new)`, packed in this order, and
+    /// takes the pool blocks the step's appends need. Fails (taking nothing) when a slot is not
+    /// live or listed twice, or the pool has too few free blocks.
+    pub fn batch(&mut self, items: &[(usize, usize)]) -> Result<GpuBatch> {
         let mut host_items = Vec::with_capacity(items.len());
         let mut toks = Vec::new();
         let (mut off, mut max_new, mut max_len) = (0usize, 0usize, 0usize);
+        let mut seen = vec![false; self.lens.len()];
+        let mut needed = 0usize;
         for &(slot, n_new) in items {
             let n_old = self
                 .seq_len(slot)
                 .ok_or_else(|| unsupported(format!("slot {slot} holds no sequence")))?;
-            if n_old + n_new > self.capacity {
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(unsupported(format!("slot {slot} is twice in one step")));
+            }
+            if n_old + n_new > i32::MAX as usize / 2 {
                 return Err(unsupported(format!(
-                    "slot {slot}: {} tokens exceed the GPU cache capacity {}",
-                    n_old + n_new,
-                    self.capacity
+                    "slot {slot}: {} tokens are too many",
+                    n_old + n_new
                 )));
             }
+            needed += self.blocks_needed(slot, n_new)?;
             host_items.push([slot as i32, n_old as i32, n_new as i32, off as i32]);
             for i in 0..n_new {
                 toks.extend_from_slice(&[slot as i32, n_old as i32, i as i32, off as i32]);
@@ -332,6 +582,16 @@ impl GpuCache {
             off += n_new;
             max_new = max_new.max(n_new);
             max_len = max_len.max(n_old + n_new);
+        }
+        if needed > self.free.len() {
+            return Err(unsupported(format!(
+                "GPU cache pool exhausted: the step needs {needed} more blocks, {} of {} are free",
+                self.free.len(),
+                self.pool_blocks
+            )));
+        }
+        if needed > 0 {
+            self.take_blocks(items)?;
         }
         let s = self.gpu.stream();
         let dev_items = s.clone_htod(&pad(host_items.concat()))?;
@@ -344,6 +604,43 @@ impl GpuCache {
             max_new,
             max_len,
         })
+    }
+
+    /// Gives each item the blocks it lacks (the caller checked there are enough) and uploads the
+    /// changed rows of the block table (all of it when the table must grow).
+    fn take_blocks(&mut self, items: &[(usize, usize)]) -> Result<()> {
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        let mut width = self.table_width;
+        for &(slot, n_new) in items {
+            let want = self.blocks_for_tokens(self.lens[slot].unwrap_or(0) + n_new);
+            let t = &mut self.tables[slot];
+            if t.len() >= want {
+                continue;
+            }
+            while t.len() < want {
+                t.push(self.free.pop().expect("checked by the caller"));
+            }
+            (lo, hi) = (lo.min(slot), hi.max(slot + 1));
+            width = width.max(want);
+        }
+        if lo >= hi {
+            return Ok(());
+        }
+        let s = self.gpu.stream().clone();
+        if width > self.table_width {
+            self.table_width = width.next_power_of_two();
+            self.dev_table = s.alloc_zeros::<i32>(self.lens.len() * self.table_width)?;
+            (lo, hi) = (0, self.lens.len());
+        }
+        let w = self.table_width;
+        let mut rows = vec![0i32; (hi - lo) * w];
+        for (slot, row) in (lo..hi).zip(rows.chunks_exact_mut(w)) {
+            for (r, &b) in row.iter_mut().zip(&self.tables[slot]) {
+                *r = b as i32;
+            }
+        }
+        s.memcpy_htod(&rows, &mut self.dev_table.slice_mut(lo * w..hi * w))?;
+        Ok(())
     }
 
     /// Records the batch's new tokens as stored (call once per step, after every layer's
@@ -359,39 +656,53 @@ impl GpuCache {
     fn bufs(&self, layer: usize) -> CacheBufs {
         let l = &self.layers[layer];
         let s = self.gpu.stream();
-        let p = |x: u64| x;
         let (hkv, d) = (self.shape.n_kv_head as u64, self.shape.head_dim as i32);
         let g = &self.geo;
+        let pool = self.pool_blocks as u64;
         let mut c = CacheBufs {
-            kq: p(l.kq.device_ptr(s).0),
-            ks: p(l.ks.device_ptr(s).0),
-            km: p(l.km.device_ptr(s).0),
-            kwin: p(l.kwin.device_ptr(s).0),
-            vq: p(l.vq.device_ptr(s).0),
-            vs: p(l.vs.device_ptr(s).0),
-            vm: p(l.vm.device_ptr(s).0),
-            vwin: p(l.vwin.device_ptr(s).0),
-            kq_slot: hkv * g.kq_head as u64,
-            kq_head: g.kq_head as u64,
-            ksm_slot: hkv * g.ksm_head as u64,
-            ksm_head: g.ksm_head as u64,
-            kwin_slot: hkv * g.kwin_head as u64,
-            kwin_head: g.kwin_head as u64,
-            vq_slot: hkv * g.vq_head as u64,
-            vq_head: g.vq_head as u64,
-            vsm_slot: hkv * g.vsm_head as u64,
-            vsm_head: g.vsm_head as u64,
-            vwin_slot: hkv * g.vwin_head as u64,
-            vwin_head: g.vwin_head as u64,
+            kq: l.kq.device_ptr(s).0,
+            ks: l.ks.device_ptr(s).0,
+            km: l.km.device_ptr(s).0,
+            kwin: l.kwin.device_ptr(s).0,
+            vq: l.vq.device_ptr(s).0,
+            vs: l.vs.device_ptr(s).0,
+            vm: l.vm.device_ptr(s).0,
+            vwin: l.vwin.device_ptr(s).0,
+            table: self.dev_table.device_ptr(s).0,
+            table_stride: self.table_width as u64,
+            // Paged arenas are head-major ([Hkv][block][..]): a KV head's consecutive blocks
+            // are contiguous, as a whole sequence was before paging.
+            kq_block: g.kq_head as u64,
+            kq_head: pool * g.kq_head as u64,
+            ksm_block: g.ksm_head as u64,
+            ksm_head: pool * g.ksm_head as u64,
+            vq_block: g.vq_head as u64,
+            vq_head: pool * g.vq_head as u64,
+            vsm_block: g.vsm_head as u64,
+            vsm_head: pool * g.vsm_head as u64,
             n_kv: hkv as i32,
             head_dim: d,
             ..Default::default()
         };
+        (c.kwin_unit, c.kwin_head, c.vwin_unit, c.vwin_head) = match self.config {
+            // The f16 rows are paged: head-major too.
+            CacheConfig::F16 => (
+                g.kwin_head as u64,
+                pool * g.kwin_head as u64,
+                g.vwin_head as u64,
+                pool * g.vwin_head as u64,
+            ),
+            // KIVI windows: [slot][Hkv][W][D].
+            CacheConfig::Kivi(_) => (
+                hkv * g.kwin_head as u64,
+                g.kwin_head as u64,
+                hkv * g.vwin_head as u64,
+                g.vwin_head as u64,
+            ),
+        };
         match self.config {
             CacheConfig::F16 => {
                 c.is_f16 = 1;
-                c.resid = self.capacity as i32;
-                c.kwin_mod = self.capacity as i32;
                 c.group = 32;
                 c.k_bits = 16;
                 c.v_bits = 16;
@@ -415,7 +726,6 @@ impl GpuCache {
         self.gpu.function(MODULE, SOURCE, name)
     }
 
-    /// Query heads per attention CTA: the largest of 4, 3, 2, 1 dividing the group size.
     fn heads_per_cta(n_rep: usize) -> usize {
         [4, 3, 2, 1]
             .into_iter()
@@ -423,15 +733,20 @@ impl GpuCache {
             .unwrap_or(1)
     }
 
-    /// Tokens per split for a batch: enough CTAs to fill the GPU several times over.
+    /// Tokens per split for a batch: enough CTAs to fill the GPU several times over, in whole
+    /// blocks (a split's block ids fit the kernel's shared-memory table).
     fn split_tokens(&self, batch: &GpuBatch, ctas_per_split: usize) -> usize {
-        if let Some(s) = self.split_override {
-            return s.div_ceil(32).max(1) * 32;
-        }
-        let target = 8 * self.sm_count;
-        let wanted = target.div_ceil(ctas_per_split.max(1)).max(1);
-        let s = batch.max_len.div_ceil(wanted).div_ceil(32) * 32;
-        s.clamp(MIN_SPLIT, MAX_SPLIT)
+        let s = match self.split_override {
+            Some(s) => s.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS,
+            None => {
+                // Rounded up (measured on the H200: rounding to the nearest block made f16 MHA
+                // B = 8, T = 4K 15 % slower, more CTAs than the GPU runs in 2.5 waves).
+                let target = 8 * self.sm_count;
+                let wanted = target.div_ceil(ctas_per_split.max(1)).max(1);
+                batch.max_len.div_ceil(wanted).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
+            }
+        };
+        s.clamp(BLOCK_TOKENS, MAX_SPLIT)
     }
 
     /// Attention of the batch's new tokens (see the module docs). `q`: `[T][n_head][D]`,
@@ -505,7 +820,8 @@ impl GpuCache {
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: the params point at live buffers of the sizes checked above; the kernel reads
-        // only positions below each token's attended length, all inside the slot's capacity.
+        // only positions below each token's attended length: window slots, or blocks of the
+        // slot's table row (`batch` gave it blocks for every stored position).
         unsafe { s.launch_builder(&f).arg(&params).launch(cfg)? };
         let r = self.function("kivi_attn_reduce")?;
         let cfg = LaunchConfig {
@@ -574,7 +890,8 @@ impl GpuCache {
                     block_dim: (d as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                // SAFETY: every index is bounded by the slot capacity checked in `batch`.
+                // SAFETY: every position written is below n_old + n_new, whose blocks `batch`
+                // took and entered in the device block table.
                 unsafe {
                     s.launch_builder(&f)
                         .arg(&c)
@@ -638,27 +955,50 @@ impl GpuCache {
         let (hkv, d) = (self.shape.n_kv_head, self.shape.head_dim);
         let s = self.gpu.stream();
         let l = &self.layers[layer];
-        let get16 = |b: &CudaSlice<u16>, per_head: usize| -> Result<Vec<u16>> {
-            let v = s.clone_dtoh(&b.slice(slot * hkv * per_head..(slot + 1) * hkv * per_head))?;
-            Ok(v)
-        };
-        let get32 = |b: &CudaSlice<u32>, per_head: usize| -> Result<Vec<u32>> {
-            let v = s.clone_dtoh(&b.slice(slot * hkv * per_head..(slot + 1) * hkv * per_head))?;
-            Ok(v)
+        let blocks = &self.tables[slot];
+        // The slot's blocks of a paged buffer (head-major arena: `[Hkv][pool][per_head]`),
+        // gathered as `[block of the sequence][Hkv][per_head]`.
+        let pool = self.pool_blocks;
+        fn gather<T: DeviceRepr + Clone + Default>(
+            s: &Arc<cudarc::driver::CudaStream>,
+            b: &CudaSlice<T>,
+            blocks: &[u32],
+            hkv: usize,
+            pool: usize,
+            per_head: usize,
+        ) -> Result<Vec<T>> {
+            let mut out = Vec::with_capacity(blocks.len() * hkv * per_head);
+            for &blk in blocks {
+                for h in 0..hkv {
+                    let o = (h * pool + blk as usize) * per_head;
+                    out.extend(s.clone_dtoh(&b.slice(o..o + per_head))?);
+                }
+            }
+            Ok(out)
+        }
+        let paged16 =
+            |b: &CudaSlice<u16>, per_head: usize| gather(s, b, blocks, hkv, pool, per_head);
+        let paged32 =
+            |b: &CudaSlice<u32>, per_head: usize| gather(s, b, blocks, hkv, pool, per_head);
+        let window = |b: &CudaSlice<u16>, per_head: usize| -> Result<Vec<u16>> {
+            Ok(s.clone_dtoh(&b.slice(slot * hkv * per_head..(slot + 1) * hkv * per_head))?)
         };
         let h2f = |x: u16| f16::from_bits(x).to_f32();
         let g = self.geo;
-        let kwin = get16(&l.kwin, g.kwin_head)?;
-        let vwin = get16(&l.vwin, g.vwin_head)?;
+        let bt = BLOCK_TOKENS;
         let mut k = vec![0f32; n * hkv * d];
         let mut v = vec![0f32; n * hkv * d];
         match self.config {
             CacheConfig::F16 => {
+                let kf = paged16(&l.kwin, g.kwin_head)?;
+                let vf = paged16(&l.vwin, g.vwin_head)?;
                 for p in 0..n {
                     for h in 0..hkv {
+                        let src = ((p / bt) * hkv + h) * g.kwin_head + (p % bt) * d;
+                        let dst = (p * hkv + h) * d;
                         for c in 0..d {
-                            k[(p * hkv + h) * d + c] = h2f(kwin[h * g.kwin_head + p * d + c]);
-                            v[(p * hkv + h) * d + c] = h2f(vwin[h * g.vwin_head + p * d + c]);
+                            k[dst + c] = h2f(kf[src + c]);
+                            v[dst + c] = h2f(vf[src + c]);
                         }
                     }
                 }
@@ -671,39 +1011,42 @@ impl GpuCache {
                     residual_len: r,
                     ..
                 } = kc;
+                let kwin = window(&l.kwin, g.kwin_head)?;
+                let vwin = window(&l.vwin, g.vwin_head)?;
                 let (kq, ks, km) = (
-                    get32(&l.kq, g.kq_head)?,
-                    get16(&l.ks, g.ksm_head)?,
-                    get16(&l.km, g.ksm_head)?,
+                    paged32(&l.kq, g.kq_head)?,
+                    paged16(&l.ks, g.ksm_head)?,
+                    paged16(&l.km, g.ksm_head)?,
                 );
                 let (vq, vs, vm) = (
-                    get32(&l.vq, g.vq_head)?,
-                    get16(&l.vs, g.vsm_head)?,
-                    get16(&l.vm, g.vsm_head)?,
+                    paged32(&l.vq, g.vq_head)?,
+                    paged16(&l.vs, g.vsm_head)?,
+                    paged16(&l.vm, g.vsm_head)?,
                 );
-                let nqk = if r > 0 { n - n % r } else { n };
-                let nqv = if r > 0 { n.saturating_sub(r) } else { n };
+                let (nqk, nqv) = quantized_ends(&self.config, n);
                 let (kf, vf) = (32 / k_bits as usize, 32 / v_bits as usize);
                 let wpd = 32 / kf;
                 for p in 0..n {
+                    let (blk, b) = (p / bt, p % bt);
                     for h in 0..hkv {
+                        let bh = blk * hkv + h;
                         for c in 0..d {
                             let o = (p * hkv + h) * d + c;
                             k[o] = if p < nqk {
                                 let w =
-                                    kq[h * g.kq_head + ((p / 32) * d + c) * wpd + (p % 32) / kf];
+                                    kq[bh * g.kq_head + ((b / 32) * d + c) * wpd + (b % 32) / kf];
                                 let code =
-                                    (w >> ((p % kf) * k_bits as usize)) & ((1 << k_bits) - 1);
-                                let m = h * g.ksm_head + (p / gs) * d + c;
+                                    (w >> ((b % kf) * k_bits as usize)) & ((1 << k_bits) - 1);
+                                let m = bh * g.ksm_head + (b / gs) * d + c;
                                 code as f32 * h2f(ks[m]) + h2f(km[m])
                             } else {
                                 h2f(kwin[h * g.kwin_head + (p % r) * d + c])
                             };
                             v[o] = if p < nqv {
-                                let w = vq[h * g.vq_head + p * (d / vf) + c / vf];
+                                let w = vq[bh * g.vq_head + b * (d / vf) + c / vf];
                                 let code =
                                     (w >> ((c % vf) * v_bits as usize)) & ((1 << v_bits) - 1);
-                                let m = h * g.vsm_head + p * (d / gs) + c / gs;
+                                let m = bh * g.vsm_head + b * (d / gs) + c / gs;
                                 code as f32 * h2f(vs[m]) + h2f(vm[m])
                             } else {
                                 h2f(vwin[h * g.vwin_head + (p % r) * d + c])
@@ -748,4 +1091,61 @@ fn pad(mut v: Vec<i32>) -> Vec<i32> {
         v.push(0);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants_match_the_kernel_source() {
+        assert!(SOURCE.contains(&format!("#define BLOCK_TOKENS {BLOCK_TOKENS}\n")));
+        assert!(SOURCE.contains(&format!("#define MAX_SPLIT {MAX_SPLIT}\n")));
+        assert!(MAX_SPLIT.is_multiple_of(BLOCK_TOKENS));
+        // Every supported group size divides a block (G a multiple of 32 dividing D <= 128).
+        for g in [32, 64, 128] {
+            assert!(BLOCK_TOKENS.is_multiple_of(g));
+        }
+    }
+
+    #[test]
+    fn block_accounting() {
+        let shape = CacheShape {
+            n_layer: 3,
+            n_kv_head: 2,
+            head_dim: 128,
+        };
+        let kc = KiviConfig {
+            k_bits: 2,
+            v_bits: 4,
+            group_size: 32,
+            residual_len: 128,
+            ..KiviConfig::default()
+        };
+        let kivi = CacheConfig::Kivi(kc);
+        // Keys: 128 tokens x 128 channels x 2 bits, scales and mins per 32 tokens; values:
+        // 4 bits, scales and mins per 32 channels; per layer and KV head.
+        let (c, s, m, f) = block_parts(&kivi, &shape);
+        assert_eq!(c, 6 * (128 * 128 * 2 / 8 + 128 * 128 * 4 / 8));
+        assert_eq!((s, m, f), (6 * (4 * 128 + 128 * 4) * 2, s, 0));
+        assert_eq!(window_bytes(&kivi, &shape), 6 * 2 * 128 * 128 * 2);
+        assert_eq!(
+            block_parts(&CacheConfig::F16, &shape).3,
+            6 * 2 * 128 * 128 * 2
+        );
+        assert_eq!(window_bytes(&CacheConfig::F16, &shape), 0);
+        // R = 128: nothing quantized before 128 tokens; then whole 128-token key chunks.
+        assert_eq!(blocks_for(&kivi, 0), 0);
+        assert_eq!(blocks_for(&kivi, 255), 1);
+        assert_eq!(blocks_for(&kivi, 256), 2);
+        assert_eq!(blocks_for(&kivi, 257), 2);
+        assert_eq!(blocks_for(&CacheConfig::F16, 129), 2);
+        let r0 = CacheConfig::Kivi(KiviConfig {
+            residual_len: 0,
+            ..kc
+        });
+        assert_eq!(blocks_for(&r0, 1), 1);
+        assert_eq!(blocks_for(&r0, 128), 1);
+        assert_eq!(blocks_for(&r0, 129), 2);
+    }
 }

@@ -8,9 +8,13 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
+use half::f16;
 use kivi_core::{
-    new_cache, AttendItem, CacheConfig, CacheShape, KiviCache, KiviConfig, KvCache, SeqId,
+    new_cache, AttendItem, CacheConfig, CacheShape, F16Cache, KiviCache, KiviConfig, KvCache, SeqId,
 };
+use kivi_cuda::cache::BLOCK_TOKENS;
 use kivi_cuda::{Gpu, GpuCache};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -371,4 +375,366 @@ fn unsupported_configs_are_errors() {
         ..KiviConfig::default()
     };
     assert!(GpuCache::new(gpu, CacheConfig::Kivi(kc), shape, 1, 64).is_err());
+}
+
+/// The CPU cache, and what it stores: KIVI's dequantized view; for the f16 cache, the appended
+/// rows rounded to f16 (kept here).
+enum Reference {
+    F16(F16Cache, HashMap<(usize, SeqId), (Vec<f32>, Vec<f32>)>),
+    Kivi(Box<KiviCache>),
+}
+
+impl Reference {
+    fn new(config: CacheConfig, shape: CacheShape) -> Reference {
+        match config {
+            CacheConfig::F16 => Reference::F16(F16Cache::new(shape).unwrap(), HashMap::new()),
+            CacheConfig::Kivi(kc) => Reference::Kivi(Box::new(KiviCache::new(kc, shape).unwrap())),
+        }
+    }
+
+    fn cache(&mut self) -> &mut dyn KvCache {
+        match self {
+            Reference::F16(c, _) => c,
+            Reference::Kivi(c) => c.as_mut(),
+        }
+    }
+
+    fn append(&mut self, layer: usize, seq: SeqId, k: &[f32], v: &[f32]) {
+        self.cache().append(layer, seq, k, v).unwrap();
+        if let Reference::F16(_, rows) = self {
+            let round = |x: &f32| f16::from_f32(*x).to_f32();
+            let e = rows.entry((layer, seq)).or_default();
+            e.0.extend(k.iter().map(round));
+            e.1.extend(v.iter().map(round));
+        }
+    }
+
+    fn remove(&mut self, seq: SeqId) {
+        self.cache().remove_sequence(seq).unwrap();
+        if let Reference::F16(_, rows) = self {
+            rows.retain(|&(_, s), _| s != seq);
+        }
+    }
+
+    fn stored(&self, layer: usize, seq: SeqId) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            Reference::F16(_, rows) => rows.get(&(layer, seq)).cloned().unwrap_or_default(),
+            Reference::Kivi(c) => c.dequantized(layer, seq).unwrap(),
+        }
+    }
+}
+
+/// One step on both caches: every `(cpu seq, gpu slot, n_new)` item attends in every layer
+/// (outputs compared, the GPU's NaN-poisoned) and appends; afterwards the stored contents of
+/// every item, read back through the block table, must equal the CPU's bit for bit.
+/// Returns the worst relative attention error.
+fn step_both(
+    gpu: &Arc<Gpu>,
+    cpu: &mut Reference,
+    gcache: &mut GpuCache,
+    items: &[(SeqId, usize, usize)],
+    n_head: usize,
+    r: &mut StdRng,
+) -> f64 {
+    let shape = gcache.shape();
+    let (hkv, d, nh) = (shape.n_kv_head, shape.head_dim, n_head);
+    let row = hkv * d;
+    let s = gpu.stream().clone();
+    let gitems: Vec<(usize, usize)> = items.iter().map(|&(_, slot, n)| (slot, n)).collect();
+    let batch = gcache.batch(&gitems).unwrap();
+    let t: usize = items.iter().map(|it| it.2).sum();
+    let mut worst = 0f64;
+    for layer in 0..shape.n_layer {
+        let q: Vec<f32> = (0..t * nh * d).map(|_| r.gen_range(-1.0..1.0)).collect();
+        let k = kv_data(r, t, row);
+        let v = kv_data(r, t, row);
+        let mut want = vec![0f32; t * nh * d];
+        {
+            let mut cpu_items = Vec::new();
+            let mut rest = want.as_mut_slice();
+            let mut off = 0;
+            for &(seq, _, nn) in items {
+                let (head, tail) = rest.split_at_mut(nn * nh * d);
+                rest = tail;
+                cpu_items.push(AttendItem {
+                    seq,
+                    q: &q[off * nh * d..(off + nn) * nh * d],
+                    k_new: &k[off * row..(off + nn) * row],
+                    v_new: &v[off * row..(off + nn) * row],
+                    out: head,
+                });
+                off += nn;
+            }
+            cpu.cache().attend_batch(layer, nh, &mut cpu_items).unwrap();
+        }
+        let (dq, dk, dv) = (
+            s.clone_htod(&q).unwrap(),
+            s.clone_htod(&k).unwrap(),
+            s.clone_htod(&v).unwrap(),
+        );
+        let mut dout = s.clone_htod(&vec![f32::NAN; t * nh * d]).unwrap();
+        gcache
+            .attend(layer, nh, &batch, &dq, &dk, &dv, &mut dout)
+            .unwrap();
+        let e = rel_err(&s.clone_dtoh(&dout).unwrap(), &want);
+        assert!(
+            e <= 2e-4,
+            "{:?} layer {layer} items {items:?}: rel err {e:.3e}",
+            gcache.config()
+        );
+        worst = worst.max(e);
+        let mut off = 0;
+        for &(seq, _, nn) in items {
+            cpu.append(
+                layer,
+                seq,
+                &k[off * row..(off + nn) * row],
+                &v[off * row..(off + nn) * row],
+            );
+            off += nn;
+        }
+        gcache.append(layer, &batch, &dk, &dv).unwrap();
+    }
+    gcache.advance(&batch);
+    for &(seq, slot, _) in items {
+        assert_eq!(
+            gcache.seq_len(slot),
+            Some(cpu.cache().seq_len(0, seq).unwrap())
+        );
+        for layer in 0..shape.n_layer {
+            let (ck, cv) = cpu.stored(layer, seq);
+            let (gk, gv) = gcache.dequantized(layer, slot).unwrap();
+            for (what, c, g) in [("keys", &ck, &gk), ("values", &cv, &gv)] {
+                assert_eq!(c.len(), g.len());
+                if let Some(j) = (0..c.len()).find(|&j| c[j].to_bits() != g[j].to_bits()) {
+                    panic!(
+                        "{:?} layer {layer} slot {slot} (table {:?}): stored {what} differ at \
+                         token {} of {}: cpu {} gpu {}",
+                        gcache.config(),
+                        gcache.block_table(slot),
+                        j / row,
+                        c.len() / row,
+                        c[j],
+                        g[j]
+                    );
+                }
+            }
+        }
+    }
+    worst
+}
+
+/// Whether a block table is not one ascending run (blocks reused out of order).
+fn scattered(table: &[u32]) -> bool {
+    table.windows(2).any(|w| w[1] != w[0] + 1)
+}
+
+/// A paged cache with a small pool: sequences come and go, so blocks are reused out of order
+/// and block tables are scattered; lengths cross block boundaries; the pool runs out (a clean
+/// error, nothing taken, the cache still usable); everything returns to the pool at the end.
+fn check_paged(
+    gpu: &Arc<Gpu>,
+    config: CacheConfig,
+    hkv: usize,
+    nh: usize,
+    d: usize,
+    r: &mut StdRng,
+) {
+    let shape = CacheShape {
+        n_layer: 2,
+        n_kv_head: hkv,
+        head_dim: d,
+    };
+    let max_seqs = 4;
+    let pool = 13;
+    let probe = GpuCache::new(gpu.clone(), config, shape, 1, 1).unwrap();
+    let (block, window) = (probe.block_bytes(), probe.window_bytes_per_seq());
+    drop(probe);
+    // Too small a budget is an error, not a panic.
+    assert!(GpuCache::with_budget(
+        gpu.clone(),
+        config,
+        shape,
+        max_seqs as u64 * window,
+        max_seqs
+    )
+    .is_err());
+    assert!(GpuCache::with_budget(gpu.clone(), config, shape, 1 << 30, 0).is_err());
+    let budget = max_seqs as u64 * window + pool as u64 * block + block / 2;
+    let mut g = GpuCache::with_budget(gpu.clone(), config, shape, budget, max_seqs).unwrap();
+    assert_eq!(g.pool_blocks(), pool);
+    assert_eq!(g.free_blocks(), pool);
+    assert_eq!(g.seq_fixed_bytes(), 0);
+    let reserved = g.memory_reserved();
+    assert_eq!(
+        reserved.total_bytes(),
+        pool as u64 * block + max_seqs as u64 * window
+    );
+    let mut cpu = Reference::new(config, shape);
+    // Live sequences: (cpu id, gpu slot).
+    let mut live: Vec<(SeqId, usize)> = Vec::new();
+    let (mut exhausted, mut readded, mut was_scattered) = (0, 0, false);
+    let mut freed_slots = Vec::new();
+    let mut worst = 0f64;
+    for step in 0..40 {
+        // Add sequences up to the slot limit; the limit itself is an error.
+        if live.len() < max_seqs && (live.len() < 2 || r.gen_range(0..3) == 0) {
+            let slot = g.add_sequence().unwrap();
+            readded += freed_slots.contains(&slot) as usize;
+            live.push((cpu.cache().add_sequence(), slot));
+        }
+        if live.len() == max_seqs {
+            assert!(g.add_sequence().is_err());
+        }
+        let n_new: Vec<usize> = live
+            .iter()
+            .map(|_| match r.gen_range(0..6) {
+                0 => r.gen_range(100..400),
+                1 => r.gen_range(2..130),
+                _ => 1,
+            })
+            .collect();
+        let items: Vec<(SeqId, usize, usize)> = live
+            .iter()
+            .zip(&n_new)
+            .map(|(&(seq, slot), &n)| (seq, slot, n))
+            .collect();
+        let needed: usize = items
+            .iter()
+            .map(|&(_, slot, n)| g.blocks_needed(slot, n).unwrap())
+            .sum();
+        for &(seq, slot, n) in &items {
+            let len = cpu.cache().seq_len(0, seq).unwrap();
+            assert_eq!(
+                g.blocks_needed(slot, n).unwrap(),
+                g.blocks_for_tokens(len + n) - g.blocks_for_tokens(len)
+            );
+        }
+        if needed > g.free_blocks() {
+            // The pool runs out: a clean error that takes nothing; then the longest sequence
+            // goes, its blocks return, and the step is retried by the next iteration.
+            let (used, free) = (g.blocks_in_use(), g.free_blocks());
+            let gitems: Vec<(usize, usize)> = items.iter().map(|&(_, s, n)| (s, n)).collect();
+            let err = g
+                .batch(&gitems)
+                .err()
+                .expect("pool exhaustion must be an error");
+            assert!(err.to_string().contains("exhausted"), "{err}");
+            assert_eq!((g.blocks_in_use(), g.free_blocks()), (used, free));
+            exhausted += 1;
+            let i = (0..live.len())
+                .max_by_key(|&i| g.seq_len(live[i].1).unwrap())
+                .unwrap();
+            let (seq, slot) = live.swap_remove(i);
+            let held = g.block_table(slot).unwrap().len();
+            cpu.remove(seq);
+            g.remove_sequence(slot).unwrap();
+            assert!(g.remove_sequence(slot).is_err());
+            assert_eq!(g.blocks_in_use(), used - held);
+            freed_slots.push(slot);
+            continue;
+        }
+        let free_before = g.free_blocks();
+        worst = worst.max(step_both(gpu, &mut cpu, &mut g, &items, nh, r));
+        assert_eq!(g.free_blocks(), free_before - needed, "step {step}");
+        let held: usize = live
+            .iter()
+            .map(|&(_, slot)| g.block_table(slot).unwrap().len())
+            .sum();
+        assert_eq!(g.blocks_in_use(), held);
+        for &(seq, slot) in &live {
+            let n = cpu.cache().seq_len(0, seq).unwrap();
+            assert_eq!(g.block_table(slot).unwrap().len(), g.blocks_for_tokens(n));
+            was_scattered |= scattered(g.block_table(slot).unwrap());
+        }
+        // Memory accounting agrees with the CPU cache (R = 0 stages the partial key group in
+        // a different place: full-precision bytes are compared for R > 0 and f16 only).
+        let (cm, gm) = (cpu.cache().memory(), g.memory());
+        assert_eq!(
+            (cm.code_bytes, cm.scale_bytes, cm.min_bytes, cm.tokens),
+            (gm.code_bytes, gm.scale_bytes, gm.min_bytes, gm.tokens)
+        );
+        if !matches!(config, CacheConfig::Kivi(kc) if kc.residual_len == 0) {
+            assert_eq!(cm.full_precision_bytes, gm.full_precision_bytes);
+        }
+        assert_eq!(g.memory_reserved().tokens, gm.tokens);
+        // Now and then a sequence finishes.
+        if live.len() > 2 && r.gen_range(0..4) == 0 {
+            let (seq, slot) = live.remove(r.gen_range(0..live.len()));
+            cpu.remove(seq);
+            g.remove_sequence(slot).unwrap();
+            freed_slots.push(slot);
+        }
+    }
+    // Exhaustion on demand: a step needing more blocks than are free fails and takes nothing;
+    // the cache stays usable.
+    if live.is_empty() {
+        live.push((cpu.cache().add_sequence(), g.add_sequence().unwrap()));
+    }
+    let slot = live[0].1;
+    let too_many = (g.free_blocks() + 2) * BLOCK_TOKENS;
+    assert!(g.blocks_needed(slot, too_many).unwrap() > g.free_blocks());
+    let (used, free) = (g.blocks_in_use(), g.free_blocks());
+    let err = g
+        .batch(&[(slot, too_many)])
+        .err()
+        .expect("pool exhaustion must be an error");
+    assert!(err.to_string().contains("exhausted"), "{err}");
+    assert_eq!((g.blocks_in_use(), g.free_blocks()), (used, free));
+    exhausted += 1;
+    let items: Vec<(SeqId, usize, usize)> =
+        live.iter().map(|&(seq, slot)| (seq, slot, 3)).collect();
+    let needed: usize = items
+        .iter()
+        .map(|&(_, slot, n)| g.blocks_needed(slot, n).unwrap())
+        .sum();
+    if needed <= g.free_blocks() {
+        worst = worst.max(step_both(gpu, &mut cpu, &mut g, &items, nh, r));
+    } else {
+        // Sequences finish until a new one has room for 200 tokens.
+        while g.free_blocks() < g.blocks_for_tokens(200) {
+            let (seq, slot) = live.remove(0);
+            cpu.remove(seq);
+            g.remove_sequence(slot).unwrap();
+        }
+        if live.len() == max_seqs {
+            let (seq, slot) = live.remove(0);
+            cpu.remove(seq);
+            g.remove_sequence(slot).unwrap();
+        }
+        let slot = g.add_sequence().unwrap();
+        let seq = cpu.cache().add_sequence();
+        live.push((seq, slot));
+        worst = worst.max(step_both(gpu, &mut cpu, &mut g, &[(seq, slot, 200)], nh, r));
+    }
+    eprintln!(
+        "{config:?} hkv {hkv} nh {nh} d {d}: worst rel err {worst:.2e}, pool exhausted {exhausted}x, \
+         slots re-added {readded}, scattered tables {was_scattered}"
+    );
+    assert!(exhausted > 0 && readded > 0 && was_scattered);
+    for (seq, slot) in live.drain(..) {
+        cpu.remove(seq);
+        g.remove_sequence(slot).unwrap();
+    }
+    assert_eq!(g.n_sequences(), 0);
+    assert_eq!(g.blocks_in_use(), 0);
+    assert_eq!(g.free_blocks(), pool);
+    assert_eq!(g.memory().total_bytes(), 0);
+    g.trim_free_blocks(0);
+    assert_eq!(g.free_blocks(), pool);
+}
+
+#[test]
+fn paged_blocks_reused_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = fresh_rng("paged_blocks_reused_match_cpu");
+    for (config, hkv, nh, d) in [
+        (CacheConfig::F16, 2, 8, 128),
+        (CacheConfig::Kivi(kivi((2, 2), 32, 128)), 2, 8, 128),
+        (CacheConfig::Kivi(kivi((4, 4), 64, 64)), 2, 6, 64),
+        (CacheConfig::Kivi(kivi((2, 4), 128, 0)), 1, 4, 128),
+        (CacheConfig::Kivi(kivi((4, 2), 32, 96)), 4, 4, 128),
+    ] {
+        check_paged(&gpu, config, hkv, nh, d, &mut r);
+    }
 }
