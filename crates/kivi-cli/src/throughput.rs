@@ -419,7 +419,7 @@ fn report(a: &BenchThroughputArgs, results: &[CacheResult], meta: serde_json::Va
         };
         let mem = line_chart(
             if gpu {
-                "Peak GPU memory (weights + activations + KV) vs batch size"
+                "Peak GPU memory vs batch size"
             } else {
                 "Peak memory (weights + KV) vs batch size"
             },
@@ -537,18 +537,16 @@ fn run_cuda(
         gib(device_total)
     );
     print_header(true);
-    let shape = cache_shape(&cfg);
     let mut results = Vec::new();
     for cache in caches {
-        // Bytes a sequence needs at its final length (interim slot cache: every slot holds the
-        // longest request of the sweep).
-        let cap = reqs.iter().map(|(p, o)| p + o).max().unwrap_or(1);
-        let per_seq = {
-            let probe = GpuCache::new(gpu.clone(), *cache, shape, 1, cap)?;
-            GpuRunner::new(&model, probe, 1, cap).block_bytes()
-        };
+        // Largest batch whose every sequence fits at its final length at once (no preemption):
+        // each takes its slot's f16 windows and the pool blocks of its tokens.
+        let cost = GpuCost::probe(&model, cache)?;
         gpu.trim_pool()?;
-        let max_fit = ((kv_budget / per_seq.max(1)) as usize).min(a.max_batch);
+        let max_fit = (1..=reqs.len())
+            .take_while(|&b| cost.bytes(&reqs[..b]) <= kv_budget)
+            .last()
+            .unwrap_or(0);
         let batches: Vec<usize> = match &a.batch {
             Some(list) => list
                 .split(',')
@@ -575,10 +573,15 @@ fn run_cuda(
             if b == 0 {
                 bail!("batch size 0");
             }
-            let pt = run_batch_cuda(&model, cache, &reqs[..b], a.seed, chunk, weights)?;
+            // One failed point (e.g. out of memory) must not lose the others.
+            match run_batch_cuda(&model, cache, &cost, &reqs[..b], a.seed, chunk, weights) {
+                Ok(pt) => {
+                    print_point(cache, &pt);
+                    points.push(pt);
+                }
+                Err(e) => println!("| {} | {b} | failed: {e:#} |", format_kv(cache)),
+            }
             gpu.trim_pool()?;
-            print_point(cache, &pt);
-            points.push(pt);
         }
         results.push((*cache, max_fit, points));
     }
@@ -599,10 +602,45 @@ fn run_cuda(
     report(a, &results, meta)
 }
 
-/// Runs `reqs` together on the GPU (one wave, `max_running` = all of them).
+/// What a cache configuration takes on the GPU, from a one-sequence probe cache.
+struct GpuCost {
+    block_bytes: u64,
+    window_bytes: u64,
+    /// Pool blocks of a sequence of n tokens, for n = 0..=longest request.
+    blocks: Vec<usize>,
+}
+
+impl GpuCost {
+    fn probe(model: &CudaModel, cache: &CacheConfig) -> Result<GpuCost> {
+        let c = &model.config;
+        let probe = GpuCache::new(model.backend.gpu().clone(), *cache, cache_shape(c), 1, 1)?;
+        Ok(GpuCost {
+            block_bytes: probe.block_bytes(),
+            window_bytes: probe.window_bytes_per_seq(),
+            blocks: (0..=c.context_len)
+                .map(|n| probe.blocks_for_tokens(n))
+                .collect(),
+        })
+    }
+
+    /// Pool blocks of `reqs` at their final lengths (the last generated token is not stored).
+    fn pool_blocks(&self, reqs: &[(usize, usize)]) -> usize {
+        reqs.iter().map(|&(p, o)| self.blocks[p + o - 1]).sum()
+    }
+
+    /// KV bytes of `reqs` at their final lengths: windows and pool blocks.
+    fn bytes(&self, reqs: &[(usize, usize)]) -> u64 {
+        reqs.len() as u64 * self.window_bytes + self.pool_blocks(reqs) as u64 * self.block_bytes
+    }
+}
+
+/// Runs `reqs` together on the GPU (one wave, `max_running` = all of them), with a cache of
+/// exactly their size at their final lengths (the allocation grows with the batch, as a
+/// framework's would; the driver's view of memory then measures it).
 fn run_batch_cuda(
     model: &CudaModel,
     cache: &CacheConfig,
+    cost: &GpuCost,
     reqs: &[(usize, usize)],
     seed: u64,
     chunk: usize,
@@ -610,10 +648,11 @@ fn run_batch_cuda(
 ) -> Result<Point> {
     let b = reqs.len();
     let gpu = model.backend.gpu().clone();
-    let cap = reqs.iter().map(|(p, o)| p + o).max().unwrap_or(1);
-    let gcache = GpuCache::new(gpu.clone(), *cache, cache_shape(&model.config), b, cap)?;
-    let runner = GpuRunner::new(model, gcache, b, cap);
-    let pool = b as u64 * runner.block_bytes();
+    let shape = cache_shape(&model.config);
+    let gcache = GpuCache::with_budget(gpu.clone(), *cache, shape, cost.bytes(reqs), b)?;
+    let runner = GpuRunner::new(model, gcache);
+    let pool = runner.cache().pool_blocks() as u64 * runner.block_bytes();
+    let windows = b as u64 * cost.window_bytes;
     let config = EngineConfig {
         cache: *cache,
         kv_memory_bytes: Some(pool),
@@ -623,12 +662,11 @@ fn run_batch_cuda(
         prefill_chunk: chunk,
     };
     let mut sched = Scheduler::with_runner(runner, config);
-    let mut peak_kv = 0u64;
+    // KV held: every slot's windows (preallocated) and the pool blocks in use.
+    let mut peak_kv = windows;
     let d = drive(&mut sched, reqs, seed, |s| {
         let r = s.runner();
-        let held = r.blocks_in_use() as u64 * r.block_bytes()
-            + r.n_sequences() as u64 * r.seq_fixed_bytes();
-        peak_kv = peak_kv.max(held);
+        peak_kv = peak_kv.max(windows + r.blocks_in_use() as u64 * r.block_bytes());
     })?;
     let st = sched.stats();
     let runner = sched.into_runner();

@@ -34,43 +34,10 @@ pub struct RunnerTimes {
     pub tokens: u64,
 }
 
-/// Interim paging view of the slot cache (one block = one slot of `capacity` tokens), until the
-/// paged pool of `GpuCache` lands.
-struct SlotPaging {
-    slots: usize,
-    capacity: usize,
-    slot_bytes: u64,
-    /// Average bytes per stored token, all layers (codes, scales, mins; f16 rows).
-    token_bytes: u64,
-}
-
-impl SlotPaging {
-    fn new(c: &Config, cache: &GpuCache, slots: usize, capacity: usize) -> SlotPaging {
-        let (l, hkv, d) = (c.n_layer as u64, c.n_kv_head as u64, c.head_dim as u64);
-        let cap = capacity.div_ceil(32) as u64 * 32;
-        let (token_bytes, window) = match cache.config() {
-            CacheConfig::F16 => (l * hkv * d * 4, 0),
-            CacheConfig::Kivi(kc) => {
-                let g = kc.group_size as u64;
-                let per = d * (kc.k_bits + kc.v_bits) as u64 / 8 + d * 4 / g + (d / g) * 4;
-                let w = kc.residual_len.max(kc.group_size) as u64;
-                (l * hkv * per, l * hkv * w * d * 4)
-            }
-        };
-        SlotPaging {
-            slots,
-            capacity,
-            slot_bytes: cap * token_bytes + window,
-            token_bytes,
-        }
-    }
-}
-
 /// The GPU model and its cache.
 pub struct GpuRunner<'m> {
     model: &'m CudaModel,
     cache: GpuCache,
-    paging: SlotPaging,
     times: RunnerTimes,
     /// Largest device memory in use (the driver's view: `total - free` of cuMemGetInfo),
     /// sampled while a step's activations are still held.
@@ -78,17 +45,10 @@ pub struct GpuRunner<'m> {
 }
 
 impl<'m> GpuRunner<'m> {
-    /// Binds `model` to `cache` (empty, made by `GpuCache::new(.., slots, capacity)`; the
-    /// model's shape).
-    pub fn new(
-        model: &'m CudaModel,
-        cache: GpuCache,
-        slots: usize,
-        capacity: usize,
-    ) -> GpuRunner<'m> {
+    /// Binds `model` to `cache` (empty; the model's shape).
+    pub fn new(model: &'m CudaModel, cache: GpuCache) -> GpuRunner<'m> {
         GpuRunner {
             model,
-            paging: SlotPaging::new(&model.config, &cache, slots, capacity),
             cache,
             times: RunnerTimes::default(),
             peak_device_used: 0,
@@ -199,55 +159,39 @@ impl Runner for GpuRunner<'_> {
     }
 
     fn max_sequences(&self) -> Option<usize> {
-        Some(self.paging.slots)
+        Some(self.cache.max_seqs())
     }
 
     fn block_bytes(&self) -> u64 {
-        self.paging.slot_bytes
+        self.cache.block_bytes()
     }
     fn blocks_in_use(&self) -> usize {
-        // A slot counts once it holds a token (blocks_needed charges the first token).
-        (0..self.paging.slots)
-            .filter(|&s| self.cache.seq_len(s).is_some_and(|n| n > 0))
-            .count()
+        self.cache.blocks_in_use()
     }
     fn free_blocks(&self) -> usize {
-        0
+        self.cache.free_blocks()
     }
     fn blocks_for_tokens(&self, n_tokens: usize) -> usize {
-        (n_tokens > 0) as usize
+        self.cache.blocks_for_tokens(n_tokens)
     }
     fn blocks_needed(&self, seq: SeqId, n_new: usize) -> R<usize> {
-        let n = self.seq_len(seq)?;
-        if n + n_new > self.paging.capacity {
-            return Ok(usize::MAX / 4);
-        }
-        Ok(self.blocks_for_tokens(n + n_new) - self.blocks_for_tokens(n))
+        self.cache
+            .blocks_needed(Self::slot(seq), n_new)
+            .map_err(err)
     }
     fn seq_fixed_bytes(&self) -> u64 {
-        0
+        self.cache.seq_fixed_bytes()
     }
     fn n_sequences(&self) -> usize {
-        (0..self.paging.slots)
-            .filter(|&s| self.cache.seq_len(s).is_some())
-            .count()
+        self.cache.n_sequences()
     }
-    fn trim_free_blocks(&mut self, _keep: usize) {}
+    fn trim_free_blocks(&mut self, keep: usize) {
+        self.cache.trim_free_blocks(keep)
+    }
     fn memory(&self) -> MemoryUsage {
-        let tokens: usize = (0..self.paging.slots)
-            .filter_map(|s| self.cache.seq_len(s))
-            .sum();
-        let c = &self.model.config;
-        MemoryUsage {
-            full_precision_bytes: tokens as u64 * self.paging.token_bytes,
-            tokens: (tokens * c.n_layer) as u64,
-            ..Default::default()
-        }
+        self.cache.memory()
     }
     fn memory_reserved(&self) -> MemoryUsage {
-        MemoryUsage {
-            full_precision_bytes: self.blocks_in_use() as u64 * self.paging.slot_bytes,
-            ..self.memory()
-        }
+        self.cache.memory_reserved()
     }
 }

@@ -109,10 +109,24 @@ fn gpu_scheduler_matches_cpu_with_arrivals_and_finishes_mid_batch() {
             ..KiviConfig::default()
         }),
     ] {
+        // 4 sequence slots, and a pool of blocks for about 2.5 sequences of 200 tokens: the
+        // budget runs out before the slots do, so admission waits and sequences are preempted.
         let slots = 4;
-        let gcache = GpuCache::new(gpu.clone(), cache, cache_shape(&config), slots, 256).unwrap();
-        let runner = GpuRunner::new(&gpu_model, gcache, slots, 256);
-        let budget = slots as u64 * runner.block_bytes();
+        let probe = GpuCache::new(gpu.clone(), cache, cache_shape(&config), 1, 1).unwrap();
+        let blocks = probe.blocks_for_tokens(200) * 5 / 2;
+        let budget = blocks as u64 * probe.block_bytes();
+        let windows = slots as u64 * probe.window_bytes_per_seq();
+        drop(probe);
+        let gcache = GpuCache::with_budget(
+            gpu.clone(),
+            cache,
+            cache_shape(&config),
+            windows + budget,
+            slots,
+        )
+        .unwrap();
+        assert_eq!(gcache.pool_blocks(), blocks);
+        let runner = GpuRunner::new(&gpu_model, gcache);
         // More running sequences allowed than the cache has slots: admission must wait.
         let econf = EngineConfig {
             cache,
@@ -207,7 +221,6 @@ fn gpu_scheduler_matches_cpu_with_arrivals_and_finishes_mid_batch() {
         assert_eq!(r.n_sequences(), 0, "{cache:?}: sequences left");
         assert_eq!(r.blocks_in_use(), 0, "{cache:?}: blocks leaked");
         assert_eq!(sched.stats().requests_finished, n as u64);
-        // Every request fits its slot: the budget never forced a recompute.
-        assert_eq!(sched.stats().preemptions_total, 0, "{cache:?}");
+        eprintln!("{cache:?}: {} preemptions", sched.stats().preemptions_total);
     }
 }
