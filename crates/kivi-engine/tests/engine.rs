@@ -551,3 +551,164 @@ fn a_sequence_outgrowing_the_whole_budget_ends_with_length() {
     assert_eq!(toks[..], want[..503]);
     assert_drained(&sched);
 }
+
+/// The CPU model behind the contract of a device runner: greedy items are answered with the token
+/// id (argmax taken inside the runner, as the GPU does on the device), only sampled items get
+/// logits, and the cache holds at most `slots` sequences (`add_sequence` fails beyond them).
+struct SlotRunner {
+    inner: kivi_model::runner::CpuRunner,
+    slots: usize,
+    greedy_answers: usize,
+}
+
+impl kivi_model::runner::Runner for SlotRunner {
+    fn model_config(&self) -> &kivi_model::config::Config {
+        self.inner.model_config()
+    }
+    fn cache_config(&self) -> &CacheConfig {
+        self.inner.cache_config()
+    }
+    fn forward(
+        &mut self,
+        items: &[kivi_model::runner::StepItem<'_>],
+    ) -> kivi_model::Result<Vec<kivi_model::runner::StepOutput>> {
+        use kivi_model::runner::{StepOutput, Want};
+        let out = self.inner.forward(items)?;
+        Ok(items
+            .iter()
+            .zip(out)
+            .map(|(it, o)| match (it.want, o) {
+                (Want::Greedy, StepOutput::Logits(l)) => {
+                    self.greedy_answers += 1;
+                    StepOutput::Token(kivi_engine::sampler::argmax(&l))
+                }
+                (_, o) => o,
+            })
+            .collect())
+    }
+    fn add_sequence(&mut self) -> kivi_model::Result<kivi_core::SeqId> {
+        if self.inner.n_sequences() >= self.slots {
+            return Err(kivi_model::ModelError::Backend(
+                "no free sequence slot".into(),
+            ));
+        }
+        self.inner.add_sequence()
+    }
+    fn remove_sequence(&mut self, seq: kivi_core::SeqId) -> kivi_model::Result<()> {
+        self.inner.remove_sequence(seq)
+    }
+    fn seq_len(&self, seq: kivi_core::SeqId) -> kivi_model::Result<usize> {
+        self.inner.seq_len(seq)
+    }
+    fn max_sequences(&self) -> Option<usize> {
+        Some(self.slots)
+    }
+    fn block_bytes(&self) -> u64 {
+        self.inner.block_bytes()
+    }
+    fn blocks_in_use(&self) -> usize {
+        self.inner.blocks_in_use()
+    }
+    fn free_blocks(&self) -> usize {
+        self.inner.free_blocks()
+    }
+    fn blocks_for_tokens(&self, n: usize) -> usize {
+        self.inner.blocks_for_tokens(n)
+    }
+    fn blocks_needed(&self, seq: kivi_core::SeqId, n: usize) -> kivi_model::Result<usize> {
+        self.inner.blocks_needed(seq, n)
+    }
+    fn seq_fixed_bytes(&self) -> u64 {
+        self.inner.seq_fixed_bytes()
+    }
+    fn n_sequences(&self) -> usize {
+        self.inner.n_sequences()
+    }
+    fn trim_free_blocks(&mut self, keep: usize) {
+        self.inner.trim_free_blocks(keep)
+    }
+    fn memory(&self) -> kivi_core::MemoryUsage {
+        self.inner.memory()
+    }
+    fn memory_reserved(&self) -> kivi_core::MemoryUsage {
+        self.inner.memory_reserved()
+    }
+}
+
+#[test]
+fn a_runner_with_token_answers_and_few_slots_gives_the_tokens_of_a_run_alone() {
+    use kivi_model::runner::Runner;
+    let model = tiny_model(rand::random());
+    let mut rng = rand::thread_rng();
+    for cache in [CacheConfig::F16, kivi_small()] {
+        let slots = 3;
+        let runner = SlotRunner {
+            inner: kivi_model::runner::CpuRunner::new(model.clone(), &cache).unwrap(),
+            slots,
+            greedy_answers: 0,
+        };
+        // More running sequences allowed than slots: admission must wait for a slot.
+        let config = EngineConfig {
+            cache,
+            max_batch_tokens: 40,
+            max_running: 6,
+            ..Default::default()
+        };
+        let mut sched = Scheduler::with_runner(runner, config);
+        let chunk = sched.prefill_chunk();
+        let n = 9;
+        let requests: Vec<Request> = (0..n)
+            .map(|i| {
+                let mut r = random_request(&mut rng, model.config.vocab, 80, 30);
+                if i % 4 == 1 {
+                    r.sampling = SamplingParams {
+                        temperature: 0.9,
+                        top_k: 20,
+                        top_p: 0.9,
+                        seed: rng.gen(),
+                    };
+                }
+                r
+            })
+            .collect();
+        let arrivals: Vec<usize> = (0..n).map(|_| rng.gen_range(0..30)).collect();
+        let mut rxs: Vec<Option<mpsc::Receiver<Event>>> = (0..n).map(|_| None).collect();
+        let mut step = 0;
+        loop {
+            for i in 0..n {
+                if arrivals[i] == step {
+                    sched.validate(&requests[i]).unwrap();
+                    let (sink, rx) = channel_sink();
+                    sched.add(
+                        RequestId(i as u64),
+                        requests[i].clone(),
+                        sink,
+                        Instant::now(),
+                    );
+                    rxs[i] = Some(rx);
+                }
+            }
+            let busy = sched.step();
+            assert!(sched.runner().n_sequences() <= slots);
+            step += 1;
+            if !busy && step > 30 {
+                break;
+            }
+            assert!(step < 100_000, "the scheduler does not finish");
+        }
+        for (i, (req, rx)) in requests.iter().zip(rxs).enumerate() {
+            let (toks, fin) = collect(&rx.unwrap());
+            assert_eq!(fin.reason, FinishReason::Length, "{cache:?} request {i}");
+            assert_eq!(
+                toks,
+                alone(&model, &cache, req, chunk),
+                "{cache:?} request {i}"
+            );
+        }
+        assert!(sched.is_idle());
+        let runner = sched.into_runner();
+        assert!(runner.greedy_answers > 0);
+        assert_eq!(runner.n_sequences(), 0);
+        assert_eq!(runner.blocks_in_use(), 0);
+    }
+}
