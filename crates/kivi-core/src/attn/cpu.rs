@@ -293,9 +293,10 @@ pub fn v_tok_q16_shape(hd: usize, seg: &TokSeg<'_>) -> bool {
         && matches!(hd, 64 | 128)
 }
 
-/// The VNNI value kernel needs non-negative weights (softmax numerators are).
+/// The VNNI value kernel needs non-negative weights (softmax numerators are): no sign bit set
+/// (an OR over the bits, which vectorises; `-0.0` counts as negative).
 pub fn all_nonnegative(p: &[f32]) -> bool {
-    p.iter().fold(0f32, |m, &x| m.min(x)) >= 0.0
+    p.iter().fold(0u32, |a, &x| a | x.to_bits()) >> 31 == 0
 }
 
 /// Group `g`'s folded query `qs[d] = q[d]·scale[g,d]` quantized to `iq[d] = round(qs[d] / alpha)`
