@@ -22,6 +22,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use half::f16;
@@ -1679,15 +1680,15 @@ unsafe fn lane_index(f: impl Fn(usize) -> usize) -> __m512i {
     _mm512_loadu_si512(b.as_ptr() as *const _)
 }
 
-/// Group `g`'s folded key query quantized to i16 (as i32 in `iq`), see
-/// [`cpu::quantize_query_q16`]; `q.len()` is a multiple of 16.
+/// Group `g`'s folded key query quantized to i16 (as i32, written to `iq[..q.len()]`), see
+/// [`cpu::quantize_query_q16`]; `q.len()` is a multiple of 16, at most [`MAX_HEAD_DIM`].
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn quantize_query_q16_avx512(
     q: &[f32],
     seg: &ChanSeg<'_>,
     g: usize,
-    iq: &mut [i32],
+    iq: *mut i32,
 ) -> (f32, f32) {
     let hd = q.len();
     let (sp, mp) = (
@@ -1695,15 +1696,17 @@ unsafe fn quantize_query_q16_avx512(
         seg.mins.as_ptr().add(g * hd) as *const u16,
     );
     let qp = q.as_ptr();
-    let mut qs = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
+    // Scratch, written before it is read (no zeroing: this runs once per group and query).
+    let mut qs = [MaybeUninit::<__m512>::uninit(); MAX_HEAD_DIM / 16];
     let (mut b, mut amax) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     for v in 0..hd / 16 {
         let qv = _mm512_loadu_ps(qp.add(16 * v));
         let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(16 * v) as *const __m256i));
         let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(16 * v) as *const __m256i));
-        qs[v] = _mm512_mul_ps(qv, sc);
+        let x = _mm512_mul_ps(qv, sc);
+        qs[v].write(x);
         b = _mm512_fmadd_ps(qv, mn, b);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(qs[v]));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
     }
     let amax = _mm512_reduce_max_ps(amax);
     let inv = _mm512_set1_ps(if amax > 0.0 {
@@ -1711,10 +1714,9 @@ unsafe fn quantize_query_q16_avx512(
     } else {
         0.0
     });
-    let ip = iq.as_mut_ptr();
     for v in 0..hd / 16 {
-        let x = _mm512_cvtps_epi32(_mm512_mul_ps(qs[v], inv));
-        _mm512_storeu_si512(ip.add(16 * v) as *mut _, x);
+        let x = _mm512_cvtps_epi32(_mm512_mul_ps(qs[v].assume_init(), inv));
+        _mm512_storeu_si512(iq.add(16 * v) as *mut _, x);
     }
     (amax / cpu::Q16_KEY_MAX, _mm512_reduce_add_ps(b))
 }
@@ -1736,13 +1738,14 @@ unsafe fn k_chan_vnni<const M: usize>(
 ) {
     let hd = q.len() / M;
     let (g, wpr) = (seg.group, seg.words_per_row);
+    // Scratch below is written before it is read (no zeroing: the call may cover one block).
     // Quantized query of the group of each half (slot) of the current chunk.
-    let mut iq = [[[0i32; MAX_HEAD_DIM]; 2]; M];
+    let mut iq = [[[MaybeUninit::<i32>::uninit(); MAX_HEAD_DIM]; 2]; M];
     let mut qpar = [[(0f32, 0f32); 2]; M];
     let mut cur = [usize::MAX; 2];
     // Per query and 4 channels: 16 bytes [hi(slot 0), hi(slot 1), lo(slot 0), lo(slot 1)].
-    let mut tab = [[0u8; 4 * MAX_HEAD_DIM]; M];
-    let mut tmp = [0f32; 64 * 4];
+    let mut tab = [[MaybeUninit::<u8>::uninit(); 4 * MAX_HEAD_DIM]; M];
+    let mut tmp = [MaybeUninit::<f32>::uninit(); 64 * 4];
     // Table builder: bytes of 16 channels' i32 codes of both slots.
     let tidx = byte_index(|o| {
         let (k, j) = (o / 16, o % 16);
@@ -1780,14 +1783,14 @@ unsafe fn k_chan_vnni<const M: usize>(
                 for r in 0..M {
                     if h == 1 && gs[1] == gs[0] {
                         let (a, b) = iq[r].split_at_mut(1);
-                        b[0][..hd].copy_from_slice(&a[0][..hd]);
+                        std::ptr::copy_nonoverlapping(a[0].as_ptr(), b[0].as_mut_ptr(), hd);
                         qpar[r][1] = qpar[r][0];
                     } else {
                         qpar[r][h] = quantize_query_q16_avx512(
                             &q[r * hd..(r + 1) * hd],
                             seg,
                             gs[h],
-                            &mut iq[r][h][..hd],
+                            iq[r][h].as_mut_ptr() as *mut i32,
                         );
                     }
                 }
@@ -1840,11 +1843,18 @@ unsafe fn k_chan_vnni<const M: usize>(
                 let w = _mm512_permutex2var_ps(f[2], u_idx[s], f[3]);
                 for h in 0..2 {
                     let o = _mm512_permutex2var_ps(u, o_idx[h], w);
-                    _mm512_storeu_ps(tmp.as_mut_ptr().add(64 * r + 32 * s + 16 * h), o);
+                    _mm512_storeu_ps(
+                        tmp.as_mut_ptr().add(64 * r + 32 * s + 16 * h) as *mut f32,
+                        o,
+                    );
                 }
             }
-            out[r * out_stride + (t - t0)..][..hi - t]
-                .copy_from_slice(&tmp[64 * r + (t - c0)..64 * r + (hi - c0)]);
+            // tmp[64 r .. 64 r + 64] was just written.
+            let src = std::slice::from_raw_parts(
+                tmp.as_ptr().add(64 * r + (t - c0)) as *const f32,
+                hi - t,
+            );
+            out[r * out_stride + (t - t0)..][..hi - t].copy_from_slice(src);
         }
         t = hi;
     }
@@ -1878,10 +1888,11 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
     let mut fa = [[[_mm512_setzero_ps(); 4]; NV]; M];
     let mut min_acc = [[0f32; 16]; M];
     let mut macc = [_mm512_setzero_ps(); M];
+    // Scratch, written before it is read (no zeroing: the call may cover one block).
     // p·scale of the sub-chunk, [token][group], padded to whole 4-token quads.
-    let mut ps = [[0f32; SUB * 4 + 16]; M];
+    let mut ps = [[MaybeUninit::<f32>::uninit(); SUB * 4 + 16]; M];
     // Per 4 tokens: 64 bytes of weight codes.
-    let mut wt = [[[0u8; 64]; SUB / 4]; M];
+    let mut wt = [[[MaybeUninit::<u8>::uninit(); 64]; SUB / 4]; M];
     let mut pidx = [0i32; 16];
     for (l, x) in pidx.iter_mut().enumerate() {
         *x = (l / gpt) as i32;
@@ -1932,7 +1943,7 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
         let mut alpha = [0f32; M];
         for r in 0..M {
             let pr = p.as_ptr().add(r * p_stride + i0);
-            let psr = ps[r].as_mut_ptr();
+            let psr = ps[r].as_mut_ptr() as *mut f32;
             let mut mx = _mm512_setzero_ps();
             let mut mxs = 0f32;
             let mut j = 0;
