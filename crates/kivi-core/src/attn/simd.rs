@@ -1664,21 +1664,153 @@ unsafe fn gf_matrices() -> [__m512i; 4] {
     std::array::from_fn(|k| _mm512_set1_epi64(GF_CODE2[k] as i64))
 }
 
-/// Byte-permute index from a `[u8; 64]` built by `f(output byte)`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn byte_index(f: impl Fn(usize) -> usize) -> __m512i {
-    let b: [u8; 64] = std::array::from_fn(|o| f(o) as u8);
-    _mm512_loadu_si512(b.as_ptr() as *const _)
+unsafe fn load_index<T, const N: usize>(t: &[T; N]) -> __m512i {
+    const { assert!(N * std::mem::size_of::<T>() == 64) };
+    _mm512_loadu_si512(t.as_ptr() as *const _)
 }
 
-/// f32 lane index for `vpermt2ps` built by `f(output lane)`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn lane_index(f: impl Fn(usize) -> usize) -> __m512i {
-    let b: [i32; 16] = std::array::from_fn(|o| f(o) as i32);
-    _mm512_loadu_si512(b.as_ptr() as *const _)
-}
+// Permute indices of the VNNI kernels (compile-time tables; see the kernels for the layouts).
+
+/// Key table builder: output byte `16k + j` of 16 channels' i32 codes of slots 0 (`a`) and 1
+/// (`b`): `j` in `[hi(a), hi(b), lo(a), lo(b)]` × 4 channels of quad k (hi = byte 1, lo = byte 0).
+const K_TAB_IDX: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        let (k, j) = (o / 16, o % 16);
+        let (part, slot, ch) = (j / 8, (j / 4) % 2, 4 * k + j % 4);
+        t[o] = (64 * slot + 4 * ch + (part == 0) as usize) as u8;
+        o += 1;
+    }
+    t
+};
+
+/// Key chunk arrangement: lane `L = 2i + s`, byte `ch` <- row `ch` (16 bytes each), column
+/// `8s + i`.
+const K_ARR_IDX: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut o = 0;
+    while o < 64 {
+        let (l, ch) = (o / 4, o % 4);
+        t[o] = (16 * ch + 8 * (l % 2) + l / 2) as u8;
+        o += 1;
+    }
+    t
+};
+
+/// Key epilogue, stage 1 (`s` = 0, 1): `u[2i + kk] = f_kk[2i + s]`.
+const K_OUT1_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut s = 0;
+    while s < 2 {
+        let mut e = 0;
+        while e < 16 {
+            t[s][e] = (16 * (e % 2) + 2 * (e / 2) + s) as i32;
+            e += 1;
+        }
+        s += 1;
+    }
+    t
+};
+
+/// Key epilogue, stage 2 (`h` = 0, 1): token `4i' + k` of `i = 4h + i'` from `u` (k < 2) or `w`.
+const K_OUT2_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut h = 0;
+    while h < 2 {
+        let mut e = 0;
+        while e < 16 {
+            let (i, k) = (4 * h + e / 4, e % 4);
+            t[h][e] = (16 * (k / 2) + 2 * i + k % 2) as i32;
+            e += 1;
+        }
+        h += 1;
+    }
+    t
+};
+
+/// Value weight table, per `NV - 1` (head_dim 64 / 128) and log2 of groups per token (1, 2, 4):
+/// output byte `v·32 + part·16 + 4s + tt` <- byte (part == hi) of the i32 code of token `tt`,
+/// group `(64v + 16s) / g`.
+const V_TAB_IDX: [[[u8; 64]; 3]; 2] = {
+    let mut t = [[[0u8; 64]; 3]; 2];
+    let mut nv = 1;
+    while nv <= 2 {
+        let mut lg = 0;
+        while lg < 3 {
+            let gpt = 1 << lg;
+            let g = 64 * nv / gpt;
+            let mut o = 0;
+            while o < 64 {
+                let (v, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
+                if v < nv {
+                    t[nv - 1][lg][o] =
+                        (4 * (tt * gpt + (64 * v + 16 * s) / g) + (part == 0) as usize) as u8;
+                }
+                o += 1;
+            }
+            lg += 1;
+        }
+        nv += 1;
+    }
+    t
+};
+
+/// Value row arrangement, per `NV - 1` and vector v: lane `L = 4i + s`, byte `tt` <- row `tt`,
+/// column `16v + 4s + i` (rows of `16·NV` bytes: one vector for NV = 1, two for NV = 2).
+const V_ARR_IDX: [[[u8; 64]; 2]; 2] = {
+    let mut t = [[[0u8; 64]; 2]; 2];
+    let mut nv = 1;
+    while nv <= 2 {
+        let mut v = 0;
+        while v < nv {
+            let mut o = 0;
+            while o < 64 {
+                let (l, tt) = (o / 4, o % 4);
+                let col = 16 * v + 4 * (l % 4) + l / 4;
+                t[nv - 1][v][o] = (16 * nv * tt + col) as u8;
+                o += 1;
+            }
+            v += 1;
+        }
+        nv += 1;
+    }
+    t
+};
+
+/// Value epilogue, stage 1 (`sb` = 0, 1): element `8 s2 + 2i + kk` <- `f_kk[4i + 2 sb + s2]`.
+const V_OUT1_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut sb = 0;
+    while sb < 2 {
+        let mut e = 0;
+        while e < 16 {
+            let (s2, i, kk) = (e / 8, (e / 2) % 4, e % 2);
+            t[sb][e] = (16 * kk + 4 * i + 2 * sb + s2) as i32;
+            e += 1;
+        }
+        sb += 1;
+    }
+    t
+};
+
+/// Value epilogue, stage 2 (`s2` = 0, 1): channel `4i + k` from the two stage-1 vectors.
+const V_OUT2_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut s2 = 0;
+    while s2 < 2 {
+        let mut e = 0;
+        while e < 16 {
+            let (i, k) = (e / 4, e % 4);
+            t[s2][e] = (16 * (k / 2) + 8 * s2 + 2 * i + k % 2) as i32;
+            e += 1;
+        }
+        s2 += 1;
+    }
+    t
+};
 
 /// Group `g`'s folded key query quantized to i16 (as i32, written to `iq[..q.len()]`), see
 /// [`cpu::quantize_query_q16`]; `q.len()` is a multiple of 16, at most [`MAX_HEAD_DIM`].
@@ -1746,26 +1878,11 @@ unsafe fn k_chan_vnni<const M: usize>(
     // Per query and 4 channels: 16 bytes [hi(slot 0), hi(slot 1), lo(slot 0), lo(slot 1)].
     let mut tab = [[MaybeUninit::<u8>::uninit(); 4 * MAX_HEAD_DIM]; M];
     let mut tmp = [MaybeUninit::<f32>::uninit(); 64 * 4];
-    // Table builder: bytes of 16 channels' i32 codes of both slots.
-    let tidx = byte_index(|o| {
-        let (k, j) = (o / 16, o % 16);
-        let (part, slot, ch) = (j / 8, (j / 4) % 2, 4 * k + j % 4);
-        64 * slot + 4 * ch + (part == 0) as usize
-    });
-    // Chunk arrangement: lane L = 2i + s, byte ch -> row ch, column 8s + i.
-    let aidx = byte_index(|o| {
-        let (l, ch) = (o / 4, o % 4);
-        16 * ch + 8 * (l % 2) + l / 2
-    });
+    let tidx = load_index(&K_TAB_IDX);
+    let aidx = load_index(&K_ARR_IDX);
     // Lane (2i + s, code k) = token 32s + 4i + k: two vpermt2ps stages to natural order.
-    let u_idx: [__m512i; 2] =
-        std::array::from_fn(|s| lane_index(|e| 16 * (e % 2) + 2 * (e / 2) + s));
-    let o_idx: [__m512i; 2] = std::array::from_fn(|h| {
-        lane_index(|e| {
-            let (i, k) = (4 * h + e / 4, e % 4);
-            16 * (k / 2) + 2 * i + k % 2
-        })
-    });
+    let u_idx = [load_index(&K_OUT1_IDX[0]), load_index(&K_OUT1_IDX[1])];
+    let o_idx = [load_index(&K_OUT2_IDX[0]), load_index(&K_OUT2_IDX[1])];
     let mats = gf_matrices();
     let cp = seg.codes.as_ptr();
     let end = t0 + n;
@@ -1900,27 +2017,8 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
     let pidx = _mm512_loadu_si512(pidx.as_ptr() as *const _);
     let pmask: __mmask16 = ((1u32 << (16 / gpt)) - 1) as u16;
     let qmask: __mmask16 = ((1u32 << (4 * gpt)) - 1) as u16;
-    // Weight table: output byte v·32 + part·16 + 4s + tt <- byte (part == hi) of the i32 code of
-    // token tt, group (64v + 16s) / g.
-    let widx = byte_index(|o| {
-        let (v, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
-        if v >= NV {
-            return 0;
-        }
-        4 * (tt * gpt + (64 * v + 16 * s) / g) + (part == 0) as usize
-    });
-    // Row arrangement: lane L = 4i + s of vector v, byte tt <- row tt, column 16v + 4s + i.
-    let aidx: [__m512i; NV] = std::array::from_fn(|v| {
-        byte_index(|o| {
-            let (l, tt) = (o / 4, o % 4);
-            let col = 16 * v + 4 * (l % 4) + l / 4;
-            if NV == 1 {
-                16 * tt + col
-            } else {
-                32 * tt + col
-            }
-        })
-    });
+    let widx = load_index(&V_TAB_IDX[NV - 1][gpt.trailing_zeros() as usize]);
+    let aidx: [__m512i; NV] = std::array::from_fn(|v| load_index(&V_ARR_IDX[NV - 1][v]));
     let mats = gf_matrices();
     let mut i0 = 0;
     while i0 < n {
@@ -1940,38 +2038,44 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
             nx * gpt * 2,
         );
         let quads = cnt.div_ceil(4);
+        // w = p·scale per token and group (scales and mins converted once for all M rows).
+        let pr: [*const f32; M] = std::array::from_fn(|r| p.as_ptr().add(r * p_stride + i0));
+        let psr: [*mut f32; M] = std::array::from_fn(|r| ps[r].as_mut_ptr() as *mut f32);
+        let mut mx = [_mm512_setzero_ps(); M];
+        let mut mxs = [0f32; M];
+        let mut j = 0;
+        while j + 16 <= mm {
+            let off = (t0 + i0) * gpt + j;
+            let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(off) as *const __m256i));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(off) as *const __m256i));
+            for r in 0..M {
+                let pv = _mm512_maskz_loadu_ps(pmask, pr[r].add(j / gpt));
+                let pv = _mm512_permutexvar_ps(pidx, pv);
+                let x = _mm512_mul_ps(pv, sc);
+                _mm512_storeu_ps(psr[r].add(j), x);
+                mx[r] = _mm512_max_ps(mx[r], x);
+                macc[r] = _mm512_fmadd_ps(pv, mn, macc[r]);
+            }
+            j += 16;
+        }
         let mut alpha = [0f32; M];
         for r in 0..M {
-            let pr = p.as_ptr().add(r * p_stride + i0);
-            let psr = ps[r].as_mut_ptr() as *mut f32;
-            let mut mx = _mm512_setzero_ps();
-            let mut mxs = 0f32;
-            let mut j = 0;
-            while j + 16 <= mm {
-                let pv = _mm512_permutexvar_ps(pidx, _mm512_maskz_loadu_ps(pmask, pr.add(j / gpt)));
-                let off = (t0 + i0) * gpt + j;
-                let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(off) as *const __m256i));
-                let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(off) as *const __m256i));
-                let x = _mm512_mul_ps(pv, sc);
-                _mm512_storeu_ps(psr.add(j), x);
-                mx = _mm512_max_ps(mx, x);
-                macc[r] = _mm512_fmadd_ps(pv, mn, macc[r]);
-                j += 16;
-            }
+            let mut j = j;
             while j < mm {
-                let w = *pr.add(j / gpt);
+                let w = *pr[r].add(j / gpt);
                 let off = (t0 + i0) * gpt + j;
                 let x = w * h2f(f16::from_bits(*sp.add(off)));
-                *psr.add(j) = x;
-                mxs = mxs.max(x);
+                *psr[r].add(j) = x;
+                mxs[r] = mxs[r].max(x);
                 min_acc[r][j % gpt] += w * h2f(f16::from_bits(*mp.add(off)));
                 j += 1;
             }
             while j < 4 * quads * gpt {
-                *psr.add(j) = 0.0;
+                *psr[r].add(j) = 0.0;
                 j += 1;
             }
-            let amax = _mm512_reduce_max_ps(mx).max(mxs);
+            // Quantize: u16 codes, laid out per 4 tokens (`widx`).
+            let amax = _mm512_reduce_max_ps(mx[r]).max(mxs[r]);
             let inv = _mm512_set1_ps(if amax > 0.0 {
                 cpu::Q16_VAL_MAX / amax
             } else {
@@ -1979,7 +2083,7 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
             });
             alpha[r] = amax / cpu::Q16_VAL_MAX;
             for t4 in 0..quads {
-                let x = _mm512_maskz_loadu_ps(qmask, psr.add(4 * t4 * gpt));
+                let x = _mm512_maskz_loadu_ps(qmask, psr[r].add(4 * t4 * gpt));
                 let z = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
                 let b = _mm512_permutexvar_epi8(widx, z);
                 _mm512_storeu_si512(wt[r][t4].as_mut_ptr() as *mut _, b);
@@ -2029,18 +2133,8 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
         i0 += cnt;
     }
     // Lane (4i + s, code k) of vector v = channel 64v + 16s + 4i + k: two vpermt2ps stages.
-    let s1: [__m512i; 2] = std::array::from_fn(|sb| {
-        lane_index(|e| {
-            let (s2, i, kk) = (e / 8, (e / 2) % 4, e % 2);
-            16 * kk + 4 * i + 2 * sb + s2
-        })
-    });
-    let s2: [__m512i; 2] = std::array::from_fn(|s2| {
-        lane_index(|e| {
-            let (i, k) = (e / 4, e % 4);
-            16 * (k / 2) + 8 * s2 + 2 * i + k % 2
-        })
-    });
+    let s1 = [load_index(&V_OUT1_IDX[0]), load_index(&V_OUT1_IDX[1])];
+    let s2 = [load_index(&V_OUT2_IDX[0]), load_index(&V_OUT2_IDX[1])];
     let ap = acc.as_mut_ptr();
     for r in 0..M {
         let mut mv = [0f32; 16];
