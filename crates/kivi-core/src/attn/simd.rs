@@ -1812,45 +1812,51 @@ const V_OUT2_IDX: [[i32; 16]; 2] = {
     t
 };
 
-/// Group `g`'s folded key query quantized to i16 (as i32, written to `iq[..q.len()]`), see
-/// [`cpu::quantize_query_q16`]; `q.len()` is a multiple of 16, at most [`MAX_HEAD_DIM`].
+/// Group `g`'s folded key query of each of `M` queries (`q = [M][hd]`, hd a multiple of 16, at
+/// most [`MAX_HEAD_DIM`]) quantized to i16 (as i32, written to `iq[r][..hd]`), see
+/// [`cpu::quantize_query_q16`]; returns `(alpha, bias)` per query. Scales and mins are converted
+/// once for all queries.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn quantize_query_q16_avx512(
+unsafe fn quantize_queries_q16_avx512<const M: usize>(
     q: &[f32],
     seg: &ChanSeg<'_>,
     g: usize,
-    iq: *mut i32,
-) -> (f32, f32) {
-    let hd = q.len();
+    iq: [*mut i32; M],
+) -> [(f32, f32); M] {
+    let hd = q.len() / M;
     let (sp, mp) = (
         seg.scales.as_ptr().add(g * hd) as *const u16,
         seg.mins.as_ptr().add(g * hd) as *const u16,
     );
     let qp = q.as_ptr();
-    // Scratch, written before it is read (no zeroing: this runs once per group and query).
-    let mut qs = [MaybeUninit::<__m512>::uninit(); MAX_HEAD_DIM / 16];
-    let (mut b, mut amax) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    // Scratch, written before it is read (no zeroing: this runs once per group).
+    let mut qs = [[MaybeUninit::<__m512>::uninit(); MAX_HEAD_DIM / 16]; M];
+    let (mut b, mut amax) = ([_mm512_setzero_ps(); M], [_mm512_setzero_ps(); M]);
     for v in 0..hd / 16 {
-        let qv = _mm512_loadu_ps(qp.add(16 * v));
         let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(16 * v) as *const __m256i));
         let mn = _mm512_cvtph_ps(_mm256_loadu_si256(mp.add(16 * v) as *const __m256i));
-        let x = _mm512_mul_ps(qv, sc);
-        qs[v].write(x);
-        b = _mm512_fmadd_ps(qv, mn, b);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
+        for r in 0..M {
+            let qv = _mm512_loadu_ps(qp.add(r * hd + 16 * v));
+            let x = _mm512_mul_ps(qv, sc);
+            qs[r][v].write(x);
+            b[r] = _mm512_fmadd_ps(qv, mn, b[r]);
+            amax[r] = _mm512_max_ps(amax[r], _mm512_abs_ps(x));
+        }
     }
-    let amax = _mm512_reduce_max_ps(amax);
-    let inv = _mm512_set1_ps(if amax > 0.0 {
-        cpu::Q16_KEY_MAX / amax
-    } else {
-        0.0
-    });
-    for v in 0..hd / 16 {
-        let x = _mm512_cvtps_epi32(_mm512_mul_ps(qs[v].assume_init(), inv));
-        _mm512_storeu_si512(iq.add(16 * v) as *mut _, x);
-    }
-    (amax / cpu::Q16_KEY_MAX, _mm512_reduce_add_ps(b))
+    std::array::from_fn(|r| {
+        let amax = _mm512_reduce_max_ps(amax[r]);
+        let inv = _mm512_set1_ps(if amax > 0.0 {
+            cpu::Q16_KEY_MAX / amax
+        } else {
+            0.0
+        });
+        for v in 0..hd / 16 {
+            let x = _mm512_cvtps_epi32(_mm512_mul_ps(qs[r][v].assume_init(), inv));
+            _mm512_storeu_si512(iq[r].add(16 * v) as *mut _, x);
+        }
+        (amax / cpu::Q16_KEY_MAX, _mm512_reduce_add_ps(b[r]))
+    })
 }
 
 /// 2-bit keys of `M` queries (`q = [M][hd]`) over tokens `t0..t0+n`, by chunks of 64 tokens
@@ -1897,18 +1903,17 @@ unsafe fn k_chan_vnni<const M: usize>(
                 if cur[h] == gs[h] {
                     continue;
                 }
-                for r in 0..M {
-                    if h == 1 && gs[1] == gs[0] {
+                if h == 1 && gs[1] == gs[0] {
+                    for r in 0..M {
                         let (a, b) = iq[r].split_at_mut(1);
                         std::ptr::copy_nonoverlapping(a[0].as_ptr(), b[0].as_mut_ptr(), hd);
                         qpar[r][1] = qpar[r][0];
-                    } else {
-                        qpar[r][h] = quantize_query_q16_avx512(
-                            &q[r * hd..(r + 1) * hd],
-                            seg,
-                            gs[h],
-                            iq[r][h].as_mut_ptr() as *mut i32,
-                        );
+                    }
+                } else {
+                    let dst = std::array::from_fn(|r| iq[r][h].as_mut_ptr() as *mut i32);
+                    let par = quantize_queries_q16_avx512::<M>(q, seg, gs[h], dst);
+                    for r in 0..M {
+                        qpar[r][h] = par[r];
                     }
                 }
             }
