@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates the measurements behind docs/quality.md (SmolLM2-135M, CPU).
+# Regenerates the measurements behind docs/quality.md (SmolLM2-135M and Qwen2.5-Coder-1.5B, CPU).
 #   scripts/eval/quality.sh [OUT_DIR]        (default: docs/quality-data)
 # Needs the default model (scripts/fetch-models.sh smollm2) and texts (scripts/fetch-data.sh).
-# Runs one evaluation at a time; on a 2-core machine the whole set takes about an hour.
+# Runs one evaluation at a time; on a quiet 2-core machine sections 1-4 take about an hour,
+# sections 5-7 (Qwen2.5-Coder-1.5B, needs scripts/fetch-models.sh qwen) about three more.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-docs/quality-data}
@@ -37,3 +38,23 @@ scripts/eval/pareto.py "$OUT/ppl-ablation-1500.json" "$OUT/ppl-beyond-1500.json"
 
 # 4. Figure 2: key and value channel magnitudes.
 "$KIVI" inspect --layers 0,15,29 --heads all --max-tokens 512 --out-dir "$OUT/inspect" | tee "$OUT/inspect.md"
+
+# 5. HumanEval pass@1 on Qwen2.5-Coder-1.5B, all 164 problems (f16 runs first as the baseline).
+QWEN=${KIVI_CACHE:-$HOME/.cache/kivi}/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+"$KIVI" eval humaneval --model "$QWEN" --caches k4v2:g64:sink4 --batch 64 \
+  --out "$OUT/humaneval-qwen-164.json" | tee "$OUT/humaneval-qwen-164.md"
+
+# 6. 8,192 scored tokens per model (8 windows of 1,024 tokens of Pride and Prejudice from
+#    "Chapter 1", scored together), exact decode semantics.
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
+  --caches kivi8,kivi4,k4v2,k2v4,kivi2,kivi2:sink4,kivi2:g16,k4v2:sink4,k4v2:g64:sink4,kivi2:r0,kivi2:kt \
+  --out "$OUT/ppl-smollm2-8k.json" | tee "$OUT/ppl-smollm2-8k.md"
+"$KIVI" eval ppl --model "$QWEN" --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
+  --caches kivi4,k4v2:g64:sink4,kivi2 \
+  --out "$OUT/ppl-qwen-8k.json" | tee "$OUT/ppl-qwen-8k.md"
+scripts/eval/pareto.py "$OUT/ppl-smollm2-8k.json" "$OUT/pareto-smollm2-8k.svg"
+scripts/eval/pareto.py "$OUT/ppl-qwen-8k.json" "$OUT/pareto-qwen-8k.svg"
+
+# 7. Passkey at 4K and 8K tokens, 2 trials per cell.
+"$KIVI" eval passkey --caches kivi4,k4v2:g64:sink4,kivi2 --lengths 4k,8k --depths 0,25,50,75,100 --trials 2 \
+  --out "$OUT/passkey-4k8k.json" --png "$OUT/passkey-4k8k.png" | tee "$OUT/passkey-4k8k.md"
