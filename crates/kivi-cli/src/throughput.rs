@@ -244,20 +244,9 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
             max_fit += 1;
         }
         drop(probe);
-        let batches: Vec<usize> = match &a.batch {
-            Some(list) => list
-                .split(',')
-                .map(|x| x.trim().parse().with_context(|| format!("bad batch `{x}`")))
-                .collect::<Result<_>>()?,
-            None => {
-                let mut v: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
-                    .take_while(|&b| b <= max_fit)
-                    .collect();
-                if max_fit > 0 && v.last() != Some(&max_fit) {
-                    v.push(max_fit);
-                }
-                v
-            }
+        let batches = match &a.batch {
+            Some(list) => parse_batches(list)?,
+            None => doubling_to(max_fit),
         };
         let mut points = Vec::new();
         for &b in &batches {
@@ -548,25 +537,14 @@ fn run_cuda(
             .last()
             .unwrap_or(0);
         let batches: Vec<usize> = match &a.batch {
-            Some(list) => list
-                .split(',')
-                .map(|x| x.trim().parse().with_context(|| format!("bad batch `{x}`")))
-                .collect::<Result<Vec<usize>>>()?
+            Some(list) => parse_batches(list)?
                 .into_iter()
                 .filter(|&b| b <= max_fit)
                 .chain((max_fit > 0).then_some(max_fit))
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect(),
-            None => {
-                let mut v: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
-                    .take_while(|&b| b <= max_fit)
-                    .collect();
-                if max_fit > 0 && v.last() != Some(&max_fit) {
-                    v.push(max_fit);
-                }
-                v
-            }
+            None => doubling_to(max_fit),
         };
         let mut points = Vec::new();
         for &b in &batches {
@@ -779,6 +757,24 @@ fn drive<R: Runner>(
     })
 }
 
+/// `--batch 16,128,256` as numbers.
+fn parse_batches(list: &str) -> Result<Vec<usize>> {
+    list.split(',')
+        .map(|x| x.trim().parse().with_context(|| format!("bad batch `{x}`")))
+        .collect()
+}
+
+/// The default sweep: 1, 2, 4, ... up to `max_fit`, and `max_fit` itself (empty when 0).
+fn doubling_to(max_fit: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
+        .take_while(|&b| b <= max_fit)
+        .collect();
+    if max_fit > 0 && v.last() != Some(&max_fit) {
+        v.push(max_fit);
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,6 +786,20 @@ mod tests {
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("0").is_err());
+    }
+
+    #[test]
+    fn batch_sweeps() {
+        assert_eq!(doubling_to(0), Vec::<usize>::new());
+        assert_eq!(doubling_to(1), vec![1]);
+        assert_eq!(doubling_to(8), vec![1, 2, 4, 8]);
+        assert_eq!(
+            doubling_to(261),
+            vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 261]
+        );
+        assert_eq!(parse_batches("16, 128,256").unwrap(), vec![16, 128, 256]);
+        assert!(parse_batches("16,x").is_err());
+        assert!(parse_batches("").is_err());
     }
 
     #[test]
