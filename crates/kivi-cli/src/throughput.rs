@@ -436,7 +436,7 @@ fn report(a: &BenchThroughputArgs, results: &[CacheResult], meta: serde_json::Va
 /// Bytes of the activations of one GPU forward pass of `tokens` tokens with `rows` logits rows:
 /// the buffers `Llama::forward_rows` and `CudaBackend` allocate (f32 activations, the f16 GEMM
 /// input copy, logits) and the attention partials, plus 256 MiB for allocator rounding.
-fn gpu_workspace(c: &Config, tokens: usize, rows: usize) -> u64 {
+pub(crate) fn gpu_workspace(c: &Config, tokens: usize, rows: usize) -> u64 {
     let (t, m) = (tokens as u64, rows as u64);
     let (h, qd, kvd, f, v) = (
         c.hidden as u64,

@@ -7,9 +7,9 @@
 //! flash-decoding kernel over the f16 or KIVI cache. Sequences are cache slots:
 //! `SeqId(slot)`.
 
-use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -45,10 +45,12 @@ pub struct GpuMatrix {
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     blas: CudaBlas,
-    /// f16 copy of the current GEMM input.
-    x16: RefCell<Option<CudaSlice<u16>>>,
+    /// f16 copy of the current GEMM input. Mutexes (uncontended: one thread drives a model)
+    /// rather than RefCells make the model Sync, so a server's engine thread can own a
+    /// `GpuRunner` over it.
+    x16: Mutex<Option<CudaSlice<u16>>>,
     /// RoPE inverse frequencies on the device (uploaded on first use).
-    inv_freq: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    inv_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
 
 fn err(e: impl Into<Error>) -> ModelError {
@@ -80,8 +82,8 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu,
             blas,
-            x16: RefCell::new(None),
-            inv_freq: RefCell::new(None),
+            x16: Mutex::new(None),
+            inv_freq: Mutex::new(None),
         })
     }
 
@@ -379,7 +381,7 @@ impl Backend for CudaBackend {
         }
         assert!(x.len() >= n_in && out.len() >= rows * w.rows);
         let s = self.gpu.stream();
-        let mut scratch = self.x16.borrow_mut();
+        let mut scratch = self.x16.lock().unwrap_or_else(|e| e.into_inner());
         if scratch.as_ref().is_none_or(|b| b.len() < n_in) {
             *scratch = Some(s.alloc_zeros::<u16>(n_in).map_err(err)?);
         }
@@ -457,7 +459,7 @@ impl Backend for CudaBackend {
         }
         assert!(x.len() >= rows * heads * d);
         let s = self.gpu.stream();
-        let mut cached = self.inv_freq.borrow_mut();
+        let mut cached = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
         if cached.as_ref().is_none_or(|(h, _)| *h != rope.inv_freq) {
             let dev = s.clone_htod(&rope.inv_freq).map_err(err)?;
             *cached = Some((rope.inv_freq.clone(), dev));

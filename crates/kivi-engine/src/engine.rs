@@ -21,6 +21,8 @@
 //!
 //! The scheduler drives any [`Runner`] (a model bound to its KV cache): [`CpuRunner`] (the
 //! default; [`Scheduler::new`]) or the GPU's (`kivi_cuda::GpuRunner`, [`Scheduler::with_runner`]).
+//! So does [`Engine`]: [`Engine::start`] over the CPU model, [`Engine::start_with`] over the
+//! runner a factory makes (`kivi serve --device cuda`: the GPU's).
 //!
 //! Greedy determinism: a sequence's token stream is `prompt ++ generated`, and the boundaries at
 //! which it is fed to the model depend on that sequence alone: the prompt in chunks of
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 use kivi_core::{CacheConfig, KvCache, SeqId};
 use kivi_model::config::Config;
 use kivi_model::llama::Model;
-use kivi_model::runner::{cache_shape, CpuRunner, Runner, StepItem, StepOutput, Want};
+use kivi_model::runner::{CpuRunner, Runner, StepItem, StepOutput, Want};
 
 use crate::sampler::{Sampler, SamplingParams};
 
@@ -696,10 +698,11 @@ struct Inbox {
 }
 
 struct Shared {
-    model: Arc<Model>,
+    model_config: Config,
     config: EngineConfig,
-    /// An empty cache of the engine's configuration, for submit-time checks.
-    probe: Box<dyn KvCache>,
+    /// KV bytes of a sequence of `n` tokens (pool blocks and fixed part), `n = 0..context`, for
+    /// submit-time checks; empty without a budget.
+    seq_bytes: Vec<u64>,
     inbox: Mutex<Inbox>,
     /// Signals the loop (new work, shutdown) and shutdown() (stopped).
     wake: Condvar,
@@ -742,15 +745,39 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the loop on the global rayon pool.
+    /// Starts the loop on the global rayon pool, over the CPU model with a new cache of
+    /// `config.cache`.
     pub fn start(model: Arc<Model>, config: EngineConfig) -> kivi_model::Result<Engine> {
-        let probe = kivi_core::new_cache(&config.cache, cache_shape(&model.config))?;
-        let mut scheduler = Scheduler::new(model.clone(), config.clone())?;
+        let cache = config.cache;
+        Engine::start_with(move || CpuRunner::new(model.clone(), &cache), config)
+    }
+
+    /// Starts the loop on the global rayon pool over the runner `make_runner` returns (e.g. the
+    /// GPU's). It is called once here and again after an internal failure, once the failed
+    /// runner is dropped (a GPU pool may hold most of the device's memory); if that call
+    /// fails the engine stops. `config.kv_memory_bytes` should not exceed a fixed pool's size.
+    pub fn start_with<R, F>(mut make_runner: F, config: EngineConfig) -> kivi_model::Result<Engine>
+    where
+        R: Runner + Send + 'static,
+        F: FnMut() -> kivi_model::Result<R> + Send + 'static,
+    {
+        let runner = make_runner()?;
+        let model_config = runner.model_config().clone();
+        let seq_bytes = match config.kv_memory_bytes {
+            None => Vec::new(),
+            Some(_) => (0..model_config.context_len)
+                .map(|n| {
+                    runner.blocks_for_tokens(n) as u64 * runner.block_bytes()
+                        + runner.seq_fixed_bytes()
+                })
+                .collect(),
+        };
+        let scheduler = Scheduler::with_runner(runner, config.clone());
         let shared = Arc::new(Shared {
-            model,
+            model_config,
             stats: Mutex::new(scheduler.stats()),
             config,
-            probe,
+            seq_bytes,
             inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
             next_id: AtomicU64::new(0),
@@ -758,7 +785,7 @@ impl Engine {
         let loop_shared = shared.clone();
         rayon::spawn(move || {
             ON_ENGINE_THREAD.with(|f| f.set(true));
-            run_loop(&loop_shared, &mut scheduler);
+            run_loop(&loop_shared, scheduler, &mut make_runner);
             ON_ENGINE_THREAD.with(|f| f.set(false));
         });
         Ok(Engine {
@@ -775,11 +802,9 @@ impl Engine {
     /// is cancelled at once and its KV blocks are freed; no further events are sent.
     pub fn submit(&self, request: Request, sink: Sink) -> Result<RequestId, SubmitError> {
         let sh = self.shared();
-        let p = sh.probe.as_ref();
-        let bytes =
-            |n: usize| p.blocks_for_tokens(n) as u64 * p.block_bytes() + p.seq_fixed_bytes();
+        let bytes = |n: usize| sh.seq_bytes.get(n).copied().unwrap_or(u64::MAX);
         validate(
-            &sh.model.config,
+            &sh.model_config,
             &bytes,
             sh.config.kv_memory_bytes,
             &request,
@@ -813,8 +838,9 @@ impl Engine {
         s
     }
 
-    pub fn model(&self) -> &Arc<Model> {
-        &self.shared().model
+    /// The configuration of the model the engine runs (context length, vocabulary).
+    pub fn model_config(&self) -> &Config {
+        &self.shared().model_config
     }
 
     /// Stops accepting (submit -> ShuttingDown), lets every accepted request finish, then stops
@@ -834,7 +860,11 @@ impl Engine {
     }
 }
 
-fn run_loop(sh: &Shared, sched: &mut Scheduler) {
+fn run_loop<R: Runner>(
+    sh: &Shared,
+    mut sched: Scheduler<R>,
+    make_runner: &mut dyn FnMut() -> kivi_model::Result<R>,
+) {
     loop {
         {
             let mut inbox = sh.inbox();
@@ -865,14 +895,16 @@ fn run_loop(sh: &Shared, sched: &mut Scheduler) {
         if stepped.is_err() {
             let reason = FinishReason::Error("internal error in the engine".into());
             let _ = std::panic::catch_unwind(AssertUnwindSafe(|| sched.abort_all(reason)));
-            match Scheduler::new(sh.model.clone(), sh.config.clone()) {
-                Ok(fresh) => *sched = fresh,
+            // The failed runner goes first: a GPU pool may hold most of the device's memory.
+            drop(sched);
+            sched = match make_runner() {
+                Ok(fresh) => Scheduler::with_runner(fresh, sh.config.clone()),
                 Err(_) => {
                     sh.inbox().stopped = true;
                     sh.wake.notify_all();
                     return;
                 }
-            }
+            };
         }
         *sh.stats() = sched.stats();
     }

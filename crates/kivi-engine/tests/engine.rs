@@ -712,3 +712,53 @@ fn a_runner_with_token_answers_and_few_slots_gives_the_tokens_of_a_run_alone() {
         assert_eq!(runner.blocks_in_use(), 0);
     }
 }
+
+#[test]
+fn an_engine_from_a_runner_factory_recovers_from_a_panic_with_a_fresh_runner() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let model = tiny_model(rand::random());
+    let mut rng = rand::thread_rng();
+    let config = EngineConfig {
+        cache: kivi_small(),
+        kv_memory_bytes: Some(64 << 20),
+        max_batch_tokens: 64,
+        max_running: 4,
+        ..Default::default()
+    };
+    let chunk = config.effective_limits().1;
+    let made = Arc::new(AtomicUsize::new(0));
+    let (m, cache, count) = (model.clone(), config.cache, made.clone());
+    let engine = Engine::start_with(
+        move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            kivi_model::runner::CpuRunner::new(m.clone(), &cache)
+        },
+        config,
+    )
+    .unwrap();
+    assert_eq!(made.load(Ordering::SeqCst), 1);
+    assert_eq!(engine.model_config().vocab, model.config.vocab);
+    // A sink that panics on its first token: the engine ends the request with an error.
+    let (tx, rx) = mpsc::channel();
+    let bad = random_request(&mut rng, model.config.vocab, 40, 10);
+    let sink: Sink = Box::new(move |e: Event| {
+        let token = matches!(e, Event::Token(_));
+        let _ = tx.send(e);
+        assert!(!token, "a sink panicking on purpose");
+        true
+    });
+    engine.submit(bad, sink).unwrap();
+    let (toks, fin) = collect(&rx);
+    assert_eq!(toks.len(), 1);
+    assert!(matches!(fin.reason, FinishReason::Error(_)), "{fin:?}");
+    // The next request runs on a new runner and gives the tokens of a run alone.
+    let req = random_request(&mut rng, model.config.vocab, 60, 20);
+    let (sink, rx) = channel_sink();
+    engine.submit(req.clone(), sink).unwrap();
+    let (toks, fin) = collect(&rx);
+    assert_ne!(fin.reason, FinishReason::Cancelled);
+    assert_eq!(toks, alone(&model, &kivi_small(), &req, chunk));
+    assert_eq!(made.load(Ordering::SeqCst), 2);
+    assert_eq!(engine.stats().kv_blocks_used, 0);
+    engine.shutdown();
+}

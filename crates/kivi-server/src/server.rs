@@ -71,7 +71,7 @@ impl AppState {
         template: ChatTemplate,
         config: ServerConfig,
     ) -> Arc<AppState> {
-        let context_len = engine.model().config.context_len;
+        let context_len = engine.model_config().context_len;
         Arc::new(AppState {
             engine,
             tokenizer,
@@ -394,7 +394,7 @@ async fn completions(
             off_runtime(move || tokenize(&st, &text)).await?
         }
         Prompt::Tokens(ids) => {
-            let vocab = state.engine.model().config.vocab;
+            let vocab = state.engine.model_config().vocab;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
                 return Err(ApiError::invalid_param(
                     "prompt",
