@@ -120,7 +120,7 @@ struct Started {
 
 fn start_cpu(a: &ServeArgs, config: EngineConfig) -> Result<Started> {
     let budget = match config.kv_memory_bytes {
-        Some(b) => format!("KV budget {:.2} GiB", gib(b)),
+        Some(b) => format!("KV budget {:.3} GiB", gib(b)),
         None => "no KV budget".into(),
     };
     let placement = format!("cpu, {budget}");

@@ -226,3 +226,115 @@ fn serve_rejects_bad_arguments_before_listening() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a size"));
 }
+
+/// One HTTP/1.1 request over a fresh connection; the whole response as text.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to kivi serve");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn serve_random_weights_on_the_cpu_answers_with_byte_tokens_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kivi"))
+        .args([
+            "serve",
+            "--device",
+            "cpu",
+            "--random-weights",
+            "--arch",
+            "tiny",
+        ])
+        .args(["--kv", "kivi2:g16", "--port", "0", "--kv-memory", "4M"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kivi serve");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut start = String::new();
+    let addr = loop {
+        let line = stderr
+            .next()
+            .expect("kivi serve ended before listening")
+            .unwrap();
+        start.push_str(&line);
+        if let Some(at) = line.find("http://") {
+            break line[at + 7..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    assert!(
+        start.contains("[device] cpu") && start.contains("random-tiny"),
+        "{start}"
+    );
+    assert!(start.contains("KV budget 0.004 GiB"), "{start}");
+    // The byte tokenizer: "hello" is 5 prompt tokens (no BOS); greedy answers repeat exactly.
+    let body = r#"{"prompt": "hello", "max_tokens": 7, "temperature": 0}"#;
+    let first = http(&addr, "POST", "/v1/completions", body);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(
+        first.contains(r#""prompt_tokens":5,"completion_tokens":7"#),
+        "{first}"
+    );
+    let text = |r: &str| {
+        r[r.find(r#""text""#).unwrap()..]
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let again = http(&addr, "POST", "/v1/completions", body);
+    assert_eq!(text(&first), text(&again));
+    let bad = http(&addr, "POST", "/v1/completions", r#"{"prompt": [256]}"#);
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    let metrics = http(&addr, "GET", "/metrics", "");
+    assert!(metrics.contains("\nkivi_kv_blocks_used 0\n"), "{metrics}");
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let rest: Vec<String> = stderr.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("kivi serve: stopped")),
+        "{rest:?}"
+    );
+}
+
+#[test]
+fn serve_on_cuda_without_a_gpu_or_room_is_a_clean_error() {
+    // No GPU (CI): the device error. A GPU: a 1-byte KV cache is too small. Either way, no server.
+    let out = kivi(&[
+        "serve",
+        "--device",
+        "cuda",
+        "--random-weights",
+        "--arch",
+        "tiny",
+        "--port",
+        "0",
+        "--kv-memory",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let needle = if stderr.contains("[device] cuda") {
+        "too small"
+    } else {
+        "--device cuda needs"
+    };
+    assert_clean_failure(&out, needle);
+}
