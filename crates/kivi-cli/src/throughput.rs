@@ -197,15 +197,7 @@ pub fn run(a: BenchThroughputArgs) -> Result<()> {
     let model = Arc::new(model);
     let cfg = model.config.clone();
     let weights = model.weight_bytes() as u64;
-    let reqs: Vec<(usize, usize)> = (0..a.max_batch)
-        .map(|i| lengths(a.workload, prompt_len, output_len, a.seed, i))
-        .collect();
-    if let Some(&(p, o)) = reqs.iter().find(|(p, o)| p + o > cfg.context_len) {
-        bail!(
-            "a request of {p} + {o} tokens exceeds the context of {} tokens",
-            cfg.context_len
-        );
-    }
+    let reqs = workload_requests(&a, prompt_len, output_len, cfg.context_len)?;
     let threads = rayon::current_num_threads();
     println!(
         "model: {name}, {threads} threads, workload {:?} (prompt {prompt_len}, output \
@@ -492,15 +484,7 @@ fn run_cuda(
             a.gpu_memory
         );
     }
-    let reqs: Vec<(usize, usize)> = (0..a.max_batch)
-        .map(|i| lengths(a.workload, prompt_len, output_len, a.seed, i))
-        .collect();
-    if let Some(&(p, o)) = reqs.iter().find(|(p, o)| p + o > cfg.context_len) {
-        bail!(
-            "a request of {p} + {o} tokens exceeds the context of {} tokens",
-            cfg.context_len
-        );
-    }
+    let reqs = workload_requests(a, prompt_len, output_len, cfg.context_len)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
         "model: {name} on {}, workload {:?} (prompt {prompt_len}, output {output_len}{}), seed {}",
@@ -755,6 +739,23 @@ fn drive<R: Runner>(
         secs,
         tpot_ms,
     })
+}
+
+/// The workload's `(prompt, output)` lengths of `--max-batch` requests, each checked to fit the
+/// model's context.
+fn workload_requests(
+    a: &BenchThroughputArgs,
+    prompt_len: usize,
+    output_len: usize,
+    context_len: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let reqs: Vec<(usize, usize)> = (0..a.max_batch)
+        .map(|i| lengths(a.workload, prompt_len, output_len, a.seed, i))
+        .collect();
+    if let Some(&(p, o)) = reqs.iter().find(|(p, o)| p + o > context_len) {
+        bail!("a request of {p} + {o} tokens exceeds the context of {context_len} tokens");
+    }
+    Ok(reqs)
 }
 
 /// `--batch 16,128,256` as numbers.

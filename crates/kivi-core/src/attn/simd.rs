@@ -910,6 +910,24 @@ unsafe fn prefetch_lines(p: *const u8, len: usize) {
     }
 }
 
+/// Prefetches (into L1) `count` per-token value rows from token `t`: their codes (`wpt` words
+/// each) and f16 scales and mins (`gpt` each). No access: the pointers may run past the segment.
+#[inline]
+#[target_feature(enable = "sse")]
+unsafe fn prefetch_value_rows(
+    codes: *const u32,
+    scales: *const u16,
+    mins: *const u16,
+    wpt: usize,
+    gpt: usize,
+    t: usize,
+    count: usize,
+) {
+    prefetch_lines(codes.wrapping_add(t * wpt) as *const u8, count * wpt * 4);
+    prefetch_lines(scales.wrapping_add(t * gpt) as *const u8, count * gpt * 2);
+    prefetch_lines(mins.wrapping_add(t * gpt) as *const u8, count * gpt * 2);
+}
+
 /// Software prefetch (into L2) of a quantized segment's codes, scales and mins, issued one
 /// segment (block) ahead by the driver: each block's per-head parts are only 2–16 KB, too short
 /// for the hardware prefetcher to ramp up. f16/f32 rows are left to the hardware prefetcher.
@@ -987,18 +1005,7 @@ unsafe fn v_tok_avx512<const NV: usize, const VPG: usize>(
         // Software prefetch of the next sub-chunk's codes and scales/mins: the hardware
         // prefetcher restarts at every block (8 KB per KV head) and at page boundaries.
         let nx = (n - i0 - cnt).min(V_SUB);
-        prefetch_lines(
-            cp.wrapping_add((t0 + i0 + cnt) * wpt) as *const u8,
-            nx * wpt * 4,
-        );
-        prefetch_lines(
-            sp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
-            nx * gpt * 2,
-        );
-        prefetch_lines(
-            mp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
-            nx * gpt * 2,
-        );
+        prefetch_value_rows(cp, sp, mp, wpt, gpt, t0 + i0 + cnt, nx);
         let mut j = 0;
         while j + 16 <= m {
             let pv = _mm512_maskz_loadu_ps(pmask, p.as_ptr().add(i0 + j / gpt));
@@ -2030,18 +2037,7 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
         let cnt = SUB.min(n - i0);
         let mm = cnt * gpt;
         let nx = (n - i0 - cnt).min(SUB);
-        prefetch_lines(
-            cp.wrapping_add((t0 + i0 + cnt) * wpt) as *const u8,
-            nx * wpt * 4,
-        );
-        prefetch_lines(
-            sp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
-            nx * gpt * 2,
-        );
-        prefetch_lines(
-            mp.wrapping_add((t0 + i0 + cnt) * gpt) as *const u8,
-            nx * gpt * 2,
-        );
+        prefetch_value_rows(cp, sp, mp, wpt, gpt, t0 + i0 + cnt, nx);
         let quads = cnt.div_ceil(4);
         // w = p·scale per token and group (scales and mins converted once for all M rows).
         let pr: [*const f32; M] = std::array::from_fn(|r| p.as_ptr().add(r * p_stride + i0));
