@@ -272,6 +272,7 @@ struct AttnParams {
     float* part_ml;     // [T][H][nsplit][2]
     int n_head, nsplit, split_len;
     float scale_log2;   // log2(e) / sqrt(D)
+    int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
 };
 
 // Code j of word w as f = 1 + c / 2^b (mantissa bits 21..22 at 2 bits, 19..22 at 4 bits), so
@@ -372,6 +373,189 @@ __device__ __forceinline__ void raw_to_float(const u32 (&r)[CPL], bool is_f32, f
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path for whole quantized blocks (mma.sync m16n8k16: f16 operands, f32
+// accumulation). The codes are the A operand: one PRMT pairs 16 bits of two code words, one LOP3
+// per f16 pair puts two codes under a magic exponent (1024 + 2^(BITS j) c, exact), one HFMA2
+// brings back c exactly and one more dequantizes it (c s + m, rounded once to f16, as the f16
+// cache stores a row). Codes stay in the CPU packing: a register pairs two rows of the A tile
+// that share a k index, and the tile's row/column order is chosen to match the words. The B
+// operand is the query (keys) or the softmax weights (values), split into f16 hi + lo parts in
+// columns 2h and 2h + 1 of head h (up to 4 heads in the 8 columns), so neither is rounded to
+// f16: lane t of each quad ends with head t's two parts in c0/c1 and c2/c3 and adds them.
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+// f16 pair, `lo` in the low half.
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// Part 0 (hi = f16(x)) or part 1 (x - hi, exact in f32; rounded to f16 when packed) of x.
+__device__ __forceinline__ float split_part(float x, int part) {
+    const float hi = h2f(f2h(x));
+    return part ? x - hi : hi;
+}
+// x as f16 hi (low half) and lo (high half) bits.
+__device__ __forceinline__ u32 split_bits(float x) {
+    const u16 hi = f2h(x);
+    return (u32)hi | ((u32)f2h(x - h2f(hi)) << 16);
+}
+__device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
+// code in the low half).
+template <int BITS>
+__device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / BITS]) {
+    u32 x = prmt(wa, wb, k < 2 ? 0x5410u : 0x7632u);
+    if (k & 1) x >>= 8;
+#pragma unroll
+    for (int j = 0; j < 8 / BITS; j++) {
+        const int sh = BITS * j;
+        const u32 h = (x & ((((1u << BITS) - 1) * 0x00010001u) << sh)) | 0x64006400u;
+        // h = 1024 + 2^sh c; h 2^-sh - 2^(10 - sh) = c (f16 bits of 2^e: 0x3c00 + (e << 10)).
+        const u32 scale = (0x3c00u - (sh << 10)) * 0x00010001u;
+        const u32 off = (0x8000u | (0x3c00u + ((10 - sh) << 10))) * 0x00010001u;
+        r[j] = hfma2(h, scale, off);
+    }
+}
+
+// Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
+// CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
+// 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
+// 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
+// B fragments [D / 16][32].
+template <int D, int KB, int NG>
+__device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
+                                             const uint2* qf, float* sc, int lane) {
+    const CacheBufs& c = P.c;
+    constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
+    constexpr int WL = KB / 2;  // of which the lane's 16 tokens
+    const int g = lane >> 2, t = lane & 3;
+    const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(g >> 1) * (D * WPD) + (g & 1) * WL;
+    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)((16 * g) / c.group) * D;
+    const u16* ks = c.ks + sm;
+    const u16* km = c.km + sm;
+    float acc[8][4];
+#pragma unroll
+    for (int m = 0; m < 8; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0.0f;
+#pragma unroll
+    for (int kstep = 0; kstep < D / 16; kstep++) {
+        const int ca = 16 * kstep + 2 * t, cb = ca + 8;
+        u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
+#pragma unroll
+        for (int w = 0; w < WL; w++) {
+            wa0[w] = kq[ca * WPD + w];
+            wa1[w] = kq[(ca + 1) * WPD + w];
+            wb0[w] = kq[cb * WPD + w];
+            wb1[w] = kq[(cb + 1) * WPD + w];
+        }
+        const u32 sa = *(const u32*)(ks + ca), ma = *(const u32*)(km + ca);
+        const u32 sb = *(const u32*)(ks + cb), mb = *(const u32*)(km + cb);
+        const uint2 b = qf[kstep * 32 + lane];
+#pragma unroll
+        for (int w = 0; w < WL; w++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                u32 ra[8 / KB], rb[8 / KB];
+                unpack_byte<KB>(wa0[w], wa1[w], k, ra);
+                unpack_byte<KB>(wb0[w], wb1[w], k, rb);
+#pragma unroll
+                for (int j = 0; j < 8 / KB; j += 2) {
+                    const int m = (w * (32 / KB) + k * (8 / KB) + j) / 2;
+                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
+                              hfma2(rb[j + 1], sb, mb), b.x, b.y);
+                }
+            }
+    }
+    // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1.
+    if (t < NG) {
+        float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
+            row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
+        }
+    }
+}
+
+// Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
+// by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
+// channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
+// 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
+// as split_bits.
+template <int D, int VB, int NG>
+__device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
+                                               const float* sc, float (&acc)[D / 16][4], int lane) {
+    const CacheBufs& c = P.c;
+    constexpr int CH = D / 8;
+    constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
+    constexpr int NW = LBITS > 32 ? 2 : 1;      // words
+    constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
+    constexpr int WPT = D * VB / 32;            // words per token
+    const int g = lane >> 2, t = lane & 3, hg = g >> 1;
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
+    const int shift = (g * LBITS) % 32;
+    const int gpt = D / c.group;
+    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (g * CH) / c.group;
+    const u16* vs = c.vs + sm;
+    const u16* vm = c.vm + sm;
+    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
+#pragma unroll 2
+    for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
+        const int ta = 16 * kstep + 2 * t, tb = ta + 8;
+        u32 a0[NW], a1[NW], b0[NW], b1[NW];
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            a0[w] = vq[ta * WPT + w] >> shift;
+            a1[w] = vq[(ta + 1) * WPT + w] >> shift;
+            b0[w] = vq[tb * WPT + w] >> shift;
+            b1[w] = vq[(tb + 1) * WPT + w] >> shift;
+        }
+        const u32 sa = (u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16);
+        const u32 ma = (u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16);
+        const u32 sb = (u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16);
+        const u32 mb = (u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16);
+        u32 bx = 0, by = 0;
+        if (hg < NG) {
+            bx = prmt(pw[ta], pw[ta + 1], sel);
+            by = prmt(pw[tb], pw[tb + 1], sel);
+        }
+#pragma unroll
+        for (int w = 0; w < NW; w++)
+#pragma unroll
+            for (int k = 0; k < NBYTE; k++) {
+                u32 ra[8 / VB], rb[8 / VB];
+                unpack_byte<VB>(a0[w], a1[w], k, ra);
+                unpack_byte<VB>(b0[w], b1[w], k, rb);
+#pragma unroll
+                for (int j = 0; j < 8 / VB; j += 2) {
+                    const int m = (w * (32 / VB) + k * (8 / VB) + j) / 2;
+                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
+                              hfma2(rb[j + 1], sb, mb), bx, by);
+                }
+            }
+    }
+}
+
 template <int D, int KB, int VB, int NG>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
@@ -423,6 +607,28 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     }
     __syncthreads();
 
+    // Whole quantized blocks of the split go through the tensor cores: keys [s0, kt_end),
+    // values [s0, vt_end) (s0 is block-aligned).
+    int kt_end = s0, vt_end = s0;
+    __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
+    if (QUANT && P.tensor_cores) {
+        kt_end = s0 + max(min(s1, nqk) - s0, 0) / BLOCK_TOKENS * BLOCK_TOKENS;
+        vt_end = s0 + max(min(s1, nqv) - s0, 0) / BLOCK_TOKENS * BLOCK_TOKENS;
+        for (int x = threadIdx.x; x < (D / 16) * 32; x += blockDim.x) {
+            const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, hg = g >> 1, part = g & 1;
+            uint2 f;
+            f.x = 0u;
+            f.y = 0u;
+            if (hg < NG) {
+                const float* qq = sq + hg * D + 16 * kstep + 2 * t;
+                f.x = pack_h2(split_part(qq[0], part), split_part(qq[1], part));
+                f.y = pack_h2(split_part(qq[8], part), split_part(qq[9], part));
+            }
+            sqf[x] = f;
+        }
+        __syncthreads();
+    }
+
     const int vmod = max(c.resid, 1);
     // KIVI windows (per slot); the f16 cache's rows are paged (block-relative, head offset only).
     const u64 kwin = (QUANT ? (u64)tk.slot * c.kwin_unit : 0) + (u64)kvh * c.kwin_head;
@@ -438,7 +644,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
         for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
 
-    for (int t0 = s0 + warp * 32; t0 < s1; t0 += WARPS * 32) {
+    if (QUANT && kt_end > s0) {
+        constexpr int KBq = QUANT ? KB : 2;
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += WARPS * BLOCK_TOKENS)
+            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, sqf, sc, lane);
+    }
+    for (int t0 = kt_end + warp * 32; t0 < s1; t0 += WARPS * 32) {
         if (QUANT && t0 + 32 <= nqk) {
             constexpr int KBq = QUANT ? KB : 2;
             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
@@ -581,9 +792,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
         float sum = 0.0f;
+        const int packed = vt_end - s0;  // weights read by tc_value_block, as split_bits
         for (int t = lane; t < ns; t += 32) {
             const float e = exp2f(row[t] - mx);
-            row[t] = e;
+            row[t] = t < packed ? __uint_as_float(split_bits(e)) : e;
             sum += e;
         }
         sum = warp_sum(sum);
@@ -611,9 +823,27 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
         }
         const int qend = min(s1, nqv);
+        if (vt_end > s0) {
+            float tacc[D / 16][4];
+#pragma unroll
+            for (int m = 0; m < D / 16; m++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += WARPS * BLOCK_TOKENS)
+                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, sc, tacc, lane);
+            // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1.
+            const int g = lane >> 2, t = lane & 3;
+            if (t < NG) {
+#pragma unroll
+                for (int m = 0; m < D / 16; m++) {
+                    atomicAdd(&sacc[t * D + g * (D / 8) + 2 * m], tacc[m][0] + tacc[m][1]);
+                    atomicAdd(&sacc[t * D + g * (D / 8) + 2 * m + 1], tacc[m][2] + tacc[m][3]);
+                }
+            }
+        }
         constexpr int UNROLL = 4;
         // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
-        for (int pb = s0 + warp * TPI * UNROLL; pb < qend; pb += WARPS * TPI * UNROLL) {
+        for (int pb = vt_end + warp * TPI * UNROLL; pb < qend; pb += WARPS * TPI * UNROLL) {
             const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
             const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
             const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
@@ -743,7 +973,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
 // KIVI kernels: at least 5 CTAs per SM (<= 102 registers) keeps enough loads in flight; the
 // rarely taken full-precision paths then use fewer registers at a small cost.
-#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? 5 : 3)
+#ifndef QUANT_MIN_CTAS
+#define QUANT_MIN_CTAS 5
+#endif
+#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : 3)
 #define ATTN(D, KB, VB, NG)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS(KB, NG))         \
         kivi_attn_d##D##_k##KB##_v##VB##_g##NG(AttnParams p) {                         \

@@ -96,6 +96,7 @@ struct AttnParams {
     nsplit: i32,
     split_len: i32,
     scale_log2: f32,
+    tensor_cores: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
@@ -247,6 +248,9 @@ pub struct GpuCache {
     part_ml: Option<CudaSlice<f32>>,
     split_override: Option<usize>,
     sm_count: usize,
+    /// Whole quantized blocks through the tensor-core path (`KIVI_CUDA_SIMT=1`: CUDA cores only,
+    /// the previous kernel, for comparison).
+    tensor_cores: bool,
 }
 
 fn unsupported(m: String) -> Error {
@@ -404,6 +408,7 @@ impl GpuCache {
             part_ml: None,
             split_override: None,
             sm_count,
+            tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
         })
     }
 
@@ -425,6 +430,12 @@ impl GpuCache {
     /// rounded up to whole blocks, at most 2048.
     pub fn set_split_tokens(&mut self, split: Option<usize>) {
         self.split_override = split;
+    }
+
+    /// Selects the decode path for whole quantized blocks: tensor cores (the default) or CUDA
+    /// cores only (the previous kernel; also `KIVI_CUDA_SIMT=1`). Both read the same layout.
+    pub fn set_tensor_cores(&mut self, on: bool) {
+        self.tensor_cores = on;
     }
 
     /// Takes a free slot for a new, empty sequence.
@@ -812,6 +823,7 @@ impl GpuCache {
             nsplit: nsplit as i32,
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+            tensor_cores: i32::from(self.tensor_cores),
         };
         let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {

@@ -169,10 +169,20 @@ impl Gpu {
 
     fn compile(&self, module: &str, source: &str) -> Result<String> {
         let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
-        let options = vec![
+        let mut options = vec![
             format!("--gpu-architecture={arch}"),
             "-std=c++17".to_string(),
         ];
+        // Kernel tuning experiments: `KIVI_CUDA_DEFINES="-DTC_PREFETCH=2 -DQUANT_MIN_CTAS=4"`
+        // overrides the kernels' compile-time knobs (part of the PTX cache key).
+        if let Ok(defines) = std::env::var("KIVI_CUDA_DEFINES") {
+            options.extend(
+                defines
+                    .split_whitespace()
+                    .filter(|d| d.starts_with("-D"))
+                    .map(str::to_string),
+            );
+        }
         let key = fnv1a(&[source.as_bytes(), options.join(" ").as_bytes()]);
         let path = cache_dir().map(|d| d.join(format!("{module}-{key:016x}.ptx")));
         if let Some(p) = &path {
