@@ -273,6 +273,7 @@ struct AttnParams {
     int n_head, nsplit, split_len;
     float scale_log2;   // log2(e) / sqrt(D)
     int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
+    int tc_multiple;    // ... in multiples of this many blocks (the rest: CUDA cores)
 };
 
 // Code j of word w as f = 1 + c / 2^b (mantissa bits 21..22 at 2 bits, 19..22 at 4 bits), so
@@ -608,12 +609,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     __syncthreads();
 
     // Whole quantized blocks of the split go through the tensor cores: keys [s0, kt_end),
-    // values [s0, vt_end) (s0 is block-aligned).
+    // values [s0, vt_end) (s0 is block-aligned), in multiples of P.tc_multiple blocks: a warp
+    // takes whole blocks, so fewer blocks than warps would leave warps idle (measured: slower
+    // than the CUDA-core path, which spreads 32-token chunks over all warps, at ~330 tokens).
     int kt_end = s0, vt_end = s0;
+    const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
     __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
     if (QUANT && P.tensor_cores) {
-        kt_end = s0 + max(min(s1, nqk) - s0, 0) / BLOCK_TOKENS * BLOCK_TOKENS;
-        vt_end = s0 + max(min(s1, nqv) - s0, 0) / BLOCK_TOKENS * BLOCK_TOKENS;
+        kt_end = s0 + max(min(s1, nqk) - s0, 0) / tc_unit * tc_unit;
+        vt_end = s0 + max(min(s1, nqv) - s0, 0) / tc_unit * tc_unit;
         for (int x = threadIdx.x; x < (D / 16) * 32; x += blockDim.x) {
             const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, hg = g >> 1, part = g & 1;
             uint2 f;
@@ -976,7 +980,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef QUANT_MIN_CTAS
 #define QUANT_MIN_CTAS 5
 #endif
-#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : 3)
+#ifndef QUANT_MIN_CTAS_GQA
+#define QUANT_MIN_CTAS_GQA 4
+#endif
+#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : QUANT_MIN_CTAS_GQA)
 #define ATTN(D, KB, VB, NG)                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS(KB, NG))         \
         kivi_attn_d##D##_k##KB##_v##VB##_g##NG(AttnParams p) {                         \

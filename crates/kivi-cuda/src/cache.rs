@@ -97,6 +97,7 @@ struct AttnParams {
     split_len: i32,
     scale_log2: f32,
     tensor_cores: i32,
+    tc_multiple: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
@@ -251,6 +252,9 @@ pub struct GpuCache {
     /// Whole quantized blocks through the tensor-core path (`KIVI_CUDA_SIMT=1`: CUDA cores only,
     /// the previous kernel, for comparison).
     tensor_cores: bool,
+    /// The tensor-core path takes whole quantized blocks in multiples of this many per split
+    /// (default: one per warp of the CTA).
+    tc_multiple: usize,
 }
 
 fn unsupported(m: String) -> Error {
@@ -409,6 +413,7 @@ impl GpuCache {
             split_override: None,
             sm_count,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
+            tc_multiple: ATTN_THREADS as usize / 32,
         })
     }
 
@@ -436,6 +441,12 @@ impl GpuCache {
     /// cores only (the previous kernel; also `KIVI_CUDA_SIMT=1`). Both read the same layout.
     pub fn set_tensor_cores(&mut self, on: bool) {
         self.tensor_cores = on;
+    }
+
+    /// Blocks the tensor-core path takes at a time per split (at least 1; default: one per warp).
+    /// Tests set 1 so that short sequences exercise the tensor-core path too.
+    pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
+        self.tc_multiple = blocks.max(1);
     }
 
     /// Takes a free slot for a new, empty sequence.
@@ -824,6 +835,7 @@ impl GpuCache {
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores),
+            tc_multiple: self.tc_multiple as i32,
         };
         let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {

@@ -85,6 +85,9 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     let n_seq = 3;
     let mut cpu = new_cache(&case.config, shape).unwrap();
     let mut gcache = GpuCache::new(gpu.clone(), case.config, shape, n_seq, 1200).unwrap();
+    // Short sequences: the tensor-core path one block at a time (by default it waits for a
+    // block per warp), so that every configuration here goes through it.
+    gcache.set_tensor_core_multiple(1);
     let seqs: Vec<SeqId> = (0..n_seq).map(|_| cpu.add_sequence()).collect();
     let slots: Vec<usize> = (0..n_seq).map(|_| gcache.add_sequence().unwrap()).collect();
     let s = gpu.stream().clone();
@@ -562,6 +565,7 @@ fn check_paged(
     assert!(GpuCache::with_budget(gpu.clone(), config, shape, 1 << 30, 0).is_err());
     let budget = max_seqs as u64 * window + pool as u64 * block + block / 2;
     let mut g = GpuCache::with_budget(gpu.clone(), config, shape, budget, max_seqs).unwrap();
+    g.set_tensor_core_multiple(1);
     assert_eq!(g.pool_blocks(), pool);
     assert_eq!(g.free_blocks(), pool);
     assert_eq!(g.seq_fixed_bytes(), 0);
