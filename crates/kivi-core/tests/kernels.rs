@@ -15,6 +15,14 @@ fn close(a: &[f32], b: &[f32]) -> bool {
     a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * scale)
 }
 
+/// An f32 sum of `n_terms` products against its f64 value `s`: within 1e-4 relative, or within
+/// the f32 accumulation bound (about n·eps·Σ|terms|), which is what applies when the terms
+/// cancel and |s| is small.
+fn near_f64(got: f32, s: f64, abs_sum: f64, n_terms: usize) -> bool {
+    let err = (got as f64 - s).abs();
+    err < 1e-4 * (1.0 + s.abs()) || err <= (n_terms + 2) as f64 * f32::EPSILON as f64 * abs_sum
+}
+
 fn f16s(r: &mut rand::rngs::StdRng, n: usize, lo: f32, hi: f32) -> Vec<f16> {
     (0..n).map(|_| f16::from_f32(r.gen_range(lo..hi))).collect()
 }
@@ -73,13 +81,15 @@ proptest! {
         // the scalar kernel itself against a per-element dequantization
         for (i, w) in want.iter().enumerate() {
             let t = t0 + i;
-            let mut s = 0.0f64;
+            let (mut s, mut s_abs) = (0.0f64, 0.0f64);
             for d in 0..hd {
                 let c = kivi_core::quant::reference::unpack_ref(&codes[d * wpr..], bits, t);
                 let m = (t / g) * hd + d;
-                s += q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+                let term = q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+                s += term;
+                s_abs += term.abs();
             }
-            prop_assert!((*w as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+            prop_assert!(near_f64(*w, s, s_abs, hd));
         }
         // the integer twin of the VNNI kernel against the same per-element form: its error is
         // the 16-bit query quantization, at most hd·3·alpha/2 per score
@@ -105,82 +115,133 @@ proptest! {
         let mut acc = vec![0f32; hd];
         cpu::v_chan(&p, &seg, t0, n, &mut acc);
         for (d, a) in acc.iter().enumerate() {
-            let mut s = 0.0f64;
+            let (mut s, mut s_abs) = (0.0f64, 0.0f64);
             for (i, &pi) in p.iter().enumerate() {
                 let t = t0 + i;
                 let c = kivi_core::quant::reference::unpack_ref(&codes[d * wpr..], bits, t);
                 let m = (t / g) * hd + d;
-                s += pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+                let term = pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+                s += term;
+                s_abs += term.abs();
             }
-            prop_assert!((*a as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+            prop_assert!(near_f64(*a, s, s_abs, n));
         }
     }
 
     #[test]
     fn per_token_value_kernels_match_scalar((bits, g) in bits_group(), gpt in 1usize..5, t0 in 0usize..50,
                                             n in 0usize..60, seed in any::<u64>()) {
-        let mut r = rng(seed);
-        let fpi = codes_per_word(bits);
-        let hd = g * gpt;
-        let wpt = hd / fpi;
-        let nt = t0 + n;
-        let codes: Vec<u32> = (0..nt * wpt).map(|_| r.gen()).collect();
-        let scales = f16s(&mut r, nt * gpt, 0.0, 0.5);
-        let mins = f16s(&mut r, nt * gpt, -2.0, 0.0);
-        let seg = TokSeg { codes: &codes, scales: &scales, mins: &mins, bits, group: g };
-        let p = uniform(&mut r, n, 0.0, 1.0);
-        let init = uniform(&mut r, hd, -1.0, 1.0);
-        let mut want = init.clone();
-        cpu::v_tok(&p, &seg, t0, n, &mut want);
-        for d in 0..hd {
-            let mut s = init[d] as f64;
-            for (i, &pi) in p.iter().enumerate() {
-                let t = t0 + i;
-                let c = kivi_core::quant::reference::unpack_ref(&codes[t * wpt..], bits, d);
-                let m = t * gpt + d / g;
-                s += pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
-            }
-            prop_assert!((want[d] as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
-        }
-        // the integer twin of the VNNI kernel: its error is the 16-bit weight quantization, at
-        // most 3·alpha/2 per token (alpha = max p·scale of the token's 64-token sub-chunk / 65535)
-        let mut want_q16 = init.clone();
-        if bits == 2 && g % 16 == 0 {
-            cpu::v_tok_q16(&p, &seg, t0, n, &mut want_q16);
-            let mut bound = 0f32;
-            for c in (0..n).step_by(cpu::Q16_VAL_SUB) {
-                let hi = n.min(c + cpu::Q16_VAL_SUB);
-                let amax = (c..hi).flat_map(|i| (0..gpt).map(move |gi| (i, gi)))
-                    .map(|(i, gi)| p[i] * scales[(t0 + i) * gpt + gi].to_f32())
-                    .fold(0f32, f32::max);
-                bound += (hi - c) as f32 * 1.5 * amax / cpu::Q16_VAL_MAX;
-            }
-            for d in 0..hd {
-                let e = (want_q16[d] - want[d]).abs();
-                prop_assert!(e <= bound + 1e-5 * (1.0 + want[d].abs()), "q16 value err {} > {}", e, bound);
-            }
-        }
-        for isa in Isa::all_supported() {
-            let mut got = init.clone();
-            v_accumulate(isa, &p, &SegData::Tok(seg), t0, n, &mut got);
-            let twin = if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, &seg) { &want_q16 } else { &want };
-            prop_assert!(close(&got, twin), "{:?} v_tok bits {} g {} hd {}", isa, bits, g, hd);
-        }
-        // keys per token (research mode): scalar against the per-element form
-        let q = uniform(&mut r, hd, -1.0, 1.0);
-        let mut sc = vec![0f32; n];
-        cpu::k_tok(&q, &seg, t0, n, &mut sc);
-        for (i, w) in sc.iter().enumerate() {
+        per_token_value_case(bits, g, gpt, t0, n, seed)?;
+
+    }
+}
+
+/// Per-token value kernels (and the research per-token key kernel) against the scalar kernel
+/// and an f64 re-computation, for one random case.
+fn per_token_value_case(
+    bits: u8,
+    g: usize,
+    gpt: usize,
+    t0: usize,
+    n: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut r = rng(seed);
+    let fpi = codes_per_word(bits);
+    let hd = g * gpt;
+    let wpt = hd / fpi;
+    let nt = t0 + n;
+    let codes: Vec<u32> = (0..nt * wpt).map(|_| r.gen()).collect();
+    let scales = f16s(&mut r, nt * gpt, 0.0, 0.5);
+    let mins = f16s(&mut r, nt * gpt, -2.0, 0.0);
+    let seg = TokSeg {
+        codes: &codes,
+        scales: &scales,
+        mins: &mins,
+        bits,
+        group: g,
+    };
+    let p = uniform(&mut r, n, 0.0, 1.0);
+    let init = uniform(&mut r, hd, -1.0, 1.0);
+    let mut want = init.clone();
+    cpu::v_tok(&p, &seg, t0, n, &mut want);
+    for d in 0..hd {
+        let (mut s, mut s_abs) = (init[d] as f64, init[d].abs() as f64);
+        for (i, &pi) in p.iter().enumerate() {
             let t = t0 + i;
-            let mut s = 0.0f64;
-            for d in 0..hd {
-                let c = kivi_core::quant::reference::unpack_ref(&codes[t * wpt..], bits, d);
-                let m = t * gpt + d / g;
-                s += q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
-            }
-            prop_assert!((*w as f64 - s).abs() < 1e-4 * (1.0 + s.abs()));
+            let c = kivi_core::quant::reference::unpack_ref(&codes[t * wpt..], bits, d);
+            let m = t * gpt + d / g;
+            let term = pi as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+            s += term;
+            s_abs += term.abs();
+        }
+        prop_assert!(near_f64(want[d], s, s_abs, n + 1));
+    }
+    // the integer twin of the VNNI kernel: its error is the 16-bit weight quantization, at
+    // most 3·alpha/2 per token (alpha = max p·scale of the token's 64-token sub-chunk / 65535)
+    let mut want_q16 = init.clone();
+    if bits == 2 && g % 16 == 0 {
+        cpu::v_tok_q16(&p, &seg, t0, n, &mut want_q16);
+        let mut bound = 0f32;
+        for c in (0..n).step_by(cpu::Q16_VAL_SUB) {
+            let hi = n.min(c + cpu::Q16_VAL_SUB);
+            let amax = (c..hi)
+                .flat_map(|i| (0..gpt).map(move |gi| (i, gi)))
+                .map(|(i, gi)| p[i] * scales[(t0 + i) * gpt + gi].to_f32())
+                .fold(0f32, f32::max);
+            bound += (hi - c) as f32 * 1.5 * amax / cpu::Q16_VAL_MAX;
+        }
+        for d in 0..hd {
+            let e = (want_q16[d] - want[d]).abs();
+            prop_assert!(
+                e <= bound + 1e-5 * (1.0 + want[d].abs()),
+                "q16 value err {} > {}",
+                e,
+                bound
+            );
         }
     }
+    for isa in Isa::all_supported() {
+        let mut got = init.clone();
+        v_accumulate(isa, &p, &SegData::Tok(seg), t0, n, &mut got);
+        let twin = if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, &seg) {
+            &want_q16
+        } else {
+            &want
+        };
+        prop_assert!(
+            close(&got, twin),
+            "{:?} v_tok bits {} g {} hd {}",
+            isa,
+            bits,
+            g,
+            hd
+        );
+    }
+    // keys per token (research mode): scalar against the per-element form
+    let q = uniform(&mut r, hd, -1.0, 1.0);
+    let mut sc = vec![0f32; n];
+    cpu::k_tok(&q, &seg, t0, n, &mut sc);
+    for (i, w) in sc.iter().enumerate() {
+        let t = t0 + i;
+        let (mut s, mut s_abs) = (0.0f64, 0.0f64);
+        for d in 0..hd {
+            let c = kivi_core::quant::reference::unpack_ref(&codes[t * wpt..], bits, d);
+            let m = t * gpt + d / g;
+            let term = q[d] as f64 * (c as f64 * scales[m].to_f64() + mins[m].to_f64());
+            s += term;
+            s_abs += term.abs();
+        }
+        prop_assert!(near_f64(*w, s, s_abs, hd));
+    }
+    Ok(())
+}
+
+#[test]
+fn per_token_value_kernels_cancellation_case() {
+    // Found by the proptest above: 8-bit codes whose key score sums to nearly zero. The f32
+    // kernel is exact to its accumulation error, which scales with the sum of |terms|, not |sum|.
+    per_token_value_case(8, 64, 4, 31, 55, 2135826271033342597).unwrap();
 }
 
 #[test]
