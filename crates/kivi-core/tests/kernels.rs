@@ -180,7 +180,7 @@ fn per_token_value_case(
     // the integer twin of the VNNI kernel: its error is the 16-bit weight quantization, at
     // most 3·alpha/2 per token (alpha = max p·scale of the token's 64-token sub-chunk / 65535)
     let mut want_q16 = init.clone();
-    if bits == 2 && g % 16 == 0 {
+    if bits == 2 && g.is_multiple_of(16) {
         cpu::v_tok_q16(&p, &seg, t0, n, &mut want_q16);
         let mut bound = 0f32;
         for c in (0..n).step_by(cpu::Q16_VAL_SUB) {
