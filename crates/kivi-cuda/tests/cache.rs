@@ -71,6 +71,8 @@ struct Case {
     n_kv_head: usize,
     n_head: usize,
     head_dim: usize,
+    /// Whole quantized blocks through the tensor cores (else the CUDA-core kernel).
+    tensor_cores: bool,
 }
 
 /// Runs a random schedule of steps (prefill chunks and decode steps, different per sequence) on
@@ -88,6 +90,7 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     // Short sequences: the tensor-core path one block at a time (by default it waits for a
     // block per warp), so that every configuration here goes through it.
     gcache.set_tensor_core_multiple(1);
+    gcache.set_tensor_cores(case.tensor_cores);
     let seqs: Vec<SeqId> = (0..n_seq).map(|_| cpu.add_sequence()).collect();
     let slots: Vec<usize> = (0..n_seq).map(|_| gcache.add_sequence().unwrap()).collect();
     let s = gpu.stream().clone();
@@ -164,8 +167,8 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
         }
     }
     eprintln!(
-        "{:?} hkv {hkv} nh {nh} d {d}: worst rel err {worst:.2e}",
-        case.config
+        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {}: worst rel err {worst:.2e}",
+        case.config, case.tensor_cores
     );
 }
 
@@ -276,6 +279,21 @@ fn attention_matches_cpu() {
                 n_kv_head: hkv,
                 n_head: nh,
                 head_dim: d,
+                tensor_cores: true,
+            },
+            &mut r,
+        );
+    }
+    // The CUDA-core kernel (KIVI_CUDA_SIMT=1) on whole blocks too.
+    for (config, hkv, nh, d) in [cases[2], cases[6]] {
+        run_case(
+            &gpu,
+            &Case {
+                config,
+                n_kv_head: hkv,
+                n_head: nh,
+                head_dim: d,
+                tensor_cores: false,
             },
             &mut r,
         );
