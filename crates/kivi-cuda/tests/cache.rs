@@ -271,7 +271,13 @@ fn attention_matches_cpu() {
         (CacheConfig::Kivi(kivi((4, 2), 64, 64)), 1, 6, 128),
         (CacheConfig::Kivi(kivi((2, 4), 32, 0)), 2, 14, 128),
     ];
-    for (config, hkv, nh, d) in cases {
+    // Every case through the tensor-core path, two through the CUDA-core kernel
+    // (KIVI_CUDA_SIMT=1) on whole blocks too.
+    let runs = cases
+        .iter()
+        .map(|c| (*c, true))
+        .chain([(cases[2], false), (cases[6], false)]);
+    for ((config, hkv, nh, d), tensor_cores) in runs {
         run_case(
             &gpu,
             &Case {
@@ -279,21 +285,7 @@ fn attention_matches_cpu() {
                 n_kv_head: hkv,
                 n_head: nh,
                 head_dim: d,
-                tensor_cores: true,
-            },
-            &mut r,
-        );
-    }
-    // The CUDA-core kernel (KIVI_CUDA_SIMT=1) on whole blocks too.
-    for (config, hkv, nh, d) in [cases[2], cases[6]] {
-        run_case(
-            &gpu,
-            &Case {
-                config,
-                n_kv_head: hkv,
-                n_head: nh,
-                head_dim: d,
-                tensor_cores: false,
+                tensor_cores,
             },
             &mut r,
         );
