@@ -49,12 +49,18 @@ QWEN=${KIVI_CACHE:-$HOME/.cache/kivi}/models/qwen2.5-coder-1.5b-instruct-q4_k_m.
 "$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
   --caches kivi8,kivi4,k4v2,k2v4,kivi2,kivi2:sink4,kivi2:g16,k4v2:sink4,k4v2:g64:sink4,kivi2:r0,kivi2:kt \
   --out "$OUT/ppl-smollm2-8k.json" | tee "$OUT/ppl-smollm2-8k.md"
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
+  --caches kivi4,kivi4:sink4,kivi4:g64:sink4 \
+  --out "$OUT/ppl-smollm2-8k-kivi4sink.json" | tee "$OUT/ppl-smollm2-8k-kivi4sink.md"
 "$KIVI" eval ppl --model "$QWEN" --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
   --caches kivi4,k4v2:g64:sink4,kivi2 \
   --out "$OUT/ppl-qwen-8k.json" | tee "$OUT/ppl-qwen-8k.md"
 scripts/eval/pareto.py "$OUT/ppl-smollm2-8k.json" "$OUT/pareto-smollm2-8k.svg"
 scripts/eval/pareto.py "$OUT/ppl-qwen-8k.json" "$OUT/pareto-qwen-8k.svg"
 
-# 7. Passkey at 4K and 8K tokens, 2 trials per cell.
+# 7. Passkey at 4K and 8K tokens, 2 trials per cell; Qwen2.5-Coder-1.5B at 1K-4K, 2 trials.
+"$KIVI" eval passkey --model "$QWEN" --caches k4v2:g64:sink4,kivi2 --lengths 1k,2k,4k \
+  --depths 0,25,50,75,100 --trials 2 --out "$OUT/passkey-qwen.json" --png "$OUT/passkey-qwen.png" \
+  | tee "$OUT/passkey-qwen.md"
 "$KIVI" eval passkey --caches kivi4,k4v2:g64:sink4,kivi2 --lengths 4k,8k --depths 0,25,50,75,100 --trials 2 \
   --out "$OUT/passkey-4k8k.json" --png "$OUT/passkey-4k8k.png" | tee "$OUT/passkey-4k8k.md"
