@@ -443,10 +443,10 @@ impl GpuCache {
         self.tensor_cores = on;
     }
 
-    /// Blocks the tensor-core path takes at a time per split (at least 1; default: one per warp).
-    /// Tests set 1 so that short sequences exercise the tensor-core path too.
+    /// Blocks the tensor-core path takes at a time per split (1 to the blocks of the longest
+    /// split, 16; default: one per warp). Tests set 1 so that short sequences exercise it too.
     pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
-        self.tc_multiple = blocks.max(1);
+        self.tc_multiple = blocks.clamp(1, MAX_SPLIT / BLOCK_TOKENS);
     }
 
     /// Takes a free slot for a new, empty sequence.
