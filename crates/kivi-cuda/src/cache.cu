@@ -618,6 +618,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     if (QUANT && P.tensor_cores) {
         kt_end = s0 + max(min(s1, nqk) - s0, 0) / tc_unit * tc_unit;
         vt_end = s0 + max(min(s1, nqv) - s0, 0) / tc_unit * tc_unit;
+    }
+    // The query's B fragments, only when the split has key blocks for the tensor cores (short
+    // splits skip this and its barrier; kt_end is the same for the whole CTA).
+    if (kt_end > s0) {
         for (int x = threadIdx.x; x < (D / 16) * 32; x += blockDim.x) {
             const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, hg = g >> 1, part = g & 1;
             uint2 f;
