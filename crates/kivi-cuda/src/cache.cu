@@ -25,7 +25,6 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
-#define WARPS 4
 // Token positions per pool block (BLOCK_TOKENS in cache.rs) and the longest attention split
 // (MAX_SPLIT in cache.rs; a multiple of BLOCK_TOKENS).
 #define BLOCK_TOKENS 128
@@ -557,7 +556,8 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     }
 }
 
-template <int D, int KB, int VB, int NG>
+// W warps per CTA: 4, or 1 for batches of many short sequences (see cache.rs `one_warp`).
+template <int D, int KB, int VB, int NG, int W>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
     constexpr bool QUANT = KB < 16;
@@ -654,10 +654,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += WARPS * BLOCK_TOKENS)
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, sqf, sc, lane);
     }
-    for (int t0 = kt_end + warp * 32; t0 < s1; t0 += WARPS * 32) {
+    for (int t0 = kt_end + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
             constexpr int KBq = QUANT ? KB : 2;
             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
@@ -794,7 +794,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     // ---- softmax of the split (warp g owns query head g)
     const int ns = s1 - s0;
-    for (int g = warp; g < NG; g += WARPS) {
+    for (int g = warp; g < NG; g += W) {
         float* row = sc + g * P.split_len;
         float mx = NEG_INF;
         for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
@@ -837,7 +837,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += WARPS * BLOCK_TOKENS)
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, sc, tacc, lane);
             // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1.
             const int g = lane >> 2, t = lane & 3;
@@ -851,7 +851,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         }
         constexpr int UNROLL = 4;
         // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
-        for (int pb = vt_end + warp * TPI * UNROLL; pb < qend; pb += WARPS * TPI * UNROLL) {
+        for (int pb = vt_end + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
             const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
             const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
             const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
@@ -915,7 +915,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int fstart = max(s0, nqv);
         const int vbase = QUANT ? nqv % vmod : 0;
         constexpr int UNROLL = 8;
-        for (int pb = fstart + warp * UNROLL; pb < s1; pb += WARPS * UNROLL) {
+        for (int pb = fstart + warp * UNROLL; pb < s1; pb += W * UNROLL) {
             u32 raw[UNROLL][CPL];
             bool is_f32[UNROLL];
             // The f16 cache: fstart = s0, so pb is 8-aligned and the 8 tokens are in one block.
@@ -987,15 +987,28 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef QUANT_MIN_CTAS_GQA
 #define QUANT_MIN_CTAS_GQA 4
 #endif
+#ifndef ONE_WARP_MIN_CTAS
+#define ONE_WARP_MIN_CTAS 20
+#endif
 #define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : QUANT_MIN_CTAS_GQA)
 #define ATTN(D, KB, VB, NG)                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_CTAS(KB, NG))         \
+    extern "C" __global__ void __launch_bounds__(4 * 32, MIN_CTAS(KB, NG))             \
         kivi_attn_d##D##_k##KB##_v##VB##_g##NG(AttnParams p) {                         \
-        attn_split<D, KB, VB, NG>(p);                                                  \
+        attn_split<D, KB, VB, NG, 4>(p);                                               \
+    }
+// One-warp CTAs (KIVI caches only): each warp walks its split's whole blocks on the tensor
+// cores, ~20 independent warps per SM instead of 5 CTAs of 4 warps waiting at barriers.
+#define ATTN_W1(D, KB, VB, NG)                                                         \
+    extern "C" __global__ void __launch_bounds__(32, ONE_WARP_MIN_CTAS)                \
+        kivi_attn_d##D##_k##KB##_v##VB##_g##NG##_w1(AttnParams p) {                    \
+        attn_split<D, KB, VB, NG, 1>(p);                                               \
     }
 #define ATTN_NG(D, KB, VB) ATTN(D, KB, VB, 1) ATTN(D, KB, VB, 2) ATTN(D, KB, VB, 3) ATTN(D, KB, VB, 4)
+#define ATTN_NG_W1(D, KB, VB) \
+    ATTN_W1(D, KB, VB, 1) ATTN_W1(D, KB, VB, 2) ATTN_W1(D, KB, VB, 3) ATTN_W1(D, KB, VB, 4)
 #define ATTN_BITS(D)                                                                   \
-    ATTN_NG(D, 2, 2) ATTN_NG(D, 4, 4) ATTN_NG(D, 2, 4) ATTN_NG(D, 4, 2) ATTN_NG(D, 16, 16)
+    ATTN_NG(D, 2, 2) ATTN_NG(D, 4, 4) ATTN_NG(D, 2, 4) ATTN_NG(D, 4, 2) ATTN_NG(D, 16, 16) \
+    ATTN_NG_W1(D, 2, 2) ATTN_NG_W1(D, 4, 4) ATTN_NG_W1(D, 2, 4) ATTN_NG_W1(D, 4, 2)
 ATTN_BITS(64)
 ATTN_BITS(128)
 

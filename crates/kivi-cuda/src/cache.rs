@@ -30,6 +30,9 @@ const SOURCE: &str = include_str!("cache.cu");
 const MODULE: &str = "cache";
 /// Threads per attention CTA (`WARPS * 32` in cache.cu).
 const ATTN_THREADS: u32 = 128;
+/// One-warp CTAs are chosen when the batch has at least this many (token, KV head) pairs per
+/// SM (one split each fills the SMs' ~20 resident one-warp CTAs).
+const ONE_WARP_PAIRS_PER_SM: usize = 16;
 /// Token positions per pool block (`BLOCK_TOKENS` in cache.cu). 128: a multiple of every
 /// supported group size (G divides head_dim <= 128 and is a multiple of 32), so a key group
 /// never straddles blocks; attention splits are whole blocks, whose ids a CTA keeps in shared
@@ -255,6 +258,9 @@ pub struct GpuCache {
     /// The tensor-core path takes whole quantized blocks in multiples of this many per split
     /// (default: one per warp of the CTA).
     tc_multiple: usize,
+    /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
+    /// (`one_warp_wanted`); `KIVI_CUDA_WARPS=1` or `=4` forces.
+    one_warp: Option<bool>,
 }
 
 fn unsupported(m: String) -> Error {
@@ -414,6 +420,11 @@ impl GpuCache {
             sm_count,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: ATTN_THREADS as usize / 32,
+            one_warp: match std::env::var("KIVI_CUDA_WARPS").as_deref() {
+                Ok("1") => Some(true),
+                Ok("4") => Some(false),
+                _ => None,
+            },
         })
     }
 
@@ -447,6 +458,13 @@ impl GpuCache {
     /// split, 16; default: one per warp). Tests set 1 so that short sequences exercise it too.
     pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
         self.tc_multiple = blocks.clamp(1, MAX_SPLIT / BLOCK_TOKENS);
+    }
+
+    /// Forces one-warp (`Some(true)`) or four-warp (`Some(false)`) attention CTAs for KIVI
+    /// caches on the tensor-core path; None (the default) chooses per batch: one warp when the
+    /// batch has enough (token, KV head) pairs to fill the GPU with one split each.
+    pub fn set_one_warp(&mut self, one_warp: Option<bool>) {
+        self.one_warp = one_warp;
     }
 
     /// Takes a free slot for a new, empty sequence.
@@ -757,13 +775,13 @@ impl GpuCache {
 
     /// Tokens per split for a batch: enough CTAs to fill the GPU several times over, in whole
     /// blocks (a split's block ids fit the kernel's shared-memory table).
-    fn split_tokens(&self, batch: &GpuBatch, ctas_per_split: usize) -> usize {
+    fn split_tokens(&self, batch: &GpuBatch, ctas_per_split: usize, ctas_per_sm: usize) -> usize {
         let s = match self.split_override {
             Some(s) => s.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS,
             None => {
                 // Rounded up (measured on the H200: rounding to the nearest block made f16 MHA
                 // B = 8, T = 4K 15 % slower, more CTAs than the GPU runs in 2.5 waves).
-                let target = 8 * self.sm_count;
+                let target = ctas_per_sm * self.sm_count;
                 let wanted = target.div_ceil(ctas_per_split.max(1)).max(1);
                 batch.max_len.div_ceil(wanted).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
             }
@@ -804,7 +822,21 @@ impl GpuCache {
         }
         let ng = Self::heads_per_cta(n_head / hkv);
         let nchunk = n_head / hkv / ng;
-        let split = self.split_tokens(batch, hkv * nchunk * t);
+        // Many short sequences (batched serving) are bound by instruction issue, not bytes: with
+        // one warp per CTA each warp takes whole blocks on the tensor cores (a four-warp CTA
+        // would leave warps idle on 1-3 blocks) and ~20 independent warps share an SM.
+        let pairs = hkv * nchunk * t;
+        let quant = !matches!(self.config, CacheConfig::F16);
+        let one_warp = quant
+            && self.tensor_cores
+            && self
+                .one_warp
+                .unwrap_or(pairs >= ONE_WARP_PAIRS_PER_SM * self.sm_count && batch.max_len <= 1024);
+        let split = if one_warp {
+            self.split_tokens(batch, pairs, ONE_WARP_PAIRS_PER_SM)
+        } else {
+            self.split_tokens(batch, pairs, 8)
+        };
         let nsplit = batch.max_len.div_ceil(split);
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
@@ -818,7 +850,8 @@ impl GpuCache {
             CacheConfig::F16 => (16, 16),
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
-        let name = format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}");
+        let w1 = if one_warp { "_w1" } else { "" };
+        let name = format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}{w1}");
         let f = self.function(&name)?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
@@ -835,12 +868,12 @@ impl GpuCache {
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores),
-            tc_multiple: self.tc_multiple as i32,
+            tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
         };
         let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (nsplit as u32, (hkv * nchunk) as u32, t as u32),
-            block_dim: (ATTN_THREADS, 1, 1),
+            block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: the params point at live buffers of the sizes checked above; the kernel reads

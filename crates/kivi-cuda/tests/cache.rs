@@ -73,6 +73,8 @@ struct Case {
     head_dim: usize,
     /// Whole quantized blocks through the tensor cores (else the CUDA-core kernel).
     tensor_cores: bool,
+    /// One-warp attention CTAs (KIVI caches on the tensor cores; else four warps).
+    one_warp: bool,
 }
 
 /// Runs a random schedule of steps (prefill chunks and decode steps, different per sequence) on
@@ -91,6 +93,7 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     // block per warp), so that every configuration here goes through it.
     gcache.set_tensor_core_multiple(1);
     gcache.set_tensor_cores(case.tensor_cores);
+    gcache.set_one_warp(Some(case.one_warp));
     let seqs: Vec<SeqId> = (0..n_seq).map(|_| cpu.add_sequence()).collect();
     let slots: Vec<usize> = (0..n_seq).map(|_| gcache.add_sequence().unwrap()).collect();
     let s = gpu.stream().clone();
@@ -167,8 +170,8 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
         }
     }
     eprintln!(
-        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {}: worst rel err {worst:.2e}",
-        case.config, case.tensor_cores
+        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {}: worst rel err {worst:.2e}",
+        case.config, case.tensor_cores, case.one_warp
     );
 }
 
@@ -271,13 +274,14 @@ fn attention_matches_cpu() {
         (CacheConfig::Kivi(kivi((4, 2), 64, 64)), 1, 6, 128),
         (CacheConfig::Kivi(kivi((2, 4), 32, 0)), 2, 14, 128),
     ];
-    // Every case through the tensor-core path, two through the CUDA-core kernel
-    // (KIVI_CUDA_SIMT=1) on whole blocks too.
+    // Every case through the tensor-core path with four-warp CTAs, the KIVI ones with one-warp
+    // CTAs too, two through the CUDA-core kernel (KIVI_CUDA_SIMT=1) on whole blocks too.
     let runs = cases
         .iter()
-        .map(|c| (*c, true))
-        .chain([(cases[2], false), (cases[6], false)]);
-    for ((config, hkv, nh, d), tensor_cores) in runs {
+        .map(|c| (*c, true, false))
+        .chain(cases[2..].iter().map(|c| (*c, true, true)))
+        .chain([(cases[2], false, false), (cases[6], false, false)]);
+    for ((config, hkv, nh, d), tensor_cores, one_warp) in runs {
         run_case(
             &gpu,
             &Case {
@@ -286,6 +290,7 @@ fn attention_matches_cpu() {
                 n_head: nh,
                 head_dim: d,
                 tensor_cores,
+                one_warp,
             },
             &mut r,
         );
