@@ -33,6 +33,9 @@ pub struct KiviConfig {
     pub v_axis: Axis,
     /// The first `sink_tokens` tokens of each sequence are kept in f16 forever (attention sinks).
     pub sink_tokens: usize,
+    /// Layers (bit i = layer i, layers < 64) whose keys are stored at 4 bits instead of
+    /// `k_bits` (per-layer bit allocation; `new_cache` builds a [`crate::cache::MixedLayerCache`]).
+    pub key4_layers: u64,
 }
 
 impl Default for KiviConfig {
@@ -45,6 +48,7 @@ impl Default for KiviConfig {
             k_axis: Axis::PerChannel,
             v_axis: Axis::PerToken,
             sink_tokens: 0,
+            key4_layers: 0,
         }
     }
 }
@@ -99,6 +103,20 @@ impl KiviConfig {
                 shape.head_dim
             ));
         }
+        if self.key4_layers != 0 {
+            if self.k_bits != 2 {
+                return bad(format!(
+                    "layers with 4-bit keys need k_bits = 2 elsewhere, not {}",
+                    self.k_bits
+                ));
+            }
+            if shape.n_layer < 64 && self.key4_layers >> shape.n_layer != 0 {
+                return bad(format!(
+                    "4-bit key layers {:#x} name layers beyond the model's {}",
+                    self.key4_layers, shape.n_layer
+                ));
+            }
+        }
         if !self.residual_len.is_multiple_of(g) {
             return bad(format!(
                 "residual_len {} is not a multiple of group_size {g}",
@@ -108,9 +126,25 @@ impl KiviConfig {
         Ok(())
     }
 
-    /// Average stored bits per quantized element (codes + f16 scale + f16 min).
-    pub fn bits_per_element(&self) -> (f64, f64) {
+    /// Average stored bits per quantized element (codes + f16 scale + f16 min), keys and values,
+    /// over the `n_layer` layers of a model (layers in `key4_layers` store keys at 4 bits).
+    pub fn bits_per_element(&self, n_layer: usize) -> (f64, f64) {
         let meta = 32.0 / self.group_size as f64;
-        (self.k_bits as f64 + meta, self.v_bits as f64 + meta)
+        let hi = (self.key4_layers.count_ones() as usize).min(n_layer);
+        let k_bits = if n_layer == 0 {
+            self.k_bits as f64
+        } else {
+            (self.k_bits as f64 * (n_layer - hi) as f64 + 4.0 * hi as f64) / n_layer as f64
+        };
+        (k_bits + meta, self.v_bits as f64 + meta)
+    }
+
+    /// Key bits of `layer`.
+    pub fn key_bits(&self, layer: usize) -> u8 {
+        if layer < 64 && self.key4_layers >> layer & 1 == 1 {
+            4
+        } else {
+            self.k_bits
+        }
     }
 }

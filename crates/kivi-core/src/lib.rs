@@ -20,7 +20,7 @@ pub mod error;
 pub mod quant;
 
 pub use attn::Isa;
-pub use cache::{new_cache, F16Cache, KiviCache};
+pub use cache::{new_cache, F16Cache, KiviCache, MixedLayerCache};
 pub use config::{Axis, CacheConfig, CacheShape, KiviConfig};
 pub use error::{Error, Result};
 

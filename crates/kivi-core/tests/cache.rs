@@ -175,6 +175,7 @@ fn case() -> impl Strategy<Value = Case> {
                     k_axis: ka,
                     v_axis: va,
                     sink_tokens: sinks,
+                    key4_layers: 0,
                 };
                 // prompt lengths around multiples of R (or G)
                 let unit = if r > 0 { r } else { g };
@@ -736,4 +737,108 @@ fn blocks_are_reused_after_remove() {
         fresh.dequantized(0, f).unwrap()
     );
     let _ = r.gen::<u8>();
+}
+
+#[test]
+fn per_layer_key_bits_follow_the_mask() {
+    // Layers 1 and 3 with 4-bit keys, the others 2-bit: every layer's attention matches the f64
+    // model of its own configuration, through prefill chunks and decode steps of two sequences;
+    // the memory and block accounting add up per layer.
+    let (nh, hd, n_rep) = (2, 32, 2);
+    let n_layer = 4;
+    let shape = CacheShape {
+        n_layer,
+        n_kv_head: nh,
+        head_dim: hd,
+    };
+    let kc = KiviConfig {
+        key4_layers: 0b1010,
+        ..cfg(2, 32, 64)
+    };
+    let mut cache = new_cache(&CacheConfig::Kivi(kc), shape).unwrap();
+    assert_eq!(cache.config(), &CacheConfig::Kivi(kc));
+    let per_layer = |l: usize| KiviConfig {
+        k_bits: kc.key_bits(l),
+        key4_layers: 0,
+        ..kc
+    };
+    assert_eq!(
+        (0..n_layer).map(|l| kc.key_bits(l)).collect::<Vec<_>>(),
+        [2, 4, 2, 4]
+    );
+    let mut r = rng(41);
+    let row = nh * hd;
+    let seqs = [cache.add_sequence(), cache.add_sequence()];
+    let total = [300, 231];
+    let data: Vec<[Vec<f32>; 2]> = total
+        .iter()
+        .map(|&n| [kv_data(&mut r, n, nh, hd), kv_data(&mut r, n, nh, hd)])
+        .collect();
+    let mut n = [0usize; 2];
+    for step in [150, 1, 1, 70, 1, 9] {
+        for (i, &s) in seqs.iter().enumerate() {
+            let step = step.min(total[i] - n[i]);
+            let [k, v] = &data[i];
+            let (kn, vn) = (
+                &k[n[i] * row..(n[i] + step) * row],
+                &v[n[i] * row..(n[i] + step) * row],
+            );
+            for layer in 0..n_layer {
+                let q = uniform(&mut r, step * nh * n_rep * hd, -0.6, 0.6);
+                let mut out = vec![0f32; q.len()];
+                cache
+                    .attend(layer, nh * n_rep, s, &q, kn, vn, &mut out)
+                    .unwrap();
+                let want = expected_attention(
+                    Some(&per_layer(layer)),
+                    nh * n_rep,
+                    nh,
+                    hd,
+                    &k[..n[i] * row],
+                    &v[..n[i] * row],
+                    &q,
+                    kn,
+                    vn,
+                );
+                let e = max_err(&out, &want);
+                assert!(e < 5e-5, "layer {layer} seq {i} n {}: error {e}", n[i]);
+                cache.append(layer, s, kn, vn).unwrap();
+            }
+            n[i] += step;
+        }
+    }
+    // Memory: each layer as a plain cache of its own configuration would hold.
+    let mut want = 0;
+    for layer in 0..n_layer {
+        let mut single = KiviCache::new(per_layer(layer), shape).unwrap();
+        for (i, [k, v]) in data.iter().enumerate() {
+            let s = single.add_sequence();
+            single
+                .append(layer, s, &k[..n[i] * row], &v[..n[i] * row])
+                .unwrap();
+        }
+        want += single.memory().total_bytes();
+    }
+    assert_eq!(cache.memory().total_bytes(), want);
+    let blocks: usize = n.iter().map(|&l| cache.blocks_for_tokens(l)).sum();
+    assert_eq!(cache.blocks_in_use(), blocks);
+    for s in seqs {
+        cache.remove_sequence(s).unwrap();
+    }
+    assert_eq!((cache.blocks_in_use(), cache.n_sequences()), (0, 0));
+    assert_eq!(cache.memory().total_bytes(), 0);
+    // A plain KiviCache refuses a mask; so do masks beyond the model and non-2-bit keys.
+    assert!(KiviCache::new(kc, shape).is_err());
+    for bad in [
+        KiviConfig {
+            key4_layers: 1 << 4,
+            ..kc
+        },
+        KiviConfig { k_bits: 4, ..kc },
+    ] {
+        assert!(matches!(
+            new_cache(&CacheConfig::Kivi(bad), shape),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
 }

@@ -184,7 +184,7 @@ pub fn eval_ppl_windows(
                 bits_per_element: match cfg {
                     CacheConfig::F16 => 16.0,
                     CacheConfig::Kivi(k) => {
-                        let (kb, vb) = k.bits_per_element();
+                        let (kb, vb) = k.bits_per_element(c.n_layer);
                         (kb + vb) / 2.0
                     }
                 },

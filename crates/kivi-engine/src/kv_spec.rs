@@ -6,8 +6,9 @@
 //! k2v4                     independent key / value bits
 //! ...:g16 :r64 :sink4      group size, residual length, f16 sink tokens
 //! ...:kt :vc               keys per-token / values per-channel (the paper's Table 1 ablation)
+//! ...:k4@0-1+29            these layers' keys at 4 bits (per-layer allocation; k2 elsewhere)
 //! ```
-//! e.g. `kivi2:g16:r0`, `k4v2:sink4`. Overrides from separate flags are applied on top.
+//! e.g. `kivi2:g16:r0`, `k4v2:sink4`, `kivi2:sink4:k4@0-1`. Overrides from separate flags are applied on top.
 
 use kivi_core::{Axis, CacheConfig, KiviConfig};
 
@@ -54,16 +55,57 @@ pub fn parse_kv(spec: &str) -> Result<CacheConfig, String> {
             "vt" => cfg.v_axis = Axis::PerToken,
             "vc" => cfg.v_axis = Axis::PerChannel,
             o if o.starts_with("sink") => cfg.sink_tokens = num("sink")?,
+            o if o.starts_with("k4@") => cfg.key4_layers = parse_layers(&spec, &o[3..])?,
             o if o.starts_with('g') => cfg.group_size = num("g")?,
             o if o.starts_with('r') => cfg.residual_len = num("r")?,
             _ => {
                 return Err(format!(
-                    "`{spec}`: unknown option `{opt}` (g<N>, r<N>, sink<N>, kt, vc)"
+                    "`{spec}`: unknown option `{opt}` (g<N>, r<N>, sink<N>, kt, vc, k4@<layers>)"
                 ))
             }
         }
     }
     Ok(CacheConfig::Kivi(cfg))
+}
+
+/// `0-1+29` -> bits 0, 1 and 29 (layers below 64).
+fn parse_layers(spec: &str, list: &str) -> Result<u64, String> {
+    let bad = || format!("`{spec}`: `{list}` is not a layer list such as 0-1+29 (layers 0..63)");
+    let mut mask = 0u64;
+    for part in list.split('+') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let a: u32 = a.parse().map_err(|_| bad())?;
+        let b: u32 = b.parse().map_err(|_| bad())?;
+        if a > b || b > 63 {
+            return Err(bad());
+        }
+        for l in a..=b {
+            mask |= 1 << l;
+        }
+    }
+    Ok(mask)
+}
+
+/// `mask` as runs: bits 0, 1, 29 -> `0-1+29`.
+fn format_layers(mask: u64) -> String {
+    let mut runs = Vec::new();
+    let mut l = 0;
+    while l < 64 {
+        if mask >> l & 1 == 0 {
+            l += 1;
+            continue;
+        }
+        let start = l;
+        while l < 64 && mask >> l & 1 == 1 {
+            l += 1;
+        }
+        runs.push(if l - 1 == start {
+            format!("{start}")
+        } else {
+            format!("{start}-{}", l - 1)
+        });
+    }
+    runs.join("+")
 }
 
 /// The canonical text form (inverse of [`parse_kv`]).
@@ -91,6 +133,9 @@ pub fn format_kv(cfg: &CacheConfig) -> String {
             }
             if c.v_axis == Axis::PerChannel {
                 s += ":vc";
+            }
+            if c.key4_layers != 0 {
+                s += &format!(":k4@{}", format_layers(c.key4_layers));
             }
             s
         }
@@ -130,6 +175,10 @@ mod tests {
             (4, 2, 16, 64, 4)
         );
         assert_eq!((c.k_axis, c.v_axis), (Axis::PerToken, Axis::PerChannel));
+        let CacheConfig::Kivi(c) = parse_kv("kivi2:k4@0-2+40").unwrap() else {
+            panic!("expected kivi")
+        };
+        assert_eq!(c.key4_layers, 0b111 | 1 << 40);
     }
 
     #[test]
@@ -142,6 +191,8 @@ mod tests {
             "kivi2:g16",
             "kivi2:r0",
             "k2v4:sink4:kt:vc",
+            "kivi2:sink4:k4@0-1+29",
+            "kivi2:k4@0+2+4-6",
         ] {
             assert_eq!(format_kv(&parse_kv(s).unwrap()), s);
         }
@@ -155,6 +206,9 @@ mod tests {
             ("kivi2:gabc", "bad number"),
             ("kxv2", "not a bit width"),
             ("f16:g32", "no options"),
+            ("kivi2:k4@", "layer list"),
+            ("kivi2:k4@3-1", "layer list"),
+            ("kivi2:k4@64", "layer list"),
         ] {
             let e = parse_kv(s).unwrap_err();
             assert!(e.contains(needle), "{s}: {e}");

@@ -76,6 +76,11 @@ pub struct KiviCache {
 impl KiviCache {
     pub fn new(kc: KiviConfig, shape: CacheShape) -> Result<Self> {
         kc.validate(&shape)?;
+        if kc.key4_layers != 0 {
+            return Err(Error::InvalidConfig(
+                "per-layer key bits: build the cache with new_cache (a MixedLayerCache)".into(),
+            ));
+        }
         let layout = BlockLayout::new(&kc, &shape);
         Ok(KiviCache {
             config: CacheConfig::Kivi(kc),

@@ -3,10 +3,12 @@
 pub mod block;
 pub mod f16;
 pub mod kivi;
+pub mod mixed;
 pub mod reference;
 
 pub use self::f16::F16Cache;
 pub use self::kivi::KiviCache;
+pub use self::mixed::MixedLayerCache;
 
 use crate::{quant, CacheConfig, CacheShape, Error, KvCache, Result};
 
@@ -14,6 +16,7 @@ use crate::{quant, CacheConfig, CacheShape, Error, KvCache, Result};
 pub fn new_cache(config: &CacheConfig, shape: CacheShape) -> Result<Box<dyn KvCache>> {
     Ok(match config {
         CacheConfig::F16 => Box::new(F16Cache::new(shape)?),
+        CacheConfig::Kivi(kc) if kc.key4_layers != 0 => Box::new(MixedLayerCache::new(*kc, shape)?),
         CacheConfig::Kivi(kc) => Box::new(KiviCache::new(*kc, shape)?),
     })
 }
