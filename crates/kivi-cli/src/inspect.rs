@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use kivi_core::quant::{key_quant_error, logit_error_rms};
 use kivi_engine::inspect::{
     channel_absmax, channel_absmean, head_matrix, outlier_ratio, record_kv,
 };
@@ -112,16 +113,19 @@ pub fn run(a: InspectArgs) -> Result<()> {
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
     println!(
         "{}: {} tokens of {}, post-RoPE K and V. Outlier ratio: the largest channel's max|x| \
-         (or mean|x|) / the median channel's",
+         (or mean|x|) / the median channel's. K 2-bit error: ‖K − Q(K)‖ / ‖K − mean‖ of KIVI-2 \
+         keys (per channel, G = 32) after the first 4 tokens (sinks); logit error: the RMS error of \
+         q·k/sqrt(d) that those keys cause (every 4th query)",
         m.name,
         tokens.len(),
         file.display()
     );
     println!(
         "| layer | KV head | K max|x| | K ratio (max) | K ratio (mean) | top K channels \
-         | V max|x| | V ratio (max) | V ratio (mean) |"
+         | K 2-bit error | logit error | V max|x| | V ratio (max) | V ratio (mean) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let n_rep = c.n_head / c.n_kv_head;
     let d = c.head_dim;
     for l in &rec {
         for &h in &heads {
@@ -134,11 +138,22 @@ pub fn run(a: InspectArgs) -> Result<()> {
             let kmax = ka.iter().cloned().fold(0f32, f32::max);
             let vmax = va.iter().cloned().fold(0f32, f32::max);
             println!(
-                "| {} | {h} | {kmax:.2} | {:.1} | {:.1} | {} | {vmax:.2} | {:.1} | {:.1} |",
+                "| {} | {h} | {kmax:.2} | {:.1} | {:.1} | {} | {:.3} | {:.3} | {vmax:.2} | {:.1} | {:.1} |",
                 l.layer,
                 outlier_ratio(&ka),
                 outlier_ratio(&channel_absmean(&k, d)),
                 top.join(", "),
+                key_quant_error(k.get(4 * d..).unwrap_or_default(), d, 32, 2),
+                logit_error_rms(
+                    &head_matrix(&l.q, c.n_kv_head, n_rep * d, h),
+                    &k,
+                    d,
+                    n_rep,
+                    32,
+                    2,
+                    4,
+                    4
+                ),
                 outlier_ratio(&va),
                 outlier_ratio(&channel_absmean(&v, d))
             );

@@ -36,6 +36,10 @@ pub struct KiviConfig {
     /// Layers (bit i = layer i, layers < 64) whose keys are stored at 4 bits instead of
     /// `k_bits` (per-layer bit allocation; `new_cache` builds a [`crate::cache::MixedLayerCache`]).
     pub key4_layers: u64,
+    /// This many layers store keys at 4 bits, chosen on the fly: the layers whose 2-bit keys
+    /// disturb the attention logits most on the first sequence's first tokens (see
+    /// [`crate::cache::MixedLayerCache`]). Exclusive with `key4_layers`.
+    pub key4_auto: u8,
 }
 
 impl Default for KiviConfig {
@@ -49,6 +53,7 @@ impl Default for KiviConfig {
             v_axis: Axis::PerToken,
             sink_tokens: 0,
             key4_layers: 0,
+            key4_auto: 0,
         }
     }
 }
@@ -103,7 +108,18 @@ impl KiviConfig {
                 shape.head_dim
             ));
         }
-        if self.key4_layers != 0 {
+        if self.key4_layers != 0 || self.key4_auto != 0 {
+            if self.key4_layers != 0 && self.key4_auto != 0 {
+                return bad(
+                    "4-bit key layers are either listed or chosen on the fly, not both".into(),
+                );
+            }
+            if self.key4_auto as usize > shape.n_layer {
+                return bad(format!(
+                    "{} layers with 4-bit keys asked of a model with {}",
+                    self.key4_auto, shape.n_layer
+                ));
+            }
             if self.k_bits != 2 {
                 return bad(format!(
                     "layers with 4-bit keys need k_bits = 2 elsewhere, not {}",
@@ -130,7 +146,7 @@ impl KiviConfig {
     /// over the `n_layer` layers of a model (layers in `key4_layers` store keys at 4 bits).
     pub fn bits_per_element(&self, n_layer: usize) -> (f64, f64) {
         let meta = 32.0 / self.group_size as f64;
-        let hi = (self.key4_layers.count_ones() as usize).min(n_layer);
+        let hi = (self.key4_layers.count_ones() as usize + self.key4_auto as usize).min(n_layer);
         let k_bits = if n_layer == 0 {
             self.k_bits as f64
         } else {
@@ -139,7 +155,7 @@ impl KiviConfig {
         (k_bits + meta, self.v_bits as f64 + meta)
     }
 
-    /// Key bits of `layer`.
+    /// Key bits of `layer` (layers chosen on the fly, `key4_auto`, are not known here).
     pub fn key_bits(&self, layer: usize) -> u8 {
         if layer < 64 && self.key4_layers >> layer & 1 == 1 {
             4

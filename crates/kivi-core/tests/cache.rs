@@ -176,6 +176,7 @@ fn case() -> impl Strategy<Value = Case> {
                     v_axis: va,
                     sink_tokens: sinks,
                     key4_layers: 0,
+                    key4_auto: 0,
                 };
                 // prompt lengths around multiples of R (or G)
                 let unit = if r > 0 { r } else { g };
@@ -841,4 +842,96 @@ fn per_layer_key_bits_follow_the_mask() {
             Err(Error::InvalidConfig(_))
         ));
     }
+}
+
+#[test]
+fn key4_layers_chosen_on_the_fly_by_logit_error() {
+    // Four layers, one chosen for 4-bit keys: the layer whose queries are 8x larger (so its
+    // 2-bit keys disturb the logits most). Before the choice every layer reads 4-bit keys;
+    // after it, each layer matches the f64 model of its own bits, and only the chosen layer's
+    // 4-bit copy is kept.
+    use kivi_core::cache::mixed::MEASURE_TOKENS;
+    use kivi_core::MixedLayerCache;
+    let (nh, hd, n_rep, n_layer, loud) = (2, 32, 2, 4, 2);
+    let shape = CacheShape {
+        n_layer,
+        n_kv_head: nh,
+        head_dim: hd,
+    };
+    let kc = KiviConfig {
+        key4_auto: 1,
+        sink_tokens: 4,
+        ..cfg(2, 32, 32)
+    };
+    let mut cache = MixedLayerCache::new(kc, shape).unwrap();
+    let with_bits = |b: u8| KiviConfig {
+        k_bits: b,
+        key4_auto: 0,
+        ..kc
+    };
+    let mut r = rng(43);
+    let row = nh * hd;
+    let unused = cache.add_sequence();
+    cache.remove_sequence(unused).unwrap(); // the measured sequence is the next one
+    let s = cache.add_sequence();
+    let total = 4 + MEASURE_TOKENS + 40;
+    let (k, v) = (
+        kv_data(&mut r, total, nh, hd),
+        kv_data(&mut r, total, nh, hd),
+    );
+    let mut n = 0;
+    for step in [100, 1, 31, 1, 3, 1, 1, 20] {
+        assert_eq!(
+            cache.key4_layers().is_none(),
+            n < 4 + MEASURE_TOKENS,
+            "n {n}"
+        );
+        let (kn, vn) = (&k[n * row..(n + step) * row], &v[n * row..(n + step) * row]);
+        for layer in 0..n_layer {
+            let amp = if layer == loud { 4.8 } else { 0.6 };
+            let q = uniform(&mut r, step * nh * n_rep * hd, -amp, amp);
+            let mut out = vec![0f32; q.len()];
+            cache
+                .attend(layer, nh * n_rep, s, &q, kn, vn, &mut out)
+                .unwrap();
+            let bits = match cache.key4_layers() {
+                None => 4,
+                Some(mask) if mask >> layer & 1 == 1 => 4,
+                Some(_) => 2,
+            };
+            let want = expected_attention(
+                Some(&with_bits(bits)),
+                nh * n_rep,
+                nh,
+                hd,
+                &k[..n * row],
+                &v[..n * row],
+                &q,
+                kn,
+                vn,
+            );
+            let e = max_err(&out, &want);
+            assert!(e < 5e-5, "layer {layer} n {n} ({bits}-bit keys): error {e}");
+            cache.append(layer, s, kn, vn).unwrap();
+        }
+        n += step;
+    }
+    assert_eq!(cache.key4_layers(), Some(1 << loud));
+    let mut want = 0;
+    for layer in 0..n_layer {
+        let b = if layer == loud { 4 } else { 2 };
+        let mut single = KiviCache::new(with_bits(b), shape).unwrap();
+        let t = single.add_sequence();
+        single
+            .append(layer, t, &k[..n * row], &v[..n * row])
+            .unwrap();
+        want += single.memory().total_bytes();
+    }
+    assert_eq!(cache.memory().total_bytes(), want);
+    assert_eq!(cache.blocks_in_use(), cache.blocks_for_tokens(n));
+    cache.remove_sequence(s).unwrap();
+    assert_eq!(
+        (cache.blocks_in_use(), cache.memory().total_bytes()),
+        (0, 0)
+    );
 }

@@ -298,7 +298,7 @@ pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
                 "the CUDA cache does not keep sink tokens".into(),
             ));
         }
-        if kc.key4_layers != 0 {
+        if kc.key4_layers != 0 || kc.key4_auto != 0 {
             return Err(unsupported(
                 "the CUDA cache has one key bit width for all layers (no k4@ layers)".into(),
             ));

@@ -9,31 +9,40 @@ use kivi_core::{
 use kivi_model::llama::{Logits, Model};
 use kivi_model::{ModelError, Result};
 
-/// Keys and values of one layer, token-major: `[tokens][n_kv_head][head_dim]`.
+/// Keys and values of one layer, token-major: `[tokens][n_kv_head][head_dim]`, and the queries
+/// that attended to them, `[tokens][n_head][head_dim]`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerKv {
     pub layer: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    pub q: Vec<f32>,
 }
 
 /// An f16 cache that also keeps a full-precision copy of what `append` receives for some layers.
 pub struct RecordingCache {
     inner: Box<dyn KvCache>,
     layers: Vec<LayerKv>,
+    /// Queries per recorded layer (same order as `layers`); `attend` only has `&self`.
+    queries: std::sync::Mutex<Vec<Vec<f32>>>,
 }
 
 impl RecordingCache {
     pub fn new(shape: CacheShape, layers: &[usize]) -> CoreResult<Self> {
         let inner = kivi_core::new_cache(&CacheConfig::F16, shape)?;
-        let layers = layers
+        let layers: Vec<LayerKv> = layers
             .iter()
             .map(|&layer| LayerKv {
                 layer,
                 ..Default::default()
             })
             .collect();
-        Ok(RecordingCache { inner, layers })
+        let queries = std::sync::Mutex::new(vec![Vec::new(); layers.len()]);
+        Ok(RecordingCache {
+            inner,
+            layers,
+            queries,
+        })
     }
 
     pub fn recorded(&self) -> &[LayerKv] {
@@ -41,7 +50,21 @@ impl RecordingCache {
     }
 
     pub fn into_recorded(self) -> Vec<LayerKv> {
-        self.layers
+        let queries = self.queries.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut layers = self.layers;
+        for (l, q) in layers.iter_mut().zip(queries) {
+            l.q = q;
+        }
+        layers
+    }
+
+    fn record_queries(&self, layer: usize, q: &[f32]) {
+        let mut queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
+        for (l, rec) in self.layers.iter().zip(queries.iter_mut()) {
+            if l.layer == layer {
+                rec.extend_from_slice(q);
+            }
+        }
     }
 }
 
@@ -71,6 +94,7 @@ impl KvCache for RecordingCache {
         v_new: &[f32],
         out: &mut [f32],
     ) -> CoreResult<()> {
+        self.record_queries(layer, q);
         self.inner.attend(layer, n_head, seq, q, k_new, v_new, out)
     }
     fn attend_batch(
@@ -79,6 +103,9 @@ impl KvCache for RecordingCache {
         n_head: usize,
         items: &mut [AttendItem<'_>],
     ) -> CoreResult<()> {
+        for it in items.iter() {
+            self.record_queries(layer, it.q);
+        }
         self.inner.attend_batch(layer, n_head, items)
     }
     fn append(&mut self, layer: usize, seq: SeqId, k: &[f32], v: &[f32]) -> CoreResult<()> {

@@ -7,6 +7,7 @@
 //! ...:g16 :r64 :sink4      group size, residual length, f16 sink tokens
 //! ...:kt :vc               keys per-token / values per-channel (the paper's Table 1 ablation)
 //! ...:k4@0-1+29            these layers' keys at 4 bits (per-layer allocation; k2 elsewhere)
+//! ...:k4@auto10            10 layers' keys at 4 bits, the most sensitive, measured on the fly
 //! ```
 //! e.g. `kivi2:g16:r0`, `k4v2:sink4`, `kivi2:sink4:k4@0-1`. Overrides from separate flags are applied on top.
 
@@ -55,6 +56,11 @@ pub fn parse_kv(spec: &str) -> Result<CacheConfig, String> {
             "vt" => cfg.v_axis = Axis::PerToken,
             "vc" => cfg.v_axis = Axis::PerChannel,
             o if o.starts_with("sink") => cfg.sink_tokens = num("sink")?,
+            o if o.starts_with("k4@auto") => {
+                cfg.key4_auto = opt[7..]
+                    .parse()
+                    .map_err(|_| format!("`{spec}`: bad number in `{opt}` (k4@auto<N>, N < 256)"))?
+            }
             o if o.starts_with("k4@") => cfg.key4_layers = parse_layers(&spec, &o[3..])?,
             o if o.starts_with('g') => cfg.group_size = num("g")?,
             o if o.starts_with('r') => cfg.residual_len = num("r")?,
@@ -137,6 +143,9 @@ pub fn format_kv(cfg: &CacheConfig) -> String {
             if c.key4_layers != 0 {
                 s += &format!(":k4@{}", format_layers(c.key4_layers));
             }
+            if c.key4_auto != 0 {
+                s += &format!(":k4@auto{}", c.key4_auto);
+            }
             s
         }
     }
@@ -193,6 +202,7 @@ mod tests {
             "k2v4:sink4:kt:vc",
             "kivi2:sink4:k4@0-1+29",
             "kivi2:k4@0+2+4-6",
+            "kivi2:sink4:k4@auto10",
         ] {
             assert_eq!(format_kv(&parse_kv(s).unwrap()), s);
         }

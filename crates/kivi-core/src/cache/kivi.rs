@@ -61,6 +61,19 @@ struct SeqState {
     v: Stream,
 }
 
+impl SeqState {
+    fn empty() -> SeqState {
+        SeqState {
+            n: 0,
+            sink_k: Vec::new(),
+            sink_v: Vec::new(),
+            blocks: Vec::new(),
+            k: Stream::default(),
+            v: Stream::default(),
+        }
+    }
+}
+
 /// KIVI cache for all layers and sequences. See the module docs for the policy.
 pub struct KiviCache {
     config: CacheConfig,
@@ -76,7 +89,7 @@ pub struct KiviCache {
 impl KiviCache {
     pub fn new(kc: KiviConfig, shape: CacheShape) -> Result<Self> {
         kc.validate(&shape)?;
-        if kc.key4_layers != 0 {
+        if kc.key4_layers != 0 || kc.key4_auto != 0 {
             return Err(Error::InvalidConfig(
                 "per-layer key bits: build the cache with new_cache (a MixedLayerCache)".into(),
             ));
@@ -92,6 +105,19 @@ impl KiviCache {
             next_id: 0,
             isa: Isa::detect(),
         })
+    }
+
+    /// Empties `layer` for every sequence (blocks back to the pool); the sequences stay
+    /// registered. [`super::MixedLayerCache`] drops the copy of a layer it did not choose.
+    pub fn clear_layer(&mut self, layer: usize) {
+        if let Some(states) = self.layers.get_mut(layer) {
+            for st in states.values_mut() {
+                for b in std::mem::take(&mut st.blocks) {
+                    self.pool.release(b);
+                }
+                *st = SeqState::empty();
+            }
+        }
     }
 
     /// Uses `isa` for attention instead of the detected one (tests, measurements).
@@ -509,17 +535,7 @@ impl KvCache for KiviCache {
         let id = SeqId(self.next_id);
         self.next_id += 1;
         for layer in &mut self.layers {
-            layer.insert(
-                id,
-                SeqState {
-                    n: 0,
-                    sink_k: Vec::new(),
-                    sink_v: Vec::new(),
-                    blocks: Vec::new(),
-                    k: Stream::default(),
-                    v: Stream::default(),
-                },
-            );
+            layer.insert(id, SeqState::empty());
         }
         id
     }

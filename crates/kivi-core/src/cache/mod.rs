@@ -16,7 +16,9 @@ use crate::{quant, CacheConfig, CacheShape, Error, KvCache, Result};
 pub fn new_cache(config: &CacheConfig, shape: CacheShape) -> Result<Box<dyn KvCache>> {
     Ok(match config {
         CacheConfig::F16 => Box::new(F16Cache::new(shape)?),
-        CacheConfig::Kivi(kc) if kc.key4_layers != 0 => Box::new(MixedLayerCache::new(*kc, shape)?),
+        CacheConfig::Kivi(kc) if kc.key4_layers != 0 || kc.key4_auto != 0 => {
+            Box::new(MixedLayerCache::new(*kc, shape)?)
+        }
         CacheConfig::Kivi(kc) => Box::new(KiviCache::new(*kc, shape)?),
     })
 }

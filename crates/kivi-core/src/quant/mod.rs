@@ -178,9 +178,137 @@ pub fn check_input(what: &'static str, x: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// RMS error of the attention logits q_i·k_j / sqrt(d) when the keys of one KV head (`k`:
+/// `[tokens][head_dim]`) are quantized to `bits` per channel in groups of `group` tokens, over
+/// every `stride`-th query of the head's query heads (`q`: `[tokens][n_rep][head_dim]`) and the
+/// quantized keys before it (tokens from `skip`, e.g. sinks kept exact, in whole groups). This
+/// is what the softmax sees: an absolute logit error, which grows with the query's scale even
+/// when the keys' relative error does not.
+#[allow(clippy::too_many_arguments)]
+pub fn logit_error_rms(
+    q: &[f32],
+    k: &[f32],
+    head_dim: usize,
+    n_rep: usize,
+    group: usize,
+    bits: u8,
+    skip: usize,
+    stride: usize,
+) -> f64 {
+    let d = head_dim;
+    let n = k.len() / d;
+    if n <= skip || group == 0 {
+        return 0.0;
+    }
+    let used = (n - skip) - (n - skip) % group;
+    // Dk[t][c] = k - Q(k) for tokens skip..skip + used.
+    let mut dk = vec![0f64; used * d];
+    let (mut col, mut codes) = (vec![0f32; group], vec![0u32; group]);
+    for c in 0..d {
+        for g0 in (0..used).step_by(group) {
+            for (i, x) in col.iter_mut().enumerate() {
+                *x = k[(skip + g0 + i) * d + c];
+            }
+            let p = quantize_group(&col, bits, &mut codes);
+            for i in 0..group {
+                dk[(g0 + i) * d + c] = col[i] as f64 - dequantize_value(codes[i], p) as f64;
+            }
+        }
+    }
+    let (mut sum, mut count) = (0.0f64, 0u64);
+    for i in (skip..n).step_by(stride.max(1)) {
+        let visible = (i - skip).min(used);
+        for r in 0..n_rep {
+            let qi = &q[(i * n_rep + r) * d..(i * n_rep + r + 1) * d];
+            for j in 0..visible {
+                let e: f64 = (0..d).map(|c| qi[c] as f64 * dk[j * d + c]).sum();
+                sum += e * e;
+                count += 1;
+            }
+        }
+    }
+    if count == 0 {
+        0.0
+    } else {
+        (sum / count as f64 / d as f64).sqrt()
+    }
+}
+
+/// How much `bits`-bit per-channel quantization (groups of `group` consecutive tokens) disturbs
+/// keys `[tokens][dim]`: ‖K − Q(K)‖ / ‖K − K̄‖ over whole groups, K̄ the per-channel mean. The
+/// error of a score q·k relative to the spread of scores over tokens scales with it, so a layer
+/// with a large value gains most from more key bits. 0 when fewer than `group` tokens.
+pub fn key_quant_error(keys: &[f32], dim: usize, group: usize, bits: u8) -> f64 {
+    let n = keys.len().checked_div(dim).unwrap_or(0);
+    let used = n - n % group.max(1);
+    if used == 0 || group == 0 {
+        return 0.0;
+    }
+    let (mut err, mut spread) = (0.0f64, 0.0f64);
+    let mut col = vec![0f32; group];
+    let mut codes = vec![0u32; group];
+    for c in 0..dim {
+        let mean = (0..used).map(|t| keys[t * dim + c] as f64).sum::<f64>() / used as f64;
+        for g0 in (0..used).step_by(group) {
+            for (i, x) in col.iter_mut().enumerate() {
+                *x = keys[(g0 + i) * dim + c];
+            }
+            let p = quantize_group(&col, bits, &mut codes);
+            for (&x, &code) in col.iter().zip(&codes) {
+                err += (x as f64 - dequantize_value(code, p) as f64).powi(2);
+                spread += (x as f64 - mean).powi(2);
+            }
+        }
+    }
+    if spread == 0.0 {
+        0.0
+    } else {
+        (err / spread).sqrt()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantization_sensitivity_measures() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let (d, n_rep, n) = (8, 2, 64);
+        // Codes 0..=3 of scale 1 and min = the channel index (every group of 32 tokens starts
+        // with codes 0 and 3): 2-bit quantization is exact, so both measures are 0.
+        let exact: Vec<f32> = (0..n * d)
+            .map(|i| {
+                let code = match (i / d) % 32 {
+                    0 => 0,
+                    1 => 3,
+                    _ => r.gen_range(0..4),
+                };
+                code as f32 + (i % d) as f32
+            })
+            .collect();
+        let q: Vec<f32> = (0..n * n_rep * d).map(|_| r.gen_range(-1.0..1.0)).collect();
+        assert_eq!(key_quant_error(&exact, d, 32, 2), 0.0);
+        assert_eq!(logit_error_rms(&q, &exact, d, n_rep, 32, 2, 0, 1), 0.0);
+        // Random keys: a real error, below the bound of half a step per element; the logit error
+        // is linear in the query.
+        let k: Vec<f32> = (0..n * d).map(|_| r.gen_range(-1.0..1.0)).collect();
+        let e = key_quant_error(&k, d, 32, 2);
+        assert!(e > 0.05 && e < 1.0, "relative error {e}");
+        let base = logit_error_rms(&q, &k, d, n_rep, 32, 2, 4, 1);
+        let q3: Vec<f32> = q.iter().map(|x| 3.0 * x).collect();
+        let tripled = logit_error_rms(&q3, &k, d, n_rep, 32, 2, 4, 1);
+        assert!(
+            base > 0.0 && (tripled / base - 3.0).abs() < 1e-9,
+            "{base} {tripled}"
+        );
+        // Fewer tokens than a group after the skipped ones: nothing is quantized.
+        assert_eq!(
+            logit_error_rms(&q[..20 * n_rep * d], &k[..20 * d], d, n_rep, 32, 2, 4, 1),
+            0.0
+        );
+    }
 
     #[test]
     fn pack_is_lsb_first() {
