@@ -102,6 +102,9 @@ pub fn run(a: EvalPplArgs) -> Result<()> {
             100.0 * r.accuracy
         );
     }
+    for r in results.iter().filter(|r| r.choices.is_some()) {
+        println!("{}: {}", r.kv, r.choices.as_deref().unwrap_or_default());
+    }
     if let Some(out) = &a.out {
         let json: Vec<serde_json::Value> = results
             .iter()
@@ -110,6 +113,7 @@ pub fn run(a: EvalPplArgs) -> Result<()> {
                     "kv": r.kv, "ppl": r.ppl, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
                     "top1": r.top1, "accuracy": r.accuracy, "bits_per_element": r.bits_per_element,
                     "effective_bits": r.effective_bits, "tokens": r.tokens_scored, "chunk": a.chunk,
+                    "choices": r.choices,
                 })
             })
             .collect();

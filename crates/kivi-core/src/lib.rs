@@ -156,4 +156,9 @@ pub trait KvCache: Send + Sync {
     fn n_sequences(&self) -> usize;
     /// Frees pool blocks kept for reuse beyond `keep` (a budget keeps the free list inside it).
     fn trim_free_blocks(&mut self, keep: usize);
+
+    /// What the cache chose at run time, for reports (e.g. which layers got 4-bit keys).
+    fn runtime_choices(&self) -> Option<String> {
+        None
+    }
 }

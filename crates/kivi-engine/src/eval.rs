@@ -31,6 +31,8 @@ pub struct EvalResult {
     /// Measured cache bytes × 8 / (tokens × layers × 2 × kv_dim), residual window included.
     pub effective_bits: f64,
     pub tokens_scored: usize,
+    /// What the cache chose at run time ([`KvCache::runtime_choices`]).
+    pub choices: Option<String>,
 }
 
 struct Accum {
@@ -190,6 +192,7 @@ pub fn eval_ppl_windows(
                 },
                 effective_bits: mem.total_bytes() as f64 * 8.0 / elems.max(1.0),
                 tokens_scored: scored,
+                choices: cache.runtime_choices(),
             }
         })
         .collect())

@@ -145,6 +145,9 @@ impl KvCache for RecordingCache {
     fn trim_free_blocks(&mut self, keep: usize) {
         self.inner.trim_free_blocks(keep)
     }
+    fn runtime_choices(&self) -> Option<String> {
+        self.inner.runtime_choices()
+    }
 }
 
 /// Runs `tokens` through `model` in chunks and returns the post-RoPE keys and the values that the

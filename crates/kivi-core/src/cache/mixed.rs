@@ -341,6 +341,24 @@ impl KvCache for MixedLayerCache {
     fn n_sequences(&self) -> usize {
         self.low.n_sequences()
     }
+    fn runtime_choices(&self) -> Option<String> {
+        let CacheConfig::Kivi(kc) = self.config else {
+            return None;
+        };
+        if kc.key4_auto == 0 {
+            return None;
+        }
+        Some(match self.key4_layers() {
+            None => "4-bit key layers not chosen yet (fewer tokens than measured)".into(),
+            Some(mask) => {
+                let layers: Vec<String> = (0..self.shape.n_layer)
+                    .filter(|&l| mask >> l & 1 == 1)
+                    .map(|l| l.to_string())
+                    .collect();
+                format!("4-bit keys on layers {}", layers.join(", "))
+            }
+        })
+    }
     fn trim_free_blocks(&mut self, keep: usize) {
         let keep_low = keep.min(self.low.free_blocks());
         self.low.trim_free_blocks(keep_low);
