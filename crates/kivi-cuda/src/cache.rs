@@ -28,7 +28,7 @@ use crate::{Error, Gpu, Result};
 
 const SOURCE: &str = include_str!("cache.cu");
 const MODULE: &str = "cache";
-/// Threads per attention CTA (`WARPS * 32` in cache.cu).
+/// Threads of a four-warp attention CTA (one-warp CTAs: 32).
 const ATTN_THREADS: u32 = 128;
 /// One-warp CTAs are chosen when the batch has at least this many (token, KV head) pairs per
 /// SM (one split each fills the SMs' ~20 resident one-warp CTAs).
@@ -259,7 +259,7 @@ pub struct GpuCache {
     /// (default: one per warp of the CTA).
     tc_multiple: usize,
     /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
-    /// (`one_warp_wanted`); `KIVI_CUDA_WARPS=1` or `=4` forces.
+    /// (see `attend`); `KIVI_CUDA_WARPS=1` or `=4` forces.
     one_warp: Option<bool>,
 }
 
