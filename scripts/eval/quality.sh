@@ -55,12 +55,32 @@ QWEN=${KIVI_CACHE:-$HOME/.cache/kivi}/models/qwen2.5-coder-1.5b-instruct-q4_k_m.
 "$KIVI" eval ppl --model "$QWEN" --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
   --caches kivi4,k4v2:g64:sink4,kivi2 \
   --out "$OUT/ppl-qwen-8k.json" | tee "$OUT/ppl-qwen-8k.md"
-scripts/eval/pareto.py "$OUT/ppl-smollm2-8k.json" "$OUT/pareto-smollm2-8k.svg"
+
+# 7. Per-layer key bits: a scan of 5-layer blocks, then layers chosen on the fly (k4@auto<N>),
+#    1,500 tokens and 8K; the per-layer key and logit errors from kivi inspect.
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 1500 --chunk 1 \
+  --caches kivi2:sink4,kivi2:sink4:k4@0-4,kivi2:sink4:k4@5-9,kivi2:sink4:k4@10-14,kivi2:sink4:k4@15-19,kivi2:sink4:k4@20-24,kivi2:sink4:k4@25-29,kivi2:sink4:k4@0,kivi2:sink4:k4@0-1 \
+  --out "$OUT/ppl-layers-scan-1500.json" | tee "$OUT/ppl-layers-scan-1500.md"
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 1500 --chunk 1 \
+  --caches kivi2:sink4,kivi2:sink4:k4@auto5,kivi2:sink4:k4@auto10,kivi2:sink4:k4@15-24,kivi2:sink4:k4@auto15,k4v2:g64:sink4,k4v2:sink4 \
+  --out "$OUT/ppl-layers-auto-1500.json" | tee "$OUT/ppl-layers-auto-1500.md"
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 1500 --chunk 1 \
+  --caches kivi2:g64:sink4,kivi2:g64:sink4:k4@auto10,kivi2:g64:sink4:k4@auto15,kivi2:g64:sink4:k4@auto20,kivi2:sink4:k4@auto5,kivi2:sink4:k4@auto10 \
+  --out "$OUT/ppl-layers-auto-g64-1500.json" | tee "$OUT/ppl-layers-auto-g64-1500.md"
+"$KIVI" inspect --layers "$(seq -s, 0 29)" --heads all --max-tokens 1500 --out-dir /tmp/kivi-inspect-all \
+  > "$OUT/inspect-all-layers-1500.md"
+"$KIVI" eval ppl --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
+  --caches kivi2:sink4,kivi2:g64:sink4:k4@auto15,kivi2:g64:sink4:k4@0-14,kivi2:g64:sink4:k4@auto20,kivi2:sink4:k4@auto5 \
+  --out "$OUT/ppl-smollm2-8k-layers.json" | tee "$OUT/ppl-smollm2-8k-layers.md"
+"$KIVI" eval ppl --model "$QWEN" --file "$PP" --start-at "Chapter 1" --max-tokens 8192 --windows 8 --chunk 1 \
+  --caches kivi2:sink4,kivi2:g64:sink4:k4@auto14 \
+  --out "$OUT/ppl-qwen-8k-layers.json" | tee "$OUT/ppl-qwen-8k-layers.md"
+scripts/eval/pareto.py "$OUT/ppl-smollm2-8k.json" "$OUT/ppl-smollm2-8k-layers.json" "$OUT/pareto-smollm2-8k.svg"
 scripts/eval/pareto.py "$OUT/ppl-qwen-8k.json" "$OUT/pareto-qwen-8k.svg"
 
 # 7. Passkey at 4K and 8K tokens, 2 trials per cell; Qwen2.5-Coder-1.5B at 1K-4K, 2 trials.
 "$KIVI" eval passkey --model "$QWEN" --caches k4v2:g64:sink4,kivi2 --lengths 1k,2k,4k \
-  --depths 0,25,50,75,100 --trials 2 --out "$OUT/passkey-qwen.json" --png "$OUT/passkey-qwen.png" \
+  --depths 0,25,50,75,100 --trials 1 --out "$OUT/passkey-qwen.json" --png "$OUT/passkey-qwen.png" \
   | tee "$OUT/passkey-qwen.md"
 "$KIVI" eval passkey --caches kivi4,k4v2:g64:sink4,kivi2 --lengths 4k,8k --depths 0,25,50,75,100 --trials 2 \
   --out "$OUT/passkey-4k8k.json" --png "$OUT/passkey-4k8k.png" | tee "$OUT/passkey-4k8k.md"

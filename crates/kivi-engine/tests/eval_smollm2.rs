@@ -5,7 +5,9 @@
 //! - the f16 baseline against itself: KL exactly 0, top-1 agreement 100 %;
 //! - KIVI-4 is closer to f16 than KIVI-2;
 //! - 2-bit keys per-token (the wrong axis) are worse than per-channel;
-//! - no full-precision window (R = 0) is worse than R = 128.
+//! - no full-precision window (R = 0) is worse than R = 128;
+//! - at the same 3 bits, half the layers' keys at 4 bits chosen on the fly (`k4@auto15`) beat
+//!   KIVI-2, and beat the same bits given to the first half of the layers.
 //!
 //! The model is fetched by scripts/fetch-models.sh; without it this test says `skipped`.
 
@@ -34,7 +36,8 @@ fn kivi_quality_orderings_on_smollm2() {
     // Past R = 128 by enough that the quantized part dominates what is read.
     tokens.truncate(400);
     assert_eq!(tokens.len(), 400, "fixture shorter than expected");
-    let specs = ["kivi4", "kivi2", "kivi2:kt", "kivi2:r0"];
+    let (auto, first_half) = ("kivi2:g64:sink4:k4@auto15", "kivi2:g64:sink4:k4@0-14");
+    let specs = ["kivi4", "kivi2", "kivi2:kt", "kivi2:r0", auto, first_half];
     let caches: Vec<_> = specs.iter().map(|s| parse_kv(s).unwrap()).collect();
     // The model's kernels expect to run on the rayon pool (as the CLI does).
     let results = rayon::scope(|_| eval_ppl(&m.model, &tokens, &caches, 1, |_| {})).unwrap();
@@ -70,4 +73,15 @@ fn kivi_quality_orderings_on_smollm2() {
         "per-channel {k2:?} vs per-token {kt:?}"
     );
     assert!(1.5 * k2.kl < r0.kl, "R=128 {k2:?} vs R=0 {r0:?}");
+    // Measured: KL 0.046 (chosen layers) vs 0.060 (first half) vs 0.087 (KIVI-2), all 3 bits.
+    let (chosen, fixed) = (by(auto), by(first_half));
+    assert!(
+        chosen
+            .choices
+            .as_deref()
+            .is_some_and(|c| c.starts_with("4-bit keys on layers")),
+        "{chosen:?}"
+    );
+    assert!(1.5 * chosen.kl < k2.kl, "{chosen:?} vs KIVI-2 {k2:?}");
+    assert!(chosen.kl < 0.9 * fixed.kl, "{chosen:?} vs {fixed:?}");
 }
