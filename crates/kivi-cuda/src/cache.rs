@@ -30,9 +30,13 @@ const SOURCE: &str = include_str!("cache.cu");
 const MODULE: &str = "cache";
 /// Threads of a four-warp attention CTA (one-warp CTAs: 32).
 const ATTN_THREADS: u32 = 128;
-/// One-warp CTAs are chosen when the batch has at least this many (token, KV head) pairs per
-/// SM (one split each fills the SMs' ~20 resident one-warp CTAs).
+/// One-warp CTAs: splits are sized for this many CTAs per SM (~20 resident).
 const ONE_WARP_PAIRS_PER_SM: usize = 16;
+/// One-warp CTAs are chosen for batches of at least this many (token, KV head) pairs whose
+/// sequences hold at most ONE_WARP_MAX_LEN tokens (measured on the H200: faster there, up to
+/// 1.4x; slower at B = 1 and for long GQA sequences).
+const ONE_WARP_MIN_PAIRS: usize = 64;
+const ONE_WARP_MAX_LEN: usize = 4096;
 /// Token positions per pool block (`BLOCK_TOKENS` in cache.cu). 128: a multiple of every
 /// supported group size (G divides head_dim <= 128 and is a multiple of 32), so a key group
 /// never straddles blocks; attention splits are whole blocks, whose ids a CTA keeps in shared
@@ -836,7 +840,7 @@ impl GpuCache {
             && self.tensor_cores
             && self
                 .one_warp
-                .unwrap_or(pairs >= ONE_WARP_PAIRS_PER_SM * self.sm_count && batch.max_len <= 1024);
+                .unwrap_or(pairs >= ONE_WARP_MIN_PAIRS && batch.max_len <= ONE_WARP_MAX_LEN);
         let split = if one_warp {
             self.split_tokens(batch, pairs, ONE_WARP_PAIRS_PER_SM)
         } else {
