@@ -114,6 +114,12 @@ impl KiviConfig {
                     "4-bit key layers are either listed or chosen on the fly, not both".into(),
                 );
             }
+            if self.key4_auto != 0 && shape.n_layer > 64 {
+                return bad(format!(
+                    "4-bit key layers are chosen among at most 64 layers, not {}",
+                    shape.n_layer
+                ));
+            }
             if self.key4_auto as usize > shape.n_layer {
                 return bad(format!(
                     "{} layers with 4-bit keys asked of a model with {}",

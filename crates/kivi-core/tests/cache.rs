@@ -828,6 +828,20 @@ fn per_layer_key_bits_follow_the_mask() {
     }
     assert_eq!((cache.blocks_in_use(), cache.n_sequences()), (0, 0));
     assert_eq!(cache.memory().total_bytes(), 0);
+    // Choosing among more than 64 layers (the mask's width) is refused, not wrapped.
+    let deep = CacheShape {
+        n_layer: 65,
+        ..shape
+    };
+    let auto1 = KiviConfig {
+        key4_layers: 0,
+        key4_auto: 1,
+        ..kc
+    };
+    assert!(matches!(
+        new_cache(&CacheConfig::Kivi(auto1), deep),
+        Err(Error::InvalidConfig(_))
+    ));
     // A plain KiviCache refuses a mask; so do masks beyond the model and non-2-bit keys.
     assert!(KiviCache::new(kc, shape).is_err());
     for bad in [
@@ -836,6 +850,11 @@ fn per_layer_key_bits_follow_the_mask() {
             ..kc
         },
         KiviConfig { k_bits: 4, ..kc },
+        KiviConfig {
+            key4_layers: 0,
+            key4_auto: 5,
+            ..kc
+        },
     ] {
         assert!(matches!(
             new_cache(&CacheConfig::Kivi(bad), shape),
