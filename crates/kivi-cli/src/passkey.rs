@@ -223,6 +223,10 @@ pub fn run(a: EvalPasskeyArgs) -> Result<()> {
         .expect("static template"),
     );
     let eos = tok.eos_ids().to_vec();
+    // Long runs (hours on a CPU) report each prompt when no progress bar can be drawn, and keep
+    // the JSON current, so an interrupted run keeps what it measured.
+    let log_lines = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let n_prompts = prompts.len() * configs.len();
     let mut trials = Vec::new();
     for cfg in &configs {
         let kv = format_kv(cfg);
@@ -241,6 +245,18 @@ pub fn run(a: EvalPasskeyArgs) -> Result<()> {
                 answer: text,
             });
             bar.inc(*len as u64);
+            if log_lines {
+                let t = trials.last().expect("pushed above");
+                eprintln!(
+                    "[{}/{n_prompts}] {kv} length {len} depth {:.0} %: {}",
+                    trials.len(),
+                    p.depth * 100.0,
+                    if t.correct { "found" } else { "missed" }
+                );
+            }
+            if let Some(out) = &a.out {
+                write_json(out, &trials, a.chunk, &m.name)?;
+            }
         }
     }
     bar.finish_and_clear();
@@ -288,18 +304,7 @@ pub fn run(a: EvalPasskeyArgs) -> Result<()> {
     }
 
     if let Some(out) = &a.out {
-        let json: Vec<serde_json::Value> = trials
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "kv": t.kv, "len": t.len, "depth": t.depth, "trial": t.trial, "key": t.key,
-                    "needle_at": t.needle_at, "answer": t.answer, "correct": t.correct,
-                    "chunk": a.chunk, "model": m.name,
-                })
-            })
-            .collect();
-        std::fs::write(out, serde_json::to_string_pretty(&json)?)
-            .with_context(|| format!("writing {}", out.display()))?;
+        write_json(out, &trials, a.chunk, &m.name)?;
     }
     if let Some(png) = &a.png {
         let grid: Vec<Vec<Vec<f64>>> = names
@@ -316,6 +321,22 @@ pub fn run(a: EvalPasskeyArgs) -> Result<()> {
             .with_context(|| format!("writing {}", png.display()))?;
     }
     Ok(())
+}
+
+/// Every trial so far, one object each.
+fn write_json(out: &std::path::Path, trials: &[Trial], chunk: usize, model: &str) -> Result<()> {
+    let json: Vec<serde_json::Value> = trials
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "kv": t.kv, "len": t.len, "depth": t.depth, "trial": t.trial, "key": t.key,
+                "needle_at": t.needle_at, "answer": t.answer, "correct": t.correct,
+                "chunk": chunk, "model": model,
+            })
+        })
+        .collect();
+    std::fs::write(out, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", out.display()))
 }
 
 /// One panel per cache: rows are lengths (top: shortest), columns depths; cells coloured red (0 %)
