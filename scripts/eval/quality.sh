@@ -78,7 +78,7 @@ QWEN=${KIVI_CACHE:-$HOME/.cache/kivi}/models/qwen2.5-coder-1.5b-instruct-q4_k_m.
 scripts/eval/pareto.py "$OUT/ppl-smollm2-8k.json" "$OUT/ppl-smollm2-8k-layers.json" "$OUT/pareto-smollm2-8k.svg"
 scripts/eval/pareto.py "$OUT/ppl-qwen-8k.json" "$OUT/pareto-qwen-8k.svg"
 
-# 7. Passkey at 4K and 8K tokens, 2 trials per cell; Qwen2.5-Coder-1.5B at 1K-4K, 2 trials.
+# 8. Passkey at 4K and 8K tokens, 2 trials per cell; Qwen2.5-Coder-1.5B at 1K-4K, 1 trial.
 "$KIVI" eval passkey --model "$QWEN" --caches k4v2:g64:sink4,kivi2 --lengths 1k,2k,4k \
   --depths 0,25,50,75,100 --trials 1 --out "$OUT/passkey-qwen.json" --png "$OUT/passkey-qwen.png" \
   | tee "$OUT/passkey-qwen.md"
