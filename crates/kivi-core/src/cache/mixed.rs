@@ -24,6 +24,7 @@ pub const MEASURE_TOKENS: usize = 128;
 
 pub struct MixedLayerCache {
     config: CacheConfig,
+    kc: KiviConfig,
     shape: CacheShape,
     /// Layers routed to `high` (final once `pending` is None).
     mask: u64,
@@ -77,6 +78,7 @@ impl MixedLayerCache {
         };
         Ok(MixedLayerCache {
             config: CacheConfig::Kivi(kc),
+            kc,
             shape,
             mask: kc.key4_layers,
             low: KiviCache::new(low, shape)?,
@@ -103,13 +105,6 @@ impl MixedLayerCache {
         }
     }
 
-    fn sinks(&self) -> usize {
-        match self.config {
-            CacheConfig::Kivi(kc) => kc.sink_tokens,
-            CacheConfig::F16 => 0,
-        }
-    }
-
     /// Keeps the measured sequence's queries of `layer` (up to the tokens scored).
     fn record_queries(&self, layer: usize, n_head: usize, seq: SeqId, q: &[f32]) {
         let Some(m) = &self.pending else { return };
@@ -117,7 +112,7 @@ impl MixedLayerCache {
             return;
         }
         let row = n_head * self.shape.head_dim;
-        let cap = (self.sinks() + MEASURE_TOKENS) * row;
+        let cap = (self.kc.sink_tokens + MEASURE_TOKENS) * row;
         let mut qs = m.q.lock().unwrap_or_else(|e| e.into_inner());
         qs.n_head = n_head;
         let buf = &mut qs.per_layer[layer];
@@ -128,12 +123,8 @@ impl MixedLayerCache {
     /// Keeps the measured sequence's keys of `layer`; scores the layer once it has enough
     /// tokens, and chooses when every layer has a score.
     fn record_keys(&mut self, layer: usize, seq: SeqId, k: &[f32]) {
-        let sinks = self.sinks();
+        let (sinks, group) = (self.kc.sink_tokens, self.kc.group_size);
         let (d, hkv) = (self.shape.head_dim, self.shape.n_kv_head);
-        let group = match self.config {
-            CacheConfig::Kivi(kc) => kc.group_size,
-            CacheConfig::F16 => 32,
-        };
         let Some(m) = &mut self.pending else { return };
         if m.seq != Some(seq) || m.score[layer].is_some() {
             return;
@@ -342,10 +333,7 @@ impl KvCache for MixedLayerCache {
         self.low.n_sequences()
     }
     fn runtime_choices(&self) -> Option<String> {
-        let CacheConfig::Kivi(kc) = self.config else {
-            return None;
-        };
-        if kc.key4_auto == 0 {
+        if self.kc.key4_auto == 0 {
             return None;
         }
         Some(match self.key4_layers() {

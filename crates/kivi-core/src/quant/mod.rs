@@ -178,6 +178,30 @@ pub fn check_input(what: &'static str, x: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// `k - Q(k)` of keys `[tokens][dim]` quantized to `bits` per channel in groups of `group`
+/// consecutive tokens, over the whole groups only: `[used][dim]`, `used` a multiple of `group`.
+fn key_residuals(k: &[f32], dim: usize, group: usize, bits: u8) -> Vec<f64> {
+    let n = k.len().checked_div(dim).unwrap_or(0);
+    let used = n - n % group.max(1);
+    if group == 0 {
+        return Vec::new();
+    }
+    let mut dk = vec![0f64; used * dim];
+    let (mut col, mut codes) = (vec![0f32; group], vec![0u32; group]);
+    for c in 0..dim {
+        for g0 in (0..used).step_by(group) {
+            for (i, x) in col.iter_mut().enumerate() {
+                *x = k[(g0 + i) * dim + c];
+            }
+            let p = quantize_group(&col, bits, &mut codes);
+            for i in 0..group {
+                dk[(g0 + i) * dim + c] = col[i] as f64 - dequantize_value(codes[i], p) as f64;
+            }
+        }
+    }
+    dk
+}
+
 /// RMS error of the attention logits q_i·k_j / sqrt(d) when the keys of one KV head (`k`:
 /// `[tokens][head_dim]`) are quantized to `bits` per channel in groups of `group` tokens, over
 /// every `stride`-th query of the head's query heads (`q`: `[tokens][n_rep][head_dim]`) and the
@@ -196,25 +220,13 @@ pub fn logit_error_rms(
     stride: usize,
 ) -> f64 {
     let d = head_dim;
-    let n = k.len() / d;
-    if n <= skip || group == 0 {
+    let n = k.len().checked_div(d).unwrap_or(0);
+    if n <= skip {
         return 0.0;
     }
-    let used = (n - skip) - (n - skip) % group;
-    // Dk[t][c] = k - Q(k) for tokens skip..skip + used.
-    let mut dk = vec![0f64; used * d];
-    let (mut col, mut codes) = (vec![0f32; group], vec![0u32; group]);
-    for c in 0..d {
-        for g0 in (0..used).step_by(group) {
-            for (i, x) in col.iter_mut().enumerate() {
-                *x = k[(skip + g0 + i) * d + c];
-            }
-            let p = quantize_group(&col, bits, &mut codes);
-            for i in 0..group {
-                dk[(g0 + i) * d + c] = col[i] as f64 - dequantize_value(codes[i], p) as f64;
-            }
-        }
-    }
+    // dk[t] for tokens skip..skip + used.
+    let dk = key_residuals(&k[skip * d..], d, group, bits);
+    let used = dk.len() / d;
     let (mut sum, mut count) = (0.0f64, 0u64);
     for i in (skip..n).step_by(stride.max(1)) {
         let visible = (i - skip).min(used);
@@ -239,26 +251,18 @@ pub fn logit_error_rms(
 /// error of a score q·k relative to the spread of scores over tokens scales with it, so a layer
 /// with a large value gains most from more key bits. 0 when fewer than `group` tokens.
 pub fn key_quant_error(keys: &[f32], dim: usize, group: usize, bits: u8) -> f64 {
-    let n = keys.len().checked_div(dim).unwrap_or(0);
-    let used = n - n % group.max(1);
-    if used == 0 || group == 0 {
+    let dk = key_residuals(keys, dim, group, bits);
+    let used = dk.len().checked_div(dim).unwrap_or(0);
+    if used == 0 {
         return 0.0;
     }
-    let (mut err, mut spread) = (0.0f64, 0.0f64);
-    let mut col = vec![0f32; group];
-    let mut codes = vec![0u32; group];
+    let err: f64 = dk.iter().map(|e| e * e).sum();
+    let mut spread = 0.0f64;
     for c in 0..dim {
         let mean = (0..used).map(|t| keys[t * dim + c] as f64).sum::<f64>() / used as f64;
-        for g0 in (0..used).step_by(group) {
-            for (i, x) in col.iter_mut().enumerate() {
-                *x = keys[(g0 + i) * dim + c];
-            }
-            let p = quantize_group(&col, bits, &mut codes);
-            for (&x, &code) in col.iter().zip(&codes) {
-                err += (x as f64 - dequantize_value(code, p) as f64).powi(2);
-                spread += (x as f64 - mean).powi(2);
-            }
-        }
+        spread += (0..used)
+            .map(|t| (keys[t * dim + c] as f64 - mean).powi(2))
+            .sum::<f64>();
     }
     if spread == 0.0 {
         0.0
