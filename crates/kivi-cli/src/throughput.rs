@@ -91,6 +91,10 @@ pub struct BenchThroughputArgs {
     /// Seed of the workload (lengths and token ids).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// --device cuda: time every op of the forward pass on the GPU (CUDA events; adds a little
+    /// host work per op) and print, after each point, the GPU time per pass by op.
+    #[arg(long)]
+    pub profile: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -463,6 +467,9 @@ fn run_cuda(
     };
     let (model, _, _, name) = crate::device::load_cuda(gpu.clone(), &dev, a.model.clone())?;
     gpu.trim_pool()?;
+    if a.profile {
+        model.backend.profiler().set_enabled(true);
+    }
     let cfg = model.config.clone();
     let weights = model.weight_bytes() as u64;
     let (used_base, device_total) = gpu.memory_info()?;
@@ -516,6 +523,7 @@ fn run_cuda(
         // each takes its slot's f16 windows and the pool blocks of its tokens.
         let cost = GpuCost::probe(&model, cache)?;
         gpu.trim_pool()?;
+        model.backend.profiler().take(); // not the probe's passes
         let max_fit = (1..=reqs.len())
             .take_while(|&b| cost.bytes(&reqs[..b]) <= kv_budget)
             .last()
@@ -542,6 +550,10 @@ fn run_cuda(
                     points.push(pt);
                 }
                 Err(e) => println!("| {} | {b} | failed: {e:#} |", format_kv(cache)),
+            }
+            let profile = model.backend.profiler().take();
+            if a.profile {
+                eprintln!("GPU time by op, {} B = {b}:\n{}", format_kv(cache), profile.table());
             }
             gpu.trim_pool()?;
         }

@@ -131,6 +131,12 @@ struct Item {
     int slot, n_old, n_new, tok_off;
 };
 
+// Query / new token i of an item (packed token index tok_off + i): attends positions
+// [0, n_old + i]; the item brings n_new tokens.
+struct Tok {
+    int slot, n_old, i, tok_off, n_new;
+};
+
 __device__ __forceinline__ int key_quant_end(const CacheBufs& c, int n) {
     return c.resid > 0 ? n - n % c.resid : n;
 }
@@ -138,17 +144,25 @@ __device__ __forceinline__ int val_quant_end(const CacheBufs& c, int n) {
     return c.resid > 0 ? max(n - c.resid, 0) : n;
 }
 
-// One thread per (item, KV head, key group, channel): (re)quantizes the key groups that this
+// (item, key group) and (item, position) records of the groups / value tokens an append
+// quantizes: flat lists built by the host, so a step mixing one long prompt with many decode
+// tokens launches one CTA per real unit of work (not the longest item's count per item).
+struct Rec {
+    int item, at;
+};
+
+// One thread per (key group record, KV head, channel): (re)quantizes a key group that this
 // append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
-// with its current statistics). grid = (groups, Hkv, items), block = D.
-extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const float* knew) {
-    const Item it = items[blockIdx.z];
+// with its current statistics). grid = (records, Hkv), block = D.
+extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const Rec* groups,
+                                              const float* knew) {
+    const Rec r = groups[blockIdx.x];
+    const Item it = items[r.item];
     const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim, G = c.group;
     const int n0 = it.n_old, n1 = it.n_old + it.n_new;
-    const int q0 = key_quant_end(c, n0), q1 = key_quant_end(c, n1);
-    const int g = q0 / G + blockIdx.x;
-    const int gend = (q1 + G - 1) / G;
-    if (g >= gend || d >= D) return;
+    const int q1 = key_quant_end(c, n1);
+    const int g = r.at;
+    if (d >= D) return;
     const int p0 = g * G, cnt = min(G, q1 - p0);
     const u64 kwin = (u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head;
     float mn = __int_as_float(0x7f800000), mx = -mn;
@@ -183,17 +197,17 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
     c.km[m] = gp.min;
 }
 
-// One thread per (item, token to quantize, KV head, value group). grid = (tokens, items),
+// One thread per (value token record, KV head, value group). grid = records,
 // block = Hkv * D/G.
-extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const float* vnew) {
-    const Item it = items[blockIdx.y];
+extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
+                                                const float* vnew) {
+    const Rec r = toks[blockIdx.x];
+    const Item it = items[r.item];
     const int D = c.head_dim, G = c.group, gpt = D / G;
     const int h = threadIdx.x / gpt, gi = threadIdx.x % gpt;
     if (h >= c.n_kv) return;
-    const int n0 = it.n_old, n1 = it.n_old + it.n_new;
-    const int q0 = val_quant_end(c, n0), q1 = val_quant_end(c, n1);
-    const int p = q0 + blockIdx.x;
-    if (p >= q1) return;
+    const int n0 = it.n_old;
+    const int p = r.at;
     const u64 vwin = (u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
     const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D;
     float mn = __int_as_float(0x7f800000), mx = -mn;
@@ -223,16 +237,16 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
 }
 
 // Writes the new tokens that stay in full precision into the windows (after the quantize
-// kernels, which read the old window slots). grid = (n_new max, Hkv, items), block = D.
-extern "C" __global__ void kivi_write_window(CacheBufs c, const Item* items, const float* knew,
+// kernels, which read the old window slots). grid = (tokens, Hkv), block = D.
+extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const float* knew,
                                              const float* vnew) {
-    const Item it = items[blockIdx.z];
-    const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x, D = c.head_dim;
-    if (t >= it.n_new || d >= D) return;
-    const int n0 = it.n_old, n1 = n0 + it.n_new, p = n0 + t;
-    const u64 src = ((u64)(it.tok_off + t) * c.n_kv + h) * D + d;
+    const Tok tk = toks[blockIdx.x];
+    const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim;
+    if (d >= D) return;
+    const int n0 = tk.n_old, n1 = n0 + tk.n_new, p = n0 + tk.i;
+    const u64 src = ((u64)blockIdx.x * c.n_kv + h) * D + d;
     if (c.is_f16) {
-        const u64 row = block_of(c, it.slot, p) * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % BLOCK_TOKENS) * D + d;
+        const u64 row = block_of(c, tk.slot, p) * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % BLOCK_TOKENS) * D + d;
         c.kwin[row] = f2h(knew[src]);
         c.vwin[row] = f2h(vnew[src]);
         return;
@@ -246,9 +260,9 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Item* items, con
         vstart = n1 + 1;             // no value window
     }
     if (p >= kstart)
-        c.kwin[(u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d] = f2h(knew[src]);
+        c.kwin[(u64)tk.slot * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d] = f2h(knew[src]);
     if (p >= vstart)
-        c.vwin[(u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(p % c.resid) * D + d] = f2h(vnew[src]);
+        c.vwin[(u64)tk.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(p % c.resid) * D + d] = f2h(vnew[src]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,9 +271,6 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Item* items, con
 // heads sharing it. Scores of the split stay in shared memory; the CTA writes its unnormalised
 // output, max and sum, and kivi_attn_reduce combines the splits.
 
-struct Tok {
-    int slot, n_old, i, tok_off;  // query token i of an item: attends positions [0, n_old + i]
-};
 
 struct AttnParams {
     CacheBufs c;
@@ -273,6 +284,9 @@ struct AttnParams {
     float scale_log2;   // log2(e) / sqrt(D)
     int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
     int tc_multiple;    // ... in multiples of this many blocks (the rest: CUDA cores)
+    // 1: tokens of items with several new tokens attend only the stored positions [0, n_old)
+    // here; kivi_attn_prefill adds the new ones as split nsplit - 1.
+    int prefill;
 };
 
 // Code j of word w as f = 1 + c / 2^b (mantissa bits 21..22 at 2 bits, 19..22 at 4 bits), so
@@ -570,7 +584,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     const int h0 = kvh * n_rep + (blockIdx.y % nchunk) * NG;
     const int tok = blockIdx.z;
     const Tok tk = P.toks[tok];
-    const int n = tk.n_old, L = n + tk.i + 1;
+    const int n = tk.n_old, L = (P.prefill && tk.n_new > 1) ? n : n + tk.i + 1;
     const int s0 = split * P.split_len;
     const int s1 = min(s0 + P.split_len, L);
 
@@ -1012,16 +1026,129 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 ATTN_BITS(64)
 ATTN_BITS(128)
 
-// Combines the splits of one (token, query head). grid = (H, T), block = D.
+// ---------------------------------------------------------------------------------------------
+// Prefill attention: the causal attention among an item's new tokens (positions
+// [n_old, n_old + n_new)), read once per tile from the f32 new keys/values instead of once per
+// query token. One CTA = PF_ROWS query tokens of one item x one query head; 4 warps of
+// PF_ROWS / 4 rows share key tiles of PF_KEYS tokens in shared memory. It writes the partial
+// (unnormalised output, max, sum) of split P.nsplit - 1; kivi_attn_reduce combines it with the
+// decode kernel's splits over the stored positions [0, n_old).
+#define PF_ROWS 16
+#define PF_KEYS 32
+#define PF_THREADS 128
+template <int D>
+__device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* tiles) {
+    constexpr int CPL = D / 32, RPW = PF_ROWS / (PF_THREADS / 32);
+    const CacheBufs& c = P.c;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t0 = tiles[blockIdx.x];  // packed index of the tile's first query token
+    const int h = blockIdx.y, kvh = h / (P.n_head / c.n_kv);
+    const Tok tk = P.toks[t0];
+    const int q0 = tk.i, nq = min(PF_ROWS, tk.n_new - q0), kend = q0 + nq;
+    __shared__ float sk[PF_KEYS][D + 1];  // padded: lane j reads key row j without conflicts
+    __shared__ float sv[PF_KEYS][D];
+    __shared__ float sq[PF_ROWS][D];
+    for (int x = threadIdx.x; x < PF_ROWS * D; x += PF_THREADS) {
+        const int row = x / D, d = x % D;
+        sq[row][d] = row < nq ? P.q[((u64)(t0 + row) * P.n_head + h) * D + d] * P.scale_log2 : 0.0f;
+    }
+    const u64 stride = (u64)c.n_kv * D;
+    const float* kb = P.knew + (u64)(tk.tok_off) * stride + (u64)kvh * D;
+    const float* vb = P.vnew + (u64)(tk.tok_off) * stride + (u64)kvh * D;
+    float m[RPW], l[RPW], acc[RPW][CPL];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int x = 0; x < CPL; x++) acc[r][x] = 0.0f;
+    }
+    for (int k0 = 0; k0 < kend; k0 += PF_KEYS) {
+        __syncthreads();
+        for (int x = threadIdx.x; x < PF_KEYS * D; x += PF_THREADS) {
+            const int j = x / D, d = x % D;
+            const bool ok = k0 + j < kend;
+            sk[j][d] = ok ? kb[(u64)(k0 + j) * stride + d] : 0.0f;
+            sv[j][d] = ok ? vb[(u64)(k0 + j) * stride + d] : 0.0f;
+        }
+        __syncthreads();
+        // Lane j scores key k0 + j against the warp's rows.
+        float s[RPW];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) s[r] = 0.0f;
+#pragma unroll 8
+        for (int d = 0; d < D; d++) {
+            const float kd = sk[lane][d];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) s[r] += sq[warp * RPW + r][d] * kd;
+        }
+        float p[RPW];
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            const int row = warp * RPW + r, key = k0 + lane;
+            const float sr = (row < nq && key <= q0 + row) ? s[r] : NEG_INF;
+            const float mn = fmaxf(m[r], warp_max(sr));
+            if (mn == NEG_INF) {  // a padding row
+                p[r] = 0.0f;
+                continue;
+            }
+            p[r] = exp2f(sr - mn);
+            const float corr = exp2f(m[r] - mn);
+            l[r] = l[r] * corr + warp_sum(p[r]);
+            m[r] = mn;
+#pragma unroll
+            for (int x = 0; x < CPL; x++) acc[r][x] *= corr;
+        }
+        // Lane owns dimensions lane + 32 x.
+#pragma unroll 4
+        for (int j = 0; j < PF_KEYS; j++) {
+            float vj[CPL];
+#pragma unroll
+            for (int x = 0; x < CPL; x++) vj[x] = sv[j][lane + 32 * x];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const float pj = __shfl_sync(0xffffffffu, p[r], j);
+#pragma unroll
+                for (int x = 0; x < CPL; x++) acc[r][x] += pj * vj[x];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        const int row = warp * RPW + r;
+        if (row >= nq) continue;
+        const u64 part = ((u64)(t0 + row) * P.n_head + h) * P.nsplit + (P.nsplit - 1);
+#pragma unroll
+        for (int x = 0; x < CPL; x++) P.part_o[part * D + lane + 32 * x] = acc[r][x];
+        if (lane == 0) {
+            P.part_ml[part * 2] = m[r];
+            P.part_ml[part * 2 + 1] = l[r];
+        }
+    }
+}
+#define ATTN_PREFILL(D)                                                                \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS)                           \
+        kivi_attn_prefill_d##D(AttnParams p, const int* tiles) {                       \
+        attn_prefill<D>(p, tiles);                                                     \
+    }
+ATTN_PREFILL(64)
+ATTN_PREFILL(128)
+
+// Combines the splits of one (token, query head). With prefill_slot >= 0, that split holds the
+// prefill kernel's part, written only for tokens of items with several new tokens.
+// grid = (H, T), block = D.
 extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* part_ml, float* out,
-                                            int n_head, int nsplit, int head_dim) {
+                                            int n_head, int nsplit, int head_dim, const Tok* toks,
+                                            int prefill_slot) {
     const int h = blockIdx.x, tok = blockIdx.y, d = threadIdx.x;
     if (d >= head_dim) return;
+    // Splits to read: all, less the prefill slot for a token that the prefill kernel skipped.
+    const int nread = (prefill_slot >= 0 && toks[tok].n_new <= 1) ? prefill_slot : nsplit;
     const u64 base = ((u64)tok * n_head + h) * nsplit;
     float mx = NEG_INF;
-    for (int s = 0; s < nsplit; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+    for (int s = 0; s < nread; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);
     float num = 0.0f, den = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
+    for (int s = 0; s < nread; s++) {
         const float m = part_ml[(base + s) * 2];
         if (m == NEG_INF) continue;
         const float e = exp2f(m - mx);

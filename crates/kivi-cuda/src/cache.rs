@@ -47,6 +47,8 @@ pub const BLOCK_TOKENS: usize = 128;
 /// Longest split: the split's scores live in shared memory (`NG * split * 4` bytes); a
 /// multiple of [`BLOCK_TOKENS`] (`MAX_SPLIT` in cache.cu).
 const MAX_SPLIT: usize = 2048;
+/// Query tokens per CTA of the prefill attention kernel (`PF_ROWS` in cache.cu).
+const PREFILL_ROWS: usize = 16;
 /// Initial block-table width (blocks per sequence); it doubles when a sequence needs more.
 const TABLE_WIDTH: usize = 32;
 
@@ -105,6 +107,7 @@ struct AttnParams {
     scale_log2: f32,
     tensor_cores: i32,
     tc_multiple: i32,
+    prefill: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
@@ -214,15 +217,26 @@ pub struct GpuBatch {
     items: Vec<[i32; 4]>,
     dev_items: CudaSlice<i32>,
     dev_toks: CudaSlice<i32>,
+    /// KIVI: `(item, key group)` of every key group the step's append (re)quantizes, and
+    /// `(item, position)` of every value token it quantizes (flat lists: one CTA each, however
+    /// unequal the items' token counts).
+    dev_key_groups: CudaSlice<i32>,
+    n_key_groups: usize,
+    dev_value_tokens: CudaSlice<i32>,
+    n_value_tokens: usize,
+    /// Packed index of the first query token of every prefill tile (`PF_ROWS` new tokens of an
+    /// item with several new tokens), for `kivi_attn_prefill`.
+    dev_prefill_tiles: CudaSlice<i32>,
+    n_prefill_tiles: usize,
     /// Packed new tokens of all items.
     pub n_tokens: usize,
-    max_new: usize,
     /// Longest attended length (n_old + n_new) of any item.
     pub max_len: usize,
 }
 
 impl GpuBatch {
-    /// Per-token `(slot, n_old, i, offset)` records on the device (RoPE reads positions here).
+    /// Per-token `(slot, n_old, i, offset, n_new)` records on the device (RoPE reads positions
+    /// here).
     pub(crate) fn dev_toks(&self) -> &CudaSlice<i32> {
         &self.dev_toks
     }
@@ -265,6 +279,9 @@ pub struct GpuCache {
     /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
     /// (see `attend`); `KIVI_CUDA_WARPS=1` or `=4` forces.
     one_warp: Option<bool>,
+    /// The attention among a multi-token item's new tokens through the tiled prefill kernel
+    /// (else the decode kernel per query token; `KIVI_CUDA_PREFILL=0`, for comparison).
+    prefill_kernel: bool,
 }
 
 fn unsupported(m: String) -> Error {
@@ -434,6 +451,7 @@ impl GpuCache {
                 Ok("4") => Some(false),
                 _ => None,
             },
+            prefill_kernel: std::env::var_os("KIVI_CUDA_PREFILL").is_none_or(|v| v != "0"),
         })
     }
 
@@ -474,6 +492,12 @@ impl GpuCache {
     /// batch has enough (token, KV head) pairs to fill the GPU with one split each.
     pub fn set_one_warp(&mut self, one_warp: Option<bool>) {
         self.one_warp = one_warp;
+    }
+
+    /// Selects how a multi-token item's queries attend its new tokens: the tiled prefill kernel
+    /// (the default) or the decode kernel per query token (also `KIVI_CUDA_PREFILL=0`).
+    pub fn set_prefill_kernel(&mut self, on: bool) {
+        self.prefill_kernel = on;
     }
 
     /// Takes a free slot for a new, empty sequence.
@@ -607,7 +631,9 @@ impl GpuCache {
     pub fn batch(&mut self, items: &[(usize, usize)]) -> Result<GpuBatch> {
         let mut host_items = Vec::with_capacity(items.len());
         let mut toks = Vec::new();
-        let (mut off, mut max_new, mut max_len) = (0usize, 0usize, 0usize);
+        let (mut key_groups, mut value_tokens) = (Vec::new(), Vec::new());
+        let mut prefill_tiles = Vec::new();
+        let (mut off, mut max_len) = (0usize, 0usize);
         let mut seen = vec![false; self.lens.len()];
         let mut needed = 0usize;
         for &(slot, n_new) in items {
@@ -624,12 +650,32 @@ impl GpuCache {
                 )));
             }
             needed += self.blocks_needed(slot, n_new)?;
+            let item = host_items.len() as i32;
             host_items.push([slot as i32, n_old as i32, n_new as i32, off as i32]);
             for i in 0..n_new {
-                toks.extend_from_slice(&[slot as i32, n_old as i32, i as i32, off as i32]);
+                toks.extend_from_slice(&[
+                    slot as i32,
+                    n_old as i32,
+                    i as i32,
+                    off as i32,
+                    n_new as i32,
+                ]);
+            }
+            if n_new > 1 {
+                prefill_tiles.extend((0..n_new).step_by(PREFILL_ROWS).map(|i| (off + i) as i32));
+            }
+            if let CacheConfig::Kivi(kc) = self.config {
+                let (k0, v0) = quantized_ends(&self.config, n_old);
+                let (k1, v1) = quantized_ends(&self.config, n_old + n_new);
+                let g = kc.group_size;
+                for group in k0 / g..k1.div_ceil(g) {
+                    key_groups.extend_from_slice(&[item, group as i32]);
+                }
+                for p in v0..v1 {
+                    value_tokens.extend_from_slice(&[item, p as i32]);
+                }
             }
             off += n_new;
-            max_new = max_new.max(n_new);
             max_len = max_len.max(n_old + n_new);
         }
         if needed > self.free.len() {
@@ -645,12 +691,22 @@ impl GpuCache {
         let s = self.gpu.stream();
         let dev_items = s.clone_htod(&pad(host_items.concat()))?;
         let dev_toks = s.clone_htod(&pad(toks))?;
+        let (n_key_groups, n_value_tokens) = (key_groups.len() / 2, value_tokens.len() / 2);
+        let dev_key_groups = s.clone_htod(&pad(key_groups))?;
+        let dev_value_tokens = s.clone_htod(&pad(value_tokens))?;
+        let n_prefill_tiles = prefill_tiles.len();
+        let dev_prefill_tiles = s.clone_htod(&pad(prefill_tiles))?;
         Ok(GpuBatch {
             items: host_items,
             dev_items,
             dev_toks,
+            dev_key_groups,
+            n_key_groups,
+            dev_value_tokens,
+            n_value_tokens,
+            dev_prefill_tiles,
+            n_prefill_tiles,
             n_tokens: off,
-            max_new,
             max_len,
         })
     }
@@ -846,7 +902,10 @@ impl GpuCache {
         } else {
             self.split_tokens(batch, pairs, 8)
         };
-        let nsplit = batch.max_len.div_ceil(split);
+        // The prefill kernel's partials take one more split slot, the last.
+        let prefill = self.prefill_kernel && batch.n_prefill_tiles > 0;
+        let decode_splits = batch.max_len.div_ceil(split);
+        let nsplit = decode_splits + usize::from(prefill);
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -878,10 +937,11 @@ impl GpuCache {
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores),
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
+            prefill: i32::from(prefill),
         };
         let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {
-            grid_dim: (nsplit as u32, (hkv * nchunk) as u32, t as u32),
+            grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -889,6 +949,22 @@ impl GpuCache {
         // only positions below each token's attended length: window slots, or blocks of the
         // slot's table row (`batch` gave it blocks for every stored position).
         unsafe { s.launch_builder(&f).arg(&params).launch(cfg)? };
+        if prefill {
+            let f = self.function(&format!("kivi_attn_prefill_d{d}"))?;
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_prefill_tiles as u32, n_head as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above; each tile's tokens and keys are new tokens of one item (rows
+            // of q / k_new / v_new), its partials the last split of those tokens.
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(&params)
+                    .arg(&batch.dev_prefill_tiles)
+                    .launch(cfg)?
+            };
+        }
         let r = self.function("kivi_attn_reduce")?;
         let cfg = LaunchConfig {
             grid_dim: (n_head as u32, t as u32, 1),
@@ -896,6 +972,7 @@ impl GpuCache {
             shared_mem_bytes: 0,
         };
         let (nh, ns, hd) = (n_head as i32, nsplit as i32, d as i32);
+        let prefill_slot = if prefill { nsplit as i32 - 1 } else { -1 };
         // SAFETY: part buffers hold t * n_head * nsplit entries, out t * n_head * d.
         unsafe {
             s.launch_builder(&r)
@@ -905,6 +982,8 @@ impl GpuCache {
                 .arg(&nh)
                 .arg(&ns)
                 .arg(&hd)
+                .arg(&batch.dev_toks)
+                .arg(&prefill_slot)
                 .launch(cfg)?
         };
         Ok(())
@@ -929,63 +1008,48 @@ impl GpuCache {
         }
         let s = self.gpu.stream().clone();
         let c = self.bufs(layer);
-        let n_items = batch.items.len() as u32;
-        if let CacheConfig::Kivi(kc) = self.config {
-            let (g, r) = (kc.group_size, kc.residual_len);
-            // Most groups / tokens any item quantizes in this append.
-            let (mut groups, mut vtoks) = (0usize, 0usize);
-            for it in &batch.items {
-                let (n0, n1) = (it[1] as usize, (it[1] + it[2]) as usize);
-                let (q0, q1) = if r > 0 {
-                    (n0 - n0 % r, n1 - n1 % r)
-                } else {
-                    (n0, n1)
-                };
-                groups = groups.max(q1.div_ceil(g).saturating_sub(q0 / g));
-                let (v0, v1) = if r > 0 {
-                    (n0.saturating_sub(r), n1.saturating_sub(r))
-                } else {
-                    (n0, n1)
-                };
-                vtoks = vtoks.max(v1 - v0);
-            }
-            if groups > 0 {
-                let f = self.function("kivi_quantize_keys")?;
-                let cfg = LaunchConfig {
-                    grid_dim: (groups as u32, hkv as u32, n_items),
-                    block_dim: (d as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: every position written is below n_old + n_new, whose blocks `batch`
-                // took and entered in the device block table.
-                unsafe {
-                    s.launch_builder(&f)
-                        .arg(&c)
-                        .arg(&batch.dev_items)
-                        .arg(k_new)
-                        .launch(cfg)?
-                };
-            }
-            if vtoks > 0 {
-                let f = self.function("kivi_quantize_values")?;
-                let cfg = LaunchConfig {
-                    grid_dim: (vtoks as u32, n_items, 1),
-                    block_dim: ((hkv * (d / g)) as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: as above.
-                unsafe {
-                    s.launch_builder(&f)
-                        .arg(&c)
-                        .arg(&batch.dev_items)
-                        .arg(v_new)
-                        .launch(cfg)?
-                };
-            }
+        if batch.n_key_groups > 0 {
+            let f = self.function("kivi_quantize_keys")?;
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_key_groups as u32, hkv as u32, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: every position written is below n_old + n_new, whose blocks `batch`
+            // took and entered in the device block table; the records index its items.
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(&c)
+                    .arg(&batch.dev_items)
+                    .arg(&batch.dev_key_groups)
+                    .arg(k_new)
+                    .launch(cfg)?
+            };
+        }
+        if batch.n_value_tokens > 0 {
+            let g = match self.config {
+                CacheConfig::Kivi(kc) => kc.group_size,
+                CacheConfig::F16 => unreachable!("the f16 cache quantizes nothing"),
+            };
+            let f = self.function("kivi_quantize_values")?;
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_value_tokens as u32, 1, 1),
+                block_dim: ((hkv * (d / g)) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above.
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(&c)
+                    .arg(&batch.dev_items)
+                    .arg(&batch.dev_value_tokens)
+                    .arg(v_new)
+                    .launch(cfg)?
+            };
         }
         let f = self.function("kivi_write_window")?;
         let cfg = LaunchConfig {
-            grid_dim: (batch.max_new as u32, hkv as u32, n_items),
+            grid_dim: (t as u32, hkv as u32, 1),
             block_dim: (d as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -993,7 +1057,7 @@ impl GpuCache {
         unsafe {
             s.launch_builder(&f)
                 .arg(&c)
-                .arg(&batch.dev_items)
+                .arg(&batch.dev_toks)
                 .arg(k_new)
                 .arg(v_new)
                 .launch(cfg)?

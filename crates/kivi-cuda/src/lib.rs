@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod model;
+pub mod profile;
 pub mod runner;
 
 use std::collections::HashMap;

@@ -32,10 +32,11 @@ extern "C" __global__ void embed_f16(const u16* __restrict__ table,
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[row * hidden + c] = h2f(src[c]);
 }
 
-// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w. grid: rows; block: ROW_THREADS.
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, and (out16 != null) its f16 copy for the next
+// GEMMs. grid: rows; block: ROW_THREADS.
 extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-rmsnorm(float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
-        int h, float eps) {
+rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restrict__ x,
+        const float* __restrict__ w, int h, float eps) {
     __shared__ float partial[ROW_THREADS / 32];
     const float* xr = x + (long long)blockIdx.x * h;
     float* o = out + (long long)blockIdx.x * h;
@@ -47,7 +48,11 @@ rmsnorm(float* __restrict__ out, const float* __restrict__ x, const float* __res
     float total = 0.f;
     for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += partial[i];
     const float inv = 1.0f / sqrtf(total / (float)h + eps);
-    for (int c = threadIdx.x; c < h; c += blockDim.x) o[c] = xr[c] * inv * w[c];
+    for (int c = threadIdx.x; c < h; c += blockDim.x) {
+        const float y = xr[c] * inv * w[c];
+        o[c] = y;
+        if (out16) out16[(long long)blockIdx.x * h + c] = f2h(y);
+    }
 }
 
 // y = (f16) x, n elements. GEMM inputs.
@@ -73,25 +78,27 @@ extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __res
         x[i] += y[i];
 }
 
-// gate = silu(gate) * up, n elements.
-extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up,
-                                  long long n) {
+// gate = silu(gate) * up, n elements, and its f16 copy for the next GEMM.
+extern "C" __global__ void swiglu(float* __restrict__ gate, u16* __restrict__ gate16,
+                                  const float* __restrict__ up, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
+        const float y = g / (1.0f + expf(-g)) * up[i];
+        gate[i] = y;
+        gate16[i] = f2h(y);
     }
 }
 
-// RoPE on x [rows][heads][d]; row t's position = toks[4t+1] + toks[4t+2] (the cache batch's
-// per-token (slot, n_old, i, off) records). neox: pairs (i, i+d/2), else (2i, 2i+1).
+// RoPE on x [rows][heads][d]; row t's position = toks[5t+1] + toks[5t+2] (the cache batch's
+// per-token (slot, n_old, i, off, n_new) records). neox: pairs (i, i+d/2), else (2i, 2i+1).
 // grid: (rows, heads); block: d/2.
 extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ toks,
                                 const float* __restrict__ inv_freq, int heads, int d, int neox) {
     const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
     const int half = d / 2;
     if (i >= half) return;
-    const float p = (float)(toks[4 * t + 1] + toks[4 * t + 2]);
+    const float p = (float)(toks[5 * t + 1] + toks[5 * t + 2]);
     float s, c;
     sincosf(p * inv_freq[i], &s, &c);
     float* head = x + ((long long)t * heads + h) * d;

@@ -26,6 +26,7 @@ use kivi_model::tensor::{DType, RawTensor};
 use kivi_model::ModelError;
 
 use crate::cache::{GpuBatch, GpuCache};
+use crate::profile::{Profiler, StepKind};
 use crate::{Error, Gpu};
 
 const SOURCE: &str = include_str!("model.cu");
@@ -42,15 +43,37 @@ pub struct GpuMatrix {
     pub data: CudaSlice<u16>,
 }
 
+/// The f16 copy of a GEMM input (cuBLAS reads f16; activations are f32).
+#[derive(Default)]
+struct Gemm16 {
+    buf: Option<CudaSlice<u16>>,
+    /// `(device address, elements)` of the f32 activation `buf` already holds: rmsnorm and
+    /// swiglu write their output's copy as they go, so the GEMMs after them (q, k, v; gate, up;
+    /// down; logits) convert nothing. Every other op that writes an activation clears it.
+    holds: Option<(u64, usize)>,
+}
+
+impl Gemm16 {
+    /// The buffer, grown to at least `n` elements.
+    fn reserve(&mut self, s: &Arc<cudarc::driver::CudaStream>, n: usize) -> R<&mut CudaSlice<u16>> {
+        if self.buf.as_ref().is_none_or(|b| b.len() < n) {
+            self.buf = Some(s.alloc_zeros::<u16>(n.max(1)).map_err(err)?);
+            self.holds = None;
+        }
+        Ok(self.buf.as_mut().expect("allocated above"))
+    }
+}
+
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     blas: CudaBlas,
     /// f16 copy of the current GEMM input. Mutexes (uncontended: one thread drives a model)
     /// rather than RefCells make the model Sync, so a server's engine thread can own a
     /// `GpuRunner` over it.
-    x16: Mutex<Option<CudaSlice<u16>>>,
+    x16: Mutex<Gemm16>,
     /// RoPE inverse frequencies on the device (uploaded on first use).
     inv_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    profiler: Profiler,
 }
 
 fn err(e: impl Into<Error>) -> ModelError {
@@ -79,16 +102,32 @@ impl CudaBackend {
         let blas = CudaBlas::new(gpu.stream().clone())?;
         // Compile (or load) the kernels now, so that timing never includes it.
         gpu.function(MODULE, SOURCE, "rmsnorm")?;
+        let profiler = Profiler::new(gpu.context().clone(), gpu.stream().clone());
         Ok(CudaBackend {
             gpu,
             blas,
-            x16: Mutex::new(None),
+            x16: Mutex::new(Gemm16::default()),
             inv_freq: Mutex::new(None),
+            profiler,
         })
+    }
+
+    /// GPU time per op (off unless enabled; see [`Profiler`]).
+    pub fn profiler(&self) -> &Profiler {
+        &self.profiler
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    fn gemm16(&self) -> std::sync::MutexGuard<'_, Gemm16> {
+        self.x16.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An op is about to write an activation: the f16 copy no longer matches any.
+    fn activation_written(&self) {
+        self.gemm16().holds = None;
     }
 
     fn f(&self, name: &str) -> R<CudaFunction> {
@@ -142,6 +181,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        let _span = self.profiler.span("argmax");
         let s = self.gpu.stream();
         let mut out = s.alloc_zeros::<u32>(rows).map_err(err)?;
         let f = self.f("argmax_rows")?;
@@ -278,6 +318,7 @@ impl Backend for CudaBackend {
     }
 
     fn vector(&self, v: Vec<f32>) -> R<CudaSlice<f32>> {
+        self.activation_written(); // may reuse a freed activation's address
         self.gpu.stream().clone_htod(&v).map_err(err)
     }
 
@@ -286,6 +327,7 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, len: usize) -> R<CudaSlice<f32>> {
+        self.activation_written(); // may reuse a freed activation's address
         self.gpu
             .stream()
             .alloc_zeros::<f32>(len.max(1))
@@ -299,6 +341,13 @@ impl Backend for CudaBackend {
     }
 
     fn begin_step(&self, cache: &mut GpuCache, items: &[(SeqId, usize)]) -> R<GpuBatch> {
+        let kind = if items.iter().all(|&(_, n)| n <= 1) {
+            StepKind::Decode
+        } else {
+            StepKind::Mixed
+        };
+        self.profiler.begin_step(kind);
+        let _span = self.profiler.span("step upload");
         let items: Vec<(usize, usize)> = items.iter().map(|&(s, n)| (s.0 as usize, n)).collect();
         cache.batch(&items).map_err(err)
     }
@@ -309,6 +358,8 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &GpuMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) -> R<()> {
+        self.activation_written();
+        let _span = self.profiler.span("embed");
         let s = self.gpu.stream();
         let toks = s.clone_htod(tokens).map_err(err)?;
         let f = self.f("embed_f16")?;
@@ -345,19 +396,23 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        let _span = self.profiler.span("rmsnorm");
         let f = self.f("rmsnorm")?;
         let hi = h as i32;
+        let s = self.gpu.stream();
+        let out_addr = out.device_ptr(s).0;
+        let mut g16 = self.gemm16();
+        let out16 = g16.reserve(s, rows * h)?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: out and x hold `rows` rows of h values, w holds h.
+        // SAFETY: out and x hold `rows` rows of h values, out16 as many, w holds h.
         unsafe {
-            self.gpu
-                .stream()
-                .launch_builder(&f)
+            s.launch_builder(&f)
                 .arg(out)
+                .arg(&mut *out16)
                 .arg(x)
                 .arg(w)
                 .arg(&hi)
@@ -365,9 +420,13 @@ impl Backend for CudaBackend {
                 .launch(cfg)
                 .map_err(err)?
         };
+        g16.holds = Some((out_addr, rows * h));
         Ok(())
     }
 
+    /// `x` must come from this backend (an op's output, [`Backend::zeros`] or
+    /// [`Backend::vector`]): the f16 copy rmsnorm and swiglu leave is matched by address, and
+    /// only the backend's own allocations and ops invalidate it.
     fn matmul(
         &self,
         w: &GpuMatrix,
@@ -381,22 +440,30 @@ impl Backend for CudaBackend {
         }
         assert!(x.len() >= n_in && out.len() >= rows * w.rows);
         let s = self.gpu.stream();
-        let mut scratch = self.x16.lock().unwrap_or_else(|e| e.into_inner());
-        if scratch.as_ref().is_none_or(|b| b.len() < n_in) {
-            *scratch = Some(s.alloc_zeros::<u16>(n_in).map_err(err)?);
+        let x_addr = x.device_ptr(s).0;
+        let out_addr = out.device_ptr(s).0;
+        let mut g16 = self.gemm16();
+        let converted = g16.holds == Some((x_addr, n_in));
+        if g16.holds.is_some_and(|(a, _)| a == out_addr) {
+            g16.holds = None; // about to be overwritten
         }
-        let x16 = scratch.as_mut().expect("allocated above");
-        let f = self.f("to_f16")?;
-        let n64 = n_in as i64;
-        // SAFETY: x holds n_in values, x16 at least n_in.
-        unsafe {
-            s.launch_builder(&f)
-                .arg(x)
-                .arg(&mut *x16)
-                .arg(&n64)
-                .launch(elementwise(n_in))
-                .map_err(err)?
-        };
+        let x16 = g16.reserve(s, n_in)?;
+        let span = self.profiler.span("to_f16");
+        if !converted {
+            let f = self.f("to_f16")?;
+            let n64 = n_in as i64;
+            // SAFETY: x holds n_in values, x16 at least n_in.
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(x)
+                    .arg(&mut *x16)
+                    .arg(&n64)
+                    .launch(elementwise(n_in))
+                    .map_err(err)?
+            };
+        }
+        drop(span);
+        let _span = self.profiler.span("gemm");
         // Row-major out[rows][w.rows] = x[rows][cols] · Wᵀ is, column-major,
         // out (w.rows × rows) = Wᵀ(w.rows × cols) · x (cols × rows) with W read as (cols × w.rows).
         let (alpha, beta) = (1.0f32, 0.0f32);
@@ -434,6 +501,8 @@ impl Backend for CudaBackend {
 
     fn add_bias(&self, x: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> R<()> {
         let n = x.len() / b.len() * b.len();
+        self.activation_written();
+        let _span = self.profiler.span("add_bias");
         let f = self.f("add_bias")?;
         let (width, n64) = (b.len() as i32, n as i64);
         // SAFETY: x holds n values; b holds `width`.
@@ -458,6 +527,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         assert!(x.len() >= rows * heads * d);
+        self.activation_written();
+        let _span = self.profiler.span("rope");
         let s = self.gpu.stream();
         let mut cached = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
         if cached.as_ref().is_none_or(|(h, _)| *h != rope.inv_freq) {
@@ -476,7 +547,7 @@ impl Backend for CudaBackend {
             block_dim: ((d / 2) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: x holds rows * heads * d values; toks holds 4 ints per row.
+        // SAFETY: x holds rows * heads * d values; toks holds 5 ints per row.
         unsafe {
             s.launch_builder(&f)
                 .arg(x)
@@ -502,17 +573,42 @@ impl Backend for CudaBackend {
         v: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> R<()> {
+        self.activation_written();
+        let span = self.profiler.span("attend");
         cache
             .attend(layer, n_head, step, q, k, v, out)
             .map_err(err)?;
+        drop(span);
+        let _span = self.profiler.span("append");
         cache.append(layer, step, k, v).map_err(err)
     }
 
     fn swiglu(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> R<()> {
-        self.launch_elementwise("swiglu", gate, up)
+        let _span = self.profiler.span("swiglu");
+        let n = gate.len().min(up.len());
+        let s = self.gpu.stream();
+        let gate_addr = gate.device_ptr(s).0;
+        let mut g16 = self.gemm16();
+        let gate16 = g16.reserve(s, n)?;
+        let f = self.f("swiglu")?;
+        let n64 = n as i64;
+        // SAFETY: gate and up hold at least n values, gate16 as many.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(&mut *gate)
+                .arg(&mut *gate16)
+                .arg(up)
+                .arg(&n64)
+                .launch(elementwise(n))
+                .map_err(err)?
+        };
+        g16.holds = Some((gate_addr, n));
+        Ok(())
     }
 
     fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> R<()> {
+        self.activation_written();
+        let _span = self.profiler.span("add");
         self.launch_elementwise("add_inplace", x, y)
     }
 
@@ -532,6 +628,8 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         assert!(idx.iter().all(|&i| (i as usize + 1) * width <= x.len()));
+        self.activation_written();
+        let _span = self.profiler.span("gather_rows");
         let s = self.gpu.stream();
         let dev_idx = s.clone_htod(&idx).map_err(err)?;
         let f = self.f("gather_rows")?;

@@ -141,6 +141,7 @@ impl Runner for GpuRunner<'_> {
             self.cache.gpu().synchronize().map_err(err)?;
         }
         self.times.total += t0.elapsed();
+        self.model.backend.profiler().end_step();
         Ok(out)
     }
 

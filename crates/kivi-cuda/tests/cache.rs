@@ -75,6 +75,9 @@ struct Case {
     tensor_cores: bool,
     /// One-warp attention CTAs (KIVI caches on the tensor cores; else four warps).
     one_warp: bool,
+    /// Multi-token items' new tokens through the tiled prefill kernel (else the decode kernel
+    /// per query token).
+    prefill_kernel: bool,
 }
 
 /// Runs a random schedule of steps (prefill chunks and decode steps, different per sequence) on
@@ -94,6 +97,7 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     gcache.set_tensor_core_multiple(1);
     gcache.set_tensor_cores(case.tensor_cores);
     gcache.set_one_warp(Some(case.one_warp));
+    gcache.set_prefill_kernel(case.prefill_kernel);
     let seqs: Vec<SeqId> = (0..n_seq).map(|_| cpu.add_sequence()).collect();
     let slots: Vec<usize> = (0..n_seq).map(|_| gcache.add_sequence().unwrap()).collect();
     let s = gpu.stream().clone();
@@ -170,8 +174,9 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
         }
     }
     eprintln!(
-        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {}: worst rel err {worst:.2e}",
-        case.config, case.tensor_cores, case.one_warp
+        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} prefill kernel {}: worst rel \
+         err {worst:.2e}",
+        case.config, case.tensor_cores, case.one_warp, case.prefill_kernel
     );
 }
 
@@ -275,7 +280,8 @@ fn attention_matches_cpu() {
         (CacheConfig::Kivi(kivi((2, 4), 32, 0)), 2, 14, 128),
     ];
     // Every case through the tensor-core path with four-warp CTAs, the KIVI ones with one-warp
-    // CTAs too, two through the CUDA-core kernel (KIVI_CUDA_SIMT=1) on whole blocks too.
+    // CTAs too, two through the CUDA-core kernel (KIVI_CUDA_SIMT=1) on whole blocks too; those
+    // two also without the prefill kernel (the decode kernel for every query token).
     let runs = cases
         .iter()
         .map(|c| (*c, true, false))
@@ -291,6 +297,7 @@ fn attention_matches_cpu() {
                 head_dim: d,
                 tensor_cores,
                 one_warp,
+                prefill_kernel: tensor_cores,
             },
             &mut r,
         );

@@ -58,8 +58,9 @@ fn randn(r: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| r.gen_range(-scale..scale)).collect()
 }
 
+/// Inputs go through the backend (`Backend::vector`), as its matmul requires.
 fn up(b: &CudaBackend, v: &[f32]) -> CudaSlice<f32> {
-    b.gpu().stream().clone_htod(v).unwrap()
+    b.vector(v.to_vec()).unwrap()
 }
 
 /// A device buffer of `n` NaNs.
@@ -142,6 +143,64 @@ fn elementwise_and_row_ops_match_cpu() {
             assert_eq!(t as usize, want, "argmax row {i}");
         }
     }
+}
+
+#[test]
+fn matmul_after_rmsnorm_and_swiglu_matches_cpu() {
+    // rmsnorm and swiglu leave the f16 copy the next GEMMs read; the copy must follow every
+    // later write of that activation and never stand in for another buffer.
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::new(g).unwrap();
+    let mut r = fresh_rng("matmul_after_rmsnorm_and_swiglu_matches_cpu");
+    let (rows, h, f) = (9usize, 576usize, 1536usize);
+    let wv = randn(&mut r, f * h, (3.0 / h as f32).sqrt());
+    let (cpu_w, gpu_w) = (
+        Cpu.matrix(f16_tensor("w", f, h, &wv)).unwrap(),
+        b.matrix(f16_tensor("w", f, h, &wv)).unwrap(),
+    );
+    let wd = randn(&mut r, h * f, (3.0 / f as f32).sqrt());
+    let (cpu_wd, gpu_wd) = (
+        Cpu.matrix(f16_tensor("wd", h, f, &wd)).unwrap(),
+        b.matrix(f16_tensor("wd", h, f, &wd)).unwrap(),
+    );
+    let x = randn(&mut r, rows * h, 3.0);
+    let norm = randn(&mut r, h, 1.5);
+    let matmul_both = |name: &str, gx: &CudaSlice<f32>, cx: &Vec<f32>, wide: bool| {
+        let (cw, gw, n_out) = if wide {
+            (&cpu_w, &gpu_w, f)
+        } else {
+            (&cpu_wd, &gpu_wd, h)
+        };
+        let mut want = vec![0f32; rows * n_out];
+        Cpu.matmul(cw, cx, rows, &mut want).unwrap();
+        let mut got = poisoned(&b, rows * n_out);
+        b.matmul(gw, gx, rows, &mut got).unwrap();
+        check(name, &down(&b, &got), &want, 2e-3);
+        got
+    };
+    // rmsnorm -> two GEMMs reading its copy.
+    let mut cxb = vec![0f32; rows * h];
+    Cpu.rmsnorm(&mut cxb, &x, &norm, 1e-5).unwrap();
+    let mut gxb = poisoned(&b, rows * h);
+    b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5).unwrap();
+    let gate = matmul_both("matmul after rmsnorm", &gxb, &cxb, true);
+    matmul_both("second matmul after rmsnorm", &gxb, &cxb, true);
+    // Another buffer of the same length is not the normed one.
+    let other = randn(&mut r, rows * h, 2.0);
+    matmul_both("matmul of another buffer", &up(&b, &other), &other, true);
+    // The normed activation changed after its copy was made.
+    b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5).unwrap();
+    let y = randn(&mut r, rows * h, 1.0);
+    b.add(&mut gxb, &up(&b, &y)).unwrap();
+    Cpu.add(&mut cxb, &y).unwrap();
+    matmul_both("matmul after rmsnorm then add", &gxb, &cxb, true);
+    // swiglu -> the down GEMM reads its copy.
+    let mut cgate = down(&b, &gate);
+    let upv = randn(&mut r, rows * f, 1.0);
+    Cpu.swiglu(&mut cgate, &upv).unwrap();
+    let mut ggate = gate;
+    b.swiglu(&mut ggate, &up(&b, &upv)).unwrap();
+    matmul_both("matmul after swiglu", &ggate, &cgate, false);
 }
 
 #[test]

@@ -403,8 +403,8 @@ impl<B: Backend> Llama<B> {
         }
         let picked = b.gather_rows(&x, h, &rows)?;
         let mut normed = b.zeros(m * h)?;
-        b.rmsnorm(&mut normed, &picked, &w.out_norm, c.rms_eps)?;
         let mut out = b.zeros(m * c.vocab)?;
+        b.rmsnorm(&mut normed, &picked, &w.out_norm, c.rms_eps)?;
         let w_out = w.output.as_ref().unwrap_or(&w.tok_embd);
         b.matmul(w_out, &normed, m, &mut out)?;
         Ok(Some((out, rows.iter().map(|r| r.len()).collect())))

@@ -1,0 +1,226 @@
+//! Opt-in GPU time per op of the forward pass: a pair of CUDA events around every backend op,
+//! read back once the step is done (`KIVI_CUDA_PROFILE=1`, or [`Profiler::set_enabled`]).
+//!
+//! Events time the op on the stream (GPU time, including any wait for the host to queue the
+//! next launch inside the span), so the sum over ops against the step's GPU span shows how
+//! much of the step the GPU sat idle between ops. Off by default: two event records per op.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+
+/// Which kind of forward pass an op ran in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StepKind {
+    /// One new token per sequence.
+    Decode,
+    /// Some sequence brings several tokens (a prefill chunk, possibly with decode tokens).
+    Mixed,
+}
+
+impl StepKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Decode => "decode",
+            StepKind::Mixed => "prefill+decode",
+        }
+    }
+}
+
+/// GPU time summed over calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OpTime {
+    pub calls: u64,
+    pub ms: f64,
+}
+
+/// Totals per step kind: every op's time, and the steps' GPU spans (first event to last).
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    pub ops: BTreeMap<(StepKind, &'static str), OpTime>,
+    pub steps: BTreeMap<StepKind, OpTime>,
+}
+
+impl Profile {
+    /// A table: per step kind, the span per step, each op's share and time per step, and the
+    /// part of the span no op covered (the GPU waiting for the host).
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for (&kind, span) in &self.steps {
+            let per = |ms: f64| ms / span.calls.max(1) as f64;
+            out.push_str(&format!(
+                "{} passes: {}, GPU span {:.2} ms per pass\n",
+                kind.name(),
+                span.calls,
+                per(span.ms)
+            ));
+            let mut ops: Vec<(&str, OpTime)> = self
+                .ops
+                .iter()
+                .filter(|((k, _), _)| *k == kind)
+                .map(|((_, n), t)| (*n, *t))
+                .collect();
+            ops.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+            let covered: f64 = ops.iter().map(|(_, t)| t.ms).sum();
+            for (name, t) in &ops {
+                out.push_str(&format!(
+                    "  {name:<14} {:>9.3} ms/pass {:>5.1} %  ({} calls/pass)\n",
+                    per(t.ms),
+                    100.0 * t.ms / span.ms.max(1e-12),
+                    t.calls / span.calls.max(1)
+                ));
+            }
+            out.push_str(&format!(
+                "  {:<14} {:>9.3} ms/pass {:>5.1} %\n",
+                "(between ops)",
+                per(span.ms - covered),
+                100.0 * (span.ms - covered) / span.ms.max(1e-12)
+            ));
+        }
+        out
+    }
+}
+
+struct Open {
+    kind: StepKind,
+    name: &'static str,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+#[derive(Default)]
+struct State {
+    kind: Option<StepKind>,
+    open: Vec<Open>,
+    spare: Vec<CudaEvent>,
+    profile: Profile,
+}
+
+/// Records op spans on one stream while enabled.
+pub struct Profiler {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    enabled: std::sync::atomic::AtomicBool,
+    state: Mutex<State>,
+}
+
+/// Ends its op's span when dropped.
+pub struct Span<'p> {
+    profiler: &'p Profiler,
+    open: Option<(&'static str, CudaEvent)>,
+}
+
+impl Drop for Span<'_> {
+    fn drop(&mut self) {
+        if let Some((name, start)) = self.open.take() {
+            self.profiler.close(name, start);
+        }
+    }
+}
+
+impl Profiler {
+    pub fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Profiler {
+        let on = std::env::var("KIVI_CUDA_PROFILE").is_ok_and(|v| v == "1");
+        Profiler {
+            ctx,
+            stream,
+            enabled: on.into(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An event recorded now on the stream (a spare one reused), or `None` if that failed:
+    /// profiling never fails the forward pass.
+    fn record(&self, state: &mut State) -> Option<CudaEvent> {
+        let ev = match state.spare.pop() {
+            Some(e) => e,
+            None => self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()?,
+        };
+        ev.record(&self.stream).ok()?;
+        Some(ev)
+    }
+
+    /// Starts a pass of `kind`.
+    pub fn begin_step(&self, kind: StepKind) {
+        if self.enabled() {
+            self.lock().kind = Some(kind);
+        }
+    }
+
+    /// Times the ops queued until the returned span is dropped as `name`.
+    pub fn span(&self, name: &'static str) -> Span<'_> {
+        let open = if self.enabled() {
+            let mut st = self.lock();
+            self.record(&mut st).map(|e| (name, e))
+        } else {
+            None
+        };
+        Span {
+            profiler: self,
+            open,
+        }
+    }
+
+    fn close(&self, name: &'static str, start: CudaEvent) {
+        let mut st = self.lock();
+        let kind = st.kind.unwrap_or(StepKind::Mixed);
+        if let Some(end) = self.record(&mut st) {
+            st.open.push(Open {
+                kind,
+                name,
+                start,
+                end,
+            });
+        }
+    }
+
+    /// Adds the finished pass's spans to the totals (waits for them; call after the step's
+    /// results are on the host).
+    pub fn end_step(&self) {
+        if !self.enabled() {
+            return;
+        }
+        let mut st = self.lock();
+        let open = std::mem::take(&mut st.open);
+        let (Some(first), Some(last)) = (open.first(), open.last()) else {
+            return;
+        };
+        let kind = first.kind;
+        if let Ok(ms) = first.start.elapsed_ms(&last.end) {
+            let s = st.profile.steps.entry(kind).or_default();
+            s.calls += 1;
+            s.ms += ms as f64;
+        }
+        for o in open {
+            if let Ok(ms) = o.start.elapsed_ms(&o.end) {
+                let t = st.profile.ops.entry((o.kind, o.name)).or_default();
+                t.calls += 1;
+                t.ms += ms as f64;
+            }
+            st.spare.push(o.start);
+            st.spare.push(o.end);
+        }
+        st.kind = None;
+    }
+
+    /// The totals so far, and starts new ones.
+    pub fn take(&self) -> Profile {
+        std::mem::take(&mut self.lock().profile)
+    }
+}
