@@ -280,10 +280,12 @@ struct AttnParams {
     const Tok* toks;    // [T]
     float* part_o;      // [T][H][nsplit][D]
     float* part_ml;     // [T][H][nsplit][2]
+    float* out;         // [T][H][D] when the batch has one split and no prefill (no reduce), else null
     int n_head, nsplit, split_len;
     float scale_log2;   // log2(e) / sqrt(D)
     int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
     int tc_multiple;    // ... in multiples of this many blocks (the rest: CUDA cores)
+    int tc_partial_min; // a last partial block with >= this many quantized tokens too (0: never)
     // 1: tokens of items with several new tokens attend only the stored positions [0, n_old)
     // here; kivi_attn_prefill adds the new ones as split nsplit - 1.
     int prefill;
@@ -454,9 +456,9 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
 // 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
 // 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
 // B fragments [D / 16][32].
-template <int D, int KB, int NG>
+template <int D, int KB, int NG, bool PARTIAL>
 __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                             const uint2* qf, float* sc, int lane) {
+                                             int valid, const uint2* qf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
@@ -499,13 +501,15 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
                 }
             }
     }
-    // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1.
+    // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1. Only the block's first
+    // `valid` tokens are quantized keys (the rest of a partial block: other paths' positions).
     if (t < NG) {
         float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
 #pragma unroll
         for (int m = 0; m < 8; m++) {
-            row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
-            row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
+            if (!PARTIAL || 16 * g + 2 * m < valid) row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
+            if (!PARTIAL || 16 * g + 2 * m + 1 < valid)
+                row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
         }
     }
 }
@@ -515,9 +519,9 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
 // as split_bits.
-template <int D, int VB, int NG>
+template <int D, int VB, int NG, bool PARTIAL>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                               const float* sc, float (&acc)[D / 16][4], int lane) {
+                                               int valid, const float* sc, float (&acc)[D / 16][4], int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
@@ -544,14 +548,19 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
             b0[w] = vq[tb * WPT + w] >> shift;
             b1[w] = vq[(tb + 1) * WPT + w] >> shift;
         }
-        const u32 sa = (u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16);
-        const u32 ma = (u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16);
-        const u32 sb = (u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16);
-        const u32 mb = (u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16);
+        // PARTIAL: tokens from `valid` on (the block's tail: unwritten codes, other paths'
+        // weights) get scale, min and weight 0, so they add exactly nothing. (A whole block
+        // skips the masks: measured 10 % on long sequences.)
+        const u32 keep_a = !PARTIAL ? 0xffffffffu : (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
+        const u32 keep_b = !PARTIAL ? 0xffffffffu : (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
+        const u32 sa = ((u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16)) & keep_a;
+        const u32 ma = ((u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16)) & keep_a;
+        const u32 sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
+        const u32 mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
         u32 bx = 0, by = 0;
         if (hg < NG) {
-            bx = prmt(pw[ta], pw[ta + 1], sel);
-            by = prmt(pw[tb], pw[tb + 1], sel);
+            bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
+            by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
         }
 #pragma unroll
         for (int w = 0; w < NW; w++)
@@ -626,13 +635,22 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // values [s0, vt_end) (s0 is block-aligned), in multiples of P.tc_multiple blocks: a warp
     // takes whole blocks, so fewer blocks than warps would leave warps idle (measured: slower
     // than the CUDA-core path, which spreads 32-token chunks over all warps, at ~330 tokens).
+    // A last, partly filled block joins them when all the whole ones did and it holds at least
+    // P.tc_partial_min quantized positions: the tensor cores then compute its 128 rows and only
+    // the first kt_valid - pb (vt_valid - pb) are used.
     int kt_end = s0, vt_end = s0;
     const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
     __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
     if (QUANT && P.tensor_cores) {
-        kt_end = s0 + max(min(s1, nqk) - s0, 0) / tc_unit * tc_unit;
-        vt_end = s0 + max(min(s1, nqv) - s0, 0) / tc_unit * tc_unit;
+        const int kq = max(min(s1, nqk) - s0, 0), vq = max(min(s1, nqv) - s0, 0);
+        kt_end = s0 + kq / tc_unit * tc_unit;
+        vt_end = s0 + vq / tc_unit * tc_unit;
+        const int krest = s0 + kq - kt_end, vrest = s0 + vq - vt_end;
+        if (P.tc_partial_min > 0 && krest >= P.tc_partial_min && krest < BLOCK_TOKENS) kt_end += BLOCK_TOKENS;
+        if (P.tc_partial_min > 0 && vrest >= P.tc_partial_min && vrest < BLOCK_TOKENS) vt_end += BLOCK_TOKENS;
     }
+    const int kt_valid = min(kt_end, max(min(s1, nqk), s0));
+    const int vt_valid = min(vt_end, max(min(s1, nqv), s0));
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     if (kt_end > s0) {
@@ -668,10 +686,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, sqf, sc, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
+            const u64 blk = (u64)sblk[(pb - s0) / BLOCK_TOKENS];
+            if (kt_valid - pb >= BLOCK_TOKENS)
+                tc_key_block<D, KBq, NG, false>(P, kvh, blk, pb, s0, BLOCK_TOKENS, sqf, sc, lane);
+            else
+                tc_key_block<D, KBq, NG, true>(P, kvh, blk, pb, s0, kt_valid - pb, sqf, sc, lane);
+        }
     }
-    for (int t0 = kt_end + warp * 32; t0 < s1; t0 += W * 32) {
+    for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
             constexpr int KBq = QUANT ? KB : 2;
             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
@@ -814,7 +837,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
         float sum = 0.0f;
-        const int packed = vt_end - s0;  // weights read by tc_value_block, as split_bits
+        const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
         for (int t = lane; t < ns; t += 32) {
             const float e = exp2f(row[t] - mx);
             row[t] = t < packed ? __uint_as_float(split_bits(e)) : e;
@@ -851,8 +874,13 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, sc, tacc, lane);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
+                const u64 blk = (u64)sblk[(pb - s0) / BLOCK_TOKENS];
+                if (vt_valid - pb >= BLOCK_TOKENS)
+                    tc_value_block<D, VBq, NG, false>(P, kvh, blk, pb, s0, BLOCK_TOKENS, sc, tacc, lane);
+                else
+                    tc_value_block<D, VBq, NG, true>(P, kvh, blk, pb, s0, vt_valid - pb, sc, tacc, lane);
+            }
             // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1.
             const int g = lane >> 2, t = lane & 3;
             if (t < NG) {
@@ -865,7 +893,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         }
         constexpr int UNROLL = 4;
         // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
-        for (int pb = vt_end + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
+        for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
             const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
             const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
             const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
@@ -982,6 +1010,14 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     }
     __syncthreads();
 
+    if (P.out) {
+        // The only split: the output itself (what kivi_attn_reduce would compute, exactly).
+        for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
+            const int g = x / D, d = x % D;
+            P.out[((u64)tok * P.n_head + h0 + g) * D + d] = sacc[x] / sml[2 * g + 1];
+        }
+        return;
+    }
     for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
         const int g = x / D, d = x % D;
         P.part_o[(part + (u64)g * P.nsplit) * D + d] = sacc[x];

@@ -101,12 +101,14 @@ struct AttnParams {
     toks: u64,
     part_o: u64,
     part_ml: u64,
+    out: u64,
     n_head: i32,
     nsplit: i32,
     split_len: i32,
     scale_log2: f32,
     tensor_cores: i32,
     tc_multiple: i32,
+    tc_partial_min: i32,
     prefill: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
@@ -279,6 +281,13 @@ pub struct GpuCache {
     /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
     /// (see `attend`); `KIVI_CUDA_WARPS=1` or `=4` forces.
     one_warp: Option<bool>,
+    /// A split's last, partly filled quantized block goes through the tensor cores too when it
+    /// holds at least this many quantized positions (0: never; `KIVI_CUDA_TC_PARTIAL`). None:
+    /// 32 when a CTA serves several query heads, 72 for one (measured on the H200 at 330-token
+    /// sequences, B = 256 and 1024: the tensor cores compute all 128 rows of the block, which
+    /// one head's CUDA-core path beats below ~70 tokens; with 4 heads they win from 42 tokens,
+    /// GQA B = 1024 14 % faster).
+    tc_partial_min: Option<usize>,
     /// The attention among a multi-token item's new tokens through the tiled prefill kernel
     /// (else the decode kernel per query token; `KIVI_CUDA_PREFILL=0`, for comparison).
     prefill_kernel: bool,
@@ -452,6 +461,9 @@ impl GpuCache {
                 _ => None,
             },
             prefill_kernel: std::env::var_os("KIVI_CUDA_PREFILL").is_none_or(|v| v != "0"),
+            tc_partial_min: std::env::var("KIVI_CUDA_TC_PARTIAL")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         })
     }
 
@@ -485,6 +497,12 @@ impl GpuCache {
     /// split, 16; default: one per warp). Tests set 1 so that short sequences exercise it too.
     pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
         self.tc_multiple = blocks.clamp(1, MAX_SPLIT / BLOCK_TOKENS);
+    }
+
+    /// A split's last, partly filled quantized block goes through the tensor cores when it holds
+    /// at least `min_tokens` quantized positions (0: never, the CUDA-core path takes it).
+    pub fn set_tensor_core_partial(&mut self, min_tokens: usize) {
+        self.tc_partial_min = Some(min_tokens);
     }
 
     /// Forces one-warp (`Some(true)`) or four-warp (`Some(false)`) attention CTAs for KIVI
@@ -906,6 +924,7 @@ impl GpuCache {
         let prefill = self.prefill_kernel && batch.n_prefill_tiles > 0;
         let decode_splits = batch.max_len.div_ceil(split);
         let nsplit = decode_splits + usize::from(prefill);
+        let direct = nsplit == 1;
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -931,12 +950,18 @@ impl GpuCache {
             toks: batch.dev_toks.device_ptr(&s).0,
             part_o: part_o.device_ptr(&s).0,
             part_ml: part_ml.device_ptr(&s).0,
+            // One split and no prefill part: the kernel writes the output, no reduce launch.
+            out: if direct { out.device_ptr(&s).0 } else { 0 },
             n_head: n_head as i32,
             nsplit: nsplit as i32,
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores),
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
+            tc_partial_min: self
+                .tc_partial_min
+                .unwrap_or(if ng == 1 { 72 } else { 32 })
+                .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
         };
         let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
@@ -964,6 +989,9 @@ impl GpuCache {
                     .arg(&batch.dev_prefill_tiles)
                     .launch(cfg)?
             };
+        }
+        if direct {
+            return Ok(());
         }
         let r = self.function("kivi_attn_reduce")?;
         let cfg = LaunchConfig {

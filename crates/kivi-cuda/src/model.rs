@@ -543,7 +543,7 @@ impl Backend for CudaBackend {
             (rope.style == RopeStyle::Neox) as i32,
         );
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, heads as u32, 1),
+            grid_dim: (rows as u32, 1, 1),
             block_dim: ((d / 2) as u32, 1, 1),
             shared_mem_bytes: 0,
         };

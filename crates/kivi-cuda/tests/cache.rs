@@ -98,6 +98,9 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     gcache.set_tensor_cores(case.tensor_cores);
     gcache.set_one_warp(Some(case.one_warp));
     gcache.set_prefill_kernel(case.prefill_kernel);
+    // Partial quantized blocks: on the tensor cores whatever their size with one-warp CTAs,
+    // on the CUDA cores with four (both paths meet whole tensor-core blocks).
+    gcache.set_tensor_core_partial(if case.one_warp { 1 } else { 0 });
     let seqs: Vec<SeqId> = (0..n_seq).map(|_| cpu.add_sequence()).collect();
     let slots: Vec<usize> = (0..n_seq).map(|_| gcache.add_sequence().unwrap()).collect();
     let s = gpu.stream().clone();
