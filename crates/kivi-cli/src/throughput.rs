@@ -553,7 +553,11 @@ fn run_cuda(
             }
             let profile = model.backend.profiler().take();
             if a.profile {
-                eprintln!("GPU time by op, {} B = {b}:\n{}", format_kv(cache), profile.table());
+                eprintln!(
+                    "GPU time by op, {} B = {b}:\n{}",
+                    format_kv(cache),
+                    profile.table()
+                );
             }
             gpu.trim_pool()?;
         }

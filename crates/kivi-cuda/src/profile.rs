@@ -133,8 +133,7 @@ impl Profiler {
     }
 
     pub fn set_enabled(&self, on: bool) {
-        self.enabled
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.enabled.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn enabled(&self) -> bool {
@@ -150,7 +149,10 @@ impl Profiler {
     fn record(&self, state: &mut State) -> Option<CudaEvent> {
         let ev = match state.spare.pop() {
             Some(e) => e,
-            None => self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()?,
+            None => self
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .ok()?,
         };
         ev.record(&self.stream).ok()?;
         Some(ev)

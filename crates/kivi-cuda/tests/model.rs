@@ -182,14 +182,16 @@ fn matmul_after_rmsnorm_and_swiglu_matches_cpu() {
     let mut cxb = vec![0f32; rows * h];
     Cpu.rmsnorm(&mut cxb, &x, &norm, 1e-5).unwrap();
     let mut gxb = poisoned(&b, rows * h);
-    b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5).unwrap();
+    b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5)
+        .unwrap();
     let gate = matmul_both("matmul after rmsnorm", &gxb, &cxb, true);
     matmul_both("second matmul after rmsnorm", &gxb, &cxb, true);
     // Another buffer of the same length is not the normed one.
     let other = randn(&mut r, rows * h, 2.0);
     matmul_both("matmul of another buffer", &up(&b, &other), &other, true);
     // The normed activation changed after its copy was made.
-    b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5).unwrap();
+    b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5)
+        .unwrap();
     let y = randn(&mut r, rows * h, 1.0);
     b.add(&mut gxb, &up(&b, &y)).unwrap();
     Cpu.add(&mut cxb, &y).unwrap();
