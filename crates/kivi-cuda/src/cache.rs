@@ -196,6 +196,48 @@ fn quantized_ends(config: &CacheConfig, n: usize) -> (usize, usize) {
     }
 }
 
+/// One step's flat work lists (uploaded with its [`GpuBatch`]): `(item, key group)` of every
+/// key group the append (re)quantizes, `(item, position)` of every value token it quantizes, and
+/// the packed index of the first query token of every prefill-attention tile.
+#[derive(Debug, Default, PartialEq)]
+struct StepWork {
+    key_groups: Vec<i32>,
+    value_tokens: Vec<i32>,
+    prefill_tiles: Vec<i32>,
+}
+
+impl StepWork {
+    /// Adds item `item`: `n_new` tokens after `n_old` stored ones, packed from token `off`.
+    fn add_item(
+        &mut self,
+        config: &CacheConfig,
+        item: i32,
+        n_old: usize,
+        n_new: usize,
+        off: usize,
+    ) {
+        if n_new > 1 {
+            let tiles = (0..n_new).step_by(PREFILL_ROWS).map(|i| (off + i) as i32);
+            self.prefill_tiles.extend(tiles);
+        }
+        if let CacheConfig::Kivi(kc) = config {
+            // Quantized keys grow from [0, k0) to [0, k1): every group those new positions touch
+            // is (re)quantized (R = 0: the partial last group again, with its current values).
+            let (k0, v0) = quantized_ends(config, n_old);
+            let (k1, v1) = quantized_ends(config, n_old + n_new);
+            let g = kc.group_size;
+            if k1 > k0 {
+                for group in k0 / g..k1.div_ceil(g) {
+                    self.key_groups.extend_from_slice(&[item, group as i32]);
+                }
+            }
+            for p in v0..v1 {
+                self.value_tokens.extend_from_slice(&[item, p as i32]);
+            }
+        }
+    }
+}
+
 /// Pool blocks a sequence of `n` tokens holds.
 fn blocks_for(config: &CacheConfig, n: usize) -> usize {
     let (k, v) = quantized_ends(config, n);
@@ -649,8 +691,7 @@ impl GpuCache {
     pub fn batch(&mut self, items: &[(usize, usize)]) -> Result<GpuBatch> {
         let mut host_items = Vec::with_capacity(items.len());
         let mut toks = Vec::new();
-        let (mut key_groups, mut value_tokens) = (Vec::new(), Vec::new());
-        let mut prefill_tiles = Vec::new();
+        let mut work = StepWork::default();
         let (mut off, mut max_len) = (0usize, 0usize);
         let mut seen = vec![false; self.lens.len()];
         let mut needed = 0usize;
@@ -679,20 +720,7 @@ impl GpuCache {
                     n_new as i32,
                 ]);
             }
-            if n_new > 1 {
-                prefill_tiles.extend((0..n_new).step_by(PREFILL_ROWS).map(|i| (off + i) as i32));
-            }
-            if let CacheConfig::Kivi(kc) = self.config {
-                let (k0, v0) = quantized_ends(&self.config, n_old);
-                let (k1, v1) = quantized_ends(&self.config, n_old + n_new);
-                let g = kc.group_size;
-                for group in k0 / g..k1.div_ceil(g) {
-                    key_groups.extend_from_slice(&[item, group as i32]);
-                }
-                for p in v0..v1 {
-                    value_tokens.extend_from_slice(&[item, p as i32]);
-                }
-            }
+            work.add_item(&self.config, item, n_old, n_new, off);
             off += n_new;
             max_len = max_len.max(n_old + n_new);
         }
@@ -709,6 +737,11 @@ impl GpuCache {
         let s = self.gpu.stream();
         let dev_items = s.clone_htod(&pad(host_items.concat()))?;
         let dev_toks = s.clone_htod(&pad(toks))?;
+        let StepWork {
+            key_groups,
+            value_tokens,
+            prefill_tiles,
+        } = work;
         let (n_key_groups, n_value_tokens) = (key_groups.len() / 2, value_tokens.len() / 2);
         let dev_key_groups = s.clone_htod(&pad(key_groups))?;
         let dev_value_tokens = s.clone_htod(&pad(value_tokens))?;
@@ -1263,6 +1296,89 @@ mod tests {
         // Every supported group size divides a block (G a multiple of 32 dividing D <= 128).
         for g in [32, 64, 128] {
             assert!(BLOCK_TOKENS.is_multiple_of(g));
+        }
+    }
+
+    #[test]
+    fn step_work_lists_every_unit_once() {
+        // Against brute force over positions: a key group is listed iff one of its positions
+        // becomes (or, R = 0, stays partly) quantized this step; a value token iff it becomes
+        // quantized; tiles cover each multi-token item's tokens once, PREFILL_ROWS at a time.
+        use rand::{Rng, SeedableRng};
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        eprintln!("step_work_lists_every_unit_once: seed {seed}");
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..200 {
+            let g = [32, 64, 128][r.gen_range(0..3)];
+            let resid = [0, g, 2 * g, 128][r.gen_range(0..4)];
+            let config = if r.gen_bool(0.2) {
+                CacheConfig::F16
+            } else {
+                CacheConfig::Kivi(KiviConfig {
+                    group_size: g,
+                    residual_len: resid,
+                    ..KiviConfig::default()
+                })
+            };
+            let items: Vec<(usize, usize)> = (0..r.gen_range(1..6))
+                .map(|_| {
+                    let n_new = if r.gen_bool(0.5) {
+                        1
+                    } else {
+                        r.gen_range(0..300)
+                    };
+                    (r.gen_range(0..600), n_new)
+                })
+                .collect();
+            let mut work = StepWork::default();
+            let mut off = 0;
+            for (i, &(n_old, n_new)) in items.iter().enumerate() {
+                work.add_item(&config, i as i32, n_old, n_new, off);
+                off += n_new;
+            }
+            let pairs = |v: &[i32]| -> Vec<(usize, usize)> {
+                v.chunks(2)
+                    .map(|c| (c[0] as usize, c[1] as usize))
+                    .collect()
+            };
+            let (mut want_keys, mut want_values, mut want_tiles) = (vec![], vec![], vec![]);
+            let mut off = 0;
+            for (i, &(n_old, n_new)) in items.iter().enumerate() {
+                let n1 = n_old + n_new;
+                if let CacheConfig::Kivi(_) = config {
+                    let quantized = |p: usize, n: usize| -> (bool, bool) {
+                        // Keys: whole R-chunks (R = 0: all); values: all but the last R.
+                        let key = p < if resid > 0 { n - n % resid } else { n };
+                        (key, p + resid < n)
+                    };
+                    for group in 0..n1.div_ceil(g) {
+                        // (R = 0: the new positions; the group's older ones come along.)
+                        let touched = (group * g..(group + 1) * g)
+                            .any(|p| quantized(p, n1).0 && !quantized(p, n_old).0);
+                        if touched {
+                            want_keys.push((i, group));
+                        }
+                    }
+                    for p in 0..n1 {
+                        if quantized(p, n1).1 && !quantized(p, n_old).1 {
+                            want_values.push((i, p));
+                        }
+                    }
+                }
+                if n_new > 1 {
+                    want_tiles.extend((off..off + n_new).step_by(PREFILL_ROWS).map(|t| t as i32));
+                }
+                off += n_new;
+            }
+            assert_eq!(pairs(&work.key_groups), want_keys, "{config:?} {items:?}");
+            assert_eq!(
+                pairs(&work.value_tokens),
+                want_values,
+                "{config:?} {items:?}"
+            );
+            assert_eq!(work.prefill_tiles, want_tiles, "{items:?}");
         }
     }
 

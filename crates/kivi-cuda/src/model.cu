@@ -92,7 +92,14 @@ extern "C" __global__ void swiglu(float* __restrict__ gate, u16* __restrict__ ga
 
 // RoPE on x [rows][heads][d]; row t's position = toks[5t+1] + toks[5t+2] (the cache batch's
 // per-token (slot, n_old, i, off, n_new) records). neox: pairs (i, i+d/2), else (2i, 2i+1).
-// Thread i computes its angle's sine and cosine once and turns pair i of every head.
+__device__ __forceinline__ void rope_pair(float* head, int i, int half, int neox, float s, float c) {
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x0 = head[a], x1 = head[b];
+    head[a] = x0 * c - x1 * s;
+    head[b] = x0 * s + x1 * c;
+}
+
+// Many rows: thread i computes its angle's sine and cosine once and turns pair i of every head.
 // grid: rows; block: d/2.
 extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ toks,
                                 const float* __restrict__ inv_freq, int heads, int d, int neox) {
@@ -102,14 +109,21 @@ extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ t
     const float p = (float)(toks[5 * t + 1] + toks[5 * t + 2]);
     float s, c;
     sincosf(p * inv_freq[i], &s, &c);
-    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     float* row = x + (long long)t * heads * d;
-    for (int h = 0; h < heads; h++) {
-        float* head = row + (long long)h * d;
-        const float x0 = head[a], x1 = head[b];
-        head[a] = x0 * c - x1 * s;
-        head[b] = x0 * s + x1 * c;
-    }
+    for (int h = 0; h < heads; h++) rope_pair(row + (long long)h * d, i, half, neox, s, c);
+}
+
+// Few rows: one CTA per (row, head), enough CTAs to fill the GPU. grid: (rows, heads); block: d/2.
+extern "C" __global__ void rope_per_head(float* __restrict__ x, const int* __restrict__ toks,
+                                         const float* __restrict__ inv_freq, int heads, int d,
+                                         int neox) {
+    const int t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
+    const int half = d / 2;
+    if (i >= half) return;
+    const float p = (float)(toks[5 * t + 1] + toks[5 * t + 2]);
+    float s, c;
+    sincosf(p * inv_freq[i], &s, &c);
+    rope_pair(x + ((long long)t * heads + h) * d, i, half, neox, s, c);
 }
 
 // out[j] = x[rows[j]] (rows of `width`). grid: picked rows; block: ROW_THREADS.

@@ -245,8 +245,10 @@ fn rope_matches_cpu_both_styles() {
     let Some(g) = gpu() else { return };
     let b = CudaBackend::new(g.clone()).unwrap();
     let mut r = fresh_rng("rope_matches_cpu_both_styles");
+    // Few rows (one CTA per row and head) and many (one CTA per row, looping over the heads).
+    let row_counts = [(3usize, 4usize), (kivi_cuda::model::ROPE_PER_TOKEN_ROWS, 5)];
     for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
-        for &(d, heads) in &[(64usize, 9usize), (128, 8)] {
+        for (&(d, heads), &(n_a, n_b)) in [(64usize, 9usize), (128, 8)].iter().zip(&row_counts) {
             let shape = CacheShape {
                 n_layer: 1,
                 n_kv_head: 1,
@@ -261,12 +263,12 @@ fn rope_matches_cpu_both_styles() {
                     .collect(),
             };
             // Two sequences at different depths: positions come from each one's length.
-            let (n_a, n_b, old_b) = (3usize, 4usize, 37usize);
+            let old_b = 37usize;
             let mut cpu_cache = new_cache(&CacheConfig::F16, shape).unwrap();
             let (sa, sb) = (cpu_cache.add_sequence(), cpu_cache.add_sequence());
             let zeros = vec![0f32; old_b * d];
             cpu_cache.append(0, sb, &zeros, &zeros).unwrap();
-            let mut gcache = GpuCache::new(g.clone(), CacheConfig::F16, shape, 2, 256).unwrap();
+            let mut gcache = GpuCache::new(g.clone(), CacheConfig::F16, shape, 2, 2048).unwrap();
             let (ga, gb) = (
                 gcache.add_sequence().unwrap(),
                 gcache.add_sequence().unwrap(),
@@ -289,7 +291,7 @@ fn rope_matches_cpu_both_styles() {
             let mut got = up(&b, &x);
             b.rope(&mut got, heads, &rope, &gpu_step).unwrap();
             check(
-                &format!("rope {style:?} d{d}"),
+                &format!("rope {style:?} d{d}, {n} rows"),
                 &down(&b, &got),
                 &want,
                 1e-5,
