@@ -98,6 +98,27 @@ pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
         }
         None => None,
     };
+    // What the driver compiled (a spill shows as local memory).
+    for &(nh, hkv, d) in &shapes {
+        for cache in &caches {
+            let shape = CacheShape {
+                n_layer: 1,
+                n_kv_head: hkv,
+                head_dim: d,
+            };
+            let g = GpuCache::new(gpu.clone(), *cache, shape, 1, 1)?;
+            for k in g.attention_kernels(nh)? {
+                println!(
+                    "kernel {} ({nh}/{hkv}/{d}, {}): {} registers, {} B local, {} B static shared",
+                    k.name,
+                    format_kv(cache),
+                    k.registers,
+                    k.local_bytes,
+                    k.shared_bytes
+                );
+            }
+        }
+    }
     println!("| heads (q/kv/d) | B | T | cache | time µs | GB read | GB/s | vs f16 |");
     println!("|---|---|---|---|---|---|---|---|");
     for &(nh, hkv, d) in &shapes {

@@ -196,6 +196,18 @@ fn quantized_ends(config: &CacheConfig, n: usize) -> (usize, usize) {
     }
 }
 
+/// What the driver made of one kernel (see [`GpuCache::attention_kernels`]).
+#[derive(Clone, Debug)]
+pub struct KernelResources {
+    pub name: String,
+    /// Registers per thread.
+    pub registers: i32,
+    /// Local memory per thread, bytes (register spills and dynamically indexed arrays).
+    pub local_bytes: i32,
+    /// Statically allocated shared memory per CTA, bytes.
+    pub shared_bytes: i32,
+}
+
 /// One step's flat work lists (uploaded with its [`GpuBatch`]): `(item, key group)` of every
 /// key group the append (re)quantizes, `(item, position)` of every value token it quantizes, and
 /// the packed index of the first query token of every prefill-attention tile.
@@ -558,6 +570,42 @@ impl GpuCache {
     /// (the default) or the decode kernel per query token (also `KIVI_CUDA_PREFILL=0`).
     pub fn set_prefill_kernel(&mut self, on: bool) {
         self.prefill_kernel = on;
+    }
+
+    /// Registers, local memory (spills and dynamically indexed arrays) and static shared memory
+    /// of the attention kernels this cache launches for `n_head` query heads, as the driver
+    /// compiled them (the kernels are tuned at the launch bounds' register limit: a change
+    /// that spills shows here first).
+    pub fn attention_kernels(&self, n_head: usize) -> Result<Vec<KernelResources>> {
+        let (hkv, d) = (self.shape.n_kv_head, self.shape.head_dim);
+        if n_head == 0 || !n_head.is_multiple_of(hkv) {
+            return Err(unsupported(format!(
+                "n_head {n_head} is not a multiple of n_kv_head {hkv}"
+            )));
+        }
+        let ng = Self::heads_per_cta(n_head / hkv);
+        let (kb, vb) = match self.config {
+            CacheConfig::F16 => (16, 16),
+            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
+        };
+        let mut names = vec![format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}")];
+        if kb < 16 {
+            names.push(format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"));
+        }
+        names.push(format!("kivi_attn_prefill_d{d}"));
+        names.push("kivi_attn_reduce".into());
+        names
+            .into_iter()
+            .map(|name| {
+                let f = self.function(&name)?;
+                Ok(KernelResources {
+                    registers: f.num_regs()?,
+                    local_bytes: f.local_size_bytes()?,
+                    shared_bytes: f.shared_size_bytes()?,
+                    name,
+                })
+            })
+            .collect()
     }
 
     /// Takes a free slot for a new, empty sequence.

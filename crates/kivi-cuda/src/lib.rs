@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-pub use cache::{GpuBatch, GpuCache};
+pub use cache::{GpuBatch, GpuCache, KernelResources};
 pub use model::{random_model, CudaBackend, CudaModel};
 pub use runner::{GpuRunner, RunnerTimes};
 
