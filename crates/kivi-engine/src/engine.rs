@@ -44,6 +44,8 @@ use kivi_model::config::Config;
 use kivi_model::llama::Model;
 use kivi_model::runner::{CpuRunner, Runner, StepItem, StepOutput, Want};
 
+use rayon::prelude::*;
+
 use crate::sampler::{Sampler, SamplingParams};
 
 /// Engine settings.
@@ -618,6 +620,29 @@ impl<R: Runner> Scheduler<R> {
 
     fn after_forward(&mut self, plan: &[(usize, usize)], outputs: Vec<StepOutput>) {
         let context = self.runner.model_config().context_len;
+        // Sampled tokens first, all sequences in parallel: a GPU pass at batch B brings B rows
+        // of logits, and each sequence has its own sampler (and seeded RNG), so the tokens do
+        // not depend on the order.
+        let mut sampled: Vec<Option<u32>> = vec![None; self.running.len()];
+        {
+            let mut row_of: Vec<Option<&[f32]>> = vec![None; self.running.len()];
+            for (&(i, end), out) in plan.iter().zip(&outputs) {
+                if let StepOutput::Logits(l) = out {
+                    if end >= self.running[i].total_len() {
+                        row_of[i] = Some(l);
+                    }
+                }
+            }
+            let mut jobs: Vec<(&mut Sampler, &[f32], &mut Option<u32>)> = self
+                .running
+                .iter_mut()
+                .zip(&row_of)
+                .zip(sampled.iter_mut())
+                .filter_map(|((s, row), out)| row.map(|l| (&mut s.sampler, l, out)))
+                .collect();
+            jobs.par_iter_mut()
+                .for_each(|(sampler, l, out)| **out = Some(sampler.sample(l)));
+        }
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
         for (&(i, end), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[i];
@@ -632,7 +657,7 @@ impl<R: Runner> Scheduler<R> {
             }
             let next = match out {
                 StepOutput::Token(t) => t,
-                StepOutput::Logits(l) => s.sampler.sample(&l),
+                StepOutput::Logits(_) => sampled[i].expect("sampled above"),
                 StepOutput::Nothing => {
                     done.push((
                         i,
