@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use kivi_core::{CacheConfig, MemoryUsage, SeqId};
+use kivi_model::backend::Backend;
 use kivi_model::config::Config;
 use kivi_model::llama::{BatchItem, Logits};
 use kivi_model::runner::{Runner, StepItem, StepOutput, Want};
@@ -121,18 +122,29 @@ impl Runner for GpuRunner<'_> {
         } else {
             Vec::new()
         };
-        let stream = self.cache.gpu().stream().clone();
+        // Rows to sample on the host: gathered on the device, copied back in one transfer.
+        let mut wanted = Vec::new();
+        let mut row = 0;
+        for (it, &r) in items.iter().zip(&rows) {
+            if it.want == Want::Logits && r > 0 {
+                wanted.push(row..row + 1);
+            }
+            row += r;
+        }
+        let mut sampled = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            let picked = self.model.backend.gather_rows(&logits, vocab, &wanted)?;
+            self.model.backend.to_host(&picked)?
+        }
+        .into_iter();
         let mut out = Vec::with_capacity(items.len());
         let mut row = 0;
         for (it, &r) in items.iter().zip(&rows) {
             out.push(match (it.want, r) {
                 (Want::Nothing, _) | (_, 0) => StepOutput::Nothing,
                 (Want::Greedy, _) => StepOutput::Token(greedy[row]),
-                (Want::Logits, _) => StepOutput::Logits(
-                    stream
-                        .clone_dtoh(&logits.slice(row * vocab..(row + 1) * vocab))
-                        .map_err(|e| err(e.into()))?,
-                ),
+                (Want::Logits, _) => StepOutput::Logits(sampled.by_ref().take(vocab).collect()),
             });
             row += r;
         }
