@@ -22,6 +22,7 @@ use kivi_model::backend::{Backend, Rope};
 use kivi_model::config::{Config, RopeStyle};
 use kivi_model::llama::{LayerWeights, Llama, QkvBias, Weights};
 use kivi_model::matrix::dequantize;
+use kivi_model::runner::SampleSpec;
 use kivi_model::tensor::{DType, RawTensor};
 use kivi_model::ModelError;
 
@@ -31,6 +32,9 @@ use crate::{Error, Gpu};
 
 const SOURCE: &str = include_str!("model.cu");
 const MODULE: &str = "model";
+/// Token sampling: its own module, compiled on first use.
+const SAMPLE_SOURCE: &str = include_str!("sample.cu");
+const SAMPLE_MODULE: &str = "sample";
 const ROW_THREADS: u32 = 256;
 /// RoPE over at least this many rows runs one CTA per token (see `rope`).
 pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
@@ -199,6 +203,60 @@ impl CudaBackend {
             s.launch_builder(&f)
                 .arg(logits)
                 .arg(&v)
+                .arg(&mut out)
+                .launch(cfg)
+                .map_err(err)?
+        };
+        s.clone_dtoh(&out).map_err(err)
+    }
+
+    /// Samples one token per `(row, spec)` from `logits` (`[rows][vocab]`) on the GPU
+    /// (sample.cu: temperature, top-k, top-p, the uniform draw `spec.u`); only the ids come
+    /// back.
+    pub fn sample_rows(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        rows: &[(usize, SampleSpec)],
+    ) -> R<Vec<u32>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        assert!(rows.iter().all(|&(r, _)| (r + 1) * vocab <= logits.len()));
+        let _span = self.profiler.span("sample");
+        // `SampleRow` in sample.cu: row, temperature, top_k, top_p, u (4 bytes each).
+        let packed: Vec<u32> = rows
+            .iter()
+            .flat_map(|&(r, p)| {
+                [
+                    r as u32,
+                    p.temperature.to_bits(),
+                    p.top_k.min(i32::MAX as usize) as u32,
+                    p.top_p.to_bits(),
+                    p.u.clamp(0.0, 1.0).to_bits(),
+                ]
+            })
+            .collect();
+        let s = self.gpu.stream();
+        let dev_rows = s.clone_htod(&packed).map_err(err)?;
+        let mut out = s.alloc_zeros::<u32>(rows.len()).map_err(err)?;
+        let f = self
+            .gpu
+            .function(SAMPLE_MODULE, SAMPLE_SOURCE, "sample_rows")
+            .map_err(err)?;
+        let v = vocab as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.len() as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every row index is a row of logits (asserted); dev_rows holds 5 words per
+        // sampled row, out one id.
+        unsafe {
+            s.launch_builder(&f)
+                .arg(logits)
+                .arg(&v)
+                .arg(&dev_rows)
                 .arg(&mut out)
                 .launch(cfg)
                 .map_err(err)?

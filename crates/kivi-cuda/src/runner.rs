@@ -43,6 +43,10 @@ pub struct GpuRunner<'m> {
     /// Largest device memory in use (the driver's view: `total - free` of cuMemGetInfo),
     /// sampled while a step's activations are still held.
     peak_device_used: u64,
+    /// Sampled items get their token from the GPU (`sample.cu`) instead of a logits row
+    /// copied back: opt-in (`KIVI_CUDA_DEVICE_SAMPLING=1` or [`GpuRunner::set_device_sampling`])
+    /// until the kernel has been checked on a device.
+    device_sampling: bool,
 }
 
 impl<'m> GpuRunner<'m> {
@@ -53,7 +57,13 @@ impl<'m> GpuRunner<'m> {
             cache,
             times: RunnerTimes::default(),
             peak_device_used: 0,
+            device_sampling: std::env::var("KIVI_CUDA_DEVICE_SAMPLING").is_ok_and(|v| v == "1"),
         }
+    }
+
+    /// Samples on the GPU (true) or copies sampled items' logits rows back (false).
+    pub fn set_device_sampling(&mut self, on: bool) {
+        self.device_sampling = on;
     }
 
     pub fn cache(&self) -> &GpuCache {
@@ -103,7 +113,7 @@ impl Runner for GpuRunner<'_> {
                 tokens: it.tokens,
                 logits: match it.want {
                     Want::Nothing => Logits::None,
-                    Want::Greedy | Want::Logits => Logits::Last,
+                    Want::Greedy | Want::Logits | Want::Sample(_) => Logits::Last,
                 },
             })
             .collect();
@@ -122,15 +132,24 @@ impl Runner for GpuRunner<'_> {
         } else {
             Vec::new()
         };
-        // Rows to sample on the host: gathered on the device, copied back in one transfer.
-        let mut wanted = Vec::new();
+        // Rows sampled here, and rows to sample on the host: gathered on the device, copied
+        // back in one transfer.
+        let (mut on_device, mut wanted) = (Vec::new(), Vec::new());
         let mut row = 0;
         for (it, &r) in items.iter().zip(&rows) {
-            if it.want == Want::Logits && r > 0 {
-                wanted.push(row..row + 1);
+            match it.want {
+                _ if r == 0 => {}
+                Want::Sample(spec) if self.device_sampling => on_device.push((row, spec)),
+                Want::Logits | Want::Sample(_) => wanted.push(row..row + 1),
+                Want::Nothing | Want::Greedy => {}
             }
             row += r;
         }
+        let mut device_tokens = self
+            .model
+            .backend
+            .sample_rows(&logits, vocab, &on_device)?
+            .into_iter();
         let mut sampled = if wanted.is_empty() {
             Vec::new()
         } else {
@@ -144,7 +163,12 @@ impl Runner for GpuRunner<'_> {
             out.push(match (it.want, r) {
                 (Want::Nothing, _) | (_, 0) => StepOutput::Nothing,
                 (Want::Greedy, _) => StepOutput::Token(greedy[row]),
-                (Want::Logits, _) => StepOutput::Logits(sampled.by_ref().take(vocab).collect()),
+                (Want::Sample(_), _) if self.device_sampling => {
+                    StepOutput::Token(device_tokens.next().expect("one per sampled row"))
+                }
+                (Want::Logits | Want::Sample(_), _) => {
+                    StepOutput::Logits(sampled.by_ref().take(vocab).collect())
+                }
             });
             row += r;
         }
@@ -155,6 +179,10 @@ impl Runner for GpuRunner<'_> {
         self.times.total += t0.elapsed();
         self.model.backend.profiler().end_step();
         Ok(out)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        self.device_sampling
     }
 
     fn add_sequence(&mut self) -> R<SeqId> {

@@ -18,6 +18,7 @@ use kivi_model::backend::{Backend, Cpu, Rope};
 use kivi_model::config::{Arch, Config, RopeStyle};
 use kivi_model::llama::{BatchItem, Llama, Logits, Model, Naming};
 use kivi_model::random::{preset, RandomWeights};
+use kivi_model::runner::SampleSpec;
 use kivi_model::tensor::{DType, RawTensor, Storage, TensorSource};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -203,6 +204,131 @@ fn matmul_after_rmsnorm_and_swiglu_matches_cpu() {
     let mut ggate = gate;
     b.swiglu(&mut ggate, &up(&b, &upv)).unwrap();
     matmul_both("matmul after swiglu", &ggate, &cgate, false);
+}
+
+/// Token probabilities of temperature + top-k + top-p sampling in f64, from the definition
+/// (softmax at T over the top-k logits, the fewest highest-probability tokens whose mass reaches
+/// top_p, renormalised), and each token's cumulative mass in logit order (to skip the one token
+/// whose membership rounding decides).
+fn reference_probs(l: &[f32], t: f32, top_k: usize, top_p: f32) -> (Vec<f64>, Vec<f64>) {
+    let mut idx: Vec<usize> = (0..l.len()).collect();
+    idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+    if top_k > 0 {
+        idx.truncate(top_k);
+    }
+    let max = l[idx[0]] as f64;
+    let w: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((l[i] as f64 - max) / t as f64).exp())
+        .collect();
+    let z: f64 = w.iter().sum();
+    let (mut probs, mut cum) = (vec![0f64; l.len()], vec![f64::NAN; l.len()]);
+    let (mut acc, mut kept) = (0.0, Vec::new());
+    for (&i, &wi) in idx.iter().zip(&w) {
+        acc += wi / z;
+        cum[i] = acc;
+        kept.push((i, wi));
+        if acc >= top_p as f64 {
+            break;
+        }
+    }
+    let zk: f64 = kept.iter().map(|k| k.1).sum();
+    for (i, wi) in kept {
+        probs[i] = wi / zk;
+    }
+    (probs, cum)
+}
+
+#[test]
+fn device_sampling_follows_the_reference_distribution() {
+    // Peaked, flat and LM-like rows; temperature only, top-p, top-k + top-p, greedy. Every
+    // sampled token must be inside the cut and the frequencies within 5 sigma of the f64
+    // reference.
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::new(g).unwrap();
+    let mut r = fresh_rng("device_sampling_follows_the_reference_distribution");
+    let vocab = 1000;
+    let mut rows: Vec<Vec<f32>> = vec![
+        randn(&mut r, vocab, 6.0),
+        randn(&mut r, vocab, 0.5),
+        randn(&mut r, vocab, 4.0),
+    ];
+    for x in rows[2].iter_mut() {
+        if r.gen_bool(0.01) {
+            *x += 10.0;
+        }
+    }
+    rows[1][17] = f32::NAN; // never sampled
+    let logits = up(&b, &rows.concat());
+    let cases = [
+        (0usize, 0.8f32, 0usize, 0.9f32),
+        (0, 0.8, 20, 0.8),
+        (1, 0.8, 0, 0.7),
+        (1, 0.8, 300, 0.95),
+        (2, 1.0, 0, 1.0),
+        (2, 0.7, 40, 0.9),
+    ];
+    let n = 20_000;
+    for &(row, t, top_k, top_p) in &cases {
+        let specs: Vec<(usize, SampleSpec)> = (0..n)
+            .map(|_| {
+                let spec = SampleSpec {
+                    temperature: t,
+                    top_k,
+                    top_p,
+                    u: r.gen::<f32>(),
+                };
+                (row, spec)
+            })
+            .collect();
+        let got = b.sample_rows(&logits, vocab, &specs).unwrap();
+        let l: Vec<f32> = rows[row]
+            .iter()
+            .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+            .collect();
+        let (want, cum) = reference_probs(&l, t, top_k, top_p);
+        let mut counts = vec![0usize; vocab];
+        for &tok in &got {
+            counts[tok as usize] += 1;
+        }
+        for i in 0..vocab {
+            let borderline = (cum[i] - top_p as f64).abs() < 1e-4;
+            let f = counts[i] as f64 / n as f64;
+            if want[i] == 0.0 && !borderline {
+                assert_eq!(
+                    counts[i], 0,
+                    "row {row} T {t} k {top_k} p {top_p}: token {i} outside the cut"
+                );
+            }
+            let sigma = (want[i] * (1.0 - want[i]) / n as f64).sqrt();
+            assert!(
+                borderline || (f - want[i]).abs() <= 5.0 * sigma + 2e-3,
+                "row {row} T {t} k {top_k} p {top_p} token {i}: {f} vs {}",
+                want[i]
+            );
+        }
+        eprintln!("sampling row {row} T {t} top-k {top_k} top-p {top_p}: {n} draws match");
+    }
+    // Greedy through the same kernel: the first index of the maximum.
+    let specs: Vec<(usize, SampleSpec)> = (0..3)
+        .map(|row| {
+            let spec = SampleSpec {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                u: 0.5,
+            };
+            (row, spec)
+        })
+        .collect();
+    let got = b.sample_rows(&logits, vocab, &specs).unwrap();
+    for (row, &tok) in got.iter().enumerate() {
+        assert_eq!(
+            tok,
+            kivi_engine::sampler::argmax(&rows[row]),
+            "greedy row {row}"
+        );
+    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ impl Runner for InstantRunner {
                 *self.lens.entry(it.seq).or_default() += it.tokens.len();
                 match it.want {
                     Want::Nothing => StepOutput::Nothing,
-                    Want::Greedy | Want::Logits => StepOutput::Token(1),
+                    Want::Greedy | Want::Logits | Want::Sample(_) => StepOutput::Token(1),
                 }
             })
             .collect())

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use kivi_core::{CacheConfig, KvCache, SeqId};
 use kivi_model::config::Config;
 use kivi_model::llama::Model;
-use kivi_model::runner::{CpuRunner, Runner, StepItem, StepOutput, Want};
+use kivi_model::runner::{CpuRunner, Runner, SampleSpec, StepItem, StepOutput, Want};
 
 use rayon::prelude::*;
 
@@ -562,9 +562,21 @@ impl<R: Runner> Scheduler<R> {
         if plan.is_empty() {
             return !self.is_idle();
         }
-        let items: Vec<StepItem<'_>> = plan
+        // A runner that samples on its device gets each sampled item's parameters and the
+        // uniform draw its seeded sampler makes for this token (drawn here, once).
+        let on_device = self.runner.samples_on_device();
+        let draws: Vec<Option<f32>> = plan
             .iter()
             .map(|&(i, end)| {
+                let s = &mut self.running[i];
+                (on_device && end >= s.total_len() && !s.sampler.is_greedy())
+                    .then(|| s.sampler.draw())
+            })
+            .collect();
+        let items: Vec<StepItem<'_>> = plan
+            .iter()
+            .zip(&draws)
+            .map(|(&(i, end), draw)| {
                 let s = &self.running[i];
                 let p = s.prompt.len();
                 let tokens = if end <= p {
@@ -573,10 +585,18 @@ impl<R: Runner> Scheduler<R> {
                     &s.generated[s.fed - p..end - p]
                 };
                 // Caught up after this chunk: the next token is due.
+                let params = s.sampler.params();
                 let want = if end < s.total_len() {
                     Want::Nothing
                 } else if s.sampler.is_greedy() {
                     Want::Greedy
+                } else if let Some(u) = *draw {
+                    Want::Sample(SampleSpec {
+                        temperature: params.temperature,
+                        top_k: params.top_k,
+                        top_p: params.top_p,
+                        u,
+                    })
                 } else {
                     Want::Logits
                 };
@@ -590,7 +610,7 @@ impl<R: Runner> Scheduler<R> {
         let result = self.runner.forward(&items);
         drop(items);
         match result {
-            Ok(logits) => self.after_forward(&plan, logits),
+            Ok(logits) => self.after_forward(&plan, logits, &draws),
             Err(e) => {
                 // Every sequence of the batch may be half-written: end them all with the error.
                 let msg = e.to_string();
@@ -618,30 +638,44 @@ impl<R: Runner> Scheduler<R> {
         c.blocks_for_tokens(n) as u64 * c.block_bytes() + c.seq_fixed_bytes()
     }
 
-    fn after_forward(&mut self, plan: &[(usize, usize)], outputs: Vec<StepOutput>) {
+    /// `draws`: the uniform draw already made for each plan entry sampled on the device (a
+    /// runner that answers with the logits row instead is sampled here with that draw).
+    fn after_forward(
+        &mut self,
+        plan: &[(usize, usize)],
+        outputs: Vec<StepOutput>,
+        draws: &[Option<f32>],
+    ) {
         let context = self.runner.model_config().context_len;
         // Sampled tokens first, all sequences in parallel: a GPU pass at batch B brings B rows
         // of logits, and each sequence has its own sampler (and seeded RNG), so the tokens do
         // not depend on the order.
         let mut sampled: Vec<Option<u32>> = vec![None; self.running.len()];
         {
-            let mut row_of: Vec<Option<&[f32]>> = vec![None; self.running.len()];
-            for (&(i, end), out) in plan.iter().zip(&outputs) {
+            type Row<'a> = Option<(&'a [f32], Option<f32>)>;
+            let mut row_of: Vec<Row<'_>> = vec![None; self.running.len()];
+            for ((&(i, end), out), &draw) in plan.iter().zip(&outputs).zip(draws) {
                 if let StepOutput::Logits(l) = out {
                     if end >= self.running[i].total_len() {
-                        row_of[i] = Some(l);
+                        row_of[i] = Some((l, draw));
                     }
                 }
             }
-            let mut jobs: Vec<(&mut Sampler, &[f32], &mut Option<u32>)> = self
+            /// A sampler, its row, the draw made for it (if any), where the token goes.
+            type Job<'a> = (&'a mut Sampler, &'a [f32], Option<f32>, &'a mut Option<u32>);
+            let mut jobs: Vec<Job<'_>> = self
                 .running
                 .iter_mut()
                 .zip(&row_of)
                 .zip(sampled.iter_mut())
-                .filter_map(|((s, row), out)| row.map(|l| (&mut s.sampler, l, out)))
+                .filter_map(|((s, row), out)| row.map(|(l, d)| (&mut s.sampler, l, d, out)))
                 .collect();
-            jobs.par_iter_mut()
-                .for_each(|(sampler, l, out)| **out = Some(sampler.sample(l)));
+            jobs.par_iter_mut().for_each(|(sampler, l, draw, out)| {
+                **out = Some(match *draw {
+                    Some(u) => sampler.sample_with(l, u),
+                    None => sampler.sample(l),
+                })
+            });
         }
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
         for (&(i, end), out) in plan.iter().zip(outputs) {

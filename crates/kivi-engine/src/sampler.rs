@@ -43,14 +43,34 @@ impl Sampler {
         self.params.temperature <= 0.0 || self.params.top_k == 1
     }
 
+    pub fn params(&self) -> SamplingParams {
+        self.params
+    }
+
+    /// The uniform draw in [0, 1) that [`Sampler::sample`] would use for its next token (a
+    /// device sampling the token itself gets it, so the seeded stream stays the same).
+    pub fn draw(&mut self) -> f32 {
+        self.rng.gen::<f32>()
+    }
+
     /// Picks the next token from `logits` (`[vocab]`): the softmax at the temperature over the
     /// top-k logits, cut to the smallest set of highest-probability tokens whose mass reaches
     /// top-p.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.is_greedy() || logits.is_empty() {
+            return argmax(logits);
+        }
+        let u = self.draw();
+        self.sample_with(logits, u)
+    }
+
+    /// [`Sampler::sample`] with the uniform draw `u` in [0, 1) given (drawn earlier with
+    /// [`Sampler::draw`]).
     ///
     /// Nothing is sorted that the cuts cannot keep: top-k is a selection (linear), and the
     /// nucleus is looked for among the top 64 candidates, then 4x more until their mass
     /// suffices, so a peaked distribution sorts a few dozen logits instead of the vocabulary.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub fn sample_with(&self, logits: &[f32], u: f32) -> u32 {
         let p = self.params;
         if p.temperature <= 0.0 || p.top_k == 1 || logits.is_empty() {
             return argmax(logits);
@@ -96,7 +116,7 @@ impl Sampler {
             w = cand.iter().map(|&i| weight(i)).collect();
         }
         let kept: f32 = w.iter().sum();
-        let mut r = self.rng.gen::<f32>() * kept;
+        let mut r = u * kept;
         for (&i, &wi) in cand.iter().zip(&w) {
             r -= wi;
             if r <= 0.0 {

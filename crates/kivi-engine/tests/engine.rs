@@ -555,10 +555,15 @@ fn a_sequence_outgrowing_the_whole_budget_ends_with_length() {
 /// The CPU model behind the contract of a device runner: greedy items are answered with the token
 /// id (argmax taken inside the runner, as the GPU does on the device), only sampled items get
 /// logits, and the cache holds at most `slots` sequences (`add_sequence` fails beyond them).
+/// With `device_sampling`, it also claims to sample on the device: `Some(true)` answers
+/// `Want::Sample` items with the token the host sampler picks with the given draw, `Some(false)`
+/// with the logits row (a runner's fallback).
 struct SlotRunner {
     inner: kivi_model::runner::CpuRunner,
     slots: usize,
     greedy_answers: usize,
+    device_sampling: Option<bool>,
+    sample_answers: usize,
 }
 
 impl kivi_model::runner::Runner for SlotRunner {
@@ -582,9 +587,24 @@ impl kivi_model::runner::Runner for SlotRunner {
                     self.greedy_answers += 1;
                     StepOutput::Token(kivi_engine::sampler::argmax(&l))
                 }
+                (Want::Sample(spec), StepOutput::Logits(l))
+                    if self.device_sampling == Some(true) =>
+                {
+                    self.sample_answers += 1;
+                    let sampler = kivi_engine::sampler::Sampler::new(SamplingParams {
+                        temperature: spec.temperature,
+                        top_k: spec.top_k,
+                        top_p: spec.top_p,
+                        seed: 0, // unused: the draw is given
+                    });
+                    StepOutput::Token(sampler.sample_with(&l, spec.u))
+                }
                 (_, o) => o,
             })
             .collect())
+    }
+    fn samples_on_device(&self) -> bool {
+        self.device_sampling.is_some()
     }
     fn add_sequence(&mut self) -> kivi_model::Result<kivi_core::SeqId> {
         if self.inner.n_sequences() >= self.slots {
@@ -640,12 +660,22 @@ fn a_runner_with_token_answers_and_few_slots_gives_the_tokens_of_a_run_alone() {
     use kivi_model::runner::Runner;
     let model = tiny_model(rand::random());
     let mut rng = rand::thread_rng();
-    for cache in [CacheConfig::F16, kivi_small()] {
+    // Sampled items: on the host; "on the device" (the draw passed to the runner, which
+    // answers with the token); the runner claiming it but answering with the logits row.
+    let modes = [
+        (CacheConfig::F16, None),
+        (kivi_small(), None),
+        (kivi_small(), Some(true)),
+        (CacheConfig::F16, Some(false)),
+    ];
+    for (cache, device_sampling) in modes {
         let slots = 3;
         let runner = SlotRunner {
             inner: kivi_model::runner::CpuRunner::new(model.clone(), &cache).unwrap(),
             slots,
             greedy_answers: 0,
+            device_sampling,
+            sample_answers: 0,
         };
         // More running sequences allowed than slots: admission must wait for a slot.
         let config = EngineConfig {
@@ -708,6 +738,7 @@ fn a_runner_with_token_answers_and_few_slots_gives_the_tokens_of_a_run_alone() {
         assert!(sched.is_idle());
         let runner = sched.into_runner();
         assert!(runner.greedy_answers > 0);
+        assert_eq!(runner.sample_answers > 0, device_sampling == Some(true));
         assert_eq!(runner.n_sequences(), 0);
         assert_eq!(runner.blocks_in_use(), 0);
     }

@@ -16,7 +16,7 @@ use crate::llama::{BatchItem, Logits, Model};
 use crate::Result;
 
 /// What a batch item needs from its last row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Want {
     /// Nothing (a prefill chunk that is not the prompt's last): no logits are computed.
     Nothing,
@@ -24,6 +24,20 @@ pub enum Want {
     Greedy,
     /// The logits row itself (sampling).
     Logits,
+    /// A token sampled where the logits are (only asked of a runner whose
+    /// [`Runner::samples_on_device`] is true); a runner may answer with the logits row instead.
+    Sample(SampleSpec),
+}
+
+/// Sampling parameters of one item and the uniform draw in [0, 1) its seeded sampler made for
+/// this token: the softmax at `temperature` over the `top_k` largest logits (0: all), cut to the
+/// fewest highest-probability tokens whose mass reaches `top_p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleSpec {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub u: f32,
 }
 
 /// One sequence's new tokens in [`Runner::forward`].
@@ -59,6 +73,12 @@ pub trait Runner {
     /// inputs were bad (checked first); after a device failure the items' sequences may be
     /// half-written.
     fn forward(&mut self, items: &[StepItem<'_>]) -> Result<Vec<StepOutput>>;
+
+    /// Whether [`Want::Sample`] items get their token from the runner (a GPU sampling next to
+    /// the logits) rather than their logits row.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
 
     /// Registers a new, empty sequence; fails when the cache holds no more sequences.
     fn add_sequence(&mut self) -> Result<SeqId>;
@@ -131,7 +151,7 @@ impl Runner for CpuRunner {
                 tokens: it.tokens,
                 logits: match it.want {
                     Want::Nothing => Logits::None,
-                    Want::Greedy | Want::Logits => Logits::Last,
+                    Want::Greedy | Want::Logits | Want::Sample(_) => Logits::Last,
                 },
             })
             .collect();
@@ -141,7 +161,7 @@ impl Runner for CpuRunner {
             .zip(logits)
             .map(|(it, l)| match it.want {
                 Want::Nothing => StepOutput::Nothing,
-                Want::Greedy | Want::Logits => StepOutput::Logits(l),
+                Want::Greedy | Want::Logits | Want::Sample(_) => StepOutput::Logits(l),
             })
             .collect())
     }
