@@ -226,3 +226,36 @@ impl Profiler {
         std::mem::take(&mut self.lock().profile)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_reports_per_pass_times_shares_and_the_gap_between_ops() {
+        let mut p = Profile::default();
+        let t = |calls, ms| OpTime { calls, ms };
+        p.steps.insert(StepKind::Decode, t(4, 40.0)); // 10 ms per pass
+        p.ops.insert((StepKind::Decode, "gemm"), t(8, 16.0)); // 4 ms, 40 %
+        p.ops.insert((StepKind::Decode, "attend"), t(4, 20.0)); // 5 ms, 50 %
+        p.steps.insert(StepKind::Mixed, t(1, 8.0));
+        p.ops.insert((StepKind::Mixed, "gemm"), t(3, 6.0));
+        let table = p.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "decode passes: 4, GPU span 10.00 ms per pass");
+        // Largest first; calls per pass.
+        assert!(lines[1].starts_with("  attend") && lines[1].contains("5.000 ms/pass  50.0 %"));
+        assert!(lines[1].ends_with("(1 calls/pass)"), "{}", lines[1]);
+        assert!(lines[2].starts_with("  gemm") && lines[2].contains("4.000 ms/pass  40.0 %"));
+        assert!(lines[2].ends_with("(2 calls/pass)"));
+        // 40 - 36 ms not covered by any op: 1 ms per pass, 10 %.
+        assert!(
+            lines[3].starts_with("  (between ops)") && lines[3].contains("1.000 ms/pass  10.0 %")
+        );
+        assert_eq!(
+            lines[4],
+            "prefill+decode passes: 1, GPU span 8.00 ms per pass"
+        );
+        assert!(lines[6].contains("2.000 ms/pass  25.0 %"), "{}", lines[6]);
+    }
+}
