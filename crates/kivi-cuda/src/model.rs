@@ -508,8 +508,8 @@ impl Backend for CudaBackend {
             g16.holds = None; // about to be overwritten
         }
         let x16 = g16.reserve(s, n_in)?;
-        let span = self.profiler.span("to_f16");
         if !converted {
+            let _span = self.profiler.span("to_f16");
             let f = self.f("to_f16")?;
             let n64 = n_in as i64;
             // SAFETY: x holds n_in values, x16 at least n_in.
@@ -522,7 +522,6 @@ impl Backend for CudaBackend {
                     .map_err(err)?
             };
         }
-        drop(span);
         let _span = self.profiler.span("gemm");
         // Row-major out[rows][w.rows] = x[rows][cols] · Wᵀ is, column-major,
         // out (w.rows × rows) = Wᵀ(w.rows × cols) · x (cols × rows) with W read as (cols × w.rows).

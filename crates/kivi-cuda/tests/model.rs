@@ -206,39 +206,6 @@ fn matmul_after_rmsnorm_and_swiglu_matches_cpu() {
     matmul_both("matmul after swiglu", &ggate, &cgate, false);
 }
 
-/// Token probabilities of temperature + top-k + top-p sampling in f64, from the definition
-/// (softmax at T over the top-k logits, the fewest highest-probability tokens whose mass reaches
-/// top_p, renormalised), and each token's cumulative mass in logit order (to skip the one token
-/// whose membership rounding decides).
-fn reference_probs(l: &[f32], t: f32, top_k: usize, top_p: f32) -> (Vec<f64>, Vec<f64>) {
-    let mut idx: Vec<usize> = (0..l.len()).collect();
-    idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
-    if top_k > 0 {
-        idx.truncate(top_k);
-    }
-    let max = l[idx[0]] as f64;
-    let w: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((l[i] as f64 - max) / t as f64).exp())
-        .collect();
-    let z: f64 = w.iter().sum();
-    let (mut probs, mut cum) = (vec![0f64; l.len()], vec![f64::NAN; l.len()]);
-    let (mut acc, mut kept) = (0.0, Vec::new());
-    for (&i, &wi) in idx.iter().zip(&w) {
-        acc += wi / z;
-        cum[i] = acc;
-        kept.push((i, wi));
-        if acc >= top_p as f64 {
-            break;
-        }
-    }
-    let zk: f64 = kept.iter().map(|k| k.1).sum();
-    for (i, wi) in kept {
-        probs[i] = wi / zk;
-    }
-    (probs, cum)
-}
-
 #[test]
 fn device_sampling_follows_the_reference_distribution() {
     // Peaked, flat and LM-like rows; temperature only, top-p, top-k + top-p, greedy. Every
@@ -286,7 +253,7 @@ fn device_sampling_follows_the_reference_distribution() {
             .iter()
             .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
             .collect();
-        let (want, cum) = reference_probs(&l, t, top_k, top_p);
+        let (want, cum) = kivi_engine::sampler::reference_probs(&l, t, top_k, top_p);
         let mut counts = vec![0usize; vocab];
         for &tok in &got {
             counts[tok as usize] += 1;

@@ -140,6 +140,47 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best.unwrap_or(0) as u32
 }
 
+/// The distribution [`Sampler`] draws from, in f64 from the definition (a full sort, no
+/// selection, no search): token probabilities of the softmax at `temperature` over the `top_k`
+/// largest logits (0: all), cut to the fewest highest-probability tokens whose mass reaches
+/// `top_p`, renormalised; and each token's cumulative mass in logit order up to and including it
+/// (NaN outside the top-k), so that a test can skip the one token whose membership rounding
+/// decides. The independent reference for the host and device samplers' tests.
+pub fn reference_probs(
+    logits: &[f32],
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if top_k > 0 {
+        idx.truncate(top_k);
+    }
+    let max = logits[idx[0]] as f64;
+    let w: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / temperature as f64).exp())
+        .collect();
+    let z: f64 = w.iter().sum();
+    let n = logits.len();
+    let (mut probs, mut cum) = (vec![0f64; n], vec![f64::NAN; n]);
+    let (mut acc, mut kept) = (0.0, Vec::new());
+    for (&i, &wi) in idx.iter().zip(&w) {
+        acc += wi / z;
+        cum[i] = acc;
+        kept.push((i, wi));
+        if acc >= top_p as f64 {
+            break;
+        }
+    }
+    let zk: f64 = kept.iter().map(|k| k.1).sum();
+    for (i, wi) in kept {
+        probs[i] = wi / zk;
+    }
+    (probs, cum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,40 +268,6 @@ mod tests {
         }
     }
 
-    /// Token probabilities of top-k + top-p sampling, computed in f64 from the definition: the
-    /// softmax at T over the top-k logits, sorted, the smallest prefix whose mass reaches top_p,
-    /// renormalised. Also returns each token's cumulative mass up to and including it (to skip
-    /// the one token whose membership is a rounding decision).
-    fn reference_probs(l: &[f32], p: SamplingParams) -> (Vec<f64>, Vec<f64>) {
-        let mut idx: Vec<usize> = (0..l.len()).collect();
-        idx.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
-        if p.top_k > 0 {
-            idx.truncate(p.top_k);
-        }
-        let max = l[idx[0]] as f64;
-        let w: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((l[i] as f64 - max) / p.temperature as f64).exp())
-            .collect();
-        let z: f64 = w.iter().sum();
-        let (mut probs, mut cum) = (vec![0f64; l.len()], vec![f64::NAN; l.len()]);
-        let mut acc = 0.0;
-        let mut kept = Vec::new();
-        for (&i, &wi) in idx.iter().zip(&w) {
-            acc += wi / z;
-            cum[i] = acc;
-            kept.push((i, wi));
-            if acc >= p.top_p as f64 {
-                break;
-            }
-        }
-        let zk: f64 = kept.iter().map(|k| k.1).sum();
-        for (i, wi) in kept {
-            probs[i] = wi / zk;
-        }
-        (probs, cum)
-    }
-
     #[test]
     fn top_k_top_p_frequencies_match_f64_reference() {
         // Peaked logits (a nucleus of a few tokens) and flat ones (a nucleus of hundreds: past
@@ -281,7 +288,7 @@ mod tests {
                 top_p,
                 seed: rng.gen(),
             };
-            let (want, cum) = reference_probs(&l, params);
+            let (want, cum) = reference_probs(&l, params.temperature, top_k, top_p);
             let mut s = Sampler::new(params);
             let n = 60_000;
             let mut counts = vec![0usize; l.len()];
