@@ -289,9 +289,6 @@ struct AttnParams {
     // 1: tokens of items with several new tokens attend only the stored positions [0, n_old)
     // here; kivi_attn_prefill adds the new ones as split nsplit - 1.
     int prefill;
-    // Blocks each warp asks L2 for ahead of its use (0: none): a warp has only a few loads in
-    // flight, too few to cover DRAM latency at the byte rates a 2-bit cache needs.
-    int prefetch;
 };
 
 // Code j of word w as f = 1 + c / 2^b (mantissa bits 21..22 at 2 bits, 19..22 at 4 bits), so
@@ -435,29 +432,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2,
         "{%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Asks L2 for [p, p + bytes) (p 16-byte aligned, bytes a multiple of 16) without waiting: one
-// bulk prefetch on sm_90, else one prefetch per 128-byte line.
-__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-    for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
-#endif
-}
-// One KV head's quantized keys (codes, scales, mins) or values of pool block blk.
-__device__ __forceinline__ void prefetch_key_block(const CacheBufs& c, int kvh, u64 blk) {
-    prefetch_l2(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head, (u32)(c.kq_block * 4));
-    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
-    prefetch_l2(c.ks + sm, (u32)(c.ksm_block * 2));
-    prefetch_l2(c.km + sm, (u32)(c.ksm_block * 2));
-}
-__device__ __forceinline__ void prefetch_value_block(const CacheBufs& c, int kvh, u64 blk) {
-    prefetch_l2(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, (u32)(c.vq_block * 4));
-    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
-    prefetch_l2(c.vs + sm, (u32)(c.vsm_block * 2));
-    prefetch_l2(c.vm + sm, (u32)(c.vsm_block * 2));
 }
 
 // Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
@@ -676,35 +650,6 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     }
     const int kt_valid = min(kt_end, max(min(s1, nqk), s0));
     const int vt_valid = min(vt_end, max(min(s1, nqv), s0));
-    // L2 prefetch, P.prefetch blocks ahead along the warp's own sequence of work: its key blocks
-    // on the tensor cores, then its value blocks (KIVI); its 32-token key rows, then its 8-token
-    // value rows (f16 cache).
-    const int nkw = max((kt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W;
-    const int nvw = max((vt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W;
-    auto prefetch_tc = [&](int j) {
-        if (j < nkw)
-            prefetch_key_block(c, kvh, (u64)sblk[warp + j * W]);
-        else if (j - nkw < nvw)
-            prefetch_value_block(c, kvh, (u64)sblk[warp + (j - nkw) * W]);
-    };
-    const u64 f16_key_head = (u64)kvh * c.kwin_head, f16_val_head = (u64)kvh * c.vwin_head;
-    auto prefetch_f16_rows = [&](const u16* base, u64 head, u64 unit, int p, int rows) {
-        rows = min(rows, min(n, s1) - p);  // paged rows of this split only
-        if (rows > 0)
-            prefetch_l2(base + head + (u64)sblk[(p - s0) / BLOCK_TOKENS] * unit + (u64)(p & (BLOCK_TOKENS - 1)) * D,
-                        (u32)(rows * D * 2));
-    };
-    if (P.prefetch && lane == 0) {
-        if (QUANT) {
-            for (int j = 0; j < P.prefetch; j++) prefetch_tc(j);
-        } else {
-            for (int j = 0; j < P.prefetch; j++) {
-                prefetch_f16_rows(c.kwin, f16_key_head, c.kwin_unit, s0 + (warp + j * W) * 32, 32);
-                for (int x = 0; x < 4; x++)
-                    prefetch_f16_rows(c.vwin, f16_val_head, c.vwin_unit, s0 + (warp + (4 * j + x) * W) * 8, 8);
-            }
-        }
-    }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     if (kt_end > s0) {
@@ -740,15 +685,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        for (int pb = s0 + warp * BLOCK_TOKENS, j = 0; pb < kt_end; pb += W * BLOCK_TOKENS, j++) {
-            if (P.prefetch && lane == 0) prefetch_tc(j + P.prefetch);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
                                      sc, lane);
-        }
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
-        if (!QUANT && P.prefetch && lane == 0)
-            prefetch_f16_rows(c.kwin, f16_key_head, c.kwin_unit, t0 + P.prefetch * W * 32, 32);
         if (QUANT && t0 + 32 <= nqk) {
             constexpr int KBq = QUANT ? KB : 2;
             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
@@ -928,11 +869,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS, j = nkw; pb < vt_end; pb += W * BLOCK_TOKENS, j++) {
-                if (P.prefetch && lane == 0) prefetch_tc(j + P.prefetch);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                            tacc, lane);
-            }
             // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1.
             const int g = lane >> 2, t = lane & 3;
             if (t < NG) {
@@ -1010,8 +949,6 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int vbase = QUANT ? nqv % vmod : 0;
         constexpr int UNROLL = 8;
         for (int pb = fstart + warp * UNROLL; pb < s1; pb += W * UNROLL) {
-            if (!QUANT && P.prefetch && lane == 0)
-                prefetch_f16_rows(c.vwin, f16_val_head, c.vwin_unit, pb + 4 * P.prefetch * W * UNROLL, UNROLL);
             u32 raw[UNROLL][CPL];
             bool is_f32[UNROLL];
             // The f16 cache: fstart = s0, so pb is 8-aligned and the 8 tokens are in one block.

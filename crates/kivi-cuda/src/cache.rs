@@ -37,8 +37,6 @@ const ONE_WARP_PAIRS_PER_SM: usize = 16;
 /// 1.4x; slower at B = 1 and for long GQA sequences).
 const ONE_WARP_MIN_PAIRS: usize = 64;
 const ONE_WARP_MAX_LEN: usize = 4096;
-/// Attention warps prefetch into L2 this many units of work ahead (`GpuCache::set_prefetch`).
-const DEFAULT_PREFETCH_BLOCKS: usize = 1;
 /// Token positions per pool block (`BLOCK_TOKENS` in cache.cu). 128: a multiple of every
 /// supported group size (G divides head_dim <= 128 and is a multiple of 32), so a key group
 /// never straddles blocks; attention splits are whole blocks, whose ids a CTA keeps in shared
@@ -112,7 +110,6 @@ struct AttnParams {
     tc_multiple: i32,
     tc_partial_min: i32,
     prefill: i32,
-    prefetch: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
@@ -345,7 +342,6 @@ pub struct GpuCache {
     /// one head's CUDA-core path beats below ~70 tokens; with 4 heads they win from 42 tokens,
     /// GQA B = 1024 14 % faster).
     tc_partial_min: Option<usize>,
-    prefetch_blocks: usize,
     /// The attention among a multi-token item's new tokens through the tiled prefill kernel
     /// (else the decode kernel per query token; `KIVI_CUDA_PREFILL=0`, for comparison).
     prefill_kernel: bool,
@@ -522,10 +518,6 @@ impl GpuCache {
             tc_partial_min: std::env::var("KIVI_CUDA_TC_PARTIAL")
                 .ok()
                 .and_then(|v| v.parse().ok()),
-            prefetch_blocks: std::env::var("KIVI_CUDA_PREFETCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DEFAULT_PREFETCH_BLOCKS),
         })
     }
 
@@ -565,13 +557,6 @@ impl GpuCache {
     /// at least `min_tokens` quantized positions (0: never, the CUDA-core path takes it).
     pub fn set_tensor_core_partial(&mut self, min_tokens: usize) {
         self.tc_partial_min = Some(min_tokens);
-    }
-
-    /// How far ahead (in units of a warp's work: a quantized block, or 32 f16 key rows) each
-    /// attention warp asks L2 for the cache bytes it reads next (0: no prefetch; also
-    /// `KIVI_CUDA_PREFETCH`).
-    pub fn set_prefetch(&mut self, blocks: usize) {
-        self.prefetch_blocks = blocks.min(8);
     }
 
     /// Forces one-warp (`Some(true)`) or four-warp (`Some(false)`) attention CTAs for KIVI
@@ -1059,7 +1044,6 @@ impl GpuCache {
                 .unwrap_or(if ng == 1 { 72 } else { 32 })
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
-            prefetch: self.prefetch_blocks.min(8) as i32,
         };
         let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {

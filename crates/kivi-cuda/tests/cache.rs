@@ -98,9 +98,6 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     gcache.set_tensor_cores(case.tensor_cores);
     gcache.set_one_warp(Some(case.one_warp));
     gcache.set_prefill_kernel(case.prefill_kernel);
-    // L2 prefetch changes no result; any distance must stay inside the split's blocks.
-    let prefetch = r.gen_range(0..=3usize);
-    gcache.set_prefetch(prefetch);
     // Partial quantized blocks: on the tensor cores whatever their size with one-warp CTAs,
     // on the CUDA cores with four (both paths meet whole tensor-core blocks).
     gcache.set_tensor_core_partial(if case.one_warp { 1 } else { 0 });
@@ -180,8 +177,8 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
         }
     }
     eprintln!(
-        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} prefill kernel {} prefetch \
-         {prefetch}: worst rel err {worst:.2e}",
+        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} prefill kernel {}: worst rel \
+         err {worst:.2e}",
         case.config, case.tensor_cores, case.one_warp, case.prefill_kernel
     );
 }
@@ -343,10 +340,8 @@ fn long_context_splits_match_cpu() {
             .unwrap();
             g.advance(&b);
         }
-        // Long prefetch distances at the largest split reach past the split's last block.
-        for (split, prefetch) in [(None, 1), (Some(64), 2), (Some(2048), 8)] {
+        for split in [None, Some(64), Some(2048)] {
             g.set_split_tokens(split);
-            g.set_prefetch(prefetch);
             let q: Vec<f32> = (0..2 * nh * d).map(|_| r.gen_range(-1.0..1.0)).collect();
             let k = kv_data(&mut r, 2, row);
             let v = kv_data(&mut r, 2, row);
