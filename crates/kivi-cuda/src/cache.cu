@@ -436,14 +436,20 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2,
 
 // Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
 // code in the low half).
+// (a & b) | c in one LOP3 (with two immediate constants the compiler emits an AND and an OR).
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
 template <int BITS>
 __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / BITS]) {
-    u32 x = prmt(wa, wb, k < 2 ? 0x5410u : 0x7632u);
-    if (k & 1) x >>= 8;
+    // Byte k of wa in the low half, byte k of wb in the high half: one PRMT, no shift.
+    const u32 x = prmt(wa, wb, (u32)k | ((u32)(k + 4) << 8));
 #pragma unroll
     for (int j = 0; j < 8 / BITS; j++) {
         const int sh = BITS * j;
-        const u32 h = (x & ((((1u << BITS) - 1) * 0x00010001u) << sh)) | 0x64006400u;
+        const u32 h = and_or(x, (((1u << BITS) - 1) * 0x00010001u) << sh, 0x64006400u);
         // h = 1024 + 2^sh c; h 2^-sh - 2^(10 - sh) = c (f16 bits of 2^e: 0x3c00 + (e << 10)).
         const u32 scale = (0x3c00u - (sh << 10)) * 0x00010001u;
         const u32 off = (0x8000u | (0x3c00u + ((10 - sh) << 10))) * 0x00010001u;
@@ -513,6 +519,10 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     }
 }
 
+// Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
+// so that the 4 groups read by a warp fall in different banks.
+#define STAGE_ROW (BLOCK_TOKENS + 16)
+
 // Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
@@ -520,7 +530,8 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // as split_bits.
 template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                               int valid, const float* sc, float (&acc)[D / 16][4], int lane) {
+                                               int valid, const float* sc, float (&acc)[D / 16][4], u16* stage,
+                                               int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
@@ -530,10 +541,29 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
     const int shift = (g * LBITS) % 32;
-    const int gpt = D / c.group;
-    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (g * CH) / c.group;
-    const u16* vs = c.vs + sm;
-    const u16* vm = c.vm + sm;
+    // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
+    // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
+    // where 16-bit loads from memory cost two loads, their 64-bit addresses and a PRMT.
+    {
+        const int gpt = D / c.group, gshift = __ffs(gpt) - 1;
+        const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
+        const u32* vs32 = (const u32*)(c.vs + sm);
+        const u32* vm32 = (const u32*)(c.vm + sm);
+        __syncwarp();  // the previous block's readers are done
+        for (int i = lane; i < BLOCK_TOKENS * gpt / 2; i += 32) {
+            const u32 sw = vs32[i], mw = vm32[i];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int e = 2 * i + h, tok = e >> gshift, grp = e & (gpt - 1);
+                stage[grp * STAGE_ROW + tok] = (u16)(sw >> (16 * h));
+                stage[(D / 32 + grp) * STAGE_ROW + tok] = (u16)(mw >> (16 * h));
+            }
+        }
+        __syncwarp();
+    }
+    const int vg = (g * CH) / c.group;
+    const u16* vs = stage + vg * STAGE_ROW;
+    const u16* vm = stage + (D / 32 + vg) * STAGE_ROW;
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll 2
@@ -552,10 +582,10 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         // copy for whole blocks was measured slower: 14 % at KIVI-2 R = 128, 330 tokens.)
         const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
         const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-        const u32 sa = ((u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16)) & keep_a;
-        const u32 ma = ((u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16)) & keep_a;
-        const u32 sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
-        const u32 mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
+        const u32 sa = *(const u32*)(vs + ta) & keep_a;
+        const u32 ma = *(const u32*)(vm + ta) & keep_a;
+        const u32 sb = *(const u32*)(vs + tb) & keep_b;
+        const u32 mb = *(const u32*)(vm + tb) & keep_b;
         u32 bx = 0, by = 0;
         if (hg < NG) {
             bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
@@ -640,6 +670,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     int kt_end = s0, vt_end = s0;
     const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
     __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
+    // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
+    // (tc_value_block), 32-bit aligned.
+    __shared__ u32 svstage[QUANT ? W * D / 32 * STAGE_ROW : 1];
     if (QUANT && P.tensor_cores) {
         const int kq = max(min(s1, nqk) - s0, 0), vq = max(min(s1, nqv) - s0, 0);
         kt_end = s0 + kq / tc_unit * tc_unit;
@@ -871,7 +904,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                           tacc, lane);
+                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1.
             const int g = lane >> 2, t = lane & 3;
             if (t < NG) {
