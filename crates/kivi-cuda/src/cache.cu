@@ -549,14 +549,27 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
         const u32* vs32 = (const u32*)(c.vs + sm);
         const u32* vm32 = (const u32*)(c.vm + sm);
-        __syncwarp();  // the previous block's readers are done
-        for (int i = lane; i < BLOCK_TOKENS * gpt / 2; i += 32) {
-            const u32 sw = vs32[i], mw = vm32[i];
+        // All loads first (one memory round trip per block, not one per iteration).
+        constexpr int IT = BLOCK_TOKENS * (D / 32) / 2 / 32;  // iterations at the largest gpt
+        const int n_pairs = BLOCK_TOKENS * gpt / 2;
+        u32 sw[IT], mw[IT];
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int e = 2 * i + h, tok = e >> gshift, grp = e & (gpt - 1);
-                stage[grp * STAGE_ROW + tok] = (u16)(sw >> (16 * h));
-                stage[(D / 32 + grp) * STAGE_ROW + tok] = (u16)(mw >> (16 * h));
+        for (int it = 0; it < IT; it++) {
+            const int i = lane + 32 * it;
+            sw[it] = i < n_pairs ? vs32[i] : 0u;
+            mw[it] = i < n_pairs ? vm32[i] : 0u;
+        }
+        __syncwarp();  // the previous block's readers are done
+#pragma unroll
+        for (int it = 0; it < IT; it++) {
+            const int i = lane + 32 * it;
+            if (i < n_pairs) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int e = 2 * i + h, tok = e >> gshift, grp = e & (gpt - 1);
+                    stage[grp * STAGE_ROW + tok] = (u16)(sw[it] >> (16 * h));
+                    stage[(D / 32 + grp) * STAGE_ROW + tok] = (u16)(mw[it] >> (16 * h));
+                }
             }
         }
         __syncwarp();
