@@ -522,6 +522,10 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
 // so that the 4 groups read by a warp fall in different banks.
 #define STAGE_ROW (BLOCK_TOKENS + 16)
+// 0: each lane loads its value scales/mins from memory (the previous path, for comparison).
+#ifndef VALUE_STAGE
+#define VALUE_STAGE 1
+#endif
 
 // Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
@@ -544,6 +548,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
     // where 16-bit loads from memory cost two loads, their 64-bit addresses and a PRMT.
+#if VALUE_STAGE
     {
         const int gpt = D / c.group, gshift = __ffs(gpt) - 1;
         const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
@@ -577,6 +582,12 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     const int vg = (g * CH) / c.group;
     const u16* vs = stage + vg * STAGE_ROW;
     const u16* vm = stage + (D / 32 + vg) * STAGE_ROW;
+#else
+    const int gpt = D / c.group;
+    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (g * CH) / c.group;
+    const u16* vs = c.vs + sm;
+    const u16* vm = c.vm + sm;
+#endif
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll 2
@@ -595,10 +606,17 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         // copy for whole blocks was measured slower: 14 % at KIVI-2 R = 128, 330 tokens.)
         const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
         const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
+#if VALUE_STAGE
         const u32 sa = *(const u32*)(vs + ta) & keep_a;
         const u32 ma = *(const u32*)(vm + ta) & keep_a;
         const u32 sb = *(const u32*)(vs + tb) & keep_b;
         const u32 mb = *(const u32*)(vm + tb) & keep_b;
+#else
+        const u32 sa = ((u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16)) & keep_a;
+        const u32 ma = ((u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16)) & keep_a;
+        const u32 sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
+        const u32 mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
+#endif
         u32 bx = 0, by = 0;
         if (hg < NG) {
             bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
