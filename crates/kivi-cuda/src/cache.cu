@@ -548,9 +548,14 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
     // where 16-bit loads from memory cost two loads, their 64-bit addresses and a PRMT.
-#if VALUE_STAGE
-    {
-        const int gpt = D / c.group, gshift = __ffs(gpt) - 1;
+    // (Staging costs shared memory: with several heads per CTA, whose CTAs are limited by it,
+    // it measured slower for many short sequences, so only one-head CTAs stage.)
+    constexpr bool STAGE = VALUE_STAGE && NG == 1;
+    const int gpt = D / c.group;
+    const u16* vs;
+    const u16* vm;
+    if constexpr (STAGE) {
+        const int gshift = __ffs(gpt) - 1;
         const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
         const u32* vs32 = (const u32*)(c.vs + sm);
         const u32* vm32 = (const u32*)(c.vm + sm);
@@ -578,16 +583,14 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
             }
         }
         __syncwarp();
+        const int vg = (g * CH) / c.group;
+        vs = stage + vg * STAGE_ROW;
+        vm = stage + (D / 32 + vg) * STAGE_ROW;
+    } else {
+        const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (g * CH) / c.group;
+        vs = c.vs + sm;
+        vm = c.vm + sm;
     }
-    const int vg = (g * CH) / c.group;
-    const u16* vs = stage + vg * STAGE_ROW;
-    const u16* vm = stage + (D / 32 + vg) * STAGE_ROW;
-#else
-    const int gpt = D / c.group;
-    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (g * CH) / c.group;
-    const u16* vs = c.vs + sm;
-    const u16* vm = c.vm + sm;
-#endif
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll 2
@@ -606,17 +609,18 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         // copy for whole blocks was measured slower: 14 % at KIVI-2 R = 128, 330 tokens.)
         const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
         const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-#if VALUE_STAGE
-        const u32 sa = *(const u32*)(vs + ta) & keep_a;
-        const u32 ma = *(const u32*)(vm + ta) & keep_a;
-        const u32 sb = *(const u32*)(vs + tb) & keep_b;
-        const u32 mb = *(const u32*)(vm + tb) & keep_b;
-#else
-        const u32 sa = ((u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16)) & keep_a;
-        const u32 ma = ((u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16)) & keep_a;
-        const u32 sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
-        const u32 mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
-#endif
+        u32 sa, ma, sb, mb;
+        if constexpr (STAGE) {
+            sa = *(const u32*)(vs + ta) & keep_a;
+            ma = *(const u32*)(vm + ta) & keep_a;
+            sb = *(const u32*)(vs + tb) & keep_b;
+            mb = *(const u32*)(vm + tb) & keep_b;
+        } else {
+            sa = ((u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16)) & keep_a;
+            ma = ((u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16)) & keep_a;
+            sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
+            mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
+        }
         u32 bx = 0, by = 0;
         if (hg < NG) {
             bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
@@ -703,7 +707,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
     // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
     // (tc_value_block), 32-bit aligned.
-    __shared__ u32 svstage[QUANT ? W * D / 32 * STAGE_ROW : 1];
+    __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
     if (QUANT && P.tensor_cores) {
         const int kq = max(min(s1, nqk) - s0, 0), vq = max(min(s1, nqv) - s0, 0);
         kt_end = s0 + kq / tc_unit * tc_unit;
