@@ -151,6 +151,7 @@ struct Rec {
     int item, at;
 };
 
+#ifndef ATTN_D  // the append kernels: not in the per-variant attention modules
 // One thread per (key group record, KV head, channel): (re)quantizes a key group that this
 // append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
 // with its current statistics). grid = (records, Hkv), block = D.
@@ -264,6 +265,7 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const
     if (p >= vstart)
         c.vwin[(u64)tk.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(p % c.resid) * D + d] = f2h(vnew[src]);
 }
+#endif  // ATTN_D
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention (flash-decoding). One CTA = one packed query token x one KV head x NG of its
@@ -1100,26 +1102,18 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #define ONE_WARP_MIN_CTAS 20
 #endif
 #define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : QUANT_MIN_CTAS_GQA)
-#define ATTN(D, KB, VB, NG)                                                            \
-    extern "C" __global__ void __launch_bounds__(4 * 32, MIN_CTAS(KB, NG))             \
-        kivi_attn_d##D##_k##KB##_v##VB##_g##NG(AttnParams p) {                         \
-        attn_split<D, KB, VB, NG, 4>(p);                                               \
-    }
-// One-warp CTAs (KIVI caches only): each warp walks its split's whole blocks on the tensor
-// cores, ~20 independent warps per SM instead of 5 CTAs of 4 warps waiting at barriers.
-#define ATTN_W1(D, KB, VB, NG)                                                         \
-    extern "C" __global__ void __launch_bounds__(32, ONE_WARP_MIN_CTAS)                \
-        kivi_attn_d##D##_k##KB##_v##VB##_g##NG##_w1(AttnParams p) {                    \
-        attn_split<D, KB, VB, NG, 1>(p);                                               \
-    }
-#define ATTN_NG(D, KB, VB) ATTN(D, KB, VB, 1) ATTN(D, KB, VB, 2) ATTN(D, KB, VB, 3) ATTN(D, KB, VB, 4)
-#define ATTN_NG_W1(D, KB, VB) \
-    ATTN_W1(D, KB, VB, 1) ATTN_W1(D, KB, VB, 2) ATTN_W1(D, KB, VB, 3) ATTN_W1(D, KB, VB, 4)
-#define ATTN_BITS(D)                                                                   \
-    ATTN_NG(D, 2, 2) ATTN_NG(D, 4, 4) ATTN_NG(D, 2, 4) ATTN_NG(D, 4, 2) ATTN_NG(D, 16, 16) \
-    ATTN_NG_W1(D, 2, 2) ATTN_NG_W1(D, 4, 4) ATTN_NG_W1(D, 2, 4) ATTN_NG_W1(D, 4, 2)
-ATTN_BITS(64)
-ATTN_BITS(128)
+// One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
+// -DATTN_D (head dim) -DATTN_KB -DATTN_VB (key/value bits, 16: the f16 cache) -DATTN_NG
+// (query heads per CTA) -DATTN_W (warps per CTA: 4, or 1 for batches of many short
+// sequences, where each warp walks its split's whole blocks on the tensor cores and ~20
+// independent warps share an SM). Instantiating every variant in one module made the first
+// use compile ~70 kernels (18 MB of PTX; ~80 s on the H200 machine).
+#ifdef ATTN_D
+extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_MIN_CTAS : MIN_CTAS(ATTN_KB, ATTN_NG))
+    kivi_attn(AttnParams p) {
+    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W>(p);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Prefill attention: the causal attention among an item's new tokens (positions
@@ -1226,6 +1220,7 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
         kivi_attn_prefill_d##D(AttnParams p, const int* tiles) {                       \
         attn_prefill<D>(p, tiles);                                                     \
     }
+#ifndef ATTN_D
 ATTN_PREFILL(64)
 ATTN_PREFILL(128)
 
@@ -1252,3 +1247,4 @@ extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* pa
     }
     out[((u64)tok * n_head + h) * head_dim + d] = num / den;
 }
+#endif  // ATTN_D

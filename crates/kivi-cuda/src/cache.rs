@@ -588,16 +588,23 @@ impl GpuCache {
             CacheConfig::F16 => (16, 16),
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
-        let mut names = vec![format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}")];
+        let mut kernels = vec![(
+            format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
+            self.attn_function(kb, vb, ng, 4)?,
+        )];
         if kb < 16 {
-            names.push(format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"));
+            kernels.push((
+                format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
+                self.attn_function(kb, vb, ng, 1)?,
+            ));
         }
-        names.push(format!("kivi_attn_prefill_d{d}"));
-        names.push("kivi_attn_reduce".into());
-        names
+        for name in [format!("kivi_attn_prefill_d{d}"), "kivi_attn_reduce".into()] {
+            let f = self.function(&name)?;
+            kernels.push((name, f));
+        }
+        kernels
             .into_iter()
-            .map(|name| {
-                let f = self.function(&name)?;
+            .map(|(name, f)| {
                 Ok(KernelResources {
                     registers: f.num_regs()?,
                     local_bytes: f.local_size_bytes()?,
@@ -930,6 +937,32 @@ impl GpuCache {
         self.gpu.function(MODULE, SOURCE, name)
     }
 
+    /// The defines of one decode-attention variant (cache.cu `kivi_attn`) and its module name.
+    fn attn_variant(d: usize, kb: u8, vb: u8, ng: usize, warps: usize) -> (String, Vec<String>) {
+        let defines = [
+            ("D", d),
+            ("KB", kb.into()),
+            ("VB", vb.into()),
+            ("NG", ng),
+            ("W", warps),
+        ]
+        .map(|(k, v)| format!("-DATTN_{k}={v}"))
+        .to_vec();
+        (
+            format!("{MODULE}_attn_d{d}_k{kb}_v{vb}_g{ng}_w{warps}"),
+            defines,
+        )
+    }
+
+    /// The decode-attention kernel for this cache's head dim, `kb`/`vb` key/value bits (16:
+    /// the f16 cache), `ng` query heads and `warps` warps per CTA: one module per variant,
+    /// compiled on first use (cache.cu `kivi_attn`).
+    fn attn_function(&self, kb: u8, vb: u8, ng: usize, warps: usize) -> Result<CudaFunction> {
+        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps);
+        self.gpu
+            .function_with(&module, SOURCE, &defines, "kivi_attn")
+    }
+
     fn heads_per_cta(n_rep: usize) -> usize {
         [4, 3, 2, 1]
             .into_iter()
@@ -1018,9 +1051,7 @@ impl GpuCache {
             CacheConfig::F16 => (16, 16),
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
-        let w1 = if one_warp { "_w1" } else { "" };
-        let name = format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}{w1}");
-        let f = self.function(&name)?;
+        let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 })?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
         let params = AttnParams {
@@ -1330,6 +1361,35 @@ fn pad(mut v: Vec<i32>) -> Vec<i32> {
         v.push(0);
     }
     v
+}
+
+/// The cache's kernel modules: the append / prefill / reduce kernels, and every decode-attention
+/// variant a cache can launch (head dims 64 and 128; 2/4-bit keys and values, or f16; 1-4
+/// query heads per CTA; four-warp CTAs, and one-warp CTAs for KIVI caches).
+pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
+    let mut modules = vec![crate::KernelModule {
+        name: MODULE.into(),
+        source: SOURCE,
+        defines: Vec::new(),
+    }];
+    for d in [64, 128] {
+        for (kb, vb) in [(2, 2), (4, 4), (2, 4), (4, 2), (16, 16)] {
+            for ng in 1..=4 {
+                for warps in [4, 1] {
+                    if warps == 1 && kb == 16 {
+                        continue;
+                    }
+                    let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps);
+                    modules.push(crate::KernelModule {
+                        name,
+                        source: SOURCE,
+                        defines,
+                    });
+                }
+            }
+        }
+    }
+    modules
 }
 
 #[cfg(test)]

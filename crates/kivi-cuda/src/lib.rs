@@ -46,7 +46,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: (i32, i32),
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
 }
 
 impl Gpu {
@@ -154,36 +154,35 @@ impl Gpu {
 
     /// Kernel `name` of the module compiled from `source` (compiled once per process, PTX cached
     /// on disk across processes).
-    pub fn function(&self, module: &'static str, source: &str, name: &str) -> Result<CudaFunction> {
+    pub fn function(&self, module: &str, source: &str, name: &str) -> Result<CudaFunction> {
+        self.function_with(module, source, &[], name)
+    }
+
+    /// As [`Gpu::function`], for a module compiled from `source` with the preprocessor
+    /// `defines` (`-DNAME=VALUE`): one module per variant of a templated kernel, so that a run
+    /// compiles only the variants it launches. `module` names the variant.
+    pub fn function_with(
+        &self,
+        module: &str,
+        source: &str,
+        defines: &[String],
+        name: &str,
+    ) -> Result<CudaFunction> {
         let mut modules = self.modules.lock().expect("module cache poisoned");
         let m = match modules.get(module) {
             Some(m) => m.clone(),
             None => {
-                let ptx = self.compile(module, source)?;
+                let ptx = self.compile(module, source, defines)?;
                 let m = self.ctx.load_module(Ptx::from_src(ptx))?;
-                modules.insert(module, m.clone());
+                modules.insert(module.to_string(), m.clone());
                 m
             }
         };
         Ok(m.load_function(name)?)
     }
 
-    fn compile(&self, module: &str, source: &str) -> Result<String> {
-        let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
-        let mut options = vec![
-            format!("--gpu-architecture={arch}"),
-            "-std=c++17".to_string(),
-        ];
-        // Kernel tuning experiments: `KIVI_CUDA_DEFINES="-DTC_PREFETCH=2 -DQUANT_MIN_CTAS=4"`
-        // overrides the kernels' compile-time knobs (part of the PTX cache key).
-        if let Ok(defines) = std::env::var("KIVI_CUDA_DEFINES") {
-            options.extend(
-                defines
-                    .split_whitespace()
-                    .filter(|d| d.starts_with("-D"))
-                    .map(str::to_string),
-            );
-        }
+    fn compile(&self, module: &str, source: &str, defines: &[String]) -> Result<String> {
+        let options = compile_options(self.arch, defines);
         let key = fnv1a(&[source.as_bytes(), options.join(" ").as_bytes()]);
         let path = cache_dir().map(|d| d.join(format!("{module}-{key:016x}.ptx")));
         if let Some(p) = &path {
@@ -191,14 +190,7 @@ impl Gpu {
                 return Ok(ptx);
             }
         }
-        let opts = CompileOptions {
-            options,
-            name: Some(format!("{module}.cu")),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
-            .map_err(|e| Error::Compile(format!("{module}.cu: {e:?}")))?
-            .to_src();
+        let ptx = nvrtc_compile(module, source, options)?;
         if let Some(p) = &path {
             // A failed write only costs a recompilation next time.
             if let Some(dir) = p.parent() {
@@ -211,6 +203,80 @@ impl Gpu {
         }
         Ok(ptx)
     }
+}
+
+/// A kernel module the backend can load: its name, source and preprocessor defines.
+#[derive(Clone, Debug)]
+pub struct KernelModule {
+    pub name: String,
+    pub source: &'static str,
+    pub defines: Vec<String>,
+}
+
+/// Every module the backend compiles: the element-wise model kernels, the sampler, the cache's
+/// append / prefill / reduce kernels, and each decode-attention variant (one module each).
+pub fn kernel_modules() -> Vec<KernelModule> {
+    let mut modules = vec![
+        KernelModule {
+            name: model::MODULE.into(),
+            source: model::SOURCE,
+            defines: Vec::new(),
+        },
+        KernelModule {
+            name: model::SAMPLE_MODULE.into(),
+            source: model::SAMPLE_SOURCE,
+            defines: Vec::new(),
+        },
+    ];
+    modules.extend(cache::kernel_modules());
+    modules
+}
+
+/// Whether NVRTC (libnvrtc) can be loaded: kernels then compile even without a GPU or driver.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles `source` to PTX for compute capability `arch` with the backend's options, no disk
+/// cache (needs NVRTC, not a GPU): tests check every kernel module compiles.
+pub fn compile_uncached(
+    module: &str,
+    source: &str,
+    arch: (i32, i32),
+    defines: &[String],
+) -> Result<String> {
+    nvrtc_compile(module, source, compile_options(arch, defines))
+}
+
+fn compile_options(arch: (i32, i32), defines: &[String]) -> Vec<String> {
+    let mut options = vec![
+        format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
+        "-std=c++17".to_string(),
+    ];
+    options.extend(defines.iter().cloned());
+    // Kernel tuning experiments: `KIVI_CUDA_DEFINES="-DVALUE_STAGE=0 -DQUANT_MIN_CTAS=4"`
+    // overrides the kernels' compile-time knobs (part of the PTX cache key).
+    if let Ok(defines) = std::env::var("KIVI_CUDA_DEFINES") {
+        options.extend(
+            defines
+                .split_whitespace()
+                .filter(|d| d.starts_with("-D"))
+                .map(str::to_string),
+        );
+    }
+    options
+}
+
+fn nvrtc_compile(module: &str, source: &str, options: Vec<String>) -> Result<String> {
+    let opts = CompileOptions {
+        options,
+        name: Some(format!("{module}.cu")),
+        ..Default::default()
+    };
+    Ok(cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        .map_err(|e| Error::Compile(format!("{module}.cu: {e:?}")))?
+        .to_src())
 }
 
 /// `$KIVI_CUDA_CACHE`, else `$XDG_CACHE_HOME/kivi/cuda`, else `~/.cache/kivi/cuda`.

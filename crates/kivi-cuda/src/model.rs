@@ -30,11 +30,11 @@ use crate::cache::{GpuBatch, GpuCache};
 use crate::profile::{Profiler, StepKind};
 use crate::{Error, Gpu};
 
-const SOURCE: &str = include_str!("model.cu");
-const MODULE: &str = "model";
+pub(crate) const SOURCE: &str = include_str!("model.cu");
+pub(crate) const MODULE: &str = "model";
 /// Token sampling: its own module, compiled on first use.
-const SAMPLE_SOURCE: &str = include_str!("sample.cu");
-const SAMPLE_MODULE: &str = "sample";
+pub(crate) const SAMPLE_SOURCE: &str = include_str!("sample.cu");
+pub(crate) const SAMPLE_MODULE: &str = "sample";
 const ROW_THREADS: u32 = 256;
 /// RoPE over at least this many rows runs one CTA per token (see `rope`).
 pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
