@@ -1101,6 +1101,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef ONE_WARP_MIN_CTAS
 #define ONE_WARP_MIN_CTAS 20
 #endif
+// One-warp CTAs of several query heads (GQA). Candidates from ptxas -v (sm_90, d128 k2 v2 g4):
+// 20 CTAs -> 96 registers with 912 B of spills, 16 -> 128 / 124 B, 12 -> 168 / 20 B; not yet
+// measured on the GPU.
+#ifndef ONE_WARP_MIN_CTAS_GQA
+#define ONE_WARP_MIN_CTAS_GQA ONE_WARP_MIN_CTAS
+#endif
 #define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : QUANT_MIN_CTAS_GQA)
 // One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
 // -DATTN_D (head dim) -DATTN_KB -DATTN_VB (key/value bits, 16: the f16 cache) -DATTN_NG
@@ -1109,7 +1115,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 // independent warps share an SM). Instantiating every variant in one module made the first
 // use compile ~70 kernels (18 MB of PTX; ~80 s on the H200 machine).
 #ifdef ATTN_D
-extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_MIN_CTAS : MIN_CTAS(ATTN_KB, ATTN_NG))
+#define ONE_WARP_CTAS(NG) ((NG) == 1 ? ONE_WARP_MIN_CTAS : ONE_WARP_MIN_CTAS_GQA)
+extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_NG) : MIN_CTAS(ATTN_KB, ATTN_NG))
     kivi_attn(AttnParams p) {
     attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W>(p);
 }
