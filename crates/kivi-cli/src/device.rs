@@ -120,6 +120,7 @@ pub fn generate_cuda(
     }
     let gpu = model.backend.gpu().clone();
     let mut cache = GpuCache::new(gpu.clone(), *cache_cfg, cache_shape(c), 1, total)?;
+    cache.prepare(c.n_head)?;
     let seq = SeqId(cache.add_sequence()? as u64);
     let mut sampler = (params.sampling.temperature > 0.0).then(|| Sampler::new(params.sampling));
     let t0 = Instant::now();
@@ -201,6 +202,7 @@ pub fn bench_cuda(
         for cfg in caches {
             let cap = depth + prompt_tokens + gen_tokens;
             let mut cache = GpuCache::new(gpu.clone(), *cfg, cache_shape(c), 1, cap)?;
+            cache.prepare(c.n_head)?;
             let seq = SeqId(cache.add_sequence()? as u64);
             let run = |tokens: &[u32], chunk: usize, cache: &mut GpuCache| -> Result<()> {
                 for part in tokens.chunks(chunk.max(1)) {

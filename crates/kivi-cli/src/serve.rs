@@ -201,6 +201,10 @@ fn start_cuda(
     let new_runner = move || -> kivi_model::Result<GpuRunner<'static>> {
         let cache = GpuCache::with_budget(gpu.clone(), cache, shape, kv_bytes, slots)
             .map_err(|e| ModelError::Backend(e.to_string()))?;
+        // Compile the attention kernels before the first request, not during it.
+        cache
+            .prepare(model.config.n_head)
+            .map_err(|e| ModelError::Backend(e.to_string()))?;
         Ok(GpuRunner::new(model, cache))
     };
     let first = new_runner().context("allocating the GPU KV cache")?;

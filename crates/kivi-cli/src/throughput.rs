@@ -628,6 +628,8 @@ fn run_batch_cuda(
     let gpu = model.backend.gpu().clone();
     let shape = cache_shape(&model.config);
     let gcache = GpuCache::with_budget(gpu.clone(), *cache, shape, cost.bytes(reqs), b)?;
+    // Kernels compile on first use: before the clock starts.
+    gcache.prepare(model.config.n_head)?;
     let runner = GpuRunner::new(model, gcache);
     let pool = runner.cache().pool_blocks() as u64 * runner.block_bytes();
     let windows = b as u64 * cost.window_bytes;

@@ -572,6 +572,13 @@ impl GpuCache {
         self.prefill_kernel = on;
     }
 
+    /// Compiles (or loads from the disk cache) every attention kernel this cache may launch for
+    /// `n_head` query heads, so that no timed or served step pays for it: kernels are compiled
+    /// on first use, one module per variant.
+    pub fn prepare(&self, n_head: usize) -> Result<()> {
+        self.attention_kernels(n_head).map(|_| ())
+    }
+
     /// Registers, local memory (spills and dynamically indexed arrays) and static shared memory
     /// of the attention kernels this cache launches for `n_head` query heads, as the driver
     /// compiled them (the kernels are tuned at the launch bounds' register limit: a change
