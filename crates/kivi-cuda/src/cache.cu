@@ -524,6 +524,11 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
 // so that the 4 groups read by a warp fall in different banks.
 #define STAGE_ROW (BLOCK_TOKENS + 16)
+// 1: the f16 cache's attention reads whole 8-token chunks of stored rows without per-token
+// branches (0: every token through the generic path). Off until measured on the GPU.
+#ifndef F16_FAST
+#define F16_FAST 0
+#endif
 // 0: each lane loads its value scales/mins from memory (the previous path, for comparison).
 #ifndef VALUE_STAGE
 #define VALUE_STAGE 1
@@ -839,6 +844,26 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 u64 f16row = 0;
                 if (!QUANT && b0 < n)
                     f16row = (u64)sblk[(unsigned)(b0 - s0) / BLOCK_TOKENS] * c.kwin_unit + (u64)(b0 & (BLOCK_TOKENS - 1)) * D;
+                float part8[NG][8];
+                if (!QUANT && F16_FAST && b0 + 8 <= min(n, tend)) {
+                    // Eight stored rows of one block: loads at fixed offsets from one address,
+                    // no per-token branches or conversions chosen at run time.
+                    const u16* rows = c.kwin + kwin + f16row + d0;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) raw_f16<CPL>(rows + k * D, raw[k]);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        float kv[CPL];
+                        raw_to_float<CPL>(raw[k], false, kv);
+#pragma unroll
+                        for (int g = 0; g < NG; g++) {
+                            float a = 0.0f;
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
+                            part8[g][k] = a;
+                        }
+                    }
+                } else {
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const int p = b0 + k;
@@ -870,7 +895,6 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                         raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
                     }
                 }
-                float part8[NG][8];
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     float kv[CPL];
@@ -882,6 +906,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                         for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
                         part8[g][k] = a;
                     }
+                }
                 }
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
@@ -1025,6 +1050,25 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             u64 f16row = 0;
             if (!QUANT && pb < n)
                 f16row = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS] * c.vwin_unit + (u64)(pb & (BLOCK_TOKENS - 1)) * D;
+            if (!QUANT && F16_FAST && pb + UNROLL <= min(n, s1)) {
+                // UNROLL stored rows of one block (as for the keys above).
+                const u16* rows = c.vwin + vwin + f16row + d0;
+                const float* w = sc + (pb - s0);
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) raw_f16<CPL>(rows + u * D, raw[u]);
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    float vv[CPL];
+                    raw_to_float<CPL>(raw[u], false, vv);
+#pragma unroll
+                    for (int g = 0; g < NG; g++) {
+                        const float pv = w[g * P.split_len + u];
+#pragma unroll
+                        for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
+                    }
+                }
+                continue;
+            }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u;
