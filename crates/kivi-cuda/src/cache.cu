@@ -845,10 +845,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 if (!QUANT && b0 < n)
                     f16row = (u64)sblk[(unsigned)(b0 - s0) / BLOCK_TOKENS] * c.kwin_unit + (u64)(b0 & (BLOCK_TOKENS - 1)) * D;
                 float part8[NG][8];
-                if (!QUANT && F16_FAST && b0 + 8 <= min(n, tend)) {
-                    // Eight stored rows of one block: loads at fixed offsets from one address,
-                    // no per-token branches or conversions chosen at run time.
-                    const u16* rows = c.kwin + kwin + f16row + d0;
+                if (F16_FAST && b0 >= nqk && b0 + 8 <= min(n, tend)) {
+                    // Eight stored f16 rows at consecutive addresses (the f16 cache: one block;
+                    // KIVI: the key window, slot p - nqk): loads at fixed offsets from one
+                    // address, no per-token branches or conversions chosen at run time.
+                    const u16* rows = c.kwin + kwin + (QUANT ? (u64)(b0 - nqk) * D : f16row) + d0;
 #pragma unroll
                     for (int k = 0; k < 8; k++) raw_f16<CPL>(rows + k * D, raw[k]);
 #pragma unroll
@@ -1050,9 +1051,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             u64 f16row = 0;
             if (!QUANT && pb < n)
                 f16row = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS] * c.vwin_unit + (u64)(pb & (BLOCK_TOKENS - 1)) * D;
-            if (!QUANT && F16_FAST && pb + UNROLL <= min(n, s1)) {
-                // UNROLL stored rows of one block (as for the keys above).
-                const u16* rows = c.vwin + vwin + f16row + d0;
+            int slot0 = 0;  // KIVI: window slot of pb
+            if (QUANT) {
+                slot0 = vbase + (pb - nqv);
+                if (slot0 >= vmod) slot0 -= vmod;
+            }
+            if (F16_FAST && pb + UNROLL <= min(n, s1) && (!QUANT || slot0 + UNROLL <= vmod)) {
+                // UNROLL stored f16 rows at consecutive addresses (as for the keys above; KIVI:
+                // window slots that do not wrap).
+                const u16* rows = c.vwin + vwin + (QUANT ? (u64)slot0 * D : f16row) + d0;
                 const float* w = sc + (pb - s0);
 #pragma unroll
                 for (int u = 0; u < UNROLL; u++) raw_f16<CPL>(rows + u * D, raw[u]);
