@@ -5,9 +5,9 @@
 //! device's architecture and cached on disk by a hash of source and options
 //! (`~/.cache/kivi/cuda/<module>-<hash>.ptx`). A templated kernel with many variants (decode
 //! attention) gets one module per variant, compiled when first launched; [`kernel_modules`]
-//! lists them all, and `tests/compile.rs` compiles each with NVRTC alone (no GPU). The CUDA libraries are loaded dynamically: building needs
-//! no CUDA toolkit, and a machine without a driver gets [`Error::NoDriver`] from [`Gpu::new`]
-//! while the CPU backend keeps working.
+//! lists them all, and `tests/compile.rs` compiles each with NVRTC alone (no GPU). The CUDA
+//! libraries are loaded dynamically: building needs no CUDA toolkit, and a machine without a
+//! driver gets [`Error::NoDriver`] from [`Gpu::new`] while the CPU backend keeps working.
 
 pub mod cache;
 pub mod model;
