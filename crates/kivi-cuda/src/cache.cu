@@ -436,14 +436,15 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2,
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
-// code in the low half).
 // (a & b) | c in one LOP3 (with two immediate constants the compiler emits an AND and an OR).
 __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     u32 r;
     asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
+
+// Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
+// code in the low half).
 template <int BITS>
 __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / BITS]) {
     // Byte k of wa in the low half, byte k of wb in the high half: one PRMT, no shift.
@@ -524,8 +525,9 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
 // so that the 4 groups read by a warp fall in different banks.
 #define STAGE_ROW (BLOCK_TOKENS + 16)
-// 1: the f16 cache's attention reads whole 8-token chunks of stored rows without per-token
-// branches (0: every token through the generic path). Off until measured on the GPU.
+// 1: attention reads f16 rows (the f16 cache's, and the KIVI windows') in whole 8-row chunks at
+// consecutive addresses, without per-token branches (0: every token through the generic
+// path). Off until measured on the GPU.
 #ifndef F16_FAST
 #define F16_FAST 0
 #endif
@@ -866,48 +868,48 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                     }
                 } else {
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const int p = b0 + k;
-                    is_f32[k] = true;
-                    if (p >= tend) {
+                    for (int k = 0; k < 8; k++) {
+                        const int p = b0 + k;
+                        is_f32[k] = true;
+                        if (p >= tend) {
 #pragma unroll
-                        for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
-                    } else if (QUANT && p < nqk) {
-                        constexpr int KBq = QUANT ? KB : 2;
-                        constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
-                        const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
-                        const int b = p & (BLOCK_TOKENS - 1);
-                        const u32* base = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
-                        const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
+                            for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
+                        } else if (QUANT && p < nqk) {
+                            constexpr int KBq = QUANT ? KB : 2;
+                            constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
+                            const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
+                            const int b = p & (BLOCK_TOKENS - 1);
+                            const u32* base = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
+                            const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
 #pragma unroll
-                        for (int x = 0; x < CPL; x++) {
-                            const int d = d0 + x;
-                            const u32 wd = base[d * WPD + (b % 32) / FPI];
-                            const u32 code = (wd >> ((p % FPI) * KBq)) & ((1u << KBq) - 1);
-                            raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
+                            for (int x = 0; x < CPL; x++) {
+                                const int d = d0 + x;
+                                const u32 wd = base[d * WPD + (b % 32) / FPI];
+                                const u32 code = (wd >> ((p % FPI) * KBq)) & ((1u << KBq) - 1);
+                                raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
+                            }
+                        } else if (p < n) {
+                            // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
+                            // the f16 cache: paged.
+                            const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
+                            raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
+                            is_f32[k] = false;
+                        } else {
+                            raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
                         }
-                    } else if (p < n) {
-                        // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
-                        // the f16 cache: paged.
-                        const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
-                        raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
-                        is_f32[k] = false;
-                    } else {
-                        raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
                     }
-                }
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    float kv[CPL];
-                    raw_to_float<CPL>(raw[k], is_f32[k], kv);
+                    for (int k = 0; k < 8; k++) {
+                        float kv[CPL];
+                        raw_to_float<CPL>(raw[k], is_f32[k], kv);
 #pragma unroll
-                    for (int g = 0; g < NG; g++) {
-                        float a = 0.0f;
+                        for (int g = 0; g < NG; g++) {
+                            float a = 0.0f;
 #pragma unroll
-                        for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
-                        part8[g][k] = a;
+                            for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
+                            part8[g][k] = a;
+                        }
                     }
-                }
                 }
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
