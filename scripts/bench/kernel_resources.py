@@ -3,7 +3,7 @@
 (as the backend compiles them at run time), then ptxas -v for a real architecture.
 
     TOOLS=$(scripts/fetch-cuda-tools.sh) python3 scripts/bench/kernel_resources.py \\
-        [--arch sm_90] [--defines "-DQUANT_MIN_CTAS=6"] [--only d128_k2_v2] [--sass DIR]
+        [--arch sm_90] [--defines=-DQUANT_MIN_CTAS=6] [--only d128_k2_v2] [--sass DIR]
 
 The driver JIT-compiles the same PTX on the GPU; its register counts matched ptxas 13.5's on the
 H200 (d128 k2 v2 g1: 96 registers, 24 B of local memory both). A change that makes a kernel
