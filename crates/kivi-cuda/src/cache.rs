@@ -508,7 +508,12 @@ impl GpuCache {
             split_override: None,
             sm_count,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
-            tc_multiple: ATTN_THREADS as usize / 32,
+            tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(ATTN_THREADS as usize / 32, |b| {
+                    b.clamp(1, MAX_SPLIT / BLOCK_TOKENS)
+                }),
             one_warp: match std::env::var("KIVI_CUDA_WARPS").as_deref() {
                 Ok("1") => Some(true),
                 Ok("4") => Some(false),
@@ -548,7 +553,8 @@ impl GpuCache {
     }
 
     /// Blocks the tensor-core path takes at a time per split (1 to the blocks of the longest
-    /// split, 16; default: one per warp). Tests set 1 so that short sequences exercise it too.
+    /// split, 16; default: one per warp; also `KIVI_CUDA_TC_MULTIPLE`). Tests set 1 so that
+    /// short sequences exercise it too.
     pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
         self.tc_multiple = blocks.clamp(1, MAX_SPLIT / BLOCK_TOKENS);
     }
