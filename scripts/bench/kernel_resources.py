@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 
+from nvrtc_compile_time import compile_ptx
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "crates/kivi-cuda/src/cache.cu")
 
@@ -33,25 +35,6 @@ def variants():
                         f"-DATTN_D={d}", f"-DATTN_KB={kb}", f"-DATTN_VB={vb}",
                         f"-DATTN_NG={ng}", f"-DATTN_W={w}",
                     ]
-
-
-def nvrtc_ptx(lib, src, options):
-    prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"cache.cu", 0, None, None):
-        sys.exit("nvrtcCreateProgram failed")
-    opts = [o.encode() for o in options]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-    n = ctypes.c_size_t()
-    if rc:
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-        log = ctypes.create_string_buffer(n.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        sys.exit(f"NVRTC failed ({rc}):\n{log.value.decode()}")
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
-    ptx = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetPTX(prog, ptx)
-    return ptx.value
 
 
 def main():
@@ -73,7 +56,7 @@ def main():
                 continue
             options = [f"--gpu-architecture={compute}", "-std=c++17", *defines, *a.defines.split()]
             ptx_path, cubin = os.path.join(tmp, name + ".ptx"), os.path.join(tmp, name + ".cubin")
-            open(ptx_path, "wb").write(nvrtc_ptx(lib, src, options))
+            open(ptx_path, "wb").write(compile_ptx(lib, src, "cache.cu", options))
             out = subprocess.run([os.path.join(tools, "ptxas"), f"-arch={a.arch}", "-v", "-o", cubin, ptx_path],
                                  capture_output=True, text=True, check=True).stderr
             regs = re.search(r"Used (\d+) registers", out).group(1)

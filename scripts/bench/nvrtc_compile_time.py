@@ -13,28 +13,35 @@ import sys
 import time
 
 
-def main():
-    lib = ctypes.CDLL(os.environ.get("LIBNVRTC", "libnvrtc.so.13"))
-    path, opts = sys.argv[1], [o.encode() for o in sys.argv[2:]]
+def compile_ptx(lib, src, name, options):
+    """PTX of `src` (bytes) compiled by NVRTC (`lib`, a ctypes CDLL) with `options` (str);
+    exits with NVRTC's log on failure. Shared with kernel_resources.py."""
     prog = ctypes.c_void_p()
-    src = open(path, "rb").read()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 0, None, None):
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None):
         sys.exit("nvrtcCreateProgram failed")
+    opts = [o.encode() for o in options]
     arr = (ctypes.c_char_p * len(opts))(*opts)
-    t = time.perf_counter()
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-    seconds = time.perf_counter() - t
     n = ctypes.c_size_t()
     if rc:
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
         log = ctypes.create_string_buffer(n.value)
         lib.nvrtcGetProgramLog(prog, log)
-        sys.exit(f"compile failed ({rc}):\n{log.value.decode()}")
+        sys.exit(f"NVRTC failed ({rc}):\n{log.value.decode()}")
     lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
     ptx = ctypes.create_string_buffer(n.value)
     lib.nvrtcGetPTX(prog, ptx)
-    entries = re.findall(r"\.entry (\w+)", ptx.value.decode())
-    print(f"{seconds:.1f} s, {n.value} bytes of PTX, {len(entries)} kernels: {' '.join(entries)}")
+    return ptx.value
+
+
+def main():
+    lib = ctypes.CDLL(os.environ.get("LIBNVRTC", "libnvrtc.so.13"))
+    path = sys.argv[1]
+    t = time.perf_counter()
+    ptx = compile_ptx(lib, open(path, "rb").read(), os.path.basename(path), sys.argv[2:])
+    seconds = time.perf_counter() - t
+    entries = re.findall(r"\.entry (\w+)", ptx.decode())
+    print(f"{seconds:.1f} s, {len(ptx)} bytes of PTX, {len(entries)} kernels: {' '.join(entries)}")
 
 
 if __name__ == "__main__":
