@@ -525,11 +525,16 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
 // so that the 4 groups read by a warp fall in different banks.
 #define STAGE_ROW (BLOCK_TOKENS + 16)
-// 1: attention reads f16 rows (the f16 cache's, and the KIVI windows') in whole 8-row chunks at
-// consecutive addresses, without per-token branches (0: every token through the generic
-// path). Off until measured on the GPU.
+// 1: attention reads f16 rows in whole 8-row chunks at consecutive addresses, without
+// per-token branches (0: every token through the generic path). F16_FAST: the f16 cache's
+// rows (measured on the H200: MHA B = 32, T = 32K 4826 -> 3913 us, GQA 1724 -> 1230 us);
+// F16_FAST_QUANT: the KIVI windows' (off: more registers, 80 -> 112 B of spills in the 2-bit
+// one-head kernel at its register cap; not yet measured).
 #ifndef F16_FAST
-#define F16_FAST 0
+#define F16_FAST 1
+#endif
+#ifndef F16_FAST_QUANT
+#define F16_FAST_QUANT 0
 #endif
 // 0: each lane loads its value scales/mins from memory (the previous path, for comparison).
 #ifndef VALUE_STAGE
@@ -657,6 +662,7 @@ template <int D, int KB, int VB, int NG, int W>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
     constexpr bool QUANT = KB < 16;
+    constexpr bool FAST_ROWS = QUANT ? F16_FAST_QUANT : F16_FAST;
     const CacheBufs& c = P.c;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int split = blockIdx.x;
@@ -847,7 +853,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 if (!QUANT && b0 < n)
                     f16row = (u64)sblk[(unsigned)(b0 - s0) / BLOCK_TOKENS] * c.kwin_unit + (u64)(b0 & (BLOCK_TOKENS - 1)) * D;
                 float part8[NG][8];
-                if (F16_FAST && b0 >= nqk && b0 + 8 <= min(n, tend)) {
+                if (FAST_ROWS && b0 >= nqk && b0 + 8 <= min(n, tend)) {
                     // Eight stored f16 rows at consecutive addresses (the f16 cache: one block;
                     // KIVI: the key window, slot p - nqk): loads at fixed offsets from one
                     // address, no per-token branches or conversions chosen at run time.
@@ -1058,7 +1064,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 slot0 = vbase + (pb - nqv);
                 if (slot0 >= vmod) slot0 -= vmod;
             }
-            if (F16_FAST && pb + UNROLL <= min(n, s1) && (!QUANT || slot0 + UNROLL <= vmod)) {
+            if (FAST_ROWS && pb + UNROLL <= min(n, s1) && (!QUANT || slot0 + UNROLL <= vmod)) {
                 // UNROLL stored f16 rows at consecutive addresses (as for the keys above; KIVI:
                 // window slots that do not wrap).
                 const u16* rows = c.vwin + vwin + (QUANT ? (u64)slot0 * D : f16row) + d0;
@@ -1143,10 +1149,18 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     }
 }
 
-// KIVI kernels: at least 5 CTAs per SM (<= 102 registers) keeps enough loads in flight; the
-// rarely taken full-precision paths then use fewer registers at a small cost.
+// Minimum resident CTAs per SM (__launch_bounds__), i.e. a register cap. KIVI kernels: at
+// least 5 CTAs per SM (<= 102 registers) keeps enough loads in flight; the rarely taken
+// full-precision paths then use fewer registers at a small cost. Measured on the H200
+// (docs/benchmarks.md "Session 8"): the 2-bit (keys and values) one-head kernels take a lower cap (four warps: 6
+// CTAs, 80 registers, 2-3 % faster; one warp: 24 CTAs, up to 1.37x faster at 330 tokens); the
+// 4-bit ones spill 136 B at 80 registers and stay at 5 / 20; one-warp GQA CTAs: 16 (128
+// registers, 124 B of spills; 20: 96 / 912 B, 5-10 % slower; 12: 168 / 20 B, 15-20 % slower).
 #ifndef QUANT_MIN_CTAS
 #define QUANT_MIN_CTAS 5
+#endif
+#ifndef QUANT_MIN_CTAS_K2
+#define QUANT_MIN_CTAS_K2 6
 #endif
 #ifndef QUANT_MIN_CTAS_GQA
 #define QUANT_MIN_CTAS_GQA 4
@@ -1154,13 +1168,14 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef ONE_WARP_MIN_CTAS
 #define ONE_WARP_MIN_CTAS 20
 #endif
-// One-warp CTAs of several query heads (GQA). Candidates from ptxas -v (sm_90, d128 k2 v2 g4):
-// 20 CTAs -> 96 registers with 912 B of spills, 16 -> 128 / 124 B, 12 -> 168 / 20 B; not yet
-// measured on the GPU.
-#ifndef ONE_WARP_MIN_CTAS_GQA
-#define ONE_WARP_MIN_CTAS_GQA ONE_WARP_MIN_CTAS
+#ifndef ONE_WARP_MIN_CTAS_K2
+#define ONE_WARP_MIN_CTAS_K2 24
 #endif
-#define MIN_CTAS(KB, NG) ((KB) == 16 ? 4 : (NG) == 1 ? QUANT_MIN_CTAS : QUANT_MIN_CTAS_GQA)
+#ifndef ONE_WARP_MIN_CTAS_GQA
+#define ONE_WARP_MIN_CTAS_GQA 16
+#endif
+#define MIN_CTAS(KB, VB, NG) \
+    ((KB) == 16 ? 4 : (NG) != 1 ? QUANT_MIN_CTAS_GQA : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2 : QUANT_MIN_CTAS)
 // One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
 // -DATTN_D (head dim) -DATTN_KB -DATTN_VB (key/value bits, 16: the f16 cache) -DATTN_NG
 // (query heads per CTA) -DATTN_W (warps per CTA: 4, or 1 for batches of many short
@@ -1168,8 +1183,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 // independent warps share an SM). Instantiating every variant in one module made the first
 // use compile ~70 kernels (18 MB of PTX; ~80 s on the H200 machine).
 #ifdef ATTN_D
-#define ONE_WARP_CTAS(NG) ((NG) == 1 ? ONE_WARP_MIN_CTAS : ONE_WARP_MIN_CTAS_GQA)
-extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_NG) : MIN_CTAS(ATTN_KB, ATTN_NG))
+#define ONE_WARP_CTAS(KB, VB, NG) \
+    ((NG) != 1 ? ONE_WARP_MIN_CTAS_GQA : (KB) + (VB) == 4 ? ONE_WARP_MIN_CTAS_K2 : ONE_WARP_MIN_CTAS)
+extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_KB, ATTN_VB, ATTN_NG) : MIN_CTAS(ATTN_KB, ATTN_VB, ATTN_NG))
     kivi_attn(AttnParams p) {
     attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W>(p);
 }
