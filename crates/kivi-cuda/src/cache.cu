@@ -528,13 +528,13 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // 1: attention reads f16 rows in whole 8-row chunks at consecutive addresses, without
 // per-token branches (0: every token through the generic path). F16_FAST: the f16 cache's
 // rows (measured on the H200: MHA B = 32, T = 32K 4826 -> 3913 us, GQA 1724 -> 1230 us);
-// F16_FAST_QUANT: the KIVI windows' (off: more registers, 80 -> 112 B of spills in the 2-bit
-// one-head kernel at its register cap; not yet measured).
+// F16_FAST_QUANT: the KIVI windows' (MHA, 1024 sequences of 330 tokens: KIVI-2 1106 -> 857 us,
+// KIVI-4 1214 -> 944 us, despite 112 B of spills in the 2-bit one-head kernel at its cap).
 #ifndef F16_FAST
 #define F16_FAST 1
 #endif
 #ifndef F16_FAST_QUANT
-#define F16_FAST_QUANT 0
+#define F16_FAST_QUANT 1
 #endif
 // 0: each lane loads its value scales/mins from memory (the previous path, for comparison).
 #ifndef VALUE_STAGE

@@ -30,8 +30,13 @@ const SOURCE: &str = include_str!("cache.cu");
 const MODULE: &str = "cache";
 /// Threads of a four-warp attention CTA (one-warp CTAs: 32).
 const ATTN_THREADS: u32 = 128;
-/// One-warp CTAs: splits are sized for this many CTAs per SM (~20 resident).
-const ONE_WARP_PAIRS_PER_SM: usize = 16;
+/// Splits are sized for this many attention CTAs per SM: one-warp CTAs of one head (~20
+/// resident), and all others (four-warp CTAs; one-warp CTAs of 2-4 heads, whose fixed cost per
+/// CTA is larger). A split sweep on the H200 (docs/benchmarks.md "Session 8": 128-2048 tokens,
+/// B = 1, 8, 32, T = 1K-32K, MHA and GQA) put the fastest four-warp splits at 256-512 CTAs in
+/// all; 8 per SM (the previous target) made GQA B = 1, T = 16K 1.7x slower.
+const ONE_WARP_CTAS_PER_SM: usize = 16;
+const CTAS_PER_SM: usize = 4;
 /// One-warp CTAs are chosen for batches of at least this many (token, KV head) pairs whose
 /// sequences hold at most ONE_WARP_MAX_LEN tokens (measured on the H200: faster there, up to
 /// 1.4x; slower at B = 1 and for long GQA sequences).
@@ -983,9 +988,18 @@ impl GpuCache {
             .unwrap_or(1)
     }
 
-    /// Tokens per split for a batch: enough CTAs to fill the GPU several times over, in whole
-    /// blocks (a split's block ids fit the kernel's shared-memory table).
-    fn split_tokens(&self, batch: &GpuBatch, ctas_per_split: usize, ctas_per_sm: usize) -> usize {
+    /// Tokens per split for a batch: enough CTAs to fill the GPU a few times over, in whole
+    /// blocks (a split's block ids fit the kernel's shared-memory table). `tc_unit`: blocks the
+    /// tensor-core path takes at a time; a split longer than two blocks is a multiple of it, so
+    /// that no whole block is left to the CUDA-core path (measured on the H200: GQA B = 32,
+    /// T = 4K KIVI-2 1.34x slower at 896-token splits than at 2048).
+    fn split_tokens(
+        &self,
+        batch: &GpuBatch,
+        ctas_per_split: usize,
+        ctas_per_sm: usize,
+        tc_unit: usize,
+    ) -> usize {
         let s = match self.split_override {
             Some(s) => s.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS,
             None => {
@@ -993,7 +1007,10 @@ impl GpuCache {
                 // B = 8, T = 4K 15 % slower, more CTAs than the GPU runs in 2.5 waves).
                 let target = ctas_per_sm * self.sm_count;
                 let wanted = target.div_ceil(ctas_per_split.max(1)).max(1);
-                batch.max_len.div_ceil(wanted).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
+                let blocks = batch.max_len.div_ceil(wanted).div_ceil(BLOCK_TOKENS);
+                let unit = tc_unit.max(1);
+                let blocks = if blocks > 2 { blocks.div_ceil(unit) * unit } else { blocks };
+                blocks * BLOCK_TOKENS
             }
         };
         s.clamp(BLOCK_TOKENS, MAX_SPLIT)
@@ -1043,9 +1060,11 @@ impl GpuCache {
                 .one_warp
                 .unwrap_or(pairs >= ONE_WARP_MIN_PAIRS && batch.max_len <= ONE_WARP_MAX_LEN);
         let split = if one_warp {
-            self.split_tokens(batch, pairs, ONE_WARP_PAIRS_PER_SM)
+            let per_sm = if ng == 1 { ONE_WARP_CTAS_PER_SM } else { CTAS_PER_SM };
+            self.split_tokens(batch, pairs, per_sm, 1)
         } else {
-            self.split_tokens(batch, pairs, 8)
+            let unit = if quant && self.tensor_cores { self.tc_multiple } else { 1 };
+            self.split_tokens(batch, pairs, CTAS_PER_SM, unit)
         };
         // The prefill kernel's partials take one more split slot, the last.
         let prefill = self.prefill_kernel && batch.n_prefill_tiles > 0;
