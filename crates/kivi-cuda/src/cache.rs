@@ -37,6 +37,13 @@ const ATTN_THREADS: u32 = 128;
 /// all; 8 per SM (the previous target) made GQA B = 1, T = 16K 1.7x slower.
 const ONE_WARP_CTAS_PER_SM: usize = 16;
 const CTAS_PER_SM: usize = 4;
+/// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
+/// once, unless the batch attends at most this many (token, KV head, position) triples: small
+/// batches are bound by each warp's chain of dependent instructions, not by bytes, and one head
+/// per CTA is 4x the CTAs to spread it (the shared keys come from L2). Measured on the H200
+/// (Llama-2-70B-like 32/8/128): one-head CTAs would win at B = 1, T <= 16K and B = 8, T <= 4K
+/// (MHA's times at the same shapes: B = 1, T = 4K 28.9 vs 41.7 us), lose at B = 8, T = 16K.
+const ONE_HEAD_MAX_TRIPLES: usize = 1 << 18;
 /// One-warp CTAs are chosen for batches of at least this many (token, KV head) pairs whose
 /// sequences hold at most ONE_WARP_MAX_LEN tokens (measured on the H200: faster there, up to
 /// 1.4x; slower at B = 1 and for long GQA sequences).
@@ -340,6 +347,9 @@ pub struct GpuCache {
     /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
     /// (see `attend`); `KIVI_CUDA_WARPS=1` or `=4` forces.
     one_warp: Option<bool>,
+    /// One query head per CTA for GQA: None = chosen per batch (`ONE_HEAD_MAX_TRIPLES`);
+    /// `KIVI_CUDA_ONE_HEAD=1` or `=0` forces.
+    one_head: Option<bool>,
     /// A split's last, partly filled quantized block goes through the tensor cores too when it
     /// holds at least this many quantized positions (0: never; `KIVI_CUDA_TC_PARTIAL`). None:
     /// 32 when a CTA serves several query heads, 72 for one (measured on the H200 at 330-token
@@ -524,6 +534,11 @@ impl GpuCache {
                 Ok("4") => Some(false),
                 _ => None,
             },
+            one_head: match std::env::var("KIVI_CUDA_ONE_HEAD").as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            },
             prefill_kernel: std::env::var_os("KIVI_CUDA_PREFILL").is_none_or(|v| v != "0"),
             tc_partial_min: std::env::var("KIVI_CUDA_TC_PARTIAL")
                 .ok()
@@ -577,6 +592,12 @@ impl GpuCache {
         self.one_warp = one_warp;
     }
 
+    /// Forces one query head per attention CTA (`Some(true)`) or all of a KV head's, up to 4
+    /// (`Some(false)`); None (the default) chooses per batch: one for small batches.
+    pub fn set_one_head(&mut self, one_head: Option<bool>) {
+        self.one_head = one_head;
+    }
+
     /// Selects how a multi-token item's queries attend its new tokens: the tiled prefill kernel
     /// (the default) or the decode kernel per query token (also `KIVI_CUDA_PREFILL=0`).
     pub fn set_prefill_kernel(&mut self, on: bool) {
@@ -601,20 +622,27 @@ impl GpuCache {
                 "n_head {n_head} is not a multiple of n_kv_head {hkv}"
             )));
         }
-        let ng = Self::heads_per_cta(n_head / hkv);
         let (kb, vb) = match self.config {
             CacheConfig::F16 => (16, 16),
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
-        let mut kernels = vec![(
-            format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
-            self.attn_function(kb, vb, ng, 4)?,
-        )];
-        if kb < 16 {
+        let grouped = Self::heads_per_cta(n_head / hkv);
+        let mut kernels = Vec::new();
+        for ng in if grouped > 1 {
+            vec![grouped, 1]
+        } else {
+            vec![1]
+        } {
             kernels.push((
-                format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
-                self.attn_function(kb, vb, ng, 1)?,
+                format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
+                self.attn_function(kb, vb, ng, 4)?,
             ));
+            if kb < 16 {
+                kernels.push((
+                    format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
+                    self.attn_function(kb, vb, ng, 1)?,
+                ));
+            }
         }
         for name in [format!("kivi_attn_prefill_d{d}"), "kivi_attn_reduce".into()] {
             let f = self.function(&name)?;
@@ -990,7 +1018,7 @@ impl GpuCache {
 
     /// Tokens per split for a batch: enough CTAs to fill the GPU a few times over, in whole
     /// blocks (a split's block ids fit the kernel's shared-memory table). `tc_unit`: blocks the
-    /// tensor-core path takes at a time; a split longer than two blocks is a multiple of it, so
+    /// tensor-core path takes at a time; a split of two blocks or more is a multiple of it, so
     /// that no whole block is left to the CUDA-core path (measured on the H200: GQA B = 32,
     /// T = 4K KIVI-2 1.34x slower at 896-token splits than at 2048).
     fn split_tokens(
@@ -1009,7 +1037,11 @@ impl GpuCache {
                 let wanted = target.div_ceil(ctas_per_split.max(1)).max(1);
                 let blocks = batch.max_len.div_ceil(wanted).div_ceil(BLOCK_TOKENS);
                 let unit = tc_unit.max(1);
-                let blocks = if blocks > 2 { blocks.div_ceil(unit) * unit } else { blocks };
+                let blocks = if blocks >= 2 {
+                    blocks.div_ceil(unit) * unit
+                } else {
+                    blocks
+                };
                 blocks * BLOCK_TOKENS
             }
         };
@@ -1047,7 +1079,13 @@ impl GpuCache {
         {
             return Err(unsupported("attend: buffer shorter than the batch".into()));
         }
-        let ng = Self::heads_per_cta(n_head / hkv);
+        let triples = t * batch.max_len * hkv;
+        let one_head = self.one_head.unwrap_or(triples <= ONE_HEAD_MAX_TRIPLES);
+        let ng = if one_head {
+            1
+        } else {
+            Self::heads_per_cta(n_head / hkv)
+        };
         let nchunk = n_head / hkv / ng;
         // Many short sequences (batched serving) are bound by instruction issue, not bytes: with
         // one warp per CTA each warp takes whole blocks on the tensor cores (a four-warp CTA
@@ -1060,10 +1098,18 @@ impl GpuCache {
                 .one_warp
                 .unwrap_or(pairs >= ONE_WARP_MIN_PAIRS && batch.max_len <= ONE_WARP_MAX_LEN);
         let split = if one_warp {
-            let per_sm = if ng == 1 { ONE_WARP_CTAS_PER_SM } else { CTAS_PER_SM };
+            let per_sm = if ng == 1 {
+                ONE_WARP_CTAS_PER_SM
+            } else {
+                CTAS_PER_SM
+            };
             self.split_tokens(batch, pairs, per_sm, 1)
         } else {
-            let unit = if quant && self.tensor_cores { self.tc_multiple } else { 1 };
+            let unit = if quant && self.tensor_cores {
+                self.tc_multiple
+            } else {
+                1
+            };
             self.split_tokens(batch, pairs, CTAS_PER_SM, unit)
         };
         // The prefill kernel's partials take one more split slot, the last.

@@ -78,6 +78,8 @@ struct Case {
     /// Multi-token items' new tokens through the tiled prefill kernel (else the decode kernel
     /// per query token).
     prefill_kernel: bool,
+    /// One query head per CTA (else all of a KV head's, up to 4).
+    one_head: bool,
 }
 
 /// Runs a random schedule of steps (prefill chunks and decode steps, different per sequence) on
@@ -97,6 +99,7 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     gcache.set_tensor_core_multiple(1);
     gcache.set_tensor_cores(case.tensor_cores);
     gcache.set_one_warp(Some(case.one_warp));
+    gcache.set_one_head(Some(case.one_head));
     gcache.set_prefill_kernel(case.prefill_kernel);
     // Partial quantized blocks: on the tensor cores whatever their size with one-warp CTAs,
     // on the CUDA cores with four (both paths meet whole tensor-core blocks).
@@ -177,9 +180,9 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
         }
     }
     eprintln!(
-        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} prefill kernel {}: worst rel \
-         err {worst:.2e}",
-        case.config, case.tensor_cores, case.one_warp, case.prefill_kernel
+        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} one head {} prefill kernel {}: \
+         worst rel err {worst:.2e}",
+        case.config, case.tensor_cores, case.one_warp, case.one_head, case.prefill_kernel
     );
 }
 
@@ -282,15 +285,25 @@ fn attention_matches_cpu() {
         (CacheConfig::Kivi(kivi((4, 2), 64, 64)), 1, 6, 128),
         (CacheConfig::Kivi(kivi((2, 4), 32, 0)), 2, 14, 128),
     ];
-    // Every case through the tensor-core path with four-warp CTAs, the KIVI ones with one-warp
-    // CTAs too, two through the CUDA-core kernel (KIVI_CUDA_SIMT=1) on whole blocks too; those
-    // two also without the prefill kernel (the decode kernel for every query token).
+    // Every case through the tensor-core path with four-warp CTAs of all a KV head's query
+    // heads, the KIVI ones with one-warp CTAs too, two through the CUDA-core kernel
+    // (KIVI_CUDA_SIMT=1) on whole blocks too; those two also without the prefill kernel (the
+    // decode kernel for every query token). GQA cases also with one query head per CTA.
     let runs = cases
         .iter()
-        .map(|c| (*c, true, false))
-        .chain(cases[2..].iter().map(|c| (*c, true, true)))
-        .chain([(cases[2], false, false), (cases[6], false, false)]);
-    for ((config, hkv, nh, d), tensor_cores, one_warp) in runs {
+        .map(|c| (*c, true, false, false))
+        .chain(cases[2..].iter().map(|c| (*c, true, true, false)))
+        .chain([
+            (cases[2], false, false, false),
+            (cases[6], false, false, false),
+        ])
+        .chain([
+            (cases[1], true, false, true),
+            (cases[2], true, false, true),
+            (cases[4], true, true, true),
+            (cases[5], false, false, true),
+        ]);
+    for ((config, hkv, nh, d), tensor_cores, one_warp, one_head) in runs {
         run_case(
             &gpu,
             &Case {
@@ -301,6 +314,7 @@ fn attention_matches_cpu() {
                 tensor_cores,
                 one_warp,
                 prefill_kernel: tensor_cores,
+                one_head,
             },
             &mut r,
         );
@@ -340,8 +354,18 @@ fn long_context_splits_match_cpu() {
             .unwrap();
             g.advance(&b);
         }
-        for split in [None, Some(64), Some(2048)] {
+        // Splits chosen, forced small and large; CTAs of one query head or of four.
+        let runs = [
+            (None, None),
+            (None, Some(false)),
+            (Some(64), Some(true)),
+            (Some(64), Some(false)),
+            (Some(2048), Some(true)),
+            (Some(2048), Some(false)),
+        ];
+        for (split, one_head) in runs {
             g.set_split_tokens(split);
+            g.set_one_head(one_head);
             let q: Vec<f32> = (0..2 * nh * d).map(|_| r.gen_range(-1.0..1.0)).collect();
             let k = kv_data(&mut r, 2, row);
             let v = kv_data(&mut r, 2, row);
@@ -378,8 +402,13 @@ fn long_context_splits_match_cpu() {
             .unwrap();
             let got = s.clone_dtoh(&dout).unwrap();
             let e = rel_err(&got, &want);
-            eprintln!("{config:?} lens {lens:?} split {split:?}: rel err {e:.2e}");
-            assert!(e <= 2e-4, "{config:?} split {split:?}: rel err {e:.3e}");
+            eprintln!(
+                "{config:?} lens {lens:?} split {split:?} one head {one_head:?}: rel err {e:.2e}"
+            );
+            assert!(
+                e <= 2e-4,
+                "{config:?} split {split:?} one head {one_head:?}: rel err {e:.3e}"
+            );
         }
     }
 }
