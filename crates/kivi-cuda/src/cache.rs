@@ -38,12 +38,13 @@ const ATTN_THREADS: u32 = 128;
 const ONE_WARP_CTAS_PER_SM: usize = 16;
 const CTAS_PER_SM: usize = 4;
 /// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
-/// once, unless the batch attends at most this many (token, KV head, position) triples: small
-/// batches are bound by each warp's chain of dependent instructions, not by bytes, and one head
-/// per CTA is 4x the CTAs to spread it (the shared keys come from L2). Measured on the H200
-/// (Llama-2-70B-like 32/8/128): one-head CTAs would win at B = 1, T <= 16K and B = 8, T <= 4K
-/// (MHA's times at the same shapes: B = 1, T = 4K 28.9 vs 41.7 us), lose at B = 8, T = 16K.
-const ONE_HEAD_MAX_TRIPLES: usize = 1 << 18;
+/// once, unless the batch's attention reads at most this fraction of the L2 cache in cache
+/// bytes: small batches are bound by each warp's chain of dependent instructions, not by bytes,
+/// and one head per CTA gives 4x the CTAs to spread it, each KV head's bytes then read 4x, from
+/// L2 while they fit. Measured on the H200 (50 MB L2; 32/8/128, B = 1-32, T = 1K-32K, f16 and
+/// KIVI-2/4): one-head CTAs 1.02-1.86x faster up to 25 MB (B = 1, T = 4K KIVI-2 41.6 -> 27.1
+/// us), 1.2-2x slower from 33 MB on.
+const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
 /// One-warp CTAs are chosen for batches of at least this many (token, KV head) pairs whose
 /// sequences hold at most ONE_WARP_MAX_LEN tokens (measured on the H200: faster there, up to
 /// 1.4x; slower at B = 1 and for long GQA sequences).
@@ -338,6 +339,11 @@ pub struct GpuCache {
     part_ml: Option<CudaSlice<f32>>,
     split_override: Option<usize>,
     sm_count: usize,
+    /// L2 cache bytes of the device.
+    l2_bytes: usize,
+    /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
+    /// rows), which attention reads.
+    position_bytes: usize,
     /// Whole quantized blocks through the tensor-core path (`KIVI_CUDA_SIMT=1`: CUDA cores only,
     /// the previous kernel, for comparison).
     tensor_cores: bool,
@@ -347,7 +353,7 @@ pub struct GpuCache {
     /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
     /// (see `attend`); `KIVI_CUDA_WARPS=1` or `=4` forces.
     one_warp: Option<bool>,
-    /// One query head per CTA for GQA: None = chosen per batch (`ONE_HEAD_MAX_TRIPLES`);
+    /// One query head per CTA for GQA: None = chosen per batch (`ONE_HEAD_MAX_L2_FRACTION`);
     /// `KIVI_CUDA_ONE_HEAD=1` or `=0` forces.
     one_head: Option<bool>,
     /// A split's last, partly filled quantized block goes through the tensor cores too when it
@@ -504,6 +510,12 @@ impl GpuCache {
             )
             .unwrap_or(132)
             .max(1) as usize;
+        let l2_bytes = gpu
+            .context()
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .unwrap_or(50 << 20)
+            .max(0) as usize;
+        let position_bytes = (block / (shape.n_layer * hkv * BLOCK_TOKENS).max(1) as u64) as usize;
         // Compile (or load) the kernels now, so that timing never includes it.
         gpu.function(MODULE, SOURCE, "kivi_attn_reduce")?;
         Ok(GpuCache {
@@ -522,6 +534,8 @@ impl GpuCache {
             part_ml: None,
             split_override: None,
             sm_count,
+            l2_bytes,
+            position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
                 .ok()
@@ -1079,8 +1093,9 @@ impl GpuCache {
         {
             return Err(unsupported("attend: buffer shorter than the batch".into()));
         }
-        let triples = t * batch.max_len * hkv;
-        let one_head = self.one_head.unwrap_or(triples <= ONE_HEAD_MAX_TRIPLES);
+        let read_bytes = t * batch.max_len * hkv * self.position_bytes;
+        let (num, den) = ONE_HEAD_MAX_L2_FRACTION;
+        let one_head = self.one_head.unwrap_or(read_bytes * den <= self.l2_bytes * num);
         let ng = if one_head {
             1
         } else {
