@@ -341,6 +341,8 @@ pub struct GpuCache {
     sm_count: usize,
     /// L2 cache bytes of the device.
     l2_bytes: usize,
+    /// Target CTAs per SM of the split choice (`CTAS_PER_SM`; `KIVI_CUDA_CTAS_PER_SM`).
+    ctas_per_sm: usize,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -535,6 +537,10 @@ impl GpuCache {
             split_override: None,
             sm_count,
             l2_bytes,
+            ctas_per_sm: std::env::var("KIVI_CUDA_CTAS_PER_SM")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(CTAS_PER_SM, |c| c.clamp(1, 64)),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -1116,7 +1122,7 @@ impl GpuCache {
             let per_sm = if ng == 1 {
                 ONE_WARP_CTAS_PER_SM
             } else {
-                CTAS_PER_SM
+                self.ctas_per_sm
             };
             self.split_tokens(batch, pairs, per_sm, 1)
         } else {
@@ -1125,7 +1131,7 @@ impl GpuCache {
             } else {
                 1
             };
-            self.split_tokens(batch, pairs, CTAS_PER_SM, unit)
+            self.split_tokens(batch, pairs, self.ctas_per_sm, unit)
         };
         // The prefill kernel's partials take one more split slot, the last.
         let prefill = self.prefill_kernel && batch.n_prefill_tiles > 0;
