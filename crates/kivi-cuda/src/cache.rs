@@ -1101,7 +1101,9 @@ impl GpuCache {
         }
         let read_bytes = t * batch.max_len * hkv * self.position_bytes;
         let (num, den) = ONE_HEAD_MAX_L2_FRACTION;
-        let one_head = self.one_head.unwrap_or(read_bytes * den <= self.l2_bytes * num);
+        let one_head = self
+            .one_head
+            .unwrap_or(read_bytes * den <= self.l2_bytes * num);
         let ng = if one_head {
             1
         } else {
