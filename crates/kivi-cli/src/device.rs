@@ -29,6 +29,10 @@ pub struct DeviceArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 1)]
     pub weight_seed: u64,
+    /// 16-bit type of the weights and GEMM inputs on the GPU: f16, or bf16 (f32's range: for
+    /// models whose activations overflow f16, e.g. some Qwen2 checkpoints).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16"])]
+    pub gpu_dtype: String,
 }
 
 pub enum Device {
@@ -235,8 +239,8 @@ pub fn bench_cuda(
     Ok(())
 }
 
-/// Loads the model for the GPU: a file (weights dequantized to f16 and uploaded) or random
-/// weights made on the GPU.
+/// Loads the model for the GPU: a file (weights converted to `--gpu-dtype` and uploaded) or
+/// random weights made on the GPU.
 pub fn load_cuda(
     gpu: Arc<kivi_cuda::Gpu>,
     dev: &DeviceArgs,
@@ -247,7 +251,9 @@ pub fn load_cuda(
     Option<kivi_model::chat::ChatTemplate>,
     String,
 )> {
-    let backend = CudaBackend::new(gpu)?;
+    let half = kivi_cuda::HalfType::parse(&dev.gpu_dtype)
+        .ok_or_else(|| anyhow::anyhow!("--gpu-dtype {}: f16 or bf16", dev.gpu_dtype))?;
+    let backend = CudaBackend::with_half(gpu, half)?;
     if dev.random_weights {
         let config = dev.preset()?;
         let model = kivi_cuda::random_model(backend, config, dev.weight_seed)?;

@@ -54,6 +54,9 @@ pub struct BenchThroughputArgs {
     /// Random-weight shape preset: llama2-7b, llama3-8b, mistral-7b, smollm2-135m, tiny.
     #[arg(long, default_value = "smollm2-135m")]
     pub arch: String,
+    /// --device cuda: 16-bit type of the weights and GEMM inputs (f16 or bf16).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16"])]
+    pub gpu_dtype: String,
     /// Caches to compare, comma-separated (each as in --kv).
     #[arg(long, default_value = "f16,kivi2:r32,kivi2,kivi4")]
     pub kv: String,
@@ -464,6 +467,7 @@ fn run_cuda(
         random_weights: a.random_weights,
         arch: a.arch.clone(),
         weight_seed: a.seed,
+        gpu_dtype: a.gpu_dtype.clone(),
     };
     let (model, _, _, name) = crate::device::load_cuda(gpu.clone(), &dev, a.model.clone())?;
     gpu.trim_pool()?;

@@ -22,7 +22,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use cache::{GpuBatch, GpuCache, KernelResources};
-pub use model::{random_model, CudaBackend, CudaModel};
+pub use model::{random_model, CudaBackend, CudaModel, HalfType};
 pub use runner::{GpuRunner, RunnerTimes};
 
 #[derive(Debug, thiserror::Error)]
@@ -218,18 +218,22 @@ pub struct KernelModule {
 /// Every module the backend compiles: the element-wise model kernels, the sampler, the cache's
 /// append / prefill / reduce kernels, and each decode-attention variant (one module each).
 pub fn kernel_modules() -> Vec<KernelModule> {
-    let mut modules = vec![
-        KernelModule {
-            name: model::MODULE.into(),
-            source: model::SOURCE,
-            defines: Vec::new(),
-        },
-        KernelModule {
-            name: model::SAMPLE_MODULE.into(),
-            source: model::SAMPLE_SOURCE,
-            defines: Vec::new(),
-        },
-    ];
+    let mut modules: Vec<KernelModule> = [model::HalfType::F16, model::HalfType::Bf16]
+        .into_iter()
+        .map(|half| {
+            let (name, defines) = half.module();
+            KernelModule {
+                name: name.into(),
+                source: model::SOURCE,
+                defines,
+            }
+        })
+        .collect();
+    modules.extend([KernelModule {
+        name: model::SAMPLE_MODULE.into(),
+        source: model::SAMPLE_SOURCE,
+        defines: Vec::new(),
+    }]);
     modules.extend(cache::kernel_modules());
     modules
 }

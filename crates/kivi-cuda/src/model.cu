@@ -1,18 +1,31 @@
 // Elementwise and row kernels of the Llama forward pass (launchers: model.rs). Activations are
-// row-major f32; weights f16 (stored as u16). GEMMs are cuBLAS, attention is cache.cu. Compiled
-// with NVRTC at run time (no CUDA headers: f16 conversions are inline PTX).
+// row-major f32; weights and GEMM inputs are 16-bit ("half": f16, or bf16 when compiled with
+// -DHALF_BF16=1; stored as u16). GEMMs are cuBLAS, attention is cache.cu. Compiled with NVRTC at
+// run time (no CUDA headers: conversions are inline PTX).
 
 typedef unsigned short u16;
 #define INF __int_as_float(0x7f800000)
+#ifndef HALF_BF16
+#define HALF_BF16 0
+#endif
 
+// The 16-bit type <-> f32 (round to nearest even).
 __device__ __forceinline__ float h2f(u16 h) {
+#if HALF_BF16
+    return __uint_as_float((unsigned)h << 16);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 __device__ __forceinline__ u16 f2h(float f) {
     u16 h;
+#if HALF_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
     return h;
 }
 
@@ -23,8 +36,8 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// out[t] = table[tokens[t]] (f16 rows to f32). grid: rows; block: ROW_THREADS.
-extern "C" __global__ void embed_f16(const u16* __restrict__ table,
+// out[t] = table[tokens[t]] (16-bit rows to f32). grid: rows; block: ROW_THREADS.
+extern "C" __global__ void embed_half(const u16* __restrict__ table,
                                      const unsigned* __restrict__ tokens,
                                      float* __restrict__ out, int hidden) {
     const long long row = blockIdx.x;
@@ -32,7 +45,7 @@ extern "C" __global__ void embed_f16(const u16* __restrict__ table,
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[row * hidden + c] = h2f(src[c]);
 }
 
-// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, and (out16 != null) its f16 copy for the next
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, and (out16 != null) its 16-bit copy for the next
 // GEMMs. grid: rows; block: ROW_THREADS.
 extern "C" __global__ void __launch_bounds__(ROW_THREADS)
 rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restrict__ x,
@@ -55,8 +68,8 @@ rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restric
     }
 }
 
-// y = (f16) x, n elements. GEMM inputs.
-extern "C" __global__ void to_f16(const float* __restrict__ x, u16* __restrict__ y, long long n) {
+// y = (half) x, n elements. GEMM inputs.
+extern "C" __global__ void to_half(const float* __restrict__ x, u16* __restrict__ y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
         y[i] = f2h(x[i]);
@@ -78,7 +91,7 @@ extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __res
         x[i] += y[i];
 }
 
-// gate = silu(gate) * up, n elements, and its f16 copy for the next GEMM.
+// gate = silu(gate) * up, n elements, and its 16-bit copy for the next GEMM.
 extern "C" __global__ void swiglu(float* __restrict__ gate, u16* __restrict__ gate16,
                                   const float* __restrict__ up, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -167,9 +180,9 @@ argmax_rows(const float* __restrict__ logits, int vocab, unsigned* __restrict__ 
     }
 }
 
-// Deterministic pseudo-random f16 weights: center + spread * u, u uniform in [-1, 1) from a hash
+// Deterministic pseudo-random 16-bit weights: center + spread * u, u uniform in [-1, 1) from a hash
 // of (seed, index). Random-weights mode on the GPU (no host generation of billions of values).
-extern "C" __global__ void fill_random_f16(u16* __restrict__ w, long long n, float center,
+extern "C" __global__ void fill_random_half(u16* __restrict__ w, long long n, float center,
                                            float spread, unsigned long long seed) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {

@@ -1,11 +1,12 @@
 //! The Llama forward pass on the GPU: [`CudaBackend`] implements `kivi_model`'s [`Backend`]
 //! (the model itself is `kivi_model::llama::Llama`, written once for both backends).
 //!
-//! Weights are dequantized to f16 at load (any GGUF type the CPU reads, on the host) and
-//! uploaded; GEMMs are cuBLAS (f16 inputs, f32 accumulation and output); activations are f32
-//! between ops (GEMM inputs are rounded to f16 on the way in); attention is [`GpuCache`]'s
-//! flash-decoding kernel over the f16 or KIVI cache. Sequences are cache slots:
-//! `SeqId(slot)`.
+//! Weights are dequantized to a 16-bit type ([`HalfType`]: f16, or bf16 for models whose
+//! activations exceed f16's range) at load (any GGUF or safetensors type the CPU reads, on the
+//! host) and uploaded; GEMMs are cuBLAS (16-bit inputs, f32 accumulation and output);
+//! activations are f32 between ops (GEMM inputs are rounded to the 16-bit type on the way in);
+//! attention is [`GpuCache`]'s flash-decoding kernel over the f16 or KIVI cache. Sequences are
+//! cache slots: `SeqId(slot)`.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
-use half::f16;
+use half::{bf16, f16};
 use kivi_core::SeqId;
 use kivi_model::backend::{Backend, Rope};
 use kivi_model::config::{Config, RopeStyle};
@@ -42,14 +43,14 @@ pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
 /// The model on a GPU.
 pub type CudaModel = Llama<CudaBackend>;
 
-/// A `[rows][cols]` f16 weight matrix on the GPU.
+/// A `[rows][cols]` weight matrix on the GPU, in the backend's [`HalfType`].
 pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: CudaSlice<u16>,
 }
 
-/// The f16 copy of a GEMM input (cuBLAS reads f16; activations are f32).
+/// The 16-bit copy of a GEMM input (cuBLAS reads the [`HalfType`]; activations are f32).
 #[derive(Default)]
 struct Gemm16 {
     buf: Option<CudaSlice<u16>>,
@@ -70,10 +71,72 @@ impl Gemm16 {
     }
 }
 
+/// The 16-bit type of the weights and GEMM inputs on the GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HalfType {
+    /// IEEE half: 10 mantissa bits, largest value 65504.
+    #[default]
+    F16,
+    /// bfloat16: f32's range with 7 mantissa bits (models whose activations overflow f16, and
+    /// checkpoints stored in bf16).
+    Bf16,
+}
+
+impl HalfType {
+    /// Parses `f16` or `bf16`.
+    pub fn parse(s: &str) -> Option<HalfType> {
+        match s {
+            "f16" => Some(HalfType::F16),
+            "bf16" => Some(HalfType::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HalfType::F16 => "f16",
+            HalfType::Bf16 => "bf16",
+        }
+    }
+
+    /// The bits of `x` rounded to this type (nearest even).
+    pub fn from_f32(self, x: f32) -> u16 {
+        match self {
+            HalfType::F16 => f16::from_f32(x).to_bits(),
+            HalfType::Bf16 => bf16::from_f32(x).to_bits(),
+        }
+    }
+
+    pub fn to_f32(self, bits: u16) -> f32 {
+        match self {
+            HalfType::F16 => f16::from_bits(bits).to_f32(),
+            HalfType::Bf16 => bf16::from_bits(bits).to_f32(),
+        }
+    }
+
+    fn cuda_type(self) -> cudaDataType {
+        match self {
+            HalfType::F16 => cudaDataType::CUDA_R_16F,
+            HalfType::Bf16 => cudaDataType::CUDA_R_16BF,
+        }
+    }
+
+    /// The model kernels' module for this type, and its compile switches.
+    pub(crate) fn module(self) -> (&'static str, Vec<String>) {
+        match self {
+            HalfType::F16 => (MODULE, Vec::new()),
+            HalfType::Bf16 => ("model_bf16", vec!["-DHALF_BF16=1".to_string()]),
+        }
+    }
+}
+
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     blas: CudaBlas,
-    /// f16 copy of the current GEMM input. Mutexes (uncontended: one thread drives a model)
+    half: HalfType,
+    /// The model kernels' module (per [`HalfType`]) and its compile switches.
+    module: (&'static str, Vec<String>),
+    /// 16-bit copy of the current GEMM input. Mutexes (uncontended: one thread drives a model)
     /// rather than RefCells make the model Sync, so a server's engine thread can own a
     /// `GpuRunner` over it.
     x16: Mutex<Gemm16>,
@@ -104,14 +167,23 @@ fn elementwise(n: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
+    /// A backend with f16 weights and GEMM inputs.
     pub fn new(gpu: Arc<Gpu>) -> crate::Result<CudaBackend> {
+        Self::with_half(gpu, HalfType::F16)
+    }
+
+    /// A backend whose weights and GEMM inputs are `half`.
+    pub fn with_half(gpu: Arc<Gpu>, half: HalfType) -> crate::Result<CudaBackend> {
         let blas = CudaBlas::new(gpu.stream().clone())?;
+        let module = half.module();
         // Compile (or load) the kernels now, so that timing never includes it.
-        gpu.function(MODULE, SOURCE, "rmsnorm")?;
+        gpu.function_with(module.0, SOURCE, &module.1, "rmsnorm")?;
         let profiler = Profiler::new(gpu.context().clone(), gpu.stream().clone());
         Ok(CudaBackend {
             gpu,
             blas,
+            half,
+            module,
             x16: Mutex::new(Gemm16::default()),
             inv_freq: Mutex::new(None),
             profiler,
@@ -131,23 +203,31 @@ impl CudaBackend {
         self.x16.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An op is about to write an activation: the f16 copy no longer matches any.
+    /// An op is about to write an activation: the 16-bit copy no longer matches any.
     fn activation_written(&self) {
         self.gemm16().holds = None;
     }
 
-    fn f(&self, name: &str) -> R<CudaFunction> {
-        self.gpu.function(MODULE, SOURCE, name).map_err(err)
+    /// The 16-bit type of the weights and GEMM inputs.
+    pub fn half(&self) -> HalfType {
+        self.half
     }
 
-    /// A `[rows][cols]` matrix of f16 values.
-    pub fn upload_f16(&self, rows: usize, cols: usize, values: &[u16]) -> R<GpuMatrix> {
+    fn f(&self, name: &str) -> R<CudaFunction> {
+        let (module, defines) = &self.module;
+        self.gpu
+            .function_with(module, SOURCE, defines, name)
+            .map_err(err)
+    }
+
+    /// A `[rows][cols]` matrix of values in the backend's [`HalfType`] (bits).
+    pub fn upload_half(&self, rows: usize, cols: usize, values: &[u16]) -> R<GpuMatrix> {
         assert_eq!(values.len(), rows * cols);
         let data = self.gpu.stream().clone_htod(values).map_err(err)?;
         Ok(GpuMatrix { rows, cols, data })
     }
 
-    /// A `[rows][cols]` matrix of deterministic pseudo-random f16 values in
+    /// A `[rows][cols]` matrix of deterministic pseudo-random 16-bit values in
     /// `center ± spread` (random-weights mode).
     pub fn random_matrix(
         &self,
@@ -160,7 +240,7 @@ impl CudaBackend {
         let n = rows * cols;
         let s = self.gpu.stream();
         let mut data = s.alloc_zeros::<u16>(n.max(1)).map_err(err)?;
-        let f = self.f("fill_random_f16")?;
+        let f = self.f("fill_random_half")?;
         let n64 = n as i64;
         // SAFETY: data holds n elements.
         unsafe {
@@ -299,10 +379,7 @@ pub fn random_model(backend: CudaBackend, config: Config, seed: u64) -> R<CudaMo
     let vector = |len: usize, center: f32, spread: f32, s: u64| -> R<CudaSlice<f32>> {
         let m = b.random_matrix(1, len, center, spread, s)?;
         let host: Vec<u16> = b.gpu.stream().clone_dtoh(&m.data).map_err(err)?;
-        let v: Vec<f32> = host[..len]
-            .iter()
-            .map(|&x| f16::from_bits(x).to_f32())
-            .collect();
+        let v: Vec<f32> = host[..len].iter().map(|&x| b.half.to_f32(x)).collect();
         b.vector(v)
     };
     let mut layers = Vec::with_capacity(c.n_layer);
@@ -356,13 +433,22 @@ impl Backend for CudaBackend {
                 })
             }
         };
-        let values: Vec<u16> = if t.dtype == DType::F16 {
+        // Stored in the backend's own type: the bits as they are; anything else through f32.
+        let same = matches!(
+            (t.dtype, self.half),
+            (DType::F16, HalfType::F16) | (DType::BF16, HalfType::Bf16)
+        );
+        let values: Vec<u16> = if same {
             let b = t.data.bytes();
             if b.len() != rows * cols * 2 {
                 return Err(ModelError::format(
                     "tensor",
                     t.name.clone(),
-                    format!("{} bytes for an F16 [{rows}][{cols}] matrix", b.len()),
+                    format!(
+                        "{} bytes for a {} [{rows}][{cols}] matrix",
+                        b.len(),
+                        t.dtype.name()
+                    ),
                 ));
             }
             b.chunks_exact(2)
@@ -371,10 +457,10 @@ impl Backend for CudaBackend {
         } else {
             dequantize(&t)?
                 .iter()
-                .map(|&x| f16::from_f32(x).to_bits())
+                .map(|&x| self.half.from_f32(x))
                 .collect()
         };
-        self.upload_f16(rows, cols, &values)
+        self.upload_half(rows, cols, &values)
     }
 
     fn vector(&self, v: Vec<f32>) -> R<CudaSlice<f32>> {
@@ -422,7 +508,7 @@ impl Backend for CudaBackend {
         let _span = self.profiler.span("embed");
         let s = self.gpu.stream();
         let toks = s.clone_htod(tokens).map_err(err)?;
-        let f = self.f("embed_f16")?;
+        let f = self.f("embed_half")?;
         let hidden = table.cols as i32;
         assert!(out.len() >= tokens.len() * table.cols);
         let cfg = LaunchConfig {
@@ -485,7 +571,7 @@ impl Backend for CudaBackend {
     }
 
     /// `x` must come from this backend (an op's output, [`Backend::zeros`] or
-    /// [`Backend::vector`]): the f16 copy rmsnorm and swiglu leave is matched by address, and
+    /// [`Backend::vector`]): the 16-bit copy rmsnorm and swiglu leave is matched by address, and
     /// only the backend's own allocations and ops invalidate it.
     fn matmul(
         &self,
@@ -509,8 +595,8 @@ impl Backend for CudaBackend {
         }
         let x16 = g16.reserve(s, n_in)?;
         if !converted {
-            let _span = self.profiler.span("to_f16");
-            let f = self.f("to_f16")?;
+            let _span = self.profiler.span("to_half");
+            let f = self.f("to_half")?;
             let n64 = n_in as i64;
             // SAFETY: x holds n_in values, x16 at least n_in.
             unsafe {
@@ -541,10 +627,10 @@ impl Backend for CudaBackend {
                 w.cols as i32,
                 (&alpha) as *const f32 as *const _,
                 wp as *const _,
-                cudaDataType::CUDA_R_16F,
+                self.half.cuda_type(),
                 w.cols as i32,
                 xp as *const _,
-                cudaDataType::CUDA_R_16F,
+                self.half.cuda_type(),
                 w.cols as i32,
                 (&beta) as *const f32 as *const _,
                 op as *mut _,

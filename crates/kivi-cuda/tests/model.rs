@@ -5,15 +5,16 @@
 //! must match the CPU op within a relative error bound per dtype (f32 ops: 1e-5; GEMMs with f16
 //! inputs: 2e-3, the rounding of the activations to f16). End to end: both backends load the same
 //! f16 random weights; with the CPU's greedy tokens fed to both, the GPU's argmax must equal the
-//! CPU's at every step where the CPU's top-2 margin is above the f16 error of the logits.
+//! CPU's at every step where the CPU's top-2 margin is above the f16 error of the logits. The
+//! bf16 backend (`HalfType::Bf16`) the same way, with bounds for bf16's 8-bit significand.
 //! Without a CUDA device the tests print `skipped: no CUDA device` and pass.
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use half::f16;
+use half::{bf16, f16};
 use kivi_core::{new_cache, CacheConfig, CacheShape, KiviConfig, SeqId};
-use kivi_cuda::{CudaBackend, Gpu, GpuCache};
+use kivi_cuda::{CudaBackend, Gpu, GpuCache, HalfType};
 use kivi_model::backend::{Backend, Cpu, Rope};
 use kivi_model::config::{Arch, Config, RopeStyle};
 use kivi_model::llama::{BatchItem, Llama, Logits, Model, Naming};
@@ -81,6 +82,19 @@ fn f16_tensor(name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
     RawTensor {
         name: name.into(),
         dtype: DType::F16,
+        shape: vec![rows, cols],
+        data: Storage::Owned(Arc::new(bytes)),
+    }
+}
+
+fn bf16_tensor(name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
+    let bytes: Vec<u8> = v
+        .iter()
+        .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+        .collect();
+    RawTensor {
+        name: name.into(),
+        dtype: DType::BF16,
         shape: vec![rows, cols],
         data: Storage::Owned(Arc::new(bytes)),
     }
@@ -334,6 +348,68 @@ fn embed_and_matmul_match_cpu() {
 }
 
 #[test]
+fn bf16_backend_matches_cpu_and_holds_what_f16_overflows() {
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::with_half(g.clone(), HalfType::Bf16).unwrap();
+    let f16b = CudaBackend::new(g).unwrap();
+    let mut r = fresh_rng("bf16_backend_matches_cpu_and_holds_what_f16_overflows");
+    let (out_dim, in_dim, rows) = (1536usize, 576usize, 7usize);
+    let wv = randn(&mut r, out_dim * in_dim, (3.0 / in_dim as f32).sqrt());
+    // A bf16 checkpoint's bits go up as they are; an f16 one is converted (rounded to bf16).
+    let rounded: Vec<f32> = wv.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+    let cpu_w = Cpu.matrix(bf16_tensor("w", out_dim, in_dim, &wv)).unwrap();
+    let from_bf16 = b.matrix(bf16_tensor("w", out_dim, in_dim, &wv)).unwrap();
+    let from_f16 = b
+        .matrix(f16_tensor("w", out_dim, in_dim, &rounded))
+        .unwrap();
+    // GEMM inputs rounded to bf16 (2^-9 relative): the dot products' error stays near 2^-9.
+    let bound = 8e-3;
+    for scale in [2.0f32, 3.0e5] {
+        // 3e5: beyond f16's 65504 (activations of that size occur in some Qwen2 layers).
+        let x: Vec<f32> = randn(&mut r, rows * in_dim, scale);
+        let mut want = vec![0f32; rows * out_dim];
+        Cpu.matmul(&cpu_w, &x, rows, &mut want).unwrap();
+        for (what, w) in [("bf16 weights", &from_bf16), ("f16 weights", &from_f16)] {
+            let mut got = poisoned(&b, rows * out_dim);
+            b.matmul(w, &up(&b, &x), rows, &mut got).unwrap();
+            check(
+                &format!("bf16 matmul ({what}), inputs x {scale:e}"),
+                &down(&b, &got),
+                &want,
+                bound,
+            );
+        }
+        // After rmsnorm, the copy it leaves for the next GEMM is bf16 too.
+        let norm = randn(&mut r, in_dim, 1.5);
+        let mut cxb = vec![0f32; rows * in_dim];
+        Cpu.rmsnorm(&mut cxb, &x, &norm, 1e-5).unwrap();
+        let mut gxb = poisoned(&b, rows * in_dim);
+        b.rmsnorm(&mut gxb, &up(&b, &x), &up(&b, &norm), 1e-5)
+            .unwrap();
+        Cpu.matmul(&cpu_w, &cxb, rows, &mut want).unwrap();
+        let mut got = poisoned(&b, rows * out_dim);
+        b.matmul(&from_bf16, &gxb, rows, &mut got).unwrap();
+        check("bf16 matmul after rmsnorm", &down(&b, &got), &want, bound);
+    }
+    // The f16 backend cannot hold 3e5: its GEMM input saturates to infinity.
+    let x = vec![3.0e5f32; in_dim];
+    let f16_w = f16b.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
+    let mut got = poisoned(&f16b, out_dim);
+    f16b.matmul(&f16_w, &up(&f16b, &x), 1, &mut got).unwrap();
+    assert!(
+        down(&f16b, &got).iter().any(|v| !v.is_finite()),
+        "f16 GEMM inputs of 3e5 should overflow"
+    );
+    // embed reads bf16 rows exactly.
+    let tokens: Vec<u32> = (0..rows).map(|_| r.gen_range(0..out_dim as u32)).collect();
+    let mut want = vec![0f32; rows * in_dim];
+    Cpu.embed(&cpu_w, &tokens, &mut want).unwrap();
+    let mut got = poisoned(&b, rows * in_dim);
+    b.embed(&from_bf16, &tokens, &mut got).unwrap();
+    check("bf16 embed", &down(&b, &got), &want, 0.0);
+}
+
+#[test]
 fn rope_matches_cpu_both_styles() {
     let Some(g) = gpu() else { return };
     let b = CudaBackend::new(g.clone()).unwrap();
@@ -413,6 +489,7 @@ fn compare_greedy(
     cache_cfg: CacheConfig,
     prompt: &[u32],
     steps: usize,
+    margin_frac: f32,
 ) -> usize {
     let c = &cpu.config;
     let shape = CacheShape {
@@ -452,9 +529,9 @@ fn compare_greedy(
         let scale = sorted[0].abs().max(1.0);
         let cpu_tok = kivi_engine_argmax(&want);
         let gpu_tok = gpu_model.backend.argmax(&dev_logits, 1, c.vocab).unwrap()[0];
-        // The f16 rounding of GEMM inputs moves logits by ~1e-3 relative; a margin above 2 %
-        // of the top logit cannot flip.
-        if margin > 0.02 * scale {
+        // The f16 rounding of GEMM inputs moves logits by ~1e-3 relative (bf16: ~1e-2); a
+        // margin above `margin_frac` of the top logit cannot flip.
+        if margin > margin_frac * scale {
             assert_eq!(
                 gpu_tok, cpu_tok,
                 "{cache_cfg:?} step {step}: GPU token {gpu_tok} != CPU {cpu_tok} (margin {margin})"
@@ -508,12 +585,54 @@ fn greedy_tokens_equal_cpu_on_random_weights() {
             CacheConfig::Kivi(KiviConfig::default()),
         ] {
             let steps = 40;
-            let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, steps);
+            let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, steps, 0.02);
             assert!(
                 compared >= steps / 4,
                 "qwen2={qwen2} {cache:?}: only {compared}/{steps} steps had a clear margin"
             );
         }
+    }
+}
+
+/// The bf16 backend end to end: both backends load the same bf16 weights (random f16 weights
+/// rounded to bf16, as a bf16 checkpoint would hold them), the CPU with f32 activations.
+#[test]
+fn greedy_tokens_equal_cpu_on_random_bf16_weights() {
+    let Some(g) = gpu() else { return };
+    let mut r = fresh_rng("greedy_tokens_equal_cpu_on_random_bf16_weights");
+    let config = small_config(true, 4);
+    let src = RandomWeights::new(&config, DType::F16, r.gen()).unwrap();
+    let src = AsBf16(&src);
+    let cpu = Model::load(&src, Naming::Gguf, config.clone()).unwrap();
+    let backend = CudaBackend::with_half(g, HalfType::Bf16).unwrap();
+    let gpu_model = Llama::load_on(backend, &src, Naming::Gguf, config.clone()).unwrap();
+    let prompt: Vec<u32> = (0..150)
+        .map(|_| r.gen_range(0..config.vocab as u32))
+        .collect();
+    for cache in [CacheConfig::F16, CacheConfig::Kivi(KiviConfig::default())] {
+        let steps = 40;
+        let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, steps, 0.05);
+        assert!(
+            compared >= steps / 4,
+            "bf16 {cache:?}: only {compared}/{steps} steps had a clear margin"
+        );
+    }
+}
+
+/// A tensor source whose matrices are another's, rounded to bf16 (stored as BF16 tensors).
+struct AsBf16<'a>(&'a dyn TensorSource);
+
+impl TensorSource for AsBf16<'_> {
+    fn tensor(&self, name: &str) -> kivi_model::Result<RawTensor> {
+        let t = self.0.tensor(name)?;
+        if t.shape.len() != 2 {
+            return Ok(t);
+        }
+        let v = kivi_model::matrix::dequantize(&t)?;
+        Ok(bf16_tensor(name, t.shape[0], t.shape[1], &v))
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
     }
 }
 
@@ -558,7 +677,7 @@ fn greedy_tokens_equal_cpu_on_smollm2() {
         )
         .unwrap();
     for cache in [CacheConfig::F16, CacheConfig::Kivi(KiviConfig::default())] {
-        let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, 32);
+        let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, 32, 0.02);
         assert!(compared >= 8, "{cache:?}: only {compared} steps compared");
     }
 }
