@@ -558,7 +558,8 @@ fn run_cuda(
             let profile = model.backend.profiler().take();
             if a.profile {
                 eprintln!(
-                    "GPU time by op, {} B = {b}:\n{}",
+                    "{} time by op, {} B = {b}:\n{}",
+                    if profile.host { "Host" } else { "GPU" },
                     format_kv(cache),
                     profile.table()
                 );

@@ -48,7 +48,16 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: (i32, i32),
-    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// Loaded modules by name, each with the functions looked up so far: a launch finds its
+    /// kernel here without a driver call (`cuModuleGetFunction`) or a C string.
+    modules: Mutex<HashMap<String, LoadedModule>>,
+    /// `KIVI_CUDA_NO_FN_CACHE=1`: every lookup asks the driver (for measuring the cache).
+    no_function_cache: bool,
+}
+
+struct LoadedModule {
+    module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
 }
 
 impl Gpu {
@@ -88,6 +97,7 @@ impl Gpu {
             stream,
             arch,
             modules: Mutex::new(HashMap::new()),
+            no_function_cache: std::env::var_os("KIVI_CUDA_NO_FN_CACHE").is_some_and(|v| v == "1"),
         }))
     }
 
@@ -171,16 +181,26 @@ impl Gpu {
         name: &str,
     ) -> Result<CudaFunction> {
         let mut modules = self.modules.lock().expect("module cache poisoned");
-        let m = match modules.get(module) {
-            Some(m) => m.clone(),
-            None => {
-                let ptx = self.compile(module, source, defines)?;
-                let m = self.ctx.load_module(Ptx::from_src(ptx))?;
-                modules.insert(module.to_string(), m.clone());
-                m
+        if !modules.contains_key(module) {
+            let ptx = self.compile(module, source, defines)?;
+            let m = self.ctx.load_module(Ptx::from_src(ptx))?;
+            modules.insert(
+                module.to_string(),
+                LoadedModule {
+                    module: m,
+                    functions: HashMap::new(),
+                },
+            );
+        }
+        let m = modules.get_mut(module).expect("inserted above");
+        if let Some(f) = m.functions.get(name) {
+            if !self.no_function_cache {
+                return Ok(f.clone());
             }
-        };
-        Ok(m.load_function(name)?)
+        }
+        let f = m.module.load_function(name)?;
+        m.functions.insert(name.to_string(), f.clone());
+        Ok(f)
     }
 
     fn compile(&self, module: &str, source: &str, defines: &[String]) -> Result<String> {

@@ -1,13 +1,18 @@
-//! Opt-in GPU time per op of the forward pass: a pair of CUDA events around every backend op,
-//! read back once the step is done (`KIVI_CUDA_PROFILE=1`, or [`Profiler::set_enabled`]).
+//! Opt-in time per op of the forward pass (`KIVI_CUDA_PROFILE=1`, or [`Profiler::set_enabled`]):
+//! GPU time from a pair of CUDA events around every backend op, read back once the step is done;
+//! or, with `KIVI_CUDA_PROFILE=host`, the host's time to queue each op (wall clock, no events).
 //!
 //! Events time the op on the stream (GPU time, including any wait for the host to queue the
 //! next launch inside the span), so the sum over ops against the step's GPU span shows how
-//! much of the step the GPU sat idle between ops. Off by default: two event records per op.
+//! much of the step the GPU sat idle between ops. Host mode shows where the host spends a pass
+//! when it, not the GPU, sets the pace (small batches). Off by default: two event records (or
+//! clock reads) per op.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
@@ -37,11 +42,24 @@ pub struct OpTime {
     pub ms: f64,
 }
 
-/// Totals per step kind: every op's time, and the steps' GPU spans (first event to last).
+/// What a profiler measures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProfileMode {
+    #[default]
+    Off,
+    /// GPU time per op (CUDA events).
+    Gpu,
+    /// Host time to queue each op (wall clock).
+    Host,
+}
+
+/// Totals per step kind: every op's time, and the steps' spans (first op start to last op end).
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
     pub ops: BTreeMap<(StepKind, &'static str), OpTime>,
     pub steps: BTreeMap<StepKind, OpTime>,
+    /// Host times (else GPU times).
+    pub host: bool,
 }
 
 impl Profile {
@@ -52,9 +70,10 @@ impl Profile {
         for (&kind, span) in &self.steps {
             let per = |ms: f64| ms / span.calls.max(1) as f64;
             out.push_str(&format!(
-                "{} passes: {}, GPU span {:.2} ms per pass\n",
+                "{} passes: {}, {} span {:.2} ms per pass\n",
                 kind.name(),
                 span.calls,
+                if self.host { "host" } else { "GPU" },
                 per(span.ms)
             ));
             let mut ops: Vec<(&str, OpTime)> = self
@@ -91,10 +110,19 @@ struct Open {
     end: CudaEvent,
 }
 
+/// A finished op span of host mode.
+struct HostOp {
+    kind: StepKind,
+    name: &'static str,
+    start: Instant,
+    end: Instant,
+}
+
 #[derive(Default)]
 struct State {
     kind: Option<StepKind>,
     open: Vec<Open>,
+    host_ops: Vec<HostOp>,
     spare: Vec<CudaEvent>,
     profile: Profile,
 }
@@ -103,14 +131,20 @@ struct State {
 pub struct Profiler {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    enabled: std::sync::atomic::AtomicBool,
+    mode: AtomicU8,
     state: Mutex<State>,
+}
+
+/// Where an open span started.
+enum Start {
+    Event(CudaEvent),
+    Clock(Instant),
 }
 
 /// Ends its op's span when dropped.
 pub struct Span<'p> {
     profiler: &'p Profiler,
-    open: Option<(&'static str, CudaEvent)>,
+    open: Option<(&'static str, Start)>,
 }
 
 impl Drop for Span<'_> {
@@ -123,21 +157,50 @@ impl Drop for Span<'_> {
 
 impl Profiler {
     pub fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Profiler {
-        let on = std::env::var("KIVI_CUDA_PROFILE").is_ok_and(|v| v == "1");
-        Profiler {
+        let mode = match std::env::var("KIVI_CUDA_PROFILE").as_deref() {
+            Ok("1") => ProfileMode::Gpu,
+            Ok("host") => ProfileMode::Host,
+            _ => ProfileMode::Off,
+        };
+        let p = Profiler {
             ctx,
             stream,
-            enabled: on.into(),
+            mode: AtomicU8::new(0),
             state: Mutex::new(State::default()),
+        };
+        p.set_mode(mode);
+        p
+    }
+
+    /// GPU times on (unless host mode is on: `KIVI_CUDA_PROFILE=host` wins), or off.
+    pub fn set_enabled(&self, on: bool) {
+        if !on {
+            self.set_mode(ProfileMode::Off);
+        } else if self.mode() == ProfileMode::Off {
+            self.set_mode(ProfileMode::Gpu);
         }
     }
 
-    pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, std::sync::atomic::Ordering::Relaxed);
+    pub fn set_mode(&self, mode: ProfileMode) {
+        let v = match mode {
+            ProfileMode::Off => 0,
+            ProfileMode::Gpu => 1,
+            ProfileMode::Host => 2,
+        };
+        self.mode.store(v, Ordering::Relaxed);
+        self.lock().profile.host = mode == ProfileMode::Host;
+    }
+
+    pub fn mode(&self) -> ProfileMode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => ProfileMode::Gpu,
+            2 => ProfileMode::Host,
+            _ => ProfileMode::Off,
+        }
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled.load(std::sync::atomic::Ordering::Relaxed)
+        self.mode() != ProfileMode::Off
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -167,11 +230,13 @@ impl Profiler {
 
     /// Times the ops queued until the returned span is dropped as `name`.
     pub fn span(&self, name: &'static str) -> Span<'_> {
-        let open = if self.enabled() {
-            let mut st = self.lock();
-            self.record(&mut st).map(|e| (name, e))
-        } else {
-            None
+        let open = match self.mode() {
+            ProfileMode::Off => None,
+            ProfileMode::Gpu => {
+                let mut st = self.lock();
+                self.record(&mut st).map(|e| (name, Start::Event(e)))
+            }
+            ProfileMode::Host => Some((name, Start::Clock(Instant::now()))),
         };
         Span {
             profiler: self,
@@ -179,16 +244,27 @@ impl Profiler {
         }
     }
 
-    fn close(&self, name: &'static str, start: CudaEvent) {
+    fn close(&self, name: &'static str, start: Start) {
+        let end_clock = Instant::now();
         let mut st = self.lock();
         let kind = st.kind.unwrap_or(StepKind::Mixed);
-        if let Some(end) = self.record(&mut st) {
-            st.open.push(Open {
+        match start {
+            Start::Event(start) => {
+                if let Some(end) = self.record(&mut st) {
+                    st.open.push(Open {
+                        kind,
+                        name,
+                        start,
+                        end,
+                    });
+                }
+            }
+            Start::Clock(start) => st.host_ops.push(HostOp {
                 kind,
                 name,
                 start,
-                end,
-            });
+                end: end_clock,
+            }),
         }
     }
 
@@ -199,8 +275,22 @@ impl Profiler {
             return;
         }
         let mut st = self.lock();
+        let host_ops = std::mem::take(&mut st.host_ops);
+        if let (Some(first), Some(last)) = (host_ops.first(), host_ops.last()) {
+            let kind = first.kind;
+            let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+            let s = st.profile.steps.entry(kind).or_default();
+            s.calls += 1;
+            s.ms += ms(first.start, last.end);
+            for o in host_ops {
+                let t = st.profile.ops.entry((o.kind, o.name)).or_default();
+                t.calls += 1;
+                t.ms += ms(o.start, o.end);
+            }
+        }
         let open = std::mem::take(&mut st.open);
         let (Some(first), Some(last)) = (open.first(), open.last()) else {
+            st.kind = None;
             return;
         };
         let kind = first.kind;
@@ -223,7 +313,12 @@ impl Profiler {
 
     /// The totals so far, and starts new ones.
     pub fn take(&self) -> Profile {
-        std::mem::take(&mut self.lock().profile)
+        let mut st = self.lock();
+        let host = st.profile.host;
+        let mut p = std::mem::take(&mut st.profile);
+        st.profile.host = host;
+        p.host = host;
+        p
     }
 }
 
@@ -257,5 +352,10 @@ mod tests {
             "prefill+decode passes: 1, GPU span 8.00 ms per pass"
         );
         assert!(lines[6].contains("2.000 ms/pass  25.0 %"), "{}", lines[6]);
+        p.host = true;
+        assert_eq!(
+            p.table().lines().next().unwrap(),
+            "decode passes: 4, host span 10.00 ms per pass"
+        );
     }
 }
