@@ -68,6 +68,75 @@ rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restric
     }
 }
 
+// Small-batch matmul: out[r][n] = sum_k x[r][k] W[n][k] for R <= GEMV_MAX_ROWS rows of f32 x
+// and the 16-bit weight W [n_out][cols] (cols % 8 == 0). Decode at small batches reads every
+// weight once per step: a bandwidth-bound pass with one launch per matrix, where cuBLAS costs
+// ~3 launches of host time per call and needs the f16 copy of x. One warp per output row: each
+// lane loads 8 weights (16 bytes) per iteration, UNROLL iterations in flight, and multiplies
+// them with the R rows of x (f32, through L1), so x is not rounded. grid: ceil(n_out / 8);
+// block: 256 (8 warps).
+#define GEMV_MAX_ROWS 8
+#define GEMV_UNROLL 4
+template <int R>
+__device__ __forceinline__ void gemv_rows(const u16* __restrict__ w, const float* __restrict__ x,
+                                          float* __restrict__ out, int n_out, int cols) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n >= n_out) return;
+    const uint4* wr = (const uint4*)(w + (long long)n * cols);
+    const int chunks = cols / 8;  // 16-byte chunks of the row
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + 32 * u;
+            wv[u] = c < chunks ? wr[c] : uint4{0u, 0u, 0u, 0u};
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            const unsigned ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            float wf[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                wf[2 * j] = h2f((u16)(ws[j] & 0xffffu));
+                wf[2 * j + 1] = h2f((u16)(ws[j] >> 16));
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float4* xr = (const float4*)(x + (long long)r * cols) + 2 * c;
+                const float4 a = xr[0], b = xr[1];
+                acc[r] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x +
+                          wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) out[(long long)r * n_out + n] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_small(const u16* __restrict__ w, const float* __restrict__ x, float* __restrict__ out, int rows,
+           int n_out, int cols) {
+    switch (rows) {
+        case 1: gemv_rows<1>(w, x, out, n_out, cols); break;
+        case 2: gemv_rows<2>(w, x, out, n_out, cols); break;
+        case 3: gemv_rows<3>(w, x, out, n_out, cols); break;
+        case 4: gemv_rows<4>(w, x, out, n_out, cols); break;
+        case 5: gemv_rows<5>(w, x, out, n_out, cols); break;
+        case 6: gemv_rows<6>(w, x, out, n_out, cols); break;
+        case 7: gemv_rows<7>(w, x, out, n_out, cols); break;
+        default: gemv_rows<8>(w, x, out, n_out, cols); break;
+    }
+}
+
 // y = (half) x, n elements. GEMM inputs.
 extern "C" __global__ void to_half(const float* __restrict__ x, u16* __restrict__ y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;

@@ -37,6 +37,10 @@ pub(crate) const MODULE: &str = "model";
 pub(crate) const SAMPLE_SOURCE: &str = include_str!("sample.cu");
 pub(crate) const SAMPLE_MODULE: &str = "sample";
 const ROW_THREADS: u32 = 256;
+/// Matmuls of at most this many rows run `gemv_small` (`GEMV_MAX_ROWS` in model.cu) instead of
+/// cuBLAS: decode at small batches, where a step reads every weight once and cuBLAS's host
+/// work per call (~15 us on the H200 machine, 225 calls per Llama-2-7B pass) set the pace.
+const GEMV_MAX_ROWS: usize = 8;
 /// RoPE over at least this many rows runs one CTA per token (see `rope`).
 pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
 
@@ -134,6 +138,8 @@ pub struct CudaBackend {
     gpu: Arc<Gpu>,
     blas: CudaBlas,
     half: HalfType,
+    /// Matmuls of few rows through `gemv_small` (`KIVI_CUDA_GEMV=0`: always cuBLAS).
+    small_gemv: bool,
     /// The model kernels' module (per [`HalfType`]) and its compile switches.
     module: (&'static str, Vec<String>),
     /// 16-bit copy of the current GEMM input. Mutexes (uncontended: one thread drives a model)
@@ -183,6 +189,7 @@ impl CudaBackend {
             gpu,
             blas,
             half,
+            small_gemv: std::env::var_os("KIVI_CUDA_GEMV").is_none_or(|v| v != "0"),
             module,
             x16: Mutex::new(Gemm16::default()),
             inv_freq: Mutex::new(None),
@@ -586,6 +593,38 @@ impl Backend for CudaBackend {
         }
         assert!(x.len() >= n_in && out.len() >= rows * w.rows);
         let s = self.gpu.stream();
+        if rows <= GEMV_MAX_ROWS && w.cols.is_multiple_of(8) && self.small_gemv {
+            // Reads x as f32: no 16-bit copy needed; `out` is written, so a copy that
+            // described it is stale.
+            let out_addr = out.device_ptr(s).0;
+            let mut g16 = self.gemm16();
+            if g16.holds.is_some_and(|(a, _)| a == out_addr) {
+                g16.holds = None;
+            }
+            drop(g16);
+            let _span = self.profiler.span("gemv");
+            let f = self.f("gemv_small")?;
+            let (r, n_out, cols) = (rows as i32, w.rows as i32, w.cols as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (w.rows.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: w holds w.rows x w.cols values (cols a multiple of 8: whole 16-byte
+            // chunks per row), x at least rows x cols, out at least rows x w.rows (asserted).
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(&w.data)
+                    .arg(x)
+                    .arg(out)
+                    .arg(&r)
+                    .arg(&n_out)
+                    .arg(&cols)
+                    .launch(cfg)
+                    .map_err(err)?
+            };
+            return Ok(());
+        }
         let x_addr = x.device_ptr(s).0;
         let out_addr = out.device_ptr(s).0;
         let mut g16 = self.gemm16();

@@ -317,11 +317,15 @@ fn embed_and_matmul_match_cpu() {
     let Some(g) = gpu() else { return };
     let b = CudaBackend::new(g).unwrap();
     let mut r = fresh_rng("embed_and_matmul_match_cpu");
-    for &(out_dim, in_dim, rows) in &[
+    // Rows 1-8: the small-batch kernel (gemv_small, every row count it specializes); 9 and
+    // 17: cuBLAS; 580 columns (not whole 16-byte chunks): cuBLAS at one row too.
+    let mut shapes = vec![
         (576usize, 576usize, 1usize),
-        (1536, 576, 5),
         (4096, 4096, 17),
-    ] {
+        (1000, 580, 1),
+    ];
+    shapes.extend((1..=9).map(|rows| (1536, 576, rows)));
+    for &(out_dim, in_dim, rows) in &shapes {
         let wv = randn(&mut r, out_dim * in_dim, (3.0 / in_dim as f32).sqrt());
         let cpu_w = Cpu.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
         let gpu_w = b.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
@@ -391,11 +395,13 @@ fn bf16_backend_matches_cpu_and_holds_what_f16_overflows() {
         b.matmul(&from_bf16, &gxb, rows, &mut got).unwrap();
         check("bf16 matmul after rmsnorm", &down(&b, &got), &want, bound);
     }
-    // The f16 backend cannot hold 3e5: its GEMM input saturates to infinity.
-    let x = vec![3.0e5f32; in_dim];
+    // The f16 backend cannot hold 3e5 where cuBLAS reads f16 inputs (more than 8 rows; fewer
+    // go through the small-batch kernel, which reads f32): its GEMM input saturates.
+    let many = 16;
+    let x = vec![3.0e5f32; many * in_dim];
     let f16_w = f16b.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
-    let mut got = poisoned(&f16b, out_dim);
-    f16b.matmul(&f16_w, &up(&f16b, &x), 1, &mut got).unwrap();
+    let mut got = poisoned(&f16b, many * out_dim);
+    f16b.matmul(&f16_w, &up(&f16b, &x), many, &mut got).unwrap();
     assert!(
         down(&f16b, &got).iter().any(|v| !v.is_finite()),
         "f16 GEMM inputs of 3e5 should overflow"
