@@ -68,13 +68,13 @@ rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restric
     }
 }
 
-// Small-batch matmul: out[r][n] = sum_k x[r][k] W[n][k] for R <= GEMV_MAX_ROWS rows of f32 x
-// and the 16-bit weight W [n_out][cols] (cols % 8 == 0). Decode at small batches reads every
-// weight once per step: a bandwidth-bound pass with one launch per matrix, where cuBLAS costs
-// ~3 launches of host time per call and needs the f16 copy of x. One warp per output row: each
-// lane loads 8 weights (16 bytes) per iteration, UNROLL iterations in flight, and multiplies
-// them with the R rows of x (f32, through L1), so x is not rounded. grid: ceil(n_out / 8);
-// block: 256 (8 warps).
+// Small-batch matmul (opt-in, KIVI_CUDA_GEMV=1): out[r][n] = sum_k x[r][k] W[n][k] for
+// R <= GEMV_MAX_ROWS rows of f32 x and the 16-bit weight W [n_out][cols] (cols % 8 == 0). One
+// launch per matrix where cuBLAS costs ~3 launches of host time per call. One warp per output
+// row: each lane loads 8 weights (16 bytes) per iteration, UNROLL iterations in flight, and
+// multiplies them with the R rows of x (f32, through L1), so x is not rounded. Measured slower
+// than cuBLAS on the GPU (x re-read from L1 per row and warp; few bytes in flight): the next
+// version stages x in shared memory. grid: ceil(n_out / 8); block: 256 (8 warps).
 #define GEMV_MAX_ROWS 8
 #define GEMV_UNROLL 4
 template <int R>

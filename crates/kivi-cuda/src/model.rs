@@ -37,9 +37,10 @@ pub(crate) const MODULE: &str = "model";
 pub(crate) const SAMPLE_SOURCE: &str = include_str!("sample.cu");
 pub(crate) const SAMPLE_MODULE: &str = "sample";
 const ROW_THREADS: u32 = 256;
-/// Matmuls of at most this many rows run `gemv_small` (`GEMV_MAX_ROWS` in model.cu) instead of
-/// cuBLAS: decode at small batches, where a step reads every weight once and cuBLAS's host
-/// work per call (~15 us on the H200 machine, 225 calls per Llama-2-7B pass) set the pace.
+/// With `KIVI_CUDA_GEMV=1`, matmuls of at most this many rows run `gemv_small`
+/// (`GEMV_MAX_ROWS` in model.cu) instead of cuBLAS. Opt-in: on the H200 it cut the host's time
+/// per launch from ~15 us (cuBLAS) to ~4 us, but its GPU time is worse than cuBLAS's (Llama-2-7B
+/// decode B = 1: 6.8 vs 6.2 ms per token; B = 4: 11.9 vs 6.4 ms, re-reading x from L1 per row).
 const GEMV_MAX_ROWS: usize = 8;
 /// RoPE over at least this many rows runs one CTA per token (see `rope`).
 pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
@@ -138,7 +139,7 @@ pub struct CudaBackend {
     gpu: Arc<Gpu>,
     blas: CudaBlas,
     half: HalfType,
-    /// Matmuls of few rows through `gemv_small` (`KIVI_CUDA_GEMV=0`: always cuBLAS).
+    /// Matmuls of few rows through `gemv_small` (`KIVI_CUDA_GEMV=1`; default: cuBLAS).
     small_gemv: bool,
     /// The model kernels' module (per [`HalfType`]) and its compile switches.
     module: (&'static str, Vec<String>),
@@ -189,7 +190,7 @@ impl CudaBackend {
             gpu,
             blas,
             half,
-            small_gemv: std::env::var_os("KIVI_CUDA_GEMV").is_none_or(|v| v != "0"),
+            small_gemv: std::env::var_os("KIVI_CUDA_GEMV").is_some_and(|v| v == "1"),
             module,
             x16: Mutex::new(Gemm16::default()),
             inv_freq: Mutex::new(None),
@@ -218,6 +219,12 @@ impl CudaBackend {
     /// The 16-bit type of the weights and GEMM inputs.
     pub fn half(&self) -> HalfType {
         self.half
+    }
+
+    /// Matmuls of at most 8 rows through the small-batch kernel (`gemv_small`) instead of
+    /// cuBLAS (also `KIVI_CUDA_GEMV=1`; off by default: slower on the GPU, see `GEMV_MAX_ROWS`).
+    pub fn set_small_gemv(&mut self, on: bool) {
+        self.small_gemv = on;
     }
 
     fn f(&self, name: &str) -> R<CudaFunction> {

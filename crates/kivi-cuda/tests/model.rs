@@ -315,10 +315,13 @@ fn device_sampling_follows_the_reference_distribution() {
 #[test]
 fn embed_and_matmul_match_cpu() {
     let Some(g) = gpu() else { return };
-    let b = CudaBackend::new(g).unwrap();
+    let b = CudaBackend::new(g.clone()).unwrap();
+    // The opt-in small-batch kernel: rows 1-8 (every row count it specializes) through
+    // gemv_small, f32 inputs (error ~1e-7); 9 and 17 rows, and 580 columns (not whole 16-byte
+    // chunks), through cuBLAS as on the default backend.
+    let mut gemv = CudaBackend::new(g).unwrap();
+    gemv.set_small_gemv(true);
     let mut r = fresh_rng("embed_and_matmul_match_cpu");
-    // Rows 1-8: the small-batch kernel (gemv_small, every row count it specializes); 9 and
-    // 17: cuBLAS; 580 columns (not whole 16-byte chunks): cuBLAS at one row too.
     let mut shapes = vec![
         (576usize, 576usize, 1usize),
         (4096, 4096, 17),
@@ -339,6 +342,21 @@ fn embed_and_matmul_match_cpu() {
             &down(&b, &got),
             &want,
             2e-3,
+        );
+        let gemv_w = gemv.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
+        let mut got = poisoned(&gemv, rows * out_dim);
+        gemv.matmul(&gemv_w, &up(&gemv, &x), rows, &mut got)
+            .unwrap();
+        let bound = if rows <= 8 && in_dim % 8 == 0 {
+            1e-5
+        } else {
+            2e-3
+        };
+        check(
+            &format!("matmul f16 {out_dim}x{in_dim}, {rows} rows, small-batch kernel"),
+            &down(&gemv, &got),
+            &want,
+            bound,
         );
 
         // embed: rows of the same f16 table; exact (both widen f16 to f32)
@@ -395,8 +413,7 @@ fn bf16_backend_matches_cpu_and_holds_what_f16_overflows() {
         b.matmul(&from_bf16, &gxb, rows, &mut got).unwrap();
         check("bf16 matmul after rmsnorm", &down(&b, &got), &want, bound);
     }
-    // The f16 backend cannot hold 3e5 where cuBLAS reads f16 inputs (more than 8 rows; fewer
-    // go through the small-batch kernel, which reads f32): its GEMM input saturates.
+    // The f16 backend cannot hold 3e5: cuBLAS reads its GEMM input as f16, which saturates.
     let many = 16;
     let x = vec![3.0e5f32; many * in_dim];
     let f16_w = f16b.matrix(f16_tensor("w", out_dim, in_dim, &wv)).unwrap();
