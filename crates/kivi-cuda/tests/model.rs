@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use half::{bf16, f16};
+use half::bf16;
 use kivi_core::{new_cache, CacheConfig, CacheShape, KiviConfig, SeqId};
 use kivi_cuda::{CudaBackend, Gpu, GpuCache, HalfType};
 use kivi_model::backend::{Backend, Cpu, Rope};
@@ -74,30 +74,29 @@ fn down(b: &CudaBackend, x: &CudaSlice<f32>) -> Vec<f32> {
     b.to_host(x).unwrap()
 }
 
-fn f16_tensor(name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
+/// `v` rounded to `half`, as an F16 or BF16 tensor `[rows][cols]`.
+fn half_tensor(half: HalfType, name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
     let bytes: Vec<u8> = v
         .iter()
-        .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+        .flat_map(|&x| half.from_f32(x).to_le_bytes())
         .collect();
     RawTensor {
         name: name.into(),
-        dtype: DType::F16,
+        dtype: match half {
+            HalfType::F16 => DType::F16,
+            HalfType::Bf16 => DType::BF16,
+        },
         shape: vec![rows, cols],
         data: Storage::Owned(Arc::new(bytes)),
     }
 }
 
+fn f16_tensor(name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
+    half_tensor(HalfType::F16, name, rows, cols, v)
+}
+
 fn bf16_tensor(name: &str, rows: usize, cols: usize, v: &[f32]) -> RawTensor {
-    let bytes: Vec<u8> = v
-        .iter()
-        .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
-        .collect();
-    RawTensor {
-        name: name.into(),
-        dtype: DType::BF16,
-        shape: vec![rows, cols],
-        data: Storage::Owned(Arc::new(bytes)),
-    }
+    half_tensor(HalfType::Bf16, name, rows, cols, v)
 }
 
 fn check(name: &str, got: &[f32], want: &[f32], bound: f64) {
@@ -360,13 +359,27 @@ fn embed_and_matmul_match_cpu() {
         );
 
         // embed: rows of the same f16 table; exact (both widen f16 to f32)
-        let tokens: Vec<u32> = (0..rows).map(|_| r.gen_range(0..out_dim as u32)).collect();
-        let mut want = vec![0f32; rows * in_dim];
-        Cpu.embed(&cpu_w, &tokens, &mut want).unwrap();
-        let mut got = poisoned(&b, rows * in_dim);
-        b.embed(&gpu_w, &tokens, &mut got).unwrap();
-        check("embed", &down(&b, &got), &want, 0.0);
+        check_embed("embed", &b, &cpu_w, &gpu_w, rows, &mut r);
     }
+}
+
+/// `rows` random rows of a `[n][cols]` table through both backends' embed: exact (both widen
+/// the 16-bit values to f32).
+fn check_embed(
+    name: &str,
+    b: &CudaBackend,
+    cpu_w: &<Cpu as Backend>::Weight,
+    gpu_w: &kivi_cuda::model::GpuMatrix,
+    rows: usize,
+    r: &mut StdRng,
+) {
+    let (n, cols) = (gpu_w.rows, gpu_w.cols);
+    let tokens: Vec<u32> = (0..rows).map(|_| r.gen_range(0..n as u32)).collect();
+    let mut want = vec![0f32; rows * cols];
+    Cpu.embed(cpu_w, &tokens, &mut want).unwrap();
+    let mut got = poisoned(b, rows * cols);
+    b.embed(gpu_w, &tokens, &mut got).unwrap();
+    check(name, &down(b, &got), &want, 0.0);
 }
 
 #[test]
@@ -423,13 +436,7 @@ fn bf16_backend_matches_cpu_and_holds_what_f16_overflows() {
         down(&f16b, &got).iter().any(|v| !v.is_finite()),
         "f16 GEMM inputs of 3e5 should overflow"
     );
-    // embed reads bf16 rows exactly.
-    let tokens: Vec<u32> = (0..rows).map(|_| r.gen_range(0..out_dim as u32)).collect();
-    let mut want = vec![0f32; rows * in_dim];
-    Cpu.embed(&cpu_w, &tokens, &mut want).unwrap();
-    let mut got = poisoned(&b, rows * in_dim);
-    b.embed(&from_bf16, &tokens, &mut got).unwrap();
-    check("bf16 embed", &down(&b, &got), &want, 0.0);
+    check_embed("bf16 embed", &b, &cpu_w, &from_bf16, rows, &mut r);
 }
 
 #[test]
@@ -625,7 +632,10 @@ fn greedy_tokens_equal_cpu_on_random_bf16_weights() {
     let mut r = fresh_rng("greedy_tokens_equal_cpu_on_random_bf16_weights");
     let config = small_config(true, 4);
     let src = RandomWeights::new(&config, DType::F16, r.gen()).unwrap();
-    let src = AsBf16(&src);
+    let src = Rounded {
+        src: &src,
+        half: HalfType::Bf16,
+    };
     let cpu = Model::load(&src, Naming::Gguf, config.clone()).unwrap();
     let backend = CudaBackend::with_half(g, HalfType::Bf16).unwrap();
     let gpu_model = Llama::load_on(backend, &src, Naming::Gguf, config.clone()).unwrap();
@@ -649,38 +659,26 @@ fn greedy_tokens_equal_cpu_on_random_bf16_weights() {
     }
 }
 
-/// A tensor source whose matrices are another's, rounded to bf16 (stored as BF16 tensors).
-struct AsBf16<'a>(&'a dyn TensorSource);
-
-impl TensorSource for AsBf16<'_> {
-    fn tensor(&self, name: &str) -> kivi_model::Result<RawTensor> {
-        let t = self.0.tensor(name)?;
-        if t.shape.len() != 2 {
-            return Ok(t);
-        }
-        let v = kivi_model::matrix::dequantize(&t)?;
-        Ok(bf16_tensor(name, t.shape[0], t.shape[1], &v))
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
+/// A tensor source whose matrices are another's, dequantized and rounded to `half` on the host
+/// (stored as F16 or BF16 tensors): the CPU reference then computes with exactly the weights
+/// the GPU holds (f32 activations).
+struct Rounded<'a> {
+    src: &'a dyn TensorSource,
+    half: HalfType,
 }
 
-/// A tensor source whose matrices are another's, dequantized and rounded to f16 on the host: the
-/// CPU reference then computes with exactly the weights the GPU holds (f32 activations).
-struct AsF16<'a>(&'a dyn TensorSource);
-
-impl TensorSource for AsF16<'_> {
+impl TensorSource for Rounded<'_> {
     fn tensor(&self, name: &str) -> kivi_model::Result<RawTensor> {
-        let t = self.0.tensor(name)?;
+        let t = self.src.tensor(name)?;
         if t.shape.len() != 2 {
             return Ok(t);
         }
         let v = kivi_model::matrix::dequantize(&t)?;
-        Ok(f16_tensor(name, t.shape[0], t.shape[1], &v))
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        Ok(half_tensor(self.half, name, rows, cols, &v))
     }
     fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
+        self.src.contains(name)
     }
 }
 
@@ -697,7 +695,11 @@ fn greedy_tokens_equal_cpu_on_smollm2() {
     let gguf = kivi_model::gguf::Gguf::open(&path).unwrap();
     let config = Config::from_gguf(&gguf).unwrap();
     let tokenizer = kivi_model::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
-    let cpu = Model::load(&AsF16(&gguf), Naming::Gguf, config.clone()).unwrap();
+    let as_f16 = Rounded {
+        src: &gguf,
+        half: HalfType::F16,
+    };
+    let cpu = Model::load(&as_f16, Naming::Gguf, config.clone()).unwrap();
     let gpu_model =
         Llama::load_on(CudaBackend::new(g).unwrap(), &gguf, Naming::Gguf, config).unwrap();
     let prompt = tokenizer
