@@ -43,6 +43,17 @@ pub enum Device {
 impl DeviceArgs {
     /// Resolves `--device`, saying on stderr which device runs and why.
     pub fn pick(&self) -> Result<Device> {
+        let picked = self.pick_device()?;
+        if matches!(picked, Device::Cpu) && self.gpu_dtype != "f16" {
+            eprintln!(
+                "[device] note: --gpu-dtype {} applies to the GPU only (the CPU computes in f32)",
+                self.gpu_dtype
+            );
+        }
+        Ok(picked)
+    }
+
+    fn pick_device(&self) -> Result<Device> {
         match self.device.as_str() {
             "cpu" => {
                 eprintln!("[device] cpu");
