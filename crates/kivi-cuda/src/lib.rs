@@ -51,8 +51,6 @@ pub struct Gpu {
     /// Loaded modules by name, each with the functions looked up so far: a launch finds its
     /// kernel here without a driver call (`cuModuleGetFunction`) or a C string.
     modules: Mutex<HashMap<String, LoadedModule>>,
-    /// `KIVI_CUDA_NO_FN_CACHE=1`: every lookup asks the driver (for measuring the cache).
-    no_function_cache: bool,
 }
 
 struct LoadedModule {
@@ -97,7 +95,6 @@ impl Gpu {
             stream,
             arch,
             modules: Mutex::new(HashMap::new()),
-            no_function_cache: std::env::var_os("KIVI_CUDA_NO_FN_CACHE").is_some_and(|v| v == "1"),
         }))
     }
 
@@ -194,9 +191,7 @@ impl Gpu {
         }
         let m = modules.get_mut(module).expect("inserted above");
         if let Some(f) = m.functions.get(name) {
-            if !self.no_function_cache {
-                return Ok(f.clone());
-            }
+            return Ok(f.clone());
         }
         let f = m.module.load_function(name)?;
         m.functions.insert(name.to_string(), f.clone());

@@ -188,7 +188,6 @@ impl Profiler {
             ProfileMode::Host => 2,
         };
         self.mode.store(v, Ordering::Relaxed);
-        self.lock().profile.host = mode == ProfileMode::Host;
     }
 
     pub fn mode(&self) -> ProfileMode {
@@ -313,11 +312,8 @@ impl Profiler {
 
     /// The totals so far, and starts new ones.
     pub fn take(&self) -> Profile {
-        let mut st = self.lock();
-        let host = st.profile.host;
-        let mut p = std::mem::take(&mut st.profile);
-        st.profile.host = host;
-        p.host = host;
+        let mut p = std::mem::take(&mut self.lock().profile);
+        p.host = self.mode() == ProfileMode::Host;
         p
     }
 }
