@@ -247,6 +247,7 @@ pub fn bench_cuda(
             );
         }
     }
+    eprintln!("CUDA graphs: {}", model.backend.graph_stats());
     Ok(())
 }
 

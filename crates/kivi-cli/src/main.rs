@@ -290,6 +290,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         writeln!(stdout, "{}", stream.finish())?;
         if a.sampling.stats {
             print_gpu_stats(&stats, &cache_cfg, "");
+            eprintln!("CUDA graphs: {}", model.backend.graph_stats());
         }
         return Ok(());
     }

@@ -555,6 +555,7 @@ fn run_cuda(
                 }
                 Err(e) => println!("| {} | {b} | failed: {e:#} |", format_kv(cache)),
             }
+            eprintln!("CUDA graphs so far: {}", model.backend.graph_stats());
             let profile = model.backend.profiler().take();
             if a.profile {
                 eprintln!(

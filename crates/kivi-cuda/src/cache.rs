@@ -281,21 +281,23 @@ struct Layer {
 }
 
 /// A batch of sequences for one step: `(slot, n_old, n_new, first packed token)` per item, on
-/// the host and the device. Built by [`GpuCache::batch`]; valid until [`GpuCache::advance`].
+/// the host and the device. Built by [`GpuCache::batch`]; valid until [`GpuCache::advance`] (its
+/// device tables live in the cache and are overwritten by the next batch).
 pub struct GpuBatch {
     items: Vec<[i32; 4]>,
-    dev_items: CudaSlice<i32>,
-    dev_toks: CudaSlice<i32>,
+    /// Device addresses of the step's tables ([`StepTables`]).
+    dev_items: u64,
+    dev_toks: u64,
     /// KIVI: `(item, key group)` of every key group the step's append (re)quantizes, and
     /// `(item, position)` of every value token it quantizes (flat lists: one CTA each, however
     /// unequal the items' token counts).
-    dev_key_groups: CudaSlice<i32>,
+    dev_key_groups: u64,
     n_key_groups: usize,
-    dev_value_tokens: CudaSlice<i32>,
+    dev_value_tokens: u64,
     n_value_tokens: usize,
     /// Packed index of the first query token of every prefill tile (`PF_ROWS` new tokens of an
     /// item with several new tokens), for `kivi_attn_prefill`.
-    dev_prefill_tiles: CudaSlice<i32>,
+    dev_prefill_tiles: u64,
     n_prefill_tiles: usize,
     /// Packed new tokens of all items.
     pub n_tokens: usize,
@@ -304,10 +306,10 @@ pub struct GpuBatch {
 }
 
 impl GpuBatch {
-    /// Per-token `(slot, n_old, i, offset, n_new)` records on the device (RoPE reads positions
-    /// here).
-    pub(crate) fn dev_toks(&self) -> &CudaSlice<i32> {
-        &self.dev_toks
+    /// Device address of the per-token `(slot, n_old, i, offset, n_new)` records (RoPE reads
+    /// positions here).
+    pub(crate) fn dev_toks(&self) -> u64 {
+        self.dev_toks
     }
 
     /// `(slot, n_old, n_new)` of each item.
@@ -316,6 +318,37 @@ impl GpuBatch {
             .iter()
             .map(|it| (it[0] as usize, it[1] as usize, it[2] as usize))
     }
+}
+
+/// A device table of i32 that keeps its buffer from step to step: reallocated only when a step
+/// needs more room, so that a decode loop's steps read their tables at the same addresses (the
+/// CUDA graphs of `graph.rs` replay RoPE, which reads the token table, only on equal
+/// addresses).
+#[derive(Default)]
+struct DeviceTable(Option<CudaSlice<i32>>);
+
+impl DeviceTable {
+    /// Copies `data` in (stream-ordered: kernels queued before still read the previous step's
+    /// contents) and returns the buffer's address.
+    fn upload(&mut self, s: &Arc<cudarc::driver::CudaStream>, data: &[i32]) -> Result<u64> {
+        let data = if data.is_empty() { &[0][..] } else { data };
+        if self.0.as_ref().is_none_or(|b| b.len() < data.len()) {
+            self.0 = Some(s.alloc_zeros::<i32>(data.len().next_power_of_two())?);
+        }
+        let buf = self.0.as_mut().expect("allocated above");
+        s.memcpy_htod(data, &mut buf.slice_mut(..data.len()))?;
+        Ok(buf.device_ptr(s).0)
+    }
+}
+
+/// The device tables of the current step (see [`GpuBatch`]).
+#[derive(Default)]
+struct StepTables {
+    items: DeviceTable,
+    toks: DeviceTable,
+    key_groups: DeviceTable,
+    value_tokens: DeviceTable,
+    prefill_tiles: DeviceTable,
 }
 
 /// Paged KV cache of up to `max_seqs` sequences, all layers, on one GPU.
@@ -337,6 +370,7 @@ pub struct GpuCache {
     table_width: usize,
     part_o: Option<CudaSlice<f32>>,
     part_ml: Option<CudaSlice<f32>>,
+    step_tables: StepTables,
     split_override: Option<usize>,
     sm_count: usize,
     /// L2 cache bytes of the device.
@@ -534,6 +568,7 @@ impl GpuCache {
             table_width,
             part_o: None,
             part_ml: None,
+            step_tables: StepTables::default(),
             split_override: None,
             sm_count,
             l2_bytes,
@@ -855,19 +890,20 @@ impl GpuCache {
         if needed > 0 {
             self.take_blocks(items)?;
         }
-        let s = self.gpu.stream();
-        let dev_items = s.clone_htod(&pad(host_items.concat()))?;
-        let dev_toks = s.clone_htod(&pad(toks))?;
+        let s = self.gpu.stream().clone();
         let StepWork {
             key_groups,
             value_tokens,
             prefill_tiles,
         } = work;
         let (n_key_groups, n_value_tokens) = (key_groups.len() / 2, value_tokens.len() / 2);
-        let dev_key_groups = s.clone_htod(&pad(key_groups))?;
-        let dev_value_tokens = s.clone_htod(&pad(value_tokens))?;
         let n_prefill_tiles = prefill_tiles.len();
-        let dev_prefill_tiles = s.clone_htod(&pad(prefill_tiles))?;
+        let t = &mut self.step_tables;
+        let dev_items = t.items.upload(&s, &host_items.concat())?;
+        let dev_toks = t.toks.upload(&s, &toks)?;
+        let dev_key_groups = t.key_groups.upload(&s, &key_groups)?;
+        let dev_value_tokens = t.value_tokens.upload(&s, &value_tokens)?;
+        let dev_prefill_tiles = t.prefill_tiles.upload(&s, &prefill_tiles)?;
         Ok(GpuBatch {
             items: host_items,
             dev_items,
@@ -1160,7 +1196,7 @@ impl GpuCache {
             q: q.device_ptr(&s).0,
             knew: k_new.device_ptr(&s).0,
             vnew: v_new.device_ptr(&s).0,
-            toks: batch.dev_toks.device_ptr(&s).0,
+            toks: batch.dev_toks,
             part_o: part_o.device_ptr(&s).0,
             part_ml: part_ml.device_ptr(&s).0,
             // One split and no prefill part: the kernel writes the output, no reduce launch.
@@ -1454,14 +1490,6 @@ impl GpuCache {
         }
         bytes
     }
-}
-
-/// Device buffers cannot be empty: one padding element.
-fn pad(mut v: Vec<i32>) -> Vec<i32> {
-    if v.is_empty() {
-        v.push(0);
-    }
-    v
 }
 
 /// The cache's kernel modules: the append / prefill / reduce kernels, and every decode-attention

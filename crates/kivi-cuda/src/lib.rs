@@ -10,6 +10,7 @@
 //! driver gets [`Error::NoDriver`] from [`Gpu::new`] while the CPU backend keeps working.
 
 pub mod cache;
+mod graph;
 pub mod model;
 pub mod profile;
 pub mod runner;
@@ -22,7 +23,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use cache::{GpuBatch, GpuCache, KernelResources};
-pub use model::{random_model, CudaBackend, CudaModel, HalfType};
+pub use graph::GraphStats;
+pub use model::{random_model, Activation, CudaBackend, CudaModel, HalfType};
 pub use runner::{GpuRunner, RunnerTimes};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,13 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice(e.to_string()))?;
         let arch = ctx.compute_capability()?;
-        let stream = ctx.default_stream();
+        // One stream for everything, created (not the legacy default stream, which cannot be
+        // captured into CUDA graphs); with a single stream, cudarc's per-buffer events that
+        // order work across streams are pure host overhead.
+        // SAFETY: every launch, copy and allocation of this crate goes to `stream`, so no
+        // buffer is ever used on two streams.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
         Ok(Arc::new(Gpu {
             ctx,
             stream,

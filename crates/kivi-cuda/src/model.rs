@@ -8,15 +8,14 @@
 //! attention is [`GpuCache`]'s flash-decoding kernel over the f16 or KIVI cache. Sequences are
 //! cache slots: `SeqId(slot)`.
 
-use std::ops::Range;
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut, Range};
 use std::sync::Arc;
 use std::sync::Mutex;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 use kivi_core::SeqId;
 use kivi_model::backend::{Backend, Rope};
@@ -28,7 +27,8 @@ use kivi_model::tensor::{DType, RawTensor};
 use kivi_model::ModelError;
 
 use crate::cache::{GpuBatch, GpuCache};
-use crate::profile::{Profiler, StepKind};
+use crate::graph::{GraphStats, Graphs, Op, Submit};
+use crate::profile::{ProfileMode, Profiler, StepKind};
 use crate::{Error, Gpu};
 
 pub(crate) const SOURCE: &str = include_str!("model.cu");
@@ -66,13 +66,88 @@ struct Gemm16 {
 }
 
 impl Gemm16 {
-    /// The buffer, grown to at least `n` elements.
-    fn reserve(&mut self, s: &Arc<cudarc::driver::CudaStream>, n: usize) -> R<&mut CudaSlice<u16>> {
-        if self.buf.as_ref().is_none_or(|b| b.len() < n) {
+    /// Whether the buffer must grow to hold `n` elements.
+    fn too_small(&self, n: usize) -> bool {
+        self.buf.as_ref().is_none_or(|b| b.len() < n)
+    }
+
+    /// The buffer's address, grown to at least `n` elements (the caller ended any open graph
+    /// segment first if [`Gemm16::too_small`]: the old buffer is freed).
+    fn reserve(&mut self, s: &Arc<cudarc::driver::CudaStream>, n: usize) -> R<u64> {
+        if self.too_small(n) {
             self.buf = Some(s.alloc_zeros::<u16>(n.max(1)).map_err(err)?);
             self.holds = None;
         }
-        Ok(self.buf.as_mut().expect("allocated above"))
+        Ok(self.buf.as_ref().expect("allocated above").device_ptr(s).0)
+    }
+}
+
+/// An f32 activation on the GPU (the backend's [`Backend::Act`]). Buffers from
+/// [`Backend::zeros`] go back to the backend's pool when dropped and are handed out again for
+/// the same length, so that the steps of a decode loop work at the same addresses (a CUDA
+/// graph replays only when its ops' addresses are equal; see `graph.rs`). One made with
+/// `From<CudaSlice<f32>>` is freed as usual.
+pub struct Activation {
+    buf: Option<CudaSlice<f32>>,
+    pool: Option<Arc<Mutex<ActivationPool>>>,
+}
+
+impl Deref for Activation {
+    type Target = CudaSlice<f32>;
+    fn deref(&self) -> &CudaSlice<f32> {
+        self.buf.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for Activation {
+    fn deref_mut(&mut self) -> &mut CudaSlice<f32> {
+        self.buf.as_mut().expect("present until drop")
+    }
+}
+
+impl From<CudaSlice<f32>> for Activation {
+    fn from(buf: CudaSlice<f32>) -> Activation {
+        Activation {
+            buf: Some(buf),
+            pool: None,
+        }
+    }
+}
+
+impl Drop for Activation {
+    fn drop(&mut self) {
+        if let (Some(buf), Some(pool)) = (self.buf.take(), &self.pool) {
+            pool.lock().unwrap_or_else(|e| e.into_inner()).put(buf);
+        }
+    }
+}
+
+/// Activation buffers returned by their owners, by length: kept while consecutive steps have
+/// the same number of rows (a decode loop then reuses the same buffers, in the same order:
+/// the forward pass drops them in the reverse of their allocation order), dropped into CUDA's
+/// stream-ordered pool when the shape changes, so that the pool never holds more than the
+/// driver's own pool would.
+#[derive(Default)]
+struct ActivationPool {
+    free: HashMap<usize, Vec<CudaSlice<f32>>>,
+    rows: usize,
+}
+
+impl ActivationPool {
+    fn take(&mut self, len: usize) -> Option<CudaSlice<f32>> {
+        self.free.get_mut(&len)?.pop()
+    }
+
+    fn put(&mut self, buf: CudaSlice<f32>) {
+        self.free.entry(buf.len()).or_default().push(buf);
+    }
+
+    /// A new step of `rows` rows.
+    fn next_step(&mut self, rows: usize) {
+        if rows != self.rows {
+            self.free.clear();
+            self.rows = rows;
+        }
     }
 }
 
@@ -150,7 +225,17 @@ pub struct CudaBackend {
     /// RoPE inverse frequencies on the device (uploaded on first use).
     inv_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
     profiler: Profiler,
+    /// Decode steps' fixed-shape ops replayed from CUDA graphs (`graph.rs`; default on,
+    /// `KIVI_CUDA_GRAPHS=0` or [`CudaBackend::set_graphs`] to run every op eagerly).
+    graphs_on: bool,
+    graphs: Mutex<Graphs>,
+    pool: Arc<Mutex<ActivationPool>>,
+    /// cuBLAS's workspace, ours (so that no GEMM allocates inside a graph capture).
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// cuBLAS workspace (NVIDIA's recommendation for Hopper: 32 MiB).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 fn err(e: impl Into<Error>) -> ModelError {
     ModelError::Backend(e.into().to_string())
@@ -182,10 +267,25 @@ impl CudaBackend {
     /// A backend whose weights and GEMM inputs are `half`.
     pub fn with_half(gpu: Arc<Gpu>, half: HalfType) -> crate::Result<CudaBackend> {
         let blas = CudaBlas::new(gpu.stream().clone())?;
+        let workspace = gpu.stream().alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
+        {
+            let (ptr, _guard) = workspace.device_ptr(gpu.stream());
+            // SAFETY: the workspace is a live device buffer of the given size, owned by the
+            // backend as long as the handle.
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut _,
+                    BLAS_WORKSPACE_BYTES,
+                )
+                .result()?
+            };
+        }
         let module = half.module();
         // Compile (or load) the kernels now, so that timing never includes it.
         gpu.function_with(module.0, SOURCE, &module.1, "rmsnorm")?;
         let profiler = Profiler::new(gpu.context().clone(), gpu.stream().clone());
+        let gpu_stream = gpu.stream().clone();
         Ok(CudaBackend {
             gpu,
             blas,
@@ -195,6 +295,10 @@ impl CudaBackend {
             x16: Mutex::new(Gemm16::default()),
             inv_freq: Mutex::new(None),
             profiler,
+            graphs_on: std::env::var_os("KIVI_CUDA_GRAPHS").is_none_or(|v| v != "0"),
+            graphs: Mutex::new(Graphs::new(gpu_stream)),
+            pool: Arc::new(Mutex::new(ActivationPool::default())),
+            _blas_workspace: workspace,
         })
     }
 
@@ -227,6 +331,240 @@ impl CudaBackend {
         self.small_gemv = on;
     }
 
+    /// Replays decode steps' fixed-shape ops from CUDA graphs (true, the default) or launches
+    /// every op as it comes (false; also `KIVI_CUDA_GRAPHS=0`).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
+        if !on {
+            self.graphs_state().clear();
+        }
+    }
+
+    /// What the CUDA graphs did so far.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs_state().stats()
+    }
+
+    fn graphs_state(&self) -> std::sync::MutexGuard<'_, Graphs> {
+        self.graphs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one fixed-shape op: launched now, into the open capture, or queued for its
+    /// segment's graph (see `graph.rs`).
+    fn run(&self, op: Op) -> R<()> {
+        if self.graphs_state().submit(&op) == Submit::Queued {
+            return Ok(());
+        }
+        match self.launch_op(&op) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let mut g = self.graphs_state();
+                if !g.capturing() {
+                    return Err(e);
+                }
+                // Refused inside a capture: none of the segment's ops ran; run them as usual.
+                let ops = g.abort_capture();
+                drop(g);
+                ops.iter().try_for_each(|o| self.launch_op(o))
+            }
+        }
+    }
+
+    /// Ends the open graph segment before stream work that is not an [`Op`] (attention,
+    /// copies, allocations, reading results back).
+    fn end_segment(&self) -> R<()> {
+        let mut g = self.graphs_state();
+        let _span = g.active().then(|| self.profiler.span("graph"));
+        let ops = g.boundary().map_err(err)?;
+        drop(g);
+        ops.iter().try_for_each(|o| self.launch_op(o))
+    }
+
+    /// The address of the 16-bit GEMM input buffer, grown to `n` elements (ending the open
+    /// graph segment first if it must grow: its ops may use the old buffer).
+    fn x16_for(&self, n: usize) -> R<(std::sync::MutexGuard<'_, Gemm16>, u64)> {
+        if self.gemm16().too_small(n) {
+            self.end_segment()?;
+        }
+        let mut g16 = self.gemm16();
+        let ptr = g16.reserve(self.gpu.stream(), n)?;
+        Ok((g16, ptr))
+    }
+
+    /// Launches one op on the stream (the only place the forward pass's fixed-shape kernels
+    /// and GEMMs are launched, whether eagerly or into a graph capture).
+    fn launch_op(&self, op: &Op) -> R<()> {
+        let s = self.gpu.stream();
+        let row_cfg = |rows: u32| LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY (every arm): an op is built by the backend method of the same name from live
+        // buffers whose sizes it checked, and launched before any of them is freed or reused
+        // (a queued op runs at its segment's end, inside the same forward pass).
+        let launched = match *op {
+            Op::RmsNorm {
+                out,
+                out16,
+                x,
+                w,
+                h,
+                rows,
+                eps,
+            } => {
+                let f = self.f("rmsnorm")?;
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&out)
+                        .arg(&out16)
+                        .arg(&x)
+                        .arg(&w)
+                        .arg(&h)
+                        .arg(&eps)
+                        .launch(row_cfg(rows))
+                }
+            }
+            Op::ToHalf { x, x16, n } => {
+                let f = self.f("to_half")?;
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&x)
+                        .arg(&x16)
+                        .arg(&n)
+                        .launch(elementwise(n as usize))
+                }
+            }
+            Op::Gemm {
+                w,
+                x16,
+                out,
+                n_out,
+                rows,
+                cols,
+            } => {
+                // Row-major out[rows][n_out] = x[rows][cols] · Wᵀ is, column-major,
+                // out (n_out × rows) = Wᵀ(n_out × cols) · x (cols × rows), W read as
+                // (cols × n_out).
+                let (alpha, beta) = (1.0f32, 0.0f32);
+                return unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *self.blas.handle(),
+                        cublasOperation_t::CUBLAS_OP_T,
+                        cublasOperation_t::CUBLAS_OP_N,
+                        n_out,
+                        rows,
+                        cols,
+                        (&alpha) as *const f32 as *const _,
+                        w as *const _,
+                        self.half.cuda_type(),
+                        cols,
+                        x16 as *const _,
+                        self.half.cuda_type(),
+                        cols,
+                        (&beta) as *const f32 as *const _,
+                        out as *mut _,
+                        cudaDataType::CUDA_R_32F,
+                        n_out,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(err);
+            }
+            Op::Gemv {
+                w,
+                x,
+                out,
+                rows,
+                n_out,
+                cols,
+            } => {
+                let f = self.f("gemv_small")?;
+                let cfg = LaunchConfig {
+                    grid_dim: ((n_out as u32).div_ceil(8), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&w)
+                        .arg(&x)
+                        .arg(&out)
+                        .arg(&rows)
+                        .arg(&n_out)
+                        .arg(&cols)
+                        .launch(cfg)
+                }
+            }
+            Op::AddBias { x, b, width, n } => {
+                let f = self.f("add_bias")?;
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&x)
+                        .arg(&b)
+                        .arg(&width)
+                        .arg(&n)
+                        .launch(elementwise(n as usize))
+                }
+            }
+            Op::Rope {
+                x,
+                toks,
+                inv_freq,
+                heads,
+                head_dim,
+                neox,
+                rows,
+                per_token,
+            } => {
+                let f = self.f(if per_token { "rope" } else { "rope_per_head" })?;
+                let cfg = LaunchConfig {
+                    grid_dim: (rows, if per_token { 1 } else { heads as u32 }, 1),
+                    block_dim: ((head_dim / 2) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&x)
+                        .arg(&toks)
+                        .arg(&inv_freq)
+                        .arg(&heads)
+                        .arg(&head_dim)
+                        .arg(&neox)
+                        .launch(cfg)
+                }
+            }
+            Op::Swiglu {
+                gate,
+                gate16,
+                up,
+                n,
+            } => {
+                let f = self.f("swiglu")?;
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&gate)
+                        .arg(&gate16)
+                        .arg(&up)
+                        .arg(&n)
+                        .launch(elementwise(n as usize))
+                }
+            }
+            Op::Add { x, y, n } => {
+                let f = self.f("add_inplace")?;
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&x)
+                        .arg(&y)
+                        .arg(&n)
+                        .launch(elementwise(n as usize))
+                }
+            }
+        };
+        launched.map(|_| ()).map_err(err)
+    }
+
     fn f(&self, name: &str) -> R<CudaFunction> {
         let (module, defines) = &self.module;
         self.gpu
@@ -237,6 +575,7 @@ impl CudaBackend {
     /// A `[rows][cols]` matrix of values in the backend's [`HalfType`] (bits).
     pub fn upload_half(&self, rows: usize, cols: usize, values: &[u16]) -> R<GpuMatrix> {
         assert_eq!(values.len(), rows * cols);
+        self.end_segment()?;
         let data = self.gpu.stream().clone_htod(values).map_err(err)?;
         Ok(GpuMatrix { rows, cols, data })
     }
@@ -252,6 +591,7 @@ impl CudaBackend {
         seed: u64,
     ) -> R<GpuMatrix> {
         let n = rows * cols;
+        self.end_segment()?;
         let s = self.gpu.stream();
         let mut data = s.alloc_zeros::<u16>(n.max(1)).map_err(err)?;
         let f = self.f("fill_random_half")?;
@@ -272,6 +612,7 @@ impl CudaBackend {
 
     /// Copies a device buffer to the host.
     pub fn to_host(&self, x: &CudaSlice<f32>) -> R<Vec<f32>> {
+        self.end_segment()?;
         self.gpu.stream().clone_dtoh(x).map_err(err)
     }
 
@@ -281,6 +622,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        self.end_segment()?;
         let _span = self.profiler.span("argmax");
         let s = self.gpu.stream();
         let mut out = s.alloc_zeros::<u32>(rows).map_err(err)?;
@@ -317,6 +659,7 @@ impl CudaBackend {
             return Ok(Vec::new());
         }
         assert!(rows.iter().all(|&(r, _)| (r + 1) * vocab <= logits.len()));
+        self.end_segment()?;
         let _span = self.profiler.span("sample");
         // `SampleRow` in sample.cu: row, temperature, top_k, top_p, u (4 bytes each).
         let packed: Vec<u32> = rows
@@ -356,24 +699,6 @@ impl CudaBackend {
                 .map_err(err)?
         };
         s.clone_dtoh(&out).map_err(err)
-    }
-
-    fn launch_elementwise(&self, name: &str, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> R<()> {
-        let n = x.len().min(y.len());
-        let f = self.f(name)?;
-        let n64 = n as i64;
-        // SAFETY: both buffers hold at least n values.
-        unsafe {
-            self.gpu
-                .stream()
-                .launch_builder(&f)
-                .arg(x)
-                .arg(y)
-                .arg(&n64)
-                .launch(elementwise(n))
-                .map_err(err)?
-        };
-        Ok(())
     }
 }
 
@@ -429,7 +754,7 @@ pub fn random_model(backend: CudaBackend, config: Config, seed: u64) -> R<CudaMo
 }
 
 impl Backend for CudaBackend {
-    type Act = CudaSlice<f32>;
+    type Act = Activation;
     type Weight = GpuMatrix;
     type Vector = CudaSlice<f32>;
     type Cache = GpuCache;
@@ -478,6 +803,7 @@ impl Backend for CudaBackend {
     }
 
     fn vector(&self, v: Vec<f32>) -> R<CudaSlice<f32>> {
+        self.end_segment()?;
         self.activation_written(); // may reuse a freed activation's address
         self.gpu.stream().clone_htod(&v).map_err(err)
     }
@@ -486,12 +812,27 @@ impl Backend for CudaBackend {
         w.rows * w.cols * 2
     }
 
-    fn zeros(&self, len: usize) -> R<CudaSlice<f32>> {
+    fn zeros(&self, len: usize) -> R<Activation> {
+        self.end_segment()?;
         self.activation_written(); // may reuse a freed activation's address
-        self.gpu
-            .stream()
-            .alloc_zeros::<f32>(len.max(1))
-            .map_err(err)
+        let len = len.max(1);
+        let s = self.gpu.stream();
+        let reused = self
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(len);
+        let buf = match reused {
+            Some(mut b) => {
+                s.memset_zeros(&mut b).map_err(err)?;
+                b
+            }
+            None => s.alloc_zeros::<f32>(len).map_err(err)?,
+        };
+        Ok(Activation {
+            buf: Some(buf),
+            pool: Some(self.pool.clone()),
+        })
     }
 
     fn seq_len(&self, cache: &GpuCache, seq: SeqId) -> R<usize> {
@@ -501,11 +842,21 @@ impl Backend for CudaBackend {
     }
 
     fn begin_step(&self, cache: &mut GpuCache, items: &[(SeqId, usize)]) -> R<GpuBatch> {
-        let kind = if items.iter().all(|&(_, n)| n <= 1) {
+        let decode = items.iter().all(|&(_, n)| n <= 1);
+        let kind = if decode {
             StepKind::Decode
         } else {
             StepKind::Mixed
         };
+        // Decode steps replay graphs per batch size; GPU profiling times every op on its own.
+        let rows: usize = items.iter().map(|&(_, n)| n).sum();
+        let key =
+            (self.graphs_on && decode && self.profiler.mode() != ProfileMode::Gpu).then_some(rows);
+        self.graphs_state().begin(key);
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_step(rows);
         self.profiler.begin_step(kind);
         let _span = self.profiler.span("step upload");
         let items: Vec<(usize, usize)> = items.iter().map(|&(s, n)| (s.0 as usize, n)).collect();
@@ -513,11 +864,18 @@ impl Backend for CudaBackend {
     }
 
     fn end_step(&self, cache: &mut GpuCache, step: GpuBatch) -> R<()> {
+        self.end_segment()?;
         cache.advance(&step);
         Ok(())
     }
 
-    fn embed(&self, table: &GpuMatrix, tokens: &[u32], out: &mut CudaSlice<f32>) -> R<()> {
+    fn flush(&self) -> R<()> {
+        let ops = self.graphs_state().finish().map_err(err)?;
+        ops.iter().try_for_each(|o| self.launch_op(o))
+    }
+
+    fn embed(&self, table: &GpuMatrix, tokens: &[u32], out: &mut Activation) -> R<()> {
+        self.end_segment()?;
         self.activation_written();
         let _span = self.profiler.span("embed");
         let s = self.gpu.stream();
@@ -536,7 +894,7 @@ impl Backend for CudaBackend {
             s.launch_builder(&f)
                 .arg(&table.data)
                 .arg(&toks)
-                .arg(out)
+                .arg(&mut **out)
                 .arg(&hidden)
                 .launch(cfg)
                 .map_err(err)?
@@ -544,174 +902,98 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn rmsnorm(
-        &self,
-        out: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        eps: f32,
-    ) -> R<()> {
+    fn rmsnorm(&self, out: &mut Activation, x: &Activation, w: &CudaSlice<f32>, eps: f32) -> R<()> {
         let h = w.len();
         let rows = x.len().min(out.len()) / h;
         if rows == 0 {
             return Ok(());
         }
         let _span = self.profiler.span("rmsnorm");
-        let f = self.f("rmsnorm")?;
-        let hi = h as i32;
         let s = self.gpu.stream();
         let out_addr = out.device_ptr(s).0;
-        let mut g16 = self.gemm16();
-        let out16 = g16.reserve(s, rows * h)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: out and x hold `rows` rows of h values, out16 as many, w holds h.
-        unsafe {
-            s.launch_builder(&f)
-                .arg(out)
-                .arg(&mut *out16)
-                .arg(x)
-                .arg(w)
-                .arg(&hi)
-                .arg(&eps)
-                .launch(cfg)
-                .map_err(err)?
-        };
+        let (mut g16, out16) = self.x16_for(rows * h)?;
         g16.holds = Some((out_addr, rows * h));
-        Ok(())
+        drop(g16);
+        self.run(Op::RmsNorm {
+            out: out_addr,
+            out16,
+            x: x.device_ptr(s).0,
+            w: w.device_ptr(s).0,
+            h: h as i32,
+            rows: rows as u32,
+            eps,
+        })
     }
 
     /// `x` must come from this backend (an op's output, [`Backend::zeros`] or
     /// [`Backend::vector`]): the 16-bit copy rmsnorm and swiglu leave is matched by address, and
     /// only the backend's own allocations and ops invalidate it.
-    fn matmul(
-        &self,
-        w: &GpuMatrix,
-        x: &CudaSlice<f32>,
-        rows: usize,
-        out: &mut CudaSlice<f32>,
-    ) -> R<()> {
+    fn matmul(&self, w: &GpuMatrix, x: &Activation, rows: usize, out: &mut Activation) -> R<()> {
         let n_in = rows * w.cols;
         if rows == 0 {
             return Ok(());
         }
         assert!(x.len() >= n_in && out.len() >= rows * w.rows);
         let s = self.gpu.stream();
+        let (x_addr, out_addr) = (x.device_ptr(s).0, out.device_ptr(s).0);
+        let (n_out, r, cols) = (w.rows as i32, rows as i32, w.cols as i32);
         if rows <= GEMV_MAX_ROWS && w.cols.is_multiple_of(8) && self.small_gemv {
             // Reads x as f32: no 16-bit copy needed; `out` is written, so a copy that
             // described it is stale.
-            let out_addr = out.device_ptr(s).0;
             let mut g16 = self.gemm16();
             if g16.holds.is_some_and(|(a, _)| a == out_addr) {
                 g16.holds = None;
             }
             drop(g16);
             let _span = self.profiler.span("gemv");
-            let f = self.f("gemv_small")?;
-            let (r, n_out, cols) = (rows as i32, w.rows as i32, w.cols as i32);
-            let cfg = LaunchConfig {
-                grid_dim: (w.rows.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: w holds w.rows x w.cols values (cols a multiple of 8: whole 16-byte
-            // chunks per row), x at least rows x cols, out at least rows x w.rows (asserted).
-            unsafe {
-                s.launch_builder(&f)
-                    .arg(&w.data)
-                    .arg(x)
-                    .arg(out)
-                    .arg(&r)
-                    .arg(&n_out)
-                    .arg(&cols)
-                    .launch(cfg)
-                    .map_err(err)?
-            };
-            return Ok(());
+            return self.run(Op::Gemv {
+                w: w.data.device_ptr(s).0,
+                x: x_addr,
+                out: out_addr,
+                rows: r,
+                n_out,
+                cols,
+            });
         }
-        let x_addr = x.device_ptr(s).0;
-        let out_addr = out.device_ptr(s).0;
-        let mut g16 = self.gemm16();
+        let (mut g16, x16) = self.x16_for(n_in)?;
         let converted = g16.holds == Some((x_addr, n_in));
         if g16.holds.is_some_and(|(a, _)| a == out_addr) {
             g16.holds = None; // about to be overwritten
         }
-        let x16 = g16.reserve(s, n_in)?;
+        drop(g16);
         if !converted {
             let _span = self.profiler.span("to_half");
-            let f = self.f("to_half")?;
-            let n64 = n_in as i64;
-            // SAFETY: x holds n_in values, x16 at least n_in.
-            unsafe {
-                s.launch_builder(&f)
-                    .arg(x)
-                    .arg(&mut *x16)
-                    .arg(&n64)
-                    .launch(elementwise(n_in))
-                    .map_err(err)?
-            };
+            self.run(Op::ToHalf {
+                x: x_addr,
+                x16,
+                n: n_in as i64,
+            })?;
         }
         let _span = self.profiler.span("gemm");
-        // Row-major out[rows][w.rows] = x[rows][cols] · Wᵀ is, column-major,
-        // out (w.rows × rows) = Wᵀ(w.rows × cols) · x (cols × rows) with W read as (cols × w.rows).
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (wp, _g1) = w.data.device_ptr(s);
-        let (xp, _g2) = x16.device_ptr(s);
-        let (op, _g3) = out.device_ptr_mut(s);
-        // SAFETY: the pointers are live device buffers of the sizes asserted above, on the
-        // stream the handle is bound to; alpha/beta are f32 as the compute type requires.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                w.rows as i32,
-                rows as i32,
-                w.cols as i32,
-                (&alpha) as *const f32 as *const _,
-                wp as *const _,
-                self.half.cuda_type(),
-                w.cols as i32,
-                xp as *const _,
-                self.half.cuda_type(),
-                w.cols as i32,
-                (&beta) as *const f32 as *const _,
-                op as *mut _,
-                cudaDataType::CUDA_R_32F,
-                w.rows as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-            .map_err(err)?
-        };
-        Ok(())
+        self.run(Op::Gemm {
+            w: w.data.device_ptr(s).0,
+            x16,
+            out: out_addr,
+            n_out,
+            rows: r,
+            cols,
+        })
     }
 
-    fn add_bias(&self, x: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> R<()> {
+    fn add_bias(&self, x: &mut Activation, b: &CudaSlice<f32>) -> R<()> {
         let n = x.len() / b.len() * b.len();
         self.activation_written();
         let _span = self.profiler.span("add_bias");
-        let f = self.f("add_bias")?;
-        let (width, n64) = (b.len() as i32, n as i64);
-        // SAFETY: x holds n values; b holds `width`.
-        unsafe {
-            self.gpu
-                .stream()
-                .launch_builder(&f)
-                .arg(x)
-                .arg(b)
-                .arg(&width)
-                .arg(&n64)
-                .launch(elementwise(n))
-                .map_err(err)?
-        };
-        Ok(())
+        let s = self.gpu.stream();
+        self.run(Op::AddBias {
+            x: x.device_ptr(s).0,
+            b: b.device_ptr(s).0,
+            width: b.len() as i32,
+            n: n as i64,
+        })
     }
 
-    fn rope(&self, x: &mut CudaSlice<f32>, heads: usize, rope: &Rope, step: &GpuBatch) -> R<()> {
+    fn rope(&self, x: &mut Activation, heads: usize, rope: &Rope, step: &GpuBatch) -> R<()> {
         let rows = step.n_tokens;
         let d = rope.head_dim;
         if rows == 0 {
@@ -721,41 +1003,32 @@ impl Backend for CudaBackend {
         self.activation_written();
         let _span = self.profiler.span("rope");
         let s = self.gpu.stream();
-        let mut cached = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.as_ref().is_none_or(|(h, _)| *h != rope.inv_freq) {
-            let dev = s.clone_htod(&rope.inv_freq).map_err(err)?;
-            *cached = Some((rope.inv_freq.clone(), dev));
-        }
-        let inv_freq = &cached.as_ref().expect("uploaded above").1;
+        let inv_freq = {
+            let mut cached = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
+            if cached.as_ref().is_none_or(|(h, _)| *h != rope.inv_freq) {
+                drop(cached);
+                self.end_segment()?; // a copy, and the old table is freed
+                cached = self.inv_freq.lock().unwrap_or_else(|e| e.into_inner());
+                let dev = s.clone_htod(&rope.inv_freq).map_err(err)?;
+                *cached = Some((rope.inv_freq.clone(), dev));
+            }
+            let ptr = cached.as_ref().expect("uploaded above").1.device_ptr(s).0;
+            ptr
+        };
         // Many rows: one CTA per token (each angle computed once, not once per head); few: one
         // per (token, head), to fill the GPU. Measured on the H200 (Llama-2-7B, 32 heads):
         // per token 1.31 vs 1.45 ms per pass at 1047 rows and 2.1 vs 4.0 at ~3100, but 1.13 vs
         // 0.60 at 261.
-        let per_token = rows >= ROPE_PER_TOKEN_ROWS;
-        let f = self.f(if per_token { "rope" } else { "rope_per_head" })?;
-        let (h, di, neox) = (
-            heads as i32,
-            d as i32,
-            (rope.style == RopeStyle::Neox) as i32,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, if per_token { 1 } else { heads as u32 }, 1),
-            block_dim: ((d / 2) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x holds rows * heads * d values; toks holds 5 ints per row.
-        unsafe {
-            s.launch_builder(&f)
-                .arg(x)
-                .arg(step.dev_toks())
-                .arg(inv_freq)
-                .arg(&h)
-                .arg(&di)
-                .arg(&neox)
-                .launch(cfg)
-                .map_err(err)?
-        };
-        Ok(())
+        self.run(Op::Rope {
+            x: x.device_ptr(s).0,
+            toks: step.dev_toks(),
+            inv_freq,
+            heads: heads as i32,
+            head_dim: d as i32,
+            neox: (rope.style == RopeStyle::Neox) as i32,
+            rows: rows as u32,
+            per_token: rows >= ROPE_PER_TOKEN_ROWS,
+        })
     }
 
     fn attend_append(
@@ -764,11 +1037,12 @@ impl Backend for CudaBackend {
         step: &GpuBatch,
         layer: usize,
         n_head: usize,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        q: &Activation,
+        k: &Activation,
+        v: &Activation,
+        out: &mut Activation,
     ) -> R<()> {
+        self.end_segment()?;
         self.activation_written();
         let span = self.profiler.span("attend");
         cache
@@ -779,41 +1053,34 @@ impl Backend for CudaBackend {
         cache.append(layer, step, k, v).map_err(err)
     }
 
-    fn swiglu(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>) -> R<()> {
+    fn swiglu(&self, gate: &mut Activation, up: &Activation) -> R<()> {
         let _span = self.profiler.span("swiglu");
         let n = gate.len().min(up.len());
         let s = self.gpu.stream();
         let gate_addr = gate.device_ptr(s).0;
-        let mut g16 = self.gemm16();
-        let gate16 = g16.reserve(s, n)?;
-        let f = self.f("swiglu")?;
-        let n64 = n as i64;
-        // SAFETY: gate and up hold at least n values, gate16 as many.
-        unsafe {
-            s.launch_builder(&f)
-                .arg(&mut *gate)
-                .arg(&mut *gate16)
-                .arg(up)
-                .arg(&n64)
-                .launch(elementwise(n))
-                .map_err(err)?
-        };
+        let (mut g16, gate16) = self.x16_for(n)?;
         g16.holds = Some((gate_addr, n));
-        Ok(())
+        drop(g16);
+        self.run(Op::Swiglu {
+            gate: gate_addr,
+            gate16,
+            up: up.device_ptr(s).0,
+            n: n as i64,
+        })
     }
 
-    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> R<()> {
+    fn add(&self, x: &mut Activation, y: &Activation) -> R<()> {
         self.activation_written();
         let _span = self.profiler.span("add");
-        self.launch_elementwise("add_inplace", x, y)
+        let s = self.gpu.stream();
+        self.run(Op::Add {
+            x: x.device_ptr(s).0,
+            y: y.device_ptr(s).0,
+            n: x.len().min(y.len()) as i64,
+        })
     }
 
-    fn gather_rows(
-        &self,
-        x: &CudaSlice<f32>,
-        width: usize,
-        rows: &[Range<usize>],
-    ) -> R<CudaSlice<f32>> {
+    fn gather_rows(&self, x: &Activation, width: usize, rows: &[Range<usize>]) -> R<Activation> {
         let idx: Vec<i32> = rows
             .iter()
             .flat_map(|r| r.clone())
@@ -838,9 +1105,9 @@ impl Backend for CudaBackend {
         // SAFETY: every index is a row of x (asserted); out holds idx.len() rows.
         unsafe {
             s.launch_builder(&f)
-                .arg(x)
+                .arg(&**x)
                 .arg(&dev_idx)
-                .arg(&mut out)
+                .arg(&mut *out)
                 .arg(&w)
                 .launch(cfg)
                 .map_err(err)?

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use kivi_core::{new_cache, CacheConfig, CacheShape, KiviConfig, SeqId};
-use kivi_cuda::{CudaBackend, Gpu, GpuCache, HalfType};
+use kivi_cuda::{Activation, CudaBackend, Gpu, GpuCache, HalfType};
 use kivi_model::backend::{Backend, Cpu, Rope};
 use kivi_model::config::{Arch, Config, RopeStyle};
 use kivi_model::llama::{BatchItem, Llama, Logits, Model, Naming};
@@ -61,12 +61,12 @@ fn randn(r: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 /// Inputs go through the backend (`Backend::vector`), as its matmul requires.
-fn up(b: &CudaBackend, v: &[f32]) -> CudaSlice<f32> {
-    b.vector(v.to_vec()).unwrap()
+fn up(b: &CudaBackend, v: &[f32]) -> Activation {
+    b.vector(v.to_vec()).unwrap().into()
 }
 
 /// A device buffer of `n` NaNs.
-fn poisoned(b: &CudaBackend, n: usize) -> CudaSlice<f32> {
+fn poisoned(b: &CudaBackend, n: usize) -> Activation {
     up(b, &vec![f32::NAN; n])
 }
 
@@ -179,7 +179,7 @@ fn matmul_after_rmsnorm_and_swiglu_matches_cpu() {
     );
     let x = randn(&mut r, rows * h, 3.0);
     let norm = randn(&mut r, h, 1.5);
-    let matmul_both = |name: &str, gx: &CudaSlice<f32>, cx: &Vec<f32>, wide: bool| {
+    let matmul_both = |name: &str, gx: &Activation, cx: &Vec<f32>, wide: bool| {
         let (cw, gw, n_out) = if wide {
             (&cpu_w, &gpu_w, f)
         } else {
@@ -712,4 +712,112 @@ fn greedy_tokens_equal_cpu_on_smollm2() {
         let compared = compare_greedy(&cpu, &gpu_model, cache, &prompt, 32, 0.02);
         assert!(compared >= 8, "{cache:?}: only {compared} steps compared");
     }
+}
+
+/// CUDA graphs (the default) against the same model launching every op eagerly: a batch that
+/// changes size (sequences finish, a prefill joins mid-run) must give bit-identical logits at
+/// every step, on graphs that were really replayed, including the replay of a batch size
+/// recorded before a prefill moved the step's tables (ops compared, then launched one by one).
+#[test]
+fn graph_replay_gives_the_logits_of_eager_launches() {
+    let Some(g) = gpu() else { return };
+    let mut r = fresh_rng("graph_replay_gives_the_logits_of_eager_launches");
+    let config = small_config(true, 3);
+    let src = RandomWeights::new(&config, DType::F16, r.gen()).unwrap();
+    let load = || {
+        Llama::load_on(
+            CudaBackend::new(g.clone()).unwrap(),
+            &src,
+            Naming::Gguf,
+            config.clone(),
+        )
+        .unwrap()
+    };
+    let graphs = load();
+    let mut eager = load();
+    eager.backend.set_graphs(false);
+    let shape = CacheShape {
+        n_layer: config.n_layer,
+        n_kv_head: config.n_kv_head,
+        head_dim: config.head_dim,
+    };
+    let cache_cfg = CacheConfig::Kivi(KiviConfig {
+        residual_len: 32,
+        ..KiviConfig::default()
+    });
+    let mut caches: Vec<GpuCache> = (0..2)
+        .map(|_| GpuCache::new(g.clone(), cache_cfg, shape, 4, 256).unwrap())
+        .collect();
+    let mut tokens = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| r.gen_range(0..config.vocab as u32))
+            .collect()
+    };
+    // (slot, tokens to feed next) per live sequence; slots are the same in both caches.
+    let mut live: Vec<(u64, Vec<u32>)> = Vec::new();
+    let add = |caches: &mut Vec<GpuCache>, live: &mut Vec<(u64, Vec<u32>)>, prompt| {
+        let slots: Vec<usize> = caches
+            .iter_mut()
+            .map(|c| c.add_sequence().unwrap())
+            .collect();
+        assert_eq!(slots[0], slots[1]);
+        live.push((slots[0] as u64, prompt));
+    };
+    for n in [5, 17, 40] {
+        add(&mut caches, &mut live, tokens(n));
+    }
+    let mut steps_checked = 0;
+    // Phases: decode steps of 3 rows, one sequence leaves, 2 rows, a prefill joins, 3 rows.
+    for step in 0..26 {
+        if step == 10 {
+            let (slot, _) = live.remove(1);
+            caches
+                .iter_mut()
+                .for_each(|c| c.remove_sequence(slot as usize).unwrap());
+        }
+        if step == 17 {
+            add(&mut caches, &mut live, tokens(70));
+        }
+        let items: Vec<BatchItem<'_>> = live
+            .iter()
+            .map(|(slot, toks)| BatchItem {
+                seq: SeqId(*slot),
+                tokens: toks,
+                logits: Logits::Last,
+            })
+            .collect();
+        let mut got = Vec::new();
+        for (model, cache) in [&graphs, &eager].into_iter().zip(caches.iter_mut()) {
+            let (logits, rows) = model.forward_rows(&items, cache).unwrap().unwrap();
+            assert_eq!(rows, vec![1; items.len()]);
+            got.push(model.backend.to_host(&logits).unwrap());
+        }
+        let differing = got[0]
+            .iter()
+            .zip(&got[1])
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "step {step} ({} rows): {differing} logits differ between graph replay and eager",
+            items.len()
+        );
+        steps_checked += 1;
+        let next: Vec<Vec<u32>> = got[1]
+            .chunks_exact(config.vocab)
+            .map(|row| vec![kivi_engine_argmax(row)])
+            .collect();
+        for ((_, toks), t) in live.iter_mut().zip(next) {
+            *toks = t;
+        }
+    }
+    let stats = graphs.backend.graph_stats();
+    eprintln!("graphs: {stats}; {steps_checked} steps bit-identical to eager launches");
+    assert!(stats.captured > 0 && stats.replayed > 0, "{stats}");
+    assert_eq!(stats.capture_errors, 0, "{stats}");
+    assert_eq!(
+        eager.backend.graph_stats(),
+        kivi_cuda::GraphStats::default()
+    );
 }

@@ -51,6 +51,12 @@ pub trait Backend {
     fn begin_step(&self, cache: &mut Self::Cache, items: &[(SeqId, usize)]) -> Result<Self::Step>;
     /// Ends a step after every layer's attention (the new tokens now count as stored).
     fn end_step(&self, cache: &mut Self::Cache, step: Self::Step) -> Result<()>;
+    /// Submits any work the backend holds back (the GPU backend queues a decode step's ops
+    /// to replay them as CUDA graphs): called at the end of a forward pass, before its output
+    /// is handed out.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `out[t] = table[tokens[t]]` (rows of `table` as f32).
     fn embed(&self, table: &Self::Weight, tokens: &[u32], out: &mut Self::Act) -> Result<()>;

@@ -399,7 +399,9 @@ impl<B: Backend> Llama<B> {
         }
         let m: usize = rows.iter().map(|r| r.len()).sum();
         if m == 0 {
-            return Ok(Some((b.zeros(0)?, vec![0; items.len()])));
+            let empty = b.zeros(0)?;
+            b.flush()?;
+            return Ok(Some((empty, vec![0; items.len()])));
         }
         let picked = b.gather_rows(&x, h, &rows)?;
         let mut normed = b.zeros(m * h)?;
@@ -407,6 +409,7 @@ impl<B: Backend> Llama<B> {
         b.rmsnorm(&mut normed, &picked, &w.out_norm, c.rms_eps)?;
         let w_out = w.output.as_ref().unwrap_or(&w.tok_embd);
         b.matmul(w_out, &normed, m, &mut out)?;
+        b.flush()?;
         Ok(Some((out, rows.iter().map(|r| r.len()).collect())))
     }
 
