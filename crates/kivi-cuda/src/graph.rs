@@ -24,7 +24,9 @@ use cudarc::driver::{CudaGraph, CudaStream, DriverError};
 
 /// Most batch sizes with graphs at a time (the least recently used is dropped).
 const MAX_KEYS: usize = 16;
-/// A key whose replays diverged this many times is not captured again.
+/// A key whose recordings diverged this many times in a row before being replayed once is not
+/// captured again (its ops differ from step to step). A divergence after replays (a new
+/// cache, a buffer that grew) only starts a new recording.
 const MAX_FALLBACKS: u32 = 2;
 
 /// One launch of the forward pass's fixed-shape ops, with raw device addresses (`u64`) and
@@ -132,6 +134,8 @@ struct Segment {
 struct Recorded {
     segments: Vec<Segment>,
     last_used: u64,
+    /// Steps that replayed at least one segment.
+    replayed_steps: u64,
 }
 
 /// How the current step's ops are run.
@@ -159,7 +163,8 @@ pub(crate) struct Graphs {
     stream: Arc<CudaStream>,
     /// Decode steps run so far per key, before capture.
     seen: HashMap<usize, u32>,
-    /// Keys that must stay eager (capture refused, or replays kept diverging).
+    /// Divergences in a row before any replay, per key (at `MAX_FALLBACKS` the key stays
+    /// eager; a refused capture sets it there at once).
     eager_keys: HashMap<usize, u32>,
     recorded: HashMap<usize, Recorded>,
     key: Option<usize>,
@@ -330,6 +335,11 @@ impl Graphs {
                 match segment {
                     Some(seg) if seg.ops == self.pending => {
                         seg.graph.launch()?;
+                        if next == 0 {
+                            let r = self.recorded.get_mut(&key).expect("found above");
+                            r.replayed_steps += 1;
+                            self.eager_keys.remove(&key);
+                        }
                         self.stats.replayed += 1;
                         self.stats.ops_replayed += self.pending.len() as u64;
                         self.pending.clear();
@@ -340,9 +350,14 @@ impl Graphs {
                         // Different addresses or sizes (a buffer was reallocated, the batch
                         // changed shape): run the ops themselves, record again later.
                         self.stats.fallbacks += 1;
-                        self.recorded.remove(&key);
+                        let replayed = self
+                            .recorded
+                            .remove(&key)
+                            .is_some_and(|r| r.replayed_steps > 0);
                         self.seen.remove(&key);
-                        *self.eager_keys.entry(key).or_insert(0) += 1;
+                        if !replayed {
+                            *self.eager_keys.entry(key).or_insert(0) += 1;
+                        }
                         self.mode = Mode::Eager;
                         Ok(std::mem::take(&mut self.pending))
                     }
@@ -374,6 +389,7 @@ impl Graphs {
                     Recorded {
                         segments,
                         last_used: self.clock,
+                        replayed_steps: 0,
                     },
                 );
             }

@@ -715,9 +715,13 @@ fn greedy_tokens_equal_cpu_on_smollm2() {
 }
 
 /// CUDA graphs (the default) against the same model launching every op eagerly: a batch that
-/// changes size (sequences finish, a prefill joins mid-run) must give bit-identical logits at
-/// every step, on graphs that were really replayed, including the replay of a batch size
-/// recorded before a prefill moved the step's tables (ops compared, then launched one by one).
+/// changes size (sequences finish, a prefill joins mid-run) must give the same logits at every
+/// step, on graphs that were really replayed, including the replay of a batch size recorded
+/// before a prefill moved the step's tables (ops compared, then launched one by one). Not bit
+/// for bit: the attention kernels sum some partials with shared-memory atomics, in whatever
+/// order the warps arrive, so two eager runs already differ in the last bits (measured on the
+/// H200: 4096 logits of a step differed between two eager models); a graph that ran an op on
+/// a wrong buffer would be off by far more than the bound.
 #[test]
 fn graph_replay_gives_the_logits_of_eager_launches() {
     let Some(g) = gpu() else { return };
@@ -766,7 +770,7 @@ fn graph_replay_gives_the_logits_of_eager_launches() {
     for n in [5, 17, 40] {
         add(&mut caches, &mut live, tokens(n));
     }
-    let mut steps_checked = 0;
+    let (mut steps_checked, mut worst) = (0, 0f64);
     // Phases: decode steps of 3 rows, one sequence leaves, 2 rows, a prefill joins, 3 rows.
     for step in 0..26 {
         if step == 10 {
@@ -792,17 +796,19 @@ fn graph_replay_gives_the_logits_of_eager_launches() {
             assert_eq!(rows, vec![1; items.len()]);
             got.push(model.backend.to_host(&logits).unwrap());
         }
-        let differing = got[0]
-            .iter()
-            .zip(&got[1])
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        assert_eq!(
-            differing,
-            0,
-            "step {step} ({} rows): {differing} logits differ between graph replay and eager",
-            items.len()
-        );
+        for (row, (g_row, e_row)) in got[0]
+            .chunks_exact(config.vocab)
+            .zip(got[1].chunks_exact(config.vocab))
+            .enumerate()
+        {
+            let e = rel_err(g_row, e_row);
+            worst = worst.max(e);
+            assert!(
+                e < 1e-4,
+                "step {step} row {row} ({} rows): graph replay vs eager, relative error {e:.3e}",
+                items.len()
+            );
+        }
         steps_checked += 1;
         let next: Vec<Vec<u32>> = got[1]
             .chunks_exact(config.vocab)
@@ -813,7 +819,9 @@ fn graph_replay_gives_the_logits_of_eager_launches() {
         }
     }
     let stats = graphs.backend.graph_stats();
-    eprintln!("graphs: {stats}; {steps_checked} steps bit-identical to eager launches");
+    eprintln!(
+        "graphs: {stats}; {steps_checked} steps, worst relative error against eager {worst:.2e}"
+    );
     assert!(stats.captured > 0 && stats.replayed > 0, "{stats}");
     assert_eq!(stats.capture_errors, 0, "{stats}");
     assert_eq!(
