@@ -58,10 +58,10 @@ pub(crate) enum Op {
         rows: i32,
         cols: i32,
     },
-    /// The small-batch kernel: `out = x · wᵀ` with f32 `x`.
+    /// The small-batch kernel: `out = x16 · wᵀ`.
     Gemv {
         w: u64,
-        x: u64,
+        x16: u64,
         out: u64,
         rows: i32,
         n_out: i32,

@@ -37,11 +37,12 @@ pub(crate) const MODULE: &str = "model";
 pub(crate) const SAMPLE_SOURCE: &str = include_str!("sample.cu");
 pub(crate) const SAMPLE_MODULE: &str = "sample";
 const ROW_THREADS: u32 = 256;
-/// With `KIVI_CUDA_GEMV=1`, matmuls of at most this many rows run `gemv_small`
-/// (`GEMV_MAX_ROWS` in model.cu) instead of cuBLAS. Opt-in: on the H200 it cut the host's time
-/// per launch from ~15 us (cuBLAS) to ~4 us, but its GPU time is worse than cuBLAS's (Llama-2-7B
-/// decode B = 1: 6.8 vs 6.2 ms per token; B = 4: 11.9 vs 6.4 ms, re-reading x from L1 per row).
-const GEMV_MAX_ROWS: usize = 8;
+/// With `KIVI_CUDA_GEMV=1`, matmuls of at most this many rows (and inputs of at most
+/// [`GEMV_MAX_INPUT_BYTES`]) run `gemv_small` instead of cuBLAS (`GEMV_MAX_ROWS` in model.cu).
+const GEMV_MAX_ROWS: usize = 2;
+/// The 16-bit input rows `gemv_small` stages in shared memory (the default 48 KiB a launch may
+/// take without opting in to more).
+const GEMV_MAX_INPUT_BYTES: usize = 48 << 10;
 /// RoPE over at least this many rows runs one CTA per token (see `rope`).
 pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
 
@@ -325,8 +326,8 @@ impl CudaBackend {
         self.half
     }
 
-    /// Matmuls of at most 8 rows through the small-batch kernel (`gemv_small`) instead of
-    /// cuBLAS (also `KIVI_CUDA_GEMV=1`; off by default: slower on the GPU, see `GEMV_MAX_ROWS`).
+    /// Matmuls of at most 2 rows through the small-batch kernel (`gemv_small`) instead of
+    /// cuBLAS (also `KIVI_CUDA_GEMV=1`).
     pub fn set_small_gemv(&mut self, on: bool) {
         self.small_gemv = on;
     }
@@ -474,7 +475,7 @@ impl CudaBackend {
             }
             Op::Gemv {
                 w,
-                x,
+                x16,
                 out,
                 rows,
                 n_out,
@@ -484,12 +485,12 @@ impl CudaBackend {
                 let cfg = LaunchConfig {
                     grid_dim: ((n_out as u32).div_ceil(8), 1, 1),
                     block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
+                    shared_mem_bytes: (rows * cols * 2) as u32,
                 };
                 unsafe {
                     s.launch_builder(&f)
                         .arg(&w)
-                        .arg(&x)
+                        .arg(&x16)
                         .arg(&out)
                         .arg(&rows)
                         .arg(&n_out)
@@ -937,24 +938,6 @@ impl Backend for CudaBackend {
         let s = self.gpu.stream();
         let (x_addr, out_addr) = (x.device_ptr(s).0, out.device_ptr(s).0);
         let (n_out, r, cols) = (w.rows as i32, rows as i32, w.cols as i32);
-        if rows <= GEMV_MAX_ROWS && w.cols.is_multiple_of(8) && self.small_gemv {
-            // Reads x as f32: no 16-bit copy needed; `out` is written, so a copy that
-            // described it is stale.
-            let mut g16 = self.gemm16();
-            if g16.holds.is_some_and(|(a, _)| a == out_addr) {
-                g16.holds = None;
-            }
-            drop(g16);
-            let _span = self.profiler.span("gemv");
-            return self.run(Op::Gemv {
-                w: w.data.device_ptr(s).0,
-                x: x_addr,
-                out: out_addr,
-                rows: r,
-                n_out,
-                cols,
-            });
-        }
         let (mut g16, x16) = self.x16_for(n_in)?;
         let converted = g16.holds == Some((x_addr, n_in));
         if g16.holds.is_some_and(|(a, _)| a == out_addr) {
@@ -969,9 +952,25 @@ impl Backend for CudaBackend {
                 n: n_in as i64,
             })?;
         }
+        let w_addr = w.data.device_ptr(s).0;
+        if self.small_gemv
+            && rows <= GEMV_MAX_ROWS
+            && w.cols.is_multiple_of(8)
+            && n_in * 2 <= GEMV_MAX_INPUT_BYTES
+        {
+            let _span = self.profiler.span("gemv");
+            return self.run(Op::Gemv {
+                w: w_addr,
+                x16,
+                out: out_addr,
+                rows: r,
+                n_out,
+                cols,
+            });
+        }
         let _span = self.profiler.span("gemm");
         self.run(Op::Gemm {
-            w: w.data.device_ptr(s).0,
+            w: w_addr,
             x16,
             out: out_addr,
             n_out,

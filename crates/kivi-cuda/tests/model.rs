@@ -315,9 +315,9 @@ fn device_sampling_follows_the_reference_distribution() {
 fn embed_and_matmul_match_cpu() {
     let Some(g) = gpu() else { return };
     let b = CudaBackend::new(g.clone()).unwrap();
-    // The opt-in small-batch kernel: rows 1-8 (every row count it specializes) through
-    // gemv_small, f32 inputs (error ~1e-7); 9 and 17 rows, and 580 columns (not whole 16-byte
-    // chunks), through cuBLAS as on the default backend.
+    // The opt-in small-batch kernel: rows 1 and 2 (the row counts it specializes) through
+    // gemv_small, which reads the 16-bit input copy as cuBLAS does; 3-9 and 17 rows, and 580
+    // columns (not whole 16-byte chunks), through cuBLAS as on the default backend.
     let mut gemv = CudaBackend::new(g).unwrap();
     gemv.set_small_gemv(true);
     let mut r = fresh_rng("embed_and_matmul_match_cpu");
@@ -346,11 +346,7 @@ fn embed_and_matmul_match_cpu() {
         let mut got = poisoned(&gemv, rows * out_dim);
         gemv.matmul(&gemv_w, &up(&gemv, &x), rows, &mut got)
             .unwrap();
-        let bound = if rows <= 8 && in_dim % 8 == 0 {
-            1e-5
-        } else {
-            2e-3
-        };
+        let bound = 2e-3;
         check(
             &format!("matmul f16 {out_dim}x{in_dim}, {rows} rows, small-batch kernel"),
             &down(&gemv, &got),
