@@ -100,7 +100,7 @@ rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restric
     }
 }
 
-// Small-batch matmul (`KIVI_CUDA_GEMV=1`): out[r][n] = sum_k x16[r][k] W[n][k] for R <=
+// Small-batch matmul (default for 1-2 rows; `KIVI_CUDA_GEMV=0`: cuBLAS): out[r][n] = sum_k x16[r][k] W[n][k] for R <=
 // GEMV_MAX_ROWS rows of the 16-bit input copy (what cuBLAS reads) and the 16-bit W [n_out][cols]
 // (cols % 8 == 0), f32 products and sums. x16 is staged in shared memory once per CTA (the
 // previous version re-read f32 x from L1 for every row: two loads per weight load); one warp
