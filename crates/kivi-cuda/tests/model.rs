@@ -716,11 +716,12 @@ fn greedy_tokens_equal_cpu_on_smollm2() {
 /// step, on graphs that were really replayed, including the replay of a batch size recorded
 /// before a prefill moved the step's tables (ops compared, then launched one by one). Not bit
 /// for bit: the attention kernels sum some partials with shared-memory atomics, in whatever
-/// order the warps arrive, so two eager runs can differ in the last bits (seen on the H200,
-/// rarely: alone this test measured 0 difference over 26 steps), and with a KIVI cache such a
-/// difference can flip a quantization code. So the f16 cache (attention and append run
-/// eagerly in both models anyway); a graph that ran an op on a wrong buffer would be off by
-/// far more than the bound.
+/// order the warps arrive, so two eager runs can differ in the last bits, and every rounding
+/// to f16 after that (cache rows, GEMM inputs) can turn such a difference into one f16 ulp
+/// (measured on the H200: 0 difference over all 26 steps in some runs, up to 2.2e-4 in others,
+/// at a mixed step that both models run eagerly). With a KIVI cache a difference can also flip
+/// a quantization code, so the f16 cache (attention and append run eagerly in both models
+/// anyway). A graph that ran an op on a wrong buffer or size would be off by O(1).
 #[test]
 fn graph_replay_gives_the_logits_of_eager_launches() {
     let Some(g) = gpu() else { return };
@@ -800,7 +801,7 @@ fn graph_replay_gives_the_logits_of_eager_launches() {
             let e = rel_err(g_row, e_row);
             worst = worst.max(e);
             assert!(
-                e < 1e-4,
+                e < 2e-3,
                 "step {step} row {row} ({} rows): graph replay vs eager, relative error {e:.3e}",
                 items.len()
             );
