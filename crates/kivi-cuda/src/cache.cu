@@ -443,6 +443,18 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return r;
 }
 
+// Quantized keys of KV head `kvh` in pool block `blk`, at block-relative position `b`: the
+// codes of its 32-token sub-tile (WPD words per channel, channel-major) ...
+template <int D, int WPD>
+__device__ __forceinline__ const u32* key_tile_words(const CacheBufs& c, int kvh, u64 blk, int b) {
+    return c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
+}
+// ... and the offset of its group's per-channel scales and mins (in c.ks / c.km).
+template <int D>
+__device__ __forceinline__ u64 key_group_scales(const CacheBufs& c, int kvh, u64 blk, int b) {
+    return blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
+}
+
 // Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
 // code in the low half).
 template <int BITS>
@@ -472,8 +484,8 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
-    const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(g >> 1) * (D * WPD) + (g & 1) * WL;
-    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)((16 * g) / c.group) * D;
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
+    const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
     const u16* ks = c.ks + sm;
     const u16* km = c.km + sm;
     float acc[8][4];
@@ -778,8 +790,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
             const u64 blk = (u64)sblk[(unsigned)(t0 - s0) / BLOCK_TOKENS];
             const int b = t0 & (BLOCK_TOKENS - 1);
-            const u32* base = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
-            const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
+            const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
+            const u64 sm = key_group_scales<D>(c, kvh, blk, b);
             u32 w[CPL][WPD];
             float s[CPL], m[CPL];
 #pragma unroll
@@ -885,8 +897,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                             constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
                             const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
                             const int b = p & (BLOCK_TOKENS - 1);
-                            const u32* base = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
-                            const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
+                            const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
+                            const u64 sm = key_group_scales<D>(c, kvh, blk, b);
 #pragma unroll
                             for (int x = 0; x < CPL; x++) {
                                 const int d = d0 + x;

@@ -58,13 +58,14 @@ pub(crate) enum Op {
         rows: i32,
         cols: i32,
     },
-    /// The small-batch kernel: `out = x16 · wᵀ`.
+    /// The small-batch kernel: `out[i] = x16 · w[i]ᵀ` for up to three matrices of `cols`
+    /// columns (unused ones: `n_out` 0).
     Gemv {
-        w: u64,
+        w: [u64; 3],
+        out: [u64; 3],
+        n_out: [i32; 3],
         x16: u64,
-        out: u64,
         rows: i32,
-        n_out: i32,
         cols: i32,
     },
     AddBias {

@@ -104,8 +104,10 @@ rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restric
 // GEMV_MAX_ROWS rows of the 16-bit input copy (what cuBLAS reads) and the 16-bit W [n_out][cols]
 // (cols % 8 == 0), f32 products and sums. x16 is staged in shared memory once per CTA (the
 // previous version re-read f32 x from L1 for every row: two loads per weight load); one warp
-// per output row streams it in 16-byte chunks, GEMV_UNROLL chunks per lane in flight.
-// grid: ceil(n_out / 8); block: 256 (8 warps); dynamic shared memory: R * cols * 2 bytes.
+// per output row streams it in 16-byte chunks, GEMV_UNROLL chunks per lane in flight. Up to
+// three matrices reading the same input (q/k/v, gate/up) go in one launch: CTAs
+// [0, ceil(n0 / 8)) take W0, the next ceil(n1 / 8) W1, the rest W2 (n1 = n2 = 0: one matrix).
+// grid: sum of ceil(n_i / 8); block: 256 (8 warps); dynamic shared memory: R * cols * 2 bytes.
 #define GEMV_MAX_ROWS 2
 #define GEMV_UNROLL 8
 __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
@@ -121,14 +123,14 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 
 template <int R>
 __device__ __forceinline__ void gemv_rows(const u16* __restrict__ w, const u16* __restrict__ x16,
-                                          float* __restrict__ out, int n_out, int cols) {
+                                          float* __restrict__ out, int n_out, int cols, int blk) {
     extern __shared__ uint4 xs[];
     const int chunks = cols / 8;  // 16-byte chunks of a row
     const uint4* xg = (const uint4*)x16;
     for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = xg[i];
     __syncthreads();
     const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int n = blk * 8 + (threadIdx.x >> 5);
     if (n >= n_out) return;
     const uint4* wr = (const uint4*)(w + (long long)n * cols);
     float acc[R];
@@ -158,12 +160,28 @@ __device__ __forceinline__ void gemv_rows(const u16* __restrict__ w, const u16* 
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-gemv_small(const u16* __restrict__ w, const u16* __restrict__ x16, float* __restrict__ out,
-           int rows, int n_out, int cols) {
+gemv_small(const u16* w0, const u16* w1, const u16* w2, float* out0, float* out1, float* out2,
+           int n0, int n1, int n2, const u16* __restrict__ x16, int rows, int cols) {
+    int blk = blockIdx.x;
+    const int c0 = (n0 + 7) / 8, c1 = (n1 + 7) / 8;
+    const u16* w = w0;
+    float* out = out0;
+    int n_out = n0;
+    if (blk >= c0 + c1) {
+        blk -= c0 + c1;
+        w = w2;
+        out = out2;
+        n_out = n2;
+    } else if (blk >= c0) {
+        blk -= c0;
+        w = w1;
+        out = out1;
+        n_out = n1;
+    }
     if (rows == 1) {
-        gemv_rows<1>(w, x16, out, n_out, cols);
+        gemv_rows<1>(w, x16, out, n_out, cols, blk);
     } else {
-        gemv_rows<2>(w, x16, out, n_out, cols);
+        gemv_rows<2>(w, x16, out, n_out, cols, blk);
     }
 }
 

@@ -394,6 +394,35 @@ impl CudaBackend {
         Ok((g16, ptr))
     }
 
+    /// The 16-bit copy of GEMM input `x` (`n_in` values): converted now unless rmsnorm or swiglu
+    /// left it; `outs` are about to be written (a copy that described one of them is stale).
+    fn gemm_input(&self, x: &Activation, n_in: usize, outs: &[u64]) -> R<u64> {
+        let x_addr = x.device_ptr(self.gpu.stream()).0;
+        let (mut g16, x16) = self.x16_for(n_in)?;
+        let converted = g16.holds == Some((x_addr, n_in));
+        if g16.holds.is_some_and(|(a, _)| outs.contains(&a)) {
+            g16.holds = None;
+        }
+        drop(g16);
+        if !converted {
+            let _span = self.profiler.span("to_half");
+            self.run(Op::ToHalf {
+                x: x_addr,
+                x16,
+                n: n_in as i64,
+            })?;
+        }
+        Ok(x16)
+    }
+
+    /// Whether a matmul of `rows` rows of `cols` goes through `gemv_small`.
+    fn gemv_fits(&self, rows: usize, cols: usize) -> bool {
+        self.small_gemv
+            && rows <= GEMV_MAX_ROWS
+            && cols.is_multiple_of(8)
+            && rows * cols * 2 <= GEMV_MAX_INPUT_BYTES
+    }
+
     /// Launches one op on the stream (the only place the forward pass's fixed-shape kernels
     /// and GEMMs are launched, whether eagerly or into a graph capture).
     fn launch_op(&self, op: &Op) -> R<()> {
@@ -477,25 +506,32 @@ impl CudaBackend {
             }
             Op::Gemv {
                 w,
-                x16,
                 out,
-                rows,
                 n_out,
+                x16,
+                rows,
                 cols,
             } => {
                 let f = self.f("gemv_small")?;
+                let ctas: u32 = n_out.iter().map(|&n| (n as u32).div_ceil(8)).sum();
                 let cfg = LaunchConfig {
-                    grid_dim: ((n_out as u32).div_ceil(8), 1, 1),
+                    grid_dim: (ctas, 1, 1),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: (rows * cols * 2) as u32,
                 };
                 unsafe {
                     s.launch_builder(&f)
-                        .arg(&w)
+                        .arg(&w[0])
+                        .arg(&w[1])
+                        .arg(&w[2])
+                        .arg(&out[0])
+                        .arg(&out[1])
+                        .arg(&out[2])
+                        .arg(&n_out[0])
+                        .arg(&n_out[1])
+                        .arg(&n_out[2])
                         .arg(&x16)
-                        .arg(&out)
                         .arg(&rows)
-                        .arg(&n_out)
                         .arg(&cols)
                         .launch(cfg)
                 }
@@ -938,35 +974,22 @@ impl Backend for CudaBackend {
         }
         assert!(x.len() >= n_in && out.len() >= rows * w.rows);
         let s = self.gpu.stream();
-        let (x_addr, out_addr) = (x.device_ptr(s).0, out.device_ptr(s).0);
-        let (n_out, r, cols) = (w.rows as i32, rows as i32, w.cols as i32);
-        let (mut g16, x16) = self.x16_for(n_in)?;
-        let converted = g16.holds == Some((x_addr, n_in));
-        if g16.holds.is_some_and(|(a, _)| a == out_addr) {
-            g16.holds = None; // about to be overwritten
-        }
-        drop(g16);
-        if !converted {
-            let _span = self.profiler.span("to_half");
-            self.run(Op::ToHalf {
-                x: x_addr,
-                x16,
-                n: n_in as i64,
-            })?;
-        }
-        let w_addr = w.data.device_ptr(s).0;
-        if self.small_gemv
-            && rows <= GEMV_MAX_ROWS
-            && w.cols.is_multiple_of(8)
-            && n_in * 2 <= GEMV_MAX_INPUT_BYTES
-        {
+        let out_addr = out.device_ptr(s).0;
+        let x16 = self.gemm_input(x, n_in, &[out_addr])?;
+        let (w_addr, n_out, r, cols) = (
+            w.data.device_ptr(s).0,
+            w.rows as i32,
+            rows as i32,
+            w.cols as i32,
+        );
+        if self.gemv_fits(rows, w.cols) {
             let _span = self.profiler.span("gemv");
             return self.run(Op::Gemv {
-                w: w_addr,
+                w: [w_addr, 0, 0],
+                out: [out_addr, 0, 0],
+                n_out: [n_out, 0, 0],
                 x16,
-                out: out_addr,
                 rows: r,
-                n_out,
                 cols,
             });
         }
@@ -978,6 +1001,45 @@ impl Backend for CudaBackend {
             n_out,
             rows: r,
             cols,
+        })
+    }
+
+    /// Two or three matrices of one input through `gemv_small` take one launch (q/k/v,
+    /// gate/up at one or two rows); otherwise one matmul each.
+    fn matmuls(
+        &self,
+        x: &Activation,
+        rows: usize,
+        outs: &mut [(&GpuMatrix, &mut Activation)],
+    ) -> R<()> {
+        let cols = outs.first().map_or(0, |(w, _)| w.cols);
+        let one_launch = (2..=3).contains(&outs.len())
+            && rows > 0
+            && outs.iter().all(|(w, _)| w.cols == cols)
+            && self.gemv_fits(rows, cols);
+        if !one_launch {
+            return outs
+                .iter_mut()
+                .try_for_each(|(w, out)| self.matmul(w, x, rows, out));
+        }
+        let n_in = rows * cols;
+        let s = self.gpu.stream();
+        let (mut w_addr, mut out_addr, mut n_out) = ([0u64; 3], [0u64; 3], [0i32; 3]);
+        for (i, (w, out)) in outs.iter().enumerate() {
+            assert!(x.len() >= n_in && out.len() >= rows * w.rows);
+            w_addr[i] = w.data.device_ptr(s).0;
+            out_addr[i] = out.device_ptr(s).0;
+            n_out[i] = w.rows as i32;
+        }
+        let x16 = self.gemm_input(x, n_in, &out_addr[..outs.len()])?;
+        let _span = self.profiler.span("gemv");
+        self.run(Op::Gemv {
+            w: w_addr,
+            out: out_addr,
+            n_out,
+            x16,
+            rows: rows as i32,
+            cols: cols as i32,
         })
     }
 

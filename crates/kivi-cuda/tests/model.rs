@@ -360,6 +360,54 @@ fn embed_and_matmul_match_cpu() {
     }
 }
 
+/// Several matrices of one input (`Backend::matmuls`: q/k/v, gate/up): one `gemv_small` launch
+/// at one or two rows, one matmul each otherwise; every output against the CPU's, outputs
+/// poisoned first, 1-3 matrices of unequal heights.
+#[test]
+fn fused_matmuls_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let b = CudaBackend::new(g).unwrap();
+    let mut r = fresh_rng("fused_matmuls_match_cpu");
+    for (heights, cols) in [
+        (vec![576usize, 192, 192], 576usize),
+        (vec![1536, 1536], 576),
+        (vec![4096, 1024, 1024], 4096),
+        (vec![1000], 576),
+    ] {
+        for rows in 1..=3 {
+            let x = randn(&mut r, rows * cols, 2.0);
+            let ws: Vec<Vec<f32>> = heights
+                .iter()
+                .map(|&h| randn(&mut r, h * cols, (3.0 / cols as f32).sqrt()))
+                .collect();
+            let gpu_w: Vec<_> = ws
+                .iter()
+                .zip(&heights)
+                .map(|(w, &h)| b.matrix(f16_tensor("w", h, cols, w)).unwrap())
+                .collect();
+            let mut outs: Vec<Activation> =
+                heights.iter().map(|&h| poisoned(&b, rows * h)).collect();
+            let gx = up(&b, &x);
+            {
+                let mut pairs: Vec<(&_, &mut Activation)> =
+                    gpu_w.iter().zip(outs.iter_mut()).collect();
+                b.matmuls(&gx, rows, &mut pairs).unwrap();
+            }
+            for ((w, &h), out) in ws.iter().zip(&heights).zip(&outs) {
+                let cpu_w = Cpu.matrix(f16_tensor("w", h, cols, w)).unwrap();
+                let mut want = vec![0f32; rows * h];
+                Cpu.matmul(&cpu_w, &x, rows, &mut want).unwrap();
+                check(
+                    &format!("matmuls {heights:?}x{cols}, {rows} rows, matrix of {h}"),
+                    &down(&b, out),
+                    &want,
+                    2e-3,
+                );
+            }
+        }
+    }
+}
+
 /// `rows` random rows of a `[n][cols]` table through both backends' embed: exact (both widen
 /// the 16-bit values to f32).
 fn check_embed(

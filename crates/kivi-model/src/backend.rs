@@ -71,6 +71,17 @@ pub trait Backend {
         rows: usize,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// `out = W · x` for each `(W, out)` of `outs`, all reading the first `rows` rows of `x`
+    /// (q/k/v, gate/up): one launch on backends that can; by default one matmul each.
+    fn matmuls(
+        &self,
+        x: &Self::Act,
+        rows: usize,
+        outs: &mut [(&Self::Weight, &mut Self::Act)],
+    ) -> Result<()> {
+        outs.iter_mut()
+            .try_for_each(|(w, out)| self.matmul(w, x, rows, out))
+    }
     /// Adds `b` to every row of `x`.
     fn add_bias(&self, x: &mut Self::Act, b: &Self::Vector) -> Result<()>;
     /// Rotates each head of `x` (`[rows][heads][head_dim]`) by its row's position.

@@ -360,9 +360,15 @@ impl<B: Backend> Llama<B> {
         for (li, layer) in w.layers.iter().enumerate() {
             // --- attention block: xb = rmsnorm(x); q,k,v = xb·Wqᵀ,.. ; rope; attend; x += att·Woᵀ
             b.rmsnorm(&mut xb, &x, &layer.attn_norm, c.rms_eps)?;
-            b.matmul(&layer.wq, &xb, n, &mut q)?;
-            b.matmul(&layer.wk, &xb, n, &mut k)?;
-            b.matmul(&layer.wv, &xb, n, &mut v)?;
+            b.matmuls(
+                &xb,
+                n,
+                &mut [
+                    (&layer.wq, &mut q),
+                    (&layer.wk, &mut k),
+                    (&layer.wv, &mut v),
+                ],
+            )?;
             if let Some(bias) = &layer.bias {
                 b.add_bias(&mut q, &bias.q)?;
                 b.add_bias(&mut k, &bias.k)?;
@@ -376,8 +382,11 @@ impl<B: Backend> Llama<B> {
 
             // --- feed-forward block: x += W_down·(silu(W_gate·xb) * W_up·xb), xb = rmsnorm(x)
             b.rmsnorm(&mut xb, &x, &layer.ffn_norm, c.rms_eps)?;
-            b.matmul(&layer.w_gate, &xb, n, &mut gate)?;
-            b.matmul(&layer.w_up, &xb, n, &mut up)?;
+            b.matmuls(
+                &xb,
+                n,
+                &mut [(&layer.w_gate, &mut gate), (&layer.w_up, &mut up)],
+            )?;
             b.swiglu(&mut gate, &up)?;
             b.matmul(&layer.w_down, &gate, n, &mut tmp)?;
             b.add(&mut x, &tmp)?;
