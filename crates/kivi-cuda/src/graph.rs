@@ -208,8 +208,17 @@ impl Graphs {
     /// Drops every recorded graph (e.g. when graphs are switched off).
     pub(crate) fn clear(&mut self) {
         self.discard();
-        self.recorded.clear();
+        let recorded = std::mem::take(&mut self.recorded);
+        self.retire(recorded);
         self.seen.clear();
+    }
+
+    /// Drops graphs that may still be running (launched in this or a recent step) once the
+    /// stream has finished them: an executable graph is not destroyed while a launch of it is
+    /// queued.
+    fn retire<T>(&self, graphs: T) {
+        let _ = self.stream.synchronize();
+        drop(graphs);
     }
 
     /// Starts a step: `key` is its batch size when it may use graphs (a decode step), else
@@ -242,7 +251,10 @@ impl Graphs {
             let _ = self.stream.end_capture(CUgraphInstantiate_flags(0));
         }
         self.pending.clear();
-        self.captured.clear();
+        if !self.captured.is_empty() {
+            let captured = std::mem::take(&mut self.captured);
+            self.retire(captured);
+        }
         self.mode = Mode::Eager;
         self.key = None;
     }
@@ -297,7 +309,8 @@ impl Graphs {
         if let Some(k) = self.key {
             self.eager_keys.insert(k, MAX_FALLBACKS);
         }
-        self.captured.clear();
+        let captured = std::mem::take(&mut self.captured);
+        self.retire(captured);
         self.mode = Mode::Eager;
     }
 
@@ -351,10 +364,9 @@ impl Graphs {
                         // Different addresses or sizes (a buffer was reallocated, the batch
                         // changed shape): run the ops themselves, record again later.
                         self.stats.fallbacks += 1;
-                        let replayed = self
-                            .recorded
-                            .remove(&key)
-                            .is_some_and(|r| r.replayed_steps > 0);
+                        let removed = self.recorded.remove(&key);
+                        let replayed = removed.as_ref().is_some_and(|r| r.replayed_steps > 0);
+                        self.retire(removed);
                         self.seen.remove(&key);
                         if !replayed {
                             *self.eager_keys.entry(key).or_insert(0) += 1;
@@ -380,7 +392,8 @@ impl Graphs {
                         .min_by_key(|(_, r)| r.last_used)
                         .map(|(&k, _)| k);
                     if let Some(o) = oldest {
-                        self.recorded.remove(&o);
+                        let evicted = self.recorded.remove(&o);
+                        self.retire(evicted);
                         self.seen.remove(&o);
                     }
                 }
@@ -399,5 +412,16 @@ impl Graphs {
         self.key = None;
         self.captured.clear();
         Ok(ops)
+    }
+}
+
+impl Drop for Graphs {
+    fn drop(&mut self) {
+        if self.capturing {
+            let _ = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        }
+        if !self.recorded.is_empty() || !self.captured.is_empty() {
+            let _ = self.stream.synchronize();
+        }
     }
 }
