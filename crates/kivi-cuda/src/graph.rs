@@ -33,11 +33,13 @@ const MAX_FALLBACKS: u32 = 2;
 /// sizes: what the backend launches, and what a recorded segment is compared against.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Op {
-    /// `out = rmsnorm(x) * w`, and its 16-bit copy `out16`; `rows` rows of `h`.
+    /// `x += y` (unless `y` is 0), then `out = rmsnorm(x) * w` and its 16-bit copy `out16`;
+    /// `rows` rows of `h`.
     RmsNorm {
         out: u64,
         out16: u64,
         x: u64,
+        y: u64,
         w: u64,
         h: i32,
         rows: u32,

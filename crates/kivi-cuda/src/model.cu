@@ -46,27 +46,41 @@ extern "C" __global__ void embed_half(const u16* __restrict__ table,
 }
 
 // out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, and (out16 != null) its 16-bit copy for the next
-// GEMMs. grid: rows; block: ROW_THREADS. Rows of a multiple of 4 values go as float4, four
-// loads in flight per thread: one CTA per row is latency-bound at small batches (the scalar
-// loop measured 13 us per row of 4096 on the H200, ~10 % of a Llama-2-7B batch-1 pass).
+// GEMMs; with y != null, first x[t] += y[t] (the residual add, stored back: one launch less).
+// grid: rows; block: ROW_THREADS. Rows of a multiple of 4 values go as float4, four loads in
+// flight per thread: one CTA per row is latency-bound at small batches (the scalar loop
+// measured 13 us per row of 4096 on the H200, ~10 % of a Llama-2-7B batch-1 pass).
 extern "C" __global__ void __launch_bounds__(ROW_THREADS)
-rmsnorm(float* __restrict__ out, u16* __restrict__ out16, const float* __restrict__ x,
-        const float* __restrict__ w, int h, float eps) {
+rmsnorm(float* __restrict__ out, u16* __restrict__ out16, float* __restrict__ x,
+        const float* __restrict__ y, const float* __restrict__ w, int h, float eps) {
     __shared__ float partial[ROW_THREADS / 32];
     const long long row = blockIdx.x;
-    const float* xr = x + row * h;
+    float* xr = x + row * h;
+    const float* yr = y ? y + row * h : nullptr;
     float* o = out + row * h;
     const bool vec = (h & 3) == 0;
     float ss = 0.f;
     if (vec) {
-        const float4* x4 = (const float4*)xr;
+        float4* x4 = (float4*)xr;
 #pragma unroll 4
         for (int c = threadIdx.x; c < h / 4; c += blockDim.x) {
-            const float4 v = x4[c];
+            float4 v = x4[c];
+            if (yr) {
+                const float4 a = ((const float4*)yr)[c];
+                v = make_float4(v.x + a.x, v.y + a.y, v.z + a.z, v.w + a.w);
+                x4[c] = v;
+            }
             ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
         }
     } else {
-        for (int c = threadIdx.x; c < h; c += blockDim.x) ss += xr[c] * xr[c];
+        for (int c = threadIdx.x; c < h; c += blockDim.x) {
+            float v = xr[c];
+            if (yr) {
+                v += yr[c];
+                xr[c] = v;
+            }
+            ss += v * v;
+        }
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;

@@ -415,6 +415,40 @@ impl CudaBackend {
         Ok(x16)
     }
 
+    /// `out = rmsnorm(x (+ y unless y is 0)) * w` over the rows of `x_len` values (see
+    /// `rmsnorm` in model.cu), leaving the 16-bit copy of `out` for the next GEMMs.
+    fn norm(
+        &self,
+        out: &mut Activation,
+        x: u64,
+        y: u64,
+        x_len: usize,
+        w: &CudaSlice<f32>,
+        eps: f32,
+    ) -> R<()> {
+        let h = w.len();
+        let rows = x_len.min(out.len()) / h;
+        if rows == 0 {
+            return Ok(());
+        }
+        let _span = self.profiler.span("rmsnorm");
+        let s = self.gpu.stream();
+        let out_addr = out.device_ptr(s).0;
+        let (mut g16, out16) = self.x16_for(rows * h)?;
+        g16.holds = Some((out_addr, rows * h));
+        drop(g16);
+        self.run(Op::RmsNorm {
+            out: out_addr,
+            out16,
+            x,
+            y,
+            w: w.device_ptr(s).0,
+            h: h as i32,
+            rows: rows as u32,
+            eps,
+        })
+    }
+
     /// Whether a matmul of `rows` rows of `cols` goes through `gemv_small`.
     fn gemv_fits(&self, rows: usize, cols: usize) -> bool {
         self.small_gemv
@@ -440,6 +474,7 @@ impl CudaBackend {
                 out,
                 out16,
                 x,
+                y,
                 w,
                 h,
                 rows,
@@ -451,6 +486,7 @@ impl CudaBackend {
                         .arg(&out)
                         .arg(&out16)
                         .arg(&x)
+                        .arg(&y)
                         .arg(&w)
                         .arg(&h)
                         .arg(&eps)
@@ -942,26 +978,21 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm(&self, out: &mut Activation, x: &Activation, w: &CudaSlice<f32>, eps: f32) -> R<()> {
-        let h = w.len();
-        let rows = x.len().min(out.len()) / h;
-        if rows == 0 {
-            return Ok(());
-        }
-        let _span = self.profiler.span("rmsnorm");
+        self.norm(out, x.device_ptr(self.gpu.stream()).0, 0, x.len(), w, eps)
+    }
+
+    fn add_rmsnorm(
+        &self,
+        x: &mut Activation,
+        y: &Activation,
+        out: &mut Activation,
+        w: &CudaSlice<f32>,
+        eps: f32,
+    ) -> R<()> {
+        self.activation_written(); // x changes
         let s = self.gpu.stream();
-        let out_addr = out.device_ptr(s).0;
-        let (mut g16, out16) = self.x16_for(rows * h)?;
-        g16.holds = Some((out_addr, rows * h));
-        drop(g16);
-        self.run(Op::RmsNorm {
-            out: out_addr,
-            out16,
-            x: x.device_ptr(s).0,
-            w: w.device_ptr(s).0,
-            h: h as i32,
-            rows: rows as u32,
-            eps,
-        })
+        let len = x.len().min(y.len());
+        self.norm(out, x.device_ptr(s).0, y.device_ptr(s).0, len, w, eps)
     }
 
     /// `x` must come from this backend (an op's output, [`Backend::zeros`] or

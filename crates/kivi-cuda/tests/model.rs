@@ -110,7 +110,8 @@ fn elementwise_and_row_ops_match_cpu() {
     let Some(g) = gpu() else { return };
     let b = CudaBackend::new(g).unwrap();
     let mut r = fresh_rng("elementwise_and_row_ops_match_cpu");
-    for &(rows, width) in &[(1usize, 576usize), (7, 4096), (33, 1536)] {
+    // 577: rows that are not whole float4s (the norms' scalar path).
+    for &(rows, width) in &[(1usize, 576usize), (7, 4096), (33, 1536), (3, 577)] {
         let x = randn(&mut r, rows * width, 3.0);
         let y = randn(&mut r, rows * width, 3.0);
         let w = randn(&mut r, width, 1.5);
@@ -121,6 +122,17 @@ fn elementwise_and_row_ops_match_cpu() {
         let mut got = poisoned(&b, rows * width);
         b.rmsnorm(&mut got, &up(&b, &x), &up(&b, &w), 1e-5).unwrap();
         check("rmsnorm", &down(&b, &got), &want, 1e-5);
+
+        // add_rmsnorm: x += y (stored), then the norm of the sum
+        let mut want_x = x.clone();
+        let mut want = vec![0f32; rows * width];
+        Cpu.add_rmsnorm(&mut want_x, &y, &mut want, &w, 1e-5)
+            .unwrap();
+        let (mut got_x, mut got) = (up(&b, &x), poisoned(&b, rows * width));
+        b.add_rmsnorm(&mut got_x, &up(&b, &y), &mut got, &up(&b, &w), 1e-5)
+            .unwrap();
+        check("add_rmsnorm sum", &down(&b, &got_x), &want_x, 0.0);
+        check("add_rmsnorm", &down(&b, &got), &want, 1e-5);
 
         // swiglu, add, add_bias
         let mut want = x.clone();

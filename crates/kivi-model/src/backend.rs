@@ -71,6 +71,19 @@ pub trait Backend {
         rows: usize,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// `x += y`, then `out = rmsnorm(x) * w` (a residual add and the norm after it: one launch
+    /// on backends that can).
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::Act,
+        y: &Self::Act,
+        out: &mut Self::Act,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Result<()> {
+        self.add(x, y)?;
+        self.rmsnorm(out, x, w, eps)
+    }
     /// `out = W · x` for each `(W, out)` of `outs`, all reading the first `rows` rows of `x`
     /// (q/k/v, gate/up): one launch on backends that can; by default one matmul each.
     fn matmuls(

@@ -357,9 +357,17 @@ impl<B: Backend> Llama<B> {
         let mut up = b.zeros(n * c.ffn)?;
         let mut tmp = b.zeros(n * h)?;
 
+        // Each residual add is fused with the norm that reads its result (`add_rmsnorm`): the
+        // attention output's with the FFN norm, the FFN output's with the next layer's
+        // attention norm (the last layer's is added after the loop).
         for (li, layer) in w.layers.iter().enumerate() {
-            // --- attention block: xb = rmsnorm(x); q,k,v = xb·Wqᵀ,.. ; rope; attend; x += att·Woᵀ
-            b.rmsnorm(&mut xb, &x, &layer.attn_norm, c.rms_eps)?;
+            // --- attention block: x += previous FFN output; xb = rmsnorm(x);
+            //     q,k,v = xb·Wqᵀ,.. ; rope; attend; tmp = att·Woᵀ
+            if li == 0 {
+                b.rmsnorm(&mut xb, &x, &layer.attn_norm, c.rms_eps)?;
+            } else {
+                b.add_rmsnorm(&mut x, &tmp, &mut xb, &layer.attn_norm, c.rms_eps)?;
+            }
             b.matmuls(
                 &xb,
                 n,
@@ -378,10 +386,10 @@ impl<B: Backend> Llama<B> {
             b.rope(&mut k, c.n_kv_head, &self.rope, &step)?;
             b.attend_append(cache, &step, li, c.n_head, &q, &k, &v, &mut att)?;
             b.matmul(&layer.wo, &att, n, &mut tmp)?;
-            b.add(&mut x, &tmp)?;
 
-            // --- feed-forward block: x += W_down·(silu(W_gate·xb) * W_up·xb), xb = rmsnorm(x)
-            b.rmsnorm(&mut xb, &x, &layer.ffn_norm, c.rms_eps)?;
+            // --- feed-forward block: x += tmp; xb = rmsnorm(x);
+            //     tmp = W_down·(silu(W_gate·xb) * W_up·xb)
+            b.add_rmsnorm(&mut x, &tmp, &mut xb, &layer.ffn_norm, c.rms_eps)?;
             b.matmuls(
                 &xb,
                 n,
@@ -389,8 +397,8 @@ impl<B: Backend> Llama<B> {
             )?;
             b.swiglu(&mut gate, &up)?;
             b.matmul(&layer.w_down, &gate, n, &mut tmp)?;
-            b.add(&mut x, &tmp)?;
         }
+        b.add(&mut x, &tmp)?;
         b.end_step(cache, step)?;
 
         // --- logits = rmsnorm(x)·W_outᵀ, for the rows each item asks for, in one matmul
