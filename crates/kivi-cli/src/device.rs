@@ -94,8 +94,9 @@ fn cache_shape(c: &Config) -> CacheShape {
     }
 }
 
-/// Greedy on the GPU (only the token id comes back); otherwise the logits are copied back and
-/// the engine's sampler (temperature, top-k, top-p) picks.
+/// Greedy, and sampling with the sampler's own draw, on the GPU (only the token id comes back);
+/// with `KIVI_CUDA_DEVICE_SAMPLING=0` the logits are copied back and the engine's sampler
+/// (temperature, top-k, top-p) picks.
 fn pick_token(
     model: &CudaModel,
     logits: &cudarc::driver::CudaSlice<f32>,
@@ -104,6 +105,16 @@ fn pick_token(
     let vocab = model.config.vocab;
     Ok(match sampler {
         None => model.backend.argmax(logits, 1, vocab)?[0],
+        Some(s) if kivi_cuda::model::device_sampling_default() => {
+            let p = s.params();
+            let spec = kivi_model::runner::SampleSpec {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                u: s.draw(),
+            };
+            model.backend.sample_rows(logits, vocab, &[(0, spec)])?[0]
+        }
         Some(s) => {
             let host = model.backend.to_host(logits)?;
             s.sample(&host[..vocab])

@@ -45,6 +45,14 @@ const GEMV_MAX_ROWS: usize = 2;
 /// The 16-bit input rows `gemv_small` stages in shared memory (the default 48 KiB a launch may
 /// take without opting in to more).
 const GEMV_MAX_INPUT_BYTES: usize = 48 << 10;
+/// Whether sampled tokens are drawn on the GPU (`sample.cu`, the default) rather than on the
+/// host from a logits row copied back (`KIVI_CUDA_DEVICE_SAMPLING=0`). Same distribution
+/// (tested against f64 reference frequencies); for the same draw the GPU picks in token order,
+/// the host in logit order, so the two give other tokens for the same seed.
+pub fn device_sampling_default() -> bool {
+    std::env::var_os("KIVI_CUDA_DEVICE_SAMPLING").is_none_or(|v| v != "0")
+}
+
 /// RoPE over at least this many rows runs one CTA per token (see `rope`).
 pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
 

@@ -43,9 +43,9 @@ pub struct GpuRunner<'m> {
     /// Largest device memory in use (the driver's view: `total - free` of cuMemGetInfo),
     /// sampled while a step's activations are still held.
     peak_device_used: u64,
-    /// Sampled items get their token from the GPU (`sample.cu`) instead of a logits row
-    /// copied back: opt-in (`KIVI_CUDA_DEVICE_SAMPLING=1` or [`GpuRunner::set_device_sampling`])
-    /// until the kernel has been checked on a device.
+    /// Sampled items get their token from the GPU (`sample.cu`; the default) or from the host
+    /// sampler on a logits row copied back (`KIVI_CUDA_DEVICE_SAMPLING=0` or
+    /// [`GpuRunner::set_device_sampling`]).
     device_sampling: bool,
 }
 
@@ -57,7 +57,7 @@ impl<'m> GpuRunner<'m> {
             cache,
             times: RunnerTimes::default(),
             peak_device_used: 0,
-            device_sampling: std::env::var("KIVI_CUDA_DEVICE_SAMPLING").is_ok_and(|v| v == "1"),
+            device_sampling: crate::model::device_sampling_default(),
         }
     }
 

@@ -6,7 +6,8 @@
 //! replays the sequence alone with the same chunk boundaries, fed the GPU's tokens (teacher
 //! forcing), and where its top-2 logit margin is clear (> 2 % of the top logit, far above the
 //! f16 rounding of the GPU's GEMM inputs) the GPU's token must be the CPU's argmax. A sampled
-//! request exercises the logits path. Half the requests arrive together and outgrow the block
+//! request exercises sampling on the GPU (the default) with the f16 cache and the logits copied
+//! back to the host sampler with the KIVI caches. Half the requests arrive together and outgrow the block
 //! pool while decoding, so sequences are preempted and recomputed (asserted for f16) and their
 //! tokens are checked the same way. Afterwards the cache holds no sequence and no block.
 //! Without a CUDA device the test prints `skipped: no CUDA device` and passes.
@@ -128,7 +129,8 @@ fn gpu_scheduler_matches_cpu_with_arrivals_and_finishes_mid_batch() {
         )
         .unwrap();
         assert_eq!(gcache.pool_blocks(), blocks);
-        let runner = GpuRunner::new(&gpu_model, gcache);
+        let mut runner = GpuRunner::new(&gpu_model, gcache);
+        runner.set_device_sampling(cache == CacheConfig::F16);
         // More running sequences allowed than the cache has slots: admission must wait.
         let econf = EngineConfig {
             cache,
