@@ -690,8 +690,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     extern __shared__ float smem[];
     float* sq = smem;                  // [NG][D]
-    float* sacc = sq + NG * D;         // [NG][D]
-    float* sml = sacc + NG * D;        // [NG][2]
+    // [W][NG][D]: each warp sums its values into its own slot, and the slots are added in warp
+    // order at the end: no atomics, so a run gives the same bits every time (shared-memory
+    // atomics added the warps' partials in arrival order).
+    float* sacc = sq + NG * D;
+    float* sml = sacc + W * NG * D;    // [NG][2]
     float* sc = sml + 2 * NG + 8;      // [NG][split_len]
     __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
 
@@ -716,10 +719,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int* row = c.table + (u64)tk.slot * c.table_stride + s0 / BLOCK_TOKENS;
         for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
     }
-    for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
-        sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
-        sacc[x] = 0.0f;
-    }
+    for (int x = threadIdx.x; x < NG * D; x += blockDim.x) sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
+    for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
+    float* wacc = sacc + warp * NG * D;  // this warp's slot
     __syncthreads();
 
     // Whole quantized blocks of the split go through the tensor cores: keys [s0, kt_end),
@@ -988,13 +990,16 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                            tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
-            // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1.
+            // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1. (Each phase
+            // of a warp writes an element of its slot from one lane; the lanes of different
+            // phases meet at __syncwarp.)
             const int g = lane >> 2, t = lane & 3;
+            __syncwarp();
             if (t < NG) {
 #pragma unroll
                 for (int m = 0; m < D / 16; m++) {
-                    atomicAdd(&sacc[t * D + g * (D / 8) + 2 * m], tacc[m][0] + tacc[m][1]);
-                    atomicAdd(&sacc[t * D + g * (D / 8) + 2 * m + 1], tacc[m][2] + tacc[m][3]);
+                    wacc[t * D + g * (D / 8) + 2 * m] += tacc[m][0] + tacc[m][1];
+                    wacc[t * D + g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3];
                 }
             }
         }
@@ -1039,6 +1044,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             }
         }
         // Sum over the lanes holding the same channels, then into shared memory.
+        __syncwarp();
 #pragma unroll
         for (int g = 0; g < NG; g++) {
 #pragma unroll
@@ -1048,7 +1054,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 float v = acc[g][j];
 #pragma unroll
                 for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (sub == 0) atomicAdd(&sacc[g * D + wi * FPI + j], v + bias[g]);
+                if (sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
             }
         }
     }
@@ -1133,11 +1139,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 }
             }
         }
+        __syncwarp();
         if (fstart < s1) {
 #pragma unroll
             for (int g = 0; g < NG; g++)
 #pragma unroll
-                for (int x = 0; x < CPL; x++) atomicAdd(&sacc[g * D + d0 + x], acc[g][x]);
+                for (int x = 0; x < CPL; x++) wacc[g * D + d0 + x] += acc[g][x];
         }
     }
     __syncthreads();
@@ -1146,13 +1153,19 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         // The only split: the output itself (what kivi_attn_reduce would compute, exactly).
         for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
             const int g = x / D, d = x % D;
-            P.out[((u64)tok * P.n_head + h0 + g) * D + d] = sacc[x] / sml[2 * g + 1];
+            float o = 0.0f;
+#pragma unroll
+            for (int w = 0; w < W; w++) o += sacc[w * NG * D + x];
+            P.out[((u64)tok * P.n_head + h0 + g) * D + d] = o / sml[2 * g + 1];
         }
         return;
     }
     for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
         const int g = x / D, d = x % D;
-        P.part_o[(part + (u64)g * P.nsplit) * D + d] = sacc[x];
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < W; w++) o += sacc[w * NG * D + x];
+        P.part_o[(part + (u64)g * P.nsplit) * D + d] = o;
     }
     if (threadIdx.x < NG) {
         float* ml = P.part_ml + (part + (u64)threadIdx.x * P.nsplit) * 2;

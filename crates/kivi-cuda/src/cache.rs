@@ -1213,7 +1213,13 @@ impl GpuCache {
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
         };
-        let smem = (2 * ng * d + 2 * ng + 8 + ng * split) * 4;
+        // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
+        let warps = if one_warp {
+            1
+        } else {
+            ATTN_THREADS as usize / 32
+        };
+        let smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
