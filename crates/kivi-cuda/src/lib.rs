@@ -9,6 +9,7 @@
 //! libraries are loaded dynamically: building needs no CUDA toolkit, and a machine without a
 //! driver gets [`Error::NoDriver`] from [`Gpu::new`] while the CPU backend keeps working.
 
+mod activation;
 pub mod cache;
 mod graph;
 pub mod model;
@@ -22,9 +23,10 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+pub use activation::Activation;
 pub use cache::{GpuBatch, GpuCache, KernelResources};
 pub use graph::GraphStats;
-pub use model::{random_model, Activation, CudaBackend, CudaModel, HalfType};
+pub use model::{random_model, CudaBackend, CudaModel, HalfType};
 pub use runner::{GpuRunner, RunnerTimes};
 
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,7 @@
 //! attention is [`GpuCache`]'s flash-decoding kernel over the f16 or KIVI cache. Sequences are
 //! cache slots: `SeqId(slot)`.
 
-use std::collections::HashMap;
-use std::ops::{Deref, DerefMut, Range};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::Mutex;
 
@@ -26,6 +25,7 @@ use kivi_model::runner::SampleSpec;
 use kivi_model::tensor::{DType, RawTensor};
 use kivi_model::ModelError;
 
+use crate::activation::{Activation, ActivationPool};
 use crate::cache::{GpuBatch, GpuCache};
 use crate::graph::{GraphStats, Graphs, Op, Submit};
 use crate::profile::{ProfileMode, Profiler, StepKind};
@@ -90,75 +90,6 @@ impl Gemm16 {
             self.holds = None;
         }
         Ok(self.buf.as_ref().expect("allocated above").device_ptr(s).0)
-    }
-}
-
-/// An f32 activation on the GPU (the backend's [`Backend::Act`]). Buffers from
-/// [`Backend::zeros`] go back to the backend's pool when dropped and are handed out again for
-/// the same length, so that the steps of a decode loop work at the same addresses (a CUDA
-/// graph replays only when its ops' addresses are equal; see `graph.rs`). One made with
-/// `From<CudaSlice<f32>>` is freed as usual.
-pub struct Activation {
-    buf: Option<CudaSlice<f32>>,
-    pool: Option<Arc<Mutex<ActivationPool>>>,
-}
-
-impl Deref for Activation {
-    type Target = CudaSlice<f32>;
-    fn deref(&self) -> &CudaSlice<f32> {
-        self.buf.as_ref().expect("present until drop")
-    }
-}
-
-impl DerefMut for Activation {
-    fn deref_mut(&mut self) -> &mut CudaSlice<f32> {
-        self.buf.as_mut().expect("present until drop")
-    }
-}
-
-impl From<CudaSlice<f32>> for Activation {
-    fn from(buf: CudaSlice<f32>) -> Activation {
-        Activation {
-            buf: Some(buf),
-            pool: None,
-        }
-    }
-}
-
-impl Drop for Activation {
-    fn drop(&mut self) {
-        if let (Some(buf), Some(pool)) = (self.buf.take(), &self.pool) {
-            pool.lock().unwrap_or_else(|e| e.into_inner()).put(buf);
-        }
-    }
-}
-
-/// Activation buffers returned by their owners, by length: kept while consecutive steps have
-/// the same number of rows (a decode loop then reuses the same buffers, in the same order:
-/// the forward pass drops them in the reverse of their allocation order), dropped into CUDA's
-/// stream-ordered pool when the shape changes, so that the pool never holds more than the
-/// driver's own pool would.
-#[derive(Default)]
-struct ActivationPool {
-    free: HashMap<usize, Vec<CudaSlice<f32>>>,
-    rows: usize,
-}
-
-impl ActivationPool {
-    fn take(&mut self, len: usize) -> Option<CudaSlice<f32>> {
-        self.free.get_mut(&len)?.pop()
-    }
-
-    fn put(&mut self, buf: CudaSlice<f32>) {
-        self.free.entry(buf.len()).or_default().push(buf);
-    }
-
-    /// A new step of `rows` rows.
-    fn next_step(&mut self, rows: usize) {
-        if rows != self.rows {
-            self.free.clear();
-            self.rows = rows;
-        }
     }
 }
 
@@ -912,10 +843,7 @@ impl Backend for CudaBackend {
             }
             None => s.alloc_zeros::<f32>(len).map_err(err)?,
         };
-        Ok(Activation {
-            buf: Some(buf),
-            pool: Some(self.pool.clone()),
-        })
+        Ok(Activation::pooled(buf, &self.pool))
     }
 
     fn seq_len(&self, cache: &GpuCache, seq: SeqId) -> R<usize> {
