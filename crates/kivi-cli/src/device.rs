@@ -95,17 +95,18 @@ fn cache_shape(c: &Config) -> CacheShape {
 }
 
 /// Greedy, and sampling with the sampler's own draw, on the GPU (only the token id comes back);
-/// with `KIVI_CUDA_DEVICE_SAMPLING=0` the logits are copied back and the engine's sampler
+/// with `on_device` false (`KIVI_CUDA_DEVICE_SAMPLING=0`) the logits are copied back and the engine's sampler
 /// (temperature, top-k, top-p) picks.
 fn pick_token(
     model: &CudaModel,
     logits: &cudarc::driver::CudaSlice<f32>,
     sampler: &mut Option<Sampler>,
+    on_device: bool,
 ) -> Result<u32> {
     let vocab = model.config.vocab;
     Ok(match sampler {
         None => model.backend.argmax(logits, 1, vocab)?[0],
-        Some(s) if kivi_cuda::model::device_sampling_default() => {
+        Some(s) if on_device => {
             let p = s.params();
             let spec = kivi_model::runner::SampleSpec {
                 temperature: p.temperature,
@@ -149,6 +150,7 @@ pub fn generate_cuda(
     cache.prepare(c.n_head)?;
     let seq = SeqId(cache.add_sequence()? as u64);
     let mut sampler = (params.sampling.temperature > 0.0).then(|| Sampler::new(params.sampling));
+    let sample_on_device = kivi_cuda::model::device_sampling_default();
     let t0 = Instant::now();
     let mut next = 0;
     for chunk in prompt.chunks(params.prefill_chunk.max(1)) {
@@ -161,7 +163,7 @@ pub fn generate_cuda(
             .forward_rows(&[item], &mut cache)?
             .expect("chunk is not empty");
         if chunk.as_ptr_range().end == prompt.as_ptr_range().end {
-            next = pick_token(model, &logits, &mut sampler)?;
+            next = pick_token(model, &logits, &mut sampler, sample_on_device)?;
         }
     }
     gpu.synchronize()?;
@@ -188,7 +190,7 @@ pub fn generate_cuda(
             logits: Logits::Last,
         };
         let (logits, _) = model.forward_rows(&[item], &mut cache)?.expect("one token");
-        next = pick_token(model, &logits, &mut sampler)?;
+        next = pick_token(model, &logits, &mut sampler, sample_on_device)?;
     };
     let stats = GenerationStats {
         prompt_tokens: prompt.len(),
