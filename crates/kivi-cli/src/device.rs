@@ -95,8 +95,8 @@ fn cache_shape(c: &Config) -> CacheShape {
 }
 
 /// Greedy, and sampling with the sampler's own draw, on the GPU (only the token id comes back);
-/// with `on_device` false (`KIVI_CUDA_DEVICE_SAMPLING=0`) the logits are copied back and the engine's sampler
-/// (temperature, top-k, top-p) picks.
+/// with `on_device` false (`KIVI_CUDA_DEVICE_SAMPLING=0`) the logits are copied back and the
+/// engine's sampler (temperature, top-k, top-p) picks.
 fn pick_token(
     model: &CudaModel,
     logits: &cudarc::driver::CudaSlice<f32>,
