@@ -247,6 +247,9 @@ pub struct Scheduler<R: Runner = CpuRunner> {
     counters: Counters,
     /// Peak of `memory_reserved().total_bytes()` seen after a step.
     peak_reserved: u64,
+    /// Where [`Engine`] readers see the stats; refreshed before each Finished event so a
+    /// client that got its answer reads the memory its request freed.
+    published: Option<Arc<Mutex<EngineStats>>>,
 }
 
 /// Checks a request against the model and the budget; `prompt_bytes(n)` is the KV memory a
@@ -319,7 +322,13 @@ impl<R: Runner> Scheduler<R> {
             running: Vec::new(),
             counters: Counters::default(),
             peak_reserved: 0,
+            published: None,
         }
+    }
+
+    /// Keeps `stats` up to date whenever a request finishes (see [`Engine::stats`]).
+    pub fn publish_stats_to(&mut self, stats: Arc<Mutex<EngineStats>>) {
+        self.published = Some(stats);
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -460,6 +469,9 @@ impl<R: Runner> Scheduler<R> {
             let _ = self.runner.remove_sequence(seq);
         }
         self.counters.finished += 1;
+        if let Some(out) = &self.published {
+            *out.lock().unwrap_or_else(|e| e.into_inner()) = self.stats();
+        }
         (s.sink)(Event::Finished(Finished {
             reason,
             prompt_tokens: s.prompt.len(),
@@ -765,7 +777,7 @@ struct Shared {
     inbox: Mutex<Inbox>,
     /// Signals the loop (new work, shutdown) and shutdown() (stopped).
     wake: Condvar,
-    stats: Mutex<EngineStats>,
+    stats: Arc<Mutex<EngineStats>>,
     next_id: AtomicU64,
 }
 
@@ -831,10 +843,12 @@ impl Engine {
                 })
                 .collect(),
         };
-        let scheduler = Scheduler::with_runner(runner, config.clone());
+        let mut scheduler = Scheduler::with_runner(runner, config.clone());
+        let stats = Arc::new(Mutex::new(scheduler.stats()));
+        scheduler.publish_stats_to(stats.clone());
         let shared = Arc::new(Shared {
             model_config,
-            stats: Mutex::new(scheduler.stats()),
+            stats,
             config,
             seq_bytes,
             inbox: Mutex::new(Inbox::default()),
@@ -957,7 +971,11 @@ fn run_loop<R: Runner>(
             // The failed runner goes first: a GPU pool may hold most of the device's memory.
             drop(sched);
             sched = match make_runner() {
-                Ok(fresh) => Scheduler::with_runner(fresh, sh.config.clone()),
+                Ok(fresh) => {
+                    let mut fresh = Scheduler::with_runner(fresh, sh.config.clone());
+                    fresh.publish_stats_to(sh.stats.clone());
+                    fresh
+                }
                 Err(_) => {
                     sh.inbox().stopped = true;
                     sh.wake.notify_all();

@@ -793,3 +793,35 @@ fn an_engine_from_a_runner_factory_recovers_from_a_panic_with_a_fresh_runner() {
     assert_eq!(engine.stats().kv_blocks_used, 0);
     engine.shutdown();
 }
+
+/// A client that has its answer reads stats that include the request's end (the server's
+/// /metrics right after a response): the stats are published before the Finished event.
+#[test]
+fn stats_after_finished_show_the_request_freed() {
+    let model = tiny_model(rand::random());
+    let mut rng = rand::thread_rng();
+    let config = EngineConfig {
+        cache: kivi_small(),
+        kv_memory_bytes: Some(64 << 20),
+        ..Default::default()
+    };
+    let engine = Engine::start(model.clone(), config).unwrap();
+    let vocab = model.config.vocab;
+    for done in 1..=20u64 {
+        let len = rng.gen_range(1..40);
+        let request = Request {
+            prompt: random_prompt(&mut rng, len, vocab),
+            max_tokens: rng.gen_range(1..12),
+            sampling: SamplingParams::default(),
+            stop_tokens: vec![],
+        };
+        let (sink, rx) = channel_sink();
+        engine.submit(request, sink).unwrap();
+        collect(&rx);
+        let s = engine.stats();
+        assert_eq!((s.running, s.waiting), (0, 0), "request {done}");
+        assert_eq!(s.kv_blocks_used, 0, "request {done}");
+        assert_eq!(s.requests_finished, done);
+    }
+    engine.shutdown();
+}
