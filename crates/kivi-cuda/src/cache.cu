@@ -119,6 +119,13 @@ struct CacheBufs {
     // Key window modulus: R, or G for the R = 0 staging (unused by the f16 cache).
     int kwin_mod;
     int is_f16;
+    // KIVI sink tokens: a sequence's first `sinks` positions, kept in f16 ([slot][Hkv][S][D]).
+    // Every other kernel sees only the stream after them (positions counted from the first
+    // token after the sinks; the host gives them stream-relative records).
+    u16* ksink;
+    u16* vsink;
+    u64 sink_unit, sink_head;
+    int sinks;
 };
 
 // Block holding position p of a slot.
@@ -235,6 +242,19 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
     c.vs[m] = gp.scale;
     c.vm[m] = gp.min;
+}
+
+// Writes new tokens that are sink positions into the sink rows. rec = (packed token, slot,
+// position). grid = (records, Hkv), block = D.
+extern "C" __global__ void kivi_write_sinks(CacheBufs c, const int* recs, const float* knew,
+                                            const float* vnew) {
+    const int* r = recs + 3 * blockIdx.x;
+    const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim;
+    if (d >= D) return;
+    const u64 src = ((u64)r[0] * c.n_kv + h) * D + d;
+    const u64 dst = (u64)r[1] * c.sink_unit + (u64)h * c.sink_head + (u64)r[2] * D + d;
+    c.ksink[dst] = f2h(knew[src]);
+    c.vsink[dst] = f2h(vnew[src]);
 }
 
 // Writes the new tokens that stay in full precision into the windows (after the quantize
@@ -1316,6 +1336,70 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
         }
     }
 }
+// Attention of each query token over its sequence's sink positions (KIVI sink tokens): one
+// warp per (packed token, query head), writing its unnormalised output, max and sum as split
+// `slot` for kivi_attn_reduce. `toks` are the absolute records (position n_old + i): the token
+// attends sink positions [0, min(n_old + i + 1, S)), stored ones from the sink rows and the
+// step's new ones (position >= n_old) in f32 from knew, as the decode kernel reads new tokens.
+// grid = (T, H), block = 32.
+template <int D>
+__device__ __forceinline__ void attn_sinks(const AttnParams& P, const Tok* toks, int slot) {
+    constexpr int CPL = D / 32;
+    const CacheBufs& c = P.c;
+    const int lane = threadIdx.x, tok = blockIdx.x, h = blockIdx.y;
+    const int kvh = h / (P.n_head / c.n_kv);
+    const Tok tk = toks[tok];
+    const int n_att = min(tk.n_old + tk.i + 1, c.sinks);
+    float q[CPL], acc[CPL];
+#pragma unroll
+    for (int x = 0; x < CPL; x++) {
+        q[x] = P.q[((u64)tok * P.n_head + h) * D + lane + 32 * x] * P.scale_log2;
+        acc[x] = 0.0f;
+    }
+    const u64 sink = (u64)tk.slot * c.sink_unit + (u64)kvh * c.sink_head;
+    const u64 stride = (u64)c.n_kv * D;
+    float m = NEG_INF, l = 0.0f;
+    for (int p = 0; p < n_att; p++) {
+        float k[CPL], v[CPL];
+        if (p < tk.n_old) {
+#pragma unroll
+            for (int x = 0; x < CPL; x++) {
+                k[x] = h2f(c.ksink[sink + (u64)p * D + lane + 32 * x]);
+                v[x] = h2f(c.vsink[sink + (u64)p * D + lane + 32 * x]);
+            }
+        } else {
+            const u64 row = (u64)(tk.tok_off + p - tk.n_old) * stride + (u64)kvh * D;
+#pragma unroll
+            for (int x = 0; x < CPL; x++) {
+                k[x] = P.knew[row + lane + 32 * x];
+                v[x] = P.vnew[row + lane + 32 * x];
+            }
+        }
+        float dot = 0.0f;
+#pragma unroll
+        for (int x = 0; x < CPL; x++) dot += q[x] * k[x];
+        const float s = warp_sum(dot);
+        const float mn = fmaxf(m, s);
+        const float corr = exp2f(m - mn), e = exp2f(s - mn);
+        l = l * corr + e;
+        m = mn;
+#pragma unroll
+        for (int x = 0; x < CPL; x++) acc[x] = acc[x] * corr + e * v[x];
+    }
+    const u64 part = ((u64)tok * P.n_head + h) * P.nsplit + slot;
+#pragma unroll
+    for (int x = 0; x < CPL; x++) P.part_o[part * D + lane + 32 * x] = acc[x];
+    if (lane == 0) {
+        P.part_ml[part * 2] = m;
+        P.part_ml[part * 2 + 1] = l;
+    }
+}
+#define ATTN_SINKS(D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32) kivi_attn_sinks_d##D(AttnParams p, const Tok* toks, \
+                                                                       int slot) {             \
+        attn_sinks<D>(p, toks, slot);                                                          \
+    }
+
 #define ATTN_PREFILL(D)                                                                \
     extern "C" __global__ void __launch_bounds__(PF_THREADS)                           \
         kivi_attn_prefill_d##D(AttnParams p, const int* tiles) {                       \
@@ -1324,6 +1408,8 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
 #ifndef ATTN_D
 ATTN_PREFILL(64)
 ATTN_PREFILL(128)
+ATTN_SINKS(64)
+ATTN_SINKS(128)
 
 // Combines the splits of one (token, query head). With prefill_slot >= 0, that split holds the
 // prefill kernel's part, written only for tokens of items with several new tokens.
@@ -1334,7 +1420,9 @@ extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* pa
     const int h = blockIdx.x, tok = blockIdx.y, d = threadIdx.x;
     if (d >= head_dim) return;
     // Splits to read: all, less the prefill slot for a token that the prefill kernel skipped.
-    const int nread = (prefill_slot >= 0 && toks[tok].n_new <= 1) ? prefill_slot : nsplit;
+    // (Stream-relative records: a sink position's query has i < 0 and no prefill tile.)
+    const Tok tk = toks[tok];
+    const int nread = (prefill_slot >= 0 && (tk.n_new <= 1 || tk.i < 0)) ? prefill_slot : nsplit;
     const u64 base = ((u64)tok * n_head + h) * nsplit;
     float mx = NEG_INF;
     for (int s = 0; s < nread; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);

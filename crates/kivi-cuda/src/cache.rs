@@ -15,8 +15,14 @@
 //! [`GpuCache::remove_sequence`]. KIVI's f16 key and value windows (R tokens each) are
 //! preallocated per slot, outside the pool.
 //!
+//! KIVI sink tokens (`sink_tokens` = S): a sequence's first S positions stay in f16 rows per
+//! slot, outside the stream; the stream after them is stored and attended exactly as a
+//! sequence without sinks (every kernel but the sink ones counts its positions from the first
+//! token after the sinks), and `kivi_attn_sinks` adds the sink positions' attention as one more
+//! split of the reduction. Until it has run on a GPU, sinks need `KIVI_CUDA_SINKS=1`.
+//!
 //! Supported: keys per-channel and values per-token (KIVI), 2 or 4 bits, G a multiple of 32,
-//! head_dim 64 or 128, no sink tokens; the f16 cache with head_dim 64 or 128.
+//! head_dim 64 or 128, sink tokens; the f16 cache with head_dim 64 or 128.
 
 use std::sync::Arc;
 
@@ -64,6 +70,11 @@ const MAX_SPLIT: usize = 2048;
 const PREFILL_ROWS: usize = 16;
 /// Initial block-table width (blocks per sequence); it doubles when a sequence needs more.
 const TABLE_WIDTH: usize = 32;
+/// Most KIVI sink tokens per sequence (a warp reads them one after the other).
+const MAX_SINKS: usize = 1024;
+/// Opt-in for KIVI sink tokens on the GPU until their kernels have run on one
+/// (`tests/cache.rs` compares them with the CPU cache).
+const SINKS_SWITCH: &str = "KIVI_CUDA_SINKS";
 
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
@@ -99,6 +110,11 @@ struct CacheBufs {
     v_bits: i32,
     kwin_mod: i32,
     is_f16: i32,
+    ksink: u64,
+    vsink: u64,
+    sink_unit: u64,
+    sink_head: u64,
+    sinks: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for CacheBufs {}
@@ -183,15 +199,31 @@ fn block_parts(config: &CacheConfig, shape: &CacheShape) -> (u64, u64, u64, u64)
     }
 }
 
-/// Bytes of one slot's preallocated windows, all layers (the f16 cache: none).
+/// Bytes of one slot's preallocated windows and sink rows, all layers (the f16 cache: none).
 fn window_bytes(config: &CacheConfig, shape: &CacheShape) -> u64 {
     match config {
         CacheConfig::F16 => 0,
-        CacheConfig::Kivi(_) => {
+        CacheConfig::Kivi(kc) => {
             let g = Geometry::new(config, shape.head_dim);
-            (shape.n_layer * shape.n_kv_head * 2 * (g.kwin_head + g.vwin_head)) as u64
+            let sink = kc.sink_tokens * shape.head_dim;
+            // f16 bytes of the key and value windows and of the key and value sink rows.
+            (shape.n_layer * shape.n_kv_head * 2 * (g.kwin_head + g.vwin_head + 2 * sink)) as u64
         }
     }
+}
+
+/// KIVI sink tokens: the first positions of a sequence, kept in f16 outside the stream.
+fn sink_tokens(config: &CacheConfig) -> usize {
+    match config {
+        CacheConfig::F16 => 0,
+        CacheConfig::Kivi(kc) => kc.sink_tokens,
+    }
+}
+
+/// Tokens of a sequence of length `n` after its sink tokens: the stream that the blocks, the
+/// windows and every kernel but the sink ones count positions in.
+fn stream_len(config: &CacheConfig, n: usize) -> usize {
+    n - n.min(sink_tokens(config))
 }
 
 /// Tokens of a sequence of length `n` in quantized keys and values: (nqk, nqv); f16: (n, n).
@@ -265,7 +297,7 @@ impl StepWork {
 
 /// Pool blocks a sequence of `n` tokens holds.
 fn blocks_for(config: &CacheConfig, n: usize) -> usize {
-    let (k, v) = quantized_ends(config, n);
+    let (k, v) = quantized_ends(config, stream_len(config, n));
     k.max(v).div_ceil(BLOCK_TOKENS)
 }
 
@@ -278,6 +310,85 @@ struct Layer {
     vs: CudaSlice<u16>,
     vm: CudaSlice<u16>,
     vwin: CudaSlice<u16>,
+    /// KIVI sink rows, `[slot][Hkv][S][D]` f16 (one element when there are none).
+    ksink: CudaSlice<u16>,
+    vsink: CudaSlice<u16>,
+}
+
+/// The host tables of one step (see [`GpuBatch`]), from `(slot, n_old, n_new)` per item.
+///
+/// With KIVI sink tokens (S > 0) a sequence is `[S sink positions | stream]`, and every kernel
+/// but the sink ones works on the stream alone: `stream_items` and `stream_toks` count positions
+/// from the first token after the sinks (an item's new sink tokens are left out of its stream
+/// part: `n_old`, `n_new` and the packed offset shift; a new sink token's own record gets
+/// `i < 0`, so it attends no stream position and is written to no window), while `toks` keeps
+/// the absolute positions (RoPE, the sink attention). Without sinks both are the same.
+#[derive(Debug, Default, PartialEq)]
+struct StepPlan {
+    /// `[slot, n_old, n_new, packed offset]` per item, absolute.
+    items: Vec<[i32; 4]>,
+    /// The same, stream-relative.
+    stream_items: Vec<i32>,
+    /// `[slot, n_old, i, packed offset, n_new]` per packed token, absolute.
+    toks: Vec<i32>,
+    /// The same, stream-relative.
+    stream_toks: Vec<i32>,
+    /// `[packed token, slot, position]` of every new token that is a sink position.
+    sink_writes: Vec<i32>,
+    work: StepWork,
+    n_tokens: usize,
+    /// Longest stream (n_old + n_new after the sinks) of any item.
+    max_stream_len: usize,
+}
+
+impl StepPlan {
+    fn new(config: &CacheConfig, items: &[(usize, usize, usize)]) -> StepPlan {
+        let sinks = sink_tokens(config);
+        let mut p = StepPlan::default();
+        let mut off = 0usize;
+        for (item, &(slot, n_old, n_new)) in items.iter().enumerate() {
+            let (slot32, item32) = (slot as i32, item as i32);
+            // New tokens at sink positions, and the item's stream part.
+            let new_sinks = (n_old + n_new).min(sinks) - n_old.min(sinks);
+            let (s_old, s_new, s_off) = (
+                stream_len(config, n_old),
+                n_new - new_sinks,
+                off + new_sinks,
+            );
+            p.items
+                .push([slot32, n_old as i32, n_new as i32, off as i32]);
+            p.stream_items
+                .extend_from_slice(&[slot32, s_old as i32, s_new as i32, s_off as i32]);
+            for i in 0..n_new {
+                p.toks.extend_from_slice(&[
+                    slot32,
+                    n_old as i32,
+                    i as i32,
+                    off as i32,
+                    n_new as i32,
+                ]);
+                p.stream_toks.extend_from_slice(&[
+                    slot32,
+                    s_old as i32,
+                    i as i32 - new_sinks as i32,
+                    s_off as i32,
+                    s_new as i32,
+                ]);
+                if i < new_sinks {
+                    p.sink_writes.extend_from_slice(&[
+                        (off + i) as i32,
+                        slot32,
+                        (n_old + i) as i32,
+                    ]);
+                }
+            }
+            p.work.add_item(config, item32, s_old, s_new, s_off);
+            off += n_new;
+            p.max_stream_len = p.max_stream_len.max(s_old + s_new);
+        }
+        p.n_tokens = off;
+        p
+    }
 }
 
 /// A batch of sequences for one step: `(slot, n_old, n_new, first packed token)` per item, on
@@ -285,9 +396,14 @@ struct Layer {
 /// device tables live in the cache and are overwritten by the next batch).
 pub struct GpuBatch {
     items: Vec<[i32; 4]>,
-    /// Device addresses of the step's tables ([`StepTables`]).
+    /// Device addresses of the step's tables ([`StepTables`]): items and tokens relative to
+    /// the stream after the sinks (see [`StepPlan`]), tokens absolute too.
     dev_items: u64,
     dev_toks: u64,
+    dev_stream_toks: u64,
+    /// `[packed token, slot, position]` of the new tokens at sink positions.
+    dev_sink_writes: u64,
+    n_sink_writes: usize,
     /// KIVI: `(item, key group)` of every key group the step's append (re)quantizes, and
     /// `(item, position)` of every value token it quantizes (flat lists: one CTA each, however
     /// unequal the items' token counts).
@@ -301,7 +417,7 @@ pub struct GpuBatch {
     n_prefill_tiles: usize,
     /// Packed new tokens of all items.
     pub n_tokens: usize,
-    /// Longest attended length (n_old + n_new) of any item.
+    /// Longest attended stream (n_old + n_new, after the sink tokens) of any item.
     pub max_len: usize,
 }
 
@@ -346,6 +462,8 @@ impl DeviceTable {
 struct StepTables {
     items: DeviceTable,
     toks: DeviceTable,
+    stream_toks: DeviceTable,
+    sink_writes: DeviceTable,
     key_groups: DeviceTable,
     value_tokens: DeviceTable,
     prefill_tiles: DeviceTable,
@@ -402,6 +520,8 @@ pub struct GpuCache {
     /// The attention among a multi-token item's new tokens through the tiled prefill kernel
     /// (else the decode kernel per query token; `KIVI_CUDA_PREFILL=0`, for comparison).
     prefill_kernel: bool,
+    /// KIVI sink tokens per sequence (0: none; the f16 cache has none).
+    sinks: usize,
 }
 
 fn unsupported(m: String) -> Error {
@@ -434,10 +554,17 @@ pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
                 kc.group_size
             )));
         }
-        if kc.sink_tokens != 0 {
-            return Err(unsupported(
-                "the CUDA cache does not keep sink tokens".into(),
-            ));
+        if kc.sink_tokens != 0 && std::env::var_os(SINKS_SWITCH).is_none_or(|v| v != "1") {
+            return Err(unsupported(format!(
+                "sink tokens in the CUDA cache are not yet verified on a GPU (set \
+                 {SINKS_SWITCH}=1 to use them anyway)"
+            )));
+        }
+        if kc.sink_tokens > MAX_SINKS {
+            return Err(unsupported(format!(
+                "the CUDA cache keeps at most {MAX_SINKS} sink tokens, not {}",
+                kc.sink_tokens
+            )));
         }
         if kc.key4_layers != 0 || kc.key4_auto != 0 {
             return Err(unsupported(
@@ -520,6 +647,8 @@ impl GpuCache {
             CacheConfig::F16 => (pool_blocks, pool_blocks),
             CacheConfig::Kivi(_) => (max_seqs, max_seqs),
         };
+        let sinks = sink_tokens(&config);
+        let sink_elems = (max_seqs * hkv * sinks * d).max(1);
         let mut layers = Vec::with_capacity(shape.n_layer);
         for _ in 0..shape.n_layer {
             layers.push(Layer {
@@ -535,6 +664,8 @@ impl GpuCache {
                 vwin: st
                     .alloc_zeros::<u16>((vwin_units * hkv * geo.vwin_head).max(1))
                     .map_err(oom)?,
+                ksink: st.alloc_zeros::<u16>(sink_elems).map_err(oom)?,
+                vsink: st.alloc_zeros::<u16>(sink_elems).map_err(oom)?,
             });
         }
         let table_width = TABLE_WIDTH;
@@ -598,6 +729,7 @@ impl GpuCache {
             tc_partial_min: std::env::var("KIVI_CUDA_TC_PARTIAL")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            sinks,
         })
     }
 
@@ -807,9 +939,11 @@ impl GpuCache {
         let (hkv, d) = (self.shape.n_kv_head as u64, self.shape.head_dim as u64);
         let layers = self.shape.n_layer as u64;
         let mut m = MemoryUsage::default();
-        for n in self.lens.iter().flatten() {
-            let n = *n as u64;
-            m.tokens += n * layers;
+        for &n_all in self.lens.iter().flatten() {
+            m.tokens += n_all as u64 * layers;
+            // The sink rows, then the stream after them.
+            let n = stream_len(&self.config, n_all) as u64;
+            m.full_precision_bytes += layers * 2 * (n_all as u64 - n) * hkv * d * 2;
             match self.config {
                 CacheConfig::F16 => m.full_precision_bytes += layers * 2 * n * hkv * d * 2,
                 CacheConfig::Kivi(kc) => {
@@ -845,12 +979,9 @@ impl GpuCache {
     /// takes the pool blocks the step's appends need. Fails (taking nothing) when a slot is not
     /// live or listed twice, or the pool has too few free blocks.
     pub fn batch(&mut self, items: &[(usize, usize)]) -> Result<GpuBatch> {
-        let mut host_items = Vec::with_capacity(items.len());
-        let mut toks = Vec::new();
-        let mut work = StepWork::default();
-        let (mut off, mut max_len) = (0usize, 0usize);
         let mut seen = vec![false; self.lens.len()];
         let mut needed = 0usize;
+        let mut plan_items = Vec::with_capacity(items.len());
         for &(slot, n_new) in items {
             let n_old = self
                 .seq_len(slot)
@@ -865,20 +996,7 @@ impl GpuCache {
                 )));
             }
             needed += self.blocks_needed(slot, n_new)?;
-            let item = host_items.len() as i32;
-            host_items.push([slot as i32, n_old as i32, n_new as i32, off as i32]);
-            for i in 0..n_new {
-                toks.extend_from_slice(&[
-                    slot as i32,
-                    n_old as i32,
-                    i as i32,
-                    off as i32,
-                    n_new as i32,
-                ]);
-            }
-            work.add_item(&self.config, item, n_old, n_new, off);
-            off += n_new;
-            max_len = max_len.max(n_old + n_new);
+            plan_items.push((slot, n_old, n_new));
         }
         if needed > self.free.len() {
             return Err(unsupported(format!(
@@ -890,6 +1008,16 @@ impl GpuCache {
         if needed > 0 {
             self.take_blocks(items)?;
         }
+        let StepPlan {
+            items: host_items,
+            stream_items,
+            toks,
+            stream_toks,
+            sink_writes,
+            work,
+            n_tokens,
+            max_stream_len,
+        } = StepPlan::new(&self.config, &plan_items);
         let s = self.gpu.stream().clone();
         let StepWork {
             key_groups,
@@ -899,8 +1027,18 @@ impl GpuCache {
         let (n_key_groups, n_value_tokens) = (key_groups.len() / 2, value_tokens.len() / 2);
         let n_prefill_tiles = prefill_tiles.len();
         let t = &mut self.step_tables;
-        let dev_items = t.items.upload(&s, &host_items.concat())?;
+        let dev_items = t.items.upload(&s, &stream_items)?;
         let dev_toks = t.toks.upload(&s, &toks)?;
+        let dev_stream_toks = if self.sinks > 0 {
+            t.stream_toks.upload(&s, &stream_toks)?
+        } else {
+            dev_toks
+        };
+        let dev_sink_writes = if sink_writes.is_empty() {
+            0
+        } else {
+            t.sink_writes.upload(&s, &sink_writes)?
+        };
         let dev_key_groups = t.key_groups.upload(&s, &key_groups)?;
         let dev_value_tokens = t.value_tokens.upload(&s, &value_tokens)?;
         let dev_prefill_tiles = t.prefill_tiles.upload(&s, &prefill_tiles)?;
@@ -908,14 +1046,17 @@ impl GpuCache {
             items: host_items,
             dev_items,
             dev_toks,
+            dev_stream_toks,
+            dev_sink_writes,
+            n_sink_writes: sink_writes.len() / 3,
             dev_key_groups,
             n_key_groups,
             dev_value_tokens,
             n_value_tokens,
             dev_prefill_tiles,
             n_prefill_tiles,
-            n_tokens: off,
-            max_len,
+            n_tokens,
+            max_len: max_stream_len,
         })
     }
 
@@ -981,6 +1122,11 @@ impl GpuCache {
             vs: l.vs.device_ptr(s).0,
             vm: l.vm.device_ptr(s).0,
             vwin: l.vwin.device_ptr(s).0,
+            ksink: l.ksink.device_ptr(s).0,
+            vsink: l.vsink.device_ptr(s).0,
+            sink_unit: hkv * (self.sinks * self.shape.head_dim) as u64,
+            sink_head: (self.sinks * self.shape.head_dim) as u64,
+            sinks: self.sinks as i32,
             table: self.dev_table.device_ptr(s).0,
             table_stride: self.table_width as u64,
             // Paged arenas are head-major ([Hkv][block][..]): a KV head's consecutive blocks
@@ -1171,11 +1317,13 @@ impl GpuCache {
             };
             self.split_tokens(batch, pairs, self.ctas_per_sm, unit)
         };
-        // The prefill kernel's partials take one more split slot, the last.
+        // The sink attention's partials take one more split slot, after the decode kernel's; the
+        // prefill kernel's one more, the last.
         let prefill = self.prefill_kernel && batch.n_prefill_tiles > 0;
         let decode_splits = batch.max_len.div_ceil(split);
-        let nsplit = decode_splits + usize::from(prefill);
-        let direct = nsplit == 1;
+        let sink_slot = decode_splits;
+        let nsplit = decode_splits + usize::from(self.sinks > 0) + usize::from(prefill);
+        let direct = nsplit == 1 && self.sinks == 0;
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -1196,7 +1344,7 @@ impl GpuCache {
             q: q.device_ptr(&s).0,
             knew: k_new.device_ptr(&s).0,
             vnew: v_new.device_ptr(&s).0,
-            toks: batch.dev_toks,
+            toks: batch.dev_stream_toks,
             part_o: part_o.device_ptr(&s).0,
             part_ml: part_ml.device_ptr(&s).0,
             // One split and no prefill part: the kernel writes the output, no reduce launch.
@@ -1225,10 +1373,31 @@ impl GpuCache {
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // SAFETY: the params point at live buffers of the sizes checked above; the kernel reads
-        // only positions below each token's attended length: window slots, or blocks of the
-        // slot's table row (`batch` gave it blocks for every stored position).
-        unsafe { s.launch_builder(&f).arg(&params).launch(cfg)? };
+        if decode_splits > 0 {
+            // SAFETY: the params point at live buffers of the sizes checked above; the kernel
+            // reads only positions below each token's attended length: window slots, or blocks
+            // of the slot's table row (`batch` gave it blocks for every stored position).
+            unsafe { s.launch_builder(&f).arg(&params).launch(cfg)? };
+        }
+        if self.sinks > 0 {
+            let f = self.function(&format!("kivi_attn_sinks_d{d}"))?;
+            let cfg = LaunchConfig {
+                grid_dim: (t as u32, n_head as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let slot = sink_slot as i32;
+            // SAFETY: as above; each token reads the sink rows of its slot below its stored
+            // length and the step's new rows of its own item (absolute records), and writes its
+            // partial in split `slot` < nsplit.
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(&params)
+                    .arg(&batch.dev_toks)
+                    .arg(&slot)
+                    .launch(cfg)?
+            };
+        }
         if prefill {
             let f = self.function(&format!("kivi_attn_prefill_d{d}"))?;
             let cfg = LaunchConfig {
@@ -1265,7 +1434,7 @@ impl GpuCache {
                 .arg(&nh)
                 .arg(&ns)
                 .arg(&hd)
-                .arg(&batch.dev_toks)
+                .arg(&batch.dev_stream_toks)
                 .arg(&prefill_slot)
                 .launch(cfg)?
         };
@@ -1291,6 +1460,24 @@ impl GpuCache {
         }
         let s = self.gpu.stream().clone();
         let c = self.bufs(layer);
+        if batch.n_sink_writes > 0 {
+            let f = self.function("kivi_write_sinks")?;
+            let cfg = LaunchConfig {
+                grid_dim: (batch.n_sink_writes as u32, hkv as u32, 1),
+                block_dim: (d as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: each record names a live slot and a position below the sink count, and a
+            // packed token of the batch (rows of k_new / v_new).
+            unsafe {
+                s.launch_builder(&f)
+                    .arg(&c)
+                    .arg(&batch.dev_sink_writes)
+                    .arg(k_new)
+                    .arg(v_new)
+                    .launch(cfg)?
+            };
+        }
         if batch.n_key_groups > 0 {
             let f = self.function("kivi_quantize_keys")?;
             let cfg = LaunchConfig {
@@ -1336,11 +1523,12 @@ impl GpuCache {
             block_dim: (d as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as above; window slots are taken modulo the window size.
+        // SAFETY: as above; window slots are taken modulo the window size (stream-relative
+        // records: a sink token's position is negative and written nowhere).
         unsafe {
             s.launch_builder(&f)
                 .arg(&c)
-                .arg(&batch.dev_toks)
+                .arg(&batch.dev_stream_toks)
                 .arg(k_new)
                 .arg(v_new)
                 .launch(cfg)?
@@ -1362,9 +1550,12 @@ impl GpuCache {
     /// each (quantized tokens dequantized, window tokens from f16); tests and diagnostics.
     pub fn dequantized(&self, layer: usize, slot: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_layer(layer)?;
-        let n = self
+        let n_all = self
             .seq_len(slot)
             .ok_or_else(|| unsupported(format!("slot {slot} holds no sequence")))?;
+        // Sink rows first, then the stream (positions counted after the sinks).
+        let n_sink = n_all - stream_len(&self.config, n_all);
+        let n = n_all - n_sink;
         let (hkv, d) = (self.shape.n_kv_head, self.shape.head_dim);
         let s = self.gpu.stream();
         let l = &self.layers[layer];
@@ -1401,6 +1592,25 @@ impl GpuCache {
         let bt = BLOCK_TOKENS;
         let mut k = vec![0f32; n * hkv * d];
         let mut v = vec![0f32; n * hkv * d];
+        let (mut sink_k, mut sink_v) = (Vec::new(), Vec::new());
+        if n_sink > 0 {
+            let per_slot = hkv * self.sinks * d;
+            let rows = |b: &CudaSlice<u16>| -> Result<Vec<f32>> {
+                let raw = s.clone_dtoh(&b.slice(slot * per_slot..(slot + 1) * per_slot))?;
+                // [Hkv][S][D] -> [position][Hkv][D], the stored positions only.
+                let mut out = vec![0f32; n_sink * hkv * d];
+                for p in 0..n_sink {
+                    for h in 0..hkv {
+                        for c in 0..d {
+                            out[(p * hkv + h) * d + c] = h2f(raw[(h * self.sinks + p) * d + c]);
+                        }
+                    }
+                }
+                Ok(out)
+            };
+            sink_k = rows(&l.ksink)?;
+            sink_v = rows(&l.vsink)?;
+        }
         match self.config {
             CacheConfig::F16 => {
                 let kf = paged16(&l.kwin, g.kwin_head)?;
@@ -1469,7 +1679,9 @@ impl GpuCache {
                 }
             }
         }
-        Ok((k, v))
+        sink_k.extend(k);
+        sink_v.extend(v);
+        Ok((sink_k, sink_v))
     }
 
     /// Bytes one decode step of `layer` must read for the sequences of `batch` (the floor of a
@@ -1479,9 +1691,11 @@ impl GpuCache {
         let (hkv, d) = (self.shape.n_kv_head as u64, self.shape.head_dim as u64);
         let mut bytes = 0u64;
         for it in &batch.items {
-            let n = it[1] as u64;
+            let n_all = it[1] as usize;
+            let n = stream_len(&self.config, n_all) as u64;
             let n_new = it[2] as u64;
             bytes += n_new * (2 * hkv * d * 4 + 2 * n_head as u64 * d * 4);
+            bytes += 2 * (n_all as u64 - n) * hkv * d * 2;
             bytes += match self.config {
                 CacheConfig::F16 => 2 * n * hkv * d * 2,
                 CacheConfig::Kivi(kc) => {
@@ -1626,6 +1840,87 @@ mod tests {
     }
 
     #[test]
+    fn step_plan_splits_sink_tokens_from_the_stream() {
+        // Every packed token is either a sink write (position < S) or a stream token whose
+        // stream position is its position - S, and whose packed row the stream records find
+        // (offset + i); a sink token's stream record attends nothing (i < 0). Without sinks
+        // the stream records are the absolute ones.
+        use rand::{Rng, SeedableRng};
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        eprintln!("step_plan_splits_sink_tokens_from_the_stream: seed {seed}");
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..300 {
+            let sinks = [0, 1, 4, 17][r.gen_range(0..4)];
+            let config = CacheConfig::Kivi(KiviConfig {
+                residual_len: [0, 32, 128][r.gen_range(0..3)],
+                sink_tokens: sinks,
+                ..KiviConfig::default()
+            });
+            let items: Vec<(usize, usize, usize)> = (0..r.gen_range(1..5))
+                .map(|slot| {
+                    let n_old = [0, r.gen_range(0..20), r.gen_range(0..400)][r.gen_range(0..3)];
+                    (slot, n_old, r.gen_range(1..40))
+                })
+                .collect();
+            let plan = StepPlan::new(&config, &items);
+            let mut off = 0;
+            let mut sink_writes = Vec::new();
+            let mut work = StepWork::default();
+            let mut max_stream = 0;
+            for (item, &(slot, n_old, n_new)) in items.iter().enumerate() {
+                assert_eq!(
+                    plan.items[item],
+                    [slot as i32, n_old as i32, n_new as i32, off as i32]
+                );
+                let si = &plan.stream_items[4 * item..4 * item + 4];
+                assert_eq!(si[0], slot as i32);
+                assert_eq!(si[1] as usize, n_old.saturating_sub(sinks));
+                for i in 0..n_new {
+                    let z = off + i;
+                    let pos = n_old + i;
+                    let abs = &plan.toks[5 * z..5 * z + 5];
+                    assert_eq!(
+                        abs,
+                        [
+                            slot as i32,
+                            n_old as i32,
+                            i as i32,
+                            off as i32,
+                            n_new as i32
+                        ]
+                    );
+                    let st = &plan.stream_toks[5 * z..5 * z + 5];
+                    assert_eq!(&st[..2], &si[..2]);
+                    assert_eq!((st[3], st[4]), (si[3], si[2]));
+                    if pos < sinks {
+                        sink_writes.extend_from_slice(&[z as i32, slot as i32, pos as i32]);
+                        assert!(st[1] + st[2] < 0, "a sink token attends no stream position");
+                    } else {
+                        assert_eq!((st[1] + st[2]) as usize, pos - sinks);
+                        assert_eq!((st[3] + st[2]) as usize, z, "its packed row");
+                    }
+                }
+                let s_new = si[2] as usize;
+                assert_eq!(
+                    s_new,
+                    (n_old + n_new).saturating_sub(sinks) - n_old.saturating_sub(sinks)
+                );
+                work.add_item(&config, item as i32, si[1] as usize, s_new, si[3] as usize);
+                max_stream = max_stream.max(si[1] as usize + s_new);
+                off += n_new;
+            }
+            assert_eq!(plan.sink_writes, sink_writes);
+            assert_eq!(plan.work, work);
+            assert_eq!((plan.n_tokens, plan.max_stream_len), (off, max_stream));
+            if sinks == 0 {
+                assert_eq!(plan.toks, plan.stream_toks);
+            }
+        }
+    }
+
+    #[test]
     fn block_accounting() {
         let shape = CacheShape {
             n_layer: 3,
@@ -1664,5 +1959,21 @@ mod tests {
         assert_eq!(blocks_for(&r0, 1), 1);
         assert_eq!(blocks_for(&r0, 128), 1);
         assert_eq!(blocks_for(&r0, 129), 2);
+        // Sink tokens: f16 rows per slot, and the blocks count the stream after them.
+        let sink4 = CacheConfig::Kivi(KiviConfig {
+            residual_len: 0,
+            sink_tokens: 4,
+            ..kc
+        });
+        assert_eq!(
+            window_bytes(&sink4, &shape),
+            // R = 0: a G-row key staging window, a one-row value window, 4 key and 4 value
+            // sink rows.
+            6 * 2 * (32 * 128 + 128 + 2 * 4 * 128)
+        );
+        assert_eq!(blocks_for(&sink4, 4), 0);
+        assert_eq!(blocks_for(&sink4, 5), 1);
+        assert_eq!(blocks_for(&sink4, 132), 1);
+        assert_eq!(blocks_for(&sink4, 133), 2);
     }
 }

@@ -20,6 +20,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Option<Arc<Gpu>> {
+    // Sink tokens on the GPU are opt-in until these tests have passed on one.
+    std::env::set_var("KIVI_CUDA_SINKS", "1");
     match Gpu::new(0) {
         Ok(g) => Some(g),
         Err(e) => {
@@ -257,6 +259,10 @@ fn kivi(bits: (u8, u8), g: usize, r: usize) -> KiviConfig {
     }
 }
 
+fn sinks(kc: KiviConfig, sink_tokens: usize) -> KiviConfig {
+    KiviConfig { sink_tokens, ..kc }
+}
+
 #[test]
 fn stored_bytes_match_cpu() {
     let Some(gpu) = gpu() else { return };
@@ -267,6 +273,9 @@ fn stored_bytes_match_cpu() {
         (kivi((2, 4), 64, 128), 1, 128),
         (kivi((4, 2), 32, 0), 2, 128),
         (kivi((2, 2), 32, 0), 2, 64),
+        (sinks(kivi((4, 2), 64, 128), 4), 2, 128),
+        (sinks(kivi((2, 2), 32, 32), 1), 3, 64),
+        (sinks(kivi((2, 4), 32, 0), 37), 1, 128),
     ] {
         check_stored(&gpu, kc, hkv, d, &mut r);
     }
@@ -284,6 +293,20 @@ fn attention_matches_cpu() {
         (CacheConfig::Kivi(kivi((2, 2), 32, 32)), 3, 9, 64),
         (CacheConfig::Kivi(kivi((4, 2), 64, 64)), 1, 6, 128),
         (CacheConfig::Kivi(kivi((2, 4), 32, 0)), 2, 14, 128),
+        // Sink tokens: 4 (the usual), 1, and more than a prefill tile (16) on a short window.
+        (
+            CacheConfig::Kivi(sinks(kivi((4, 2), 64, 128), 4)),
+            2,
+            8,
+            128,
+        ),
+        (CacheConfig::Kivi(sinks(kivi((2, 2), 32, 32), 1)), 3, 9, 64),
+        (
+            CacheConfig::Kivi(sinks(kivi((2, 4), 32, 0), 37)),
+            2,
+            14,
+            128,
+        ),
     ];
     // Every case through the tensor-core path with four-warp CTAs of all a KV head's query
     // heads, the KIVI ones with one-warp CTAs too, two through the CUDA-core kernel
@@ -302,6 +325,8 @@ fn attention_matches_cpu() {
             (cases[2], true, false, true),
             (cases[4], true, true, true),
             (cases[5], false, false, true),
+            (cases[9], false, false, false),
+            (cases[7], true, false, true),
         ]);
     for ((config, hkv, nh, d), tensor_cores, one_warp, one_head) in runs {
         run_case(
@@ -326,7 +351,11 @@ fn long_context_splits_match_cpu() {
     // Long sequences of different lengths: many splits per sequence, forced small and large.
     let Some(gpu) = gpu() else { return };
     let mut r = fresh_rng("long_context_splits_match_cpu");
-    for config in [CacheConfig::F16, CacheConfig::Kivi(kivi((2, 2), 32, 128))] {
+    for config in [
+        CacheConfig::F16,
+        CacheConfig::Kivi(kivi((2, 2), 32, 128)),
+        CacheConfig::Kivi(sinks(kivi((2, 2), 32, 128), 4)),
+    ] {
         let (hkv, nh, d) = (2, 8, 128);
         let shape = CacheShape {
             n_layer: 1,
@@ -431,7 +460,9 @@ fn unsupported_configs_are_errors() {
         residual_len: 32,
         ..KiviConfig::default()
     };
-    assert!(GpuCache::new(gpu, CacheConfig::Kivi(kc), shape, 1, 64).is_err());
+    assert!(GpuCache::new(gpu.clone(), CacheConfig::Kivi(kc), shape, 1, 64).is_err());
+    let many_sinks = sinks(KiviConfig::default(), 1025);
+    assert!(GpuCache::new(gpu, CacheConfig::Kivi(many_sinks), shape, 1, 64).is_err());
 }
 
 /// The CPU cache, and what it stores: KIVI's dequantized view; for the f16 cache, the appended
