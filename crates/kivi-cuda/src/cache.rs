@@ -575,6 +575,15 @@ pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
     Ok(())
 }
 
+/// A launch of a 2-D grid of one-dimensional CTAs, without dynamic shared memory.
+fn grid_2d((x, y): (u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
@@ -1381,11 +1390,7 @@ impl GpuCache {
         }
         if self.sinks > 0 {
             let f = self.function(&format!("kivi_attn_sinks_d{d}"))?;
-            let cfg = LaunchConfig {
-                grid_dim: (t as u32, n_head as u32, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_2d((t as u32, n_head as u32), 32);
             let slot = sink_slot as i32;
             // SAFETY: as above; each token reads the sink rows of its slot below its stored
             // length and the step's new rows of its own item (absolute records), and writes its
@@ -1400,11 +1405,7 @@ impl GpuCache {
         }
         if prefill {
             let f = self.function(&format!("kivi_attn_prefill_d{d}"))?;
-            let cfg = LaunchConfig {
-                grid_dim: (batch.n_prefill_tiles as u32, n_head as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_2d((batch.n_prefill_tiles as u32, n_head as u32), 128);
             // SAFETY: as above; each tile's tokens and keys are new tokens of one item (rows
             // of q / k_new / v_new), its partials the last split of those tokens.
             unsafe {
@@ -1418,11 +1419,7 @@ impl GpuCache {
             return Ok(());
         }
         let r = self.function("kivi_attn_reduce")?;
-        let cfg = LaunchConfig {
-            grid_dim: (n_head as u32, t as u32, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_2d((n_head as u32, t as u32), d as u32);
         let (nh, ns, hd) = (n_head as i32, nsplit as i32, d as i32);
         let prefill_slot = if prefill { nsplit as i32 - 1 } else { -1 };
         // SAFETY: part buffers hold t * n_head * nsplit entries, out t * n_head * d.
@@ -1462,11 +1459,7 @@ impl GpuCache {
         let c = self.bufs(layer);
         if batch.n_sink_writes > 0 {
             let f = self.function("kivi_write_sinks")?;
-            let cfg = LaunchConfig {
-                grid_dim: (batch.n_sink_writes as u32, hkv as u32, 1),
-                block_dim: (d as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_2d((batch.n_sink_writes as u32, hkv as u32), d as u32);
             // SAFETY: each record names a live slot and a position below the sink count, and a
             // packed token of the batch (rows of k_new / v_new).
             unsafe {
@@ -1480,11 +1473,7 @@ impl GpuCache {
         }
         if batch.n_key_groups > 0 {
             let f = self.function("kivi_quantize_keys")?;
-            let cfg = LaunchConfig {
-                grid_dim: (batch.n_key_groups as u32, hkv as u32, 1),
-                block_dim: (d as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_2d((batch.n_key_groups as u32, hkv as u32), d as u32);
             // SAFETY: every position written is below n_old + n_new, whose blocks `batch`
             // took and entered in the device block table; the records index its items.
             unsafe {
@@ -1502,11 +1491,7 @@ impl GpuCache {
                 CacheConfig::F16 => unreachable!("the f16 cache quantizes nothing"),
             };
             let f = self.function("kivi_quantize_values")?;
-            let cfg = LaunchConfig {
-                grid_dim: (batch.n_value_tokens as u32, 1, 1),
-                block_dim: ((hkv * (d / g)) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_2d((batch.n_value_tokens as u32, 1), (hkv * (d / g)) as u32);
             // SAFETY: as above.
             unsafe {
                 s.launch_builder(&f)
@@ -1518,11 +1503,7 @@ impl GpuCache {
             };
         }
         let f = self.function("kivi_write_window")?;
-        let cfg = LaunchConfig {
-            grid_dim: (t as u32, hkv as u32, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_2d((t as u32, hkv as u32), d as u32);
         // SAFETY: as above; window slots are taken modulo the window size (stream-relative
         // records: a sink token's position is negative and written nowhere).
         unsafe {
@@ -1745,6 +1726,16 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
 mod tests {
     use super::*;
 
+    /// A generator seeded from the clock (the seed is printed, so a failure can be replayed).
+    fn fresh_rng(test: &str) -> rand::rngs::StdRng {
+        use rand::SeedableRng;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        eprintln!("{test}: seed {seed}");
+        rand::rngs::StdRng::seed_from_u64(seed)
+    }
+
     #[test]
     fn constants_match_the_kernel_source() {
         assert!(SOURCE.contains(&format!("#define BLOCK_TOKENS {BLOCK_TOKENS}\n")));
@@ -1761,12 +1752,8 @@ mod tests {
         // Against brute force over positions: a key group is listed iff one of its positions
         // becomes (or, R = 0, stays partly) quantized this step; a value token iff it becomes
         // quantized; tiles cover each multi-token item's tokens once, PREFILL_ROWS at a time.
-        use rand::{Rng, SeedableRng};
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        eprintln!("step_work_lists_every_unit_once: seed {seed}");
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        use rand::Rng;
+        let mut r = fresh_rng("step_work_lists_every_unit_once");
         for _ in 0..200 {
             let g = [32, 64, 128][r.gen_range(0..3)];
             let resid = [0, g, 2 * g, 128][r.gen_range(0..4)];
@@ -1845,12 +1832,8 @@ mod tests {
         // stream position is its position - S, and whose packed row the stream records find
         // (offset + i); a sink token's stream record attends nothing (i < 0). Without sinks
         // the stream records are the absolute ones.
-        use rand::{Rng, SeedableRng};
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        eprintln!("step_plan_splits_sink_tokens_from_the_stream: seed {seed}");
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        use rand::Rng;
+        let mut r = fresh_rng("step_plan_splits_sink_tokens_from_the_stream");
         for _ in 0..300 {
             let sinks = [0, 1, 4, 17][r.gen_range(0..4)];
             let config = CacheConfig::Kivi(KiviConfig {
