@@ -613,6 +613,31 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     }
 }
 
+// The B fragments of the query heads `sq` ([NG][D] f32) for tc_key_block, fragment x = k-step
+// x / 32 of lane x % 32, written by threads `tid`, `tid + nthreads`, ...: column g holds head
+// g / 2's part g % 2 (split_part), or with FOLD_SCALES the one head's part g % 2 in every column
+// (tc_key_block scales column g by group g / 2).
+template <int D, int NG>
+__device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int tid, int nthreads) {
+    for (int x = tid; x < (D / 16) * 32; x += nthreads) {
+        const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, part = g & 1;
+#if FOLD_SCALES
+        const int hg = NG == 1 ? 0 : g >> 1;
+#else
+        const int hg = g >> 1;
+#endif
+        uint2 f;
+        f.x = 0u;
+        f.y = 0u;
+        if (hg < NG) {
+            const float* qq = sq + hg * D + 16 * kstep + 2 * t;
+            f.x = pack_h2(split_part(qq[0], part), split_part(qq[1], part));
+            f.y = pack_h2(split_part(qq[8], part), split_part(qq[9], part));
+        }
+        sqf[x] = f;
+    }
+}
+
 // Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
 // so that the 4 groups read by a warp fall in different banks.
 #define STAGE_ROW (BLOCK_TOKENS + 16)
@@ -780,6 +805,41 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     }
 }
 
+// Adds a warp's tensor-core value sums (tc_value_block) to its slot `wacc` ([NG][D]): c0 + c1
+// of m-tile M is head t's channel g CH + 2M, c2 + c3 channel g CH + 2M + 1. (Each phase of a
+// warp writes an element of its slot from one lane; the lanes of different phases meet at the
+// __syncwarp.) FOLD_SCALES:
+// columns 2t, 2t + 1 are value group t's, kept by the lane whose channels are in group t, plus
+// the group's p . m.
+template <int D, int NG>
+__device__ __forceinline__ void tc_value_store(const CacheBufs& c, const float (&tacc)[D / 16][4],
+#if FOLD_SCALES
+                                               const float (&tqm)[4],
+#endif
+                                               float* wacc, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    __syncwarp();
+#if FOLD_SCALES
+    if (NG == 1) {
+        if (t == (g * (D / 8)) / c.group) {
+#pragma unroll
+            for (int m = 0; m < D / 16; m++) {
+                wacc[g * (D / 8) + 2 * m] += tacc[m][0] + tacc[m][1] + tqm[0] + tqm[1];
+                wacc[g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3] + tqm[2] + tqm[3];
+            }
+        }
+        return;
+    }
+#endif
+    if (t < NG) {
+#pragma unroll
+        for (int m = 0; m < D / 16; m++) {
+            wacc[t * D + g * (D / 8) + 2 * m] += tacc[m][0] + tacc[m][1];
+            wacc[t * D + g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3];
+        }
+    }
+}
+
 // W warps per CTA: 4, or 1 for batches of many short sequences (see cache.rs `one_warp`).
 template <int D, int KB, int VB, int NG, int W>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
@@ -861,25 +921,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     if (kt_end > s0) {
-        for (int x = threadIdx.x; x < (D / 16) * 32; x += blockDim.x) {
-            const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, part = g & 1;
-            // Column g: head g / 2's part g % 2; with FOLD_SCALES the one head's part g % 2 in
-            // every column (tc_key_block scales column g by group g / 2).
-#if FOLD_SCALES
-            const int hg = NG == 1 ? 0 : g >> 1;
-#else
-            const int hg = g >> 1;
-#endif
-            uint2 f;
-            f.x = 0u;
-            f.y = 0u;
-            if (hg < NG) {
-                const float* qq = sq + hg * D + 16 * kstep + 2 * t;
-                f.x = pack_h2(split_part(qq[0], part), split_part(qq[1], part));
-                f.y = pack_h2(split_part(qq[8], part), split_part(qq[9], part));
-            }
-            sqf[x] = f;
-        }
+        query_fragments<D, NG>(sq, sqf, threadIdx.x, blockDim.x);
         __syncthreads();
     }
 
@@ -1115,23 +1157,13 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                            tacc, FOLD_QM(u16*) svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
 #undef FOLD_QM
-            // c0 + c1: head t, channel g CH + 2M; c2 + c3: channel g CH + 2M + 1. (Each phase
-            // of a warp writes an element of its slot from one lane; the lanes of different
-            // phases meet at __syncwarp.) FOLD_SCALES: columns 2t, 2t + 1 are value group t's,
-            // kept by the lane whose channels are in group t, plus the group's p . m.
+#if FOLD_SCALES
+            tc_value_store<D, NG>(c, tacc, tqm, wacc, lane);
+#else
+            // (The body of tc_value_store, inline: as a call the default kernels came out a
+            // few instructions and spills different.)
             const int g = lane >> 2, t = lane & 3;
             __syncwarp();
-#if FOLD_SCALES
-            if (NG == 1) {
-                if (t == (g * (D / 8)) / c.group) {
-#pragma unroll
-                    for (int m = 0; m < D / 16; m++) {
-                        wacc[g * (D / 8) + 2 * m] += tacc[m][0] + tacc[m][1] + tqm[0] + tqm[1];
-                        wacc[g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3] + tqm[2] + tqm[3];
-                    }
-                }
-            } else
-#endif
             if (t < NG) {
 #pragma unroll
                 for (int m = 0; m < D / 16; m++) {
@@ -1139,6 +1171,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                     wacc[t * D + g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3];
                 }
             }
+#endif
         }
         constexpr int UNROLL = 4;
         // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
