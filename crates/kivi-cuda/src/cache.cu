@@ -31,6 +31,9 @@ typedef unsigned long long u64;
 #define MAX_SPLIT 2048
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// The inline-PTX helpers are defined by the host emulator instead when it compiles this file
+// (KIVI_EMU, crates/kivi-cuda/emu).
+#ifndef KIVI_EMU
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -41,6 +44,7 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 __device__ __forceinline__ double h2d(u16 h) { return (double)h2f(h); }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,6 +427,7 @@ __device__ __forceinline__ void raw_to_float(const u32 (&r)[CPL], bool is_f32, f
 // columns 2h and 2h + 1 of head h (up to 4 heads in the 8 columns), so neither is rounded to
 // f16: lane t of each quad ends with head t's two parts in c0/c1 and c2/c3 and adds them.
 
+#ifndef KIVI_EMU
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 r;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
@@ -438,6 +443,25 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
     return r;
 }
+// f16 pair, `lo` in the low half.
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// (a & b) | c in one LOP3 (with two immediate constants the compiler emits an AND and an OR).
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+#endif  // KIVI_EMU
 // 1: one-head CTAs (NG = 1) fold the scales into the MMA's B operand instead of dequantizing
 // every code: A = the exact codes (0 .. 2^b - 1), B = the query part (keys) or the weight part
 // (values) times the scale of one group, one group per pair of B columns (a one-head CTA used
@@ -450,12 +474,6 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
 #endif
 #define ONES_H2 0x3c003c00u
 
-// f16 pair, `lo` in the low half.
-__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
 // Part 0 (hi = f16(x)) or part 1 (x - hi, exact in f32; rounded to f16 when packed) of x.
 __device__ __forceinline__ float split_part(float x, int part) {
     const float hi = h2f(f2h(x));
@@ -465,19 +483,6 @@ __device__ __forceinline__ float split_part(float x, int part) {
 __device__ __forceinline__ u32 split_bits(float x) {
     const u16 hi = f2h(x);
     return (u32)hi | ((u32)f2h(x - h2f(hi)) << 16);
-}
-__device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// (a & b) | c in one LOP3 (with two immediate constants the compiler emits an AND and an OR).
-__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
-    u32 r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-    return r;
 }
 
 // Quantized keys of KV head `kvh` in pool block `blk`, at block-relative position `b`: the
@@ -767,7 +772,11 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
             mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
         }
         u32 bx = 0, by = 0;
+#if FOLD_SCALES
+        if (FOLD || hg < NG) {  // FOLD: every column holds the one head's weights
+#else
         if (hg < NG) {
+#endif
             bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
             by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
         }
