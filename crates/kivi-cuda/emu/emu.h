@@ -1,9 +1,11 @@
-// A host emulator for the warp-level device functions of ../src/cache.cu: compiles the kernel
-// source as C++ with the CUDA built-ins and the inline-PTX helpers replaced (KIVI_EMU), and runs
-// one warp as 32 threads that meet at every warp-wide operation (__syncwarp, shuffles,
-// mma.sync). f16 arithmetic rounds like the hardware (round to nearest even, one rounding per
-// operation); mma.sync accumulates in double (the tensor cores' f32 sums differ in the last
-// bits). For checking kernel logic without a GPU; timing means nothing here.
+// A host emulator for the kernels of ../src/cache.cu: compiles the kernel source as C++ with the
+// CUDA built-ins and the inline-PTX helpers replaced (KIVI_EMU), and runs a CTA as one thread
+// per CUDA thread: the threads of a warp meet at every warp-wide operation (__syncwarp,
+// shuffles, mma.sync), the whole CTA at __syncthreads; `__shared__` arrays are static (one CTA
+// runs at a time), the dynamic ones a per-CTA buffer. f16 arithmetic rounds like the hardware
+// (round to nearest even, one rounding per operation); mma.sync accumulates in double (the
+// tensor cores' f32 sums differ in the last bits). For checking kernel logic without a GPU;
+// timing means nothing here.
 #pragma once
 #include <strings.h>
 
@@ -12,6 +14,10 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <semaphore>
 #include <thread>
 #include <vector>
 
@@ -33,7 +39,7 @@ struct uint4 {
 #define __device__
 #define __forceinline__ inline
 #define __global__
-#define __shared__
+#define __shared__ static
 #define __launch_bounds__(...)
 
 inline float __int_as_float(int i) {
@@ -111,26 +117,31 @@ struct EmuWarp {
     u32 b[32][2];
     float sh[32];
 };
-inline EmuWarp emu_warp;
+constexpr int EMU_MAX_WARPS = 32;
+inline EmuWarp emu_warps[EMU_MAX_WARPS];
+inline std::barrier<>* emu_cta_bar = nullptr;
+inline thread_local float* emu_dynamic_smem = nullptr;
 inline int emu_lane() { return threadIdx.x & 31; }
-inline void emu_sync() { emu_warp.bar->arrive_and_wait(); }
+inline EmuWarp& emu_warp() { return emu_warps[threadIdx.x >> 5]; }
+inline void emu_sync() { emu_warp().bar->arrive_and_wait(); }
 #define __syncwarp(...) emu_sync()
-// Only one-warp blocks are emulated.
-#define __syncthreads() emu_sync()
+#define __syncthreads() emu_cta_bar->arrive_and_wait()
 
 inline float __shfl_xor_sync(u32, float v, int o) {
+    EmuWarp& w = emu_warp();
     const int l = emu_lane();
-    emu_warp.sh[l] = v;
+    w.sh[l] = v;
     emu_sync();
-    const float r = emu_warp.sh[l ^ o];
+    const float r = w.sh[l ^ o];
     emu_sync();
     return r;
 }
 inline float __shfl_sync(u32, float v, int src) {
+    EmuWarp& w = emu_warp();
     const int l = emu_lane();
-    emu_warp.sh[l] = v;
+    w.sh[l] = v;
     emu_sync();
-    const float r = emu_warp.sh[src & 31];
+    const float r = w.sh[src & 31];
     emu_sync();
     return r;
 }
@@ -140,20 +151,21 @@ inline float __shfl_sync(u32, float v, int src) {
 // a3 (row g + 8, k + 8); b0 (k 2t..2t+1, column g), b1 (k + 8); c0, c1 (row g, columns 2t,
 // 2t + 1), c2, c3 (row g + 8).
 inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    EmuWarp& wp = emu_warp();
     const int l = emu_lane();
-    emu_warp.a[l][0] = a0;
-    emu_warp.a[l][1] = a1;
-    emu_warp.a[l][2] = a2;
-    emu_warp.a[l][3] = a3;
-    emu_warp.b[l][0] = b0;
-    emu_warp.b[l][1] = b1;
+    wp.a[l][0] = a0;
+    wp.a[l][1] = a1;
+    wp.a[l][2] = a2;
+    wp.a[l][3] = a3;
+    wp.b[l][0] = b0;
+    wp.b[l][1] = b1;
     emu_sync();
-    auto A = [](int row, int k) {
-        const u32 w = emu_warp.a[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+    auto A = [&wp](int row, int k) {
+        const u32 w = wp.a[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
         return (double)h2f((u16)(w >> (16 * (k % 2))));
     };
-    auto B = [](int k, int col) {
-        const u32 w = emu_warp.b[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
+    auto B = [&wp](int k, int col) {
+        const u32 w = wp.b[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
         return (double)h2f((u16)(w >> (16 * (k % 2))));
     };
     const int g = l >> 2, t = l & 3;
@@ -168,20 +180,74 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
     for (int i = 0; i < 4; i++) c[i] = out[i];
 }
 
-// Runs f(lane) on the 32 lanes of one warp (threadIdx.x = lane, blockIdx = block).
-inline void emu_run_warp(EmuDim block, const std::function<void(int)>& f) {
-    std::barrier<> bar(32);
-    emu_warp.bar = &bar;
-    std::vector<std::thread> lanes;
-    for (int l = 0; l < 32; l++)
-        lanes.emplace_back([&, l] {
-            threadIdx = EmuDim{l, 0, 0};
-            blockDim = EmuDim{32, 1, 1};
+// Worker threads, one per CUDA thread of a CTA, kept across CTAs (creating 128 threads per
+// CTA cost more than the kernels); a CTA wakes only the workers it needs.
+struct EmuPool {
+    static constexpr int N = 128;
+    std::counting_semaphore<N> finished{0};
+    std::vector<std::unique_ptr<std::binary_semaphore>> go;
+    bool stop = false;
+    const std::function<void(int)>* job = nullptr;
+    int nthreads = 0;
+    EmuDim block;
+    float* smem = nullptr;
+    std::vector<std::thread> workers;
+    EmuPool() {
+        for (int i = 0; i < N; i++) go.push_back(std::make_unique<std::binary_semaphore>(0));
+        for (int i = 0; i < N; i++) workers.emplace_back([this, i] { loop(i); });
+    }
+    ~EmuPool() {
+        stop = true;
+        for (auto& g : go) g->release();
+        for (auto& t : workers) t.join();
+    }
+    void loop(int i) {
+        while (true) {
+            go[i]->acquire();
+            if (stop) return;
+            threadIdx = EmuDim{i, 0, 0};
+            blockDim = EmuDim{nthreads, 1, 1};
             blockIdx = block;
-            f(l);
-        });
-    for (auto& t : lanes) t.join();
-    emu_warp.bar = nullptr;
+            emu_dynamic_smem = smem;
+            (*job)(i);
+            finished.release();
+        }
+    }
+    void run(EmuDim b, int threads, const std::function<void(int)>& f, float* sm) {
+        job = &f;
+        nthreads = threads;
+        block = b;
+        smem = sm;
+        for (int i = 0; i < threads; i++) go[i]->release();
+        for (int i = 0; i < threads; i++) finished.acquire();
+    }
+};
+inline EmuPool& emu_pool() {
+    static EmuPool pool;
+    return pool;
+}
+
+// Runs f(thread) as one CTA of `threads` threads (blockIdx = block) with `smem_floats` floats
+// of dynamic shared memory (NaN-filled, as unwritten memory must not be read).
+inline void emu_run_block(EmuDim block, int threads, const std::function<void(int)>& f, size_t smem_floats = 0) {
+    std::barrier<> cta(threads);
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (int w = 0; w * 32 < threads; w++) {
+        warps.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+        emu_warps[w].bar = warps.back().get();
+    }
+    emu_cta_bar = &cta;
+    std::vector<float> smem(smem_floats, NAN);
+    emu_pool().run(block, threads, f, smem.data());
+    emu_cta_bar = nullptr;
+}
+// One warp.
+inline void emu_run_warp(EmuDim block, const std::function<void(int)>& f) { emu_run_block(block, 32, f); }
+// Every CTA of a grid, one after the other.
+inline void emu_launch(EmuDim grid, int threads, const std::function<void(int)>& f, size_t smem_floats = 0) {
+    for (int z = 0; z < grid.z; z++)
+        for (int y = 0; y < grid.y; y++)
+            for (int x = 0; x < grid.x; x++) emu_run_block(EmuDim{x, y, z}, threads, f, smem_floats);
 }
 
 #define KIVI_EMU 1

@@ -1,12 +1,14 @@
-// Runs the tensor-core key and value block paths and the sink attention of ../src/cache.cu on
-// the host emulator (emu.h) against a double-precision reference over fresh random inputs:
-// codes, scales and mins in the GPU cache layout, every supported head dim, bit width and group
-// size, whole and partial blocks. `tests/emulator.rs` builds and runs it once per FOLD_SCALES
-// setting.
+// Runs kernel code of ../src/cache.cu on the host emulator (emu.h) against double-precision
+// references over fresh random inputs: the tensor-core key and value block paths (codes, scales
+// and mins in the GPU cache layout; every supported head dim, bit width and group size; whole
+// and partial blocks), the sink attention, and whole steps of attention and append (the
+// pipelines below). `tests/emulator.rs` builds and runs it once per FOLD_SCALES setting.
 #include "emu.h"
 #include "../src/cache.cu"
 
 #include <chrono>
+#include <map>
+#include <tuple>
 #include <cstdio>
 #include <random>
 
@@ -214,6 +216,283 @@ static void sinks(int S, int n_old, int n_new) {
     check(what, want_l, got_l, want_l, 1e-5);
 }
 
+
+// ---- A whole step on the emulator: the GPU cache's layout in host memory (GpuCache's
+// geometry, paged arenas, block tables, per-slot windows and sink rows), the step records of
+// cache.rs's StepPlan (stream-relative after the sinks), and every kernel of GpuCache::attend
+// and ::append in their order. Keys and values are drawn so that every quantization group is
+// exact (power-of-two scale, a min on its grid, codes 0 and 2^b - 1 present): the cache then
+// stores them exactly, and each step's attention must equal plain attention over every token
+// appended so far, to rounding. A position or group mix-up shows as a large error.
+template <int D, int KB, int VB, int NG, int W>
+struct Pipeline {
+    int hkv, nh, G, R, S, split, slots, pool;
+    u64 kq_head, ksm_head, kwin_head, vq_head, vsm_head, vwin_head;
+    std::vector<u32> kq, vq;
+    std::vector<u16> ks, km, vs, vm, kwin, vwin, ksink, vsink;
+    std::vector<int> table;
+    int width = 64;
+    std::vector<int> lens;
+    std::vector<std::vector<int>> blocks;
+    std::vector<int> free_blocks;
+    std::vector<std::vector<float>> hk, hv;  // [slot][position][Hkv][D]: every token appended
+    std::map<std::tuple<int, int, int, int>, std::pair<float, float>> kparams, vparams;
+    double worst = 0;
+
+    Pipeline(int hkv_, int nh_, int G_, int R_, int S_, int split_, int slots_, int pool_)
+        : hkv(hkv_), nh(nh_), G(G_), R(R_), S(S_), split(split_), slots(slots_), pool(pool_) {
+        kq_head = BLOCK_TOKENS * D * KB / 32;
+        ksm_head = BLOCK_TOKENS / G * D;
+        kwin_head = (u64)R * D;
+        vq_head = BLOCK_TOKENS * D * VB / 32;
+        vsm_head = BLOCK_TOKENS * (D / G);
+        vwin_head = (u64)R * D;
+        kq.assign(hkv * pool * kq_head, 0xdeadbeefu);
+        vq.assign(hkv * pool * vq_head, 0xdeadbeefu);
+        ks.assign(hkv * pool * ksm_head, 0x7e00);  // NaN: unwritten
+        km = ks;
+        vs.assign(hkv * pool * vsm_head, 0x7e00);
+        vm = vs;
+        kwin.assign(slots * hkv * kwin_head, 0x7e00);
+        vwin.assign(slots * hkv * vwin_head, 0x7e00);
+        ksink.assign(std::max(1, slots * hkv * S * D), 0x7e00);
+        vsink = ksink;
+        table.assign(slots * width, 0);
+        lens.assign(slots, 0);
+        blocks.resize(slots);
+        hk.resize(slots);
+        hv.resize(slots);
+        for (int b = pool - 1; b >= 0; b--) free_blocks.push_back(b);
+    }
+
+    CacheBufs bufs() {
+        CacheBufs c{};
+        c.kq = kq.data();
+        c.ks = ks.data();
+        c.km = km.data();
+        c.kwin = kwin.data();
+        c.vq = vq.data();
+        c.vs = vs.data();
+        c.vm = vm.data();
+        c.vwin = vwin.data();
+        c.table = table.data();
+        c.table_stride = width;
+        c.kq_block = kq_head;
+        c.kq_head = pool * kq_head;
+        c.ksm_block = ksm_head;
+        c.ksm_head = pool * ksm_head;
+        c.vq_block = vq_head;
+        c.vq_head = pool * vq_head;
+        c.vsm_block = vsm_head;
+        c.vsm_head = pool * vsm_head;
+        c.kwin_unit = hkv * kwin_head;
+        c.kwin_head = kwin_head;
+        c.vwin_unit = hkv * vwin_head;
+        c.vwin_head = vwin_head;
+        c.n_kv = hkv;
+        c.head_dim = D;
+        c.group = G;
+        c.resid = R;
+        c.k_bits = KB;
+        c.v_bits = VB;
+        c.kwin_mod = R;
+        c.ksink = ksink.data();
+        c.vsink = vsink.data();
+        c.sink_unit = (u64)hkv * S * D;
+        c.sink_head = (u64)S * D;
+        c.sinks = S;
+        return c;
+    }
+
+    static float exact_random() { return (float)((int)(rng() % 513) - 256) / 64.0f; }
+    // Key channel c of KV head h at position p of a slot: sink positions anything f16-exact;
+    // stream positions on their group's grid (codes 0 and max at the group's first two tokens).
+    float key(int slot, int p, int h, int c) {
+        if (p < S) return exact_random();
+        const int sp = p - S, gi = sp / G, off = sp % G, top = (1 << KB) - 1;
+        auto it = kparams.find({slot, gi, h, c});
+        if (it == kparams.end())
+            it = kparams.insert({{slot, gi, h, c}, {std::ldexp(1.0f, -(int)(rng() % 4) - 2), (float)((int)(rng() % 17) - 8)}}).first;
+        const auto [s, m] = it->second;
+        const int code = off == 0 ? 0 : off == 1 ? top : (int)(rng() % (top + 1));
+        return (m + code) * s;
+    }
+    // Value channel c: per token, groups of G channels on their grid (codes 0 and max at the
+    // group's first two channels).
+    float value(int slot, int p, int h, int c) {
+        if (p < S) return exact_random();
+        const int top = (1 << VB) - 1, off = c % G;
+        auto it = vparams.find({slot, p, h, c / G});
+        if (it == vparams.end())
+            it = vparams.insert({{slot, p, h, c / G}, {std::ldexp(1.0f, -(int)(rng() % 4) - 2), (float)((int)(rng() % 17) - 8)}}).first;
+        const auto [s, m] = it->second;
+        const int code = off == 0 ? 0 : off == 1 ? top : (int)(rng() % (top + 1));
+        return (m + code) * s;
+    }
+
+    void step(const std::vector<std::pair<int, int>>& items) {
+        // StepPlan (cache.rs).
+        std::vector<int> sitems, toks, stoks, sinkw, kgroups, vtoks, tiles;
+        int off = 0, max_len = 0;
+        for (size_t it = 0; it < items.size(); it++) {
+            const auto [slot, n_new] = items[it];
+            const int n_old = lens[slot];
+            const int new_sinks = std::min(n_old + n_new, S) - std::min(n_old, S);
+            const int s_old = n_old - std::min(n_old, S), s_new = n_new - new_sinks, s_off = off + new_sinks;
+            sitems.insert(sitems.end(), {slot, s_old, s_new, s_off});
+            for (int i = 0; i < n_new; i++) {
+                toks.insert(toks.end(), {slot, n_old, i, off, n_new});
+                stoks.insert(stoks.end(), {slot, s_old, i - new_sinks, s_off, s_new});
+                if (i < new_sinks) sinkw.insert(sinkw.end(), {off + i, slot, n_old + i});
+            }
+            if (s_new > 1)
+                for (int i = 0; i < s_new; i += 16) tiles.push_back(s_off + i);
+            const int k0 = s_old - s_old % R, k1 = (s_old + s_new) - (s_old + s_new) % R;
+            if (k1 > k0)
+                for (int g = k0 / G; g < (k1 + G - 1) / G; g++) kgroups.insert(kgroups.end(), {(int)it, g});
+            for (int p = std::max(s_old - R, 0); p < std::max(s_old + s_new - R, 0); p++)
+                vtoks.insert(vtoks.end(), {(int)it, p});
+            // Blocks for the stream's quantized positions.
+            const int n = s_old + s_new;
+            const int want = (std::max(n - n % R, std::max(n - R, 0)) + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+            while ((int)blocks[slot].size() < want) {
+                blocks[slot].push_back(free_blocks.back());
+                free_blocks.pop_back();
+                table[slot * width + blocks[slot].size() - 1] = blocks[slot].back();
+            }
+            off += n_new;
+            max_len = std::max(max_len, n);
+        }
+        const int T = off;
+        // New tokens.
+        std::vector<float> q(T * nh * D), kn(T * hkv * D), vn(T * hkv * D);
+        for (auto& x : q) x = (float)uni(-1, 1);
+        for (int z = 0; z < T; z++) {
+            const int slot = toks[5 * z], p = toks[5 * z + 1] + toks[5 * z + 2];
+            for (int h = 0; h < hkv; h++)
+                for (int c = 0; c < D; c++) {
+                    kn[(z * hkv + h) * D + c] = key(slot, p, h, c);
+                    vn[(z * hkv + h) * D + c] = value(slot, p, h, c);
+                }
+        }
+        // Attention (GpuCache::attend).
+        const int n_rep = nh / hkv, nchunk = n_rep / NG;
+        const int decode_splits = (max_len + split - 1) / split;
+        const int prefill = tiles.empty() ? 0 : 1;
+        const int nsplit = decode_splits + 1 + prefill;
+        std::vector<float> part_o((size_t)T * nh * nsplit * D, NAN), part_ml((size_t)T * nh * nsplit * 2, NAN);
+        std::vector<float> out((size_t)T * nh * D, NAN);
+        AttnParams P{};
+        P.c = bufs();
+        P.q = q.data();
+        P.knew = kn.data();
+        P.vnew = vn.data();
+        P.toks = (const Tok*)stoks.data();
+        P.part_o = part_o.data();
+        P.part_ml = part_ml.data();
+        P.out = nullptr;
+        P.n_head = nh;
+        P.nsplit = nsplit;
+        P.split_len = split;
+        P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
+        P.tensor_cores = 1;
+        P.tc_multiple = 1;
+        P.tc_partial_min = 1;
+        P.prefill = prefill;
+        const size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
+        if (decode_splits > 0)
+            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
+        emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
+        if (prefill)
+            emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });
+        emu_launch({nh, T, 1}, D, [&](int) {
+            kivi_attn_reduce(part_o.data(), part_ml.data(), out.data(), nh, nsplit, D, (const Tok*)stoks.data(),
+                             prefill ? nsplit - 1 : -1);
+        });
+        // Reference: plain attention over every token appended before and this step's up to it.
+        std::vector<double> want;
+        std::vector<float> got;
+        for (int z = 0; z < T; z++) {
+            const int slot = toks[5 * z], n_old = toks[5 * z + 1], i = toks[5 * z + 2], o = toks[5 * z + 3];
+            for (int h = 0; h < nh; h++) {
+                const int kvh = h / n_rep;
+                auto row = [&](bool k, int p) -> const float* {
+                    if (p < n_old) return (k ? hk : hv)[slot].data() + ((u64)p * hkv + kvh) * D;
+                    return (k ? kn : vn).data() + ((u64)(o + p - n_old) * hkv + kvh) * D;
+                };
+                std::vector<double> sc(n_old + i + 1);
+                double mx = -INFINITY;
+                for (int p = 0; p <= n_old + i; p++) {
+                    double dot = 0;
+                    for (int c = 0; c < D; c++) dot += (double)q[((u64)z * nh + h) * D + c] * row(true, p)[c];
+                    sc[p] = dot / std::sqrt((double)D);
+                    mx = std::max(mx, sc[p]);
+                }
+                double l = 0;
+                for (auto& x : sc) l += (x = std::exp(x - mx));
+                for (int c = 0; c < D; c++) {
+                    double acc = 0;
+                    for (int p = 0; p <= n_old + i; p++) acc += sc[p] * row(false, p)[c];
+                    want.push_back(acc / l);
+                    got.push_back(out[((u64)z * nh + h) * D + c]);
+                }
+            }
+        }
+        // Append (GpuCache::append).
+        CacheBufs c = bufs();
+        if (!sinkw.empty())
+            emu_launch({(int)sinkw.size() / 3, hkv, 1}, D, [&](int) { kivi_write_sinks(c, sinkw.data(), kn.data(), vn.data()); });
+        if (!kgroups.empty())
+            emu_launch({(int)kgroups.size() / 2, hkv, 1}, D, [&](int) {
+                kivi_quantize_keys(c, (const Item*)sitems.data(), (const Rec*)kgroups.data(), kn.data());
+            });
+        if (!vtoks.empty())
+            emu_launch({(int)vtoks.size() / 2, 1, 1}, hkv * (D / G), [&](int) {
+                kivi_quantize_values(c, (const Item*)sitems.data(), (const Rec*)vtoks.data(), vn.data());
+            });
+        emu_launch({T, hkv, 1}, D, [&](int) { kivi_write_window(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
+        for (int z = 0; z < T; z++) {
+            const int slot = toks[5 * z];
+            hk[slot].insert(hk[slot].end(), kn.begin() + (u64)z * hkv * D, kn.begin() + (u64)(z + 1) * hkv * D);
+            hv[slot].insert(hv[slot].end(), vn.begin() + (u64)z * hkv * D, vn.begin() + (u64)(z + 1) * hkv * D);
+        }
+        for (const auto& [slot, n_new] : items) lens[slot] += n_new;
+        double num = 0, den = 0;
+        for (size_t j = 0; j < want.size(); j++) {
+            num += std::isfinite(got[j]) ? (got[j] - want[j]) * (got[j] - want[j]) : INFINITY;
+            den += want[j] * want[j];
+        }
+        worst = std::max(worst, std::sqrt(num / std::max(den, 1e-30)));
+    }
+};
+
+template <int D, int KB, int VB, int NG, int W>
+static void pipeline(int hkv, int nh, int G, int R, int S, int split) {
+    Pipeline<D, KB, VB, NG, W> pl(hkv, nh, G, R, S, split, 3, 64);
+    // Prompts that end inside, at and past the sinks; chunked prefill; decode steps of all three.
+    const std::vector<std::vector<std::pair<int, int>>> steps = {
+        {{0, 2}, {1, S + 1}, {2, 1}},
+        {{0, S + 40}, {2, 1}},
+        {{1, 90}, {2, 1}},
+        {{0, 1}, {1, 1}, {2, 40}},
+        {{0, 1}, {1, 1}, {2, 1}},
+        {{0, 1}, {1, 37}, {2, 1}},
+        {{0, 1}, {1, 1}, {2, 1}},
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    for (const auto& st : steps) pl.step(st);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    char what[128];
+    std::snprintf(what, sizeof what, "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d", D,
+                  KB, VB, nh, hkv, NG, W, G, R, S, split);
+    // On this data the default path's dequantized values are exact; FOLD_SCALES rounds the
+    // products q m and p m to f16 (2^-12 relative each).
+    const double bound = FOLD_SCALES ? 5e-4 : 1e-4;
+    const bool ok = pl.worst <= bound;
+    if (!ok) failures++;
+    std::printf("%-4s %s: worst rel err %.2e (bound %.0e), %.1f s\n", ok ? "ok" : "FAIL", what, pl.worst, bound, secs);
+}
+
 int main() {
     const u64 seed = std::chrono::system_clock::now().time_since_epoch().count();
     rng.seed(seed);
@@ -237,6 +516,10 @@ int main() {
     sinks<128>(4, 2, 1);
     sinks<64>(4, 4, 3);
     sinks<64>(37, 20, 25);
+    pipeline<64, 2, 2, 2, 4>(2, 4, 32, 32, 4, 128);
+    pipeline<128, 4, 2, 1, 4>(2, 2, 64, 128, 4, 128);
+    pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
+    pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     std::printf("%s\n", failures ? "FAILED" : "all passed");
     return failures ? 1 : 0;
 }

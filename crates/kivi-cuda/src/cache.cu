@@ -868,7 +868,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     const int s0 = split * P.split_len;
     const int s1 = min(s0 + P.split_len, L);
 
+#ifdef KIVI_EMU
+    float* smem = emu_dynamic_smem;
+#else
     extern __shared__ float smem[];
+#endif
     float* sq = smem;                  // [NG][D]
     // [W][NG][D]: each warp sums its values into its own slot, and the slots are added in warp
     // order at the end: no atomics, so a run gives the same bits every time (shared-memory

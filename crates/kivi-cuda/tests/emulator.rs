@@ -1,7 +1,8 @@
 //! The warp-level kernel code of `src/cache.cu` on the host emulator (`emu/`): the tensor-core
 //! key and value block paths (default and `FOLD_SCALES=1`) and the sink attention, against a
 //! double-precision reference, without a GPU. Needs g++ with C++20; without it the test says
-//! `skipped`.
+//! `skipped`. Also the whole attention step (every kernel of `GpuCache::attend` and `append`, sink
+//! tokens included) over exactly quantizable data, against plain attention.
 
 use std::path::Path;
 use std::process::Command;
