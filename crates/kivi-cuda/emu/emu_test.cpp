@@ -520,6 +520,9 @@ int main() {
     pipeline<128, 4, 2, 1, 4>(2, 2, 64, 128, 4, 128);
     pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
+    // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
+    pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 256);
+    pipeline<64, 4, 4, 3, 1>(1, 3, 32, 64, 0, 128);
     std::printf("%s\n", failures ? "FAILED" : "all passed");
     return failures ? 1 : 0;
 }
