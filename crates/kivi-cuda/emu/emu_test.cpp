@@ -224,9 +224,15 @@ static void sinks(int S, int n_old, int n_new) {
 // exact (power-of-two scale, a min on its grid, codes 0 and 2^b - 1 present): the cache then
 // stores them exactly, and each step's attention must equal plain attention over every token
 // appended so far, to rounding. A position or group mix-up shows as a large error.
+// KB = VB = 16: the f16 cache (rows paged in the window buffers, nothing quantized).
+// `production`: the tensor-core choices GpuCache makes (whole blocks in multiples of the warps,
+// a partial block only from 72 positions with one head, 32 with several; the rest on CUDA
+// cores), else every quantized block on the tensor cores.
 template <int D, int KB, int VB, int NG, int W>
 struct Pipeline {
+    static constexpr bool F16 = KB == 16;
     int hkv, nh, G, R, S, split, slots, pool;
+    bool production = false;
     u64 kq_head, ksm_head, kwin_head, vq_head, vsm_head, vwin_head;
     std::vector<u32> kq, vq;
     std::vector<u16> ks, km, vs, vm, kwin, vwin, ksink, vsink;
@@ -243,18 +249,18 @@ struct Pipeline {
         : hkv(hkv_), nh(nh_), G(G_), R(R_), S(S_), split(split_), slots(slots_), pool(pool_) {
         kq_head = BLOCK_TOKENS * D * KB / 32;
         ksm_head = BLOCK_TOKENS / G * D;
-        kwin_head = (u64)R * D;
+        kwin_head = F16 ? (u64)BLOCK_TOKENS * D : (u64)R * D;
         vq_head = BLOCK_TOKENS * D * VB / 32;
         vsm_head = BLOCK_TOKENS * (D / G);
-        vwin_head = (u64)R * D;
+        vwin_head = F16 ? (u64)BLOCK_TOKENS * D : (u64)R * D;
         kq.assign(hkv * pool * kq_head, 0xdeadbeefu);
         vq.assign(hkv * pool * vq_head, 0xdeadbeefu);
         ks.assign(hkv * pool * ksm_head, 0x7e00);  // NaN: unwritten
         km = ks;
         vs.assign(hkv * pool * vsm_head, 0x7e00);
         vm = vs;
-        kwin.assign(slots * hkv * kwin_head, 0x7e00);
-        vwin.assign(slots * hkv * vwin_head, 0x7e00);
+        kwin.assign((F16 ? pool : slots) * hkv * kwin_head, 0x7e00);
+        vwin.assign((F16 ? pool : slots) * hkv * vwin_head, 0x7e00);
         ksink.assign(std::max(1, slots * hkv * S * D), 0x7e00);
         vsink = ksink;
         table.assign(slots * width, 0);
@@ -301,6 +307,16 @@ struct Pipeline {
         c.sink_unit = (u64)hkv * S * D;
         c.sink_head = (u64)S * D;
         c.sinks = S;
+        if (F16) {  // rows paged in the window buffers, head-major like the other arenas
+            c.kwin_unit = kwin_head;
+            c.kwin_head = pool * kwin_head;
+            c.vwin_unit = vwin_head;
+            c.vwin_head = pool * vwin_head;
+            c.is_f16 = 1;
+            c.group = 32;
+            c.resid = 0;
+            c.k_bits = c.v_bits = 16;
+        }
         return c;
     }
 
@@ -308,7 +324,7 @@ struct Pipeline {
     // Key channel c of KV head h at position p of a slot: sink positions anything f16-exact;
     // stream positions on their group's grid (codes 0 and max at the group's first two tokens).
     float key(int slot, int p, int h, int c) {
-        if (p < S) return exact_random();
+        if (F16 || p < S) return exact_random();
         const int sp = p - S, gi = sp / G, off = sp % G, top = (1 << KB) - 1;
         auto it = kparams.find({slot, gi, h, c});
         if (it == kparams.end())
@@ -320,7 +336,7 @@ struct Pipeline {
     // Value channel c: per token, groups of G channels on their grid (codes 0 and max at the
     // group's first two channels).
     float value(int slot, int p, int h, int c) {
-        if (p < S) return exact_random();
+        if (F16 || p < S) return exact_random();
         const int top = (1 << VB) - 1, off = c % G;
         auto it = vparams.find({slot, p, h, c / G});
         if (it == vparams.end())
@@ -347,14 +363,16 @@ struct Pipeline {
             }
             if (s_new > 1)
                 for (int i = 0; i < s_new; i += 16) tiles.push_back(s_off + i);
-            const int k0 = s_old - s_old % R, k1 = (s_old + s_new) - (s_old + s_new) % R;
-            if (k1 > k0)
-                for (int g = k0 / G; g < (k1 + G - 1) / G; g++) kgroups.insert(kgroups.end(), {(int)it, g});
-            for (int p = std::max(s_old - R, 0); p < std::max(s_old + s_new - R, 0); p++)
-                vtoks.insert(vtoks.end(), {(int)it, p});
-            // Blocks for the stream's quantized positions.
             const int n = s_old + s_new;
-            const int want = (std::max(n - n % R, std::max(n - R, 0)) + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+            if (!F16) {
+                const int k0 = s_old - s_old % R, k1 = n - n % R;
+                if (k1 > k0)
+                    for (int g = k0 / G; g < (k1 + G - 1) / G; g++) kgroups.insert(kgroups.end(), {(int)it, g});
+                for (int p = std::max(s_old - R, 0); p < std::max(n - R, 0); p++) vtoks.insert(vtoks.end(), {(int)it, p});
+            }
+            // Blocks for the stream's quantized positions (the f16 cache: all of them).
+            const int paged = F16 ? n : std::max(n - n % R, std::max(n - R, 0));
+            const int want = (paged + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
             while ((int)blocks[slot].size() < want) {
                 blocks[slot].push_back(free_blocks.back());
                 free_blocks.pop_back();
@@ -379,7 +397,7 @@ struct Pipeline {
         const int n_rep = nh / hkv, nchunk = n_rep / NG;
         const int decode_splits = (max_len + split - 1) / split;
         const int prefill = tiles.empty() ? 0 : 1;
-        const int nsplit = decode_splits + 1 + prefill;
+        const int nsplit = decode_splits + (S > 0 ? 1 : 0) + prefill;
         std::vector<float> part_o((size_t)T * nh * nsplit * D, NAN), part_ml((size_t)T * nh * nsplit * 2, NAN);
         std::vector<float> out((size_t)T * nh * D, NAN);
         AttnParams P{};
@@ -396,13 +414,13 @@ struct Pipeline {
         P.split_len = split;
         P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
         P.tensor_cores = 1;
-        P.tc_multiple = 1;
-        P.tc_partial_min = 1;
+        P.tc_multiple = production && W > 1 ? W : 1;
+        P.tc_partial_min = production ? (NG == 1 ? 72 : 32) : 1;
         P.prefill = prefill;
         const size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
-        emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
+        if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
         if (prefill)
             emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });
         emu_launch({nh, T, 1}, D, [&](int) {
@@ -467,8 +485,9 @@ struct Pipeline {
 };
 
 template <int D, int KB, int VB, int NG, int W>
-static void pipeline(int hkv, int nh, int G, int R, int S, int split) {
+static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false) {
     Pipeline<D, KB, VB, NG, W> pl(hkv, nh, G, R, S, split, 3, 64);
+    pl.production = production;
     // Prompts that end inside, at and past the sinks; chunked prefill; decode steps of all three.
     const std::vector<std::vector<std::pair<int, int>>> steps = {
         {{0, 2}, {1, S + 1}, {2, 1}},
@@ -483,8 +502,8 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split) {
     for (const auto& st : steps) pl.step(st);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     char what[128];
-    std::snprintf(what, sizeof what, "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d", D,
-                  KB, VB, nh, hkv, NG, W, G, R, S, split);
+    std::snprintf(what, sizeof what, "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d%s",
+                  D, KB, VB, nh, hkv, NG, W, G, R, S, split, production ? " (production tensor-core choices)" : "");
     // On this data the default path's dequantized values are exact; FOLD_SCALES rounds the
     // products q m and p m to f16 (2^-12 relative each).
     const double bound = FOLD_SCALES ? 5e-4 : 1e-4;
@@ -523,6 +542,9 @@ int main() {
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 256);
     pipeline<64, 4, 4, 3, 1>(1, 3, 32, 64, 0, 128);
+    // The f16 cache; the production tensor-core choices (CUDA-core partial blocks).
+    pipeline<64, 16, 16, 2, 4>(1, 2, 32, 0, 0, 128);
+    pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);
     std::printf("%s\n", failures ? "FAILED" : "all passed");
     return failures ? 1 : 0;
 }
