@@ -1,24 +1,19 @@
 // A host emulator for the kernels of ../src/cache.cu: compiles the kernel source as C++ with the
-// CUDA built-ins and the inline-PTX helpers replaced (KIVI_EMU), and runs a CTA as one thread
+// CUDA built-ins and the inline-PTX helpers replaced (KIVI_EMU), and runs a CTA as one fiber
 // per CUDA thread: the threads of a warp meet at every warp-wide operation (__syncwarp,
 // shuffles, mma.sync), the whole CTA at __syncthreads; `__shared__` arrays are static (one CTA
-// runs at a time), the dynamic ones a per-CTA buffer. f16 arithmetic rounds like the hardware
+// runs at a time), the dynamic ones a per-CTA buffer. x86-64 only (the fiber switch). f16 arithmetic rounds like the hardware
 // (round to nearest even, one rounding per operation); mma.sync accumulates in double (the
 // tensor cores' f32 sums differ in the last bits). For checking kernel logic without a GPU;
 // timing means nothing here.
 #pragma once
 #include <strings.h>
 
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
-#include <semaphore>
-#include <thread>
 #include <vector>
 
 typedef unsigned int u32;
@@ -28,7 +23,9 @@ typedef unsigned long long u64;
 struct EmuDim {
     int x = 0, y = 0, z = 0;
 };
-inline thread_local EmuDim threadIdx, blockIdx, blockDim;
+// The current CUDA thread's indices: every CUDA thread is a fiber of one host thread, and the
+// scheduler sets these before switching to it.
+inline EmuDim threadIdx, blockIdx, blockDim;
 struct uint2 {
     u32 x, y;
 };
@@ -110,17 +107,89 @@ inline u32 hmul2(u32 a, u32 b) {
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
 
+// Fibers: each CUDA thread of a CTA runs on its own stack in the one host thread, switching to
+// the scheduler when it waits at a barrier (a few nanoseconds, where OS threads took a futex
+// round trip per wait). x86-64 System V: the callee-saved registers go on the stack.
+extern "C" void emu_ctx_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.globl emu_ctx_switch
+.type emu_ctx_switch, @function
+emu_ctx_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+)");
+
+struct EmuFibers {
+    static constexpr int N = 128;
+    static constexpr size_t STACK = 512 * 1024;
+    std::vector<std::unique_ptr<char[]>> stacks;
+    void* sp[N];
+    bool done[N];
+    void* sched_sp = nullptr;
+    int current = 0, nthreads = 0;
+    const std::function<void(int)>* job = nullptr;
+    EmuFibers() {
+        for (int i = 0; i < N; i++) stacks.emplace_back(new char[STACK]);
+    }
+};
+inline EmuFibers emu_fibers;
+
+inline void emu_yield() {
+    EmuFibers& f = emu_fibers;
+    emu_ctx_switch(&f.sp[f.current], f.sched_sp);
+}
+
+// First code of a fiber: runs the CTA's function for its thread, then never comes back.
+inline void emu_fiber_entry() {
+    EmuFibers& f = emu_fibers;
+    const int i = f.current;
+    (*f.job)(i);
+    f.done[i] = true;
+    emu_yield();
+    __builtin_unreachable();
+}
+
+// A barrier of `n` fibers.
+struct EmuBarrier {
+    int n, count = 0;
+    u64 phase = 0;
+    explicit EmuBarrier(int n_) : n(n_) {}
+    void arrive_and_wait() {
+        const u64 my = phase;
+        if (++count == n) {
+            count = 0;
+            phase++;
+            return;
+        }
+        while (*(volatile u64*)&phase == my) emu_yield();
+    }
+};
+
 // One warp: its barrier and the slots through which lanes exchange operands.
 struct EmuWarp {
-    std::barrier<>* bar = nullptr;
+    EmuBarrier* bar = nullptr;
     u32 a[32][4];
     u32 b[32][2];
     float sh[32];
 };
 constexpr int EMU_MAX_WARPS = 32;
 inline EmuWarp emu_warps[EMU_MAX_WARPS];
-inline std::barrier<>* emu_cta_bar = nullptr;
-inline thread_local float* emu_dynamic_smem = nullptr;
+inline EmuBarrier* emu_cta_bar = nullptr;
+inline float* emu_dynamic_smem = nullptr;
 inline int emu_lane() { return threadIdx.x & 31; }
 inline EmuWarp& emu_warp() { return emu_warps[threadIdx.x >> 5]; }
 inline void emu_sync() { emu_warp().bar->arrive_and_wait(); }
@@ -180,65 +249,45 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
     for (int i = 0; i < 4; i++) c[i] = out[i];
 }
 
-// Worker threads, one per CUDA thread of a CTA, kept across CTAs (creating 128 threads per
-// CTA cost more than the kernels); a CTA wakes only the workers it needs.
-struct EmuPool {
-    static constexpr int N = 128;
-    std::counting_semaphore<N> finished{0};
-    std::vector<std::unique_ptr<std::binary_semaphore>> go;
-    bool stop = false;
-    const std::function<void(int)>* job = nullptr;
-    int nthreads = 0;
-    EmuDim block;
-    float* smem = nullptr;
-    std::vector<std::thread> workers;
-    EmuPool() {
-        for (int i = 0; i < N; i++) go.push_back(std::make_unique<std::binary_semaphore>(0));
-        for (int i = 0; i < N; i++) workers.emplace_back([this, i] { loop(i); });
-    }
-    ~EmuPool() {
-        stop = true;
-        for (auto& g : go) g->release();
-        for (auto& t : workers) t.join();
-    }
-    void loop(int i) {
-        while (true) {
-            go[i]->acquire();
-            if (stop) return;
-            threadIdx = EmuDim{i, 0, 0};
-            blockDim = EmuDim{nthreads, 1, 1};
-            blockIdx = block;
-            emu_dynamic_smem = smem;
-            (*job)(i);
-            finished.release();
-        }
-    }
-    void run(EmuDim b, int threads, const std::function<void(int)>& f, float* sm) {
-        job = &f;
-        nthreads = threads;
-        block = b;
-        smem = sm;
-        for (int i = 0; i < threads; i++) go[i]->release();
-        for (int i = 0; i < threads; i++) finished.acquire();
-    }
-};
-inline EmuPool& emu_pool() {
-    static EmuPool pool;
-    return pool;
-}
-
 // Runs f(thread) as one CTA of `threads` threads (blockIdx = block) with `smem_floats` floats
-// of dynamic shared memory (NaN-filled, as unwritten memory must not be read).
-inline void emu_run_block(EmuDim block, int threads, const std::function<void(int)>& f, size_t smem_floats = 0) {
-    std::barrier<> cta(threads);
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+// of dynamic shared memory (NaN-filled, as unwritten memory must not be read): each thread a
+// fiber, resumed in turn until all have finished.
+inline void emu_run_block(EmuDim block, int threads, const std::function<void(int)>& fn, size_t smem_floats = 0) {
+    EmuFibers& f = emu_fibers;
+    EmuBarrier cta(threads);
+    std::vector<std::unique_ptr<EmuBarrier>> warps;
     for (int w = 0; w * 32 < threads; w++) {
-        warps.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+        warps.push_back(std::make_unique<EmuBarrier>(std::min(32, threads - 32 * w)));
         emu_warps[w].bar = warps.back().get();
     }
     emu_cta_bar = &cta;
     std::vector<float> smem(smem_floats, NAN);
-    emu_pool().run(block, threads, f, smem.data());
+    emu_dynamic_smem = smem.data();
+    blockIdx = block;
+    blockDim = EmuDim{threads, 1, 1};
+    f.job = &fn;
+    f.nthreads = threads;
+    for (int i = 0; i < threads; i++) {
+        // A stack that "returns" into emu_fiber_entry: six saved registers, then the address;
+        // 16-byte aligned at the call boundary.
+        char* top = f.stacks[i].get() + EmuFibers::STACK;
+        void** sp = (void**)((uintptr_t)top & ~(uintptr_t)15);
+        *--sp = nullptr;                     // alignment slot (as if a return address)
+        *--sp = (void*)&emu_fiber_entry;     // ret target
+        for (int r = 0; r < 6; r++) *--sp = nullptr;
+        f.sp[i] = sp;
+        f.done[i] = false;
+    }
+    for (bool any = true; any;) {
+        any = false;
+        for (int i = 0; i < threads; i++) {
+            if (f.done[i]) continue;
+            any = true;
+            f.current = i;
+            threadIdx = EmuDim{i, 0, 0};
+            emu_ctx_switch(&f.sched_sp, f.sp[i]);
+        }
+    }
     emu_cta_bar = nullptr;
 }
 // One warp.
