@@ -140,7 +140,7 @@ struct EmuFibers {
     void* sp[N];
     bool done[N];
     void* sched_sp = nullptr;
-    int current = 0, nthreads = 0;
+    int current = 0;
     const std::function<void(int)>* job = nullptr;
     EmuFibers() {
         for (int i = 0; i < N; i++) stacks.emplace_back(new char[STACK]);
@@ -266,7 +266,6 @@ inline void emu_run_block(EmuDim block, int threads, const std::function<void(in
     blockIdx = block;
     blockDim = EmuDim{threads, 1, 1};
     f.job = &fn;
-    f.nthreads = threads;
     for (int i = 0; i < threads; i++) {
         // A stack that "returns" into emu_fiber_entry: six saved registers, then the address;
         // 16-byte aligned at the call boundary.

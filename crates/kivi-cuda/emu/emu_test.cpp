@@ -35,6 +35,26 @@ static void check(const char* what, const std::vector<double>& want, const std::
     std::printf("%-4s %s: rel err %.2e (bound %.0e)\n", ok ? "ok" : "FAIL", what, e, bound);
 }
 
+// `n` random f16 scales (positive) and mins.
+static std::pair<std::vector<u16>, std::vector<u16>> random_scales_mins(size_t n) {
+    std::vector<u16> s(n), m(n);
+    for (size_t i = 0; i < n; i++) {
+        s[i] = f2h((float)uni(0.01, 0.6));
+        m[i] = f2h((float)uni(-3.0, 3.0));
+    }
+    return {s, m};
+}
+
+// Params of one KV head's block 0 with group size G, a split of one block.
+static AttnParams block_params(int D, int G) {
+    AttnParams P{};
+    P.c.n_kv = 1;
+    P.c.head_dim = D;
+    P.c.group = G;
+    P.split_len = BLOCK_TOKENS;
+    return P;
+}
+
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
 template <int D, int KB>
@@ -43,24 +63,16 @@ static void key_block(int G, int valid) {
     std::vector<u32> kq((BLOCK_TOKENS / 32) * D * WPD);
     for (auto& w : kq) w = (u32)rng();
     const int ng = BLOCK_TOKENS / G;
-    std::vector<u16> ks(ng * D), km(ng * D);
-    for (int i = 0; i < ng * D; i++) {
-        ks[i] = f2h((float)uni(0.01, 0.6));
-        km[i] = f2h((float)uni(-3.0, 3.0));
-    }
+    auto [ks, km] = random_scales_mins(ng * D);
     std::vector<float> q(D);
     for (auto& x : q) x = (float)uni(-1.5, 1.5);
-    AttnParams P{};
+    AttnParams P = block_params(D, G);
     P.c.kq = kq.data();
     P.c.ks = ks.data();
     P.c.km = km.data();
     P.c.kq_block = kq.size();
     P.c.ksm_block = ks.size();
-    P.c.n_kv = 1;
-    P.c.head_dim = D;
-    P.c.group = G;
     P.c.k_bits = KB;
-    P.split_len = BLOCK_TOKENS;
     P.scale_log2 = 1.0f;
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, 1>(q.data(), qf.data(), 0, 1);
@@ -94,27 +106,19 @@ static void value_block(int G, int valid) {
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
     for (auto& w : vq) w = (u32)rng();
     const int gpt = D / G;
-    std::vector<u16> vs(BLOCK_TOKENS * gpt), vm(BLOCK_TOKENS * gpt);
-    for (size_t i = 0; i < vs.size(); i++) {
-        vs[i] = f2h((float)uni(0.01, 0.6));
-        vm[i] = f2h((float)uni(-3.0, 3.0));
-    }
+    auto [vs, vm] = random_scales_mins(BLOCK_TOKENS * gpt);
     std::vector<float> p(BLOCK_TOKENS), sc(BLOCK_TOKENS);
     for (int t = 0; t < BLOCK_TOKENS; t++) {
         p[t] = (float)uni(0.0, 1.0);
         sc[t] = __uint_as_float(split_bits(p[t]));  // as the softmax stores tensor-core weights
     }
-    AttnParams P{};
+    AttnParams P = block_params(D, G);
     P.c.vq = vq.data();
     P.c.vs = vs.data();
     P.c.vm = vm.data();
     P.c.vq_block = vq.size();
     P.c.vsm_block = vs.size();
-    P.c.n_kv = 1;
-    P.c.head_dim = D;
-    P.c.group = G;
     P.c.v_bits = VB;
-    P.split_len = BLOCK_TOKENS;
     std::vector<float> wacc(D, 0.0f);
     std::vector<u16> stage(2 * D / 32 * STAGE_ROW);
     emu_run_warp({}, [&](int lane) {
@@ -244,7 +248,10 @@ struct Pipeline {
     std::vector<std::vector<int>> blocks;
     std::vector<int> free_blocks;
     std::vector<std::vector<float>> hk, hv;  // [slot][position][Hkv][D]: every token appended
-    std::map<std::tuple<int, int, int, int>, std::pair<float, float>> kparams, vparams;
+    // (slot, group, KV head, channel or channel group) -> (scale, min) of a quantization group.
+    using GridKey = std::tuple<int, int, int, int>;
+    using Grids = std::map<GridKey, std::pair<float, float>>;
+    Grids kparams, vparams;
     double worst = 0;
 
     Pipeline(int hkv_, int nh_, int G_, int R_, int S_, int split_, int slots_, int pool_)
@@ -324,34 +331,36 @@ struct Pipeline {
     }
 
     static float exact_random() { return (float)((int)(rng() % 513) - 256) / 64.0f; }
+    // The grid (power-of-two scale, min on it) of one quantization group, drawn on first use.
+    static std::pair<float, float> grid(Grids& params, GridKey key) {
+        auto it = params.find(key);
+        if (it == params.end())
+            it = params.insert({key, {std::ldexp(1.0f, -(int)(rng() % 4) - 2), (float)((int)(rng() % 17) - 8)}}).first;
+        return it->second;
+    }
+    // A code for member `off` of a group: 0 and the top code at the first two, so that the
+    // group's statistics are exactly its grid.
+    static int grid_code(int off, int top) { return off == 0 ? 0 : off == 1 ? top : (int)(rng() % (top + 1)); }
     // Key channel c of KV head h at position p of a slot: sink positions anything f16-exact;
     // stream positions on their group's grid (codes 0 and max at the group's first two tokens).
     float key(int slot, int p, int h, int c) {
         if (F16 || p < S) return exact_random();
         const int sp = p - S, gi = sp / G, off = sp % G, top = (1 << KB) - 1;
-        auto it = kparams.find({slot, gi, h, c});
-        if (it == kparams.end())
-            it = kparams.insert({{slot, gi, h, c}, {std::ldexp(1.0f, -(int)(rng() % 4) - 2), (float)((int)(rng() % 17) - 8)}}).first;
-        const auto [s, m] = it->second;
+        const auto [s, m] = grid(kparams, {slot, gi, h, c});
         if (R == 0) {
             // R = 0: partial groups are quantized (and re-quantized as they fill): off the grid,
             // extremes anywhere, so that a group's statistics change as its tokens arrive.
             return h2f(f2h((m + (float)uni(0.0, top)) * s));
         }
-        const int code = off == 0 ? 0 : off == 1 ? top : (int)(rng() % (top + 1));
-        return (m + code) * s;
+        return (m + grid_code(off, top)) * s;
     }
     // Value channel c: per token, groups of G channels on their grid (codes 0 and max at the
     // group's first two channels).
     float value(int slot, int p, int h, int c) {
         if (F16 || p < S) return exact_random();
         const int top = (1 << VB) - 1, off = c % G;
-        auto it = vparams.find({slot, p, h, c / G});
-        if (it == vparams.end())
-            it = vparams.insert({{slot, p, h, c / G}, {std::ldexp(1.0f, -(int)(rng() % 4) - 2), (float)((int)(rng() % 17) - 8)}}).first;
-        const auto [s, m] = it->second;
-        const int code = off == 0 ? 0 : off == 1 ? top : (int)(rng() % (top + 1));
-        return (m + code) * s;
+        const auto [s, m] = grid(vparams, {slot, p, h, c / G});
+        return (m + grid_code(off, top)) * s;
     }
 
     // The stored (dequantized) stream of a slot with R = 0: keys per channel over groups of G
