@@ -96,14 +96,6 @@ inline u32 hfma2(u32 a, u32 b, u32 c) {
     }
     return r;
 }
-inline u32 hmul2(u32 a, u32 b) {
-    u32 r = 0;
-    for (int i = 0; i < 2; i++) {
-        const int s = 16 * i;
-        r |= (u32)d2h((double)h2f(a >> s) * (double)h2f(b >> s)) << s;
-    }
-    return r;
-}
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
 

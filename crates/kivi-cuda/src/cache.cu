@@ -438,11 +438,6 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
-__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
-    u32 r;
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-}
 // f16 pair, `lo` in the low half.
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;
@@ -462,17 +457,6 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return r;
 }
 #endif  // KIVI_EMU
-// 1: one-head CTAs (NG = 1) fold the scales into the MMA's B operand instead of dequantizing
-// every code: A = the exact codes (0 .. 2^b - 1), B = the query part (keys) or the weight part
-// (values) times the scale of one group, one group per pair of B columns (a one-head CTA used
-// only 2 of the 8 columns), and the mins' term (q . m per key group, p . m per value group)
-// through one MMA against ones per k-step. A lane keeps the outputs of the column pair of its
-// rows' group. Saves the dequantizing HFMA2 of every A register (32 per k-step at 2 bits).
-// Not yet measured on a GPU: off by default.
-#ifndef FOLD_SCALES
-#define FOLD_SCALES 0
-#endif
-#define ONES_H2 0x3c003c00u
 
 // Part 0 (hi = f16(x)) or part 1 (x - hi, exact in f32; rounded to f16 when packed) of x.
 __device__ __forceinline__ float split_part(float x, int part) {
@@ -527,15 +511,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
     const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
-#if FOLD_SCALES
-    // Scales and mins of B column g's group, g / 2 (the lane's tokens' group without FOLD).
-    constexpr bool FOLD = NG == 1;
-    const bool col_ok = !FOLD || (g >> 1) * c.group < BLOCK_TOKENS;
-    const u64 sm = key_group_scales<D>(c, kvh, blk, FOLD ? (col_ok ? (g >> 1) * c.group : 0) : 16 * g);
-    float qm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#else
     const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
-#endif
     const u16* ks = c.ks + sm;
     const u16* km = c.km + sm;
     float acc[8][4];
@@ -556,20 +532,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
         }
         const u32 sa = *(const u32*)(ks + ca), ma = *(const u32*)(km + ca);
         const u32 sb = *(const u32*)(ks + cb), mb = *(const u32*)(km + cb);
-#if FOLD_SCALES
-        uint2 b = qf[kstep * 32 + lane];
-        if (FOLD) {
-            // Column g: the query part times its group's scales; the mins' term q . m of the
-            // group through the ones MMA (every row of column g gets it).
-            const uint2 q = b;
-            b.x = col_ok ? hmul2(q.x, sa) : 0u;
-            b.y = col_ok ? hmul2(q.y, sb) : 0u;
-            mma_16816(qm, ONES_H2, ONES_H2, ONES_H2, ONES_H2, col_ok ? hmul2(q.x, ma) : 0u,
-                      col_ok ? hmul2(q.y, mb) : 0u);
-        }
-#else
         const uint2 b = qf[kstep * 32 + lane];
-#endif
 #pragma unroll
         for (int w = 0; w < WL; w++)
 #pragma unroll
@@ -580,12 +543,6 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 #pragma unroll
                 for (int j = 0; j < 8 / KB; j += 2) {
                     const int m = (w * (32 / KB) + k * (8 / KB) + j) / 2;
-#if FOLD_SCALES
-                    if (FOLD) {
-                        mma_16816(acc[m], ra[j], ra[j + 1], rb[j], rb[j + 1], b.x, b.y);
-                        continue;
-                    }
-#endif
                     mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
                               hfma2(rb[j + 1], sb, mb), b.x, b.y);
                 }
@@ -593,21 +550,6 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     }
     // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1. Only the block's first
     // `valid` tokens are quantized keys (the rest of a partial block: other paths' positions).
-#if FOLD_SCALES
-    // FOLD: columns 2t, 2t + 1 are group t's, kept by the lane whose tokens are in group t.
-    if (FOLD) {
-        if (t == (16 * g) / c.group) {
-            float* row = sc + (pb - s0) + 16 * g;
-#pragma unroll
-            for (int m = 0; m < 8; m++) {
-                if (16 * g + 2 * m < valid) row[2 * m] = (acc[m][0] + acc[m][1] + qm[0] + qm[1]) * P.scale_log2;
-                if (16 * g + 2 * m + 1 < valid)
-                    row[2 * m + 1] = (acc[m][2] + acc[m][3] + qm[2] + qm[3]) * P.scale_log2;
-            }
-        }
-        return;
-    }
-#endif
     if (t < NG) {
         float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
 #pragma unroll
@@ -620,17 +562,12 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 
 // The B fragments of the query heads `sq` ([NG][D] f32) for tc_key_block, fragment x = k-step
 // x / 32 of lane x % 32, written by threads `tid`, `tid + nthreads`, ...: column g holds head
-// g / 2's part g % 2 (split_part), or with FOLD_SCALES the one head's part g % 2 in every column
-// (tc_key_block scales column g by group g / 2).
+// g / 2's part g % 2 (split_part).
 template <int D, int NG>
 __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int tid, int nthreads) {
     for (int x = tid; x < (D / 16) * 32; x += nthreads) {
         const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, part = g & 1;
-#if FOLD_SCALES
-        const int hg = NG == 1 ? 0 : g >> 1;
-#else
         const int hg = g >> 1;
-#endif
         uint2 f;
         f.x = 0u;
         f.y = 0u;
@@ -667,14 +604,9 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
 // as split_bits.
-// FOLD_SCALES (one head): column g is group g / 2's, B = the weight part times the token's scale
-// of that group, and qm gets the group's p . m (see tc_key_block).
 template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
-#if FOLD_SCALES
-                                               float (&qm)[4],
-#endif
                                                u16* stage, int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
@@ -692,15 +624,8 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     // it measured slower for many short sequences, so only one-head CTAs stage.)
     constexpr bool STAGE = VALUE_STAGE && NG == 1;
     const int gpt = D / c.group;
-    // LANE_GROUP: the group whose scales the lane loads: its channels' (FOLD: B column g's,
-    // g / 2).
-#if FOLD_SCALES
-    constexpr bool FOLD = NG == 1;
-    const bool col_ok = !FOLD || (g >> 1) < gpt;
-#define LANE_GROUP (FOLD ? (col_ok ? g >> 1 : 0) : (g * CH) / c.group)
-#else
+    // LANE_GROUP: the group whose scales the lane loads: its channels'.
 #define LANE_GROUP ((g * CH) / c.group)
-#endif
     const u16* vs;
     const u16* vm;
     if constexpr (STAGE) {
@@ -772,25 +697,10 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
             mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
         }
         u32 bx = 0, by = 0;
-#if FOLD_SCALES
-        if (FOLD || hg < NG) {  // FOLD: every column holds the one head's weights
-#else
         if (hg < NG) {
-#endif
             bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
             by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
         }
-#if FOLD_SCALES
-        if (FOLD) {
-            // Column g: the weight part times the tokens' scales of group g / 2 (0 for tokens
-            // from `valid` on: their scales and mins are masked), and p . m of the group.
-            const u32 px = bx, py = by;
-            bx = col_ok ? hmul2(px, sa) : 0u;
-            by = col_ok ? hmul2(py, sb) : 0u;
-            mma_16816(qm, ONES_H2, ONES_H2, ONES_H2, ONES_H2, col_ok ? hmul2(px, ma) : 0u,
-                      col_ok ? hmul2(py, mb) : 0u);
-        }
-#endif
 #pragma unroll
         for (int w = 0; w < NW; w++)
 #pragma unroll
@@ -801,12 +711,6 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 #pragma unroll
                 for (int j = 0; j < 8 / VB; j += 2) {
                     const int m = (w * (32 / VB) + k * (8 / VB) + j) / 2;
-#if FOLD_SCALES
-                    if (FOLD) {
-                        mma_16816(acc[m], ra[j], ra[j + 1], rb[j], rb[j + 1], bx, by);
-                        continue;
-                    }
-#endif
                     mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
                               hfma2(rb[j + 1], sb, mb), bx, by);
                 }
@@ -817,29 +721,11 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 // Adds a warp's tensor-core value sums (tc_value_block) to its slot `wacc` ([NG][D]): c0 + c1
 // of m-tile M is head t's channel g CH + 2M, c2 + c3 channel g CH + 2M + 1. (Each phase of a
 // warp writes an element of its slot from one lane; the lanes of different phases meet at the
-// __syncwarp.) FOLD_SCALES:
-// columns 2t, 2t + 1 are value group t's, kept by the lane whose channels are in group t, plus
-// the group's p . m.
+// __syncwarp.)
 template <int D, int NG>
-__device__ __forceinline__ void tc_value_store(const CacheBufs& c, const float (&tacc)[D / 16][4],
-#if FOLD_SCALES
-                                               const float (&tqm)[4],
-#endif
-                                               float* wacc, int lane) {
+__device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], float* wacc, int lane) {
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
-#if FOLD_SCALES
-    if (NG == 1) {
-        if (t == (g * (D / 8)) / c.group) {
-#pragma unroll
-            for (int m = 0; m < D / 16; m++) {
-                wacc[g * (D / 8) + 2 * m] += tacc[m][0] + tacc[m][1] + tqm[0] + tqm[1];
-                wacc[g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3] + tqm[2] + tqm[3];
-            }
-        }
-        return;
-    }
-#endif
     if (t < NG) {
 #pragma unroll
         for (int m = 0; m < D / 16; m++) {
@@ -1156,35 +1042,14 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int qend = min(s1, nqv);
         if (vt_end > s0) {
             float tacc[D / 16][4];
-#if FOLD_SCALES
-            float tqm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#define FOLD_QM tqm,
-#else
-#define FOLD_QM
-#endif
 #pragma unroll
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                           tacc, FOLD_QM(u16*) svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
-#undef FOLD_QM
-#if FOLD_SCALES
-            tc_value_store<D, NG>(c, tacc, tqm, wacc, lane);
-#else
-            // (The body of tc_value_store, inline: as a call the default kernels came out a
-            // few instructions and spills different.)
-            const int g = lane >> 2, t = lane & 3;
-            __syncwarp();
-            if (t < NG) {
-#pragma unroll
-                for (int m = 0; m < D / 16; m++) {
-                    wacc[t * D + g * (D / 8) + 2 * m] += tacc[m][0] + tacc[m][1];
-                    wacc[t * D + g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3];
-                }
-            }
-#endif
+                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
+            tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
         // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.

@@ -19,7 +19,7 @@
 //! slot, outside the stream; the stream after them is stored and attended exactly as a
 //! sequence without sinks (every kernel but the sink ones counts its positions from the first
 //! token after the sinks), and `kivi_attn_sinks` adds the sink positions' attention as one more
-//! split of the reduction. Until it has run on a GPU, sinks need `KIVI_CUDA_SINKS=1`.
+//! split of the reduction.
 //!
 //! Supported: keys per-channel and values per-token (KIVI), 2 or 4 bits, G a multiple of 32,
 //! head_dim 64 or 128, sink tokens; the f16 cache with head_dim 64 or 128.
@@ -72,9 +72,6 @@ const PREFILL_ROWS: usize = 16;
 const TABLE_WIDTH: usize = 32;
 /// Most KIVI sink tokens per sequence (a warp reads them one after the other).
 const MAX_SINKS: usize = 1024;
-/// Opt-in for KIVI sink tokens on the GPU until their kernels have run on one
-/// (`tests/cache.rs` compares them with the CPU cache).
-const SINKS_SWITCH: &str = "KIVI_CUDA_SINKS";
 
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
@@ -552,12 +549,6 @@ pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
             return Err(unsupported(format!(
                 "the CUDA cache needs group_size a multiple of 32 dividing {BLOCK_TOKENS}, not {}",
                 kc.group_size
-            )));
-        }
-        if kc.sink_tokens != 0 && std::env::var_os(SINKS_SWITCH).is_none_or(|v| v != "1") {
-            return Err(unsupported(format!(
-                "sink tokens in the CUDA cache are not yet verified on a GPU (set \
-                 {SINKS_SWITCH}=1 to use them anyway)"
             )));
         }
         if kc.sink_tokens > MAX_SINKS {

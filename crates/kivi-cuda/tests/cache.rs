@@ -20,8 +20,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn gpu() -> Option<Arc<Gpu>> {
-    // Sink tokens on the GPU are opt-in until these tests have passed on one.
-    std::env::set_var("KIVI_CUDA_SINKS", "1");
     match Gpu::new(0) {
         Ok(g) => Some(g),
         Err(e) => {
