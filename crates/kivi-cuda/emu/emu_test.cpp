@@ -57,7 +57,7 @@ static AttnParams block_params(int D, int G) {
 
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
-template <int D, int KB>
+template <int D, int KB, bool STAGED>
 static void key_block(int G, int valid) {
     constexpr int WPD = KB, FPI = 32 / KB;
     std::vector<u32> kq((BLOCK_TOKENS / 32) * D * WPD);
@@ -77,7 +77,17 @@ static void key_block(int G, int valid) {
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, 1>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(BLOCK_TOKENS, NAN);
-    emu_run_warp({}, [&](int lane) { tc_key_block<D, KB, 1>(P, 0, 0, 0, 0, valid, qf.data(), sc.data(), lane); });
+    std::vector<uint4> stage(KeyStage<D, KB>::WORDS / 4 + 1);  // 16-byte aligned
+    for (auto& w : stage) w = uint4{~0u, ~0u, ~0u, ~0u};
+    u32* buf = &stage[0].x;
+    emu_run_warp({}, [&](int lane) {
+        if (STAGED) {
+            stage_key_block<D, KB>(P.c, 0, 0, buf, lane);
+            cp_async_wait_all();
+            __syncwarp();
+        }
+        tc_key_block<D, KB, 1, STAGED>(P, 0, 0, buf, 0, 0, valid, qf.data(), sc.data(), lane);
+    });
     std::vector<double> want(valid), mag(valid);
     std::vector<float> got(valid);
     for (int b = 0; b < valid; b++) {
@@ -94,13 +104,13 @@ static void key_block(int G, int valid) {
         got[b] = sc[b];
     }
     char what[96];
-    std::snprintf(what, sizeof what, "key block D %d bits %d G %d valid %d", D, KB, G, valid);
+    std::snprintf(what, sizeof what, "key block D %d bits %d G %d valid %d%s", D, KB, G, valid, STAGED ? " staged" : "");
     check(what, want, got, mag, 1e-3);
 }
 
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
 // tokens), through tc_value_block and tc_value_store.
-template <int D, int VB>
+template <int D, int VB, bool STAGED>
 static void value_block(int G, int valid) {
     constexpr int FPI = 32 / VB;
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
@@ -121,9 +131,11 @@ static void value_block(int G, int valid) {
     P.c.v_bits = VB;
     std::vector<float> wacc(D, 0.0f);
     std::vector<u16> stage(2 * D / 32 * STAGE_ROW);
+    std::vector<uint4> codes(ValueStage<D, VB>::WORDS / 4 + 1);  // 16-byte aligned
+    for (auto& w : codes) w = uint4{~0u, ~0u, ~0u, ~0u};
     emu_run_warp({}, [&](int lane) {
         float tacc[D / 16][4] = {};
-        tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
+        tc_value_block<D, VB, 1, STAGED>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), &codes[0].x, lane);
         tc_value_store<D, 1>(tacc, wacc.data(), lane);
     });
     std::vector<double> want(D, 0.0), mag(D, 0.0);
@@ -136,7 +148,7 @@ static void value_block(int G, int valid) {
             mag[c] += std::fabs((double)p[t] * v);
         }
     char what[96];
-    std::snprintf(what, sizeof what, "value block D %d bits %d G %d valid %d", D, VB, G, valid);
+    std::snprintf(what, sizeof what, "value block D %d bits %d G %d valid %d%s", D, VB, G, valid, STAGED ? " staged" : "");
     check(what, want, wacc, mag, 1e-3);
 }
 
@@ -468,7 +480,9 @@ struct Pipeline {
         P.tc_multiple = production && W > 1 ? W : 1;
         P.tc_partial_min = production ? (NG == 1 ? 72 : 32) : 1;
         P.prefill = prefill;
-        const size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
+        // As GpuCache::attend: one-head KIVI CTAs get room for their warps' block buffers.
+        size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
+        if (KB < 16 && NG == 1) smem = ((smem + 3) & ~(size_t)3) + W * stage_words<D, KB, VB>();
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
@@ -569,6 +583,15 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     std::printf("%-4s %s: worst rel err %.2e (bound %.0e), %.1f s\n", ok ? "ok" : "FAIL", what, pl.worst, bound, secs);
 }
 
+// Key and value blocks at 2 and 4 bits, from the pool or staged.
+template <int D, bool STAGED>
+static void blocks(int G, int valid) {
+    key_block<D, 2, STAGED>(G, valid);
+    key_block<D, 4, STAGED>(G, valid);
+    value_block<D, 2, STAGED>(G, valid);
+    value_block<D, 4, STAGED>(G, valid);
+}
+
 int main() {
     const u64 seed = std::chrono::system_clock::now().time_since_epoch().count();
     rng.seed(seed);
@@ -576,15 +599,11 @@ int main() {
     auto partial = [] { return 1 + (int)(rng() % 127); };
     for (int G : {32, 64, 128}) {
         for (int valid : {128, partial()}) {
-            key_block<128, 2>(G, valid);
-            key_block<128, 4>(G, valid);
-            value_block<128, 2>(G, valid);
-            value_block<128, 4>(G, valid);
+            blocks<128, false>(G, valid);
+            blocks<128, true>(G, valid);
             if (G <= 64) {
-                key_block<64, 2>(G, valid);
-                key_block<64, 4>(G, valid);
-                value_block<64, 2>(G, valid);
-                value_block<64, 4>(G, valid);
+                blocks<64, false>(G, valid);
+                blocks<64, true>(G, valid);
             }
         }
     }

@@ -26,6 +26,7 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use kivi_core::{Axis, CacheConfig, CacheShape, KiviConfig, MemoryUsage};
@@ -72,6 +73,16 @@ const PREFILL_ROWS: usize = 16;
 const TABLE_WIDTH: usize = 32;
 /// Most KIVI sink tokens per sequence (a warp reads them one after the other).
 const MAX_SINKS: usize = 1024;
+
+/// 32-bit words of one warp's block buffer in a one-head KIVI attention CTA: `stage_words` of
+/// cache.cu (`KeyStage` / `ValueStage`: a key block's codes in 4 padded sub-tiles plus 4 rows
+/// each of scales and mins, or a value block's codes in padded token rows; the larger).
+fn stage_words(head_dim: usize, k_bits: u8, v_bits: u8) -> usize {
+    let key = 4 * (head_dim * k_bits as usize + 8) + 2 * (BLOCK_TOKENS / 32) * (head_dim / 2 + 4);
+    let value_row = head_dim * v_bits as usize / 32;
+    let value_row = if value_row == 4 { 4 } else { value_row + 4 };
+    key.max(BLOCK_TOKENS * value_row)
+}
 
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
@@ -498,6 +509,9 @@ pub struct GpuCache {
     /// Whole quantized blocks through the tensor-core path (`KIVI_CUDA_SIMT=1`: CUDA cores only,
     /// the previous kernel, for comparison).
     tensor_cores: bool,
+    /// One-head KIVI CTAs copy each whole quantized block into shared memory (cp.async) before
+    /// computing on it (`KIVI_CUDA_BLOCK_STAGE=0`: they read the pool directly, for comparison).
+    block_stage: bool,
     /// The tensor-core path takes whole quantized blocks in multiples of this many per split
     /// (default: one per warp of the CTA).
     tc_multiple: usize,
@@ -709,6 +723,7 @@ impl GpuCache {
                 .map_or(CTAS_PER_SM, |c| c.clamp(1, 64)),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
+            block_stage: std::env::var_os("KIVI_CUDA_BLOCK_STAGE").is_none_or(|v| v != "0"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -757,6 +772,12 @@ impl GpuCache {
     /// cores only (the previous kernel; also `KIVI_CUDA_SIMT=1`). Both read the same layout.
     pub fn set_tensor_cores(&mut self, on: bool) {
         self.tensor_cores = on;
+    }
+
+    /// Whether one-head KIVI attention CTAs stage each quantized block in shared memory (the
+    /// default) or read it from the pool (also `KIVI_CUDA_BLOCK_STAGE=0`). Same results.
+    pub fn set_block_stage(&mut self, on: bool) {
+        self.block_stage = on;
     }
 
     /// Blocks the tensor-core path takes at a time per split (1 to the blocks of the longest
@@ -1367,7 +1388,18 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
+        let mut smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
+        if kb < 16 && ng == 1 && self.block_stage {
+            // Room for each warp's block buffer (`attn_split` checks it and reads the pool
+            // directly when it is missing).
+            smem = smem.next_multiple_of(16) + warps * stage_words(d, kb, vb) * 4;
+        }
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
@@ -1736,6 +1768,23 @@ mod tests {
         for g in [32, 64, 128] {
             assert!(BLOCK_TOKENS.is_multiple_of(g));
         }
+        // `stage_words` mirrors the kernel's staging layouts: the same expressions there, and
+        // the sizes they give (keys: 4 sub-tiles of D * KB + 8 words, 8 rows of D / 2 + 4;
+        // values: 128 rows of WPT + 4 words, WPT = 4 unpadded).
+        for text in [
+            "SUB = D * KB + 8;",
+            "GRP = D / 2 + 4;",
+            "WORDS = 4 * SUB + 2 * (BLOCK_TOKENS / 32) * GRP;",
+            "ROW = WPT == 4 ? 4 : WPT + 4;",
+            "WORDS = BLOCK_TOKENS * ROW;",
+        ] {
+            assert!(SOURCE.contains(text), "{text}");
+        }
+        assert_eq!(stage_words(128, 2, 2), 4 * 264 + 8 * 68);
+        assert_eq!(stage_words(128, 4, 4), 4 * 520 + 8 * 68);
+        assert_eq!(stage_words(128, 2, 4), 128 * 20);
+        assert_eq!(stage_words(64, 2, 2), 4 * 136 + 8 * 36);
+        assert_eq!(stage_words(64, 4, 2), 4 * 264 + 8 * 36); // keys over values (128 * 4)
     }
 
     #[test]
