@@ -246,14 +246,19 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
 }
 
 // cp.async: a thread's copies are read at issue (the source does not change during a kernel)
-// and land in shared memory at its next cp_async_wait_all, so a read before the wait sees the
-// old bytes (NaN at first), as it might on the GPU. Misaligned addresses and copies still
-// pending when the CTA ends abort.
+// and land in shared memory only when cp_async_wait_group lets their group go (groups closed
+// by cp_async_commit, oldest first), so a read before the wait sees the old bytes (NaN at
+// first), as it might on the GPU. Misaligned addresses and copies still pending when the CTA
+// ends abort.
 struct EmuCopy {
     void* dst;
     unsigned char bytes[16];
 };
-inline std::vector<EmuCopy> emu_pending[EmuFibers::N];
+struct EmuCopies {
+    std::vector<EmuCopy> open;
+    std::vector<std::vector<EmuCopy>> closed;
+};
+inline EmuCopies emu_copies[EmuFibers::N];
 inline void cp_async16(void* dst, const void* src) {
     if ((uintptr_t)dst % 16 != 0 || (uintptr_t)src % 16 != 0) {
         std::fprintf(stderr, "cp_async16: misaligned %p <- %p\n", dst, src);
@@ -261,12 +266,20 @@ inline void cp_async16(void* dst, const void* src) {
     }
     EmuCopy c{dst, {}};
     std::memcpy(c.bytes, src, 16);
-    emu_pending[emu_fibers.current].push_back(c);
+    emu_copies[emu_fibers.current].open.push_back(c);
 }
-inline void cp_async_wait_all() {
-    auto& p = emu_pending[emu_fibers.current];
-    for (const EmuCopy& c : p) std::memcpy(c.dst, c.bytes, 16);
-    p.clear();
+inline void cp_async_commit() {
+    EmuCopies& e = emu_copies[emu_fibers.current];
+    e.closed.push_back(std::move(e.open));
+    e.open.clear();
+}
+template <int N>
+inline void cp_async_wait_group() {
+    auto& closed = emu_copies[emu_fibers.current].closed;
+    while ((int)closed.size() > N) {
+        for (const EmuCopy& c : closed.front()) std::memcpy(c.dst, c.bytes, 16);
+        closed.erase(closed.begin());
+    }
 }
 inline u32 dynamic_smem_bytes() { return (u32)emu_dynamic_smem_size; }
 
@@ -311,8 +324,8 @@ inline void emu_run_block(EmuDim block, int threads, const std::function<void(in
     }
     emu_cta_bar = nullptr;
     for (int i = 0; i < threads; i++)
-        if (!emu_pending[i].empty()) {
-            std::fprintf(stderr, "thread %d ended with %zu cp.async copies never waited for\n", i, emu_pending[i].size());
+        if (!emu_copies[i].open.empty() || !emu_copies[i].closed.empty()) {
+            std::fprintf(stderr, "thread %d ended with cp.async copies never waited for\n", i);
             std::abort();
         }
 }

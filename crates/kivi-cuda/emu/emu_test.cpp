@@ -83,7 +83,8 @@ static void key_block(int G, int valid) {
     emu_run_warp({}, [&](int lane) {
         if (STAGED) {
             stage_key_block<D, KB>(P.c, 0, 0, buf, lane);
-            cp_async_wait_all();
+            cp_async_commit();
+            cp_async_wait_group<0>();
             __syncwarp();
         }
         tc_key_block<D, KB, 1, STAGED>(P, 0, 0, buf, 0, 0, valid, qf.data(), sc.data(), lane);
@@ -135,6 +136,12 @@ static void value_block(int G, int valid) {
     for (auto& w : codes) w = uint4{~0u, ~0u, ~0u, ~0u};
     emu_run_warp({}, [&](int lane) {
         float tacc[D / 16][4] = {};
+        if (STAGED) {
+            stage_value_block<D, VB>(P.c, 0, 0, &codes[0].x, lane);
+            cp_async_commit();
+            cp_async_wait_group<0>();
+            __syncwarp();
+        }
         tc_value_block<D, VB, 1, STAGED>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), &codes[0].x, lane);
         tc_value_store<D, 1>(tacc, wacc.data(), lane);
     });
@@ -245,6 +252,7 @@ struct Pipeline {
     static constexpr bool F16 = KB == 16;
     int hkv, nh, G, R, S, split, slots, pool;
     bool production = false;
+    int stage_buffers = 2;  // per warp, in one-head KIVI CTAs
     u64 kq_head, ksm_head, kwin_head, vq_head, vsm_head, vwin_head;
     std::vector<u32> kq, vq;
     std::vector<u16> ks, km, vs, vm, kwin, vwin, ksink, vsink;
@@ -482,7 +490,7 @@ struct Pipeline {
         P.prefill = prefill;
         // As GpuCache::attend: one-head KIVI CTAs get room for their warps' block buffers.
         size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
-        if (KB < 16 && NG == 1) smem = ((smem + 3) & ~(size_t)3) + W * stage_words<D, KB, VB>();
+        if (KB < 16 && NG == 1) smem = ((smem + 3) & ~(size_t)3) + stage_buffers * W * stage_words<D, KB, VB>();
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
@@ -556,9 +564,13 @@ struct Pipeline {
 };
 
 template <int D, int KB, int VB, int NG, int W>
-static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false) {
+static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int buffers = 2,
+                     int prompt = 0) {
     Pipeline<D, KB, VB, NG, W> pl(hkv, nh, G, R, S, split, 3, 64);
     pl.production = production;
+    pl.stage_buffers = buffers;
+    // Long prompts first (several blocks per warp), if asked for.
+    if (prompt > 0) pl.step({{0, prompt}, {1, prompt / 2 + 3}});
     // Prompts that end inside, at and past the sinks; chunked prefill; decode steps of all three.
     const std::vector<std::vector<std::pair<int, int>>> steps = {
         {{0, 2}, {1, S + 1}, {2, 1}},
@@ -572,9 +584,12 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     const auto t0 = std::chrono::steady_clock::now();
     for (const auto& st : steps) pl.step(st);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    char what[128];
-    std::snprintf(what, sizeof what, "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d%s",
-                  D, KB, VB, nh, hkv, NG, W, G, R, S, split, production ? " (production tensor-core choices)" : "");
+    char what[192];
+    std::snprintf(what, sizeof what,
+                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s%s", D,
+                  KB, VB, nh, hkv, NG, W, G, R, S, split, prompt,
+                  KB < 16 && NG == 1 ? (buffers == 2 ? " two buffers" : buffers == 1 ? " one buffer" : " no buffer") : "",
+                  production ? " (production tensor-core choices)" : "");
     // On exactly quantizable data the dequantized values are exact; with R = 0 (data off the
     // grid) the tensor cores dequantize through f16 where the reference stays in f32.
     const double bound = R == 0 && KB < 16 ? 5e-4 : 1e-4;
@@ -612,8 +627,12 @@ int main() {
     sinks<64>(4, 4, 3);
     sinks<64>(37, 20, 25);
     pipeline<64, 2, 2, 2, 4>(2, 4, 32, 32, 4, 128);
-    pipeline<128, 4, 2, 1, 4>(2, 2, 64, 128, 4, 128);
-    pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
+    pipeline<128, 4, 2, 1, 4>(2, 2, 64, 128, 4, 128, false, 1);
+    pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256, false, 0);
+    // Several blocks per warp: the staging pipelines with two buffers and one.
+    pipeline<128, 2, 2, 1, 1>(2, 2, 32, 32, 0, 512, true, 2, 500);
+    pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 2, 700);
+    pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 0, 1024, false, 1, 600);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 256);

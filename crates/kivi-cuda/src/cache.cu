@@ -456,13 +456,18 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
-// 16 bytes from global to shared memory without registers (cp.async, L2 only); they land by
-// the thread's next cp_async_wait_all. Both addresses 16-byte aligned.
+// 16 bytes from global to shared memory without registers (cp.async, L2 only), in the thread's
+// open group; cp_async_commit closes the group, cp_async_wait_group<N> waits until at most
+// the N newest closed groups are still in flight. Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     const u32 d = (u32)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
 }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 // Bytes of dynamic shared memory this launch got.
 __device__ __forceinline__ u32 dynamic_smem_bytes() {
     u32 r;
@@ -560,6 +565,52 @@ __device__ __forceinline__ void stage_key_block(const CacheBufs& c, int kvh, u64
         const int grp = i / GCH, x = i % GCH;
         cp_async16(rows + grp * S::GRP + 4 * x, c.ks + sm + grp * D + 8 * x);
         cp_async16(rows + (BLOCK_TOKENS / 32 + grp) * S::GRP + 4 * x, c.km + sm + grp * D + 8 * x);
+    }
+}
+
+// Issues the copies of KV head kvh's value block blk (the codes, token rows padded) into buf,
+// by one warp.
+template <int D, int VB>
+__device__ __forceinline__ void stage_value_block(const CacheBufs& c, int kvh, u64 blk, u32* buf, int lane) {
+    using S = ValueStage<D, VB>;
+    const u32* codes = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
+    constexpr int CPT = S::WPT / 4;  // 16-byte chunks per token
+    static_assert(BLOCK_TOKENS * CPT % 32 == 0, "whole rounds of the warp");
+#pragma unroll
+    for (int r = 0; r < BLOCK_TOKENS * CPT / 32; r++) {
+        const int i = lane + 32 * r, tok = i / CPT, x = i % CPT;
+        cp_async16(buf + tok * S::ROW + 4 * x, codes + tok * S::WPT + 4 * x);
+    }
+}
+
+// Runs body(pb, buf) for a warp's blocks pb = first, first + step, ... below end, each staged
+// by stage(pb, buf) first: with two buffers the next block's copies fly while the body
+// computes on this one; with one, each block waits for its own copies.
+template <class Stage, class Body>
+__device__ __forceinline__ void staged_blocks(int first, int end, int step, int nbuf, u32* bufs, int buf_words,
+                                              Stage stage, Body body) {
+    if (first >= end) return;
+    __syncwarp();  // earlier readers of the buffers are done
+    stage(first, bufs);
+    cp_async_commit();
+    int cur = 0;
+    for (int pb = first; pb < end; pb += step) {
+        if (nbuf == 2 && pb + step < end) {
+            stage(pb + step, bufs + (cur ^ 1) * buf_words);
+            cp_async_commit();
+            cp_async_wait_group<1>();
+        } else {
+            cp_async_wait_group<0>();
+        }
+        __syncwarp();
+        body(pb, bufs + cur * buf_words);
+        __syncwarp();  // this buffer's readers are done before copies into it
+        if (nbuf == 2) {
+            cur ^= 1;
+        } else if (pb + step < end) {
+            stage(pb + step, bufs);
+            cp_async_commit();
+        }
     }
 }
 
@@ -678,7 +729,7 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
-// as split_bits. STAGED: the block's codes are copied into `codes` (ValueStage's layout) first.
+// as split_bits. STAGED: the block's codes are in `codes` (stage_value_block, copies landed).
 template <int D, int VB, int NG, bool STAGED>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
@@ -692,18 +743,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     // Words between a token's codes and the next token's.
     constexpr int ROW = STAGED ? ValueStage<D, VB>::ROW : WPT;
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u32* block_codes = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
-    if constexpr (STAGED) {
-        __syncwarp();  // the previous block's readers are done
-        constexpr int CPT = WPT / 4;  // 16-byte chunks per token
-        static_assert(BLOCK_TOKENS * CPT % 32 == 0, "whole rounds of the warp");
-#pragma unroll
-        for (int r = 0; r < BLOCK_TOKENS * CPT / 32; r++) {
-            const int i = lane + 32 * r, tok = i / CPT, x = i % CPT;
-            cp_async16(codes + tok * ROW + 4 * x, block_codes + tok * WPT + 4 * x);
-        }
-    }
-    const u32* vq = (STAGED ? codes : block_codes) + (g * LBITS) / 32;
+    const u32* vq = (STAGED ? codes : c.vq + blk * c.vq_block + (u64)kvh * c.vq_head) + (g * LBITS) / 32;
     const int shift = (g * LBITS) % 32;
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
@@ -754,10 +794,6 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         vm = c.vm + sm;
     }
 #undef LANE_GROUP
-    if constexpr (STAGED) {
-        cp_async_wait_all();
-        __syncwarp();
-    }
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll 2
@@ -862,9 +898,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // [W][stage_words]: each warp's block buffer (16-byte aligned), when the launch gave room.
     constexpr int KBs = QUANT ? KB : 2, VBs = QUANT ? VB : 2;
     constexpr int SW = stage_words<D, KBs, VBs>();
+    // Buffers per warp: two if the launch gave room (the next block's copies overlap this
+    // block's work), else one, else none (the pool is read directly).
     const int stage_off = (NG * D + W * NG * D + 2 * NG + 8 + NG * P.split_len + 3) & ~3;
-    const bool staged = QUANT && BLOCK_STAGE && NG == 1 && dynamic_smem_bytes() >= 4u * (stage_off + W * SW);
-    u32* wstage = (u32*)(smem + stage_off) + warp * SW;
+    int nbuf = 0;
+    if (QUANT && BLOCK_STAGE && NG == 1) {
+        const u32 dyn = dynamic_smem_bytes();
+        nbuf = dyn >= 4u * (stage_off + 2 * W * SW) ? 2 : dyn >= 4u * (stage_off + W * SW) ? 1 : 0;
+    }
+    u32* wstage = (u32*)(smem + stage_off) + warp * nbuf * SW;
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
     if (s0 >= s1) {
@@ -939,17 +981,18 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            const u64 blk = (u64)sblk[(pb - s0) / BLOCK_TOKENS];
-            if (staged) {
-                __syncwarp();  // the previous block's readers are done
-                stage_key_block<D, KBq>(c, kvh, blk, wstage, lane);
-                cp_async_wait_all();
-                __syncwarp();
-                tc_key_block<D, KBq, NG, true>(P, kvh, blk, wstage, pb, s0, kt_valid - pb, sqf, sc, lane);
-            } else {
-                tc_key_block<D, KBq, NG, false>(P, kvh, blk, nullptr, pb, s0, kt_valid - pb, sqf, sc, lane);
-            }
+        const int first = s0 + warp * BLOCK_TOKENS, step = W * BLOCK_TOKENS;
+        auto blk_of = [&](int pb) { return (u64)sblk[(pb - s0) / BLOCK_TOKENS]; };
+        if (nbuf > 0) {
+            staged_blocks(
+                first, kt_end, step, nbuf, wstage, SW,
+                [&](int pb, u32* buf) { stage_key_block<D, KBq>(c, kvh, blk_of(pb), buf, lane); },
+                [&](int pb, u32* buf) {
+                    tc_key_block<D, KBq, NG, true>(P, kvh, 0, buf, pb, s0, kt_valid - pb, sqf, sc, lane);
+                });
+        } else {
+            for (int pb = first; pb < kt_end; pb += step)
+                tc_key_block<D, KBq, NG, false>(P, kvh, blk_of(pb), nullptr, pb, s0, kt_valid - pb, sqf, sc, lane);
         }
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
@@ -1154,14 +1197,20 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
             u16* sstage = (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW);
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-                const u64 blk = (u64)sblk[(pb - s0) / BLOCK_TOKENS];
-                if (staged)
-                    tc_value_block<D, VBq, NG, true>(P, kvh, blk, pb, s0, vt_valid - pb, sc, tacc, sstage, wstage,
-                                                     lane);
-                else
-                    tc_value_block<D, VBq, NG, false>(P, kvh, blk, pb, s0, vt_valid - pb, sc, tacc, sstage, nullptr,
-                                                      lane);
+            const int first = s0 + warp * BLOCK_TOKENS, step = W * BLOCK_TOKENS;
+            auto blk_of = [&](int pb) { return (u64)sblk[(pb - s0) / BLOCK_TOKENS]; };
+            if (nbuf > 0) {
+                staged_blocks(
+                    first, vt_end, step, nbuf, wstage, SW,
+                    [&](int pb, u32* buf) { stage_value_block<D, VBq>(c, kvh, blk_of(pb), buf, lane); },
+                    [&](int pb, u32* buf) {
+                        tc_value_block<D, VBq, NG, true>(P, kvh, blk_of(pb), pb, s0, vt_valid - pb, sc, tacc, sstage,
+                                                         buf, lane);
+                    });
+            } else {
+                for (int pb = first; pb < vt_end; pb += step)
+                    tc_value_block<D, VBq, NG, false>(P, kvh, blk_of(pb), pb, s0, vt_valid - pb, sc, tacc, sstage,
+                                                      nullptr, lane);
             }
             tc_value_store<D, NG>(tacc, wacc, lane);
         }

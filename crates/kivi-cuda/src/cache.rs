@@ -74,6 +74,17 @@ const TABLE_WIDTH: usize = 32;
 /// Most KIVI sink tokens per sequence (a warp reads them one after the other).
 const MAX_SINKS: usize = 1024;
 
+/// Default block buffers per warp of one-head KIVI attention CTAs, [four warps, one warp]
+/// (`GpuCache::set_block_stage`).
+const STAGE_BUFFERS: [usize; 2] = [2, 0];
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(default, |n| n.min(2))
+}
+
 /// 32-bit words of one warp's block buffer in a one-head KIVI attention CTA: `stage_words` of
 /// cache.cu (`KeyStage` / `ValueStage`: a key block's codes in 4 padded sub-tiles plus 4 rows
 /// each of scales and mins, or a value block's codes in padded token rows; the larger).
@@ -509,9 +520,11 @@ pub struct GpuCache {
     /// Whole quantized blocks through the tensor-core path (`KIVI_CUDA_SIMT=1`: CUDA cores only,
     /// the previous kernel, for comparison).
     tensor_cores: bool,
-    /// One-head KIVI CTAs copy each whole quantized block into shared memory (cp.async) before
-    /// computing on it (`KIVI_CUDA_BLOCK_STAGE=0`: they read the pool directly, for comparison).
-    block_stage: bool,
+    /// Block buffers per warp in one-head KIVI attention CTAs, [four-warp, one-warp]: 2, each
+    /// whole quantized block is copied into shared memory (cp.async) while the warp computes on
+    /// the previous one; 1, each block waits for its own copies; 0, the pool is read directly
+    /// (`KIVI_CUDA_BLOCK_STAGE` and `KIVI_CUDA_BLOCK_STAGE_ONE_WARP`).
+    stage_buffers: [usize; 2],
     /// The tensor-core path takes whole quantized blocks in multiples of this many per split
     /// (default: one per warp of the CTA).
     tc_multiple: usize,
@@ -723,7 +736,10 @@ impl GpuCache {
                 .map_or(CTAS_PER_SM, |c| c.clamp(1, 64)),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
-            block_stage: std::env::var_os("KIVI_CUDA_BLOCK_STAGE").is_none_or(|v| v != "0"),
+            stage_buffers: [
+                env_count("KIVI_CUDA_BLOCK_STAGE", STAGE_BUFFERS[0]),
+                env_count("KIVI_CUDA_BLOCK_STAGE_ONE_WARP", STAGE_BUFFERS[1]),
+            ],
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -774,10 +790,13 @@ impl GpuCache {
         self.tensor_cores = on;
     }
 
-    /// Whether one-head KIVI attention CTAs stage each quantized block in shared memory (the
-    /// default) or read it from the pool (also `KIVI_CUDA_BLOCK_STAGE=0`). Same results.
-    pub fn set_block_stage(&mut self, on: bool) {
-        self.block_stage = on;
+    /// Block buffers per warp (0, 1 or 2) in one-head KIVI attention CTAs of four warps and of
+    /// one: each quantized block copied into shared memory before the warp computes on it, the
+    /// next one's copies in flight meanwhile with two, none: the pool read directly. Same
+    /// results. Defaults: `STAGE_BUFFERS` (also `KIVI_CUDA_BLOCK_STAGE`,
+    /// `KIVI_CUDA_BLOCK_STAGE_ONE_WARP`).
+    pub fn set_block_stage(&mut self, four_warp: usize, one_warp: usize) {
+        self.stage_buffers = [four_warp.min(2), one_warp.min(2)];
     }
 
     /// Blocks the tensor-core path takes at a time per split (1 to the blocks of the longest
@@ -1389,12 +1408,12 @@ impl GpuCache {
             ATTN_THREADS as usize / 32
         };
         let mut smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
-        if kb < 16 && ng == 1 && self.block_stage {
-            // Room for each warp's block buffer (`attn_split` checks it and reads the pool
-            // directly when it is missing).
-            smem = smem.next_multiple_of(16) + warps * stage_words(d, kb, vb) * 4;
-        }
-        if smem > 48 * 1024 {
+        let buffers = self.stage_buffers[usize::from(one_warp)];
+        if kb < 16 && ng == 1 && buffers > 0 {
+            // Room for the warps' block buffers (`attn_split` counts them from the launch's
+            // dynamic shared memory: whatever fits, two, one or none).
+            smem = smem.next_multiple_of(16) + buffers * warps * stage_words(d, kb, vb) * 4;
+            // Static and dynamic shared memory over 48 KiB needs the function's consent.
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
