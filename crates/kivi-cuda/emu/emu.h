@@ -11,8 +11,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -36,7 +34,6 @@ struct uint4 {
 };
 
 #define __device__
-#define __host__
 #define __forceinline__ inline
 #define __global__
 #define __shared__ static
@@ -185,7 +182,6 @@ constexpr int EMU_MAX_WARPS = 32;
 inline EmuWarp emu_warps[EMU_MAX_WARPS];
 inline EmuBarrier* emu_cta_bar = nullptr;
 inline float* emu_dynamic_smem = nullptr;
-inline size_t emu_dynamic_smem_size = 0;  // bytes
 inline int emu_lane() { return threadIdx.x & 31; }
 inline EmuWarp& emu_warp() { return emu_warps[threadIdx.x >> 5]; }
 inline void emu_sync() { emu_warp().bar->arrive_and_wait(); }
@@ -245,44 +241,6 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
     for (int i = 0; i < 4; i++) c[i] = out[i];
 }
 
-// cp.async: a thread's copies are read at issue (the source does not change during a kernel)
-// and land in shared memory only when cp_async_wait_group lets their group go (groups closed
-// by cp_async_commit, oldest first), so a read before the wait sees the old bytes (NaN at
-// first), as it might on the GPU. Misaligned addresses and copies still pending when the CTA
-// ends abort.
-struct EmuCopy {
-    void* dst;
-    unsigned char bytes[16];
-};
-struct EmuCopies {
-    std::vector<EmuCopy> open;
-    std::vector<std::vector<EmuCopy>> closed;
-};
-inline EmuCopies emu_copies[EmuFibers::N];
-inline void cp_async16(void* dst, const void* src) {
-    if ((uintptr_t)dst % 16 != 0 || (uintptr_t)src % 16 != 0) {
-        std::fprintf(stderr, "cp_async16: misaligned %p <- %p\n", dst, src);
-        std::abort();
-    }
-    EmuCopy c{dst, {}};
-    std::memcpy(c.bytes, src, 16);
-    emu_copies[emu_fibers.current].open.push_back(c);
-}
-inline void cp_async_commit() {
-    EmuCopies& e = emu_copies[emu_fibers.current];
-    e.closed.push_back(std::move(e.open));
-    e.open.clear();
-}
-template <int N>
-inline void cp_async_wait_group() {
-    auto& closed = emu_copies[emu_fibers.current].closed;
-    while ((int)closed.size() > N) {
-        for (const EmuCopy& c : closed.front()) std::memcpy(c.dst, c.bytes, 16);
-        closed.erase(closed.begin());
-    }
-}
-inline u32 dynamic_smem_bytes() { return (u32)emu_dynamic_smem_size; }
-
 // Runs f(thread) as one CTA of `threads` threads (blockIdx = block) with `smem_floats` floats
 // of dynamic shared memory (NaN-filled, as unwritten memory must not be read): each thread a
 // fiber, resumed in turn until all have finished.
@@ -297,7 +255,6 @@ inline void emu_run_block(EmuDim block, int threads, const std::function<void(in
     emu_cta_bar = &cta;
     std::vector<float> smem(smem_floats, NAN);
     emu_dynamic_smem = smem.data();
-    emu_dynamic_smem_size = smem_floats * sizeof(float);
     blockIdx = block;
     blockDim = EmuDim{threads, 1, 1};
     f.job = &fn;
@@ -323,11 +280,6 @@ inline void emu_run_block(EmuDim block, int threads, const std::function<void(in
         }
     }
     emu_cta_bar = nullptr;
-    for (int i = 0; i < threads; i++)
-        if (!emu_copies[i].open.empty() || !emu_copies[i].closed.empty()) {
-            std::fprintf(stderr, "thread %d ended with cp.async copies never waited for\n", i);
-            std::abort();
-        }
 }
 // One warp.
 inline void emu_run_warp(EmuDim block, const std::function<void(int)>& f) { emu_run_block(block, 32, f); }

@@ -57,7 +57,7 @@ static AttnParams block_params(int D, int G) {
 
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
-template <int D, int KB, bool STAGED>
+template <int D, int KB>
 static void key_block(int G, int valid) {
     constexpr int WPD = KB, FPI = 32 / KB;
     std::vector<u32> kq((BLOCK_TOKENS / 32) * D * WPD);
@@ -77,18 +77,7 @@ static void key_block(int G, int valid) {
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, 1>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(BLOCK_TOKENS, NAN);
-    std::vector<uint4> stage(KeyStage<D, KB>::WORDS / 4 + 1);  // 16-byte aligned
-    for (auto& w : stage) w = uint4{~0u, ~0u, ~0u, ~0u};
-    u32* buf = &stage[0].x;
-    emu_run_warp({}, [&](int lane) {
-        if (STAGED) {
-            stage_key_block<D, KB>(P.c, 0, 0, buf, lane);
-            cp_async_commit();
-            cp_async_wait_group<0>();
-            __syncwarp();
-        }
-        tc_key_block<D, KB, 1, STAGED>(P, 0, 0, buf, 0, 0, valid, qf.data(), sc.data(), lane);
-    });
+    emu_run_warp({}, [&](int lane) { tc_key_block<D, KB, 1>(P, 0, 0, 0, 0, valid, qf.data(), sc.data(), lane); });
     std::vector<double> want(valid), mag(valid);
     std::vector<float> got(valid);
     for (int b = 0; b < valid; b++) {
@@ -105,13 +94,13 @@ static void key_block(int G, int valid) {
         got[b] = sc[b];
     }
     char what[96];
-    std::snprintf(what, sizeof what, "key block D %d bits %d G %d valid %d%s", D, KB, G, valid, STAGED ? " staged" : "");
+    std::snprintf(what, sizeof what, "key block D %d bits %d G %d valid %d", D, KB, G, valid);
     check(what, want, got, mag, 1e-3);
 }
 
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
 // tokens), through tc_value_block and tc_value_store.
-template <int D, int VB, bool STAGED>
+template <int D, int VB>
 static void value_block(int G, int valid) {
     constexpr int FPI = 32 / VB;
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
@@ -132,17 +121,9 @@ static void value_block(int G, int valid) {
     P.c.v_bits = VB;
     std::vector<float> wacc(D, 0.0f);
     std::vector<u16> stage(2 * D / 32 * STAGE_ROW);
-    std::vector<uint4> codes(ValueStage<D, VB>::WORDS / 4 + 1);  // 16-byte aligned
-    for (auto& w : codes) w = uint4{~0u, ~0u, ~0u, ~0u};
     emu_run_warp({}, [&](int lane) {
         float tacc[D / 16][4] = {};
-        if (STAGED) {
-            stage_value_block<D, VB>(P.c, 0, 0, &codes[0].x, lane);
-            cp_async_commit();
-            cp_async_wait_group<0>();
-            __syncwarp();
-        }
-        tc_value_block<D, VB, 1, STAGED>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), &codes[0].x, lane);
+        tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
         tc_value_store<D, 1>(tacc, wacc.data(), lane);
     });
     std::vector<double> want(D, 0.0), mag(D, 0.0);
@@ -155,7 +136,7 @@ static void value_block(int G, int valid) {
             mag[c] += std::fabs((double)p[t] * v);
         }
     char what[96];
-    std::snprintf(what, sizeof what, "value block D %d bits %d G %d valid %d%s", D, VB, G, valid, STAGED ? " staged" : "");
+    std::snprintf(what, sizeof what, "value block D %d bits %d G %d valid %d", D, VB, G, valid);
     check(what, want, wacc, mag, 1e-3);
 }
 
@@ -252,7 +233,6 @@ struct Pipeline {
     static constexpr bool F16 = KB == 16;
     int hkv, nh, G, R, S, split, slots, pool;
     bool production = false;
-    int stage_buffers = 2;  // per warp, in one-head KIVI CTAs
     u64 kq_head, ksm_head, kwin_head, vq_head, vsm_head, vwin_head;
     std::vector<u32> kq, vq;
     std::vector<u16> ks, km, vs, vm, kwin, vwin, ksink, vsink;
@@ -488,9 +468,7 @@ struct Pipeline {
         P.tc_multiple = production && W > 1 ? W : 1;
         P.tc_partial_min = production ? (NG == 1 ? 72 : 32) : 1;
         P.prefill = prefill;
-        // As GpuCache::attend: one-head KIVI CTAs get room for their warps' block buffers.
-        size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
-        if (KB < 16 && NG == 1) smem = ((smem + 3) & ~(size_t)3) + stage_buffers * W * stage_words<D, KB, VB>();
+        const size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
@@ -564,11 +542,9 @@ struct Pipeline {
 };
 
 template <int D, int KB, int VB, int NG, int W>
-static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int buffers = 2,
-                     int prompt = 0) {
+static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int prompt = 0) {
     Pipeline<D, KB, VB, NG, W> pl(hkv, nh, G, R, S, split, 3, 64);
     pl.production = production;
-    pl.stage_buffers = buffers;
     // Long prompts first (several blocks per warp), if asked for.
     if (prompt > 0) pl.step({{0, prompt}, {1, prompt / 2 + 3}});
     // Prompts that end inside, at and past the sinks; chunked prefill; decode steps of all three.
@@ -584,27 +560,16 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     const auto t0 = std::chrono::steady_clock::now();
     for (const auto& st : steps) pl.step(st);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    char what[192];
+    char what[160];
     std::snprintf(what, sizeof what,
-                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s%s", D,
-                  KB, VB, nh, hkv, NG, W, G, R, S, split, prompt,
-                  KB < 16 && NG == 1 ? (buffers == 2 ? " two buffers" : buffers == 1 ? " one buffer" : " no buffer") : "",
-                  production ? " (production tensor-core choices)" : "");
+                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s", D,
+                  KB, VB, nh, hkv, NG, W, G, R, S, split, prompt, production ? " (production tensor-core choices)" : "");
     // On exactly quantizable data the dequantized values are exact; with R = 0 (data off the
     // grid) the tensor cores dequantize through f16 where the reference stays in f32.
     const double bound = R == 0 && KB < 16 ? 5e-4 : 1e-4;
     const bool ok = pl.worst <= bound;
     if (!ok) failures++;
     std::printf("%-4s %s: worst rel err %.2e (bound %.0e), %.1f s\n", ok ? "ok" : "FAIL", what, pl.worst, bound, secs);
-}
-
-// Key and value blocks at 2 and 4 bits, from the pool or staged.
-template <int D, bool STAGED>
-static void blocks(int G, int valid) {
-    key_block<D, 2, STAGED>(G, valid);
-    key_block<D, 4, STAGED>(G, valid);
-    value_block<D, 2, STAGED>(G, valid);
-    value_block<D, 4, STAGED>(G, valid);
 }
 
 int main() {
@@ -614,11 +579,15 @@ int main() {
     auto partial = [] { return 1 + (int)(rng() % 127); };
     for (int G : {32, 64, 128}) {
         for (int valid : {128, partial()}) {
-            blocks<128, false>(G, valid);
-            blocks<128, true>(G, valid);
+            key_block<128, 2>(G, valid);
+            key_block<128, 4>(G, valid);
+            value_block<128, 2>(G, valid);
+            value_block<128, 4>(G, valid);
             if (G <= 64) {
-                blocks<64, false>(G, valid);
-                blocks<64, true>(G, valid);
+                key_block<64, 2>(G, valid);
+                key_block<64, 4>(G, valid);
+                value_block<64, 2>(G, valid);
+                value_block<64, 4>(G, valid);
             }
         }
     }
@@ -627,12 +596,11 @@ int main() {
     sinks<64>(4, 4, 3);
     sinks<64>(37, 20, 25);
     pipeline<64, 2, 2, 2, 4>(2, 4, 32, 32, 4, 128);
-    pipeline<128, 4, 2, 1, 4>(2, 2, 64, 128, 4, 128, false, 1);
-    pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256, false, 0);
-    // Several blocks per warp: the staging pipelines with two buffers and one.
-    pipeline<128, 2, 2, 1, 1>(2, 2, 32, 32, 0, 512, true, 2, 500);
-    pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 2, 700);
-    pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 0, 1024, false, 1, 600);
+    pipeline<128, 4, 2, 1, 4>(2, 2, 64, 128, 4, 128);
+    pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
+    // Long prompts: several tensor-core blocks per warp and split.
+    pipeline<128, 2, 2, 1, 1>(2, 2, 32, 32, 0, 512, true, 500);
+    pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 700);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 256);

@@ -456,24 +456,6 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
-// 16 bytes from global to shared memory without registers (cp.async, L2 only), in the thread's
-// open group; cp_async_commit closes the group, cp_async_wait_group<N> waits until at most
-// the N newest closed groups are still in flight. Both addresses 16-byte aligned.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-// Bytes of dynamic shared memory this launch got.
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-    u32 r;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-}
 #endif  // KIVI_EMU
 
 // Part 0 (hi = f16(x)) or part 1 (x - hi, exact in f32; rounded to f16 when packed) of x.
@@ -516,130 +498,22 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
     }
 }
 
-// Block staging (one-head CTAs, BLOCK_STAGE): before computing on a quantized block, a warp
-// copies all of it (a key block's codes, scales and mins; a value block's codes) into its
-// shared memory with cp.async: 3-10 KiB in flight per warp at once, where loads into registers
-// kept about one k-step's words (~0.5 KiB) in flight and the kernel read ~2 TB/s of the
-// H200's 4.8. The copies are laid out with padding so that the MMA fragment reads meet at most
-// two lanes per bank. The launch's dynamic shared memory decides: too little for the warps'
-// buffers (see cache.rs `stage_words`), and the kernel reads the pool directly.
-#ifndef BLOCK_STAGE
-#define BLOCK_STAGE 1
-#endif
-template <int D, int KB>
-struct KeyStage {
-    static constexpr int SUB = D * KB + 8;  // words per 32-token sub-tile (D * KB, padded)
-    static constexpr int GRP = D / 2 + 4;   // words per group row of scales or of mins
-    static constexpr int WORDS = 4 * SUB + 2 * (BLOCK_TOKENS / 32) * GRP;
-};
-template <int D, int VB>
-struct ValueStage {
-    static constexpr int WPT = D * VB / 32;                 // words per token
-    static constexpr int ROW = WPT == 4 ? 4 : WPT + 4;      // padded
-    static constexpr int WORDS = BLOCK_TOKENS * ROW;
-};
-// Words of one warp's buffer (a key block, then in the value phase a value block).
-template <int D, int KB, int VB>
-__host__ __device__ constexpr int stage_words() {
-    return KeyStage<D, KB>::WORDS > ValueStage<D, VB>::WORDS ? KeyStage<D, KB>::WORDS : ValueStage<D, VB>::WORDS;
-}
-
-// Issues the copies of KV head kvh's key block blk (codes of the 4 sub-tiles, then the groups'
-// scale rows and min rows) into buf, by one warp.
-template <int D, int KB>
-__device__ __forceinline__ void stage_key_block(const CacheBufs& c, int kvh, u64 blk, u32* buf, int lane) {
-    using S = KeyStage<D, KB>;
-    const u32* codes = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head;
-    constexpr int CHUNKS = D * KB / 4;  // 16-byte chunks per sub-tile
-    static_assert(4 * CHUNKS % 32 == 0, "whole rounds of the warp");
-#pragma unroll
-    for (int r = 0; r < 4 * CHUNKS / 32; r++) {
-        const int i = lane + 32 * r, sub = i / CHUNKS, x = i % CHUNKS;
-        cp_async16(buf + sub * S::SUB + 4 * x, codes + sub * (D * KB) + 4 * x);
-    }
-    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
-    constexpr int GCH = D / 8;  // 16-byte chunks per group row (D halves)
-    const int n = (BLOCK_TOKENS / c.group) * GCH;
-    u32* rows = buf + 4 * S::SUB;
-    for (int i = lane; i < n; i += 32) {
-        const int grp = i / GCH, x = i % GCH;
-        cp_async16(rows + grp * S::GRP + 4 * x, c.ks + sm + grp * D + 8 * x);
-        cp_async16(rows + (BLOCK_TOKENS / 32 + grp) * S::GRP + 4 * x, c.km + sm + grp * D + 8 * x);
-    }
-}
-
-// Issues the copies of KV head kvh's value block blk (the codes, token rows padded) into buf,
-// by one warp.
-template <int D, int VB>
-__device__ __forceinline__ void stage_value_block(const CacheBufs& c, int kvh, u64 blk, u32* buf, int lane) {
-    using S = ValueStage<D, VB>;
-    const u32* codes = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
-    constexpr int CPT = S::WPT / 4;  // 16-byte chunks per token
-    static_assert(BLOCK_TOKENS * CPT % 32 == 0, "whole rounds of the warp");
-#pragma unroll
-    for (int r = 0; r < BLOCK_TOKENS * CPT / 32; r++) {
-        const int i = lane + 32 * r, tok = i / CPT, x = i % CPT;
-        cp_async16(buf + tok * S::ROW + 4 * x, codes + tok * S::WPT + 4 * x);
-    }
-}
-
-// Runs body(pb, buf) for a warp's blocks pb = first, first + step, ... below end, each staged
-// by stage(pb, buf) first: with two buffers the next block's copies fly while the body
-// computes on this one; with one, each block waits for its own copies.
-template <class Stage, class Body>
-__device__ __forceinline__ void staged_blocks(int first, int end, int step, int nbuf, u32* bufs, int buf_words,
-                                              Stage stage, Body body) {
-    if (first >= end) return;
-    __syncwarp();  // earlier readers of the buffers are done
-    stage(first, bufs);
-    cp_async_commit();
-    int cur = 0;
-    for (int pb = first; pb < end; pb += step) {
-        if (nbuf == 2 && pb + step < end) {
-            stage(pb + step, bufs + (cur ^ 1) * buf_words);
-            cp_async_commit();
-            cp_async_wait_group<1>();
-        } else {
-            cp_async_wait_group<0>();
-        }
-        __syncwarp();
-        body(pb, bufs + cur * buf_words);
-        __syncwarp();  // this buffer's readers are done before copies into it
-        if (nbuf == 2) {
-            cur ^= 1;
-        } else if (pb + step < end) {
-            stage(pb + step, bufs);
-            cp_async_commit();
-        }
-    }
-}
-
 // Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
 // CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
 // 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
 // 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
-// B fragments [D / 16][32]. STAGED: the block is in `stage` (stage_key_block, copies landed),
-// else read from the pool.
-template <int D, int KB, int NG, bool STAGED>
-__device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, const u32* stage, int pb,
-                                             int s0, int valid, const uint2* qf, float* sc, int lane) {
+// B fragments [D / 16][32].
+template <int D, int KB, int NG>
+__device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
+                                             int valid, const uint2* qf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
-    const u32* kq;
-    const u16 *ks, *km;
-    if constexpr (STAGED) {
-        using S = KeyStage<D, KB>;
-        kq = stage + (g >> 1) * S::SUB + (g & 1) * WL;
-        ks = (const u16*)(stage + 4 * S::SUB + ((16 * g) / c.group) * S::GRP);
-        km = ks + 2 * (BLOCK_TOKENS / 32) * S::GRP;
-    } else {
-        kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
-        const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
-        ks = c.ks + sm;
-        km = c.km + sm;
-    }
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
+    const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
+    const u16* ks = c.ks + sm;
+    const u16* km = c.km + sm;
     float acc[8][4];
 #pragma unroll
     for (int m = 0; m < 8; m++)
@@ -729,21 +603,19 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
-// as split_bits. STAGED: the block's codes are in `codes` (stage_value_block, copies landed).
-template <int D, int VB, int NG, bool STAGED>
+// as split_bits.
+template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
-                                               u16* stage, u32* codes, int lane) {
+                                               u16* stage, int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
     constexpr int NW = LBITS > 32 ? 2 : 1;      // words
     constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
     constexpr int WPT = D * VB / 32;            // words per token
-    // Words between a token's codes and the next token's.
-    constexpr int ROW = STAGED ? ValueStage<D, VB>::ROW : WPT;
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u32* vq = (STAGED ? codes : c.vq + blk * c.vq_block + (u64)kvh * c.vq_head) + (g * LBITS) / 32;
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
     const int shift = (g * LBITS) % 32;
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
@@ -802,10 +674,10 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         u32 a0[NW], a1[NW], b0[NW], b1[NW];
 #pragma unroll
         for (int w = 0; w < NW; w++) {
-            a0[w] = vq[ta * ROW + w] >> shift;
-            a1[w] = vq[(ta + 1) * ROW + w] >> shift;
-            b0[w] = vq[tb * ROW + w] >> shift;
-            b1[w] = vq[(tb + 1) * ROW + w] >> shift;
+            a0[w] = vq[ta * WPT + w] >> shift;
+            a1[w] = vq[(ta + 1) * WPT + w] >> shift;
+            b0[w] = vq[tb * WPT + w] >> shift;
+            b1[w] = vq[(tb + 1) * WPT + w] >> shift;
         }
         // Tokens from `valid` on (a partial block's tail: unwritten codes, other paths' weights)
         // get scale, min and weight 0, so they add exactly nothing. (Instantiating a mask-free
@@ -895,18 +767,6 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     float* sml = sacc + W * NG * D;    // [NG][2]
     float* sc = sml + 2 * NG + 8;      // [NG][split_len]
     __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
-    // [W][stage_words]: each warp's block buffer (16-byte aligned), when the launch gave room.
-    constexpr int KBs = QUANT ? KB : 2, VBs = QUANT ? VB : 2;
-    constexpr int SW = stage_words<D, KBs, VBs>();
-    // Buffers per warp: two if the launch gave room (the next block's copies overlap this
-    // block's work), else one, else none (the pool is read directly).
-    const int stage_off = (NG * D + W * NG * D + 2 * NG + 8 + NG * P.split_len + 3) & ~3;
-    int nbuf = 0;
-    if (QUANT && BLOCK_STAGE && NG == 1) {
-        const u32 dyn = dynamic_smem_bytes();
-        nbuf = dyn >= 4u * (stage_off + 2 * W * SW) ? 2 : dyn >= 4u * (stage_off + W * SW) ? 1 : 0;
-    }
-    u32* wstage = (u32*)(smem + stage_off) + warp * nbuf * SW;
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
     if (s0 >= s1) {
@@ -981,19 +841,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        const int first = s0 + warp * BLOCK_TOKENS, step = W * BLOCK_TOKENS;
-        auto blk_of = [&](int pb) { return (u64)sblk[(pb - s0) / BLOCK_TOKENS]; };
-        if (nbuf > 0) {
-            staged_blocks(
-                first, kt_end, step, nbuf, wstage, SW,
-                [&](int pb, u32* buf) { stage_key_block<D, KBq>(c, kvh, blk_of(pb), buf, lane); },
-                [&](int pb, u32* buf) {
-                    tc_key_block<D, KBq, NG, true>(P, kvh, 0, buf, pb, s0, kt_valid - pb, sqf, sc, lane);
-                });
-        } else {
-            for (int pb = first; pb < kt_end; pb += step)
-                tc_key_block<D, KBq, NG, false>(P, kvh, blk_of(pb), nullptr, pb, s0, kt_valid - pb, sqf, sc, lane);
-        }
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
+                                     sc, lane);
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
@@ -1196,22 +1046,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            u16* sstage = (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW);
-            const int first = s0 + warp * BLOCK_TOKENS, step = W * BLOCK_TOKENS;
-            auto blk_of = [&](int pb) { return (u64)sblk[(pb - s0) / BLOCK_TOKENS]; };
-            if (nbuf > 0) {
-                staged_blocks(
-                    first, vt_end, step, nbuf, wstage, SW,
-                    [&](int pb, u32* buf) { stage_value_block<D, VBq>(c, kvh, blk_of(pb), buf, lane); },
-                    [&](int pb, u32* buf) {
-                        tc_value_block<D, VBq, NG, true>(P, kvh, blk_of(pb), pb, s0, vt_valid - pb, sc, tacc, sstage,
-                                                         buf, lane);
-                    });
-            } else {
-                for (int pb = first; pb < vt_end; pb += step)
-                    tc_value_block<D, VBq, NG, false>(P, kvh, blk_of(pb), pb, s0, vt_valid - pb, sc, tacc, sstage,
-                                                      nullptr, lane);
-            }
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;

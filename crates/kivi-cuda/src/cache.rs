@@ -26,7 +26,6 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use kivi_core::{Axis, CacheConfig, CacheShape, KiviConfig, MemoryUsage};
@@ -73,27 +72,6 @@ const PREFILL_ROWS: usize = 16;
 const TABLE_WIDTH: usize = 32;
 /// Most KIVI sink tokens per sequence (a warp reads them one after the other).
 const MAX_SINKS: usize = 1024;
-
-/// Default block buffers per warp of one-head KIVI attention CTAs, [four warps, one warp]
-/// (`GpuCache::set_block_stage`).
-const STAGE_BUFFERS: [usize; 2] = [2, 0];
-
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(default, |n| n.min(2))
-}
-
-/// 32-bit words of one warp's block buffer in a one-head KIVI attention CTA: `stage_words` of
-/// cache.cu (`KeyStage` / `ValueStage`: a key block's codes in 4 padded sub-tiles plus 4 rows
-/// each of scales and mins, or a value block's codes in padded token rows; the larger).
-fn stage_words(head_dim: usize, k_bits: u8, v_bits: u8) -> usize {
-    let key = 4 * (head_dim * k_bits as usize + 8) + 2 * (BLOCK_TOKENS / 32) * (head_dim / 2 + 4);
-    let value_row = head_dim * v_bits as usize / 32;
-    let value_row = if value_row == 4 { 4 } else { value_row + 4 };
-    key.max(BLOCK_TOKENS * value_row)
-}
 
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
@@ -520,11 +498,6 @@ pub struct GpuCache {
     /// Whole quantized blocks through the tensor-core path (`KIVI_CUDA_SIMT=1`: CUDA cores only,
     /// the previous kernel, for comparison).
     tensor_cores: bool,
-    /// Block buffers per warp in one-head KIVI attention CTAs, [four-warp, one-warp]: 2, each
-    /// whole quantized block is copied into shared memory (cp.async) while the warp computes on
-    /// the previous one; 1, each block waits for its own copies; 0, the pool is read directly
-    /// (`KIVI_CUDA_BLOCK_STAGE` and `KIVI_CUDA_BLOCK_STAGE_ONE_WARP`).
-    stage_buffers: [usize; 2],
     /// The tensor-core path takes whole quantized blocks in multiples of this many per split
     /// (default: one per warp of the CTA).
     tc_multiple: usize,
@@ -736,10 +709,6 @@ impl GpuCache {
                 .map_or(CTAS_PER_SM, |c| c.clamp(1, 64)),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
-            stage_buffers: [
-                env_count("KIVI_CUDA_BLOCK_STAGE", STAGE_BUFFERS[0]),
-                env_count("KIVI_CUDA_BLOCK_STAGE_ONE_WARP", STAGE_BUFFERS[1]),
-            ],
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -788,15 +757,6 @@ impl GpuCache {
     /// cores only (the previous kernel; also `KIVI_CUDA_SIMT=1`). Both read the same layout.
     pub fn set_tensor_cores(&mut self, on: bool) {
         self.tensor_cores = on;
-    }
-
-    /// Block buffers per warp (0, 1 or 2) in one-head KIVI attention CTAs of four warps and of
-    /// one: each quantized block copied into shared memory before the warp computes on it, the
-    /// next one's copies in flight meanwhile with two, none: the pool read directly. Same
-    /// results. Defaults: `STAGE_BUFFERS` (also `KIVI_CUDA_BLOCK_STAGE`,
-    /// `KIVI_CUDA_BLOCK_STAGE_ONE_WARP`).
-    pub fn set_block_stage(&mut self, four_warp: usize, one_warp: usize) {
-        self.stage_buffers = [four_warp.min(2), one_warp.min(2)];
     }
 
     /// Blocks the tensor-core path takes at a time per split (1 to the blocks of the longest
@@ -1407,18 +1367,7 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let mut smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
-        let buffers = self.stage_buffers[usize::from(one_warp)];
-        if kb < 16 && ng == 1 && buffers > 0 {
-            // Room for the warps' block buffers (`attn_split` counts them from the launch's
-            // dynamic shared memory: whatever fits, two, one or none).
-            smem = smem.next_multiple_of(16) + buffers * warps * stage_words(d, kb, vb) * 4;
-            // Static and dynamic shared memory over 48 KiB needs the function's consent.
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )?;
-        }
+        let smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
@@ -1787,23 +1736,6 @@ mod tests {
         for g in [32, 64, 128] {
             assert!(BLOCK_TOKENS.is_multiple_of(g));
         }
-        // `stage_words` mirrors the kernel's staging layouts: the same expressions there, and
-        // the sizes they give (keys: 4 sub-tiles of D * KB + 8 words, 8 rows of D / 2 + 4;
-        // values: 128 rows of WPT + 4 words, WPT = 4 unpadded).
-        for text in [
-            "SUB = D * KB + 8;",
-            "GRP = D / 2 + 4;",
-            "WORDS = 4 * SUB + 2 * (BLOCK_TOKENS / 32) * GRP;",
-            "ROW = WPT == 4 ? 4 : WPT + 4;",
-            "WORDS = BLOCK_TOKENS * ROW;",
-        ] {
-            assert!(SOURCE.contains(text), "{text}");
-        }
-        assert_eq!(stage_words(128, 2, 2), 4 * 264 + 8 * 68);
-        assert_eq!(stage_words(128, 4, 4), 4 * 520 + 8 * 68);
-        assert_eq!(stage_words(128, 2, 4), 128 * 20);
-        assert_eq!(stage_words(64, 2, 2), 4 * 136 + 8 * 36);
-        assert_eq!(stage_words(64, 4, 2), 4 * 264 + 8 * 36); // keys over values (128 * 4)
     }
 
     #[test]

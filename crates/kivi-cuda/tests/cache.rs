@@ -80,8 +80,6 @@ struct Case {
     prefill_kernel: bool,
     /// One query head per CTA (else all of a KV head's, up to 4).
     one_head: bool,
-    /// Block buffers per warp of one-head KIVI CTAs (0: they read the pool directly).
-    stage_buffers: usize,
 }
 
 /// Runs a random schedule of steps (prefill chunks and decode steps, different per sequence) on
@@ -103,7 +101,6 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
     gcache.set_one_warp(Some(case.one_warp));
     gcache.set_one_head(Some(case.one_head));
     gcache.set_prefill_kernel(case.prefill_kernel);
-    gcache.set_block_stage(case.stage_buffers, case.stage_buffers);
     // Partial quantized blocks: on the tensor cores whatever their size with one-warp CTAs,
     // on the CUDA cores with four (both paths meet whole tensor-core blocks).
     gcache.set_tensor_core_partial(if case.one_warp { 1 } else { 0 });
@@ -183,14 +180,9 @@ fn run_case(gpu: &Arc<Gpu>, case: &Case, r: &mut StdRng) {
         }
     }
     eprintln!(
-        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} one head {} prefill kernel {} \
-         stage buffers {}: worst rel err {worst:.2e}",
-        case.config,
-        case.tensor_cores,
-        case.one_warp,
-        case.one_head,
-        case.prefill_kernel,
-        case.stage_buffers
+        "{:?} hkv {hkv} nh {nh} d {d} tensor cores {} one warp {} one head {} prefill kernel {}: \
+         worst rel err {worst:.2e}",
+        case.config, case.tensor_cores, case.one_warp, case.one_head, case.prefill_kernel
     );
 }
 
@@ -317,32 +309,24 @@ fn attention_matches_cpu() {
     // Every case through the tensor-core path with four-warp CTAs of all a KV head's query
     // heads, the KIVI ones with one-warp CTAs too, two through the CUDA-core kernel
     // (KIVI_CUDA_SIMT=1) on whole blocks too; those two also without the prefill kernel (the
-    // decode kernel for every query token). GQA cases also with one query head per CTA. One-head
-    // KIVI CTAs stage blocks in shared memory with two buffers per warp; four runs with one
-    // buffer or none (the pool read directly).
+    // decode kernel for every query token). GQA cases also with one query head per CTA.
     let runs = cases
         .iter()
-        .map(|c| (*c, true, false, false, 2))
-        .chain(cases[2..].iter().map(|c| (*c, true, true, false, 2)))
+        .map(|c| (*c, true, false, false))
+        .chain(cases[2..].iter().map(|c| (*c, true, true, false)))
         .chain([
-            (cases[2], false, false, false, 2),
-            (cases[6], false, false, false, 2),
+            (cases[2], false, false, false),
+            (cases[6], false, false, false),
         ])
         .chain([
-            (cases[1], true, false, true, 2),
-            (cases[2], true, false, true, 2),
-            (cases[4], true, true, true, 2),
-            (cases[5], false, false, true, 2),
-            (cases[9], false, false, false, 2),
-            (cases[7], true, false, true, 2),
-        ])
-        .chain([
-            (cases[3], true, false, false, 0),
-            (cases[2], true, false, true, 1),
-            (cases[5], true, true, true, 0),
-            (cases[7], true, true, true, 1),
+            (cases[1], true, false, true),
+            (cases[2], true, false, true),
+            (cases[4], true, true, true),
+            (cases[5], false, false, true),
+            (cases[9], false, false, false),
+            (cases[7], true, false, true),
         ]);
-    for ((config, hkv, nh, d), tensor_cores, one_warp, one_head, stage_buffers) in runs {
+    for ((config, hkv, nh, d), tensor_cores, one_warp, one_head) in runs {
         run_case(
             &gpu,
             &Case {
@@ -354,7 +338,6 @@ fn attention_matches_cpu() {
                 one_warp,
                 prefill_kernel: tensor_cores,
                 one_head,
-                stage_buffers,
             },
             &mut r,
         );
