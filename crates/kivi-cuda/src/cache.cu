@@ -498,6 +498,14 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
     }
 }
 
+// k-steps unrolled in the tensor-core key and value block loops (experiment switches).
+#ifndef KEY_UNROLL
+#define KEY_UNROLL 8
+#endif
+#ifndef VALUE_UNROLL
+#define VALUE_UNROLL 2
+#endif
+
 // Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
 // CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
 // 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
@@ -519,7 +527,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0.0f;
-#pragma unroll
+#pragma unroll KEY_UNROLL
     for (int kstep = 0; kstep < D / 16; kstep++) {
         const int ca = 16 * kstep + 2 * t, cb = ca + 8;
         u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
@@ -668,7 +676,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-#pragma unroll 2
+#pragma unroll VALUE_UNROLL
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
         u32 a0[NW], a1[NW], b0[NW], b1[NW];
