@@ -498,12 +498,16 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
     }
 }
 
-// k-steps unrolled in the tensor-core key and value block loops (experiment switches).
-#ifndef KEY_UNROLL
-#define KEY_UNROLL 8
+// k-steps unrolled in the tensor-core key block loop: one-head CTAs 2 of 8, as fully unrolled the
+// loop (~1100 instructions, 17 KiB) made instruction fetch the kernel's first stall (Nsight
+// Compute, MHA B = 32 T = 32K KIVI-2); measured on the H200: MHA B = 32 T = 32K KIVI-2 1573 ->
+// 1437 us, KIVI-4 1744 -> 1571, B = 1024 T = 330 KIVI-4 937 -> 864 (1 and 4 slower). Several-head
+// CTAs (GQA) stay fully unrolled: partly unrolled they measured 6-11 % slower.
+#ifndef KEY_UNROLL_ONE_HEAD
+#define KEY_UNROLL_ONE_HEAD 2
 #endif
-#ifndef VALUE_UNROLL
-#define VALUE_UNROLL 2
+#ifndef KEY_UNROLL_HEADS
+#define KEY_UNROLL_HEADS 8
 #endif
 
 // Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
@@ -527,7 +531,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0.0f;
-#pragma unroll KEY_UNROLL
+#pragma unroll(NG == 1 ? KEY_UNROLL_ONE_HEAD : KEY_UNROLL_HEADS)
     for (int kstep = 0; kstep < D / 16; kstep++) {
         const int ca = 16 * kstep + 2 * t, cb = ca + 8;
         u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
@@ -676,7 +680,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-#pragma unroll VALUE_UNROLL
+#pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
         u32 a0[NW], a1[NW], b0[NW], b1[NW];
