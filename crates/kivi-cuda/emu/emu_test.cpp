@@ -226,8 +226,8 @@ static void sinks(int S, int n_old, int n_new) {
 // the reference dequantizes the stream with the cache's own quantizer (dequantize_stream).
 // KB = VB = 16: the f16 cache (rows paged in the window buffers, nothing quantized).
 // `production`: the tensor-core choices GpuCache makes (whole blocks in multiples of the warps,
-// a partial block only from 72 positions with one head, 32 with several; the rest on CUDA
-// cores), else every quantized block on the tensor cores.
+// a partial block only from 32 positions; the rest on CUDA cores), else every quantized block
+// on the tensor cores.
 template <int D, int KB, int VB, int NG, int W>
 struct Pipeline {
     static constexpr bool F16 = KB == 16;
@@ -466,7 +466,7 @@ struct Pipeline {
         P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
         P.tensor_cores = 1;
         P.tc_multiple = production && W > 1 ? W : 1;
-        P.tc_partial_min = production ? (NG == 1 ? 72 : 32) : 1;
+        P.tc_partial_min = production ? 32 : 1;
         P.prefill = prefill;
         const size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
         if (decode_splits > 0)

@@ -73,6 +73,10 @@ const TABLE_WIDTH: usize = 32;
 /// Most KIVI sink tokens per sequence (a warp reads them one after the other).
 const MAX_SINKS: usize = 1024;
 
+/// Default quantized positions from which a split's partial last block goes through the
+/// tensor cores (`GpuCache::set_tensor_core_partial`).
+const TC_PARTIAL_MIN: usize = 32;
+
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -509,10 +513,11 @@ pub struct GpuCache {
     one_head: Option<bool>,
     /// A split's last, partly filled quantized block goes through the tensor cores too when it
     /// holds at least this many quantized positions (0: never; `KIVI_CUDA_TC_PARTIAL`). None:
-    /// 32 when a CTA serves several query heads, 72 for one (measured on the H200 at 330-token
-    /// sequences, B = 256 and 1024: the tensor cores compute all 128 rows of the block, which
-    /// one head's CUDA-core path beats below ~70 tokens; with 4 heads they win from 42 tokens,
-    /// GQA B = 1024 14 % faster).
+    /// `TC_PARTIAL_MIN` (measured on the H200 at 330-token sequences, B = 256 and 1024: the
+    /// tensor cores compute all 128 rows of the block; with 4 heads per CTA they win from 42
+    /// tokens, GQA B = 1024 14 % faster; with one head the CUDA-core path won below ~70 tokens
+    /// until the key loop stopped unrolling fully (session 11: at 32, MHA B = 1024 KIVI-2
+    /// R = 32 776 -> 758 us, the other caches equal).
     tc_partial_min: Option<usize>,
     /// The attention among a multi-token item's new tokens through the tiled prefill kernel
     /// (else the decode kernel per query token; `KIVI_CUDA_PREFILL=0`, for comparison).
@@ -1357,7 +1362,7 @@ impl GpuCache {
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
             tc_partial_min: self
                 .tc_partial_min
-                .unwrap_or(if ng == 1 { 72 } else { 32 })
+                .unwrap_or(TC_PARTIAL_MIN)
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
         };
