@@ -747,6 +747,25 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
     }
 }
 
+// The lane's part of the query heads' dot products with 8 key rows loaded raw (f16 pairs, or f32
+// where is_f32).
+template <int CPL, int NG>
+__device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&is_f32)[8], const float (&qr)[NG][CPL],
+                                         float (&part8)[NG][8]) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        float kv[CPL];
+        raw_to_float<CPL>(raw[k], is_f32[k], kv);
+#pragma unroll
+        for (int g = 0; g < NG; g++) {
+            float a = 0.0f;
+#pragma unroll
+            for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
+            part8[g][k] = a;
+        }
+    }
+}
+
 // W warps per CTA: 4, or 1 for batches of many short sequences (see cache.rs `one_warp`).
 template <int D, int KB, int VB, int NG, int W>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
@@ -957,6 +976,26 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                             part8[g][k] = a;
                         }
                     }
+                } else if (!QUANT || b0 >= nqk) {
+                    // Stored f16 rows and new (f32) tokens only, e.g. a sequence's last window
+                    // rows and its new token: every decode CTA comes here once. Kept apart from
+                    // the generic loop below, whose per-token quantized branch makes it ~1600
+                    // instructions (instruction fetch was the first stall of one-warp CTAs).
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        const int p = b0 + k;
+                        is_f32[k] = p >= n;
+                        if (p >= tend) {
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
+                        } else if (p < n) {
+                            const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
+                            raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
+                        } else {
+                            raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
+                        }
+                    }
+                    key_dots<CPL, NG>(raw, is_f32, qr, part8);
                 } else {
 #pragma unroll
                     for (int k = 0; k < 8; k++) {
@@ -989,18 +1028,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                             raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
                         }
                     }
-#pragma unroll
-                    for (int k = 0; k < 8; k++) {
-                        float kv[CPL];
-                        raw_to_float<CPL>(raw[k], is_f32[k], kv);
-#pragma unroll
-                        for (int g = 0; g < NG; g++) {
-                            float a = 0.0f;
-#pragma unroll
-                            for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
-                            part8[g][k] = a;
-                        }
-                    }
+                    key_dots<CPL, NG>(raw, is_f32, qr, part8);
                 }
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
