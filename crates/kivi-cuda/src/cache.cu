@@ -747,6 +747,14 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
     }
 }
 
+// 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
+// (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
+// 780 -> 732, B = 32 T = 32K 1441 -> 1384; but KIVI-4 B = 32 T = 32K 1563 -> 1720, B = 256
+// T = 330 231 -> 249 (the 4-bit kernels' hot loops came out slower), so not there.
+#ifndef COMPACT_ROWS
+#define COMPACT_ROWS 1
+#endif
+
 // The lane's part of the query heads' dot products with 8 key rows loaded raw (f16 pairs, or f32
 // where is_f32).
 template <int CPL, int NG>
@@ -772,6 +780,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
     constexpr bool QUANT = KB < 16;
     constexpr bool FAST_ROWS = QUANT ? F16_FAST_QUANT : F16_FAST;
+    constexpr bool COMPACT = COMPACT_ROWS && KB == 2;
     const CacheBufs& c = P.c;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int split = blockIdx.x;
@@ -976,7 +985,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                             part8[g][k] = a;
                         }
                     }
-                } else if (!QUANT || b0 >= nqk) {
+                } else if (COMPACT && b0 >= nqk) {
                     // Stored f16 rows and new (f32) tokens only, e.g. a sequence's last window
                     // rows and its new token: every decode CTA comes here once. Kept apart from
                     // the generic loop below, whose per-token quantized branch makes it ~1600
