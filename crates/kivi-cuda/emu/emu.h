@@ -32,6 +32,7 @@ struct uint2 {
 struct uint4 {
     u32 x, y, z, w;
 };
+inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
 
 #define __device__
 #define __forceinline__ inline

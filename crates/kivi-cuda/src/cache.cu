@@ -575,7 +575,9 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // The B fragments of the query heads `sq` ([NG][D] f32) for tc_key_block, fragment x = k-step
 // x / 32 of lane x % 32, written by threads `tid`, `tid + nthreads`, ...: column g holds head
 // g / 2's part g % 2 (split_part).
-template <int D, int NG>
+// F16_ROWS: the channel order of tc_f16_key_block (k-steps 2j and 2j + 1 of lane t take
+// channels 32j + 8t .. 32j + 8t + 7, so that its A registers come from one 16-byte load per row).
+template <int D, int NG, bool F16_ROWS = false>
 __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int tid, int nthreads) {
     for (int x = tid; x < (D / 16) * 32; x += nthreads) {
         const int kstep = x / 32, l = x % 32, g = l >> 2, t = l & 3, part = g & 1;
@@ -583,12 +585,106 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
         uint2 f;
         f.x = 0u;
         f.y = 0u;
-        if (hg < NG) {
+        if (hg < NG && F16_ROWS) {
+            const float* qq = sq + hg * D + 32 * (kstep / 2) + 8 * t + 4 * (kstep % 2);
+            f.x = pack_h2(split_part(qq[0], part), split_part(qq[1], part));
+            f.y = pack_h2(split_part(qq[2], part), split_part(qq[3], part));
+        } else if (hg < NG) {
             const float* qq = sq + hg * D + 16 * kstep + 2 * t;
             f.x = pack_h2(split_part(qq[0], part), split_part(qq[1], part));
             f.y = pack_h2(split_part(qq[8], part), split_part(qq[9], part));
         }
         sqf[x] = f;
+    }
+}
+
+// ---- The f16 cache on the tensor cores (F16_TC): a block's 128 stored rows are the MMA's A
+// operand as they are, no dequantization. Off by default until measured on a GPU.
+#ifndef F16_TC
+#define F16_TC 0
+#endif
+
+// Scores of one f16 key block (128 rows from pb, pool block blk; the first `valid` are
+// stored) for the CTA's NG heads, by one warp: as tc_key_block (lane g: tokens 16g..16g+15,
+// m-tile M: rows 16g + 2M and 16g + 2M + 1), with the channels in query_fragments' F16_ROWS
+// order, so that a row's A registers for two k-steps are one 16-byte load.
+template <int D, int NG>
+__device__ __forceinline__ void tc_f16_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
+                                                 const uint2* qf, float* sc, int lane) {
+    const CacheBufs& c = P.c;
+    const int g = lane >> 2, t = lane & 3;
+    const u16* rows = c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)(16 * g) * D + 8 * t;
+#pragma unroll 2
+    for (int m = 0; m < 8; m++) {
+        const u16* x = rows + (u64)(2 * m) * D;
+        uint4 X[D / 32], Y[D / 32];
+#pragma unroll
+        for (int j = 0; j < D / 32; j++) {
+            X[j] = *(const uint4*)(x + 32 * j);
+            Y[j] = *(const uint4*)(x + D + 32 * j);
+        }
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < D / 32; j++) {
+            const uint2 b0 = qf[(2 * j) * 32 + lane], b1 = qf[(2 * j + 1) * 32 + lane];
+            mma_16816(acc, X[j].x, Y[j].x, X[j].y, Y[j].y, b0.x, b0.y);
+            mma_16816(acc, X[j].z, Y[j].z, X[j].w, Y[j].w, b1.x, b1.y);
+        }
+        if (t < NG) {
+            float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
+            if (16 * g + 2 * m < valid) row[2 * m] = (acc[0] + acc[1]) * P.scale_log2;
+            if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[2] + acc[3]) * P.scale_log2;
+        }
+    }
+}
+
+// The lane's CH channels of one f16 row as CH / 2 channel pairs (zeros if !ok: rows from a
+// partial block's `valid` on were never written).
+template <int CH>
+__device__ __forceinline__ void f16_row_pairs(const u16* p, bool ok, u32 (&w)[CH / 2]) {
+#pragma unroll
+    for (int i = 0; i < CH / 8; i++) {
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (ok) u = *(const uint4*)(p + 8 * i);
+        w[4 * i] = u.x;
+        w[4 * i + 1] = u.y;
+        w[4 * i + 2] = u.z;
+        w[4 * i + 3] = u.w;
+    }
+}
+
+// Adds one f16 value block (128 rows from pb, the first `valid` stored) weighted by the
+// softmax to acc, by one warp, as tc_value_block (lane g: channels g CH..g CH + CH - 1, m-tile
+// M: rows = channels g CH + 2M and + 1; k-step tokens 2t, 2t + 1, 2t + 8, 2t + 9): a
+// channel pair of two tokens is two A registers after two PRMT.
+template <int D, int NG>
+__device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
+                                                   const float* sc, float (&acc)[D / 16][4], int lane) {
+    const CacheBufs& c = P.c;
+    constexpr int CH = D / 8;
+    const int g = lane >> 2, t = lane & 3, hg = g >> 1;
+    const u16* rows = c.vwin + (u64)kvh * c.vwin_head + blk * c.vwin_unit + g * CH;
+    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
+#pragma unroll 2
+    for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
+        const int ta = 16 * kstep + 2 * t, tb = ta + 8;
+        u32 wa0[CH / 2], wa1[CH / 2], wb0[CH / 2], wb1[CH / 2];
+        f16_row_pairs<CH>(rows + (u64)ta * D, ta < valid, wa0);
+        f16_row_pairs<CH>(rows + (u64)(ta + 1) * D, ta + 1 < valid, wa1);
+        f16_row_pairs<CH>(rows + (u64)tb * D, tb < valid, wb0);
+        f16_row_pairs<CH>(rows + (u64)(tb + 1) * D, tb + 1 < valid, wb1);
+        const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
+        const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
+        u32 bx = 0, by = 0;
+        if (hg < NG) {
+            bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
+            by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
+        }
+#pragma unroll
+        for (int m = 0; m < CH / 2; m++)
+            mma_16816(acc[m], prmt(wa0[m], wa1[m], 0x5410u), prmt(wa0[m], wa1[m], 0x7632u), prmt(wb0[m], wb1[m], 0x5410u),
+                      prmt(wb0[m], wb1[m], 0x7632u), bx, by);
     }
 }
 
@@ -847,20 +943,23 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
     // (tc_value_block), 32-bit aligned.
     __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
-    if (QUANT && P.tensor_cores) {
-        const int kq = max(min(s1, nqk) - s0, 0), vq = max(min(s1, nqv) - s0, 0);
+    // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
+    constexpr bool F16_TENSOR = !QUANT && F16_TC;
+    const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
+    if ((QUANT || F16_TENSOR) && P.tensor_cores) {
+        const int kq = max(min(s1, kpaged) - s0, 0), vq = max(min(s1, vpaged) - s0, 0);
         kt_end = s0 + kq / tc_unit * tc_unit;
         vt_end = s0 + vq / tc_unit * tc_unit;
         const int krest = s0 + kq - kt_end, vrest = s0 + vq - vt_end;
         if (P.tc_partial_min > 0 && krest >= P.tc_partial_min && krest < BLOCK_TOKENS) kt_end += BLOCK_TOKENS;
         if (P.tc_partial_min > 0 && vrest >= P.tc_partial_min && vrest < BLOCK_TOKENS) vt_end += BLOCK_TOKENS;
     }
-    const int kt_valid = min(kt_end, max(min(s1, nqk), s0));
-    const int vt_valid = min(vt_end, max(min(s1, nqv), s0));
+    const int kt_valid = min(kt_end, max(min(s1, kpaged), s0));
+    const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     if (kt_end > s0) {
-        query_fragments<D, NG>(sq, sqf, threadIdx.x, blockDim.x);
+        query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
         __syncthreads();
     }
 
@@ -884,6 +983,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
                                      sc, lane);
+    } else if (F16_TENSOR && kt_end > s0) {
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
+                                    lane);
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
@@ -1144,6 +1247,16 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                 if (sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
             }
         }
+    } else if (F16_TENSOR && vt_end > s0) {
+        float tacc[D / 16][4];
+#pragma unroll
+        for (int m = 0; m < D / 16; m++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+            tc_f16_value_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, tacc,
+                                      lane);
+        tc_value_store<D, NG>(tacc, wacc, lane);
     }
 
     // ---- values: full-precision tokens [max(s0, nqv), s1) (window, new tokens; all of f16)
@@ -1154,13 +1267,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int x = 0; x < CPL; x++) acc[g][x] = 0.0f;
         const int d0 = lane * CPL;
-        const int fstart = max(s0, nqv);
+        // (The f16 cache: from the end of its tensor-core blocks, block-aligned or n.)
+        const int fstart = max(s0, QUANT ? nqv : F16_TENSOR ? vt_valid : 0);
         const int vbase = QUANT ? nqv % vmod : 0;
         constexpr int UNROLL = 8;
         for (int pb = fstart + warp * UNROLL; pb < s1; pb += W * UNROLL) {
             u32 raw[UNROLL][CPL];
             bool is_f32[UNROLL];
-            // The f16 cache: fstart = s0, so pb is 8-aligned and the 8 tokens are in one block.
+            // The f16 cache: fstart is s0, a block end or n, so below n pb is 8-aligned and the 8
+            // tokens are in one block.
             u64 f16row = 0;
             if (!QUANT && pb < n)
                 f16row = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS] * c.vwin_unit + (u64)(pb & (BLOCK_TOKENS - 1)) * D;

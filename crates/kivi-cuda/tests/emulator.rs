@@ -1,7 +1,9 @@
 //! The kernel code of `src/cache.cu` on the host emulator (`emu/`), against double-precision
-//! references, without a GPU: the tensor-core key and value block paths, the sink attention, and whole attention + append steps (every kernel of
-//! `GpuCache::attend` and `append`, sink tokens included) over exactly quantizable data against
-//! plain attention. Needs g++ with C++20 on x86-64; without them the test says `skipped`.
+//! references, without a GPU: the tensor-core key and value block paths, the sink attention,
+//! and whole attention + append steps (every kernel of `GpuCache::attend` and `append`, sink
+//! tokens included) over exactly quantizable data against plain attention; once as the GPU
+//! modules are built and once with the f16 cache on the tensor cores (`F16_TC=1`). Needs g++
+//! with C++20 on x86-64; without them the test says `skipped`.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,26 +22,56 @@ fn kernel_code_matches_the_reference_on_the_emulator() {
     let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("emu");
     let out = std::env::temp_dir().join(format!("kivi-emu-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
-    let exe = out.join("emu_test");
-    let build = Command::new(&gxx)
-        .args(["-std=c++20", "-O2", "-Wno-unknown-pragmas"])
-        .arg(emu.join("emu_test.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    if !build.status.success() {
-        let err = String::from_utf8_lossy(&build.stderr);
-        if err.contains("_Float16") || err.contains("c++20") {
-            eprintln!("skipped: {gxx} lacks C++20 or _Float16:\n{err}");
-            return;
+    // The default build, and one with the f16 cache on the tensor cores (F16_TC, off by default
+    // in the GPU modules until measured): built at once, run at once.
+    let builds: Vec<_> = [("default", ""), ("f16_tc", "-DF16_TC=1")]
+        .into_iter()
+        .map(|(name, define)| {
+            let exe = out.join(format!("emu_test_{name}"));
+            let mut cmd = Command::new(&gxx);
+            cmd.args(["-std=c++20", "-O2", "-Wno-unknown-pragmas"]);
+            if !define.is_empty() {
+                cmd.arg(define);
+            }
+            let child = cmd
+                .arg(emu.join("emu_test.cpp"))
+                .arg("-o")
+                .arg(&exe)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (name, exe, child)
+        })
+        .collect();
+    let mut exes = Vec::new();
+    for (name, exe, child) in builds {
+        let build = child.wait_with_output().unwrap();
+        if !build.status.success() {
+            let err = String::from_utf8_lossy(&build.stderr);
+            if err.contains("_Float16") || err.contains("c++20") {
+                eprintln!("skipped: {gxx} lacks C++20 or _Float16:\n{err}");
+                return;
+            }
+            panic!("building the emulator test ({name}) failed:\n{err}");
         }
-        panic!("building the emulator test failed:\n{err}");
+        exes.push((name, exe));
     }
-    let run = Command::new(&exe).output().unwrap();
-    let text = String::from_utf8_lossy(&run.stdout);
-    eprintln!("{text}");
-    assert!(run.status.success(), "{text}");
-    assert!(text.contains("all passed"), "{text}");
+    let runs: Vec<_> = exes
+        .iter()
+        .map(|(name, exe)| {
+            let child = Command::new(exe)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (*name, child)
+        })
+        .collect();
+    for (name, child) in runs {
+        let run = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&run.stdout);
+        eprintln!("{name}:\n{text}");
+        assert!(run.status.success(), "{name}:\n{text}");
+        assert!(text.contains("all passed"), "{name}:\n{text}");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
