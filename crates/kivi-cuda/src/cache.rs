@@ -517,7 +517,7 @@ pub struct GpuCache {
     /// tensor cores compute all 128 rows of the block; with 4 heads per CTA they win from 42
     /// tokens, GQA B = 1024 14 % faster; with one head the CUDA-core path won below ~70 tokens
     /// until the key loop stopped unrolling fully (session 11: at 32, MHA B = 1024 KIVI-2
-    /// R = 32 776 -> 758 us, the other caches equal).
+    /// R = 32 776 -> 758 us, the other caches equal)).
     tc_partial_min: Option<usize>,
     /// The attention among a multi-token item's new tokens through the tiled prefill kernel
     /// (else the decode kernel per query token; `KIVI_CUDA_PREFILL=0`, for comparison).
