@@ -1076,8 +1076,18 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
                     const u16* rows = c.kwin + kwin + (QUANT ? (u64)(b0 - nqk) * D : f16row) + d0;
 #pragma unroll
                     for (int k = 0; k < 8; k++) raw_f16<CPL>(rows + k * D, raw[k]);
-                    const bool all_f16[8] = {};
-                    key_dots<CPL, NG>(raw, all_f16, qr, part8);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        float kv[CPL];
+                        raw_to_float<CPL>(raw[k], false, kv);
+#pragma unroll
+                        for (int g = 0; g < NG; g++) {
+                            float a = 0.0f;
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
+                            part8[g][k] = a;
+                        }
+                    }
                 } else if (COMPACT && b0 >= nqk) {
                     // Stored f16 rows and new (f32) tokens only, e.g. a sequence's last window
                     // rows and its new token: every decode CTA comes here once. Kept apart from
