@@ -599,9 +599,12 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 }
 
 // ---- The f16 cache on the tensor cores (F16_TC): a block's 128 stored rows are the MMA's A
-// operand as they are, no dequantization. Off by default until measured on a GPU.
+// operand as they are, no dequantization. Four-warp CTAs only: measured on the H200 (session 12,
+// f16 vs the CUDA-core rows, us): GQA B = 32 T = 32K 1196 -> 1048, T = 16K 615 -> 538, B = 8
+// T = 4K 55 -> 49, MHA B = 8 T = 16K 562 -> 511; but the one-warp serving shape MHA B = 256
+// T = 330 352 -> 399, so one-warp CTAs keep the CUDA-core rows.
 #ifndef F16_TC
-#define F16_TC 0
+#define F16_TC 1
 #endif
 
 // Scores of one f16 key block (128 rows from pb, pool block blk; the first `valid` are
@@ -944,7 +947,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // (tc_value_block), 32-bit aligned.
     __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
     // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
-    constexpr bool F16_TENSOR = !QUANT && F16_TC;
+    constexpr bool F16_TENSOR = !QUANT && F16_TC && W > 1;
     const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
     if ((QUANT || F16_TENSOR) && P.tensor_cores) {
         const int kq = max(min(s1, kpaged) - s0, 0), vq = max(min(s1, vpaged) - s0, 0);

@@ -584,6 +584,12 @@ fn compare_greedy(
         n_kv_head: c.n_kv_head,
         head_dim: c.head_dim,
     };
+    // The GPU's keys and values come out of f16 GEMMs, the CPU's out of its own: an element at a
+    // 2-bit rounding boundary can take the other code on each side, a whole quantization step
+    // (a third of its group's range), which moved random-weights logits by up to 5.9e-2 (H200,
+    // session 12). A broken kernel moves them by O(1).
+    let two_bit = matches!(&cache_cfg, CacheConfig::Kivi(k) if k.k_bits == 2 || k.v_bits == 2);
+    let logits_bound = if two_bit { 0.15 } else { 0.05 };
     let mut cpu_cache = new_cache(&cache_cfg, shape).unwrap();
     let cs = cpu_cache.add_sequence();
     let gpu = gpu_model.backend.gpu().clone();
@@ -626,8 +632,8 @@ fn compare_greedy(
             compared += 1;
         }
         assert!(
-            e < 0.05,
-            "{cache_cfg:?} step {step}: logits relative error {e:.3e}"
+            e < logits_bound,
+            "{cache_cfg:?} step {step}: logits relative error {e:.3e} (bound {logits_bound})"
         );
         input = vec![cpu_tok];
     }
