@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--defines", default="", help="extra -D options, as KIVI_CUDA_DEFINES")
     ap.add_argument("--top", type=int, default=20, help="heaviest source lines to list")
+    ap.add_argument("--opcodes", type=int, help="also count the opcodes of this attn_split line's instructions")
     a = ap.parse_args()
     m = re.fullmatch(r"d(\d+)_k(\d+)_v(\d+)_g(\d+)_w(\d+)", a.variant)
     if not m:
@@ -57,6 +58,7 @@ def main():
     # Each instruction follows its chain of `//## File ..., line N [inlined at ..., line M]`
     # comments; its attn_split line is the last one of the chain inside attn_split's body.
     per_line = collections.Counter()
+    opcodes = collections.Counter()
     chain, cur, total = [], None, 0
     for l in sass.splitlines():
         if l.lstrip().startswith("//##"):
@@ -69,6 +71,9 @@ def main():
                 chain = []
             per_line[cur] += 1
             total += 1
+            if cur is not None and cur == a.opcodes:
+                op = re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", l).split()[0]
+                opcodes[op.split(".")[0]] += 1
     print(f"{a.variant}{' ' + a.defines if a.defines else ''}: {total} SASS instructions")
     print("| attn_split section (from line) | instructions |\n|---|---|")
     bounds = [s for s, _ in sections] + [end + 1]
@@ -79,6 +84,8 @@ def main():
     print(f"\nheaviest lines:\n| line | instructions | source |\n|---|---|---|")
     for n, c in sorted(((n, c) for n, c in per_line.items() if n is not None), key=lambda x: -x[1])[: a.top]:
         print(f"| {n} | {c} | `{lines[n - 1].strip()[:80]}` |")
+    if a.opcodes:
+        print(f"\nopcodes of line {a.opcodes}: " + ", ".join(f"{o} {c}" for o, c in opcodes.most_common()))
 
 
 if __name__ == "__main__":

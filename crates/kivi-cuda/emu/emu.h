@@ -32,6 +32,9 @@ struct uint2 {
 struct uint4 {
     u32 x, y, z, w;
 };
+struct float4 {
+    float x, y, z, w;
+};
 inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
 
 #define __device__
@@ -56,6 +59,14 @@ inline u32 __float_as_uint(float f) {
     return i;
 }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
+// cvt.rni.s32.f32: to nearest even; NaN gives 0, out-of-range values saturate.
+inline int __float2int_rn(float x) {
+    if (x != x) return 0;
+    if (x >= 2147483520.0f) return 2147483647;
+    if (x <= -2147483648.0f) return (-2147483647 - 1);
+    return (int)std::nearbyint(x);
+}
 inline int __ffs(int x) { return ffs(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -237,6 +248,39 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
         double acc = c[i];
         for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
         out[i] = (float)acc;
+    }
+    emu_sync();
+    for (int i = 0; i < 4; i++) c[i] = out[i];
+}
+
+// mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32: a0 (row g, k 4t..4t+3, bytes), a1 (row
+// g + 8), a2 (k + 16), a3 (row g + 8, k + 16), unsigned; b0 (k 4t..4t+3, column g), b1 (k +
+// 16), signed; c as mma_16816 (32-bit integers, wrapping).
+inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    EmuWarp& wp = emu_warp();
+    const int l = emu_lane();
+    wp.a[l][0] = a0;
+    wp.a[l][1] = a1;
+    wp.a[l][2] = a2;
+    wp.a[l][3] = a3;
+    wp.b[l][0] = b0;
+    wp.b[l][1] = b1;
+    emu_sync();
+    auto A = [&wp](int row, int k) {
+        const u32 w = wp.a[(row % 8) * 4 + (k % 16) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)];
+        return (int64_t)((w >> (8 * (k % 4))) & 0xff);
+    };
+    auto B = [&wp](int k, int col) {
+        const u32 w = wp.b[col * 4 + (k % 16) / 4][k >= 16 ? 1 : 0];
+        return (int64_t)(int8_t)(uint8_t)(w >> (8 * (k % 4)));
+    };
+    const int g = l >> 2, t = l & 3;
+    int out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        int64_t acc = c[i];
+        for (int k = 0; k < 32; k++) acc += A(row, k) * B(k, col);
+        out[i] = (int)(u32)acc;
     }
     emu_sync();
     for (int i = 0; i < 4; i++) c[i] = out[i];

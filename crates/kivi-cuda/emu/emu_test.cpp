@@ -58,7 +58,7 @@ static AttnParams block_params(int D, int G) {
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
 template <int D, int KB>
-static void key_block(int G, int valid) {
+static void key_block(int G, int valid, bool imma = false) {
     constexpr int WPD = KB, FPI = 32 / KB;
     std::vector<u32> kq((BLOCK_TOKENS / 32) * D * WPD);
     for (auto& w : kq) w = (u32)rng();
@@ -77,7 +77,13 @@ static void key_block(int G, int valid) {
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, 1>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(BLOCK_TOKENS, NAN);
-    emu_run_warp({}, [&](int lane) { tc_key_block<D, KB, 1>(P, 0, 0, 0, 0, valid, qf.data(), sc.data(), lane); });
+    std::vector<u32> bbuf((D / 32) * 64);
+    emu_run_warp({}, [&](int lane) {
+        if (imma)
+            tc_key_block_i8<D, KB>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
+        else
+            tc_key_block<D, KB, 1>(P, 0, 0, 0, 0, valid, qf.data(), sc.data(), lane);
+    });
     std::vector<double> want(valid), mag(valid);
     std::vector<float> got(valid);
     for (int b = 0; b < valid; b++) {
@@ -94,8 +100,10 @@ static void key_block(int G, int valid) {
         got[b] = sc[b];
     }
     char what[96];
-    std::snprintf(what, sizeof what, "key block D %d bits %d G %d valid %d", D, KB, G, valid);
-    check(what, want, got, mag, 1e-3);
+    std::snprintf(what, sizeof what, "key block%s D %d bits %d G %d valid %d", imma ? " (i8)" : "", D, KB, G,
+                  valid);
+    // The integer path quantizes only q s, to 16 bits (the f16 path rounds every dequantized key).
+    check(what, want, got, mag, imma ? 2e-5 : 1e-3);
 }
 
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
@@ -581,11 +589,15 @@ int main() {
         for (int valid : {128, partial()}) {
             key_block<128, 2>(G, valid);
             key_block<128, 4>(G, valid);
+            key_block<128, 2>(G, valid, true);
+            key_block<128, 4>(G, valid, true);
             value_block<128, 2>(G, valid);
             value_block<128, 4>(G, valid);
             if (G <= 64) {
                 key_block<64, 2>(G, valid);
                 key_block<64, 4>(G, valid);
+                key_block<64, 2>(G, valid, true);
+                key_block<64, 4>(G, valid, true);
                 value_block<64, 2>(G, valid);
                 value_block<64, 4>(G, valid);
             }

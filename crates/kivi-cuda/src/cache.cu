@@ -572,6 +572,204 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     }
 }
 
+// ---- Integer tensor-core keys (IMMA_KEYS): the codes go into mma.sync m16n8k32 as the u8
+// integers they are, with no conversion to f16 at all; the scales go into the B operand
+// instead (q s per channel and 32-token quarter of the block, as 16-bit fixed point split into
+// two s8 columns), and the mins' term q . m is added per quarter. Per block and lane this is
+// ~630 instructions where the f16 path takes ~1085 (each code pair there is a LOP3 and two
+// HFMA2, here a quarter of a PRMT, a shift and a LOP3 per four codes). One-head CTAs only.
+#ifndef IMMA_KEYS
+#define IMMA_KEYS 0
+#endif
+
+#ifndef KIVI_EMU
+__device__ __forceinline__ void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+// x[k] = byte k of w0, w1, w2, w3 (in bytes 0..3): a 4 x 4 byte transpose in eight PRMT.
+__device__ __forceinline__ void byte_transpose(u32 w0, u32 w1, u32 w2, u32 w3, u32 (&x)[4]) {
+    const u32 lo01 = prmt(w0, w1, 0x5140u), hi01 = prmt(w0, w1, 0x7362u);
+    const u32 lo23 = prmt(w2, w3, 0x5140u), hi23 = prmt(w2, w3, 0x7362u);
+    x[0] = prmt(lo01, lo23, 0x5410u);
+    x[1] = prmt(lo01, lo23, 0x7632u);
+    x[2] = prmt(hi01, hi23, 0x5410u);
+    x[3] = prmt(hi01, hi23, 0x7632u);
+}
+
+// Sum (or max) of a[j] over the warp for j = 0..3, in 6 shuffles: lane l ends with j = (l >> 3) & 3.
+template <bool MAX>
+__device__ __forceinline__ float reduce4(const float (&a)[4], int lane) {
+    const bool h16 = lane & 16, h8 = lane & 8;
+    const float r0 = __shfl_xor_sync(0xffffffffu, h16 ? a[0] : a[2], 16);
+    const float r1 = __shfl_xor_sync(0xffffffffu, h16 ? a[1] : a[3], 16);
+    const float k0 = h16 ? a[2] : a[0], k1 = h16 ? a[3] : a[1];
+    const float b0 = MAX ? fmaxf(k0, r0) : k0 + r0, b1 = MAX ? fmaxf(k1, r1) : k1 + r1;
+    const float r = __shfl_xor_sync(0xffffffffu, h8 ? b0 : b1, 8);
+    float x = h8 ? b1 : b0;
+    x = MAX ? fmaxf(x, r) : x + r;
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = MAX ? fmaxf(x, y) : x + y;
+    }
+    return x;
+}
+
+// Fixed-point range of the B operand: |v| <= KEY_FIX, so that hi = (v + 128) >> 8 fits in s8.
+#define KEY_FIX 32512.0f
+
+// The B operand of tc_key_block_i8 for key block blk, into the warp's buffer bbuf ([D / 32
+// k-steps][32 lanes][2], the fragments as loaded): column 2j + part holds quarter j's (tokens
+// 32j..32j + 31, scale group 32j / G) v = round(q s KEY_FIX / sigma_j) (sigma_j = max |q s|
+// over the channels), part 0 its high byte ((v + 128) >> 8) and part 1 its low byte (v - 256
+// hi, in [-128, 127]). Lane l computes channels 4l..4l + 3 of every quarter. Returns lane
+// (g, t)'s factor sigma_t / KEY_FIX and mins' term q . m of quarter t, times scale_log2.
+// qshift: log2(G / 32), so that quarter j's scale group is j >> qshift.
+template <int D>
+__device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, int qshift, const float* sq, u32* bbuf,
+                                         int lane, float& fac, float& bias) {
+    const CacheBufs& c = P.c;
+    const int ch = 4 * lane;
+    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + ch;
+    const u16* ks = c.ks + sm;
+    const u16* km = c.km + sm;
+    const bool has = ch < D;
+    float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (has) {
+        const float4 v = *(const float4*)(sq + ch);
+        q[0] = v.x;
+        q[1] = v.y;
+        q[2] = v.z;
+        q[3] = v.w;
+    }
+    float qs[4][4], amax[4], qm[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint2 s2 = {0u, 0u}, m2 = {0u, 0u};
+        if (has) {
+            s2 = *(const uint2*)(ks + (j >> qshift) * D);
+            m2 = *(const uint2*)(km + (j >> qshift) * D);
+        }
+        const u32 sw[4] = {s2.x, s2.x >> 16, s2.y, s2.y >> 16};
+        const u32 mw[4] = {m2.x, m2.x >> 16, m2.y, m2.y >> 16};
+        amax[j] = 0.0f;
+        qm[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            qs[j][i] = q[i] * h2f((u16)sw[i]);
+            amax[j] = fmaxf(amax[j], fabsf(qs[j][i]));
+            qm[j] += q[i] * h2f((u16)mw[i]);
+        }
+    }
+    const float xmax = reduce4<true>(amax, lane);
+    const float xsum = reduce4<false>(qm, lane);
+    const int t = lane & 3;
+    const float sigma_t = __shfl_sync(0xffffffffu, xmax, 8 * t);
+    fac = sigma_t * (1.0f / KEY_FIX) * P.scale_log2;
+    bias = __shfl_sync(0xffffffffu, xsum, 8 * t) * P.scale_log2;
+    // Lane l's channels are k-step l / 8, rows 16e + 4t' .. + 3 of B (e = (l >> 2) & 1, t' = l & 3).
+    const int kstep = lane >> 3, e = (lane >> 2) & 1;
+    __syncwarp();  // the previous block's readers of bbuf are done
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float sigma = __shfl_sync(0xffffffffu, xmax, 8 * j);
+        // (Approximate: any inv <= ~1.004 KEY_FIX / sigma keeps |v| within the s8 pair's range.)
+        const float inv = sigma > 0.0f ? __fdividef(KEY_FIX, sigma) : 0.0f;
+        u32 v[4], u[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[i] = (u32)__float2int_rn(qs[j][i] * inv);
+            u[i] = v[i] + 128u;
+        }
+        const u32 lo = prmt(prmt(v[0], v[1], 0x0040u), prmt(v[2], v[3], 0x0040u), 0x5410u);
+        const u32 hi = prmt(prmt(u[0], u[1], 0x0051u), prmt(u[2], u[3], 0x0051u), 0x5410u);
+        if (has) {
+            bbuf[(kstep * 32 + 4 * (2 * j) + t) * 2 + e] = hi;
+            bbuf[(kstep * 32 + 4 * (2 * j + 1) + t) * 2 + e] = lo;
+        }
+    }
+    __syncwarp();
+}
+
+// tc_key_block for one-head CTAs on the integer tensor cores (IMMA_KEYS). Lane (g, t) holds the
+// block's tokens 16g..16g + 15 as tc_key_block (m-tile M: row g = token 16g + 2M, row g + 8 =
+// token 16g + 2M + 1) and, in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
+// (a2, a3): byte_transpose turns four channels' code words into words whose byte i is channel
+// i's codes of a few tokens, and a shift and a mask pick one token's four codes. Column 2j +
+// part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
+template <int D, int KB>
+__device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
+                                                int qshift, const float* sq, u32* bbuf, float* sc, int lane) {
+    const CacheBufs& c = P.c;
+    float fac, bias;
+    key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
+    constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
+    constexpr int WL = KB / 2;  // of which the lane's 16 tokens
+    const int g = lane >> 2, t = lane & 3;
+    // The lane's first word; every load below is at a constant offset from it.
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
+    int acc[8][4];
+#pragma unroll
+    for (int m = 0; m < 8; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0;
+#pragma unroll
+    for (int kstep = 0; kstep < D / 32; kstep++) {
+        const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
+        u32 w[2][4][WL];
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32* p = kq + (32 * kstep + 16 * e + i) * WPD;
+                if constexpr (WL == 1) {
+                    w[e][i][0] = p[0];
+                } else {
+                    const uint2 u = *(const uint2*)p;
+                    w[e][i][0] = u.x;
+                    w[e][i][WL - 1] = u.y;
+                }
+            }
+#pragma unroll
+        for (int x = 0; x < WL; x++) {
+            u32 xa[4], xb[4];
+            byte_transpose(w[0][0][x], w[0][1][x], w[0][2][x], w[0][3][x], xa);
+            byte_transpose(w[1][0][x], w[1][1][x], w[1][2][x], w[1][3][x], xb);
+            if constexpr (KB == 2) {
+                // xa[k] byte i: channel 4t + i's tokens 4k..4k + 3 (2 bits each): token 4k + s
+                // is m-tile 2k + s / 2, row g + 8 (s & 1).
+#pragma unroll
+                for (int m = 0; m < 8; m++) {
+                    const int k = m >> 1, sh = 4 * (m & 1);
+                    imma_16832(acc[m], (xa[k] >> sh) & 0x03030303u, (xa[k] >> (sh + 2)) & 0x03030303u,
+                               (xb[k] >> sh) & 0x03030303u, (xb[k] >> (sh + 2)) & 0x03030303u, b.x, b.y);
+                }
+            } else {
+                // Word x: tokens 8x..8x + 7; xa[k] byte i: channel 4t + i's tokens 8x + 2k (low
+                // nibble) and 8x + 2k + 1: m-tile 4x + k.
+#pragma unroll
+                for (int k = 0; k < 4; k++)
+                    imma_16832(acc[4 * x + k], xa[k] & 0x0f0f0f0fu, (xa[k] >> 4) & 0x0f0f0f0fu, xb[k] & 0x0f0f0f0fu,
+                               (xb[k] >> 4) & 0x0f0f0f0fu, b.x, b.y);
+            }
+        }
+    }
+    // Only the block's first `valid` tokens are quantized keys.
+    if (t == (g >> 1)) {
+        float* row = sc + (pb - s0) + 16 * g;
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (16 * g + 2 * m < valid) row[2 * m] = (float)(256 * acc[m][0] + acc[m][1]) * fac + bias;
+            if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (float)(256 * acc[m][2] + acc[m][3]) * fac + bias;
+        }
+    }
+}
+
 // The B fragments of the query heads `sq` ([NG][D] f32) for tc_key_block, fragment x = k-step
 // x / 32 of lane x % 32, written by threads `tid`, `tid + nthreads`, ...: column g holds head
 // g / 2's part g % 2 (split_part).
@@ -961,7 +1159,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
-    if (kt_end > s0) {
+    constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1;
+    // IMMA_K: per warp, a key block's B operand (key_b_i8).
+    __shared__ u32 skb[IMMA_K ? W * (D / 32) * 64 : 1];
+    if (!IMMA_K && kt_end > s0) {
         query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
         __syncthreads();
     }
@@ -981,7 +1182,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
         for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
 
-    if (QUANT && kt_end > s0) {
+    if (IMMA_K && kt_end > s0) {
+        constexpr int KBq = QUANT ? KB : 2;
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block_i8<D, KBq>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                    __ffs(c.group) - 6, sq, skb + warp * (D / 32) * 64, sc, lane);
+    } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
