@@ -255,7 +255,8 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
 
 // mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32: a0 (row g, k 4t..4t+3, bytes), a1 (row
 // g + 8), a2 (k + 16), a3 (row g + 8, k + 16), unsigned; b0 (k 4t..4t+3, column g), b1 (k +
-// 16), signed; c as mma_16816 (32-bit integers, wrapping).
+// 16), signed (unsigned: imma_16832_uu); c as mma_16816 (32-bit integers, wrapping).
+template <bool B_SIGNED = true>
 inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     EmuWarp& wp = emu_warp();
     const int l = emu_lane();
@@ -272,7 +273,8 @@ inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 
     };
     auto B = [&wp](int k, int col) {
         const u32 w = wp.b[col * 4 + (k % 16) / 4][k >= 16 ? 1 : 0];
-        return (int64_t)(int8_t)(uint8_t)(w >> (8 * (k % 4)));
+        const uint8_t byte = (uint8_t)(w >> (8 * (k % 4)));
+        return B_SIGNED ? (int64_t)(int8_t)byte : (int64_t)byte;
     };
     const int g = l >> 2, t = l & 3;
     int out[4];
@@ -284,6 +286,11 @@ inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 
     }
     emu_sync();
     for (int i = 0; i < 4; i++) c[i] = out[i];
+}
+
+// The same with unsigned B (mma.sync ... .s32.u8.u8.s32).
+inline void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    imma_16832<false>(c, a0, a1, a2, a3, b0, b1);
 }
 
 // Runs f(thread) as one CTA of `threads` threads (blockIdx = block) with `smem_floats` floats

@@ -64,6 +64,9 @@ static void key_block(int G, int valid, bool imma = false) {
     for (auto& w : kq) w = (u32)rng();
     const int ng = BLOCK_TOKENS / G;
     auto [ks, km] = random_scales_mins(ng * D);
+    if (imma)  // unwritten groups past `valid` must not leak into the scores
+        for (int gi = (valid + G - 1) / G; gi < ng; gi++)
+            for (int c = 0; c < D; c++) ks[gi * D + c] = km[gi * D + c] = 0x7e00;
     std::vector<float> q(D);
     for (auto& x : q) x = (float)uni(-1.5, 1.5);
     AttnParams P = block_params(D, G);
@@ -109,7 +112,7 @@ static void key_block(int G, int valid, bool imma = false) {
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
 // tokens), through tc_value_block and tc_value_store.
 template <int D, int VB>
-static void value_block(int G, int valid) {
+static void value_block(int G, int valid, bool imma = false) {
     constexpr int FPI = 32 / VB;
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
     for (auto& w : vq) w = (u32)rng();
@@ -118,8 +121,13 @@ static void value_block(int G, int valid) {
     std::vector<float> p(BLOCK_TOKENS), sc(BLOCK_TOKENS);
     for (int t = 0; t < BLOCK_TOKENS; t++) {
         p[t] = (float)uni(0.0, 1.0);
-        sc[t] = __uint_as_float(split_bits(p[t]));  // as the softmax stores tensor-core weights
+        // As the softmax stores tensor-core weights (the integer path: plain; past `valid`
+        // other paths' weights, which it must not use).
+        sc[t] = imma ? (t < valid ? p[t] : NAN) : __uint_as_float(split_bits(p[t]));
     }
+    if (imma)  // unwritten scales and mins past `valid` must not leak in either
+        for (int t = valid; t < BLOCK_TOKENS; t++)
+            for (int j = 0; j < gpt; j++) vs[t * gpt + j] = vm[t * gpt + j] = 0x7e00;
     AttnParams P = block_params(D, G);
     P.c.vq = vq.data();
     P.c.vs = vs.data();
@@ -129,10 +137,17 @@ static void value_block(int G, int valid) {
     P.c.v_bits = VB;
     std::vector<float> wacc(D, 0.0f);
     std::vector<u16> stage(2 * D / 32 * STAGE_ROW);
+    std::vector<u32> bbuf(4 * 64);
     emu_run_warp({}, [&](int lane) {
-        float tacc[D / 16][4] = {};
-        tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
-        tc_value_store<D, 1>(tacc, wacc.data(), lane);
+        if (imma) {
+            float vacc[D / 16][2] = {};
+            tc_value_block_i8<D, VB>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+            tc_value_store_i8<D>(vacc, wacc.data(), lane);
+        } else {
+            float tacc[D / 16][4] = {};
+            tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
+            tc_value_store<D, 1>(tacc, wacc.data(), lane);
+        }
     });
     std::vector<double> want(D, 0.0), mag(D, 0.0);
     for (int t = 0; t < valid; t++)
@@ -144,8 +159,9 @@ static void value_block(int G, int valid) {
             mag[c] += std::fabs((double)p[t] * v);
         }
     char what[96];
-    std::snprintf(what, sizeof what, "value block D %d bits %d G %d valid %d", D, VB, G, valid);
-    check(what, want, wacc, mag, 1e-3);
+    std::snprintf(what, sizeof what, "value block%s D %d bits %d G %d valid %d", imma ? " (i8)" : "", D, VB, G,
+                  valid);
+    check(what, want, wacc, mag, imma ? 2e-5 : 1e-3);
 }
 
 // kivi_attn_sinks for a few tokens: n_old stored sink rows plus the step's new tokens.
@@ -593,6 +609,8 @@ int main() {
             key_block<128, 4>(G, valid, true);
             value_block<128, 2>(G, valid);
             value_block<128, 4>(G, valid);
+            value_block<128, 2>(G, valid, true);
+            value_block<128, 4>(G, valid, true);
             if (G <= 64) {
                 key_block<64, 2>(G, valid);
                 key_block<64, 4>(G, valid);
@@ -600,6 +618,8 @@ int main() {
                 key_block<64, 4>(G, valid, true);
                 value_block<64, 2>(G, valid);
                 value_block<64, 4>(G, valid);
+                value_block<64, 2>(G, valid, true);
+                value_block<64, 4>(G, valid, true);
             }
         }
     }

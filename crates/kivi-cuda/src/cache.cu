@@ -579,7 +579,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // ~630 instructions where the f16 path takes ~1085 (each code pair there is a LOP3 and two
 // HFMA2, here a quarter of a PRMT, a shift and a LOP3 per four codes). One-head CTAs only.
 #ifndef IMMA_KEYS
-#define IMMA_KEYS 0
+#define IMMA_KEYS 1
 #endif
 
 #ifndef KIVI_EMU
@@ -1044,6 +1044,189 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
     }
 }
 
+// ---- Integer tensor-core values (IMMA_VALUES), as IMMA_KEYS for the value blocks: A = the u8
+// codes (rows: channels, k: tokens), B = the softmax weight times the token's scale of the
+// column's 32-channel quarter, as a 16-bit unsigned fixed-point pair of u8 columns; the mins'
+// term p . m per quarter is added to the quarter's channels. One-head CTAs only.
+#ifndef IMMA_VALUES
+#define IMMA_VALUES 1
+#endif
+
+#ifndef KIVI_EMU
+__device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+// Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
+#define VAL_FIX 65000.0f
+
+// A token's value scales (or mins) for the block's D / 32 channel quarters: half j & 1 of
+// q[j >> 1] is quarter j's (scale group 32 j / G). `row`: the token's gpt = D / G halves.
+template <int D>
+__device__ __forceinline__ void quarter_halves(const u16* row, int gpt, u32 (&q)[2]) {
+    if (D == 128 && gpt == 4) {
+        const uint2 x = *(const uint2*)row;
+        q[0] = x.x;
+        q[1] = x.y;
+    } else if (gpt == 2) {
+        const u32 x = *(const u32*)row;
+        if (D == 128) {  // quarters 0, 1: group 0; 2, 3: group 1
+            q[0] = prmt(x, 0u, 0x1010u);
+            q[1] = prmt(x, 0u, 0x3232u);
+        } else {  // D = 64: quarter j is group j
+            q[0] = x;
+            q[1] = 0u;
+        }
+    } else {
+        const u32 h = row[0];
+        q[0] = h | (h << 16);
+        q[1] = q[0];
+    }
+}
+
+// The B operand of tc_value_block_i8 for value block blk (tokens [pb, pb + 128), weights sc
+// relative to pb, the first `valid` quantized): column 2j + part holds v = round(p s VAL_FIX /
+// sigma_j) of channel quarter j (s: the token's scale of that quarter's group; sigma_j = max
+// p s over the block), part 0 its high byte and part 1 its low. Lane l computes tokens 4l..4l +
+// 3. Returns lane (g, t)'s factor sigma_t / VAL_FIX and mins' term p . m of quarter t.
+template <int D>
+__device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk, const float* w, int valid, u32* bbuf,
+                                           int lane, float& fac, float& bias) {
+    const CacheBufs& c = P.c;
+    constexpr int NQ = D / 32;
+    const int gpt = D / c.group;
+    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
+    float ps[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int tok = 4 * lane + i;
+        const bool ok = tok < valid;
+        u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
+        float p = 0.0f;
+        if (ok) {
+            quarter_halves<D>(c.vs + sm + (u64)tok * gpt, gpt, s);
+            quarter_halves<D>(c.vm + sm + (u64)tok * gpt, gpt, m);
+            p = w[tok];
+        }
+#pragma unroll
+        for (int j = 0; j < NQ; j++) {
+            ps[j][i] = p * h2f((u16)(s[j >> 1] >> (16 * (j & 1))));
+            amax[j] = fmaxf(amax[j], ps[j][i]);
+            pm[j] += p * h2f((u16)(m[j >> 1] >> (16 * (j & 1))));
+        }
+    }
+    const float xmax = reduce4<true>(amax, lane);
+    const float xsum = reduce4<false>(pm, lane);
+    const int t = lane & 3;
+    fac = __shfl_sync(0xffffffffu, xmax, 8 * t) * (1.0f / VAL_FIX);
+    bias = __shfl_sync(0xffffffffu, xsum, 8 * t);
+    const int kstep = lane >> 3, e = (lane >> 2) & 1;
+    __syncwarp();  // the previous block's readers of bbuf are done
+#pragma unroll
+    for (int j = 0; j < NQ; j++) {
+        const float sigma = __shfl_sync(0xffffffffu, xmax, 8 * j);
+        const float inv = sigma > 0.0f ? __fdividef(VAL_FIX, sigma) : 0.0f;
+        u32 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) v[i] = (u32)__float2int_rn(ps[j][i] * inv);
+        const u32 lo = prmt(prmt(v[0], v[1], 0x0040u), prmt(v[2], v[3], 0x0040u), 0x5410u);
+        const u32 hi = prmt(prmt(v[0], v[1], 0x0051u), prmt(v[2], v[3], 0x0051u), 0x5410u);
+        bbuf[(kstep * 32 + 4 * (2 * j) + t) * 2 + e] = hi;
+        bbuf[(kstep * 32 + 4 * (2 * j + 1) + t) * 2 + e] = lo;
+    }
+    __syncwarp();
+}
+
+// tc_value_block for one-head CTAs on the integer tensor cores (IMMA_VALUES): adds value block
+// blk's weighted sum to vacc (lane (g, t) with t = the quarter of its channels: channels gCH
+// + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
+// lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
+// tokens' code words gives words whose byte i is token i's codes of a few channels.
+template <int D, int VB>
+__device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
+                                                  const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane) {
+    const CacheBufs& c = P.c;
+    float fac, bias;
+    value_b_i8<D>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    constexpr int CH = D / 8;
+    constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
+    constexpr int NW = LBITS > 32 ? 2 : 1;  // words
+    constexpr int NK = LBITS >= 32 ? 4 : 2; // bytes used per word
+    constexpr int WPT = D * VB / 32;        // words per token
+    constexpr int FPB = 8 / VB;             // codes per byte
+    constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
+    const int g = lane >> 2, t = lane & 3;
+    const int shift = (g * LBITS) % 32;
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
+    int acc[D / 16][4];
+#pragma unroll
+    for (int m = 0; m < D / 16; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0;
+// k-steps unrolled: 1 spills least at the 80-register cap (24 B; all 4: 212 B).
+#ifndef VALUE_I8_UNROLL
+#define VALUE_I8_UNROLL 1
+#endif
+#pragma unroll VALUE_I8_UNROLL
+    for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
+        const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
+        u32 w[2][4][NW];
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32* p = vq + (32 * kstep + 16 * e + i) * WPT;
+                if constexpr (NW == 1) {
+                    w[e][i][0] = p[0] >> shift;
+                } else {
+                    const uint2 u = *(const uint2*)p;
+                    w[e][i][0] = u.x;
+                    w[e][i][NW - 1] = u.y;
+                }
+            }
+        // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
+        u32 x[2][NW][4];
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int n = 0; n < NW; n++) byte_transpose(w[e][0][n], w[e][1][n], w[e][2][n], w[e][3][n], x[e][n]);
+        // Channel cl = (32 n + 8 k) / VB + s of the lane's: m-tile cl / 2, row g + 8 (cl & 1).
+#pragma unroll
+        for (int m = 0; m < D / 16; m++) {
+            const int c0 = 2 * m, c1 = 2 * m + 1;
+            const int n0 = c0 / (32 / VB), k0 = (c0 % (32 / VB)) / FPB, s0b = VB * (c0 % FPB);
+            const int n1 = c1 / (32 / VB), k1 = (c1 % (32 / VB)) / FPB, s1b = VB * (c1 % FPB);
+            static_assert(NK * FPB * NW >= CH, "the lane's channels");
+            imma_16832_uu(acc[m], (x[0][n0][k0] >> s0b) & MASK, (x[0][n1][k1] >> s1b) & MASK,
+                          (x[1][n0][k0] >> s0b) & MASK, (x[1][n1][k1] >> s1b) & MASK, b.x, b.y);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < D / 16; m++) {
+        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * fac + bias;
+        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * fac + bias;
+    }
+}
+
+// Adds a warp's tc_value_block_i8 sums to its slot `wacc` ([D]): lane (g, t) holds them when t
+// is the quarter of its channels.
+template <int D>
+__device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2], float* wacc, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    __syncwarp();
+    if (t == (g * (D / 8)) / 32) {
+#pragma unroll
+        for (int m = 0; m < D / 16; m++) {
+            wacc[g * (D / 8) + 2 * m] += vacc[m][0];
+            wacc[g * (D / 8) + 2 * m + 1] += vacc[m][1];
+        }
+    }
+}
+
 // 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
 // (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
 // 780 -> 732, B = 32 T = 32K 1441 -> 1384; but KIVI-4 B = 32 T = 32K 1563 -> 1720, B = 256
@@ -1159,9 +1342,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
-    constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1;
-    // IMMA_K: per warp, a key block's B operand (key_b_i8).
-    __shared__ u32 skb[IMMA_K ? W * (D / 32) * 64 : 1];
+    // (4-bit keys in one-warp CTAs: measured 2 % slower on the integer path, B = 1024 T = 330.)
+    constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
+    constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1;
+    // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
+    __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
         query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
         __syncthreads();
@@ -1186,7 +1371,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                    __ffs(c.group) - 6, sq, skb + warp * (D / 32) * 64, sc, lane);
+                                    __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -1373,7 +1558,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
         for (int t = lane; t < ns; t += 32) {
             const float e = exp2f(row[t] - mx);
-            row[t] = t < packed ? __uint_as_float(split_bits(e)) : e;
+            row[t] = t < packed && !IMMA_V ? __uint_as_float(split_bits(e)) : e;
             sum += e;
         }
         sum = warp_sum(sum);
@@ -1401,7 +1586,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
         }
         const int qend = min(s1, nqv);
-        if (vt_end > s0) {
+        if (IMMA_V && vt_end > s0) {
+            float vacc[D / 16][2];
+#pragma unroll
+            for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block_i8<D, VBq>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                          skb + warp * 4 * 64, vacc, lane);
+            tc_value_store_i8<D>(vacc, wacc, lane);
+        } else if (vt_end > s0) {
             float tacc[D / 16][4];
 #pragma unroll
             for (int m = 0; m < D / 16; m++)

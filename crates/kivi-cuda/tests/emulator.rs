@@ -2,8 +2,9 @@
 //! references, without a GPU: the tensor-core key and value block paths, the sink attention,
 //! and whole attention + append steps (every kernel of `GpuCache::attend` and `append`, sink
 //! tokens included) over exactly quantizable data against plain attention; once as the GPU
-//! modules are built and once with the f16 cache on the CUDA cores only (`F16_TC=0`). Needs g++
-//! with C++20 on x86-64; without them the test says `skipped`.
+//! modules are built and once with every measured switch on its other side (the f16 cache on the
+//! CUDA cores only, `F16_TC=0`; quantized blocks on the f16 tensor-core path, `IMMA_KEYS=0
+//! IMMA_VALUES=0`). Needs g++ with C++20 on x86-64; without them the test says `skipped`.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,27 +23,27 @@ fn kernel_code_matches_the_reference_on_the_emulator() {
     let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("emu");
     let out = std::env::temp_dir().join(format!("kivi-emu-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
-    // The default build, and one with the f16 cache's CUDA-core rows in four-warp CTAs too
-    // (`F16_TC=0`, the switch's other side): built at once, run at once.
-    let builds: Vec<_> = [("default", ""), ("f16_simt", "-DF16_TC=0")]
-        .into_iter()
-        .map(|(name, define)| {
-            let exe = out.join(format!("emu_test_{name}"));
-            let mut cmd = Command::new(&gxx);
-            cmd.args(["-std=c++20", "-O2", "-Wno-unknown-pragmas"]);
-            if !define.is_empty() {
-                cmd.arg(define);
-            }
-            let child = cmd
-                .arg(emu.join("emu_test.cpp"))
-                .arg("-o")
-                .arg(&exe)
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            (name, exe, child)
-        })
-        .collect();
+    // The default build, and one with the switches' other sides: built at once, run at once.
+    let builds: Vec<_> = [
+        ("default", ""),
+        ("switches_off", "-DF16_TC=0 -DIMMA_KEYS=0 -DIMMA_VALUES=0"),
+    ]
+    .into_iter()
+    .map(|(name, define)| {
+        let exe = out.join(format!("emu_test_{name}"));
+        let mut cmd = Command::new(&gxx);
+        cmd.args(["-std=c++20", "-O2", "-Wno-unknown-pragmas"]);
+        cmd.args(define.split_whitespace());
+        let child = cmd
+            .arg(emu.join("emu_test.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (name, exe, child)
+    })
+    .collect();
     let mut exes = Vec::new();
     for (name, exe, child) in builds {
         let build = child.wait_with_output().unwrap();
