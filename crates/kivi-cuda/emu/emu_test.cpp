@@ -639,10 +639,9 @@ int main() {
     pipeline<64, 4, 4, 3, 1>(1, 3, 32, 64, 0, 128);
     // The f16 cache; the production tensor-core choices (CUDA-core partial blocks).
     pipeline<64, 16, 16, 2, 4>(1, 2, 32, 0, 0, 128);
-    // The f16 cache over several blocks per warp (four-warp CTAs: through the tensor cores
-    // unless built with F16_TC=0; one-warp CTAs: CUDA cores).
+    // The f16 cache over several blocks per warp (through the tensor cores unless built with
+    // F16_TC=0).
     pipeline<128, 16, 16, 4, 4>(2, 8, 32, 0, 0, 512, false, 300);
-    pipeline<128, 16, 16, 1, 1>(2, 2, 32, 0, 0, 512, false, 300);
     pipeline<128, 16, 16, 1, 4>(2, 2, 32, 0, 0, 512, true, 300);
     pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);
     // R = 0 (every token quantized, the partial key group re-quantized on each append), sinks.

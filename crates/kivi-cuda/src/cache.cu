@@ -797,10 +797,8 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 }
 
 // ---- The f16 cache on the tensor cores (F16_TC): a block's 128 stored rows are the MMA's A
-// operand as they are, no dequantization. Four-warp CTAs only: measured on the H200 (session 12,
-// f16 vs the CUDA-core rows, us): GQA B = 32 T = 32K 1196 -> 1048, T = 16K 615 -> 538, B = 8
-// T = 4K 55 -> 49, MHA B = 8 T = 16K 562 -> 511; but the one-warp serving shape MHA B = 256
-// T = 330 352 -> 399, so one-warp CTAs keep the CUDA-core rows.
+// operand as they are, no dequantization. The host turns it off (P.tensor_cores = 0) for
+// batches of short sequences, where it measured slower (cache.rs, F16_TC_MIN_LEN).
 #ifndef F16_TC
 #define F16_TC 1
 #endif
@@ -1328,7 +1326,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // (tc_value_block), 32-bit aligned.
     __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
     // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
-    constexpr bool F16_TENSOR = !QUANT && F16_TC && W > 1;
+    constexpr bool F16_TENSOR = !QUANT && F16_TC;
     const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
     if ((QUANT || F16_TENSOR) && P.tensor_cores) {
         const int kq = max(min(s1, kpaged) - s0, 0), vq = max(min(s1, vpaged) - s0, 0);
@@ -1342,9 +1340,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
-    // (4-bit keys in one-warp CTAs: measured 2 % slower on the integer path, B = 1024 T = 330.)
+    // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
+    // T = 330.)
     constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
-    constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1;
+    constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {

@@ -56,6 +56,11 @@ const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
 /// 1.4x; slower at B = 1 and for long GQA sequences).
 const ONE_WARP_MIN_PAIRS: usize = 64;
 const ONE_WARP_MAX_LEN: usize = 4096;
+/// The f16 cache's blocks go through the tensor cores (`F16_TC` in cache.cu) only for batches
+/// whose longest sequence is longer than this. Measured on the H200 (session 12, us, CUDA-core
+/// rows -> tensor cores): GQA B = 32 T = 32K 1196 -> 1048, B = 8 T = 16K 211 -> 170, MHA B = 8
+/// T = 16K 562 -> 511; but MHA B = 256 T = 330 (serving) 352 -> 399, B = 8 T = 1K 51 -> 55.
+const F16_TC_MIN_LEN: usize = 1024;
 /// Token positions per pool block (`BLOCK_TOKENS` in cache.cu). 128: a multiple of every
 /// supported group size (G divides head_dim <= 128 and is a multiple of 32), so a key group
 /// never straddles blocks; attention splits are whole blocks, whose ids a CTA keeps in shared
@@ -1358,7 +1363,7 @@ impl GpuCache {
             nsplit: nsplit as i32,
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
-            tensor_cores: i32::from(self.tensor_cores),
+            tensor_cores: i32::from(self.tensor_cores && (quant || batch.max_len > F16_TC_MIN_LEN)),
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
             tc_partial_min: self
                 .tc_partial_min
