@@ -57,7 +57,8 @@ const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
 const ONE_WARP_MIN_PAIRS: usize = 64;
 const ONE_WARP_MAX_LEN: usize = 4096;
 /// The f16 cache's blocks go through the tensor cores (`F16_TC` in cache.cu) only for batches
-/// whose longest sequence is longer than this. Measured on the H200 (session 12, us, CUDA-core
+/// whose longest sequence is longer than this (shorter: a module compiled without that path,
+/// see `attn_variant`). Measured on the H200 (session 12, us, CUDA-core
 /// rows -> tensor cores): GQA B = 32 T = 32K 1196 -> 1048, B = 8 T = 16K 211 -> 170, MHA B = 8
 /// T = 16K 562 -> 511; but MHA B = 256 T = 330 (serving) 352 -> 399, B = 8 T = 1K 51 -> 55.
 const F16_TC_MIN_LEN: usize = 1024;
@@ -832,12 +833,17 @@ impl GpuCache {
         } {
             kernels.push((
                 format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
-                self.attn_function(kb, vb, ng, 4)?,
+                self.attn_function(kb, vb, ng, 4, true)?,
             ));
             if kb < 16 {
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
-                    self.attn_function(kb, vb, ng, 1)?,
+                    self.attn_function(kb, vb, ng, 1, true)?,
+                ));
+            } else {
+                kernels.push((
+                    format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_simt"),
+                    self.attn_function(kb, vb, ng, 4, false)?,
                 ));
             }
         }
@@ -1196,8 +1202,18 @@ impl GpuCache {
     }
 
     /// The defines of one decode-attention variant (cache.cu `kivi_attn`) and its module name.
-    fn attn_variant(d: usize, kb: u8, vb: u8, ng: usize, warps: usize) -> (String, Vec<String>) {
-        let defines = [
+    /// `f16_tc`: the f16 cache's blocks on the tensor cores; without it the f16 module is
+    /// compiled with `F16_TC=0` (the CUDA-core rows alone take 92 registers and no spills, where
+    /// the module with both paths takes 128 and spills).
+    fn attn_variant(
+        d: usize,
+        kb: u8,
+        vb: u8,
+        ng: usize,
+        warps: usize,
+        f16_tc: bool,
+    ) -> (String, Vec<String>) {
+        let mut defines = [
             ("D", d),
             ("KB", kb.into()),
             ("VB", vb.into()),
@@ -1206,17 +1222,26 @@ impl GpuCache {
         ]
         .map(|(k, v)| format!("-DATTN_{k}={v}"))
         .to_vec();
-        (
-            format!("{MODULE}_attn_d{d}_k{kb}_v{vb}_g{ng}_w{warps}"),
-            defines,
-        )
+        let mut name = format!("{MODULE}_attn_d{d}_k{kb}_v{vb}_g{ng}_w{warps}");
+        if kb == 16 && !f16_tc {
+            defines.push("-DF16_TC=0".into());
+            name.push_str("_simt");
+        }
+        (name, defines)
     }
 
     /// The decode-attention kernel for this cache's head dim, `kb`/`vb` key/value bits (16:
     /// the f16 cache), `ng` query heads and `warps` warps per CTA: one module per variant,
     /// compiled on first use (cache.cu `kivi_attn`).
-    fn attn_function(&self, kb: u8, vb: u8, ng: usize, warps: usize) -> Result<CudaFunction> {
-        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps);
+    fn attn_function(
+        &self,
+        kb: u8,
+        vb: u8,
+        ng: usize,
+        warps: usize,
+        f16_tc: bool,
+    ) -> Result<CudaFunction> {
+        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, f16_tc);
         self.gpu
             .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
@@ -1346,7 +1371,8 @@ impl GpuCache {
             CacheConfig::F16 => (16, 16),
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
-        let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 })?;
+        let f16_tc = !quant && self.tensor_cores && batch.max_len > F16_TC_MIN_LEN;
+        let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 }, f16_tc)?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
         let params = AttnParams {
@@ -1363,7 +1389,7 @@ impl GpuCache {
             nsplit: nsplit as i32,
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
-            tensor_cores: i32::from(self.tensor_cores && (quant || batch.max_len > F16_TC_MIN_LEN)),
+            tensor_cores: i32::from(self.tensor_cores && (quant || f16_tc)),
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
             tc_partial_min: self
                 .tc_partial_min
@@ -1710,12 +1736,17 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                     if warps == 1 && kb == 16 {
                         continue;
                     }
-                    let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps);
-                    modules.push(crate::KernelModule {
-                        name,
-                        source: SOURCE,
-                        defines,
-                    });
+                    for f16_tc in [true, false] {
+                        if !f16_tc && kb != 16 {
+                            continue;
+                        }
+                        let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps, f16_tc);
+                        modules.push(crate::KernelModule {
+                            name,
+                            source: SOURCE,
+                            defines,
+                        });
+                    }
                 }
             }
         }
