@@ -36,6 +36,7 @@ struct float4 {
     float x, y, z, w;
 };
 inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
+inline uint2 make_uint2(u32 x, u32 y) { return uint2{x, y}; }
 
 #define __device__
 #define __forceinline__ inline

@@ -549,7 +549,7 @@ struct Pipeline {
             emu_launch({(int)vtoks.size() / 2, 1, 1}, hkv * (D / G), [&](int) {
                 kivi_quantize_values(c, (const Item*)sitems.data(), (const Rec*)vtoks.data(), vn.data());
             });
-        emu_launch({T, hkv, 1}, D, [&](int) { kivi_write_window(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
+        emu_launch({T, 1, 1}, 128, [&](int) { kivi_write_window(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
         for (int z = 0; z < T; z++) {
             const int slot = toks[5 * z];
             hk[slot].insert(hk[slot].end(), kn.begin() + (u64)z * hkv * D, kn.begin() + (u64)(z + 1) * hkv * D);

@@ -209,8 +209,28 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
     c.km[m] = gp.min;
 }
 
+// Eight consecutive values of a value group: f16 window rows or f32 new tokens (rounded to
+// f16, as the window stores them), in 16-byte loads (the source offsets are multiples of 8).
+__device__ __forceinline__ void load8(bool old, const u16* win, const float* src, float (&v)[8]) {
+    if (old) {
+        const uint4 u = *(const uint4*)win;
+        const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            v[2 * j] = h2f((u16)w[j]);
+            v[2 * j + 1] = h2f((u16)(w[j] >> 16));
+        }
+    } else {
+        const float4 a = *(const float4*)src, b = *(const float4*)(src + 4);
+        const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 8; j++) v[j] = f16_round(x[j]);
+    }
+}
+
 // One thread per (value token record, KV head, value group). grid = records,
-// block = Hkv * D/G.
+// block = Hkv * D/G. (Its G values come in 16-byte loads: one scalar load per value measured
+// ~3 ms of a 46 ms B = 1046 decode pass on the H200, with append's other kernels.)
 extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
                                                 const float* vnew) {
     const Rec r = toks[blockIdx.x];
@@ -220,14 +240,19 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     if (h >= c.n_kv) return;
     const int n0 = it.n_old;
     const int p = r.at;
+    const bool old = p < n0;
     const u64 vwin = (u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
-    const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D;
+    const u16* win = c.vwin + vwin + gi * G;
+    const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + gi * G;
     float mn = __int_as_float(0x7f800000), mx = -mn;
-    for (int t = 0; t < G; t++) {
-        int ch = gi * G + t;
-        float x = p < n0 ? h2f(c.vwin[vwin + ch]) : f16_round(src[ch]);
-        mn = fminf(mn, x);
-        mx = fmaxf(mx, x);
+    for (int x = 0; x < G; x += 8) {
+        float v[8];
+        load8(old, win + x, src + x, v);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            mn = fminf(mn, v[j]);
+            mx = fmaxf(mx, v[j]);
+        }
     }
     const int bits = c.v_bits, fpi = 32 / bits;
     GroupParams gp = group_params(mn, mx, bits);
@@ -236,10 +261,11 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / fpi);
     for (int w0 = 0; w0 < G; w0 += fpi) {
         u32 word = 0;
-        for (int j = 0; j < fpi; j++) {
-            int ch = gi * G + w0 + j;
-            float x = p < n0 ? h2f(c.vwin[vwin + ch]) : f16_round(src[ch]);
-            word |= quantize_value(x, gp, bits) << (j * bits);
+        for (int x = 0; x < fpi; x += 8) {
+            float v[8];
+            load8(old, win + w0 + x, src + w0 + x, v);
+#pragma unroll
+            for (int j = 0; j < 8; j++) word |= quantize_value(v[j], gp, bits) << ((x + j) * bits);
         }
         c.vq[vq + (gi * G + w0) / fpi] = word;
     }
@@ -262,20 +288,14 @@ extern "C" __global__ void kivi_write_sinks(CacheBufs c, const int* recs, const 
 }
 
 // Writes the new tokens that stay in full precision into the windows (after the quantize
-// kernels, which read the old window slots). grid = (tokens, Hkv), block = D.
+// kernels, which read the old window slots). One CTA per token; a thread takes 4 channels of a
+// KV head at a time (a CTA per (token, KV head) of 128 one-element threads was launch-bound at
+// B = 1046). grid = tokens, block = 128.
 extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const float* knew,
                                              const float* vnew) {
     const Tok tk = toks[blockIdx.x];
-    const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim;
-    if (d >= D) return;
+    const int D = c.head_dim;
     const int n0 = tk.n_old, n1 = n0 + tk.n_new, p = n0 + tk.i;
-    const u64 src = ((u64)blockIdx.x * c.n_kv + h) * D + d;
-    if (c.is_f16) {
-        const u64 row = block_of(c, tk.slot, p) * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % BLOCK_TOKENS) * D + d;
-        c.kwin[row] = f2h(knew[src]);
-        c.vwin[row] = f2h(vnew[src]);
-        return;
-    }
     int kstart, vstart;
     if (c.resid > 0) {
         kstart = key_quant_end(c, n1);
@@ -284,10 +304,27 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const
         kstart = n1 - n1 % c.group;  // staging of the partial key group
         vstart = n1 + 1;             // no value window
     }
-    if (p >= kstart)
-        c.kwin[(u64)tk.slot * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d] = f2h(knew[src]);
-    if (p >= vstart)
-        c.vwin[(u64)tk.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(p % c.resid) * D + d] = f2h(vnew[src]);
+    const bool kw = c.is_f16 || p >= kstart, vw = c.is_f16 || p >= vstart;
+    if (!kw && !vw) return;
+    for (int e = 4 * threadIdx.x; e < c.n_kv * D; e += 4 * blockDim.x) {
+        const int h = e / D, d = e % D;
+        const u64 src = (u64)blockIdx.x * c.n_kv * D + e;
+        u64 krow, vrow;
+        if (c.is_f16) {
+            krow = vrow = block_of(c, tk.slot, p) * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % BLOCK_TOKENS) * D + d;
+        } else {
+            krow = (u64)tk.slot * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % c.kwin_mod) * D + d;
+            vrow = (u64)tk.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(p % max(c.resid, 1)) * D + d;
+        }
+        if (kw) {
+            const float4 x = *(const float4*)(knew + src);
+            *(uint2*)(c.kwin + krow) = make_uint2(f2h(x.x) | ((u32)f2h(x.y) << 16), f2h(x.z) | ((u32)f2h(x.w) << 16));
+        }
+        if (vw) {
+            const float4 x = *(const float4*)(vnew + src);
+            *(uint2*)(c.vwin + vrow) = make_uint2(f2h(x.x) | ((u32)f2h(x.y) << 16), f2h(x.z) | ((u32)f2h(x.w) << 16));
+        }
+    }
 }
 #endif  // ATTN_D
 
@@ -718,7 +755,10 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-#pragma unroll
+#ifndef KEY_I8_UNROLL
+#define KEY_I8_UNROLL 4
+#endif
+#pragma unroll KEY_I8_UNROLL
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];

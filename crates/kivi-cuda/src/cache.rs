@@ -1530,7 +1530,7 @@ impl GpuCache {
             };
         }
         let f = self.function("kivi_write_window")?;
-        let cfg = grid_2d((t as u32, hkv as u32), d as u32);
+        let cfg = grid_2d((t as u32, 1), 128);
         // SAFETY: as above; window slots are taken modulo the window size (stream-relative
         // records: a sink token's position is negative and written nowhere).
         unsafe {
