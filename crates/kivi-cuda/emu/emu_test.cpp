@@ -492,7 +492,7 @@ struct Pipeline {
         P.tc_multiple = production && W > 1 ? W : 1;
         P.tc_partial_min = production ? 32 : 1;
         P.prefill = prefill;
-        const size_t smem = NG * D + W * NG * D + 2 * NG + 8 + NG * split;
+        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split;
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });

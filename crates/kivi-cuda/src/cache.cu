@@ -755,10 +755,15 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
+// k-steps unrolled: 2-bit all (1 measured slower: MHA B = 32 T = 32K 1018 -> 1064 us), 4-bit one
+// at a time (1498 -> 1417 us).
 #ifndef KEY_I8_UNROLL
 #define KEY_I8_UNROLL 4
 #endif
-#pragma unroll KEY_I8_UNROLL
+#ifndef KEY_I8_UNROLL_K4
+#define KEY_I8_UNROLL_K4 1
+#endif
+#pragma unroll(KB == 2 ? KEY_I8_UNROLL : KEY_I8_UNROLL_K4)
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
@@ -1102,27 +1107,41 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 // Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
 #define VAL_FIX 65000.0f
 
-// A token's value scales (or mins) for the block's D / 32 channel quarters: half j & 1 of
-// q[j >> 1] is quarter j's (scale group 32 j / G). `row`: the token's gpt = D / G halves.
+// Four consecutive tokens' value scales (or mins) for the block's D / 32 channel quarters, from
+// `row` (their 4 gpt halves, gpt = D / G, 8-byte aligned): half j & 1 of q[i][j >> 1] is token
+// i's scale of quarter j (group 32 j / G). One or two vector loads.
 template <int D>
-__device__ __forceinline__ void quarter_halves(const u16* row, int gpt, u32 (&q)[2]) {
+__device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q)[4][2]) {
     if (D == 128 && gpt == 4) {
-        const uint2 x = *(const uint2*)row;
-        q[0] = x.x;
-        q[1] = x.y;
+        const uint4 a = *(const uint4*)row, b = *(const uint4*)(row + 8);
+        const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            q[i][0] = w[2 * i];
+            q[i][1] = w[2 * i + 1];
+        }
     } else if (gpt == 2) {
-        const u32 x = *(const u32*)row;
-        if (D == 128) {  // quarters 0, 1: group 0; 2, 3: group 1
-            q[0] = prmt(x, 0u, 0x1010u);
-            q[1] = prmt(x, 0u, 0x3232u);
-        } else {  // D = 64: quarter j is group j
-            q[0] = x;
-            q[1] = 0u;
+        const uint4 a = *(const uint4*)row;
+        const u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (D == 128) {  // quarters 0, 1: group 0; 2, 3: group 1
+                q[i][0] = prmt(w[i], 0u, 0x1010u);
+                q[i][1] = prmt(w[i], 0u, 0x3232u);
+            } else {  // D = 64: quarter j is group j
+                q[i][0] = w[i];
+                q[i][1] = 0u;
+            }
         }
     } else {
-        const u32 h = row[0];
-        q[0] = h | (h << 16);
-        q[1] = q[0];
+        const uint2 a = *(const uint2*)row;
+        const u32 w[2] = {a.x, a.y};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u32 h = (w[i >> 1] >> (16 * (i & 1))) & 0xffffu;
+            q[i][0] = h | (h << 16);
+            q[i][1] = q[i][0];
+        }
     }
 }
 
@@ -1139,22 +1158,25 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
     float ps[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Tokens 4 lane .. + 3: their scales, mins (all inside the block's arrays, written or not)
+    // and weights (w is 16-byte aligned: sc is, and pb - s0 is a multiple of 128).
+    u32 s4[4][2], m4[4][2];
+    quarter_halves4<D>(c.vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
+    quarter_halves4<D>(c.vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
+    const float4 w4 = *(const float4*)(w + 4 * lane);
+    const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        const int tok = 4 * lane + i;
-        const bool ok = tok < valid;
-        u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
-        float p = 0.0f;
-        if (ok) {
-            quarter_halves<D>(c.vs + sm + (u64)tok * gpt, gpt, s);
-            quarter_halves<D>(c.vm + sm + (u64)tok * gpt, gpt, m);
-            p = w[tok];
-        }
+        // Past `valid`: other paths' weights and unwritten scales and mins (maybe NaN): 0.
+        const bool ok = 4 * lane + i < valid;
+        const float p = ok ? wv[i] : 0.0f;
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
-            ps[j][i] = p * h2f((u16)(s[j >> 1] >> (16 * (j & 1))));
+            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            ps[j][i] = p * sj;
             amax[j] = fmaxf(amax[j], ps[j][i]);
-            pm[j] += p * h2f((u16)(m[j >> 1] >> (16 * (j & 1))));
+            pm[j] += p * mj;
         }
     }
     const float xmax = reduce4<true>(amax, lane);
@@ -1293,6 +1315,10 @@ __device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&
 }
 
 // W warps per CTA: 4, or 1 for batches of many short sequences (see cache.rs `one_warp`).
+// Floats of attn_split's max/sum area: 2 NG + 8, rounded up to 4 so that the scores after it
+// start 16-byte aligned (the q, value-slot areas before it are multiples of 4 floats).
+#define SML_FLOATS(NG) ((2 * (NG) + 8 + 3) & ~3)
+
 template <int D, int KB, int VB, int NG, int W>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
@@ -1323,7 +1349,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // atomics added the warps' partials in arrival order).
     float* sacc = sq + NG * D;
     float* sml = sacc + W * NG * D;    // [NG][2]
-    float* sc = sml + 2 * NG + 8;      // [NG][split_len]
+    float* sc = sml + SML_FLOATS(NG);  // [NG][split_len], 16-byte aligned
     __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;

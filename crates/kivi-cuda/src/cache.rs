@@ -1403,7 +1403,7 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let smem = (ng * d + warps * ng * d + 2 * ng + 8 + ng * split) * 4;
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
