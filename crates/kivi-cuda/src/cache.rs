@@ -43,6 +43,7 @@ const ATTN_THREADS: u32 = 128;
 /// all; 8 per SM (the previous target) made GQA B = 1, T = 16K 1.7x slower.
 const ONE_WARP_CTAS_PER_SM: usize = 16;
 const CTAS_PER_SM: usize = 4;
+const F16_CTAS_PER_SM: usize = 4;
 /// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
 /// once, unless the batch's attention reads at most this fraction of the L2 cache in cache
 /// bytes: small batches are bound by each warp's chain of dependent instructions, not by bytes,
@@ -502,6 +503,8 @@ pub struct GpuCache {
     l2_bytes: usize,
     /// Target CTAs per SM of the split choice (`CTAS_PER_SM`; `KIVI_CUDA_CTAS_PER_SM`).
     ctas_per_sm: usize,
+    /// The same for the f16 cache (`KIVI_CUDA_F16_CTAS_PER_SM`).
+    f16_ctas_per_sm: usize,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -718,6 +721,10 @@ impl GpuCache {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(CTAS_PER_SM, |c| c.clamp(1, 64)),
+            f16_ctas_per_sm: std::env::var("KIVI_CUDA_F16_CTAS_PER_SM")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(F16_CTAS_PER_SM, |c| c.clamp(1, 64)),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -1350,7 +1357,12 @@ impl GpuCache {
             } else {
                 1
             };
-            self.split_tokens(batch, pairs, self.ctas_per_sm, unit)
+            let per_sm = if quant {
+                self.ctas_per_sm
+            } else {
+                self.f16_ctas_per_sm
+            };
+            self.split_tokens(batch, pairs, per_sm, unit)
         };
         // The sink attention's partials take one more split slot, after the decode kernel's; the
         // prefill kernel's one more, the last.
