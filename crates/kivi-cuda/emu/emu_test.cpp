@@ -112,7 +112,7 @@ static void key_block(int G, int valid, bool imma = false) {
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
 // tokens), through tc_value_block and tc_value_store.
 template <int D, int VB>
-static void value_block(int G, int valid, bool imma = false) {
+static void value_block(int G, int valid, bool imma = false, bool vec = false) {
     constexpr int FPI = 32 / VB;
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
     for (auto& w : vq) w = (u32)rng();
@@ -141,7 +141,10 @@ static void value_block(int G, int valid, bool imma = false) {
     emu_run_warp({}, [&](int lane) {
         if (imma) {
             float vacc[D / 16][2] = {};
-            tc_value_block_i8<D, VB>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+            if (vec)
+                tc_value_block_i8<D, VB, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+            else
+                tc_value_block_i8<D, VB, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
             tc_value_store_i8<D>(vacc, wacc.data(), lane);
         } else {
             float tacc[D / 16][4] = {};
@@ -159,8 +162,8 @@ static void value_block(int G, int valid, bool imma = false) {
             mag[c] += std::fabs((double)p[t] * v);
         }
     char what[96];
-    std::snprintf(what, sizeof what, "value block%s D %d bits %d G %d valid %d", imma ? " (i8)" : "", D, VB, G,
-                  valid);
+    std::snprintf(what, sizeof what, "value block%s D %d bits %d G %d valid %d",
+                  imma ? (vec ? " (i8, vector loads)" : " (i8)") : "", D, VB, G, valid);
     check(what, want, wacc, mag, imma ? 2e-5 : 1e-3);
 }
 
@@ -611,6 +614,8 @@ int main() {
             value_block<128, 4>(G, valid);
             value_block<128, 2>(G, valid, true);
             value_block<128, 4>(G, valid, true);
+            value_block<128, 2>(G, valid, true, true);
+            value_block<128, 4>(G, valid, true, true);
             if (G <= 64) {
                 key_block<64, 2>(G, valid);
                 key_block<64, 4>(G, valid);
@@ -620,6 +625,8 @@ int main() {
                 value_block<64, 4>(G, valid);
                 value_block<64, 2>(G, valid, true);
                 value_block<64, 4>(G, valid, true);
+                value_block<64, 2>(G, valid, true, true);
+                value_block<64, 4>(G, valid, true, true);
             }
         }
     }

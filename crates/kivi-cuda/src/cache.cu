@@ -1107,6 +1107,30 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 // Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
 #define VAL_FIX 65000.0f
 
+// A token's value scales (or mins) for the block's D / 32 channel quarters: half j & 1 of
+// q[j >> 1] is quarter j's (scale group 32 j / G). `row`: the token's gpt = D / G halves.
+template <int D>
+__device__ __forceinline__ void quarter_halves(const u16* row, int gpt, u32 (&q)[2]) {
+    if (D == 128 && gpt == 4) {
+        const uint2 x = *(const uint2*)row;
+        q[0] = x.x;
+        q[1] = x.y;
+    } else if (gpt == 2) {
+        const u32 x = *(const u32*)row;
+        if (D == 128) {  // quarters 0, 1: group 0; 2, 3: group 1
+            q[0] = prmt(x, 0u, 0x1010u);
+            q[1] = prmt(x, 0u, 0x3232u);
+        } else {  // D = 64: quarter j is group j
+            q[0] = x;
+            q[1] = 0u;
+        }
+    } else {
+        const u32 h = row[0];
+        q[0] = h | (h << 16);
+        q[1] = q[0];
+    }
+}
+
 // Four consecutive tokens' value scales (or mins) for the block's D / 32 channel quarters, from
 // `row` (their 4 gpt halves, gpt = D / G, 8-byte aligned): half j & 1 of q[i][j >> 1] is token
 // i's scale of quarter j (group 32 j / G). One or two vector loads.
@@ -1150,7 +1174,10 @@ __device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q
 // sigma_j) of channel quarter j (s: the token's scale of that quarter's group; sigma_j = max
 // p s over the block), part 0 its high byte and part 1 its low. Lane l computes tokens 4l..4l +
 // 3. Returns lane (g, t)'s factor sigma_t / VAL_FIX and mins' term p . m of quarter t.
-template <int D>
+// VEC: the four tokens' scales, mins and weights in vector loads, masked after (one-warp CTAs:
+// KIVI-2 R = 32 B = 1024 T = 330 551 -> 538 us); else per token, behind its `valid` test
+// (four-warp CTAs: vector loads measured 3 % slower, MHA B = 32 T = 32K KIVI-2 1011 -> 1045 us).
+template <int D, bool VEC>
 __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk, const float* w, int valid, u32* bbuf,
                                            int lane, float& fac, float& bias) {
     const CacheBufs& c = P.c;
@@ -1158,25 +1185,46 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
     float ps[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    // Tokens 4 lane .. + 3: their scales, mins (all inside the block's arrays, written or not)
-    // and weights (w is 16-byte aligned: sc is, and pb - s0 is a multiple of 128).
-    u32 s4[4][2], m4[4][2];
-    quarter_halves4<D>(c.vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
-    quarter_halves4<D>(c.vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
-    const float4 w4 = *(const float4*)(w + 4 * lane);
-    const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+    if constexpr (VEC) {
+        // Tokens 4 lane .. + 3: their scales, mins (all inside the block's arrays, written or
+        // not) and weights (w is 16-byte aligned: sc is, and pb - s0 is a multiple of 128).
+        u32 s4[4][2], m4[4][2];
+        quarter_halves4<D>(c.vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
+        quarter_halves4<D>(c.vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
+        const float4 w4 = *(const float4*)(w + 4 * lane);
+        const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        // Past `valid`: other paths' weights and unwritten scales and mins (maybe NaN): 0.
-        const bool ok = 4 * lane + i < valid;
-        const float p = ok ? wv[i] : 0.0f;
+        for (int i = 0; i < 4; i++) {
+            // Past `valid`: other paths' weights and unwritten scales and mins (maybe NaN): 0.
+            const bool ok = 4 * lane + i < valid;
+            const float p = ok ? wv[i] : 0.0f;
 #pragma unroll
-        for (int j = 0; j < NQ; j++) {
-            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-            ps[j][i] = p * sj;
-            amax[j] = fmaxf(amax[j], ps[j][i]);
-            pm[j] += p * mj;
+            for (int j = 0; j < NQ; j++) {
+                const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+                const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+                ps[j][i] = p * sj;
+                amax[j] = fmaxf(amax[j], ps[j][i]);
+                pm[j] += p * mj;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int tok = 4 * lane + i;
+            const bool ok = tok < valid;
+            u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
+            float p = 0.0f;
+            if (ok) {
+                quarter_halves<D>(c.vs + sm + (u64)tok * gpt, gpt, s);
+                quarter_halves<D>(c.vm + sm + (u64)tok * gpt, gpt, m);
+                p = w[tok];
+            }
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                ps[j][i] = p * h2f((u16)(s[j >> 1] >> (16 * (j & 1))));
+                amax[j] = fmaxf(amax[j], ps[j][i]);
+                pm[j] += p * h2f((u16)(m[j >> 1] >> (16 * (j & 1))));
+            }
         }
     }
     const float xmax = reduce4<true>(amax, lane);
@@ -1206,12 +1254,12 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 // + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
 // lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
 // tokens' code words gives words whose byte i is token i's codes of a few channels.
-template <int D, int VB>
+template <int D, int VB, bool VEC>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane) {
     const CacheBufs& c = P.c;
     float fac, bias;
-    value_b_i8<D>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
     constexpr int NW = LBITS > 32 ? 2 : 1;  // words
@@ -1656,7 +1704,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_i8<D, VBq>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                tc_value_block_i8<D, VBq, W == 1>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                           skb + warp * 4 * 64, vacc, lane);
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {

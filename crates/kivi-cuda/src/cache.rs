@@ -43,7 +43,10 @@ const ATTN_THREADS: u32 = 128;
 /// all; 8 per SM (the previous target) made GQA B = 1, T = 16K 1.7x slower.
 const ONE_WARP_CTAS_PER_SM: usize = 16;
 const CTAS_PER_SM: usize = 4;
-const F16_CTAS_PER_SM: usize = 4;
+/// f16: 2 (session 12 sweep of 1 / 2 / 4 on the H200, µs: MHA B = 8 T = 1K 44.6 (4: 54.5),
+/// T = 4K 139 (155); GQA B = 32 T = 1K 48 (66), T = 4K 148 (173), B = 8 T = 16K 145 (170),
+/// B = 1 T = 16K 37 (46); slower only at MHA B = 1 T = 16K 87 (79), GQA B = 8 T = 4K 58 (49)).
+const F16_CTAS_PER_SM: usize = 2;
 /// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
 /// once, unless the batch's attention reads at most this fraction of the L2 cache in cache
 /// bytes: small batches are bound by each warp's chain of dependent instructions, not by bytes,
