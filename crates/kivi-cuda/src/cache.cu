@@ -755,13 +755,13 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-// k-steps unrolled: 2-bit all (1 measured slower: MHA B = 32 T = 32K 1018 -> 1064 us), 4-bit one
-// at a time (1498 -> 1417 us).
+// k-steps unrolled: 2-bit all (1 measured slower: MHA B = 32 T = 32K 1018 -> 1064 us), 4-bit two
+// at a time (all: 1481 us, one: 1415, two: 1379 in another call where one took 1397).
 #ifndef KEY_I8_UNROLL
 #define KEY_I8_UNROLL 4
 #endif
 #ifndef KEY_I8_UNROLL_K4
-#define KEY_I8_UNROLL_K4 1
+#define KEY_I8_UNROLL_K4 2
 #endif
 #pragma unroll(KB == 2 ? KEY_I8_UNROLL : KEY_I8_UNROLL_K4)
     for (int kstep = 0; kstep < D / 32; kstep++) {
