@@ -220,11 +220,8 @@ inline float __shfl_sync(u32, float v, int src) {
     return r;
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with the fragment layouts of the PTX ISA
-// (lane = 4 groupID + threadID_in_group): a0 (row g, k 2t..2t+1), a1 (row g + 8), a2 (k + 8),
-// a3 (row g + 8, k + 8); b0 (k 2t..2t+1, column g), b1 (k + 8); c0, c1 (row g, columns 2t,
-// 2t + 1), c2, c3 (row g + 8).
-inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+// Every lane's mma.sync operands, shared through the warp (the caller syncs again after reading).
+inline EmuWarp& emu_mma_operands(u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     EmuWarp& wp = emu_warp();
     const int l = emu_lane();
     wp.a[l][0] = a0;
@@ -234,6 +231,16 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
     wp.b[l][0] = b0;
     wp.b[l][1] = b1;
     emu_sync();
+    return wp;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with the fragment layouts of the PTX ISA
+// (lane = 4 groupID + threadID_in_group): a0 (row g, k 2t..2t+1), a1 (row g + 8), a2 (k + 8),
+// a3 (row g + 8, k + 8); b0 (k 2t..2t+1, column g), b1 (k + 8); c0, c1 (row g, columns 2t,
+// 2t + 1), c2, c3 (row g + 8).
+inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    EmuWarp& wp = emu_mma_operands(a0, a1, a2, a3, b0, b1);
+    const int l = emu_lane();
     auto A = [&wp](int row, int k) {
         const u32 w = wp.a[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
         return (double)h2f((u16)(w >> (16 * (k % 2))));
@@ -259,15 +266,8 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
 // 16), signed (unsigned: imma_16832_uu); c as mma_16816 (32-bit integers, wrapping).
 template <bool B_SIGNED = true>
 inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    EmuWarp& wp = emu_warp();
+    EmuWarp& wp = emu_mma_operands(a0, a1, a2, a3, b0, b1);
     const int l = emu_lane();
-    wp.a[l][0] = a0;
-    wp.a[l][1] = a1;
-    wp.a[l][2] = a2;
-    wp.a[l][3] = a3;
-    wp.b[l][0] = b0;
-    wp.b[l][1] = b1;
-    emu_sync();
     auto A = [&wp](int row, int k) {
         const u32 w = wp.a[(row % 8) * 4 + (k % 16) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)];
         return (int64_t)((w >> (8 * (k % 4))) & 0xff);

@@ -613,18 +613,30 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // integers they are, with no conversion to f16 at all; the scales go into the B operand
 // instead (q s per channel and 32-token quarter of the block, as 16-bit fixed point split into
 // two s8 columns), and the mins' term q . m is added per quarter. Per block and lane this is
-// ~630 instructions where the f16 path takes ~1085 (each code pair there is a LOP3 and two
-// HFMA2, here a quarter of a PRMT, a shift and a LOP3 per four codes). One-head CTAs only.
+// ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
+// two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
+// operand (~300) is the new cost. One-head CTAs only.
 #ifndef IMMA_KEYS
 #define IMMA_KEYS 1
 #endif
 
 #ifndef KIVI_EMU
+// mma.sync m16n8k32 of u8 A and s8 B (B_SIGNED) or u8 B into s32.
+template <bool B_SIGNED = true>
 __device__ __forceinline__ void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#define IMMA_16832(BTYPE)                                                                                   \
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8." BTYPE ".s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "        \
+        "{%8, %9}, {%0, %1, %2, %3};"                                                                        \
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])                                                     \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+    if constexpr (B_SIGNED)
+        IMMA_16832("s8");
+    else
+        IMMA_16832("u8");
+#undef IMMA_16832
+}
+__device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    imma_16832<false>(c, a0, a1, a2, a3, b0, b1);
 }
 #endif
 
@@ -1093,15 +1105,6 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
 // term p . m per quarter is added to the quarter's channels. One-head CTAs only.
 #ifndef IMMA_VALUES
 #define IMMA_VALUES 1
-#endif
-
-#ifndef KIVI_EMU
-__device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 #endif
 
 // Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
