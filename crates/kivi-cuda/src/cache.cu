@@ -465,6 +465,9 @@ __device__ __forceinline__ void raw_to_float(const u32 (&r)[CPL], bool is_f32, f
 // operand is the query (keys) or the softmax weights (values), split into f16 hi + lo parts in
 // columns 2h and 2h + 1 of head h (up to 4 heads in the 8 columns), so neither is rounded to
 // f16: lane t of each quad ends with head t's two parts in c0/c1 and c2/c3 and adds them.
+// One-head CTAs take the integer path instead (IMMA_KEYS, IMMA_VALUES below: u8 codes into
+// mma.sync m16n8k32, the scales folded into a 16-bit fixed-point B operand); several-head CTAs
+// (GQA) keep this one, whose dequantized A serves all their heads at once.
 
 #ifndef KIVI_EMU
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
