@@ -655,25 +655,6 @@ __device__ __forceinline__ void byte_transpose(u32 w0, u32 w1, u32 w2, u32 w3, u
     x[3] = prmt(hi01, hi23, 0x7632u);
 }
 
-// The code words of rows r0 + 16 e + i (e = 0, 1; i = 0..3) of `base`, STRIDE words apart: NW
-// words each (two: one 8-byte load), the first shifted right by `shift` (a lane's 16-bit slice).
-template <int NW, int STRIDE>
-__device__ __forceinline__ void load_code_rows(const u32* base, int r0, int shift, u32 (&w)[2][4][NW]) {
-#pragma unroll
-    for (int e = 0; e < 2; e++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const u32* p = base + (r0 + 16 * e + i) * STRIDE;
-            if constexpr (NW == 1) {
-                w[e][i][0] = p[0] >> shift;
-            } else {
-                const uint2 u = *(const uint2*)p;
-                w[e][i][0] = u.x;
-                w[e][i][NW - 1] = u.y;
-            }
-        }
-}
-
 // Sum (or max) of a[j] over the warp for j = 0..3, in 6 shuffles: lane l ends with j = (l >> 3) & 3.
 template <bool MAX>
 __device__ __forceinline__ float reduce4(const float (&a)[4], int lane) {
@@ -803,7 +784,19 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
-        load_code_rows<WL, WPD>(kq, 32 * kstep, 0, w);
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32* p = kq + (32 * kstep + 16 * e + i) * WPD;
+                if constexpr (WL == 1) {
+                    w[e][i][0] = p[0];
+                } else {
+                    const uint2 u = *(const uint2*)p;
+                    w[e][i][0] = u.x;
+                    w[e][i][WL - 1] = u.y;
+                }
+            }
 #pragma unroll
         for (int x = 0; x < WL; x++) {
             u32 xa[4], xb[4];
@@ -1298,7 +1291,19 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        load_code_rows<NW, WPT>(vq, 32 * kstep, shift, w);
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32* p = vq + (32 * kstep + 16 * e + i) * WPT;
+                if constexpr (NW == 1) {
+                    w[e][i][0] = p[0] >> shift;
+                } else {
+                    const uint2 u = *(const uint2*)p;
+                    w[e][i][0] = u.x;
+                    w[e][i][NW - 1] = u.y;
+                }
+            }
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
