@@ -621,6 +621,9 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
 // two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
 // operand (~300) is the new cost. One-head CTAs only.
+#ifndef HOIST_CODES
+#define HOIST_CODES 1
+#endif
 #ifndef IMMA_KEYS
 #define IMMA_KEYS 1
 #endif
@@ -760,13 +763,33 @@ template <int D, int KB>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane) {
     const CacheBufs& c = P.c;
-    float fac, bias;
-    key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
     // The lane's first word; every load below is at a constant offset from it.
     const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
+    // The lane's code words of k-step `kstep`.
+    auto load_words = [&](int kstep, u32 (&w)[2][4][WL]) {
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32* p = kq + (32 * kstep + 16 * e + i) * WPD;
+                if constexpr (WL == 1) {
+                    w[e][i][0] = p[0];
+                } else {
+                    const uint2 u = *(const uint2*)p;
+                    w[e][i][0] = u.x;
+                    w[e][i][WL - 1] = u.y;
+                }
+            }
+    };
+    // HOIST_CODES: the first k-step's code words are asked for before the B operand's scales,
+    // so that the two loads overlap (else the codes wait for the B operand).
+    u32 first[2][4][WL];
+    if (HOIST_CODES) load_words(0, first);
+    float fac, bias;
+    key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     int acc[8][4];
 #pragma unroll
     for (int m = 0; m < 8; m++)
@@ -784,19 +807,16 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
+        if (HOIST_CODES && kstep == 0) {
 #pragma unroll
-        for (int e = 0; e < 2; e++)
+            for (int e = 0; e < 2; e++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const u32* p = kq + (32 * kstep + 16 * e + i) * WPD;
-                if constexpr (WL == 1) {
-                    w[e][i][0] = p[0];
-                } else {
-                    const uint2 u = *(const uint2*)p;
-                    w[e][i][0] = u.x;
-                    w[e][i][WL - 1] = u.y;
-                }
-            }
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int x = 0; x < WL; x++) w[e][i][x] = first[e][i][x];
+        } else {
+            load_words(kstep, w);
+        }
 #pragma unroll
         for (int x = 0; x < WL; x++) {
             u32 xa[4], xb[4];
@@ -1266,8 +1286,6 @@ template <int D, int VB, bool VEC>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane) {
     const CacheBufs& c = P.c;
-    float fac, bias;
-    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
     constexpr int NW = LBITS > 32 ? 2 : 1;  // words
@@ -1278,19 +1296,8 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
-    int acc[D / 16][4];
-#pragma unroll
-    for (int m = 0; m < D / 16; m++)
-#pragma unroll
-        for (int x = 0; x < 4; x++) acc[m][x] = 0;
-// k-steps unrolled: 1 spills least at the 80-register cap (24 B; all 4: 212 B).
-#ifndef VALUE_I8_UNROLL
-#define VALUE_I8_UNROLL 1
-#endif
-#pragma unroll VALUE_I8_UNROLL
-    for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
-        const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
-        u32 w[2][4][NW];
+    // The lane's code words of k-step `kstep`.
+    auto load_words = [&](int kstep, u32 (&w)[2][4][NW]) {
 #pragma unroll
         for (int e = 0; e < 2; e++)
 #pragma unroll
@@ -1304,6 +1311,34 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
                     w[e][i][NW - 1] = u.y;
                 }
             }
+    };
+    u32 first[2][4][NW];  // as in tc_key_block_i8
+    if (HOIST_CODES) load_words(0, first);
+    float fac, bias;
+    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    int acc[D / 16][4];
+#pragma unroll
+    for (int m = 0; m < D / 16; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0;
+// k-steps unrolled: 1 spills least at the 80-register cap (24 B; all 4: 212 B).
+#ifndef VALUE_I8_UNROLL
+#define VALUE_I8_UNROLL 1
+#endif
+#pragma unroll VALUE_I8_UNROLL
+    for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
+        const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
+        u32 w[2][4][NW];
+        if (HOIST_CODES && kstep == 0) {
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int n = 0; n < NW; n++) w[e][i][n] = first[e][i][n];
+        } else {
+            load_words(kstep, w);
+        }
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
