@@ -58,7 +58,7 @@ static AttnParams block_params(int D, int G) {
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
 template <int D, int KB>
-static void key_block(int G, int valid, bool imma = false) {
+static void key_block(int G, int valid, bool imma = false, bool hoist = false) {
     constexpr int WPD = KB, FPI = 32 / KB;
     std::vector<u32> kq((BLOCK_TOKENS / 32) * D * WPD);
     for (auto& w : kq) w = (u32)rng();
@@ -82,8 +82,10 @@ static void key_block(int G, int valid, bool imma = false) {
     std::vector<float> sc(BLOCK_TOKENS, NAN);
     std::vector<u32> bbuf((D / 32) * 64);
     emu_run_warp({}, [&](int lane) {
-        if (imma)
-            tc_key_block_i8<D, KB>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
+        if (imma && hoist)
+            tc_key_block_i8<D, KB, true>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
+        else if (imma)
+            tc_key_block_i8<D, KB, false>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
         else
             tc_key_block<D, KB, 1>(P, 0, 0, 0, 0, valid, qf.data(), sc.data(), lane);
     });
@@ -141,10 +143,11 @@ static void value_block(int G, int valid, bool imma = false, bool vec = false) {
     emu_run_warp({}, [&](int lane) {
         if (imma) {
             float vacc[D / 16][2] = {};
+            // (One-warp CTAs take the vector loads and the hoisted code words together.)
             if (vec)
-                tc_value_block_i8<D, VB, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+                tc_value_block_i8<D, VB, true, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
             else
-                tc_value_block_i8<D, VB, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+                tc_value_block_i8<D, VB, false, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
             tc_value_store_i8<D>(vacc, wacc.data(), lane);
         } else {
             float tacc[D / 16][4] = {};
@@ -610,6 +613,8 @@ int main() {
             key_block<128, 4>(G, valid);
             key_block<128, 2>(G, valid, true);
             key_block<128, 4>(G, valid, true);
+            key_block<128, 2>(G, valid, true, true);
+            key_block<128, 4>(G, valid, true, true);
             value_block<128, 2>(G, valid);
             value_block<128, 4>(G, valid);
             value_block<128, 2>(G, valid, true);

@@ -621,6 +621,11 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
 // two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
 // operand (~300) is the new cost. One-head CTAs only.
+// 1: one-warp CTAs' integer key and value blocks load their first k-step's code words before
+// building the B operand (tc_key_block_i8, tc_value_block_i8). Measured on the H200 (µs, same
+// call): MHA B = 1024 T = 330 KIVI-2 R = 32 540 -> 531, R = 128 689 -> 677 (KIVI-4 equal); in
+// four-warp CTAs it cost 3-5 % (more spills; MHA B = 32 T = 32K KIVI-2 1016 -> 1052, KIVI-4
+// 1398 -> 1476), so not there.
 #ifndef HOIST_CODES
 #define HOIST_CODES 1
 #endif
@@ -759,7 +764,7 @@ __device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, 
 // (a2, a3): byte_transpose turns four channels' code words into words whose byte i is channel
 // i's codes of a few tokens, and a shift and a mask pick one token's four codes. Column 2j +
 // part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
-template <int D, int KB>
+template <int D, int KB, bool HOIST>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane) {
     const CacheBufs& c = P.c;
@@ -784,10 +789,10 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
                 }
             }
     };
-    // HOIST_CODES: the first k-step's code words are asked for before the B operand's scales,
-    // so that the two loads overlap (else the codes wait for the B operand).
+    // HOIST: the first k-step's code words are asked for before the B operand's scales, so
+    // that the two loads overlap (else the codes wait for the B operand); see HOIST_CODES.
     u32 first[2][4][WL];
-    if (HOIST_CODES) load_words(0, first);
+    if (HOIST) load_words(0, first);
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     int acc[8][4];
@@ -807,7 +812,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
-        if (HOIST_CODES && kstep == 0) {
+        if (HOIST && kstep == 0) {
 #pragma unroll
             for (int e = 0; e < 2; e++)
 #pragma unroll
@@ -1282,7 +1287,7 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 // + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
 // lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
 // tokens' code words gives words whose byte i is token i's codes of a few channels.
-template <int D, int VB, bool VEC>
+template <int D, int VB, bool VEC, bool HOIST>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane) {
     const CacheBufs& c = P.c;
@@ -1313,7 +1318,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
             }
     };
     u32 first[2][4][NW];  // as in tc_key_block_i8
-    if (HOIST_CODES) load_words(0, first);
+    if (HOIST) load_words(0, first);
     float fac, bias;
     value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     int acc[D / 16][4];
@@ -1329,7 +1334,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        if (HOIST_CODES && kstep == 0) {
+        if (HOIST && kstep == 0) {
 #pragma unroll
             for (int e = 0; e < 2; e++)
 #pragma unroll
@@ -1501,6 +1506,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // T = 330.)
     constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
     constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
+    constexpr bool HOIST = HOIST_CODES && W == 1 && D == 128;  // (measured at D = 128 only)
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
@@ -1526,7 +1532,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     if (IMMA_K && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_i8<D, KBq>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+            tc_key_block_i8<D, KBq, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                     __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
@@ -1747,7 +1753,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_i8<D, VBq, W == 1>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                tc_value_block_i8<D, VBq, W == 1, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                           skb + warp * 4 * 64, vacc, lane);
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {
