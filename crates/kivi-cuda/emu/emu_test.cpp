@@ -498,25 +498,15 @@ struct Pipeline {
         P.tc_multiple = production && W > 1 ? W : 1;
         P.tc_partial_min = production ? 32 : 1;
         P.prefill = prefill;
-        // With the prefill kernel, the decode kernel runs only for tokens with stored positions
-        // (cache.rs StepPlan::decode_toks); the others' decode splits stay NaN, unread.
-        std::vector<int> dec;
-        for (int z = 0; z < T; z++) {
-            const int n_old = stoks[5 * z + 1], i = stoks[5 * z + 2], n_new = stoks[5 * z + 4];
-            if ((n_new > 1 ? n_old : n_old + i + 1) > 0) dec.push_back(z);
-        }
-        const bool compact = prefill && (int)dec.size() < T;
-        P.dec_toks = compact ? dec.data() : nullptr;
-        const int ztoks = compact ? (int)dec.size() : T;
         const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split;
-        if (decode_splits > 0 && ztoks > 0)
-            emu_launch({decode_splits, hkv * nchunk, ztoks}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
+        if (decode_splits > 0)
+            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
         if (prefill)
             emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });
         emu_launch({nh, T, 1}, D, [&](int) {
             kivi_attn_reduce(part_o.data(), part_ml.data(), out.data(), nh, nsplit, D, (const Tok*)stoks.data(),
-                             prefill ? nsplit - 1 : -1, decode_splits, compact ? 1 : 0);
+                             prefill ? nsplit - 1 : -1);
         });
         // Reference: plain attention over every token appended before (as stored) and this step's
         // up to it. With R > 0 the data is stored exactly; R = 0 quantizes every stream token (the

@@ -354,18 +354,7 @@ struct AttnParams {
     // 1: tokens of items with several new tokens attend only the stored positions [0, n_old)
     // here; kivi_attn_prefill adds the new ones as split nsplit - 1.
     int prefill;
-    // Packed indices of the tokens that the decode kernel runs for (blockIdx.z indexes this
-    // list; those left out attend no stored position, see decode_range), or null: all tokens.
-    const int* dec_toks;
 };
-
-// The stored positions [0, L) that the decode kernel attends for token record tk (stream-
-// relative): with the prefill kernel a multi-token item's tokens attend only [0, n_old) here.
-// L <= 0: none (a fresh prompt's tokens; a new sink token's record has i < 0). The host's
-// StepPlan applies the same rule to leave such tokens out of the launch (AttnParams::dec_toks).
-__device__ __forceinline__ int decode_range(const Tok& tk, bool prefill) {
-    return (prefill && tk.n_new > 1) ? tk.n_old : tk.n_old + tk.i + 1;
-}
 
 // Code j of word w as f = 1 + c / 2^b (mantissa bits 21..22 at 2 bits, 19..22 at 4 bits), so
 // s*c + m = (2^b s) f + (m - 2^b s): one shift, one LOP3, one FFMA per code.
@@ -1439,9 +1428,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     const int nchunk = n_rep / NG;
     const int kvh = blockIdx.y / nchunk;
     const int h0 = kvh * n_rep + (blockIdx.y % nchunk) * NG;
-    const int tok = P.dec_toks ? P.dec_toks[blockIdx.z] : (int)blockIdx.z;
+    const int tok = blockIdx.z;
     const Tok tk = P.toks[tok];
-    const int n = tk.n_old, L = decode_range(tk, P.prefill);
+    const int n = tk.n_old, L = (P.prefill && tk.n_new > 1) ? n : n + tk.i + 1;
     const int s0 = split * P.split_len;
     const int s1 = min(s0 + P.split_len, L);
 
@@ -2181,24 +2170,20 @@ ATTN_SINKS(128)
 // Combines the splits of one (token, query head). With prefill_slot >= 0, that split holds the
 // prefill kernel's part, written only for tokens of items with several new tokens.
 // grid = (H, T), block = D.
-// `decode_splits`: the decode kernel's splits, which come first; `compact`: the decode kernel
-// ran only for the tokens with a stored range (AttnParams::dec_toks), so the others' decode
-// splits were never written.
 extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* part_ml, float* out,
                                             int n_head, int nsplit, int head_dim, const Tok* toks,
-                                            int prefill_slot, int decode_splits, int compact) {
+                                            int prefill_slot) {
     const int h = blockIdx.x, tok = blockIdx.y, d = threadIdx.x;
     if (d >= head_dim) return;
     // Splits to read: all, less the prefill slot for a token that the prefill kernel skipped.
     // (Stream-relative records: a sink position's query has i < 0 and no prefill tile.)
     const Tok tk = toks[tok];
     const int nread = (prefill_slot >= 0 && (tk.n_new <= 1 || tk.i < 0)) ? prefill_slot : nsplit;
-    const int first = compact && decode_range(tk, prefill_slot >= 0) <= 0 ? decode_splits : 0;
     const u64 base = ((u64)tok * n_head + h) * nsplit;
     float mx = NEG_INF;
-    for (int s = first; s < nread; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+    for (int s = 0; s < nread; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);
     float num = 0.0f, den = 0.0f;
-    for (int s = first; s < nread; s++) {
+    for (int s = 0; s < nread; s++) {
         const float m = part_ml[(base + s) * 2];
         if (m == NEG_INF) continue;
         const float e = exp2f(m - mx);

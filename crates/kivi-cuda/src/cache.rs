@@ -150,7 +150,6 @@ struct AttnParams {
     tc_multiple: i32,
     tc_partial_min: i32,
     prefill: i32,
-    dec_toks: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
@@ -347,11 +346,6 @@ struct StepPlan {
     stream_toks: Vec<i32>,
     /// `[packed token, slot, position]` of every new token that is a sink position.
     sink_writes: Vec<i32>,
-    /// Packed tokens that attend stored positions when the prefill kernel takes the new ones
-    /// of multi-token items (cache.cu `decode_range`): the decode kernel runs for these alone,
-    /// not for a fresh prompt's tokens, whose empty CTAs cost ~7.6 ms of a 2048-token
-    /// prompt-chunk pass at B = 1046 (Llama-2-7B shapes, session 12).
-    decode_toks: Vec<i32>,
     work: StepWork,
     n_tokens: usize,
     /// Longest stream (n_old + n_new after the sinks) of any item.
@@ -404,14 +398,6 @@ impl StepPlan {
             p.max_stream_len = p.max_stream_len.max(s_old + s_new);
         }
         p.n_tokens = off;
-        p.decode_toks = (0..off)
-            .filter(|&z| {
-                let r = &p.stream_toks[5 * z..5 * z + 5];
-                let (n_old, i, n_new) = (r[1], r[2], r[4]);
-                (if n_new > 1 { n_old } else { n_old + i + 1 }) > 0
-            })
-            .map(|z| z as i32)
-            .collect();
         p
     }
 }
@@ -440,9 +426,6 @@ pub struct GpuBatch {
     /// item with several new tokens), for `kivi_attn_prefill`.
     dev_prefill_tiles: u64,
     n_prefill_tiles: usize,
-    /// `StepPlan::decode_toks` on the device, or 0 when it holds every token.
-    dev_decode_toks: u64,
-    n_decode_toks: usize,
     /// Packed new tokens of all items.
     pub n_tokens: usize,
     /// Longest attended stream (n_old + n_new, after the sink tokens) of any item.
@@ -495,7 +478,6 @@ struct StepTables {
     key_groups: DeviceTable,
     value_tokens: DeviceTable,
     prefill_tiles: DeviceTable,
-    decode_toks: DeviceTable,
 }
 
 /// Paged KV cache of up to `max_seqs` sequences, all layers, on one GPU.
@@ -1058,7 +1040,6 @@ impl GpuCache {
             toks,
             stream_toks,
             sink_writes,
-            decode_toks,
             work,
             n_tokens,
             max_stream_len,
@@ -1087,11 +1068,6 @@ impl GpuCache {
         let dev_key_groups = t.key_groups.upload(&s, &key_groups)?;
         let dev_value_tokens = t.value_tokens.upload(&s, &value_tokens)?;
         let dev_prefill_tiles = t.prefill_tiles.upload(&s, &prefill_tiles)?;
-        let dev_decode_toks = if decode_toks.len() < n_tokens {
-            t.decode_toks.upload(&s, &decode_toks)?
-        } else {
-            0
-        };
         Ok(GpuBatch {
             items: host_items,
             dev_items,
@@ -1105,8 +1081,6 @@ impl GpuCache {
             n_value_tokens,
             dev_prefill_tiles,
             n_prefill_tiles,
-            dev_decode_toks,
-            n_decode_toks: decode_toks.len(),
             n_tokens,
             max_len: max_stream_len,
         })
@@ -1397,10 +1371,6 @@ impl GpuCache {
         // prefill kernel's one more, the last.
         let prefill = self.prefill_kernel && batch.n_prefill_tiles > 0;
         let decode_splits = batch.max_len.div_ceil(split);
-        // The decode kernel runs only for tokens with stored positions to attend (a fresh
-        // prompt's tokens have none: the prefill kernel attends their new ones).
-        let compact = prefill && batch.dev_decode_toks != 0;
-        let decode_tokens = if compact { batch.n_decode_toks } else { t };
         let sink_slot = decode_splits;
         let nsplit = decode_splits + usize::from(self.sinks > 0) + usize::from(prefill);
         let direct = nsplit == 1 && self.sinks == 0;
@@ -1441,7 +1411,6 @@ impl GpuCache {
                 .unwrap_or(TC_PARTIAL_MIN)
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
-            dec_toks: if compact { batch.dev_decode_toks } else { 0 },
         };
         // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
         let warps = if one_warp {
@@ -1451,15 +1420,11 @@ impl GpuCache {
         };
         let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
         let cfg = LaunchConfig {
-            grid_dim: (
-                decode_splits as u32,
-                (hkv * nchunk) as u32,
-                decode_tokens as u32,
-            ),
+            grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        if decode_splits > 0 && decode_tokens > 0 {
+        if decode_splits > 0 {
             // SAFETY: the params point at live buffers of the sizes checked above; the kernel
             // reads only positions below each token's attended length: window slots, or blocks
             // of the slot's table row (`batch` gave it blocks for every stored position).
@@ -1499,7 +1464,6 @@ impl GpuCache {
         let cfg = grid_2d((n_head as u32, t as u32), d as u32);
         let (nh, ns, hd) = (n_head as i32, nsplit as i32, d as i32);
         let prefill_slot = if prefill { nsplit as i32 - 1 } else { -1 };
-        let (n_dec, compact32) = (decode_splits as i32, i32::from(compact));
         // SAFETY: part buffers hold t * n_head * nsplit entries, out t * n_head * d.
         unsafe {
             s.launch_builder(&r)
@@ -1511,8 +1475,6 @@ impl GpuCache {
                 .arg(&hd)
                 .arg(&batch.dev_stream_toks)
                 .arg(&prefill_slot)
-                .arg(&n_dec)
-                .arg(&compact32)
                 .launch(cfg)?
         };
         Ok(())
@@ -1937,7 +1899,6 @@ mod tests {
             let mut sink_writes = Vec::new();
             let mut work = StepWork::default();
             let mut max_stream = 0;
-            let mut decode_toks = Vec::new();
             for (item, &(slot, n_old, n_new)) in items.iter().enumerate() {
                 assert_eq!(
                     plan.items[item],
@@ -1976,21 +1937,11 @@ mod tests {
                     s_new,
                     (n_old + n_new).saturating_sub(sinks) - n_old.saturating_sub(sinks)
                 );
-                // The decode kernel's tokens: a multi-token stream part attends its stored
-                // stream positions there (the prefill kernel the new ones); a lone token
-                // attends up to itself, unless it is a sink position.
-                let s_old = n_old.saturating_sub(sinks);
-                for i in 0..n_new {
-                    if (s_new > 1 && s_old > 0) || (s_new <= 1 && n_old + i >= sinks) {
-                        decode_toks.push((off + i) as i32);
-                    }
-                }
                 work.add_item(&config, item as i32, si[1] as usize, s_new, si[3] as usize);
                 max_stream = max_stream.max(si[1] as usize + s_new);
                 off += n_new;
             }
             assert_eq!(plan.sink_writes, sink_writes);
-            assert_eq!(plan.decode_toks, decode_toks);
             assert_eq!(plan.work, work);
             assert_eq!((plan.n_tokens, plan.max_stream_len), (off, max_stream));
             if sinks == 0 {
