@@ -889,6 +889,14 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #ifndef F16_TC
 #define F16_TC 1
 #endif
+// Row pairs (keys) and 16-token k-steps (values) of an f16 block whose loads are in flight
+// together.
+#ifndef F16_KEY_UNROLL
+#define F16_KEY_UNROLL 2
+#endif
+#ifndef F16_VALUE_UNROLL
+#define F16_VALUE_UNROLL 2
+#endif
 
 // Scores of one f16 key block (128 rows from pb, pool block blk; the first `valid` are
 // stored) for the CTA's NG heads, by one warp: as tc_key_block (lane g: tokens 16g..16g+15,
@@ -900,7 +908,7 @@ __device__ __forceinline__ void tc_f16_key_block(const AttnParams& P, int kvh, u
     const CacheBufs& c = P.c;
     const int g = lane >> 2, t = lane & 3;
     const u16* rows = c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)(16 * g) * D + 8 * t;
-#pragma unroll 2
+#pragma unroll F16_KEY_UNROLL
     for (int m = 0; m < 8; m++) {
         const u16* x = rows + (u64)(2 * m) * D;
         uint4 X[D / 32], Y[D / 32];
@@ -952,7 +960,7 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
     const u16* rows = c.vwin + (u64)kvh * c.vwin_head + blk * c.vwin_unit + g * CH;
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-#pragma unroll 2
+#pragma unroll F16_VALUE_UNROLL
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
         u32 wa0[CH / 2], wa1[CH / 2], wb0[CH / 2], wb1[CH / 2];
@@ -1975,8 +1983,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef ONE_WARP_MIN_CTAS_GQA
 #define ONE_WARP_MIN_CTAS_GQA 16
 #endif
+#ifndef F16_MIN_CTAS
+#define F16_MIN_CTAS 4
+#endif
 #define MIN_CTAS(KB, VB, NG) \
-    ((KB) == 16 ? 4 : (NG) != 1 ? QUANT_MIN_CTAS_GQA : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2 : QUANT_MIN_CTAS)
+    ((KB) == 16 ? F16_MIN_CTAS : (NG) != 1 ? QUANT_MIN_CTAS_GQA : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2 : QUANT_MIN_CTAS)
 // One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
 // -DATTN_D (head dim) -DATTN_KB -DATTN_VB (key/value bits, 16: the f16 cache) -DATTN_NG
 // (query heads per CTA) -DATTN_W (warps per CTA: 4, or 1 for batches of many short

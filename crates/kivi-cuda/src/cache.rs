@@ -508,6 +508,8 @@ pub struct GpuCache {
     ctas_per_sm: usize,
     /// The same for the f16 cache (`KIVI_CUDA_F16_CTAS_PER_SM`).
     f16_ctas_per_sm: usize,
+    /// `F16_TC_MIN_LEN` (`KIVI_CUDA_F16_TC_MIN_LEN`).
+    f16_tc_min_len: usize,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -728,6 +730,10 @@ impl GpuCache {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(F16_CTAS_PER_SM, |c| c.clamp(1, 64)),
+            f16_tc_min_len: std::env::var("KIVI_CUDA_F16_TC_MIN_LEN")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(F16_TC_MIN_LEN),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -1386,7 +1392,7 @@ impl GpuCache {
             CacheConfig::F16 => (16, 16),
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
-        let f16_tc = !quant && self.tensor_cores && batch.max_len > F16_TC_MIN_LEN;
+        let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
         let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 }, f16_tc)?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
