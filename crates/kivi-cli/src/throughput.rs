@@ -71,10 +71,8 @@ pub struct BenchThroughputArgs {
     #[arg(long, default_value = "80GB")]
     pub gpu_memory: String,
     /// --device cuda: prompt tokens per prefill chunk; a pass holds the batch's decode tokens
-    /// plus one chunk. (8192: fewer passes in a wave than 2048, KIVI-2 R = 32 on Llama-2-7B
-    /// shapes 2.3-3 % more tokens/s on the H200, though its workspace leaves room for 2 %
-    /// fewer sequences.)
-    #[arg(long, default_value_t = 8192)]
+    /// plus one chunk.
+    #[arg(long, default_value_t = 2048)]
     pub gpu_prefill_chunk: usize,
     #[arg(long, value_enum, default_value_t = Workload::Sharegpt)]
     pub workload: Workload,
