@@ -758,6 +758,25 @@ __device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, 
     __syncwarp();
 }
 
+// A lane's code words of one k-step of an integer key or value block: rows 16 e + i (e < 2,
+// i < 4) of `stride` words from `row0`, N words each (one word: shifted right by `shift`).
+template <int N>
+__device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int shift, u32 (&w)[2][4][N]) {
+#pragma unroll
+    for (int e = 0; e < 2; e++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u32* p = row0 + (16 * e + i) * stride;
+            if constexpr (N == 1) {
+                w[e][i][0] = p[0] >> shift;
+            } else {
+                const uint2 u = *(const uint2*)p;
+                w[e][i][0] = u.x;
+                w[e][i][N - 1] = u.y;
+            }
+        }
+}
+
 // tc_key_block for one-head CTAs on the integer tensor cores (IMMA_KEYS). Lane (g, t) holds the
 // block's tokens 16g..16g + 15 as tc_key_block (m-tile M: row g = token 16g + 2M, row g + 8 =
 // token 16g + 2M + 1) and, in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
@@ -774,21 +793,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     // The lane's first word; every load below is at a constant offset from it.
     const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
     // The lane's code words of k-step `kstep`.
-    auto load_words = [&](int kstep, u32 (&w)[2][4][WL]) {
-#pragma unroll
-        for (int e = 0; e < 2; e++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const u32* p = kq + (32 * kstep + 16 * e + i) * WPD;
-                if constexpr (WL == 1) {
-                    w[e][i][0] = p[0];
-                } else {
-                    const uint2 u = *(const uint2*)p;
-                    w[e][i][0] = u.x;
-                    w[e][i][WL - 1] = u.y;
-                }
-            }
-    };
+    auto load_words = [&](int kstep, u32 (&w)[2][4][WL]) { lane_code_words(kq + 32 * kstep * WPD, WPD, 0, w); };
     // HOIST: the first k-step's code words are asked for before the B operand's scales, so
     // that the two loads overlap (else the codes wait for the B operand); see HOIST_CODES.
     u32 first[2][4][WL];
@@ -1310,21 +1315,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     const int shift = (g * LBITS) % 32;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
     // The lane's code words of k-step `kstep`.
-    auto load_words = [&](int kstep, u32 (&w)[2][4][NW]) {
-#pragma unroll
-        for (int e = 0; e < 2; e++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const u32* p = vq + (32 * kstep + 16 * e + i) * WPT;
-                if constexpr (NW == 1) {
-                    w[e][i][0] = p[0] >> shift;
-                } else {
-                    const uint2 u = *(const uint2*)p;
-                    w[e][i][0] = u.x;
-                    w[e][i][NW - 1] = u.y;
-                }
-            }
-    };
+    auto load_words = [&](int kstep, u32 (&w)[2][4][NW]) { lane_code_words(vq + 32 * kstep * WPT, WPT, shift, w); };
     u32 first[2][4][NW];  // as in tc_key_block_i8
     if (HOIST) load_words(0, first);
     float fac, bias;
