@@ -621,6 +621,9 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
 // two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
 // operand (~300) is the new cost. One-head CTAs only.
+#ifndef IMMA_KEYS
+#define IMMA_KEYS 1
+#endif
 // 1: one-warp CTAs' integer key and value blocks load their first k-step's code words before
 // building the B operand (tc_key_block_i8, tc_value_block_i8). Measured on the H200 (µs, same
 // call): MHA B = 1024 T = 330 KIVI-2 R = 32 540 -> 531, R = 128 689 -> 677 (KIVI-4 equal); in
@@ -628,9 +631,6 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // 1398 -> 1476), so not there.
 #ifndef HOIST_CODES
 #define HOIST_CODES 1
-#endif
-#ifndef IMMA_KEYS
-#define IMMA_KEYS 1
 #endif
 
 #ifndef KIVI_EMU
@@ -895,7 +895,9 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #define F16_TC 1
 #endif
 // Row pairs (keys) and 16-token k-steps (values) of an f16 block whose loads are in flight
-// together.
+// together. (Session 13 on the H200: 4 or 8 of each, also with register caps of 3 or 2 CTAs per
+// SM (F16_MIN_CTAS), were no faster where the f16 kernel trails SDPA, small GQA batches, and
+// the 2-CTA cap made MHA B = 8 T = 1K 1.36x slower; docs/benchmarks.md, "Session 13".)
 #ifndef F16_KEY_UNROLL
 #define F16_KEY_UNROLL 2
 #endif
@@ -1974,6 +1976,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef ONE_WARP_MIN_CTAS_GQA
 #define ONE_WARP_MIN_CTAS_GQA 16
 #endif
+// The f16 cache's kernels: 4 (128 registers; see F16_KEY_UNROLL for 3 and 2).
 #ifndef F16_MIN_CTAS
 #define F16_MIN_CTAS 4
 #endif
