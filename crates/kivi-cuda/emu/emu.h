@@ -234,6 +234,23 @@ inline EmuWarp& emu_mma_operands(u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1)
     return wp;
 }
 
+// Lane l's accumulators c0..c3 (row g, columns 2t, 2t + 1; row g + 8, the same columns) plus
+// sum_k A(row, k) B(k, col) over K, accumulated exactly in Acc and converted back to C; written
+// after every lane has read the operands.
+template <typename Acc, typename C, typename FA, typename FB>
+inline void emu_mma_accumulate(C (&c)[4], int l, int K, FA A, FB B) {
+    const int g = l >> 2, t = l & 3;
+    C out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        Acc acc = c[i];
+        for (int k = 0; k < K; k++) acc += A(row, k) * B(k, col);
+        out[i] = (C)acc;
+    }
+    emu_sync();
+    for (int i = 0; i < 4; i++) c[i] = out[i];
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with the fragment layouts of the PTX ISA
 // (lane = 4 groupID + threadID_in_group): a0 (row g, k 2t..2t+1), a1 (row g + 8), a2 (k + 8),
 // a3 (row g + 8, k + 8); b0 (k 2t..2t+1, column g), b1 (k + 8); c0, c1 (row g, columns 2t,
@@ -249,16 +266,7 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
         const u32 w = wp.b[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
         return (double)h2f((u16)(w >> (16 * (k % 2))));
     };
-    const int g = l >> 2, t = l & 3;
-    float out[4];
-    for (int i = 0; i < 4; i++) {
-        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-        double acc = c[i];
-        for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
-        out[i] = (float)acc;
-    }
-    emu_sync();
-    for (int i = 0; i < 4; i++) c[i] = out[i];
+    emu_mma_accumulate<double>(c, l, 16, A, B);
 }
 
 // mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32: a0 (row g, k 4t..4t+3, bytes), a1 (row
@@ -277,16 +285,8 @@ inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 
         const uint8_t byte = (uint8_t)(w >> (8 * (k % 4)));
         return B_SIGNED ? (int64_t)(int8_t)byte : (int64_t)byte;
     };
-    const int g = l >> 2, t = l & 3;
-    int out[4];
-    for (int i = 0; i < 4; i++) {
-        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
-        int64_t acc = c[i];
-        for (int k = 0; k < 32; k++) acc += A(row, k) * B(k, col);
-        out[i] = (int)(u32)acc;
-    }
-    emu_sync();
-    for (int i = 0; i < 4; i++) c[i] = out[i];
+    // (int64 -> int wraps modulo 2^32 in C++20, as the hardware's s32 accumulators do.)
+    emu_mma_accumulate<int64_t>(c, l, 32, A, B);
 }
 
 // The same with unsigned B (mma.sync ... .s32.u8.u8.s32).

@@ -776,6 +776,22 @@ __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int
             }
         }
 }
+// The same for k-step `kstep` of the block at `row0`, except that with HOIST k-step 0's words
+// were loaded ahead into `first` (see HOIST_CODES).
+template <bool HOIST, int N>
+__device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, int shift, int kstep,
+                                                 const u32 (&first)[2][4][N], u32 (&w)[2][4][N]) {
+    if (HOIST && kstep == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int n = 0; n < N; n++) w[e][i][n] = first[e][i][n];
+    } else {
+        lane_code_words(row0 + 32 * kstep * stride, stride, shift, w);
+    }
+}
 
 // tc_key_block for one-head CTAs on the integer tensor cores (IMMA_KEYS). Lane (g, t) holds the
 // block's tokens 16g..16g + 15 as tc_key_block (m-tile M: row g = token 16g + 2M, row g + 8 =
@@ -792,12 +808,10 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     const int g = lane >> 2, t = lane & 3;
     // The lane's first word; every load below is at a constant offset from it.
     const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
-    // The lane's code words of k-step `kstep`.
-    auto load_words = [&](int kstep, u32 (&w)[2][4][WL]) { lane_code_words(kq + 32 * kstep * WPD, WPD, 0, w); };
     // HOIST: the first k-step's code words are asked for before the B operand's scales, so
     // that the two loads overlap (else the codes wait for the B operand); see HOIST_CODES.
     u32 first[2][4][WL];
-    if (HOIST) load_words(0, first);
+    if (HOIST) lane_code_words(kq, WPD, 0, first);
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     int acc[8][4];
@@ -817,16 +831,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
-        if (HOIST && kstep == 0) {
-#pragma unroll
-            for (int e = 0; e < 2; e++)
-#pragma unroll
-                for (int i = 0; i < 4; i++)
-#pragma unroll
-                    for (int x = 0; x < WL; x++) w[e][i][x] = first[e][i][x];
-        } else {
-            load_words(kstep, w);
-        }
+        kstep_code_words<HOIST>(kq, WPD, 0, kstep, first, w);
 #pragma unroll
         for (int x = 0; x < WL; x++) {
             u32 xa[4], xb[4];
@@ -1316,10 +1321,8 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
-    // The lane's code words of k-step `kstep`.
-    auto load_words = [&](int kstep, u32 (&w)[2][4][NW]) { lane_code_words(vq + 32 * kstep * WPT, WPT, shift, w); };
     u32 first[2][4][NW];  // as in tc_key_block_i8
-    if (HOIST) load_words(0, first);
+    if (HOIST) lane_code_words(vq, WPT, shift, first);
     float fac, bias;
     value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     int acc[D / 16][4];
@@ -1335,16 +1338,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        if (HOIST && kstep == 0) {
-#pragma unroll
-            for (int e = 0; e < 2; e++)
-#pragma unroll
-                for (int i = 0; i < 4; i++)
-#pragma unroll
-                    for (int n = 0; n < NW; n++) w[e][i][n] = first[e][i][n];
-        } else {
-            load_words(kstep, w);
-        }
+        kstep_code_words<HOIST>(vq, WPT, shift, kstep, first, w);
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
