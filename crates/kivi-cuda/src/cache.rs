@@ -24,7 +24,6 @@
 //! Supported: keys per-channel and values per-token (KIVI), 2 or 4 bits, G a multiple of 32,
 //! head_dim 64 or 128, sink tokens; the f16 cache with head_dim 64 or 128.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -48,13 +47,6 @@ const CTAS_PER_SM: usize = 4;
 /// T = 4K 139 (155); GQA B = 32 T = 1K 48 (66), T = 4K 148 (173), B = 8 T = 16K 145 (170),
 /// B = 1 T = 16K 37 (46); slower only at MHA B = 1 T = 16K 87 (79), GQA B = 8 T = 4K 58 (49)).
 const F16_CTAS_PER_SM: usize = 2;
-/// Four-warp f16 launches instead take the split whose launch has the shortest critical path
-/// (`wave_split_blocks`): whole waves of resident CTAs times the blocks each warp walks, plus
-/// this fixed cost per CTA in blocks (its query, softmax and partial). The session-12 sweep of
-/// 1 / 2 / 4 CTAs per SM had no rule by pairs or length: every one of its eight shapes is
-/// faster at the split that this model ranks first (a 1.45-wave launch lost to a one-wave
-/// launch of twice the blocks per warp; a half-empty wave lost to a full one).
-const WAVE_CTA_COST: f64 = 0.5;
 /// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
 /// once, unless the batch's attention reads at most this fraction of the L2 cache in cache
 /// bytes: small batches are bound by each warp's chain of dependent instructions, not by bytes,
@@ -94,20 +86,6 @@ const MAX_SINKS: usize = 1024;
 /// Default quantized positions from which a split's partial last block goes through the
 /// tensor cores (`GpuCache::set_tensor_core_partial`).
 const TC_PARTIAL_MIN: usize = 32;
-
-/// Dynamic shared memory of a decode-attention CTA: q, one value-sum slot per warp, max/sum,
-/// scores (`attn_split`'s layout).
-fn attn_smem_bytes(ng: usize, d: usize, warps: usize, split: usize) -> usize {
-    (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
-}
-
-/// Which four-warp attention launches size their splits by `GpuCache::wave_split_blocks`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum WaveSplits {
-    F16,
-    All,
-    None,
-}
 
 /// Mirror of `CacheBufs` in cache.cu.
 #[repr(C)]
@@ -532,11 +510,6 @@ pub struct GpuCache {
     f16_ctas_per_sm: usize,
     /// `F16_TC_MIN_LEN` (`KIVI_CUDA_F16_TC_MIN_LEN`).
     f16_tc_min_len: usize,
-    /// Which four-warp launches take their split from the wave model (`wave_split_blocks`):
-    /// the f16 cache's (default), all (`KIVI_CUDA_WAVE_SPLITS=all`) or none (`=none`).
-    wave_splits: WaveSplits,
-    /// Resident CTAs per SM by (kernel module, dynamic shared memory), from the driver.
-    occupancy: HashMap<(String, u32), usize>,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -761,12 +734,6 @@ impl GpuCache {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(F16_TC_MIN_LEN),
-            wave_splits: match std::env::var("KIVI_CUDA_WAVE_SPLITS").as_deref() {
-                Ok("all") => WaveSplits::All,
-                Ok("none") => WaveSplits::None,
-                _ => WaveSplits::F16,
-            },
-            occupancy: HashMap::new(),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -1334,54 +1301,6 @@ impl GpuCache {
         s.clamp(BLOCK_TOKENS, MAX_SPLIT)
     }
 
-    /// Blocks per split for a four-warp launch of `f` (module `module`) by the wave model: of
-    /// the splits of 1..16 blocks (1 or a multiple of `unit`), the one whose launch has the
-    /// shortest critical path, waves of resident CTAs x (blocks per warp + `WAVE_CTA_COST`);
-    /// ties go to the longer split (fewer CTAs and partials). Residency comes from the driver
-    /// for the split's shared memory. Uniform work per CTA (all of a batch's sequences about
-    /// `max_len` long) is what makes the waves real.
-    #[allow(clippy::too_many_arguments)]
-    fn wave_split_blocks(
-        &mut self,
-        f: &CudaFunction,
-        module: &str,
-        max_len: usize,
-        pairs: usize,
-        ng: usize,
-        unit: usize,
-        warps: usize,
-    ) -> Result<usize> {
-        let total = max_len.div_ceil(BLOCK_TOKENS).max(1);
-        let (d, unit) = (self.shape.head_dim, unit.max(1));
-        let mut best: Option<(f64, usize)> = None;
-        for s in (1..=(MAX_SPLIT / BLOCK_TOKENS).min(total)).rev() {
-            if s > 1 && !s.is_multiple_of(unit) {
-                continue;
-            }
-            let smem = attn_smem_bytes(ng, d, warps, s * BLOCK_TOKENS) as u32;
-            let key = (module.to_string(), smem);
-            let per_sm = match self.occupancy.get(&key) {
-                Some(&n) => n,
-                None => {
-                    let n = f.occupancy_max_active_blocks_per_multiprocessor(
-                        (32 * warps) as u32,
-                        smem as usize,
-                        None,
-                    )? as usize;
-                    self.occupancy.insert(key, n);
-                    n
-                }
-            };
-            let resident = (per_sm * self.sm_count).max(1);
-            let waves = (pairs * total.div_ceil(s)).div_ceil(resident);
-            let cost = waves as f64 * (s.div_ceil(warps) as f64 + WAVE_CTA_COST);
-            if best.is_none_or(|(c, _)| cost < c) {
-                best = Some((cost, s));
-            }
-        }
-        Ok(best.map_or(1, |(_, s)| s))
-    }
-
     /// Attention of the batch's new tokens (see the module docs). `q`: `[T][n_head][D]`,
     /// `k_new`/`v_new`: `[T][Hkv][D]`, `out`: `[T][n_head][D]`, all f32, T = `batch.n_tokens`.
     #[allow(clippy::too_many_arguments)]
@@ -1434,20 +1353,6 @@ impl GpuCache {
             && self
                 .one_warp
                 .unwrap_or(pairs >= ONE_WARP_MIN_PAIRS && batch.max_len <= ONE_WARP_MAX_LEN);
-        let (kb, vb) = match self.config {
-            CacheConfig::F16 => (16, 16),
-            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
-        };
-        let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
-        let warps = if one_warp {
-            1
-        } else {
-            ATTN_THREADS as usize / 32
-        };
-        let (module, defines) = Self::attn_variant(d, kb, vb, ng, warps, f16_tc);
-        let f = self
-            .gpu
-            .function_with(&module, SOURCE, &defines, "kivi_attn")?;
         let split = if one_warp {
             let per_sm = if ng == 1 {
                 ONE_WARP_CTAS_PER_SM
@@ -1461,23 +1366,12 @@ impl GpuCache {
             } else {
                 1
             };
-            let waves = match self.wave_splits {
-                WaveSplits::All => true,
-                WaveSplits::F16 => !quant,
-                WaveSplits::None => false,
-            };
-            if waves && self.split_override.is_none() {
-                let max_len = batch.max_len;
-                BLOCK_TOKENS
-                    * self.wave_split_blocks(&f, &module, max_len, pairs, ng, unit, warps)?
+            let per_sm = if quant {
+                self.ctas_per_sm
             } else {
-                let per_sm = if quant {
-                    self.ctas_per_sm
-                } else {
-                    self.f16_ctas_per_sm
-                };
-                self.split_tokens(batch, pairs, per_sm, unit)
-            }
+                self.f16_ctas_per_sm
+            };
+            self.split_tokens(batch, pairs, per_sm, unit)
         };
         // The sink attention's partials take one more split slot, after the decode kernel's; the
         // prefill kernel's one more, the last.
@@ -1494,6 +1388,12 @@ impl GpuCache {
         if self.part_ml.as_ref().is_none_or(|p| p.len() < parts * 2) {
             self.part_ml = Some(s.alloc_zeros::<f32>(parts * 2)?);
         }
+        let (kb, vb) = match self.config {
+            CacheConfig::F16 => (16, 16),
+            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
+        };
+        let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
+        let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 }, f16_tc)?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
         let params = AttnParams {
@@ -1518,7 +1418,13 @@ impl GpuCache {
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
         };
-        let smem = attn_smem_bytes(ng, d, warps, split);
+        // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
+        let warps = if one_warp {
+            1
+        } else {
+            ATTN_THREADS as usize / 32
+        };
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
