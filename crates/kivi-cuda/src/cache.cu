@@ -552,61 +552,6 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
 #define KEY_UNROLL_HEADS 8
 #endif
 
-// 1: while a warp computes one tensor-core block it asks L2 (prefetch.global.L2, one 128-byte
-// line per lane and instruction, no registers held) for its next block of the same phase, and
-// during its last key block for its first value block; 2: its next key block and, with each key
-// block, the value block of the same positions; 0: off.
-#ifndef PREFETCH_NEXT
-#define PREFETCH_NEXT 0
-#endif
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-#ifndef KIVI_EMU
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#else
-    (void)p;
-#endif
-}
-__device__ __forceinline__ void prefetch_range_l2(const void* p, int bytes, int lane) {
-    for (int o = 128 * lane; o < bytes; o += 32 * 128) prefetch_l2((const char*)p + o);
-}
-// One pool block's key (KEYS) or value data of KV head kvh: BITS-bit codes, scales and mins;
-// BITS = 16: the f16 cache's rows.
-template <int D, int BITS, bool KEYS>
-__device__ __forceinline__ void prefetch_block_l2(const CacheBufs& c, int kvh, u64 blk, int lane) {
-    if constexpr (BITS == 16) {
-        const u16* rows = KEYS ? c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit
-                               : c.vwin + (u64)kvh * c.vwin_head + blk * c.vwin_unit;
-        prefetch_range_l2(rows, BLOCK_TOKENS * D * 2, lane);
-    } else {
-        const u32* q = KEYS ? c.kq + blk * c.kq_block + (u64)kvh * c.kq_head
-                            : c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
-        const u64 sm = KEYS ? blk * c.ksm_block + (u64)kvh * c.ksm_head : blk * c.vsm_block + (u64)kvh * c.vsm_head;
-        const int sbytes = BLOCK_TOKENS * (D / c.group) * 2;
-        prefetch_range_l2(q, BLOCK_TOKENS * D * BITS / 8, lane);
-        prefetch_range_l2((KEYS ? c.ks : c.vs) + sm, sbytes, lane);
-        prefetch_range_l2((KEYS ? c.km : c.vm) + sm, sbytes, lane);
-    }
-}
-
-// The key phase's prefetch at the warp's key block pb (PREFETCH_NEXT): its next key block, and
-// (1) at its last one its first value block, or (2) at every one the value block of pb.
-template <int D, int KBq, int VBq>
-__device__ __forceinline__ void prefetch_next(const CacheBufs& c, int kvh, const int* sblk, int pb, int s0, int kt_end,
-                                              int vt_end, int w, int warp, int lane) {
-    const int next = pb + w * BLOCK_TOKENS;
-    if (next < kt_end) prefetch_block_l2<D, KBq, true>(c, kvh, (u64)sblk[(next - s0) / BLOCK_TOKENS], lane);
-    const int vpb = PREFETCH_NEXT == 2 ? pb : next < kt_end ? vt_end : s0 + warp * BLOCK_TOKENS;
-    if (vpb < vt_end) prefetch_block_l2<D, VBq, false>(c, kvh, (u64)sblk[(vpb - s0) / BLOCK_TOKENS], lane);
-}
-// The value phase's (PREFETCH_NEXT = 1): the warp's next value block.
-template <int D, int VBq>
-__device__ __forceinline__ void prefetch_next_value(const CacheBufs& c, int kvh, const int* sblk, int pb, int s0,
-                                                    int vt_end, int w, int lane) {
-    const int next = pb + w * BLOCK_TOKENS;
-    if (PREFETCH_NEXT == 1 && next < vt_end)
-        prefetch_block_l2<D, VBq, false>(c, kvh, (u64)sblk[(next - s0) / BLOCK_TOKENS], lane);
-}
-
 // Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
 // CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
 // 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
@@ -1591,24 +1536,18 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 
     if (IMMA_K && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            if (PREFETCH_NEXT) prefetch_next<D, KBq, (QUANT ? VB : 16)>(P.c, kvh, sblk, pb, s0, kt_end, vt_end, W, warp, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                     __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane);
-        }
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            if (PREFETCH_NEXT) prefetch_next<D, KBq, (QUANT ? VB : 16)>(P.c, kvh, sblk, pb, s0, kt_end, vt_end, W, warp, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
                                      sc, lane);
-        }
     } else if (F16_TENSOR && kt_end > s0) {
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            if (PREFETCH_NEXT) prefetch_next<D, 16, (QUANT ? VB : 16)>(P.c, kvh, sblk, pb, s0, kt_end, vt_end, W, warp, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
                                     lane);
-        }
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
@@ -1818,11 +1757,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             float vacc[D / 16][2];
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-                if (PREFETCH_NEXT) prefetch_next_value<D, VBq>(P.c, kvh, sblk, pb, s0, vt_end, W, lane);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block_i8<D, VBq, W == 1, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                           skb + warp * 4 * 64, vacc, lane);
-            }
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
@@ -1830,11 +1767,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-                if (PREFETCH_NEXT) prefetch_next_value<D, VBq>(P.c, kvh, sblk, pb, s0, vt_end, W, lane);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block<D, VBq, NG, VSTAGE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                            tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
-            }
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
@@ -1897,11 +1832,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int m = 0; m < D / 16; m++)
 #pragma unroll
             for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-            if (PREFETCH_NEXT) prefetch_next_value<D, 16>(P.c, kvh, sblk, pb, s0, vt_end, W, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
             tc_f16_value_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, tacc,
                                       lane);
-        }
         tc_value_store<D, NG>(tacc, wacc, lane);
     }
 
