@@ -151,7 +151,7 @@ static void value_block(int G, int valid, bool imma = false, bool vec = false) {
             tc_value_store_i8<D>(vacc, wacc.data(), lane);
         } else {
             float tacc[D / 16][4] = {};
-            tc_value_block<D, VB, 1, VALUE_STAGE>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
+            tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
             tc_value_store<D, 1>(tacc, wacc.data(), lane);
         }
     });

@@ -1012,22 +1012,13 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 #ifndef VALUE_STAGE
 #define VALUE_STAGE 1
 #endif
-// 1: four-warp CTAs of several heads (GQA) stage their value scales/mins too (one-warp ones
-// stay unstaged: slower for many short sequences).
-#ifndef VALUE_STAGE_HEADS
-#define VALUE_STAGE_HEADS 0
-#endif
-// k-steps of the f16-path value block unrolled in several-head CTAs.
-#ifndef VALUE_UNROLL_HEADS
-#define VALUE_UNROLL_HEADS 2
-#endif
 
 // Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
 // as split_bits.
-template <int D, int VB, int NG, bool STAGE>
+template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
                                                u16* stage, int lane) {
@@ -1045,6 +1036,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     // where 16-bit loads from memory cost two loads, their 64-bit addresses and a PRMT.
     // (Staging costs shared memory: with several heads per CTA, whose CTAs are limited by it,
     // it measured slower for many short sequences, so only one-head CTAs stage.)
+    constexpr bool STAGE = VALUE_STAGE && NG == 1;
     const int gpt = D / c.group;
     // LANE_GROUP: the group whose scales the lane loads: its channels'.
 #define LANE_GROUP ((g * CH) / c.group)
@@ -1090,8 +1082,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-// (one head: 1 measured slower, MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
-#pragma unroll(NG == 1 ? 2 : VALUE_UNROLL_HEADS)
+#pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
         u32 a0[NW], a1[NW], b0[NW], b1[NW];
@@ -1490,8 +1481,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
     // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
     // (tc_value_block), 32-bit aligned.
-    constexpr bool VSTAGE = QUANT && VALUE_STAGE && (NG == 1 || (VALUE_STAGE_HEADS && W == 4));
-    __shared__ u32 svstage[VSTAGE ? W * D / 32 * STAGE_ROW : 1];
+    __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
     // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
     constexpr bool F16_TENSOR = !QUANT && F16_TC;
     const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
@@ -1768,7 +1758,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block<D, VBq, NG, VSTAGE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                            tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }

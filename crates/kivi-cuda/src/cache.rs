@@ -26,7 +26,6 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::f16;
 use kivi_core::{Axis, CacheConfig, CacheShape, KiviConfig, MemoryUsage};
@@ -1431,18 +1430,6 @@ impl GpuCache {
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // Static and dynamic shared memory together may pass the 48 KiB a launch gets by default
-        // (GQA splits of 2048 tokens with staged value scales: 9 + 43 KiB).
-        let static_smem = || {
-            f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-                .map_or(0, |b| b.max(0) as usize)
-        };
-        if smem > 32 << 10 && static_smem() + smem > 48 << 10 {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )?;
-        }
         if decode_splits > 0 {
             // SAFETY: the params point at live buffers of the sizes checked above; the kernel
             // reads only positions below each token's attended length: window slots, or blocks

@@ -4,7 +4,7 @@
 //! tokens included) over exactly quantizable data against plain attention; once as the GPU
 //! modules are built and once with every measured switch on its other side (the f16 cache on the
 //! CUDA cores only, `F16_TC=0`; quantized blocks on the f16 tensor-core path, `IMMA_KEYS=0
-//! IMMA_VALUES=0`; value scales staged in several-head CTAs, `VALUE_STAGE_HEADS=1`). Needs g++ with C++20 on x86-64; without them the test says `skipped`.
+//! IMMA_VALUES=0`). Needs g++ with C++20 on x86-64; without them the test says `skipped`.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,10 +26,7 @@ fn kernel_code_matches_the_reference_on_the_emulator() {
     // The default build, and one with the switches' other sides: built at once, run at once.
     let builds: Vec<_> = [
         ("default", ""),
-        (
-            "switches_off",
-            "-DF16_TC=0 -DIMMA_KEYS=0 -DIMMA_VALUES=0 -DVALUE_STAGE_HEADS=1",
-        ),
+        ("switches_off", "-DF16_TC=0 -DIMMA_KEYS=0 -DIMMA_VALUES=0"),
     ]
     .into_iter()
     .map(|(name, define)| {
