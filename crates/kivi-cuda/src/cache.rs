@@ -510,10 +510,6 @@ pub struct GpuCache {
     f16_ctas_per_sm: usize,
     /// `F16_TC_MIN_LEN` (`KIVI_CUDA_F16_TC_MIN_LEN`).
     f16_tc_min_len: usize,
-    /// The f16 cache's tensor-core blocks per warp round (`KIVI_CUDA_F16_TC_MULTIPLE`, default
-    /// one per warp) and the multiple its splits are rounded up to (`KIVI_CUDA_F16_SPLIT_UNIT`).
-    f16_tc_multiple: usize,
-    f16_split_unit: usize,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -738,16 +734,6 @@ impl GpuCache {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(F16_TC_MIN_LEN),
-            f16_tc_multiple: std::env::var("KIVI_CUDA_F16_TC_MULTIPLE")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(ATTN_THREADS as usize / 32, |b| {
-                    b.clamp(1, MAX_SPLIT / BLOCK_TOKENS)
-                }),
-            f16_split_unit: std::env::var("KIVI_CUDA_F16_SPLIT_UNIT")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .map_or(1, |b| b.clamp(1, MAX_SPLIT / BLOCK_TOKENS)),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -805,7 +791,6 @@ impl GpuCache {
     /// short sequences exercise it too.
     pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
         self.tc_multiple = blocks.clamp(1, MAX_SPLIT / BLOCK_TOKENS);
-        self.f16_tc_multiple = self.tc_multiple;
     }
 
     /// A split's last, partly filled quantized block goes through the tensor cores when it holds
@@ -1378,8 +1363,6 @@ impl GpuCache {
         } else {
             let unit = if quant && self.tensor_cores {
                 self.tc_multiple
-            } else if self.tensor_cores && batch.max_len > self.f16_tc_min_len {
-                self.f16_split_unit
             } else {
                 1
             };
@@ -1428,13 +1411,7 @@ impl GpuCache {
             split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores && (quant || f16_tc)),
-            tc_multiple: if one_warp {
-                1
-            } else if quant {
-                self.tc_multiple as i32
-            } else {
-                self.f16_tc_multiple as i32
-            },
+            tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
             tc_partial_min: self
                 .tc_partial_min
                 .unwrap_or(TC_PARTIAL_MIN)
