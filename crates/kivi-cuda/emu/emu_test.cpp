@@ -655,6 +655,8 @@ int main() {
     // F16_TC=0).
     pipeline<128, 16, 16, 4, 4>(2, 8, 32, 0, 0, 512, false, 300);
     pipeline<128, 16, 16, 1, 4>(2, 2, 32, 0, 0, 512, true, 300);
+    // ... with whole blocks left over after the blocks per warp (F16_TC_REST): 7-block splits.
+    pipeline<128, 16, 16, 4, 4>(1, 4, 32, 0, 0, 896, true, 1000);
     pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);
     // R = 0 (every token quantized, the partial key group re-quantized on each append), sinks.
     pipeline<64, 4, 2, 2, 4>(1, 2, 32, 0, 4, 128);

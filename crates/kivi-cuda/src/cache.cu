@@ -903,6 +903,15 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // together. (Session 13 on the H200: 4 or 8 of each, also with register caps of 3 or 2 CTAs per
 // SM (F16_MIN_CTAS), were no faster where the f16 kernel trails SDPA, small GQA batches, and
 // the 2-CTA cap made MHA B = 8 T = 1K 1.36x slower; docs/benchmarks.md, "Session 13".)
+// The f16 cache's whole blocks left over after a split's blocks per warp (P.tc_multiple) go
+// through the tensor cores too, unevenly over the warps, when there are at least this many
+// (fewer stay with the CUDA-core rows, spread over all warps). Measured on the H200 (session
+// 14, µs, all on the tensor cores vs none): 2-3 left over, GQA B = 8 T = 1K 21.8 -> 18.0,
+// T = 4K 57.7 -> 48.0, MHA B = 1 T = 16K 86.0 -> 80.6; 1 left over, MHA B = 8 T = 1K 43.6 ->
+// 48.7, GQA B = 32 T = 1K 48.4 -> 50.7, B = 1 T = 1K 12.9 -> 15.5.
+#ifndef F16_TC_REST
+#define F16_TC_REST 2
+#endif
 #ifndef F16_KEY_UNROLL
 #define F16_KEY_UNROLL 2
 #endif
@@ -1489,6 +1498,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         const int kq = max(min(s1, kpaged) - s0, 0), vq = max(min(s1, vpaged) - s0, 0);
         kt_end = s0 + kq / tc_unit * tc_unit;
         vt_end = s0 + vq / tc_unit * tc_unit;
+        if constexpr (F16_TENSOR) {
+            // See F16_TC_REST.
+            if (kq - (kt_end - s0) >= F16_TC_REST * BLOCK_TOKENS) kt_end = s0 + kq / BLOCK_TOKENS * BLOCK_TOKENS;
+            if (vq - (vt_end - s0) >= F16_TC_REST * BLOCK_TOKENS) vt_end = s0 + vq / BLOCK_TOKENS * BLOCK_TOKENS;
+        }
         const int krest = s0 + kq - kt_end, vrest = s0 + vq - vt_end;
         if (P.tc_partial_min > 0 && krest >= P.tc_partial_min && krest < BLOCK_TOKENS) kt_end += BLOCK_TOKENS;
         if (P.tc_partial_min > 0 && vrest >= P.tc_partial_min && vrest < BLOCK_TOKENS) vt_end += BLOCK_TOKENS;
