@@ -903,12 +903,13 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // together. (Session 13 on the H200: 4 or 8 of each, also with register caps of 3 or 2 CTAs per
 // SM (F16_MIN_CTAS), were no faster where the f16 kernel trails SDPA, small GQA batches, and
 // the 2-CTA cap made MHA B = 8 T = 1K 1.36x slower; docs/benchmarks.md, "Session 13".)
-// The f16 cache's whole blocks left over after a split's blocks per warp (P.tc_multiple) go
-// through the tensor cores too, unevenly over the warps, when there are at least this many
-// (fewer stay with the CUDA-core rows, spread over all warps). Measured on the H200 (session
-// 14, µs, all on the tensor cores vs none): 2-3 left over, GQA B = 8 T = 1K 21.8 -> 18.0,
-// T = 4K 57.7 -> 48.0, MHA B = 1 T = 16K 86.0 -> 80.6; 1 left over, MHA B = 8 T = 1K 43.6 ->
-// 48.7, GQA B = 32 T = 1K 48.4 -> 50.7, B = 1 T = 1K 12.9 -> 15.5.
+// The f16 cache's whole blocks left over after a split's rounds of one block per warp
+// (P.tc_multiple) go through the tensor cores too, unevenly over the warps, when there are at
+// least this many (fewer stay with the CUDA-core rows, spread over all warps), in splits that
+// had a round. Measured on the H200 (session 14, µs, leftovers on the tensor cores vs the CUDA
+// cores): 3 left after rounds, GQA B = 8 T = 4K 58.1 -> 48.7, MHA B = 1 T = 16K 86.1 -> 80.8;
+// 1 left (so not), MHA B = 8 T = 1K 43.6 -> 48.7, GQA B = 32 T = 1K 48.4 -> 50.7; 3 in a split
+// without a round (so not), MHA B = 8 T = 1K 43.9 -> 46.8, GQA B = 32 T = 1K 48.5 -> 50.0.
 #ifndef F16_TC_REST
 #define F16_TC_REST 2
 #endif
@@ -1500,8 +1501,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         vt_end = s0 + vq / tc_unit * tc_unit;
         if constexpr (F16_TENSOR) {
             // See F16_TC_REST.
-            if (kq - (kt_end - s0) >= F16_TC_REST * BLOCK_TOKENS) kt_end = s0 + kq / BLOCK_TOKENS * BLOCK_TOKENS;
-            if (vq - (vt_end - s0) >= F16_TC_REST * BLOCK_TOKENS) vt_end = s0 + vq / BLOCK_TOKENS * BLOCK_TOKENS;
+            if (kt_end > s0 && kq - (kt_end - s0) >= F16_TC_REST * BLOCK_TOKENS)
+                kt_end = s0 + kq / BLOCK_TOKENS * BLOCK_TOKENS;
+            if (vt_end > s0 && vq - (vt_end - s0) >= F16_TC_REST * BLOCK_TOKENS)
+                vt_end = s0 + vq / BLOCK_TOKENS * BLOCK_TOKENS;
         }
         const int krest = s0 + kq - kt_end, vrest = s0 + vq - vt_end;
         if (P.tc_partial_min > 0 && krest >= P.tc_partial_min && krest < BLOCK_TOKENS) kt_end += BLOCK_TOKENS;
