@@ -899,10 +899,6 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #ifndef F16_TC
 #define F16_TC 1
 #endif
-// Row pairs (keys) and 16-token k-steps (values) of an f16 block whose loads are in flight
-// together. (Session 13 on the H200: 4 or 8 of each, also with register caps of 3 or 2 CTAs per
-// SM (F16_MIN_CTAS), were no faster where the f16 kernel trails SDPA, small GQA batches, and
-// the 2-CTA cap made MHA B = 8 T = 1K 1.36x slower; docs/benchmarks.md, "Session 13".)
 // The f16 cache's whole blocks left over after a split's rounds of one block per warp
 // (P.tc_multiple) go through the tensor cores too, unevenly over the warps, when there are at
 // least this many (fewer stay with the CUDA-core rows, spread over all warps), in splits that
@@ -913,6 +909,10 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #ifndef F16_TC_REST
 #define F16_TC_REST 2
 #endif
+// Row pairs (keys) and 16-token k-steps (values) of an f16 block whose loads are in flight
+// together. (Session 13 on the H200: 4 or 8 of each, also with register caps of 3 or 2 CTAs per
+// SM (F16_MIN_CTAS), were no faster where the f16 kernel trails SDPA, small GQA batches, and
+// the 2-CTA cap made MHA B = 8 T = 1K 1.36x slower; docs/benchmarks.md, "Session 13".)
 #ifndef F16_KEY_UNROLL
 #define F16_KEY_UNROLL 2
 #endif
