@@ -6,10 +6,6 @@
 #include "emu.h"
 #include "../src/cache.cu"
 
-#ifndef EMU_STAGE
-#define EMU_STAGE 1
-#endif
-
 #include <chrono>
 #include <map>
 #include <tuple>
@@ -502,14 +498,9 @@ struct Pipeline {
         P.tc_multiple = production && W > 1 ? W : 1;
         P.tc_partial_min = production ? 32 : 1;
         P.prefill = prefill;
-        // Four-warp KIVI CTAs stage their blocks in shared memory, as the GPU modules do
-        // (GpuCache::attend; EMU_STAGE=0: the pool-reading path).
-        constexpr bool ST = EMU_STAGE && !F16 && W > 1;
-        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split +
-                            (ST ? W * 2 * stage_slot_bytes<D, KB, VB>() / 4 : 0);
+        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split;
         if (decode_splits > 0)
-            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W, ST>(P); },
-                       smem);
+            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
         if (prefill)
             emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });

@@ -523,15 +523,6 @@ __device__ __forceinline__ u64 key_group_scales(const CacheBufs& c, int kvh, u64
     return blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
 }
 
-// A quantized block copied into the warp's shared memory (ATTN_STAGE, see stage_key_block): its
-// codes, scales and mins in the pool's layout. The block functions below read from it when
-// their template argument ST is set, else from the pool.
-struct Stage {
-    const u32* codes;
-    const u16* scales;
-    const u16* mins;
-};
-
 // Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
 // code in the low half).
 template <int BITS>
@@ -566,27 +557,17 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
 // 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
 // 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
 // B fragments [D / 16][32].
-template <int D, int KB, int NG, bool ST = false>
+template <int D, int KB, int NG>
 __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                             int valid, const uint2* qf, float* sc, int lane,
-                                             const Stage* st = nullptr) {
+                                             int valid, const uint2* qf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
-    const u32* kq;
-    const u16* ks;
-    const u16* km;
-    if constexpr (ST) {
-        kq = st->codes + (16 * g / 32) * (D * WPD) + (g & 1) * WL;
-        ks = st->scales + (16 * g / c.group) * D;
-        km = st->mins + (16 * g / c.group) * D;
-    } else {
-        kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
-        const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
-        ks = c.ks + sm;
-        km = c.km + sm;
-    }
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
+    const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
+    const u16* ks = c.ks + sm;
+    const u16* km = c.km + sm;
     float acc[8][4];
 #pragma unroll
     for (int m = 0; m < 8; m++)
@@ -711,21 +692,14 @@ __device__ __forceinline__ float reduce4(const float (&a)[4], int lane) {
 // hi, in [-128, 127]). Lane l computes channels 4l..4l + 3 of every quarter. Returns lane
 // (g, t)'s factor sigma_t / KEY_FIX and mins' term q . m of quarter t, times scale_log2.
 // qshift: log2(G / 32), so that quarter j's scale group is j >> qshift.
-template <int D, bool ST = false>
+template <int D>
 __device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, int qshift, const float* sq, u32* bbuf,
-                                         int lane, float& fac, float& bias, const Stage* st = nullptr) {
+                                         int lane, float& fac, float& bias) {
     const CacheBufs& c = P.c;
     const int ch = 4 * lane;
-    const u16* ks;
-    const u16* km;
-    if constexpr (ST) {
-        ks = st->scales + ch;
-        km = st->mins + ch;
-    } else {
-        const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + ch;
-        ks = c.ks + sm;
-        km = c.km + sm;
-    }
+    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + ch;
+    const u16* ks = c.ks + sm;
+    const u16* km = c.km + sm;
     const bool has = ch < D;
     float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (has) {
@@ -825,23 +799,21 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 // (a2, a3): byte_transpose turns four channels' code words into words whose byte i is channel
 // i's codes of a few tokens, and a shift and a mask pick one token's four codes. Column 2j +
 // part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
-template <int D, int KB, bool HOIST, bool ST = false>
+template <int D, int KB, bool HOIST>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                int qshift, const float* sq, u32* bbuf, float* sc, int lane,
-                                                const Stage* st = nullptr) {
+                                                int qshift, const float* sq, u32* bbuf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
     // The lane's first word; every load below is at a constant offset from it.
-    const u32* kq = (ST ? st->codes + (16 * g / 32) * (D * WPD) : key_tile_words<D, WPD>(c, kvh, blk, 16 * g)) +
-                    ((g & 1) * WL + 4 * t * WPD);
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
     // HOIST: the first k-step's code words are asked for before the B operand's scales, so
     // that the two loads overlap (else the codes wait for the B operand); see HOIST_CODES.
     u32 first[2][4][WL];
     if (HOIST) lane_code_words(kq, WPD, 0, first);
     float fac, bias;
-    key_b_i8<D, ST>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias, st);
+    key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     int acc[8][4];
 #pragma unroll
     for (int m = 0; m < 8; m++)
@@ -1056,10 +1028,10 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
 // as split_bits.
-template <int D, int VB, int NG, bool ST = false>
+template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
-                                               u16* stage, int lane, const Stage* st = nullptr) {
+                                               u16* stage, int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
@@ -1067,7 +1039,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
     constexpr int WPT = D * VB / 32;            // words per token
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u32* vq = (ST ? st->codes : c.vq + blk * c.vq_block + (u64)kvh * c.vq_head) + (g * LBITS) / 32;
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
     const int shift = (g * LBITS) % 32;
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
@@ -1083,8 +1055,8 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     if constexpr (STAGE) {
         const int gshift = __ffs(gpt) - 1;
         const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
-        const u32* vs32 = (const u32*)(ST ? st->scales : c.vs + sm);
-        const u32* vm32 = (const u32*)(ST ? st->mins : c.vm + sm);
+        const u32* vs32 = (const u32*)(c.vs + sm);
+        const u32* vm32 = (const u32*)(c.vm + sm);
         // All loads first (one memory round trip per block, not one per iteration).
         constexpr int IT = BLOCK_TOKENS * (D / 32) / 2 / 32;  // iterations at the largest gpt
         const int n_pairs = BLOCK_TOKENS * gpt / 2;
@@ -1112,9 +1084,6 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         const int vg = LANE_GROUP;
         vs = stage + vg * STAGE_ROW;
         vm = stage + (D / 32 + vg) * STAGE_ROW;
-    } else if constexpr (ST) {
-        vs = st->scales + LANE_GROUP;
-        vm = st->mins + LANE_GROUP;
     } else {
         const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + LANE_GROUP;
         vs = c.vs + sm;
@@ -1271,22 +1240,20 @@ __device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q
 // VEC: the four tokens' scales, mins and weights in vector loads, masked after (one-warp CTAs:
 // KIVI-2 R = 32 B = 1024 T = 330 551 -> 538 us); else per token, behind its `valid` test
 // (four-warp CTAs: vector loads measured 3 % slower, MHA B = 32 T = 32K KIVI-2 1011 -> 1045 us).
-template <int D, bool VEC, bool ST = false>
+template <int D, bool VEC>
 __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk, const float* w, int valid, u32* bbuf,
-                                           int lane, float& fac, float& bias, const Stage* st = nullptr) {
+                                           int lane, float& fac, float& bias) {
     const CacheBufs& c = P.c;
     constexpr int NQ = D / 32;
     const int gpt = D / c.group;
-    const u64 sm = ST ? 0 : blk * c.vsm_block + (u64)kvh * c.vsm_head;
-    const u16* vs = ST ? st->scales : c.vs;
-    const u16* vm = ST ? st->mins : c.vm;
+    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
     float ps[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if constexpr (VEC) {
         // Tokens 4 lane .. + 3: their scales, mins (all inside the block's arrays, written or
         // not) and weights (w is 16-byte aligned: sc is, and pb - s0 is a multiple of 128).
         u32 s4[4][2], m4[4][2];
-        quarter_halves4<D>(vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
-        quarter_halves4<D>(vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
+        quarter_halves4<D>(c.vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
+        quarter_halves4<D>(c.vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
         const float4 w4 = *(const float4*)(w + 4 * lane);
         const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
@@ -1311,8 +1278,8 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
             u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
             float p = 0.0f;
             if (ok) {
-                quarter_halves<D>(vs + sm + (u64)tok * gpt, gpt, s);
-                quarter_halves<D>(vm + sm + (u64)tok * gpt, gpt, m);
+                quarter_halves<D>(c.vs + sm + (u64)tok * gpt, gpt, s);
+                quarter_halves<D>(c.vm + sm + (u64)tok * gpt, gpt, m);
                 p = w[tok];
             }
 #pragma unroll
@@ -1350,10 +1317,9 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 // + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
 // lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
 // tokens' code words gives words whose byte i is token i's codes of a few channels.
-template <int D, int VB, bool VEC, bool HOIST, bool ST = false>
+template <int D, int VB, bool VEC, bool HOIST>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                  const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane,
-                                                  const Stage* st = nullptr) {
+                                                  const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
@@ -1364,11 +1330,11 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
-    const u32* vq = (ST ? st->codes : c.vq + blk * c.vq_block + (u64)kvh * c.vq_head) + (g * LBITS) / 32 + (4 * t) * WPT;
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
     u32 first[2][4][NW];  // as in tc_key_block_i8
     if (HOIST) lane_code_words(vq, WPT, shift, first);
     float fac, bias;
-    value_b_i8<D, VEC, ST>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias, st);
+    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     int acc[D / 16][4];
 #pragma unroll
     for (int m = 0; m < D / 16; m++)
@@ -1422,113 +1388,6 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
     }
 }
 
-// ---- Staged blocks (ATTN_STAGE). A four-warp CTA's warp walks its quantized blocks keys
-// first, then values, and copies each one whole into a slot of its shared memory with
-// cp.async (16 bytes per lane and instruction, no registers held) while it computes the one
-// before from the other slot. Read from the pool instead, each 32-bit code load of a warp
-// touches four 128-byte lines and the warp's loads wait for DRAM once per k-step; Nsight Compute
-// put the L1 request count and latency first (MHA: L1TEX scoreboard stalls, 67 % of DRAM peak;
-// GQA: L1 67 % busy, 38 %). A slot: the block's codes (keys or values, the wider), then its
-// scales and its mins, each at most BLOCK_TOKENS / 32 * D halves (G = 32).
-template <int D, int KB, int VB>
-__host__ __device__ constexpr int stage_code_bytes() {
-    return BLOCK_TOKENS * D * (KB > VB ? KB : VB) / 8;
-}
-template <int D>
-__host__ __device__ constexpr int stage_sm_bytes() {
-    return BLOCK_TOKENS / 32 * D * 2;
-}
-template <int D, int KB, int VB>
-__host__ __device__ constexpr int stage_slot_bytes() {
-    return stage_code_bytes<D, KB, VB>() + 2 * stage_sm_bytes<D>();
-}
-
-#ifndef KIVI_EMU
-// 16 bytes from global to shared memory, asynchronously (in the group of the next commit).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)a), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most N of the thread's committed groups are in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-#endif
-
-template <int D, int KB, int VB>
-__device__ __forceinline__ Stage stage_view(const char* slot) {
-    const char* sm = slot + stage_code_bytes<D, KB, VB>();
-    return Stage{(const u32*)slot, (const u16*)sm, (const u16*)(sm + stage_sm_bytes<D>())};
-}
-
-// One warp copies `bytes` (a multiple of 16) from src to dst; the first loop is unrolled
-// (a constant count), the scale and min copies are not (their size depends on G).
-template <int BYTES>
-__device__ __forceinline__ void warp_copy(char* dst, const char* src, int lane) {
-    static_assert(BYTES % (16 * 32) == 0, "whole rounds of 16 bytes per lane");
-#pragma unroll
-    for (int i = 0; i < BYTES / (16 * 32); i++) cp_async16(dst + 16 * (lane + 32 * i), src + 16 * (lane + 32 * i));
-}
-__device__ __forceinline__ void warp_copy2(char* d0, const char* s0, char* d1, const char* s1, int bytes, int lane) {
-    for (int x = 16 * lane; x < bytes; x += 16 * 32) {
-        cp_async16(d0 + x, s0 + x);
-        cp_async16(d1 + x, s1 + x);
-    }
-}
-
-// Starts the copy of key block blk (KV head kvh) into `slot`, or of its value block.
-template <int D, int KB, int VB>
-__device__ __forceinline__ void stage_key_block(const CacheBufs& c, int kvh, u64 blk, char* slot, int lane) {
-    warp_copy<BLOCK_TOKENS * D * KB / 8>(slot, (const char*)key_tile_words<D, KB>(c, kvh, blk, 0), lane);
-    const u64 sm = key_group_scales<D>(c, kvh, blk, 0);
-    char* ds = slot + stage_code_bytes<D, KB, VB>();
-    warp_copy2(ds, (const char*)(c.ks + sm), ds + stage_sm_bytes<D>(), (const char*)(c.km + sm),
-               BLOCK_TOKENS / c.group * D * 2, lane);
-}
-template <int D, int KB, int VB>
-__device__ __forceinline__ void stage_value_block(const CacheBufs& c, int kvh, u64 blk, char* slot, int lane) {
-    warp_copy<BLOCK_TOKENS * D * VB / 8>(slot, (const char*)(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head), lane);
-    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
-    char* ds = slot + stage_code_bytes<D, KB, VB>();
-    warp_copy2(ds, (const char*)(c.vs + sm), ds + stage_sm_bytes<D>(), (const char*)(c.vm + sm),
-               BLOCK_TOKENS * (D / c.group) * 2, lane);
-}
-
-// A warp's staged blocks: its key blocks, then its value blocks, one sequence of copies into its
-// two slots (element j into slot j % 2), each started one block ahead of its use. The warp's
-// blocks start at `first` and step by W blocks, as the pool-reading loops walk them.
-struct StageSeq {
-    char* slots;
-    int first, nks, nvs;
-};
-// Starts the copy of element j.
-template <int D, int KB, int VB, int W>
-__device__ __forceinline__ void stage_start(const CacheBufs& c, const StageSeq& q, const int* sblk, int s0, int kvh,
-                                            int j, int lane) {
-    const bool key = j < q.nks;
-    const int pb = q.first + (key ? j : j - q.nks) * W * BLOCK_TOKENS;
-    const u64 blk = (u64)sblk[(pb - s0) / BLOCK_TOKENS];
-    char* slot = q.slots + (j & 1) * stage_slot_bytes<D, KB, VB>();
-    if (key)
-        stage_key_block<D, KB, VB>(c, kvh, blk, slot, lane);
-    else
-        stage_value_block<D, KB, VB>(c, kvh, blk, slot, lane);
-}
-// Element j, ready to read: the next one's copy started, its own waited for (a group is
-// committed every time, empty at the end, so that "all but the newest" is always element j's).
-template <int D, int KB, int VB, int W>
-__device__ __forceinline__ Stage stage_next(const CacheBufs& c, const StageSeq& q, const int* sblk, int s0, int kvh,
-                                            int j, int lane) {
-    if (j + 1 < q.nks + q.nvs) stage_start<D, KB, VB, W>(c, q, sblk, s0, kvh, j + 1, lane);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncwarp();
-    return stage_view<D, KB, VB>(q.slots + (j & 1) * stage_slot_bytes<D, KB, VB>());
-}
-
 // 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
 // (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
 // 780 -> 732, B = 32 T = 32K 1441 -> 1384; but KIVI-4 B = 32 T = 32K 1563 -> 1720, B = 256
@@ -1561,7 +1420,7 @@ __device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&
 // start 16-byte aligned (the q, value-slot areas before it are multiples of 4 floats).
 #define SML_FLOATS(NG) ((2 * (NG) + 8 + 3) & ~3)
 
-template <int D, int KB, int VB, int NG, int W, bool ST = false>
+template <int D, int KB, int VB, int NG, int W>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CPL = D / 32;
     constexpr bool QUANT = KB < 16;
@@ -1682,33 +1541,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
         for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
 
-    // Staged blocks (ST, four-warp KIVI CTAs; see StageSeq).
-    constexpr bool STG = ST && QUANT && W > 1;
-    constexpr int KBs = QUANT ? KB : 2, VBs = QUANT ? VB : 2;
-    StageSeq seq{};
-    if constexpr (STG) {
-        seq.slots = (char*)(sc + NG * P.split_len) + warp * 2 * stage_slot_bytes<D, KBs, VBs>();
-        seq.first = s0 + warp * BLOCK_TOKENS;
-        seq.nks = seq.first < kt_end ? (kt_end - seq.first + W * BLOCK_TOKENS - 1) / (W * BLOCK_TOKENS) : 0;
-        seq.nvs = seq.first < vt_end ? (vt_end - seq.first + W * BLOCK_TOKENS - 1) / (W * BLOCK_TOKENS) : 0;
-        if (seq.nks + seq.nvs > 0) {
-            stage_start<D, KBs, VBs, W>(c, seq, sblk, s0, kvh, 0, lane);
-            cp_async_commit();
-        }
-    }
-
-    if constexpr (STG) {
-        for (int j = 0; j < seq.nks; j++) {
-            const int pb = seq.first + j * W * BLOCK_TOKENS;
-            const Stage st = stage_next<D, KBs, VBs, W>(c, seq, sblk, s0, kvh, j, lane);
-            if constexpr (IMMA_K)
-                tc_key_block_i8<D, KBs, HOIST, true>(P, kvh, 0, pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq,
-                                                     skb + warp * 4 * 64, sc, lane, &st);
-            else
-                tc_key_block<D, KBs, NG, true>(P, kvh, 0, pb, s0, kt_valid - pb, sqf, sc, lane, &st);
-            __syncwarp();  // the slot is read: the next copy may overwrite it
-        }
-    } else if (IMMA_K && kt_end > s0) {
+    if (IMMA_K && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
@@ -1927,35 +1760,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
             for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
         }
         const int qend = min(s1, nqv);
-        if constexpr (STG) {
-            if constexpr (IMMA_V) {
-                float vacc[D / 16][2];
-#pragma unroll
-                for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
-                for (int j = seq.nks; j < seq.nks + seq.nvs; j++) {
-                    const int pb = seq.first + (j - seq.nks) * W * BLOCK_TOKENS;
-                    const Stage st = stage_next<D, KBs, VBs, W>(c, seq, sblk, s0, kvh, j, lane);
-                    tc_value_block_i8<D, VBq, false, HOIST, true>(P, kvh, 0, pb, s0, vt_valid - pb, sc,
-                                                                  skb + warp * 4 * 64, vacc, lane, &st);
-                    __syncwarp();
-                }
-                if (seq.nvs > 0) tc_value_store_i8<D>(vacc, wacc, lane);
-            } else {
-                float tacc[D / 16][4];
-#pragma unroll
-                for (int m = 0; m < D / 16; m++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-                for (int j = seq.nks; j < seq.nks + seq.nvs; j++) {
-                    const int pb = seq.first + (j - seq.nks) * W * BLOCK_TOKENS;
-                    const Stage st = stage_next<D, KBs, VBs, W>(c, seq, sblk, s0, kvh, j, lane);
-                    tc_value_block<D, VBq, NG, true>(P, kvh, 0, pb, s0, vt_valid - pb, sc, tacc,
-                                                     (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane, &st);
-                    __syncwarp();
-                }
-                if (seq.nvs > 0) tc_value_store<D, NG>(tacc, wacc, lane);
-            }
-        } else if (IMMA_V && vt_end > s0) {
+        if (IMMA_V && vt_end > s0) {
             float vacc[D / 16][2];
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
@@ -2186,10 +1991,6 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef F16_MIN_CTAS
 #define F16_MIN_CTAS 4
 #endif
-// Staged four-warp KIVI CTAs (ATTN_STAGE): shared memory limits them to 2-3 per SM.
-#ifndef STAGE_MIN_CTAS
-#define STAGE_MIN_CTAS 3
-#endif
 #define MIN_CTAS(KB, VB, NG) \
     ((KB) == 16 ? F16_MIN_CTAS : (NG) != 1 ? QUANT_MIN_CTAS_GQA : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2 : QUANT_MIN_CTAS)
 // One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
@@ -2201,12 +2002,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifdef ATTN_D
 #define ONE_WARP_CTAS(KB, VB, NG) \
     ((NG) != 1 ? ONE_WARP_MIN_CTAS_GQA : (KB) + (VB) == 4 ? ONE_WARP_MIN_CTAS_K2 : ONE_WARP_MIN_CTAS)
-#ifndef ATTN_STAGE
-#define ATTN_STAGE 0
-#endif
-extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_KB, ATTN_VB, ATTN_NG) : ATTN_STAGE ? STAGE_MIN_CTAS : MIN_CTAS(ATTN_KB, ATTN_VB, ATTN_NG))
+extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_KB, ATTN_VB, ATTN_NG) : MIN_CTAS(ATTN_KB, ATTN_VB, ATTN_NG))
     kivi_attn(AttnParams p) {
-    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W, ATTN_STAGE != 0>(p);
+    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W>(p);
 }
 #endif
 

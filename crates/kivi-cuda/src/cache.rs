@@ -76,13 +76,6 @@ pub const BLOCK_TOKENS: usize = 128;
 /// Longest split: the split's scores live in shared memory (`NG * split * 4` bytes); a
 /// multiple of [`BLOCK_TOKENS`] (`MAX_SPLIT` in cache.cu).
 const MAX_SPLIT: usize = 2048;
-/// Bytes of one staging slot of a four-warp KIVI CTA (`stage_slot_bytes` in cache.cu): a block's
-/// codes (keys or values, the wider), then its scales and its mins at G = 32.
-fn stage_slot_bytes(d: usize, kb: u8, vb: u8) -> usize {
-    BLOCK_TOKENS * d * usize::from(kb.max(vb)) / 8 + 2 * (BLOCK_TOKENS / 32 * d * 2)
-}
-/// Dynamic shared memory an attention kernel may take (the H100/H200 limit per CTA is 227 KiB).
-const MAX_ATTN_SMEM: usize = 200 * 1024;
 /// Query tokens per CTA of the prefill attention kernel (`PF_ROWS` in cache.cu).
 const PREFILL_ROWS: usize = 16;
 /// Initial block-table width (blocks per sequence); it doubles when a sequence needs more.
@@ -545,9 +538,6 @@ pub struct GpuCache {
     prefill_kernel: bool,
     /// KIVI sink tokens per sequence (0: none; the f16 cache has none).
     sinks: usize,
-    /// Four-warp KIVI CTAs copy each quantized block into shared memory before reading it
-    /// (`ATTN_STAGE` in cache.cu; `KIVI_CUDA_STAGE=0`: they read the pool, for comparison).
-    stage: bool,
 }
 
 fn unsupported(m: String) -> Error {
@@ -767,7 +757,6 @@ impl GpuCache {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             sinks,
-            stage: std::env::var_os("KIVI_CUDA_STAGE").is_none_or(|v| v != "0"),
         })
     }
 
@@ -808,12 +797,6 @@ impl GpuCache {
     /// at least `min_tokens` quantized positions (0: never, the CUDA-core path takes it).
     pub fn set_tensor_core_partial(&mut self, min_tokens: usize) {
         self.tc_partial_min = Some(min_tokens);
-    }
-
-    /// Whether four-warp KIVI attention CTAs stage their quantized blocks in shared memory
-    /// (the default; also `KIVI_CUDA_STAGE=0`) or read them from the pool.
-    pub fn set_stage(&mut self, on: bool) {
-        self.stage = on;
     }
 
     /// Forces one-warp (`Some(true)`) or four-warp (`Some(false)`) attention CTAs for KIVI
@@ -866,17 +849,17 @@ impl GpuCache {
         } {
             kernels.push((
                 format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
-                self.attn_function(kb, vb, ng, 4, true, self.stages(4))?,
+                self.attn_function(kb, vb, ng, 4, true)?,
             ));
             if kb < 16 {
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
-                    self.attn_function(kb, vb, ng, 1, true, false)?,
+                    self.attn_function(kb, vb, ng, 1, true)?,
                 ));
             } else {
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_simt"),
-                    self.attn_function(kb, vb, ng, 4, false, false)?,
+                    self.attn_function(kb, vb, ng, 4, false)?,
                 ));
             }
         }
@@ -1245,7 +1228,6 @@ impl GpuCache {
         ng: usize,
         warps: usize,
         f16_tc: bool,
-        stage: bool,
     ) -> (String, Vec<String>) {
         let mut defines = [
             ("D", d),
@@ -1261,10 +1243,6 @@ impl GpuCache {
             defines.push("-DF16_TC=0".into());
             name.push_str("_simt");
         }
-        if stage {
-            defines.push("-DATTN_STAGE=1".into());
-            name.push_str("_stage");
-        }
         (name, defines)
     }
 
@@ -1278,26 +1256,10 @@ impl GpuCache {
         ng: usize,
         warps: usize,
         f16_tc: bool,
-        stage: bool,
     ) -> Result<CudaFunction> {
-        let (module, defines) =
-            Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, f16_tc, stage);
-        let f = self
-            .gpu
-            .function_with(&module, SOURCE, &defines, "kivi_attn")?;
-        if stage {
-            // Staged CTAs take more than the default 48 KiB of dynamic shared memory.
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                MAX_ATTN_SMEM as i32,
-            )?;
-        }
-        Ok(f)
-    }
-
-    /// Whether a four-warp attention launch of this cache stages its blocks (`stage`).
-    fn stages(&self, warps: usize) -> bool {
-        self.stage && warps > 1 && self.tensor_cores && !matches!(self.config, CacheConfig::F16)
+        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, f16_tc);
+        self.gpu
+            .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
 
     fn heads_per_cta(n_rep: usize) -> usize {
@@ -1431,13 +1393,7 @@ impl GpuCache {
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
         let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
-        let warps = if one_warp {
-            1
-        } else {
-            ATTN_THREADS as usize / 32
-        };
-        let stage = self.stages(warps);
-        let f = self.attn_function(kb, vb, ng, warps, f16_tc, stage)?;
+        let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 }, f16_tc)?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
         let params = AttnParams {
@@ -1462,13 +1418,13 @@ impl GpuCache {
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
         };
-        // q, one value-sum slot per warp, max/sum, scores, staging slots (`attn_split`'s layout).
-        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
-            + if stage {
-                warps * 2 * stage_slot_bytes(d, kb, vb)
-            } else {
-                0
-            };
+        // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
+        let warps = if one_warp {
+            1
+        } else {
+            ATTN_THREADS as usize / 32
+        };
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
@@ -1805,18 +1761,12 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                         if !f16_tc && kb != 16 {
                             continue;
                         }
-                        for stage in [false, true] {
-                            if stage && (warps == 1 || kb == 16) {
-                                continue;
-                            }
-                            let (name, defines) =
-                                GpuCache::attn_variant(d, kb, vb, ng, warps, f16_tc, stage);
-                            modules.push(crate::KernelModule {
-                                name,
-                                source: SOURCE,
-                                defines,
-                            });
-                        }
+                        let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps, f16_tc);
+                        modules.push(crate::KernelModule {
+                            name,
+                            source: SOURCE,
+                            defines,
+                        });
                     }
                 }
             }

@@ -381,22 +381,18 @@ fn long_context_splits_match_cpu() {
             .unwrap();
             g.advance(&b);
         }
-        // Splits chosen, forced small and large; CTAs of one query head or of four; four-warp
-        // KIVI CTAs staging their blocks in shared memory (the default) or reading the pool.
+        // Splits chosen, forced small and large; CTAs of one query head or of four.
         let runs = [
-            (None, None, true),
-            (None, Some(false), true),
-            (None, Some(false), false),
-            (Some(64), Some(true), true),
-            (Some(64), Some(false), true),
-            (Some(2048), Some(true), true),
-            (Some(2048), Some(false), true),
-            (Some(2048), Some(true), false),
+            (None, None),
+            (None, Some(false)),
+            (Some(64), Some(true)),
+            (Some(64), Some(false)),
+            (Some(2048), Some(true)),
+            (Some(2048), Some(false)),
         ];
-        for (split, one_head, stage) in runs {
+        for (split, one_head) in runs {
             g.set_split_tokens(split);
             g.set_one_head(one_head);
-            g.set_stage(stage);
             let q: Vec<f32> = (0..2 * nh * d).map(|_| r.gen_range(-1.0..1.0)).collect();
             let k = kv_data(&mut r, 2, row);
             let v = kv_data(&mut r, 2, row);

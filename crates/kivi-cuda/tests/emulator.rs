@@ -4,8 +4,7 @@
 //! tokens included) over exactly quantizable data against plain attention; once as the GPU
 //! modules are built and once with every measured switch on its other side (the f16 cache on the
 //! CUDA cores only, `F16_TC=0`; quantized blocks on the f16 tensor-core path, `IMMA_KEYS=0
-//! IMMA_VALUES=0`; four-warp KIVI CTAs reading the pool instead of staging its blocks,
-//! `EMU_STAGE=0`). Needs g++ with C++20 on x86-64; without them the test says `skipped`.
+//! IMMA_VALUES=0`). Needs g++ with C++20 on x86-64; without them the test says `skipped`.
 
 use std::path::Path;
 use std::process::Command;
@@ -27,10 +26,7 @@ fn kernel_code_matches_the_reference_on_the_emulator() {
     // The default build, and one with the switches' other sides: built at once, run at once.
     let builds: Vec<_> = [
         ("default", ""),
-        (
-            "switches_off",
-            "-DF16_TC=0 -DIMMA_KEYS=0 -DIMMA_VALUES=0 -DEMU_STAGE=0",
-        ),
+        ("switches_off", "-DF16_TC=0 -DIMMA_KEYS=0 -DIMMA_VALUES=0"),
     ]
     .into_iter()
     .map(|(name, define)| {
