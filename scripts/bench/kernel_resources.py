@@ -48,8 +48,8 @@ def main():
     lib = ctypes.CDLL(os.path.join(tools, "libnvrtc.so.13"))
     src = open(SOURCE, "rb").read()
     compute = "compute_" + a.arch.split("_")[1]
-    print(f"| variant ({a.arch}{', ' + a.defines if a.defines else ''}) | registers | spill stores B | spill loads B | SASS instructions |")
-    print("|---|---|---|---|---|")
+    print(f"| variant ({a.arch}{', ' + a.defines if a.defines else ''}) | registers | spill stores B | spill loads B | static smem B | SASS instructions |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, defines in variants():
             if a.only not in name:
@@ -62,13 +62,15 @@ def main():
             regs = re.search(r"Used (\d+) registers", out).group(1)
             st = re.search(r"(\d+) bytes spill stores", out).group(1)
             ld = re.search(r"(\d+) bytes spill loads", out).group(1)
+            smem = re.search(r"(\d+) bytes smem", out)
+            smem = smem.group(1) if smem else "0"
             sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True,
                                   text=True, check=True, env={**os.environ, "PATH": tools + ":" + os.environ.get("PATH", "")}).stdout
             n_instr = len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+\S", sass, re.M))
             if a.sass:
                 os.makedirs(a.sass, exist_ok=True)
                 open(os.path.join(a.sass, name + ".sass"), "w").write(sass)
-            print(f"| {name} | {regs} | {st} | {ld} | {n_instr} |", flush=True)
+            print(f"| {name} | {regs} | {st} | {ld} | {smem} | {n_instr} |", flush=True)
 
 
 if __name__ == "__main__":
