@@ -633,21 +633,32 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 #define HOIST_CODES 1
 #endif
 
-// 1: the integer paths' A operands are the code bits masked where they lie in the word, c 2^s
-// for a code s bits up (s <= 6 at 2 bits: at most 192, still a u8), not shifted down first: one
-// LOP3 per register instead of a shift and a LOP3. Every register of an m-tile row has the same
-// s, so the row's sums come out times 2^s, and the factor that turns them into floats divides
-// it out (unshift below; exact, a power of two). 0: shifted down first (the previous path).
+// 1: the integer paths' 2-bit A operands are the code bits masked where they lie in the word,
+// c 2^s for a code s bits up (s <= 6: at most 192, still a u8), not shifted down first: one LOP3
+// per register instead of a shift and a LOP3. Every register of an m-tile row has the same s,
+// so the row's sums come out times 2^s, and the factor that turns them into floats divides it
+// out (unshift below; exact, a power of two). Measured on the H200 (µs, shifted -> in place):
+// MHA B = 32 T = 32K KIVI-2 1027 / 1020 -> 956 / 964, B = 1024 T = 330 KIVI-2 R = 32 528 -> 499.
+// MASK_IN_PLACE4: the same for 4-bit codes (s = 4, at most 240); it moved the 4-bit four-warp
+// kernel's spills (44 / 84 -> 48 / 92 B) and measured slower (MHA B = 32 T = 32K KIVI-4 1411 /
+// 1398 -> 1461 / 1456), so it is off.
 #ifndef MASK_IN_PLACE
 #define MASK_IN_PLACE 1
 #endif
-// Code mask `mask` (at bit 0 of each byte) of word x at bit s: x & (mask << s) in place
-// (MASK_IN_PLACE), else (x >> s) & mask.
+#ifndef MASK_IN_PLACE4
+#define MASK_IN_PLACE4 0
+#endif
+// Code mask `mask` (a code's bits at bit 0 of each byte) of word x at bit s: x & (mask << s)
+// in place, else (x >> s) & mask.
+template <int BITS>
 __device__ __forceinline__ u32 code_bits(u32 x, u32 mask, int s) {
-    return MASK_IN_PLACE ? x & (mask << s) : (x >> s) & mask;
+    return (BITS == 2 ? MASK_IN_PLACE : MASK_IN_PLACE4) ? x & (mask << s) : (x >> s) & mask;
 }
-// 2^-s where MASK_IN_PLACE left a row's codes s bits up, else 1.
-__device__ __forceinline__ constexpr float unshift(int s) { return MASK_IN_PLACE ? 1.0f / (float)(1 << s) : 1.0f; }
+// 2^-s where code_bits left a row's codes s bits up, else 1.
+template <int BITS>
+__device__ __forceinline__ constexpr float unshift(int s) {
+    return (BITS == 2 ? MASK_IN_PLACE : MASK_IN_PLACE4) ? 1.0f / (float)(1 << s) : 1.0f;
+}
 
 #ifndef KIVI_EMU
 // mma.sync m16n8k32 of u8 A and s8 B (B_SIGNED) or u8 B into s32.
@@ -860,8 +871,8 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
                 for (int m = 0; m < 8; m++) {
                     const int k = m >> 1, sh = 4 * (m & 1);
                     constexpr u32 M2 = 0x03030303u;
-                    imma_16832(acc[m], code_bits(xa[k], M2, sh), code_bits(xa[k], M2, sh + 2),
-                               code_bits(xb[k], M2, sh), code_bits(xb[k], M2, sh + 2), b.x, b.y);
+                    imma_16832(acc[m], code_bits<2>(xa[k], M2, sh), code_bits<2>(xa[k], M2, sh + 2),
+                               code_bits<2>(xb[k], M2, sh), code_bits<2>(xb[k], M2, sh + 2), b.x, b.y);
                 }
             } else {
                 // Word x: tokens 8x..8x + 7; xa[k] byte i: channel 4t + i's tokens 8x + 2k (low
@@ -869,8 +880,8 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     constexpr u32 M4 = 0x0f0f0f0fu;
-                    imma_16832(acc[4 * x + k], xa[k] & M4, code_bits(xa[k], M4, 4), xb[k] & M4, code_bits(xb[k], M4, 4),
-                               b.x, b.y);
+                    imma_16832(acc[4 * x + k], xa[k] & M4, code_bits<4>(xa[k], M4, 4), xb[k] & M4,
+                               code_bits<4>(xb[k], M4, 4), b.x, b.y);
                 }
             }
         }
@@ -883,9 +894,9 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
         for (int m = 0; m < 8; m++) {
             const int sh = KB == 2 ? 4 * (m & 1) : 0, sh8 = KB == 2 ? sh + 2 : 4;
             if (16 * g + 2 * m < valid)
-                row[2 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift(sh)) + bias;
+                row[2 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<KB>(sh)) + bias;
             if (16 * g + 2 * m + 1 < valid)
-                row[2 * m + 1] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift(sh8)) + bias;
+                row[2 * m + 1] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<KB>(sh8)) + bias;
         }
     }
 }
@@ -1385,8 +1396,8 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
             const int n0 = c0 / (32 / VB), k0 = (c0 % (32 / VB)) / FPB, s0b = VB * (c0 % FPB);
             const int n1 = c1 / (32 / VB), k1 = (c1 % (32 / VB)) / FPB, s1b = VB * (c1 % FPB);
             static_assert(NK * FPB * NW >= CH, "the lane's channels");
-            imma_16832_uu(acc[m], code_bits(x[0][n0][k0], MASK, s0b), code_bits(x[0][n1][k1], MASK, s1b),
-                          code_bits(x[1][n0][k0], MASK, s0b), code_bits(x[1][n1][k1], MASK, s1b), b.x, b.y);
+            imma_16832_uu(acc[m], code_bits<VB>(x[0][n0][k0], MASK, s0b), code_bits<VB>(x[0][n1][k1], MASK, s1b),
+                          code_bits<VB>(x[1][n0][k0], MASK, s0b), code_bits<VB>(x[1][n1][k1], MASK, s1b), b.x, b.y);
         }
     }
     // (Row g of m-tile m is channel 2m of the lane's, row g + 8 channel 2m + 1: their codes'
@@ -1394,8 +1405,8 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
 #pragma unroll
     for (int m = 0; m < D / 16; m++) {
         const int s0b = VB * ((2 * m) % FPB), s1b = VB * ((2 * m + 1) % FPB);
-        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift(s0b)) + bias;
-        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift(s1b)) + bias;
+        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<VB>(s0b)) + bias;
+        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<VB>(s1b)) + bias;
     }
 }
 
