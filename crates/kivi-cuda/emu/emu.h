@@ -294,6 +294,36 @@ inline void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u
     imma_16832<false>(c, a0, a1, a2, a3, b0, b1);
 }
 
+// cp.async: a copy lands at some time between its issue and the wait that covers its group;
+// here it lands at that wait, so a read of the destination before its wait sees the old bytes.
+struct EmuCpAsync {
+    struct Copy {
+        int group;
+        void* dst;
+        const void* src;
+    };
+    std::vector<Copy> pending;
+    int committed = 0;
+};
+inline EmuCpAsync emu_cp_async[32 * EMU_MAX_WARPS];
+inline void cp_async16(void* dst, const void* src) {
+    EmuCpAsync& a = emu_cp_async[threadIdx.x];
+    a.pending.push_back({a.committed, dst, src});
+}
+inline void cp_async_commit() { emu_cp_async[threadIdx.x].committed++; }
+template <int N>
+inline void cp_async_wait() {
+    EmuCpAsync& a = emu_cp_async[threadIdx.x];
+    std::vector<EmuCpAsync::Copy> later;
+    for (const auto& c : a.pending) {
+        if (c.group < a.committed - N)
+            std::memcpy(c.dst, c.src, 16);
+        else
+            later.push_back(c);
+    }
+    a.pending = later;
+}
+
 // Runs f(thread) as one CTA of `threads` threads (blockIdx = block) with `smem_floats` floats
 // of dynamic shared memory (NaN-filled, as unwritten memory must not be read): each thread a
 // fiber, resumed in turn until all have finished.
@@ -306,6 +336,7 @@ inline void emu_run_block(EmuDim block, int threads, const std::function<void(in
         emu_warps[w].bar = warps.back().get();
     }
     emu_cta_bar = &cta;
+    for (int i = 0; i < threads; i++) emu_cp_async[i] = EmuCpAsync{};
     std::vector<float> smem(smem_floats, NAN);
     emu_dynamic_smem = smem.data();
     blockIdx = block;

@@ -680,6 +680,39 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 }
 #endif
 
+// 1: four-warp CTAs' integer key and value blocks copy their codes into the warp's shared memory
+// (cp.async, 16 bytes per lane and instruction) while they build the B operand, and read them
+// from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
+// on loads (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each
+// k-step loaded its words and waited for them), as the 80-register cap leaves no registers to
+// load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128).
+#ifndef STAGE_CODES
+#define STAGE_CODES 1
+#endif
+
+#ifndef KIVI_EMU
+// 16 bytes from global to shared memory, asynchronously (in the group of the next commit).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)a), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of the thread's committed groups are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
+// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst, as one group.
+template <int BYTES>
+__device__ __forceinline__ void warp_copy_async(u32* dst, const u32* src, int lane) {
+    static_assert(BYTES % (16 * 32) == 0, "whole rounds of 16 bytes per lane");
+#pragma unroll
+    for (int i = 0; i < BYTES / (16 * 32); i++) cp_async16(dst + 4 * (lane + 32 * i), src + 4 * (lane + 32 * i));
+    cp_async_commit();
+}
+
 // x[k] = byte k of w0, w1, w2, w3 (in bytes 0..3): a 4 x 4 byte transpose in eight PRMT.
 __device__ __forceinline__ void byte_transpose(u32 w0, u32 w1, u32 w2, u32 w3, u32 (&x)[4]) {
     const u32 lo01 = prmt(w0, w1, 0x5140u), hi01 = prmt(w0, w1, 0x7362u);
@@ -826,21 +859,33 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 // (a2, a3): byte_transpose turns four channels' code words into words whose byte i is channel
 // i's codes of a few tokens, and a shift and a mask pick one token's four codes. Column 2j +
 // part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
-template <int D, int KB, bool HOIST>
+template <int D, int KB, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                int qshift, const float* sq, u32* bbuf, float* sc, int lane) {
+                                                int qshift, const float* sq, u32* bbuf, float* sc, int lane,
+                                                u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
-    // The lane's first word; every load below is at a constant offset from it.
-    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
+    // The lane's first word; every load below is at a constant offset from it. STAGED: in the
+    // warp's copy of the block's codes (see STAGE_CODES), started here.
+    const u32* kq;
+    if constexpr (STAGED) {
+        warp_copy_async<BLOCK_TOKENS * D * KB / 8>(cbuf, key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
+        kq = cbuf + (16 * g / 32) * (D * WPD) + ((g & 1) * WL + 4 * t * WPD);
+    } else {
+        kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
+    }
     // HOIST: the first k-step's code words are asked for before the B operand's scales, so
     // that the two loads overlap (else the codes wait for the B operand); see HOIST_CODES.
     u32 first[2][4][WL];
     if (HOIST) lane_code_words(kq, WPD, 0, first);
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
+    if constexpr (STAGED) {
+        cp_async_wait<0>();
+        __syncwarp();
+    }
     int acc[8][4];
 #pragma unroll
     for (int m = 0; m < 8; m++)
@@ -899,6 +944,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
                 row[2 * m + 1] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<KB>(sh8)) + bias;
         }
     }
+    if constexpr (STAGED) __syncwarp();  // the buffer is read: the next block's copy may start
 }
 
 // The B fragments of the query heads `sq` ([NG][D] f32) for tc_key_block, fragment x = k-step
@@ -1351,9 +1397,10 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 // + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
 // lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
 // tokens' code words gives words whose byte i is token i's codes of a few channels.
-template <int D, int VB, bool VEC, bool HOIST>
+template <int D, int VB, bool VEC, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                  const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane) {
+                                                  const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane,
+                                                  u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
@@ -1364,11 +1411,21 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
-    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
+    const u32* vq;
+    if constexpr (STAGED) {  // as in tc_key_block_i8
+        warp_copy_async<BLOCK_TOKENS * D * VB / 8>(cbuf, c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
+        vq = cbuf + (g * LBITS) / 32 + (4 * t) * WPT;
+    } else {
+        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
+    }
     u32 first[2][4][NW];  // as in tc_key_block_i8
     if (HOIST) lane_code_words(vq, WPT, shift, first);
     float fac, bias;
     value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    if constexpr (STAGED) {
+        cp_async_wait<0>();
+        __syncwarp();
+    }
     int acc[D / 16][4];
 #pragma unroll
     for (int m = 0; m < D / 16; m++)
@@ -1408,6 +1465,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
         vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<VB>(s0b)) + bias;
         vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<VB>(s1b)) + bias;
     }
+    if constexpr (STAGED) __syncwarp();
 }
 
 // Adds a warp's tc_value_block_i8 sums to its slot `wacc` ([D]): lane (g, t) holds them when t
@@ -1556,6 +1614,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
     constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
     constexpr bool HOIST = HOIST_CODES && W == 1 && D == 128;  // (measured at D = 128 only)
+    // STAGE_CODES: four-warp 2-bit CTAs.
+    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && KB == 2;
+    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && VB == 2;
+    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * 2 / 32;  // a 2-bit block's codes
+    __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
+    u32* scodes = (u32*)scodes16;
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
@@ -1581,8 +1645,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     if (IMMA_K && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_i8<D, KBq, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                    __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane);
+            tc_key_block_i8<D, KBq, HOIST && !STAGED_K, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
+                                                                   kt_valid - pb, __ffs(c.group) - 6, sq,
+                                                                   skb + warp * 4 * 64, sc, lane,
+                                                                   scodes + warp * CBUF_WORDS);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -1802,8 +1868,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_i8<D, VBq, W == 1, HOIST>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                          skb + warp * 4 * 64, vacc, lane);
+                tc_value_block_i8<D, VBq, W == 1, HOIST && !STAGED_V, STAGED_V>(
+                    P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, skb + warp * 4 * 64, vacc,
+                    lane, scodes + warp * CBUF_WORDS);
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
