@@ -306,9 +306,12 @@ struct EmuCpAsync {
     int committed = 0;
 };
 inline EmuCpAsync emu_cp_async[32 * EMU_MAX_WARPS];
-inline void cp_async16(void* dst, const void* src) {
+typedef char* SmemAddr;
+inline SmemAddr smem_addr(const void* p) { return (char*)p; }
+template <int OFF>
+inline void cp_async16(SmemAddr dst, const void* src) {
     EmuCpAsync& a = emu_cp_async[threadIdx.x];
-    a.pending.push_back({a.committed, dst, src});
+    a.pending.push_back({a.committed, dst + OFF, (const char*)src + OFF});
 }
 inline void cp_async_commit() { emu_cp_async[threadIdx.x].committed++; }
 template <int N>

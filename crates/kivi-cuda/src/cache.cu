@@ -689,13 +689,24 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
+// The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM).
+#ifndef STAGE_CODES4
+#define STAGE_CODES4 0
+#endif
 
 #ifndef KIVI_EMU
-// 16 bytes from global to shared memory, asynchronously (in the group of the next commit).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+// A shared-memory address (32 bits) of a generic pointer into shared memory.
+typedef u32 SmemAddr;
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
     u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)a), "l"(src) : "memory");
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (SmemAddr)a;
+}
+// 16 bytes from global `src + OFF` to shared `dst + OFF`, asynchronously (in the group of the
+// next commit); OFF an immediate, so that a warp's copies share two base registers.
+template <int OFF>
+__device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(dst), "l"(src), "n"(OFF) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of the thread's committed groups are in flight.
@@ -704,12 +715,18 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 #endif
+template <int I, int N>
+__device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
+    if constexpr (I < N) {
+        cp_async16<512 * I>(dst, src);
+        cp_async_rounds<I + 1, N>(dst, src);
+    }
+}
 // One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst, as one group.
 template <int BYTES>
 __device__ __forceinline__ void warp_copy_async(u32* dst, const u32* src, int lane) {
     static_assert(BYTES % (16 * 32) == 0, "whole rounds of 16 bytes per lane");
-#pragma unroll
-    for (int i = 0; i < BYTES / (16 * 32); i++) cp_async16(dst + 4 * (lane + 32 * i), src + 4 * (lane + 32 * i));
+    cp_async_rounds<0, BYTES / 512>(smem_addr(dst) + 16 * lane, (const char*)src + 16 * lane);
     cp_async_commit();
 }
 
@@ -1614,10 +1631,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
     constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
     constexpr bool HOIST = HOIST_CODES && W == 1 && D == 128;  // (measured at D = 128 only)
-    // STAGE_CODES: four-warp 2-bit CTAs.
-    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && KB == 2;
-    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && VB == 2;
-    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * 2 / 32;  // a 2-bit block's codes
+    // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
+    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
+    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
+    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * (STAGE_CODES4 && KB + VB > 4 ? 4 : 2) / 32;  // a block's codes
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
