@@ -308,10 +308,10 @@ struct EmuCpAsync {
 inline EmuCpAsync emu_cp_async[32 * EMU_MAX_WARPS];
 typedef char* SmemAddr;
 inline SmemAddr smem_addr(const void* p) { return (char*)p; }
-template <int OFF>
+template <int DOFF, int SOFF>
 inline void cp_async16(SmemAddr dst, const void* src) {
     EmuCpAsync& a = emu_cp_async[threadIdx.x];
-    a.pending.push_back({a.committed, dst + OFF, (const char*)src + OFF});
+    a.pending.push_back({a.committed, dst + DOFF, (const char*)src + SOFF});
 }
 inline void cp_async_commit() { emu_cp_async[threadIdx.x].committed++; }
 template <int N>

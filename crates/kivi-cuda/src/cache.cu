@@ -689,9 +689,24 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
-// The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM).
+// The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
+// those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
+// MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
+// 1339 (again 1404 / 1412 / 1378), T = 16K 718 / 722 / 689, B = 8 T = 32K 381 / 379 / 362.
 #ifndef STAGE_CODES4
-#define STAGE_CODES4 0
+#define STAGE_CODES4 1
+#endif
+// 1: four-warp value blocks read tokens t + 4 i + 16 e (not 4 t + i + 16 e) of a k-step into
+// lane (g, t)'s byte i of half e: the A operand's k order, and the B operand's with it, is a
+// transpose of each 16 tokens. A warp's code loads then fall in different banks (2 bits, D = 128:
+// lane (g, t)'s word g + 8 t + 32 i; before, g + 32 t + 8 i, the four t in one bank).
+#ifndef VALUE_TOKEN_ORDER
+#define VALUE_TOKEN_ORDER 1
+#endif
+// Words of padding after each 32-token key sub-tile in the staged copy: 4 puts lane (g, t)'s
+// code words of sub-tiles g / 2 in different banks (two lanes per bank, where four were).
+#ifndef KEY_STAGE_PAD
+#define KEY_STAGE_PAD 4
 #endif
 
 #ifndef KIVI_EMU
@@ -704,9 +719,10 @@ __device__ __forceinline__ SmemAddr smem_addr(const void* p) {
 }
 // 16 bytes from global `src + OFF` to shared `dst + OFF`, asynchronously (in the group of the
 // next commit); OFF an immediate, so that a warp's copies share two base registers.
-template <int OFF>
+template <int DOFF, int SOFF>
 __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%2], 16;" ::"r"(dst), "l"(src), "n"(OFF) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
+                 : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of the thread's committed groups are in flight.
@@ -715,18 +731,21 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 #endif
-template <int I, int N>
+// Rounds I.. of a warp's copy: round I moves bytes [512 I, 512 I + 512) to the same offset
+// plus PAD bytes per SEG bytes before it (SEG a multiple of 512).
+template <int I, int N, int SEG, int PAD>
 __device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
     if constexpr (I < N) {
-        cp_async16<512 * I>(dst, src);
-        cp_async_rounds<I + 1, N>(dst, src);
+        cp_async16<512 * I + PAD * (512 * I / SEG), 512 * I>(dst, src);
+        cp_async_rounds<I + 1, N, SEG, PAD>(dst, src);
     }
 }
-// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst, as one group.
-template <int BYTES>
+// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst, as one group,
+// with PAD bytes of padding after every SEG.
+template <int BYTES, int SEG = BYTES, int PAD = 0>
 __device__ __forceinline__ void warp_copy_async(u32* dst, const u32* src, int lane) {
-    static_assert(BYTES % (16 * 32) == 0, "whole rounds of 16 bytes per lane");
-    cp_async_rounds<0, BYTES / 512>(smem_addr(dst) + 16 * lane, (const char*)src + 16 * lane);
+    static_assert(BYTES % (16 * 32) == 0 && SEG % (16 * 32) == 0, "whole rounds of 16 bytes per lane");
+    cp_async_rounds<0, BYTES / 512, SEG, PAD>(smem_addr(dst) + 16 * lane, (const char*)src + 16 * lane);
     cp_async_commit();
 }
 
@@ -835,15 +854,15 @@ __device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, 
     __syncwarp();
 }
 
-// A lane's code words of one k-step of an integer key or value block: rows 16 e + i (e < 2,
-// i < 4) of `stride` words from `row0`, N words each (one word: shifted right by `shift`).
-template <int N>
+// A lane's code words of one k-step of an integer key or value block: rows 16 e + ISTEP i (e <
+// 2, i < 4) of `stride` words from `row0`, N words each (one word: shifted right by `shift`).
+template <int ISTEP = 1, int N>
 __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int shift, u32 (&w)[2][4][N]) {
 #pragma unroll
     for (int e = 0; e < 2; e++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const u32* p = row0 + (16 * e + i) * stride;
+            const u32* p = row0 + (16 * e + ISTEP * i) * stride;
             if constexpr (N == 1) {
                 w[e][i][0] = p[0] >> shift;
             } else {
@@ -855,7 +874,7 @@ __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int
 }
 // The same for k-step `kstep` of the block at `row0`, except that with HOIST k-step 0's words
 // were loaded ahead into `first` (see HOIST_CODES).
-template <bool HOIST, int N>
+template <bool HOIST, int ISTEP = 1, int N>
 __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, int shift, int kstep,
                                                  const u32 (&first)[2][4][N], u32 (&w)[2][4][N]) {
     if (HOIST && kstep == 0) {
@@ -866,7 +885,7 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 #pragma unroll
                 for (int n = 0; n < N; n++) w[e][i][n] = first[e][i][n];
     } else {
-        lane_code_words(row0 + 32 * kstep * stride, stride, shift, w);
+        lane_code_words<ISTEP>(row0 + 32 * kstep * stride, stride, shift, w);
     }
 }
 
@@ -888,8 +907,9 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     // warp's copy of the block's codes (see STAGE_CODES), started here.
     const u32* kq;
     if constexpr (STAGED) {
-        warp_copy_async<BLOCK_TOKENS * D * KB / 8>(cbuf, key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
-        kq = cbuf + (16 * g / 32) * (D * WPD) + ((g & 1) * WL + 4 * t * WPD);
+        warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
+            cbuf, key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
+        kq = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD) + ((g & 1) * WL + 4 * t * WPD);
     } else {
         kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
     }
@@ -1337,7 +1357,7 @@ __device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q
 // VEC: the four tokens' scales, mins and weights in vector loads, masked after (one-warp CTAs:
 // KIVI-2 R = 32 B = 1024 T = 330 551 -> 538 us); else per token, behind its `valid` test
 // (four-warp CTAs: vector loads measured 3 % slower, MHA B = 32 T = 32K KIVI-2 1011 -> 1045 us).
-template <int D, bool VEC>
+template <int D, bool VEC, bool ORDER = false>
 __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk, const float* w, int valid, u32* bbuf,
                                            int lane, float& fac, float& bias) {
     const CacheBufs& c = P.c;
@@ -1370,7 +1390,8 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
     } else {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int tok = 4 * lane + i;
+            // ORDER: tokens (lane & 3) + 4 i of the lane's 16 (tc_value_block_i8).
+            const int tok = ORDER ? 16 * (lane >> 2) + (lane & 3) + 4 * i : 4 * lane + i;
             const bool ok = tok < valid;
             u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
             float p = 0.0f;
@@ -1428,17 +1449,22 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
+    // The lane's tokens t + ISTEP i + 16 e (ORDER, see VALUE_TOKEN_ORDER; four-warp CTAs, whose
+    // B operand loads a token's scales alone) or 4 t + i + 16 e.
+    constexpr bool ORDER = VALUE_TOKEN_ORDER && !VEC;
+    constexpr int ISTEP = ORDER ? 4 : 1;
+    const int tok0 = ORDER ? t : 4 * t;
     const u32* vq;
     if constexpr (STAGED) {  // as in tc_key_block_i8
         warp_copy_async<BLOCK_TOKENS * D * VB / 8>(cbuf, c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
-        vq = cbuf + (g * LBITS) / 32 + (4 * t) * WPT;
+        vq = cbuf + (g * LBITS) / 32 + tok0 * WPT;
     } else {
-        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
+        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + tok0 * WPT;
     }
     u32 first[2][4][NW];  // as in tc_key_block_i8
-    if (HOIST) lane_code_words(vq, WPT, shift, first);
+    if (HOIST) lane_code_words<ISTEP>(vq, WPT, shift, first);
     float fac, bias;
-    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    value_b_i8<D, VEC, ORDER>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
         cp_async_wait<0>();
         __syncwarp();
@@ -1456,7 +1482,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        kstep_code_words<HOIST>(vq, WPT, shift, kstep, first, w);
+        kstep_code_words<HOIST, ISTEP>(vq, WPT, shift, kstep, first, w);
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
@@ -1634,7 +1660,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
     constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
     constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
-    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * (STAGE_CODES4 && KB + VB > 4 ? 4 : 2) / 32;  // a block's codes
+    // A block's codes (keys: plus the sub-tiles' padding).
+    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * (STAGE_CODES4 && KB + VB > 4 ? 4 : 2) / 32 + 4 * KEY_STAGE_PAD;
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
@@ -2112,8 +2139,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #ifndef F16_MIN_CTAS
 #define F16_MIN_CTAS 4
 #endif
-#define MIN_CTAS(KB, VB, NG) \
-    ((KB) == 16 ? F16_MIN_CTAS : (NG) != 1 ? QUANT_MIN_CTAS_GQA : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2 : QUANT_MIN_CTAS)
+// One-head four-warp kernels with 4-bit codes staged (STAGE_CODES4): shared memory allows 4.
+#ifndef QUANT_MIN_CTAS_STAGED
+#define QUANT_MIN_CTAS_STAGED 4
+#endif
+#define MIN_CTAS(KB, VB, NG)                                                                       \
+    ((KB) == 16 ? F16_MIN_CTAS                                                                     \
+     : (NG) != 1 ? QUANT_MIN_CTAS_GQA                                                              \
+     : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2                                                        \
+     : STAGE_CODES && STAGE_CODES4 && IMMA_KEYS && IMMA_VALUES ? QUANT_MIN_CTAS_STAGED : QUANT_MIN_CTAS)
 // One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
 // -DATTN_D (head dim) -DATTN_KB -DATTN_VB (key/value bits, 16: the f16 cache) -DATTN_NG
 // (query heads per CTA) -DATTN_W (warps per CTA: 4, or 1 for batches of many short
