@@ -696,17 +696,23 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES4
 #define STAGE_CODES4 1
 #endif
-// 1: four-warp value blocks read tokens t + 4 i + 16 e (not 4 t + i + 16 e) of a k-step into
-// lane (g, t)'s byte i of half e: the A operand's k order, and the B operand's with it, is a
-// transpose of each 16 tokens. A warp's code loads then fall in different banks (2 bits, D = 128:
-// lane (g, t)'s word g + 8 t + 32 i; before, g + 32 t + 8 i, the four t in one bank).
-#ifndef VALUE_TOKEN_ORDER
-#define VALUE_TOKEN_ORDER 1
-#endif
 // Words of padding after each 32-token key sub-tile in the staged copy: 4 puts lane (g, t)'s
 // code words of sub-tiles g / 2 in different banks (two lanes per bank, where four were).
+// Measured on the H200 (µs, MHA B = 32 T = 32K, 0 -> 4): KIVI-2 871 / 864 -> 847 / 848, KIVI-4
+// 1320 / 1318 -> 1266 / 1266. (Reading the value tokens in a transposed order, t + 4 i instead
+// of 4 t + i, spread their banks too but made the B operand's scale loads scattered: KIVI-2
+// 900 / 904, KIVI-4 1428 / 1429.)
 #ifndef KEY_STAGE_PAD
 #define KEY_STAGE_PAD 4
+#endif
+// Words of padding after every 128 bytes of staged value codes, 2-bit and 4-bit: lane (g, t)'s
+// words of tokens 4 t + i then fall in different banks (D = 128, 2 bits: g + 8 t + 32 i + 8 k
+// instead of g + 32 t + ..., four lanes per bank).
+#ifndef VALUE_STAGE_PAD2
+#define VALUE_STAGE_PAD2 8
+#endif
+#ifndef VALUE_STAGE_PAD4
+#define VALUE_STAGE_PAD4 4
 #endif
 
 #ifndef KIVI_EMU
@@ -732,7 +738,8 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 // Rounds I.. of a warp's copy: round I moves bytes [512 I, 512 I + 512) to the same offset
-// plus PAD bytes per SEG bytes before it (SEG a multiple of 512).
+// plus PAD bytes per SEG bytes before it (SEG a power of two of at least 16 bytes; below 512,
+// the lane's share of the padding is in `dst`).
 template <int I, int N, int SEG, int PAD>
 __device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
     if constexpr (I < N) {
@@ -744,8 +751,9 @@ __device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
 // with PAD bytes of padding after every SEG.
 template <int BYTES, int SEG = BYTES, int PAD = 0>
 __device__ __forceinline__ void warp_copy_async(u32* dst, const u32* src, int lane) {
-    static_assert(BYTES % (16 * 32) == 0 && SEG % (16 * 32) == 0, "whole rounds of 16 bytes per lane");
-    cp_async_rounds<0, BYTES / 512, SEG, PAD>(smem_addr(dst) + 16 * lane, (const char*)src + 16 * lane);
+    static_assert(BYTES % (16 * 32) == 0 && SEG % 16 == 0 && (SEG & (SEG - 1)) == 0, "whole rounds of 16 bytes");
+    cp_async_rounds<0, BYTES / 512, SEG, PAD>(smem_addr(dst) + 16 * lane + PAD * (16 * lane / SEG),
+                                              (const char*)src + 16 * lane);
     cp_async_commit();
 }
 
@@ -854,15 +862,16 @@ __device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, 
     __syncwarp();
 }
 
-// A lane's code words of one k-step of an integer key or value block: rows 16 e + ISTEP i (e <
-// 2, i < 4) of `stride` words from `row0`, N words each (one word: shifted right by `shift`).
-template <int ISTEP = 1, int N>
+// A lane's code words of one k-step of an integer key or value block: rows 16 e + i (e < 2,
+// i < 4) of `stride` words from `row0`, N words each (one word: shifted right by `shift`); with
+// PAD words of padding after every TPR rows (staged value codes; row0's own are in row0).
+template <int PAD = 0, int TPR = 1, int N>
 __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int shift, u32 (&w)[2][4][N]) {
 #pragma unroll
     for (int e = 0; e < 2; e++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const u32* p = row0 + (16 * e + ISTEP * i) * stride;
+            const u32* p = row0 + (16 * e + i) * stride + PAD * ((16 * e + i) / TPR);
             if constexpr (N == 1) {
                 w[e][i][0] = p[0] >> shift;
             } else {
@@ -874,7 +883,7 @@ __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int
 }
 // The same for k-step `kstep` of the block at `row0`, except that with HOIST k-step 0's words
 // were loaded ahead into `first` (see HOIST_CODES).
-template <bool HOIST, int ISTEP = 1, int N>
+template <bool HOIST, int PAD = 0, int TPR = 1, int N>
 __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, int shift, int kstep,
                                                  const u32 (&first)[2][4][N], u32 (&w)[2][4][N]) {
     if (HOIST && kstep == 0) {
@@ -885,7 +894,7 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 #pragma unroll
                 for (int n = 0; n < N; n++) w[e][i][n] = first[e][i][n];
     } else {
-        lane_code_words<ISTEP>(row0 + 32 * kstep * stride, stride, shift, w);
+        lane_code_words<PAD, TPR>(row0 + 32 * kstep * (stride + PAD / TPR), stride, shift, w);
     }
 }
 
@@ -1357,7 +1366,7 @@ __device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q
 // VEC: the four tokens' scales, mins and weights in vector loads, masked after (one-warp CTAs:
 // KIVI-2 R = 32 B = 1024 T = 330 551 -> 538 us); else per token, behind its `valid` test
 // (four-warp CTAs: vector loads measured 3 % slower, MHA B = 32 T = 32K KIVI-2 1011 -> 1045 us).
-template <int D, bool VEC, bool ORDER = false>
+template <int D, bool VEC>
 __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk, const float* w, int valid, u32* bbuf,
                                            int lane, float& fac, float& bias) {
     const CacheBufs& c = P.c;
@@ -1390,8 +1399,7 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
     } else {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            // ORDER: tokens (lane & 3) + 4 i of the lane's 16 (tc_value_block_i8).
-            const int tok = ORDER ? 16 * (lane >> 2) + (lane & 3) + 4 * i : 4 * lane + i;
+            const int tok = 4 * lane + i;
             const bool ok = tok < valid;
             u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
             float p = 0.0f;
@@ -1449,22 +1457,21 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
-    // The lane's tokens t + ISTEP i + 16 e (ORDER, see VALUE_TOKEN_ORDER; four-warp CTAs, whose
-    // B operand loads a token's scales alone) or 4 t + i + 16 e.
-    constexpr bool ORDER = VALUE_TOKEN_ORDER && !VEC;
-    constexpr int ISTEP = ORDER ? 4 : 1;
-    const int tok0 = ORDER ? t : 4 * t;
+    // STAGED: VPAD words of padding after every TPR tokens (128 bytes; VALUE_STAGE_PAD2/4).
+    constexpr int VPAD = STAGED ? (VB == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : 0, TPR = 32 / WPT;
     const u32* vq;
     if constexpr (STAGED) {  // as in tc_key_block_i8
-        warp_copy_async<BLOCK_TOKENS * D * VB / 8>(cbuf, c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
-        vq = cbuf + (g * LBITS) / 32 + tok0 * WPT;
+        warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(cbuf, c.vq + blk * c.vq_block + (u64)kvh * c.vq_head,
+                                                              lane);
+        // (4 t + i + 16 e) / TPR = 4 t / TPR + (i + 16 e) / TPR: TPR <= 8 and i < 4.
+        vq = cbuf + (g * LBITS) / 32 + (4 * t) * WPT + VPAD * (4 * t / TPR);
     } else {
-        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + tok0 * WPT;
+        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
     }
     u32 first[2][4][NW];  // as in tc_key_block_i8
-    if (HOIST) lane_code_words<ISTEP>(vq, WPT, shift, first);
+    if (HOIST) lane_code_words(vq, WPT, shift, first);
     float fac, bias;
-    value_b_i8<D, VEC, ORDER>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
         cp_async_wait<0>();
         __syncwarp();
@@ -1482,7 +1489,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        kstep_code_words<HOIST, ISTEP>(vq, WPT, shift, kstep, first, w);
+        kstep_code_words<HOIST, VPAD, TPR>(vq, WPT, shift, kstep, first, w);
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
@@ -1660,8 +1667,11 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
     constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
     constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
-    // A block's codes (keys: plus the sub-tiles' padding).
-    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * (STAGE_CODES4 && KB + VB > 4 ? 4 : 2) / 32 + 4 * KEY_STAGE_PAD;
+    // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
+    constexpr int CBUF_BITS = STAGE_CODES4 && KB + VB > 4 ? 4 : 2;
+    constexpr int CBUF_PAD = (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) > KEY_STAGE_PAD
+                                 ? (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : KEY_STAGE_PAD;
+    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
