@@ -204,6 +204,20 @@ impl Gpu {
             return Ok(f.clone());
         }
         let f = m.module.load_function(name)?;
+        // A launch may take all the shared memory the device gives a CTA beyond the kernel's
+        // static arrays, not only the default 48 KiB in all (the staged attention kernels hold
+        // up to ~41 KiB of static arrays besides their scores).
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let optin = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+        if optin > fixed {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                optin - fixed,
+            )?;
+        }
         m.functions.insert(name.to_string(), f.clone());
         Ok(f)
     }
