@@ -689,6 +689,10 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
+// 1: the buffer's shared-memory address is computed once per CTA, not per block.
+#ifndef HOIST_SMEM_ADDR
+#define HOIST_SMEM_ADDR 1
+#endif
 // The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
 // those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
 // MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
@@ -747,13 +751,12 @@ __device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
         cp_async_rounds<I + 1, N, SEG, PAD>(dst, src);
     }
 }
-// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst, as one group,
-// with PAD bytes of padding after every SEG.
+// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst (its shared-memory
+// address, smem_addr), as one group, with PAD bytes of padding after every SEG.
 template <int BYTES, int SEG = BYTES, int PAD = 0>
-__device__ __forceinline__ void warp_copy_async(u32* dst, const u32* src, int lane) {
+__device__ __forceinline__ void warp_copy_async(SmemAddr dst, const u32* src, int lane) {
     static_assert(BYTES % (16 * 32) == 0 && SEG % 16 == 0 && (SEG & (SEG - 1)) == 0, "whole rounds of 16 bytes");
-    cp_async_rounds<0, BYTES / 512, SEG, PAD>(smem_addr(dst) + 16 * lane + PAD * (16 * lane / SEG),
-                                              (const char*)src + 16 * lane);
+    cp_async_rounds<0, BYTES / 512, SEG, PAD>(dst + 16 * lane + PAD * (16 * lane / SEG), (const char*)src + 16 * lane);
     cp_async_commit();
 }
 
@@ -907,7 +910,7 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 template <int D, int KB, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane,
-                                                u32* cbuf = nullptr) {
+                                                u32* cbuf = nullptr, SmemAddr cbuf_s = 0) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
@@ -917,7 +920,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     const u32* kq;
     if constexpr (STAGED) {
         warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
-            cbuf, key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
+            HOIST_SMEM_ADDR ? cbuf_s : smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
         kq = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD) + ((g & 1) * WL + 4 * t * WPD);
     } else {
         kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
@@ -1292,6 +1295,10 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
 #ifndef IMMA_VALUES
 #define IMMA_VALUES 1
 #endif
+// 1: four-warp CTAs build the value B operand from vector loads too (value_b_i8 VEC).
+#ifndef VALUE_VEC4
+#define VALUE_VEC4 0
+#endif
 
 // Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
 #define VAL_FIX 65000.0f
@@ -1446,7 +1453,7 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 template <int D, int VB, bool VEC, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane,
-                                                  u32* cbuf = nullptr) {
+                                                  u32* cbuf = nullptr, SmemAddr cbuf_s = 0) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
@@ -1461,8 +1468,8 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr int VPAD = STAGED ? (VB == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : 0, TPR = 32 / WPT;
     const u32* vq;
     if constexpr (STAGED) {  // as in tc_key_block_i8
-        warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(cbuf, c.vq + blk * c.vq_block + (u64)kvh * c.vq_head,
-                                                              lane);
+        warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(HOIST_SMEM_ADDR ? cbuf_s : smem_addr(cbuf),
+                                                              c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
         // (4 t + i + 16 e) / TPR = 4 t / TPR + (i + 16 e) / TPR: TPR <= 8 and i < 4.
         vq = cbuf + (g * LBITS) / 32 + (4 * t) * WPT + VPAD * (4 * t / TPR);
     } else {
@@ -1674,6 +1681,10 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
+    // The warp's buffer (STAGED_K / STAGED_V) and its shared-memory address, computed once.
+    u32* cbuf = scodes + warp * CBUF_WORDS;
+    SmemAddr cbuf_s{};
+    if constexpr (STAGED_K || STAGED_V) cbuf_s = smem_addr(cbuf);
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
@@ -1701,8 +1712,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq, HOIST && !STAGED_K, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
                                                                    kt_valid - pb, __ffs(c.group) - 6, sq,
-                                                                   skb + warp * 4 * 64, sc, lane,
-                                                                   scodes + warp * CBUF_WORDS);
+                                                                   skb + warp * 4 * 64, sc, lane, cbuf, cbuf_s);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -1922,9 +1932,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_i8<D, VBq, W == 1, HOIST && !STAGED_V, STAGED_V>(
+                tc_value_block_i8<D, VBq, W == 1 || VALUE_VEC4, HOIST && !STAGED_V, STAGED_V>(
                     P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, skb + warp * 4 * 64, vacc,
-                    lane, scodes + warp * CBUF_WORDS);
+                    lane, cbuf, cbuf_s);
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
