@@ -114,7 +114,7 @@ static void key_block(int G, int valid, bool imma = false, bool hoist = false) {
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
 // tokens), through tc_value_block and tc_value_store.
 template <int D, int VB>
-static void value_block(int G, int valid, bool imma = false, bool vec = false) {
+static void value_block(int G, int valid, bool imma = false, bool hoist = false) {
     constexpr int FPI = 32 / VB;
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
     for (auto& w : vq) w = (u32)rng();
@@ -143,11 +143,11 @@ static void value_block(int G, int valid, bool imma = false, bool vec = false) {
     emu_run_warp({}, [&](int lane) {
         if (imma) {
             float vacc[D / 16][2] = {};
-            // (One-warp CTAs take the vector loads and the hoisted code words together.)
-            if (vec)
-                tc_value_block_i8<D, VB, true, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+            // (One-warp CTAs load the first k-step's code words ahead, HOIST_CODES.)
+            if (hoist)
+                tc_value_block_i8<D, VB, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
             else
-                tc_value_block_i8<D, VB, false, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+                tc_value_block_i8<D, VB, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
             tc_value_store_i8<D>(vacc, wacc.data(), lane);
         } else {
             float tacc[D / 16][4] = {};
@@ -166,7 +166,7 @@ static void value_block(int G, int valid, bool imma = false, bool vec = false) {
         }
     char what[96];
     std::snprintf(what, sizeof what, "value block%s D %d bits %d G %d valid %d",
-                  imma ? (vec ? " (i8, vector loads)" : " (i8)") : "", D, VB, G, valid);
+                  imma ? (hoist ? " (i8, hoisted)" : " (i8)") : "", D, VB, G, valid);
     check(what, want, wacc, mag, imma ? 2e-5 : 1e-3);
 }
 

@@ -689,10 +689,6 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
-// 1: the buffer's shared-memory address is computed once per CTA, not per block.
-#ifndef HOIST_SMEM_ADDR
-#define HOIST_SMEM_ADDR 1
-#endif
 // The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
 // those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
 // MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
@@ -910,7 +906,7 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 template <int D, int KB, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane,
-                                                u32* cbuf = nullptr, SmemAddr cbuf_s = 0) {
+                                                u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
@@ -920,7 +916,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     const u32* kq;
     if constexpr (STAGED) {
         warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
-            HOIST_SMEM_ADDR ? cbuf_s : smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
+            smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
         kq = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD) + ((g & 1) * WL + 4 * t * WPD);
     } else {
         kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
@@ -1295,37 +1291,9 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
 #ifndef IMMA_VALUES
 #define IMMA_VALUES 1
 #endif
-// 1: four-warp CTAs build the value B operand from vector loads too (value_b_i8 VEC).
-#ifndef VALUE_VEC4
-#define VALUE_VEC4 0
-#endif
 
 // Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
 #define VAL_FIX 65000.0f
-
-// A token's value scales (or mins) for the block's D / 32 channel quarters: half j & 1 of
-// q[j >> 1] is quarter j's (scale group 32 j / G). `row`: the token's gpt = D / G halves.
-template <int D>
-__device__ __forceinline__ void quarter_halves(const u16* row, int gpt, u32 (&q)[2]) {
-    if (D == 128 && gpt == 4) {
-        const uint2 x = *(const uint2*)row;
-        q[0] = x.x;
-        q[1] = x.y;
-    } else if (gpt == 2) {
-        const u32 x = *(const u32*)row;
-        if (D == 128) {  // quarters 0, 1: group 0; 2, 3: group 1
-            q[0] = prmt(x, 0u, 0x1010u);
-            q[1] = prmt(x, 0u, 0x3232u);
-        } else {  // D = 64: quarter j is group j
-            q[0] = x;
-            q[1] = 0u;
-        }
-    } else {
-        const u32 h = row[0];
-        q[0] = h | (h << 16);
-        q[1] = q[0];
-    }
-}
 
 // Four consecutive tokens' value scales (or mins) for the block's D / 32 channel quarters, from
 // `row` (their 4 gpt halves, gpt = D / G, 8-byte aligned): half j & 1 of q[i][j >> 1] is token
@@ -1370,10 +1338,11 @@ __device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q
 // sigma_j) of channel quarter j (s: the token's scale of that quarter's group; sigma_j = max
 // p s over the block), part 0 its high byte and part 1 its low. Lane l computes tokens 4l..4l +
 // 3. Returns lane (g, t)'s factor sigma_t / VAL_FIX and mins' term p . m of quarter t.
-// VEC: the four tokens' scales, mins and weights in vector loads, masked after (one-warp CTAs:
-// KIVI-2 R = 32 B = 1024 T = 330 551 -> 538 us); else per token, behind its `valid` test
-// (four-warp CTAs: vector loads measured 3 % slower, MHA B = 32 T = 32K KIVI-2 1011 -> 1045 us).
-template <int D, bool VEC>
+// The four tokens' scales, mins and weights come in vector loads, masked after (per token,
+// behind its `valid` test, they measured slower: one-warp CTAs KIVI-2 R = 32 B = 1024 T = 330
+// 551 -> 538 µs with vector loads; four-warp CTAs reading staged codes, MHA B = 32 T = 32K
+// KIVI-2 869 -> 808, KIVI-4 1309 -> 1274).
+template <int D>
 __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk, const float* w, int valid, u32* bbuf,
                                            int lane, float& fac, float& bias) {
     const CacheBufs& c = P.c;
@@ -1381,46 +1350,25 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
     float ps[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if constexpr (VEC) {
-        // Tokens 4 lane .. + 3: their scales, mins (all inside the block's arrays, written or
-        // not) and weights (w is 16-byte aligned: sc is, and pb - s0 is a multiple of 128).
-        u32 s4[4][2], m4[4][2];
-        quarter_halves4<D>(c.vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
-        quarter_halves4<D>(c.vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
-        const float4 w4 = *(const float4*)(w + 4 * lane);
-        const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+    // Tokens 4 lane .. + 3: their scales, mins (all inside the block's arrays, written or not)
+    // and weights (w is 16-byte aligned: sc is, and pb - s0 is a multiple of 128).
+    u32 s4[4][2], m4[4][2];
+    quarter_halves4<D>(c.vs + sm + (u64)(4 * lane) * gpt, gpt, s4);
+    quarter_halves4<D>(c.vm + sm + (u64)(4 * lane) * gpt, gpt, m4);
+    const float4 w4 = *(const float4*)(w + 4 * lane);
+    const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            // Past `valid`: other paths' weights and unwritten scales and mins (maybe NaN): 0.
-            const bool ok = 4 * lane + i < valid;
-            const float p = ok ? wv[i] : 0.0f;
+    for (int i = 0; i < 4; i++) {
+        // Past `valid`: other paths' weights and unwritten scales and mins (maybe NaN): 0.
+        const bool ok = 4 * lane + i < valid;
+        const float p = ok ? wv[i] : 0.0f;
 #pragma unroll
-            for (int j = 0; j < NQ; j++) {
-                const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-                const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-                ps[j][i] = p * sj;
-                amax[j] = fmaxf(amax[j], ps[j][i]);
-                pm[j] += p * mj;
-            }
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int tok = 4 * lane + i;
-            const bool ok = tok < valid;
-            u32 s[2] = {0u, 0u}, m[2] = {0u, 0u};
-            float p = 0.0f;
-            if (ok) {
-                quarter_halves<D>(c.vs + sm + (u64)tok * gpt, gpt, s);
-                quarter_halves<D>(c.vm + sm + (u64)tok * gpt, gpt, m);
-                p = w[tok];
-            }
-#pragma unroll
-            for (int j = 0; j < NQ; j++) {
-                ps[j][i] = p * h2f((u16)(s[j >> 1] >> (16 * (j & 1))));
-                amax[j] = fmaxf(amax[j], ps[j][i]);
-                pm[j] += p * h2f((u16)(m[j >> 1] >> (16 * (j & 1))));
-            }
+        for (int j = 0; j < NQ; j++) {
+            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            ps[j][i] = p * sj;
+            amax[j] = fmaxf(amax[j], ps[j][i]);
+            pm[j] += p * mj;
         }
     }
     const float xmax = reduce4<true>(amax, lane);
@@ -1450,10 +1398,10 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 // + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
 // lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
 // tokens' code words gives words whose byte i is token i's codes of a few channels.
-template <int D, int VB, bool VEC, bool HOIST, bool STAGED = false>
+template <int D, int VB, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane,
-                                                  u32* cbuf = nullptr, SmemAddr cbuf_s = 0) {
+                                                  u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
@@ -1468,7 +1416,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr int VPAD = STAGED ? (VB == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : 0, TPR = 32 / WPT;
     const u32* vq;
     if constexpr (STAGED) {  // as in tc_key_block_i8
-        warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(HOIST_SMEM_ADDR ? cbuf_s : smem_addr(cbuf),
+        warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(smem_addr(cbuf),
                                                               c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
         // (4 t + i + 16 e) / TPR = 4 t / TPR + (i + 16 e) / TPR: TPR <= 8 and i < 4.
         vq = cbuf + (g * LBITS) / 32 + (4 * t) * WPT + VPAD * (4 * t / TPR);
@@ -1478,7 +1426,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     u32 first[2][4][NW];  // as in tc_key_block_i8
     if (HOIST) lane_code_words(vq, WPT, shift, first);
     float fac, bias;
-    value_b_i8<D, VEC>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
+    value_b_i8<D>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
         cp_async_wait<0>();
         __syncwarp();
@@ -1681,10 +1629,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
-    // The warp's buffer (STAGED_K / STAGED_V) and its shared-memory address, computed once.
+    // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
+    // instead of per block held one more register across the loops: 4 % slower at KIVI-2.)
     u32* cbuf = scodes + warp * CBUF_WORDS;
-    SmemAddr cbuf_s{};
-    if constexpr (STAGED_K || STAGED_V) cbuf_s = smem_addr(cbuf);
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
@@ -1712,7 +1659,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq, HOIST && !STAGED_K, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
                                                                    kt_valid - pb, __ffs(c.group) - 6, sq,
-                                                                   skb + warp * 4 * 64, sc, lane, cbuf, cbuf_s);
+                                                                   skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -1932,9 +1879,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_i8<D, VBq, W == 1 || VALUE_VEC4, HOIST && !STAGED_V, STAGED_V>(
-                    P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, skb + warp * 4 * 64, vacc,
-                    lane, cbuf, cbuf_s);
+                tc_value_block_i8<D, VBq, HOIST && !STAGED_V, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
+                                                                      vt_valid - pb, sc, skb + warp * 4 * 64, vacc, lane,
+                                                                      cbuf);
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
