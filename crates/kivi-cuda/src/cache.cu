@@ -511,175 +511,6 @@ __device__ __forceinline__ u32 split_bits(float x) {
     return (u32)hi | ((u32)f2h(x - h2f(hi)) << 16);
 }
 
-// Quantized keys of KV head `kvh` in pool block `blk`, at block-relative position `b`: the
-// codes of its 32-token sub-tile (WPD words per channel, channel-major) ...
-template <int D, int WPD>
-__device__ __forceinline__ const u32* key_tile_words(const CacheBufs& c, int kvh, u64 blk, int b) {
-    return c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
-}
-// ... and the offset of its group's per-channel scales and mins (in c.ks / c.km).
-template <int D>
-__device__ __forceinline__ u64 key_group_scales(const CacheBufs& c, int kvh, u64 blk, int b) {
-    return blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
-}
-
-// Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
-// code in the low half).
-template <int BITS>
-__device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / BITS]) {
-    // Byte k of wa in the low half, byte k of wb in the high half: one PRMT, no shift.
-    const u32 x = prmt(wa, wb, (u32)k | ((u32)(k + 4) << 8));
-#pragma unroll
-    for (int j = 0; j < 8 / BITS; j++) {
-        const int sh = BITS * j;
-        const u32 h = and_or(x, (((1u << BITS) - 1) * 0x00010001u) << sh, 0x64006400u);
-        // h = 1024 + 2^sh c; h 2^-sh - 2^(10 - sh) = c (f16 bits of 2^e: 0x3c00 + (e << 10)).
-        const u32 scale = (0x3c00u - (sh << 10)) * 0x00010001u;
-        const u32 off = (0x8000u | (0x3c00u + ((10 - sh) << 10))) * 0x00010001u;
-        r[j] = hfma2(h, scale, off);
-    }
-}
-
-// k-steps unrolled in the tensor-core key block loop: one-head CTAs 2 of 8, as fully unrolled the
-// loop (~1100 instructions, 17 KiB) made instruction fetch the kernel's first stall (Nsight
-// Compute, MHA B = 32 T = 32K KIVI-2); measured on the H200: MHA B = 32 T = 32K KIVI-2 1573 ->
-// 1437 us, KIVI-4 1744 -> 1571, B = 1024 T = 330 KIVI-4 937 -> 864 (1 and 4 slower). Several-head
-// CTAs (GQA) stay fully unrolled: partly unrolled they measured 6-11 % slower.
-#ifndef KEY_UNROLL_ONE_HEAD
-#define KEY_UNROLL_ONE_HEAD 2
-#endif
-#ifndef KEY_UNROLL_HEADS
-#define KEY_UNROLL_HEADS 8
-#endif
-
-// Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
-// CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
-// 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
-// 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
-// B fragments [D / 16][32].
-template <int D, int KB, int NG>
-__device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                             int valid, const uint2* qf, float* sc, int lane) {
-    const CacheBufs& c = P.c;
-    constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
-    constexpr int WL = KB / 2;  // of which the lane's 16 tokens
-    const int g = lane >> 2, t = lane & 3;
-    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
-    const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
-    const u16* ks = c.ks + sm;
-    const u16* km = c.km + sm;
-    float acc[8][4];
-#pragma unroll
-    for (int m = 0; m < 8; m++)
-#pragma unroll
-        for (int x = 0; x < 4; x++) acc[m][x] = 0.0f;
-#pragma unroll(NG == 1 ? KEY_UNROLL_ONE_HEAD : KEY_UNROLL_HEADS)
-    for (int kstep = 0; kstep < D / 16; kstep++) {
-        const int ca = 16 * kstep + 2 * t, cb = ca + 8;
-        u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
-#pragma unroll
-        for (int w = 0; w < WL; w++) {
-            wa0[w] = kq[ca * WPD + w];
-            wa1[w] = kq[(ca + 1) * WPD + w];
-            wb0[w] = kq[cb * WPD + w];
-            wb1[w] = kq[(cb + 1) * WPD + w];
-        }
-        const u32 sa = *(const u32*)(ks + ca), ma = *(const u32*)(km + ca);
-        const u32 sb = *(const u32*)(ks + cb), mb = *(const u32*)(km + cb);
-        const uint2 b = qf[kstep * 32 + lane];
-#pragma unroll
-        for (int w = 0; w < WL; w++)
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                u32 ra[8 / KB], rb[8 / KB];
-                unpack_byte<KB>(wa0[w], wa1[w], k, ra);
-                unpack_byte<KB>(wb0[w], wb1[w], k, rb);
-#pragma unroll
-                for (int j = 0; j < 8 / KB; j += 2) {
-                    const int m = (w * (32 / KB) + k * (8 / KB) + j) / 2;
-                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
-                              hfma2(rb[j + 1], sb, mb), b.x, b.y);
-                }
-            }
-    }
-    // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1. Only the block's first
-    // `valid` tokens are quantized keys (the rest of a partial block: other paths' positions).
-    if (t < NG) {
-        float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
-#pragma unroll
-        for (int m = 0; m < 8; m++) {
-            if (16 * g + 2 * m < valid) row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
-            if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
-        }
-    }
-}
-
-// ---- Integer tensor-core keys (IMMA_KEYS): the codes go into mma.sync m16n8k32 as the u8
-// integers they are, with no conversion to f16 at all; the scales go into the B operand
-// instead (q s per channel and 32-token quarter of the block, as 16-bit fixed point split into
-// two s8 columns), and the mins' term q . m is added per quarter. Per block and lane this is
-// ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
-// two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
-// operand (~300) is the new cost. One-head CTAs only.
-#ifndef IMMA_KEYS
-#define IMMA_KEYS 1
-#endif
-// 1: one-warp CTAs' integer key and value blocks load their first k-step's code words before
-// building the B operand (tc_key_block_i8, tc_value_block_i8). Measured on the H200 (µs, same
-// call): MHA B = 1024 T = 330 KIVI-2 R = 32 540 -> 531, R = 128 689 -> 677 (KIVI-4 equal); in
-// four-warp CTAs it cost 3-5 % (more spills; MHA B = 32 T = 32K KIVI-2 1016 -> 1052, KIVI-4
-// 1398 -> 1476), so not there.
-#ifndef HOIST_CODES
-#define HOIST_CODES 1
-#endif
-
-// 1: the integer paths' 2-bit A operands are the code bits masked where they lie in the word,
-// c 2^s for a code s bits up (s <= 6: at most 192, still a u8), not shifted down first: one LOP3
-// per register instead of a shift and a LOP3. Every register of an m-tile row has the same s,
-// so the row's sums come out times 2^s, and the factor that turns them into floats divides it
-// out (unshift below; exact, a power of two). Measured on the H200 (µs, shifted -> in place):
-// MHA B = 32 T = 32K KIVI-2 1027 / 1020 -> 956 / 964, B = 1024 T = 330 KIVI-2 R = 32 528 -> 499.
-// MASK_IN_PLACE4: the same for 4-bit codes (s = 4, at most 240); it moved the 4-bit four-warp
-// kernel's spills (44 / 84 -> 48 / 92 B) and measured slower (MHA B = 32 T = 32K KIVI-4 1411 /
-// 1398 -> 1461 / 1456), so it is off.
-#ifndef MASK_IN_PLACE
-#define MASK_IN_PLACE 1
-#endif
-#ifndef MASK_IN_PLACE4
-#define MASK_IN_PLACE4 0
-#endif
-// Code mask `mask` (a code's bits at bit 0 of each byte) of word x at bit s: x & (mask << s)
-// in place, else (x >> s) & mask.
-template <int BITS>
-__device__ __forceinline__ u32 code_bits(u32 x, u32 mask, int s) {
-    return (BITS == 2 ? MASK_IN_PLACE : MASK_IN_PLACE4) ? x & (mask << s) : (x >> s) & mask;
-}
-// 2^-s where code_bits left a row's codes s bits up, else 1.
-template <int BITS>
-__device__ __forceinline__ constexpr float unshift(int s) {
-    return (BITS == 2 ? MASK_IN_PLACE : MASK_IN_PLACE4) ? 1.0f / (float)(1 << s) : 1.0f;
-}
-
-#ifndef KIVI_EMU
-// mma.sync m16n8k32 of u8 A and s8 B (B_SIGNED) or u8 B into s32.
-template <bool B_SIGNED = true>
-__device__ __forceinline__ void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-#define IMMA_16832(BTYPE)                                                                                   \
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8." BTYPE ".s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "        \
-        "{%8, %9}, {%0, %1, %2, %3};"                                                                        \
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])                                                     \
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
-    if constexpr (B_SIGNED)
-        IMMA_16832("s8");
-    else
-        IMMA_16832("u8");
-#undef IMMA_16832
-}
-__device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    imma_16832<false>(c, a0, a1, a2, a3, b0, b1);
-}
-#endif
-
 // 1: four-warp CTAs' integer key and value blocks copy their codes into the warp's shared memory
 // (cp.async, 16 bytes per lane and instruction) while they build the B operand, and read them
 // from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
@@ -688,6 +519,10 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 // load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128).
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
+#endif
+// The same for the several-head (GQA) CTAs' f16 tensor-core blocks.
+#ifndef STAGE_CODES_GQA
+#define STAGE_CODES_GQA 0
 #endif
 // The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
 // those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
@@ -755,6 +590,185 @@ __device__ __forceinline__ void warp_copy_async(SmemAddr dst, const u32* src, in
     cp_async_rounds<0, BYTES / 512, SEG, PAD>(dst + 16 * lane + PAD * (16 * lane / SEG), (const char*)src + 16 * lane);
     cp_async_commit();
 }
+
+// Quantized keys of KV head `kvh` in pool block `blk`, at block-relative position `b`: the
+// codes of its 32-token sub-tile (WPD words per channel, channel-major) ...
+template <int D, int WPD>
+__device__ __forceinline__ const u32* key_tile_words(const CacheBufs& c, int kvh, u64 blk, int b) {
+    return c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
+}
+// ... and the offset of its group's per-channel scales and mins (in c.ks / c.km).
+template <int D>
+__device__ __forceinline__ u64 key_group_scales(const CacheBufs& c, int kvh, u64 blk, int b) {
+    return blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
+}
+
+// Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
+// code in the low half).
+template <int BITS>
+__device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / BITS]) {
+    // Byte k of wa in the low half, byte k of wb in the high half: one PRMT, no shift.
+    const u32 x = prmt(wa, wb, (u32)k | ((u32)(k + 4) << 8));
+#pragma unroll
+    for (int j = 0; j < 8 / BITS; j++) {
+        const int sh = BITS * j;
+        const u32 h = and_or(x, (((1u << BITS) - 1) * 0x00010001u) << sh, 0x64006400u);
+        // h = 1024 + 2^sh c; h 2^-sh - 2^(10 - sh) = c (f16 bits of 2^e: 0x3c00 + (e << 10)).
+        const u32 scale = (0x3c00u - (sh << 10)) * 0x00010001u;
+        const u32 off = (0x8000u | (0x3c00u + ((10 - sh) << 10))) * 0x00010001u;
+        r[j] = hfma2(h, scale, off);
+    }
+}
+
+// k-steps unrolled in the tensor-core key block loop: one-head CTAs 2 of 8, as fully unrolled the
+// loop (~1100 instructions, 17 KiB) made instruction fetch the kernel's first stall (Nsight
+// Compute, MHA B = 32 T = 32K KIVI-2); measured on the H200: MHA B = 32 T = 32K KIVI-2 1573 ->
+// 1437 us, KIVI-4 1744 -> 1571, B = 1024 T = 330 KIVI-4 937 -> 864 (1 and 4 slower). Several-head
+// CTAs (GQA) stay fully unrolled: partly unrolled they measured 6-11 % slower.
+#ifndef KEY_UNROLL_ONE_HEAD
+#define KEY_UNROLL_ONE_HEAD 2
+#endif
+#ifndef KEY_UNROLL_HEADS
+#define KEY_UNROLL_HEADS 8
+#endif
+
+// Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
+// CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
+// 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
+// 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
+// B fragments [D / 16][32].
+template <int D, int KB, int NG, bool STAGED = false>
+__device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
+                                             int valid, const uint2* qf, float* sc, int lane, u32* cbuf = nullptr) {
+    const CacheBufs& c = P.c;
+    constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
+    constexpr int WL = KB / 2;  // of which the lane's 16 tokens
+    const int g = lane >> 2, t = lane & 3;
+    const u32* kq;
+    if constexpr (STAGED) {  // (STAGE_CODES_GQA)
+        warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
+            smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
+        kq = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD) + (g & 1) * WL;
+        cp_async_wait<0>();
+        __syncwarp();
+    } else {
+        kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
+    }
+    const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
+    const u16* ks = c.ks + sm;
+    const u16* km = c.km + sm;
+    float acc[8][4];
+#pragma unroll
+    for (int m = 0; m < 8; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0.0f;
+#pragma unroll(NG == 1 ? KEY_UNROLL_ONE_HEAD : KEY_UNROLL_HEADS)
+    for (int kstep = 0; kstep < D / 16; kstep++) {
+        const int ca = 16 * kstep + 2 * t, cb = ca + 8;
+        u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
+#pragma unroll
+        for (int w = 0; w < WL; w++) {
+            wa0[w] = kq[ca * WPD + w];
+            wa1[w] = kq[(ca + 1) * WPD + w];
+            wb0[w] = kq[cb * WPD + w];
+            wb1[w] = kq[(cb + 1) * WPD + w];
+        }
+        const u32 sa = *(const u32*)(ks + ca), ma = *(const u32*)(km + ca);
+        const u32 sb = *(const u32*)(ks + cb), mb = *(const u32*)(km + cb);
+        const uint2 b = qf[kstep * 32 + lane];
+#pragma unroll
+        for (int w = 0; w < WL; w++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                u32 ra[8 / KB], rb[8 / KB];
+                unpack_byte<KB>(wa0[w], wa1[w], k, ra);
+                unpack_byte<KB>(wb0[w], wb1[w], k, rb);
+#pragma unroll
+                for (int j = 0; j < 8 / KB; j += 2) {
+                    const int m = (w * (32 / KB) + k * (8 / KB) + j) / 2;
+                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
+                              hfma2(rb[j + 1], sb, mb), b.x, b.y);
+                }
+            }
+    }
+    // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1. Only the block's first
+    // `valid` tokens are quantized keys (the rest of a partial block: other paths' positions).
+    if (t < NG) {
+        float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (16 * g + 2 * m < valid) row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
+            if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
+        }
+    }
+    if constexpr (STAGED) __syncwarp();
+}
+
+// ---- Integer tensor-core keys (IMMA_KEYS): the codes go into mma.sync m16n8k32 as the u8
+// integers they are, with no conversion to f16 at all; the scales go into the B operand
+// instead (q s per channel and 32-token quarter of the block, as 16-bit fixed point split into
+// two s8 columns), and the mins' term q . m is added per quarter. Per block and lane this is
+// ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
+// two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
+// operand (~300) is the new cost. One-head CTAs only.
+#ifndef IMMA_KEYS
+#define IMMA_KEYS 1
+#endif
+// 1: one-warp CTAs' integer key and value blocks load their first k-step's code words before
+// building the B operand (tc_key_block_i8, tc_value_block_i8). Measured on the H200 (µs, same
+// call): MHA B = 1024 T = 330 KIVI-2 R = 32 540 -> 531, R = 128 689 -> 677 (KIVI-4 equal); in
+// four-warp CTAs it cost 3-5 % (more spills; MHA B = 32 T = 32K KIVI-2 1016 -> 1052, KIVI-4
+// 1398 -> 1476), so not there.
+#ifndef HOIST_CODES
+#define HOIST_CODES 1
+#endif
+
+// 1: the integer paths' 2-bit A operands are the code bits masked where they lie in the word,
+// c 2^s for a code s bits up (s <= 6: at most 192, still a u8), not shifted down first: one LOP3
+// per register instead of a shift and a LOP3. Every register of an m-tile row has the same s,
+// so the row's sums come out times 2^s, and the factor that turns them into floats divides it
+// out (unshift below; exact, a power of two). Measured on the H200 (µs, shifted -> in place):
+// MHA B = 32 T = 32K KIVI-2 1027 / 1020 -> 956 / 964, B = 1024 T = 330 KIVI-2 R = 32 528 -> 499.
+// MASK_IN_PLACE4: the same for 4-bit codes (s = 4, at most 240); it moved the 4-bit four-warp
+// kernel's spills (44 / 84 -> 48 / 92 B) and measured slower (MHA B = 32 T = 32K KIVI-4 1411 /
+// 1398 -> 1461 / 1456), so it is off.
+#ifndef MASK_IN_PLACE
+#define MASK_IN_PLACE 1
+#endif
+#ifndef MASK_IN_PLACE4
+#define MASK_IN_PLACE4 0
+#endif
+// Code mask `mask` (a code's bits at bit 0 of each byte) of word x at bit s: x & (mask << s)
+// in place, else (x >> s) & mask.
+template <int BITS>
+__device__ __forceinline__ u32 code_bits(u32 x, u32 mask, int s) {
+    return (BITS == 2 ? MASK_IN_PLACE : MASK_IN_PLACE4) ? x & (mask << s) : (x >> s) & mask;
+}
+// 2^-s where code_bits left a row's codes s bits up, else 1.
+template <int BITS>
+__device__ __forceinline__ constexpr float unshift(int s) {
+    return (BITS == 2 ? MASK_IN_PLACE : MASK_IN_PLACE4) ? 1.0f / (float)(1 << s) : 1.0f;
+}
+
+#ifndef KIVI_EMU
+// mma.sync m16n8k32 of u8 A and s8 B (B_SIGNED) or u8 B into s32.
+template <bool B_SIGNED = true>
+__device__ __forceinline__ void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#define IMMA_16832(BTYPE)                                                                                   \
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8." BTYPE ".s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "        \
+        "{%8, %9}, {%0, %1, %2, %3};"                                                                        \
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])                                                     \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+    if constexpr (B_SIGNED)
+        IMMA_16832("s8");
+    else
+        IMMA_16832("u8");
+#undef IMMA_16832
+}
+__device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    imma_16832<false>(c, a0, a1, a2, a3, b0, b1);
+}
+#endif
 
 // x[k] = byte k of w0, w1, w2, w3 (in bytes 0..3): a 4 x 4 byte transpose in eight PRMT.
 __device__ __forceinline__ void byte_transpose(u32 w0, u32 w1, u32 w2, u32 w3, u32 (&x)[4]) {
@@ -1153,10 +1167,10 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
 // as split_bits.
-template <int D, int VB, int NG>
+template <int D, int VB, int NG, bool STAGED = false>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
-                                               u16* stage, int lane) {
+                                               u16* stage, int lane, u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
@@ -1164,7 +1178,13 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
     constexpr int WPT = D * VB / 32;            // words per token
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
+    const u32* vq;
+    if constexpr (STAGED) {  // (STAGE_CODES_GQA; unpadded)
+        warp_copy_async<BLOCK_TOKENS * D * VB / 8>(smem_addr(cbuf), c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
+        vq = cbuf + (g * LBITS) / 32;
+    } else {
+        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
+    }
     const int shift = (g * LBITS) % 32;
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
@@ -1217,6 +1237,10 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
+    if constexpr (STAGED) {
+        cp_async_wait<0>();
+        __syncwarp();
+    }
 #pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
@@ -1265,6 +1289,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
                 }
             }
     }
+    if constexpr (STAGED) __syncwarp();  // the buffer is read: the next block's copy may start
 }
 
 // Adds a warp's tensor-core value sums (tc_value_block) to its slot `wacc` ([NG][D]): c0 + c1
@@ -1622,12 +1647,15 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
     constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
     constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
+    // STAGE_CODES_GQA: the several-head four-warp CTAs' f16 tensor-core blocks too.
+    constexpr bool STAGED_KG = STAGE_CODES_GQA && QUANT && !IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
+    constexpr bool STAGED_VG = STAGE_CODES_GQA && QUANT && !IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
     // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
     constexpr int CBUF_BITS = STAGE_CODES4 && KB + VB > 4 ? 4 : 2;
     constexpr int CBUF_PAD = (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) > KEY_STAGE_PAD
                                  ? (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : KEY_STAGE_PAD;
     constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
-    __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
+    __shared__ uint4 scodes16[STAGED_K || STAGED_V || STAGED_KG || STAGED_VG ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
     // instead of per block held one more register across the loops: 4 % slower at KIVI-2.)
@@ -1663,8 +1691,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
-                                     sc, lane);
+            tc_key_block<D, KBq, NG, STAGED_KG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                                sqf, sc, lane, cbuf);
     } else if (F16_TENSOR && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
@@ -1890,8 +1918,9 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
+                tc_value_block<D, VBq, NG, STAGED_VG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
+                                                      vt_valid - pb, sc, tacc,
+                                                      (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane, cbuf);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
