@@ -511,86 +511,6 @@ __device__ __forceinline__ u32 split_bits(float x) {
     return (u32)hi | ((u32)f2h(x - h2f(hi)) << 16);
 }
 
-// 1: four-warp CTAs' integer key and value blocks copy their codes into the warp's shared memory
-// (cp.async, 16 bytes per lane and instruction) while they build the B operand, and read them
-// from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
-// on loads (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each
-// k-step loaded its words and waited for them), as the 80-register cap leaves no registers to
-// load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128).
-#ifndef STAGE_CODES
-#define STAGE_CODES 1
-#endif
-// The same for the several-head (GQA) CTAs' f16 tensor-core blocks.
-#ifndef STAGE_CODES_GQA
-#define STAGE_CODES_GQA 0
-#endif
-// The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
-// those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
-// MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
-// 1339 (again 1404 / 1412 / 1378), T = 16K 718 / 722 / 689, B = 8 T = 32K 381 / 379 / 362.
-#ifndef STAGE_CODES4
-#define STAGE_CODES4 1
-#endif
-// Words of padding after each 32-token key sub-tile in the staged copy: 4 puts lane (g, t)'s
-// code words of sub-tiles g / 2 in different banks (two lanes per bank, where four were).
-// Measured on the H200 (µs, MHA B = 32 T = 32K, 0 -> 4): KIVI-2 871 / 864 -> 847 / 848, KIVI-4
-// 1320 / 1318 -> 1266 / 1266. (Reading the value tokens in a transposed order, t + 4 i instead
-// of 4 t + i, spread their banks too but made the B operand's scale loads scattered: KIVI-2
-// 900 / 904, KIVI-4 1428 / 1429.)
-#ifndef KEY_STAGE_PAD
-#define KEY_STAGE_PAD 4
-#endif
-// Words of padding after every 128 bytes of staged value codes, 2-bit and 4-bit: lane (g, t)'s
-// words of tokens 4 t + i then fall in different banks (D = 128, 2 bits: g + 8 t + 32 i + 8 k
-// instead of g + 32 t + ..., four lanes per bank).
-#ifndef VALUE_STAGE_PAD2
-#define VALUE_STAGE_PAD2 8
-#endif
-#ifndef VALUE_STAGE_PAD4
-#define VALUE_STAGE_PAD4 4
-#endif
-
-#ifndef KIVI_EMU
-// A shared-memory address (32 bits) of a generic pointer into shared memory.
-typedef u32 SmemAddr;
-__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
-    u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (SmemAddr)a;
-}
-// 16 bytes from global `src + OFF` to shared `dst + OFF`, asynchronously (in the group of the
-// next commit); OFF an immediate, so that a warp's copies share two base registers.
-template <int DOFF, int SOFF>
-__device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most N of the thread's committed groups are in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-#endif
-// Rounds I.. of a warp's copy: round I moves bytes [512 I, 512 I + 512) to the same offset
-// plus PAD bytes per SEG bytes before it (SEG a power of two of at least 16 bytes; below 512,
-// the lane's share of the padding is in `dst`).
-template <int I, int N, int SEG, int PAD>
-__device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
-    if constexpr (I < N) {
-        cp_async16<512 * I + PAD * (512 * I / SEG), 512 * I>(dst, src);
-        cp_async_rounds<I + 1, N, SEG, PAD>(dst, src);
-    }
-}
-// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst (its shared-memory
-// address, smem_addr), as one group, with PAD bytes of padding after every SEG.
-template <int BYTES, int SEG = BYTES, int PAD = 0>
-__device__ __forceinline__ void warp_copy_async(SmemAddr dst, const u32* src, int lane) {
-    static_assert(BYTES % (16 * 32) == 0 && SEG % 16 == 0 && (SEG & (SEG - 1)) == 0, "whole rounds of 16 bytes");
-    cp_async_rounds<0, BYTES / 512, SEG, PAD>(dst + 16 * lane + PAD * (16 * lane / SEG), (const char*)src + 16 * lane);
-    cp_async_commit();
-}
-
 // Quantized keys of KV head `kvh` in pool block `blk`, at block-relative position `b`: the
 // codes of its 32-token sub-tile (WPD words per channel, channel-major) ...
 template <int D, int WPD>
@@ -637,23 +557,14 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
 // 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
 // 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
 // B fragments [D / 16][32].
-template <int D, int KB, int NG, bool STAGED = false>
+template <int D, int KB, int NG>
 __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                             int valid, const uint2* qf, float* sc, int lane, u32* cbuf = nullptr) {
+                                             int valid, const uint2* qf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
-    const u32* kq;
-    if constexpr (STAGED) {  // (STAGE_CODES_GQA)
-        warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
-            smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
-        kq = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD) + (g & 1) * WL;
-        cp_async_wait<0>();
-        __syncwarp();
-    } else {
-        kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
-    }
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
     const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
     const u16* ks = c.ks + sm;
     const u16* km = c.km + sm;
@@ -701,7 +612,6 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
             if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
         }
     }
-    if constexpr (STAGED) __syncwarp();
 }
 
 // ---- Integer tensor-core keys (IMMA_KEYS): the codes go into mma.sync m16n8k32 as the u8
@@ -769,6 +679,82 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
     imma_16832<false>(c, a0, a1, a2, a3, b0, b1);
 }
 #endif
+
+// 1: four-warp CTAs' integer key and value blocks copy their codes into the warp's shared memory
+// (cp.async, 16 bytes per lane and instruction) while they build the B operand, and read them
+// from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
+// on loads (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each
+// k-step loaded its words and waited for them), as the 80-register cap leaves no registers to
+// load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128).
+#ifndef STAGE_CODES
+#define STAGE_CODES 1
+#endif
+// The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
+// those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
+// MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
+// 1339 (again 1404 / 1412 / 1378), T = 16K 718 / 722 / 689, B = 8 T = 32K 381 / 379 / 362.
+#ifndef STAGE_CODES4
+#define STAGE_CODES4 1
+#endif
+// Words of padding after each 32-token key sub-tile in the staged copy: 4 puts lane (g, t)'s
+// code words of sub-tiles g / 2 in different banks (two lanes per bank, where four were).
+// Measured on the H200 (µs, MHA B = 32 T = 32K, 0 -> 4): KIVI-2 871 / 864 -> 847 / 848, KIVI-4
+// 1320 / 1318 -> 1266 / 1266. (Reading the value tokens in a transposed order, t + 4 i instead
+// of 4 t + i, spread their banks too but made the B operand's scale loads scattered: KIVI-2
+// 900 / 904, KIVI-4 1428 / 1429.)
+#ifndef KEY_STAGE_PAD
+#define KEY_STAGE_PAD 4
+#endif
+// Words of padding after every 128 bytes of staged value codes, 2-bit and 4-bit: lane (g, t)'s
+// words of tokens 4 t + i then fall in different banks (D = 128, 2 bits: g + 8 t + 32 i + 8 k
+// instead of g + 32 t + ..., four lanes per bank).
+#ifndef VALUE_STAGE_PAD2
+#define VALUE_STAGE_PAD2 8
+#endif
+#ifndef VALUE_STAGE_PAD4
+#define VALUE_STAGE_PAD4 4
+#endif
+
+#ifndef KIVI_EMU
+// A shared-memory address (32 bits) of a generic pointer into shared memory.
+typedef u32 SmemAddr;
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (SmemAddr)a;
+}
+// 16 bytes from global `src + OFF` to shared `dst + OFF`, asynchronously (in the group of the
+// next commit); OFF an immediate, so that a warp's copies share two base registers.
+template <int DOFF, int SOFF>
+__device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of the thread's committed groups are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
+// Rounds I.. of a warp's copy: round I moves bytes [512 I, 512 I + 512) to the same offset
+// plus PAD bytes per SEG bytes before it (SEG a power of two of at least 16 bytes; below 512,
+// the lane's share of the padding is in `dst`).
+template <int I, int N, int SEG, int PAD>
+__device__ __forceinline__ void cp_async_rounds(SmemAddr dst, const char* src) {
+    if constexpr (I < N) {
+        cp_async16<512 * I + PAD * (512 * I / SEG), 512 * I>(dst, src);
+        cp_async_rounds<I + 1, N, SEG, PAD>(dst, src);
+    }
+}
+// One warp starts copying BYTES (whole rounds of 16 per lane) from src to dst (its shared-memory
+// address, smem_addr), as one group, with PAD bytes of padding after every SEG.
+template <int BYTES, int SEG = BYTES, int PAD = 0>
+__device__ __forceinline__ void warp_copy_async(SmemAddr dst, const u32* src, int lane) {
+    static_assert(BYTES % (16 * 32) == 0 && SEG % 16 == 0 && (SEG & (SEG - 1)) == 0, "whole rounds of 16 bytes");
+    cp_async_rounds<0, BYTES / 512, SEG, PAD>(dst + 16 * lane + PAD * (16 * lane / SEG), (const char*)src + 16 * lane);
+    cp_async_commit();
+}
 
 // x[k] = byte k of w0, w1, w2, w3 (in bytes 0..3): a 4 x 4 byte transpose in eight PRMT.
 __device__ __forceinline__ void byte_transpose(u32 w0, u32 w1, u32 w2, u32 w3, u32 (&x)[4]) {
@@ -1167,10 +1153,10 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
 // 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
 // as split_bits.
-template <int D, int VB, int NG, bool STAGED = false>
+template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
-                                               u16* stage, int lane, u32* cbuf = nullptr) {
+                                               u16* stage, int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
@@ -1178,13 +1164,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
     constexpr int WPT = D * VB / 32;            // words per token
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u32* vq;
-    if constexpr (STAGED) {  // (STAGE_CODES_GQA; unpadded)
-        warp_copy_async<BLOCK_TOKENS * D * VB / 8>(smem_addr(cbuf), c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
-        vq = cbuf + (g * LBITS) / 32;
-    } else {
-        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
-    }
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
     const int shift = (g * LBITS) % 32;
     // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
     // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
@@ -1237,10 +1217,6 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-    if constexpr (STAGED) {
-        cp_async_wait<0>();
-        __syncwarp();
-    }
 #pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
@@ -1289,7 +1265,6 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
                 }
             }
     }
-    if constexpr (STAGED) __syncwarp();  // the buffer is read: the next block's copy may start
 }
 
 // Adds a warp's tensor-core value sums (tc_value_block) to its slot `wacc` ([NG][D]): c0 + c1
@@ -1647,15 +1622,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
     constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
     constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
-    // STAGE_CODES_GQA: the several-head four-warp CTAs' f16 tensor-core blocks too.
-    constexpr bool STAGED_KG = STAGE_CODES_GQA && QUANT && !IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
-    constexpr bool STAGED_VG = STAGE_CODES_GQA && QUANT && !IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
     // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
     constexpr int CBUF_BITS = STAGE_CODES4 && KB + VB > 4 ? 4 : 2;
     constexpr int CBUF_PAD = (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) > KEY_STAGE_PAD
                                  ? (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : KEY_STAGE_PAD;
     constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
-    __shared__ uint4 scodes16[STAGED_K || STAGED_V || STAGED_KG || STAGED_VG ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
+    __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
     // instead of per block held one more register across the loops: 4 % slower at KIVI-2.)
@@ -1691,8 +1663,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block<D, KBq, NG, STAGED_KG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                                sqf, sc, lane, cbuf);
+            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
+                                     sc, lane);
     } else if (F16_TENSOR && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
@@ -1918,9 +1890,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block<D, VBq, NG, STAGED_VG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
-                                                      vt_valid - pb, sc, tacc,
-                                                      (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane, cbuf);
+                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
