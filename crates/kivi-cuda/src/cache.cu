@@ -685,7 +685,11 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 // from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
 // on loads (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each
 // k-step loaded its words and waited for them), as the 80-register cap leaves no registers to
-// load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128).
+// load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128), so six
+// CTAs still fit an SM. Measured on the H200 (µs, MHA, pool -> staged, same call): B = 32
+// T = 32K KIVI-2 956 / 958 -> 871 / 881, B = 8 T = 32K 267 / 269 -> 244 / 245. (Copying each
+// warp's next block too, double-buffered with scales and mins, left 12 warps per SM for lack of
+// shared memory: 1024 -> 1282 µs, KIVI-4 1397 -> 1911, GQA KIVI-2 454 -> 520.)
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
@@ -901,7 +905,7 @@ __device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, in
 // block's tokens 16g..16g + 15 as tc_key_block (m-tile M: row g = token 16g + 2M, row g + 8 =
 // token 16g + 2M + 1) and, in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
 // (a2, a3): byte_transpose turns four channels' code words into words whose byte i is channel
-// i's codes of a few tokens, and a shift and a mask pick one token's four codes. Column 2j +
+// i's codes of a few tokens, and a mask (code_bits) picks one token's four codes. Column 2j +
 // part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
 template <int D, int KB, bool HOIST, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
