@@ -540,13 +540,6 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
     }
 }
 
-// 1: the several-head (f16 tensor-core) 2-bit key blocks load a channel pair's words of both
-// 16-token halves in one 16-byte load (4 code loads per k-step -> 2): Nsight Compute put the
-// GQA kernel at 67 % L1 busy, each 32-bit code load of a warp touching four 128-byte lines.
-#ifndef GQA_WIDE_CODES
-#define GQA_WIDE_CODES 1
-#endif
-
 // k-steps unrolled in the tensor-core key block loop: one-head CTAs 2 of 8, as fully unrolled the
 // loop (~1100 instructions, 17 KiB) made instruction fetch the kernel's first stall (Nsight
 // Compute, MHA B = 32 T = 32K KIVI-2); measured on the H200: MHA B = 32 T = 32K KIVI-2 1573 ->
@@ -571,8 +564,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
     const int g = lane >> 2, t = lane & 3;
-    const u32* kq0 = key_tile_words<D, WPD>(c, kvh, blk, 16 * g);  // the lane's sub-tile
-    const u32* kq = kq0 + (g & 1) * WL;
+    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
     const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
     const u16* ks = c.ks + sm;
     const u16* km = c.km + sm;
@@ -585,22 +577,12 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     for (int kstep = 0; kstep < D / 16; kstep++) {
         const int ca = 16 * kstep + 2 * t, cb = ca + 8;
         u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
-        if constexpr (KB == 2 && GQA_WIDE_CODES) {
-            // Channels ca, ca + 1 (and cb, cb + 1) of both 16-token halves in one 16-byte load,
-            // the lane's half picked after: half the load instructions (see GQA_WIDE_CODES).
-            const uint4 a = *(const uint4*)(kq0 + ca * WPD), b = *(const uint4*)(kq0 + cb * WPD);
-            wa0[0] = (g & 1) ? a.y : a.x;
-            wa1[0] = (g & 1) ? a.w : a.z;
-            wb0[0] = (g & 1) ? b.y : b.x;
-            wb1[0] = (g & 1) ? b.w : b.z;
-        } else {
 #pragma unroll
-            for (int w = 0; w < WL; w++) {
-                wa0[w] = kq[ca * WPD + w];
-                wa1[w] = kq[(ca + 1) * WPD + w];
-                wb0[w] = kq[cb * WPD + w];
-                wb1[w] = kq[(cb + 1) * WPD + w];
-            }
+        for (int w = 0; w < WL; w++) {
+            wa0[w] = kq[ca * WPD + w];
+            wa1[w] = kq[(ca + 1) * WPD + w];
+            wb0[w] = kq[cb * WPD + w];
+            wb1[w] = kq[(cb + 1) * WPD + w];
         }
         const u32 sa = *(const u32*)(ks + ca), ma = *(const u32*)(km + ca);
         const u32 sb = *(const u32*)(ks + cb), mb = *(const u32*)(km + cb);
