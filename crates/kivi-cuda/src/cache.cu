@@ -693,6 +693,10 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
+// The same in one-warp CTAs (serving).
+#ifndef STAGE_CODES_W1
+#define STAGE_CODES_W1 0
+#endif
 // The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
 // those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
 // MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
@@ -1624,8 +1628,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
     constexpr bool HOIST = HOIST_CODES && W == 1 && D == 128;  // (measured at D = 128 only)
     // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
-    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && W > 1 && (KB == 2 || STAGE_CODES4);
-    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && W > 1 && (VB == 2 || STAGE_CODES4);
+    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (W > 1 || STAGE_CODES_W1) && (KB == 2 || STAGE_CODES4);
+    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (W > 1 || STAGE_CODES_W1) && (VB == 2 || STAGE_CODES4);
     // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
     constexpr int CBUF_BITS = STAGE_CODES4 && KB + VB > 4 ? 4 : 2;
     constexpr int CBUF_PAD = (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) > KEY_STAGE_PAD
