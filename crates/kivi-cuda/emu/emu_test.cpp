@@ -58,7 +58,7 @@ static AttnParams block_params(int D, int G) {
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
 template <int D, int KB>
-static void key_block(int G, int valid, bool imma = false, bool hoist = false) {
+static void key_block(int G, int valid, bool imma = false, bool staged = false) {
     constexpr int WPD = KB, FPI = 32 / KB;
     std::vector<u32> kq((BLOCK_TOKENS / 32) * D * WPD);
     for (auto& w : kq) w = (u32)rng();
@@ -81,9 +81,11 @@ static void key_block(int G, int valid, bool imma = false, bool hoist = false) {
     query_fragments<D, 1>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(BLOCK_TOKENS, NAN);
     std::vector<u32> bbuf((D / 32) * 64);
+    std::vector<uint4> cbuf(BLOCK_TOKENS * D / 16);  // a staged block's codes and padding (16-byte aligned)
     emu_run_warp({}, [&](int lane) {
-        if (imma && hoist)
-            tc_key_block_i8<D, KB, true>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
+        if (imma && staged)  // (the codes copied into the warp's buffer first, STAGE_CODES)
+            tc_key_block_i8<D, KB, true>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane,
+                                         (u32*)cbuf.data());
         else if (imma)
             tc_key_block_i8<D, KB, false>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
         else
@@ -105,7 +107,7 @@ static void key_block(int G, int valid, bool imma = false, bool hoist = false) {
         got[b] = sc[b];
     }
     char what[96];
-    std::snprintf(what, sizeof what, "key block%s D %d bits %d G %d valid %d", imma ? " (i8)" : "", D, KB, G,
+    std::snprintf(what, sizeof what, "key block%s D %d bits %d G %d valid %d", imma ? (staged ? " (i8, staged)" : " (i8)") : "", D, KB, G,
                   valid);
     // The integer path quantizes only q s, to 16 bits (the f16 path rounds every dequantized key).
     check(what, want, got, mag, imma ? 2e-5 : 1e-3);
@@ -114,7 +116,7 @@ static void key_block(int G, int valid, bool imma = false, bool hoist = false) {
 // Quantized value block 0 of KV head 0 weighted by random softmax weights (first `valid`
 // tokens), through tc_value_block and tc_value_store.
 template <int D, int VB>
-static void value_block(int G, int valid, bool imma = false, bool hoist = false) {
+static void value_block(int G, int valid, bool imma = false, bool staged = false) {
     constexpr int FPI = 32 / VB;
     std::vector<u32> vq(BLOCK_TOKENS * D / FPI);
     for (auto& w : vq) w = (u32)rng();
@@ -140,12 +142,13 @@ static void value_block(int G, int valid, bool imma = false, bool hoist = false)
     std::vector<float> wacc(D, 0.0f);
     std::vector<u16> stage(2 * D / 32 * STAGE_ROW);
     std::vector<u32> bbuf(4 * 64);
+    std::vector<uint4> cbuf(BLOCK_TOKENS * D / 16);  // a staged block's codes and padding (16-byte aligned)
     emu_run_warp({}, [&](int lane) {
         if (imma) {
             float vacc[D / 16][2] = {};
-            // (One-warp CTAs load the first k-step's code words ahead, HOIST_CODES.)
-            if (hoist)
-                tc_value_block_i8<D, VB, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
+            if (staged)  // (the codes copied into the warp's buffer first, STAGE_CODES)
+                tc_value_block_i8<D, VB, true>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane,
+                                               (u32*)cbuf.data());
             else
                 tc_value_block_i8<D, VB, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
             tc_value_store_i8<D>(vacc, wacc.data(), lane);
@@ -166,7 +169,7 @@ static void value_block(int G, int valid, bool imma = false, bool hoist = false)
         }
     char what[96];
     std::snprintf(what, sizeof what, "value block%s D %d bits %d G %d valid %d",
-                  imma ? (hoist ? " (i8, hoisted)" : " (i8)") : "", D, VB, G, valid);
+                  imma ? (staged ? " (i8, staged)" : " (i8)") : "", D, VB, G, valid);
     check(what, want, wacc, mag, imma ? 2e-5 : 1e-3);
 }
 
@@ -626,6 +629,8 @@ int main() {
                 key_block<64, 4>(G, valid);
                 key_block<64, 2>(G, valid, true);
                 key_block<64, 4>(G, valid, true);
+                key_block<64, 2>(G, valid, true, true);
+                key_block<64, 4>(G, valid, true, true);
                 value_block<64, 2>(G, valid);
                 value_block<64, 4>(G, valid);
                 value_block<64, 2>(G, valid, true);

@@ -624,14 +624,6 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 #ifndef IMMA_KEYS
 #define IMMA_KEYS 1
 #endif
-// 1: one-warp CTAs' integer key and value blocks load their first k-step's code words before
-// building the B operand (tc_key_block_i8, tc_value_block_i8). Measured on the H200 (µs, same
-// call): MHA B = 1024 T = 330 KIVI-2 R = 32 540 -> 531, R = 128 689 -> 677 (KIVI-4 equal); in
-// four-warp CTAs it cost 3-5 % (more spills; MHA B = 32 T = 32K KIVI-2 1016 -> 1052, KIVI-4
-// 1398 -> 1476), so not there.
-#ifndef HOIST_CODES
-#define HOIST_CODES 1
-#endif
 
 // 1: the integer paths' 2-bit A operands are the code bits masked where they lie in the word,
 // c 2^s for a code s bits up (s <= 6: at most 192, still a u8), not shifted down first: one LOP3
@@ -680,22 +672,20 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 }
 #endif
 
-// 1: four-warp CTAs' integer key and value blocks copy their codes into the warp's shared memory
-// (cp.async, 16 bytes per lane and instruction) while they build the B operand, and read them
-// from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
+// 1: the integer key and value blocks copy their codes into the warp's shared memory (cp.async,
+// 16 bytes per lane and instruction) while they build the B operand, and read them from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
 // on loads (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each
 // k-step loaded its words and waited for them), as the 80-register cap leaves no registers to
 // load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128), so six
 // CTAs still fit an SM. Measured on the H200 (µs, MHA, pool -> staged, same call): B = 32
 // T = 32K KIVI-2 956 / 958 -> 871 / 881, B = 8 T = 32K 267 / 269 -> 244 / 245. (Copying each
 // warp's next block too, double-buffered with scales and mins, left 12 warps per SM for lack of
-// shared memory: 1024 -> 1282 µs, KIVI-4 1397 -> 1911, GQA KIVI-2 454 -> 520.)
+// shared memory: 1024 -> 1282 µs, KIVI-4 1397 -> 1911, GQA KIVI-2 454 -> 520.) One-warp CTAs
+// (serving; 5 KiB each, 23 fit an SM), against loading only their first k-step's words ahead
+// of the B operand as before: MHA B = 1024 T = 330 KIVI-2 R = 32 502 -> 461, R = 128 668 ->
+// 625, B = 256 131 -> 117 (9/3/64, SmolLM2's shape: equal).
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
-#endif
-// The same in one-warp CTAs (serving).
-#ifndef STAGE_CODES_W1
-#define STAGE_CODES_W1 0
 #endif
 // The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
 // those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
@@ -888,30 +878,13 @@ __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int
             }
         }
 }
-// The same for k-step `kstep` of the block at `row0`, except that with HOIST k-step 0's words
-// were loaded ahead into `first` (see HOIST_CODES).
-template <bool HOIST, int PAD = 0, int TPR = 1, int N>
-__device__ __forceinline__ void kstep_code_words(const u32* row0, int stride, int shift, int kstep,
-                                                 const u32 (&first)[2][4][N], u32 (&w)[2][4][N]) {
-    if (HOIST && kstep == 0) {
-#pragma unroll
-        for (int e = 0; e < 2; e++)
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-#pragma unroll
-                for (int n = 0; n < N; n++) w[e][i][n] = first[e][i][n];
-    } else {
-        lane_code_words<PAD, TPR>(row0 + 32 * kstep * (stride + PAD / TPR), stride, shift, w);
-    }
-}
-
 // tc_key_block for one-head CTAs on the integer tensor cores (IMMA_KEYS). Lane (g, t) holds the
 // block's tokens 16g..16g + 15 as tc_key_block (m-tile M: row g = token 16g + 2M, row g + 8 =
 // token 16g + 2M + 1) and, in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
 // (a2, a3): byte_transpose turns four channels' code words into words whose byte i is channel
 // i's codes of a few tokens, and a mask (code_bits) picks one token's four codes. Column 2j +
 // part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
-template <int D, int KB, bool HOIST, bool STAGED = false>
+template <int D, int KB, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane,
                                                 u32* cbuf = nullptr) {
@@ -929,10 +902,6 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     } else {
         kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
     }
-    // HOIST: the first k-step's code words are asked for before the B operand's scales, so
-    // that the two loads overlap (else the codes wait for the B operand); see HOIST_CODES.
-    u32 first[2][4][WL];
-    if (HOIST) lane_code_words(kq, WPD, 0, first);
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
@@ -956,7 +925,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
-        kstep_code_words<HOIST>(kq, WPD, 0, kstep, first, w);
+        lane_code_words(kq + 32 * kstep * WPD, WPD, 0, w);
 #pragma unroll
         for (int x = 0; x < WL; x++) {
             u32 xa[4], xb[4];
@@ -1406,7 +1375,7 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
 // + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
 // lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): byte_transpose of four
 // tokens' code words gives words whose byte i is token i's codes of a few channels.
-template <int D, int VB, bool HOIST, bool STAGED = false>
+template <int D, int VB, bool STAGED = false>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane,
                                                   u32* cbuf = nullptr) {
@@ -1431,8 +1400,6 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     } else {
         vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
     }
-    u32 first[2][4][NW];  // as in tc_key_block_i8
-    if (HOIST) lane_code_words(vq, WPT, shift, first);
     float fac, bias;
     value_b_i8<D>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
@@ -1452,7 +1419,7 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        kstep_code_words<HOIST, VPAD, TPR>(vq, WPT, shift, kstep, first, w);
+        lane_code_words<VPAD, TPR>(vq + 32 * kstep * (WPT + VPAD / TPR), WPT, shift, w);
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
@@ -1626,12 +1593,12 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     // T = 330.)
     constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
     constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
-    constexpr bool HOIST = HOIST_CODES && W == 1 && D == 128;  // (measured at D = 128 only)
-    // STAGE_CODES: four-warp CTAs, 2-bit codes (STAGE_CODES4: 4-bit too).
-    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (W > 1 || STAGE_CODES_W1) && (KB == 2 || STAGE_CODES4);
-    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (W > 1 || STAGE_CODES_W1) && (VB == 2 || STAGE_CODES4);
+    // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
+    // 4-bit codes through the f16 tensor-core path).
+    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || STAGE_CODES4);
+    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || STAGE_CODES4);
     // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
-    constexpr int CBUF_BITS = STAGE_CODES4 && KB + VB > 4 ? 4 : 2;
+    constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
     constexpr int CBUF_PAD = (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) > KEY_STAGE_PAD
                                  ? (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : KEY_STAGE_PAD;
     constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
@@ -1665,9 +1632,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     if (IMMA_K && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_i8<D, KBq, HOIST && !STAGED_K, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
-                                                                   kt_valid - pb, __ffs(c.group) - 6, sq,
-                                                                   skb + warp * 4 * 64, sc, lane, cbuf);
+            tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                              __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -1887,9 +1853,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_i8<D, VBq, HOIST && !STAGED_V, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0,
-                                                                      vt_valid - pb, sc, skb + warp * 4 * 64, vacc, lane,
-                                                                      cbuf);
+                tc_value_block_i8<D, VBq, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb,
+                                                    sc, skb + warp * 4 * 64, vacc, lane, cbuf);
             tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
