@@ -673,11 +673,12 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #endif
 
 // 1: the integer key and value blocks copy their codes into the warp's shared memory (cp.async,
-// 16 bytes per lane and instruction) while they build the B operand, and read them from there: Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples
-// on loads (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each
-// k-step loaded its words and waited for them), as the 80-register cap leaves no registers to
-// load further ahead. A warp's buffer: the block's codes, 4 KiB at 2 bits (D = 128), so six
-// CTAs still fit an SM. Measured on the H200 (µs, MHA, pool -> staged, same call): B = 32
+// 16 bytes per lane and instruction) while they build the B operand, and read them from there:
+// Nsight Compute (MHA B = 32 T = 32K KIVI-2) put 43 % of the kernel's stall samples on loads
+// (L1TEX scoreboard), the value k-steps' code words first (17 % at one PRMT: each k-step loaded
+// its words and waited for them), as the 80-register cap leaves no registers to load further
+// ahead. A warp's buffer: the block's codes and their padding, 5 KiB at 2 bits (D = 128), so six
+// four-warp CTAs still fit an SM. Measured on the H200 (µs, MHA, pool -> staged, same call): B = 32
 // T = 32K KIVI-2 956 / 958 -> 871 / 881, B = 8 T = 32K 267 / 269 -> 244 / 245. (Copying each
 // warp's next block too, double-buffered with scales and mins, left 12 warps per SM for lack of
 // shared memory: 1024 -> 1282 µs, KIVI-4 1397 -> 1911, GQA KIVI-2 454 -> 520.) One-warp CTAs
@@ -894,14 +895,15 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     const int g = lane >> 2, t = lane & 3;
     // The lane's first word; every load below is at a constant offset from it. STAGED: in the
     // warp's copy of the block's codes (see STAGE_CODES), started here.
-    const u32* kq;
+    const u32* tile;  // the lane's 32-token sub-tile
     if constexpr (STAGED) {
         warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
             smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
-        kq = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD) + ((g & 1) * WL + 4 * t * WPD);
+        tile = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD);
     } else {
-        kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + ((g & 1) * WL + 4 * t * WPD);
+        tile = key_tile_words<D, WPD>(c, kvh, blk, 16 * g);
     }
+    const u32* kq = tile + ((g & 1) * WL + 4 * t * WPD);
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
@@ -1599,8 +1601,8 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || STAGE_CODES4);
     // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
     constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
-    constexpr int CBUF_PAD = (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) > KEY_STAGE_PAD
-                                 ? (CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : KEY_STAGE_PAD;
+    constexpr int CBUF_VPAD = CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4;
+    constexpr int CBUF_PAD = CBUF_VPAD > KEY_STAGE_PAD ? CBUF_VPAD : KEY_STAGE_PAD;
     constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
