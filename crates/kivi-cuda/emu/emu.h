@@ -37,6 +37,7 @@ struct float4 {
 };
 inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
 inline uint2 make_uint2(u32 x, u32 y) { return uint2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 #define __device__
 #define __forceinline__ inline
@@ -200,6 +201,15 @@ inline EmuWarp& emu_warp() { return emu_warps[threadIdx.x >> 5]; }
 inline void emu_sync() { emu_warp().bar->arrive_and_wait(); }
 #define __syncwarp(...) emu_sync()
 #define __syncthreads() emu_cta_bar->arrive_and_wait()
+// CTAs run one after another: memory is coherent, and atomics need no care.
+template <class T>
+inline T __ldcg(const T* p) { return *p; }
+inline int atomicAdd(int* p, int v) {
+    const int old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
 
 inline float __shfl_xor_sync(u32, float v, int o) {
     EmuWarp& w = emu_warp();

@@ -345,7 +345,10 @@ struct AttnParams {
     const Tok* toks;    // [T]
     float* part_o;      // [T][H][nsplit][D]
     float* part_ml;     // [T][H][nsplit][2]
-    float* out;         // [T][H][D] when the batch has one split and no prefill (no reduce), else null
+    float* out;         // [T][H][D]: the kernel writes the output (one split, or `tickets`), else null
+    // Non-null with `out` and several splits: [T][H / NG] counters, zero between launches; the
+    // last CTA of a (token, head group) to finish combines the splits (no reduce launch).
+    int* tickets;
     int n_head, nsplit, split_len;
     float scale_log2;   // log2(e) / sqrt(D)
     int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
@@ -399,6 +402,84 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o >= 1; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+// Combines the first `nread` splits' partials of ng query heads (h0..) of packed token `tok`
+// into out, one warp per head (head_dim a multiple of 128... or 64: lanes take 4 channels):
+// the head's max and sum, then its channels from independent loads, four splits at a time (one
+// dependent load per split made the reduce latency-bound: 18 us for 33 splits at GQA B = 1
+// T = 32K). Loads bypass L1 (partials written by other CTAs of the same launch). Splits whose
+// max is -inf (empty) count for nothing.
+__device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
+                                               int n_head, int h0, int ng, int nsplit, int nread, int head_dim) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int g = warp; g < ng; g += nwarps) {
+        const u64 row = (u64)tok * n_head + h0 + g;
+        const float* ml = part_ml + row * nsplit * 2;
+        float mx = NEG_INF;
+        for (int s = lane; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+        mx = warp_max(mx);
+        float den = 0.0f;
+        for (int s = lane; s < nread; s += 32) {
+            const float m = __ldcg(ml + 2 * s);
+            den += m == NEG_INF ? 0.0f : exp2f(m - mx) * __ldcg(ml + 2 * s + 1);
+        }
+        den = warp_sum(den);
+        for (int c = 4 * lane; c < head_dim; c += 128) {
+            const float* o = part_o + row * nsplit * head_dim + c;
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+            for (int s = 0; s < nread; s++) {
+                const float m = __ldcg(ml + 2 * s);
+                const float4 v = __ldcg((const float4*)(o + (u64)s * head_dim));
+                if (m != NEG_INF) {  // (an empty split's output is not written)
+                    const float w = exp2f(m - mx);
+                    acc.x += w * v.x;
+                    acc.y += w * v.y;
+                    acc.z += w * v.z;
+                    acc.w += w * v.w;
+                }
+            }
+            *(float4*)(out + row * head_dim + c) = make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
+        }
+    }
+}
+
+// blockIdx.y and .z read again (volatile): a read the compiler merged with the kernel's first one
+// would hold a register through the whole split (measured: the one-head KIVI-2 kernel, at its
+// 80-register cap, then spilled in its block loops).
+#ifndef KIVI_EMU
+__device__ __forceinline__ int ctaid_y_again() {
+    int v;
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
+    return v;
+}
+__device__ __forceinline__ int ctaid_z_again() {
+    int v;
+    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v));
+    return v;
+}
+#else
+inline int ctaid_y_again() { return blockIdx.y; }
+inline int ctaid_z_again() { return blockIdx.z; }
+#endif
+
+// With P.tickets: after a CTA's partials are written, the last CTA of its (token, head group)
+// combines all splits into P.out and resets the counter for the next launch.
+template <int D, int NG>
+__device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, int group) {
+    __shared__ int s_last;
+    __threadfence();  // this CTA's partials reach L2 before its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* t = P.tickets + (u64)tok * (P.n_head / NG) + group;
+        s_last = atomicAdd(t, 1) == P.nsplit - 1;
+        if (s_last) *t = 0;  // every CTA of the group has taken its ticket
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    combine_splits(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, NG, P.nsplit, P.nsplit, D);
 }
 
 // CPL contiguous f16 values -> f32.
@@ -1498,7 +1579,7 @@ __device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&
 #define SML_FLOATS(NG) ((2 * (NG) + 8 + 3) & ~3)
 
 template <int D, int KB, int VB, int NG, int W>
-__device__ __forceinline__ void attn_split(const AttnParams& P) {
+__device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr int CPL = D / 32;
     constexpr bool QUANT = KB < 16;
     constexpr bool FAST_ROWS = QUANT ? F16_FAST_QUANT : F16_FAST;
@@ -2027,7 +2108,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     }
     __syncthreads();
 
-    if (P.out) {
+    if (P.out && !P.tickets) {
         // The only split: the output itself (what kivi_attn_reduce would compute, exactly).
         for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
             const int g = x / D, d = x % D;
@@ -2050,6 +2131,18 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
         ml[0] = sml[2 * threadIdx.x];
         ml[1] = sml[2 * threadIdx.x + 1];
     }
+}
+
+// One split's partials, then (with P.tickets) the combination by the group's last CTA: one call
+// site, as the kernel returns from the split in two places. FUSED_COMBINE=0 compiles it out (the
+// host must then launch the reduce: KIVI_CUDA_FUSED_REDUCE=0), for comparison.
+#ifndef FUSED_COMBINE
+#define FUSED_COMBINE 1
+#endif
+template <int D, int KB, int VB, int NG, int W>
+__device__ __forceinline__ void attn_split(const AttnParams& P) {
+    attn_split_partials<D, KB, VB, NG, W>(P);
+    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG>(P, ctaid_z_again(), ctaid_y_again());
 }
 
 // Minimum resident CTAs per SM (__launch_bounds__), i.e. a register cap. KIVI kernels: at
@@ -2282,27 +2375,14 @@ ATTN_SINKS(128)
 
 // Combines the splits of one (token, query head). With prefill_slot >= 0, that split holds the
 // prefill kernel's part, written only for tokens of items with several new tokens.
-// grid = (H, T), block = D.
+// grid = (H, T), block = 32.
 extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* part_ml, float* out,
                                             int n_head, int nsplit, int head_dim, const Tok* toks,
                                             int prefill_slot) {
-    const int h = blockIdx.x, tok = blockIdx.y, d = threadIdx.x;
-    if (d >= head_dim) return;
     // Splits to read: all, less the prefill slot for a token that the prefill kernel skipped.
     // (Stream-relative records: a sink position's query has i < 0 and no prefill tile.)
-    const Tok tk = toks[tok];
+    const Tok tk = toks[blockIdx.y];
     const int nread = (prefill_slot >= 0 && (tk.n_new <= 1 || tk.i < 0)) ? prefill_slot : nsplit;
-    const u64 base = ((u64)tok * n_head + h) * nsplit;
-    float mx = NEG_INF;
-    for (int s = 0; s < nread; s++) mx = fmaxf(mx, part_ml[(base + s) * 2]);
-    float num = 0.0f, den = 0.0f;
-    for (int s = 0; s < nread; s++) {
-        const float m = part_ml[(base + s) * 2];
-        if (m == NEG_INF) continue;
-        const float e = exp2f(m - mx);
-        num += e * part_o[(base + s) * head_dim + d];
-        den += e * part_ml[(base + s) * 2 + 1];
-    }
-    out[((u64)tok * n_head + h) * head_dim + d] = num / den;
+    combine_splits(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, 1, nsplit, nread, head_dim);
 }
 #endif  // ATTN_D

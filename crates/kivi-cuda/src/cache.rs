@@ -142,6 +142,7 @@ struct AttnParams {
     part_o: u64,
     part_ml: u64,
     out: u64,
+    tickets: u64,
     n_head: i32,
     nsplit: i32,
     split_len: i32,
@@ -499,6 +500,12 @@ pub struct GpuCache {
     table_width: usize,
     part_o: Option<CudaSlice<f32>>,
     part_ml: Option<CudaSlice<f32>>,
+    /// Per (token, head group) counters of CTAs done, zero between launches: the last CTA
+    /// combines the splits (`last_cta_combines` in cache.cu).
+    tickets: Option<CudaSlice<i32>>,
+    /// Splits combined by the attention kernel's last CTA instead of a reduce launch
+    /// (`KIVI_CUDA_FUSED_REDUCE=0`: the reduce launch, for comparison).
+    fused_reduce: bool,
     step_tables: StepTables,
     split_override: Option<usize>,
     sm_count: usize,
@@ -718,6 +725,8 @@ impl GpuCache {
             table_width,
             part_o: None,
             part_ml: None,
+            tickets: None,
+            fused_reduce: std::env::var("KIVI_CUDA_FUSED_REDUCE").map_or(true, |v| v != "0"),
             step_tables: StepTables::default(),
             split_override: None,
             sm_count,
@@ -1380,6 +1389,9 @@ impl GpuCache {
         let sink_slot = decode_splits;
         let nsplit = decode_splits + usize::from(self.sinks > 0) + usize::from(prefill);
         let direct = nsplit == 1 && self.sinks == 0;
+        // Decode splits only: the kernel's last CTA per (token, head group) combines them, with
+        // no reduce launch (measured on the H200, docs/benchmarks.md "Session 16").
+        let fused = !direct && self.fused_reduce && self.sinks == 0 && !prefill;
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -1387,6 +1399,10 @@ impl GpuCache {
         }
         if self.part_ml.as_ref().is_none_or(|p| p.len() < parts * 2) {
             self.part_ml = Some(s.alloc_zeros::<f32>(parts * 2)?);
+        }
+        let groups = t * hkv * nchunk;
+        if fused && self.tickets.as_ref().is_none_or(|c| c.len() < groups) {
+            self.tickets = Some(s.alloc_zeros::<i32>(groups)?);
         }
         let (kb, vb) = match self.config {
             CacheConfig::F16 => (16, 16),
@@ -1404,8 +1420,17 @@ impl GpuCache {
             toks: batch.dev_stream_toks,
             part_o: part_o.device_ptr(&s).0,
             part_ml: part_ml.device_ptr(&s).0,
-            // One split and no prefill part: the kernel writes the output, no reduce launch.
-            out: if direct { out.device_ptr(&s).0 } else { 0 },
+            // One split and no prefill part, or splits it combines: the kernel writes the
+            // output, no reduce launch.
+            out: if direct || fused {
+                out.device_ptr(&s).0
+            } else {
+                0
+            },
+            tickets: match (&self.tickets, fused) {
+                (Some(c), true) => c.device_ptr(&s).0,
+                _ => 0,
+            },
             n_head: n_head as i32,
             nsplit: nsplit as i32,
             split_len: split as i32,
@@ -1463,11 +1488,11 @@ impl GpuCache {
                     .launch(cfg)?
             };
         }
-        if direct {
+        if direct || fused {
             return Ok(());
         }
         let r = self.function("kivi_attn_reduce")?;
-        let cfg = grid_2d((n_head as u32, t as u32), d as u32);
+        let cfg = grid_2d((n_head as u32, t as u32), 32);
         let (nh, ns, hd) = (n_head as i32, nsplit as i32, d as i32);
         let prefill_slot = if prefill { nsplit as i32 - 1 } else { -1 };
         // SAFETY: part buffers hold t * n_head * nsplit entries, out t * n_head * d.
