@@ -405,17 +405,17 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Combines the first `nread` splits' partials of ng query heads (h0..) of packed token `tok`
-// into out, one warp per head (head_dim a multiple of 128... or 64: lanes take 4 channels):
-// the head's max and sum, then its channels from independent loads, four splits at a time (one
-// dependent load per split made the reduce latency-bound: 18 us for 33 splits at GQA B = 1
+// into out, by the calling CTA (blockDim.x a multiple of 32): each head's max and sum by one
+// warp, then every output element by one thread from independent loads, four splits at a time
+// (one dependent load per split made the reduce latency-bound: 18 us for 33 splits at GQA B = 1
 // T = 32K). Loads bypass L1 (partials written by other CTAs of the same launch). Splits whose
-// max is -inf (empty) count for nothing.
+// max is -inf (empty) count for nothing; their outputs are not written.
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
-                                               int n_head, int h0, int ng, int nsplit, int nread, int head_dim) {
+                                               int n_head, int h0, int ng, int nsplit, int nread, int head_dim,
+                                               float* sred) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int g = warp; g < ng; g += nwarps) {
-        const u64 row = (u64)tok * n_head + h0 + g;
-        const float* ml = part_ml + row * nsplit * 2;
+        const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
         float mx = NEG_INF;
         for (int s = lane; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
         mx = warp_max(mx);
@@ -425,23 +425,36 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
             den += m == NEG_INF ? 0.0f : exp2f(m - mx) * __ldcg(ml + 2 * s + 1);
         }
         den = warp_sum(den);
-        for (int c = 4 * lane; c < head_dim; c += 128) {
-            const float* o = part_o + row * nsplit * head_dim + c;
-            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 4
-            for (int s = 0; s < nread; s++) {
-                const float m = __ldcg(ml + 2 * s);
-                const float4 v = __ldcg((const float4*)(o + (u64)s * head_dim));
-                if (m != NEG_INF) {  // (an empty split's output is not written)
-                    const float w = exp2f(m - mx);
-                    acc.x += w * v.x;
-                    acc.y += w * v.y;
-                    acc.z += w * v.z;
-                    acc.w += w * v.w;
-                }
-            }
-            *(float4*)(out + row * head_dim + c) = make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
+        if (lane == 0) {
+            sred[2 * g] = mx;
+            sred[2 * g + 1] = den;
         }
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < ng * head_dim; x += blockDim.x) {
+        const int g = x / head_dim;
+        const u64 row = (u64)tok * n_head + h0 + g;
+        const float* ml = part_ml + row * nsplit * 2;
+        const float* o = part_o + row * nsplit * head_dim + x % head_dim;
+        const float mx = sred[2 * g];
+        float num[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int s = 0;
+        for (; s + 4 <= nread; s += 4) {
+            float m[4], v[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                m[j] = __ldcg(ml + 2 * (s + j));
+                v[j] = __ldcg(o + (u64)(s + j) * head_dim);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (m[j] != NEG_INF) num[j] += exp2f(m[j] - mx) * v[j];
+        }
+        for (; s < nread; s++) {
+            const float m = __ldcg(ml + 2 * s), v = __ldcg(o + (u64)s * head_dim);
+            if (m != NEG_INF) num[0] += exp2f(m - mx) * v;
+        }
+        out[row * head_dim + x % head_dim] = ((num[0] + num[1]) + (num[2] + num[3])) / sred[2 * g + 1];
     }
 }
 
@@ -469,6 +482,7 @@ inline int ctaid_z_again() { return blockIdx.z; }
 template <int D, int NG>
 __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, int group) {
     __shared__ int s_last;
+    __shared__ float s_red[2 * NG];
     __threadfence();  // this CTA's partials reach L2 before its ticket
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -479,7 +493,7 @@ __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, 
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    combine_splits(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, NG, P.nsplit, P.nsplit, D);
+    combine_splits(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, NG, P.nsplit, P.nsplit, D, s_red);
 }
 
 // CPL contiguous f16 values -> f32.
@@ -2375,14 +2389,15 @@ ATTN_SINKS(128)
 
 // Combines the splits of one (token, query head). With prefill_slot >= 0, that split holds the
 // prefill kernel's part, written only for tokens of items with several new tokens.
-// grid = (H, T), block = 32.
+// grid = (H, T), block = 32 (one warp: the head's channels in D / 32 passes).
 extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* part_ml, float* out,
                                             int n_head, int nsplit, int head_dim, const Tok* toks,
                                             int prefill_slot) {
+    __shared__ float s_red[2];
     // Splits to read: all, less the prefill slot for a token that the prefill kernel skipped.
     // (Stream-relative records: a sink position's query has i < 0 and no prefill tile.)
     const Tok tk = toks[blockIdx.y];
     const int nread = (prefill_slot >= 0 && (tk.n_new <= 1 || tk.i < 0)) ? prefill_slot : nsplit;
-    combine_splits(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, 1, nsplit, nread, head_dim);
+    combine_splits(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, 1, nsplit, nread, head_dim, s_red);
 }
 #endif  // ATTN_D
