@@ -404,23 +404,39 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Combines the first `nread` splits' partials of ng query heads (h0..) of packed token `tok`
-// into out, by the calling CTA (blockDim.x a multiple of 32): each head's max and sum by one
-// warp, then every output element by one thread from independent loads, four splits at a time
-// (one dependent load per split made the reduce latency-bound: 18 us for 33 splits at GQA B = 1
-// T = 32K). Loads bypass L1 (partials written by other CTAs of the same launch). Splits whose
-// max is -inf (empty) count for nothing; their outputs are not written.
+// Combines the first `nread` splits' partials of NG query heads (h0..) of packed token `tok`
+// into out, by the calling CTA (blockDim.x a multiple of 32). Everything here is latency: a
+// head's max and sum by one warp, a lane per split; then each thread takes four channels of a
+// head and reads four splits per round trip (one dependent load per split made the reduce take
+// 18 us for 33 splits at GQA B = 1 T = 32K). Every element sums its splits in order, so the
+// attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
+// (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
+// for nothing; their outputs are not written.
+template <int NG>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
-                                               int n_head, int h0, int ng, int nsplit, int nread, int head_dim,
+                                               int n_head, int h0, int nsplit, int nread, int head_dim,
                                                float* sred) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int g = warp; g < ng; g += nwarps) {
+    float m0[NG], l0[NG];
+#pragma unroll
+    for (int g = 0; g < NG; g++) {
+        m0[g] = NEG_INF;
+        l0[g] = 0.0f;
+        if (g % nwarps == warp && lane < nread) {
+            const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
+            m0[g] = __ldcg(ml + 2 * lane);
+            l0[g] = __ldcg(ml + 2 * lane + 1);
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < NG; g++) {
+        if (g % nwarps != warp) continue;
         const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
-        float mx = NEG_INF;
-        for (int s = lane; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+        float mx = m0[g];
+        for (int s = lane + 32; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
         mx = warp_max(mx);
-        float den = 0.0f;
-        for (int s = lane; s < nread; s += 32) {
+        float den = m0[g] == NEG_INF ? 0.0f : exp2f(m0[g] - mx) * l0[g];
+        for (int s = lane + 32; s < nread; s += 32) {
             const float m = __ldcg(ml + 2 * s);
             den += m == NEG_INF ? 0.0f : exp2f(m - mx) * __ldcg(ml + 2 * s + 1);
         }
@@ -431,30 +447,37 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         }
     }
     __syncthreads();
-    for (int x = threadIdx.x; x < ng * head_dim; x += blockDim.x) {
-        const int g = x / head_dim;
+    const int cols = head_dim / 4;
+#pragma unroll 2
+    for (int x = threadIdx.x; x < NG * cols; x += blockDim.x) {
+        const int g = x / cols, c = 4 * (x % cols);
         const u64 row = (u64)tok * n_head + h0 + g;
         const float* ml = part_ml + row * nsplit * 2;
-        const float* o = part_o + row * nsplit * head_dim + x % head_dim;
+        const float* o = part_o + row * nsplit * head_dim + c;
         const float mx = sred[2 * g];
-        float num[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        int s = 0;
-        for (; s + 4 <= nread; s += 4) {
-            float m[4], v[4];
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int s = 0; s < nread; s += 4) {
+            float m[4];
+            float4 v[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                m[j] = __ldcg(ml + 2 * (s + j));
-                v[j] = __ldcg(o + (u64)(s + j) * head_dim);
+                const bool ok = s + j < nread;
+                m[j] = ok ? __ldcg(ml + 2 * (s + j)) : NEG_INF;
+                v[j] = ok ? __ldcg((const float4*)(o + (u64)(s + j) * head_dim)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             }
 #pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (m[j] != NEG_INF) num[j] += exp2f(m[j] - mx) * v[j];
+            for (int j = 0; j < 4; j++) {
+                if (m[j] != NEG_INF) {
+                    const float w = exp2f(m[j] - mx);
+                    acc.x += w * v[j].x;
+                    acc.y += w * v[j].y;
+                    acc.z += w * v[j].z;
+                    acc.w += w * v[j].w;
+                }
+            }
         }
-        for (; s < nread; s++) {
-            const float m = __ldcg(ml + 2 * s), v = __ldcg(o + (u64)s * head_dim);
-            if (m != NEG_INF) num[0] += exp2f(m - mx) * v;
-        }
-        out[row * head_dim + x % head_dim] = ((num[0] + num[1]) + (num[2] + num[3])) / sred[2 * g + 1];
+        const float den = sred[2 * g + 1];
+        *(float4*)(out + row * head_dim + c) = make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
     }
 }
 
@@ -493,7 +516,7 @@ __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, 
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    combine_splits(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, NG, P.nsplit, P.nsplit, D, s_red);
+    combine_splits<NG>(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, P.nsplit, P.nsplit, D, s_red);
 }
 
 // CPL contiguous f16 values -> f32.
@@ -2398,6 +2421,6 @@ extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* pa
     // (Stream-relative records: a sink position's query has i < 0 and no prefill tile.)
     const Tok tk = toks[blockIdx.y];
     const int nread = (prefill_slot >= 0 && (tk.n_new <= 1 || tk.i < 0)) ? prefill_slot : nsplit;
-    combine_splits(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, 1, nsplit, nread, head_dim, s_red);
+    combine_splits<1>(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, nsplit, nread, head_dim, s_red);
 }
 #endif  // ATTN_D
