@@ -155,6 +155,10 @@ struct AttnParams {
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnParams {}
 
+/// An attention kernel variant: key bits, value bits (16: the f16 cache), query heads and warps
+/// per CTA, f16 blocks on the tensor cores.
+type VariantKey = (u8, u8, usize, usize, bool);
+
 /// Elements per KV head of one layer's buffers: in one block (codes, scales/mins; the f16
 /// cache's rows in `kwin`/`vwin`), or in one slot (KIVI windows).
 #[derive(Clone, Copy, Debug, Default)]
@@ -503,9 +507,11 @@ pub struct GpuCache {
     /// Per (token, head group) counters of CTAs done, zero between launches: the last CTA
     /// combines the splits (`last_cta_combines` in cache.cu).
     tickets: Option<CudaSlice<i32>>,
-    /// Splits combined by the attention kernel's last CTA instead of a reduce launch
-    /// (`KIVI_CUDA_FUSED_REDUCE=0`: the reduce launch, for comparison).
+    /// Splits combined by the attention kernel's last CTA instead of a reduce launch, when
+    /// they fit one wave (`KIVI_CUDA_FUSED_REDUCE=0`: the reduce launch, for comparison).
     fused_reduce: bool,
+    /// `resident_ctas`' answers.
+    resident: std::collections::HashMap<(VariantKey, usize), usize>,
     step_tables: StepTables,
     split_override: Option<usize>,
     sm_count: usize,
@@ -728,6 +734,7 @@ impl GpuCache {
             part_ml: None,
             tickets: None,
             fused_reduce: std::env::var("KIVI_CUDA_FUSED_REDUCE").map_or(true, |v| v != "0"),
+            resident: Default::default(),
             step_tables: StepTables::default(),
             split_override: None,
             sm_count,
@@ -1272,6 +1279,20 @@ impl GpuCache {
             .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
 
+    /// CTAs of an attention variant (`key`: bits, heads, warps, f16 tensor cores) with `smem`
+    /// bytes of dynamic shared memory that the whole GPU holds at once (the driver's occupancy,
+    /// asked once per variant and size).
+    fn resident_ctas(&mut self, f: &CudaFunction, key: VariantKey, smem: usize) -> Result<usize> {
+        if let Some(&n) = self.resident.get(&(key, smem)) {
+            return Ok(n);
+        }
+        let per_sm =
+            f.occupancy_max_active_blocks_per_multiprocessor((key.3 * 32) as u32, smem, None)?;
+        let n = per_sm as usize * self.sm_count;
+        self.resident.insert((key, smem), n);
+        Ok(n)
+    }
+
     fn heads_per_cta(n_rep: usize) -> usize {
         [4, 3, 2, 1]
             .into_iter()
@@ -1397,9 +1418,29 @@ impl GpuCache {
         let sink_slot = decode_splits;
         let nsplit = decode_splits + usize::from(self.sinks > 0) + usize::from(prefill);
         let direct = nsplit == 1 && self.sinks == 0;
-        // Decode splits only: the kernel's last CTA per (token, head group) combines them, with
-        // no reduce launch (measured on the H200, docs/benchmarks.md "Session 16").
-        let fused = !direct && self.fused_reduce && self.sinks == 0 && !prefill;
+        let (kb, vb) = match self.config {
+            CacheConfig::F16 => (16, 16),
+            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
+        };
+        let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
+        let warps = if one_warp {
+            1
+        } else {
+            ATTN_THREADS as usize / 32
+        };
+        let f = self.attn_function(kb, vb, ng, warps, f16_tc)?;
+        // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
+        let ctas = decode_splits * hkv * nchunk * t;
+        // Decode splits only, in one wave of CTAs: the kernel's last CTA per (token, head group)
+        // combines them, with no reduce launch. (Measured on the H200, docs/benchmarks.md
+        // "Session 16": 2-10 % faster in one wave; with more waves the combining CTAs hold their
+        // slots from the next ones, and the reduce launch was 1.5-7 % faster.)
+        let fused = !direct
+            && self.fused_reduce
+            && self.sinks == 0
+            && !prefill
+            && ctas <= self.resident_ctas(&f, (kb, vb, ng, warps, f16_tc), smem)?;
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -1412,12 +1453,6 @@ impl GpuCache {
         if fused && self.tickets.as_ref().is_none_or(|c| c.len() < groups) {
             self.tickets = Some(s.alloc_zeros::<i32>(groups)?);
         }
-        let (kb, vb) = match self.config {
-            CacheConfig::F16 => (16, 16),
-            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
-        };
-        let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
-        let f = self.attn_function(kb, vb, ng, if one_warp { 1 } else { 4 }, f16_tc)?;
         let part_o = self.part_o.as_ref().expect("allocated above");
         let part_ml = self.part_ml.as_ref().expect("allocated above");
         let params = AttnParams {
@@ -1451,13 +1486,6 @@ impl GpuCache {
                 .min(BLOCK_TOKENS) as i32,
             prefill: i32::from(prefill),
         };
-        // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
-        let warps = if one_warp {
-            1
-        } else {
-            ATTN_THREADS as usize / 32
-        };
-        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
         let cfg = LaunchConfig {
             grid_dim: (decode_splits as u32, (hkv * nchunk) as u32, t as u32),
             block_dim: (if one_warp { 32 } else { ATTN_THREADS }, 1, 1),
