@@ -1132,14 +1132,22 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #define F16_TC_REST 2
 #endif
 // Row pairs (keys) and 16-token k-steps (values) of an f16 block whose loads are in flight
-// together. (Session 13 on the H200: 4 or 8 of each, also with register caps of 3 or 2 CTAs per
-// SM (F16_MIN_CTAS), were no faster where the f16 kernel trails SDPA, small GQA batches, and
-// the 2-CTA cap made MHA B = 8 T = 1K 1.36x slower; docs/benchmarks.md, "Session 13".)
+// together, in one-head CTAs and (_HEADS) in CTAs of several heads. (Session 13 on the H200: 4
+// or 8 of each, also with register caps of 3 or 2 CTAs per SM (F16_MIN_CTAS), were no faster
+// where the f16 kernel trails SDPA, small GQA batches, and the 2-CTA cap made MHA B = 8 T = 1K
+// 1.36x slower; docs/benchmarks.md, "Session 13". Session 16: one key row pair at a time in GQA
+// CTAs, B = 32 T = 32K 1052 -> 998 us, B = 8 T = 16K 145 -> 138.)
 #ifndef F16_KEY_UNROLL
 #define F16_KEY_UNROLL 2
 #endif
+#ifndef F16_KEY_UNROLL_HEADS
+#define F16_KEY_UNROLL_HEADS 1
+#endif
 #ifndef F16_VALUE_UNROLL
 #define F16_VALUE_UNROLL 2
+#endif
+#ifndef F16_VALUE_UNROLL_HEADS
+#define F16_VALUE_UNROLL_HEADS 2
 #endif
 
 // Scores of one f16 key block (128 rows from pb, pool block blk; the first `valid` are
@@ -1152,7 +1160,7 @@ __device__ __forceinline__ void tc_f16_key_block(const AttnParams& P, int kvh, u
     const CacheBufs& c = P.c;
     const int g = lane >> 2, t = lane & 3;
     const u16* rows = c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)(16 * g) * D + 8 * t;
-#pragma unroll F16_KEY_UNROLL
+#pragma unroll(NG == 1 ? F16_KEY_UNROLL : F16_KEY_UNROLL_HEADS)
     for (int m = 0; m < 8; m++) {
         const u16* x = rows + (u64)(2 * m) * D;
         uint4 X[D / 32], Y[D / 32];
@@ -1204,7 +1212,7 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
     const u16* rows = c.vwin + (u64)kvh * c.vwin_head + blk * c.vwin_unit + g * CH;
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-#pragma unroll F16_VALUE_UNROLL
+#pragma unroll(NG == 1 ? F16_VALUE_UNROLL : F16_VALUE_UNROLL_HEADS)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
         u32 wa0[CH / 2], wa1[CH / 2], wb0[CH / 2], wb1[CH / 2];
