@@ -1136,7 +1136,8 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // or 8 of each, also with register caps of 3 or 2 CTAs per SM (F16_MIN_CTAS), were no faster
 // where the f16 kernel trails SDPA, small GQA batches, and the 2-CTA cap made MHA B = 8 T = 1K
 // 1.36x slower; docs/benchmarks.md, "Session 13". Session 16: one key row pair at a time in GQA
-// CTAs, B = 32 T = 32K 1052 -> 998 us, B = 8 T = 16K 145 -> 138.)
+// CTAs, B = 32 T = 32K 1047 -> 993 us, B = 8 T = 16K 145 -> 138; one value k-step at a time in
+// one-head CTAs, MHA B = 32 T = 32K 3851 -> 3812, B = 8 T = 32K 978 -> 968.)
 #ifndef F16_KEY_UNROLL
 #define F16_KEY_UNROLL 2
 #endif
@@ -1144,7 +1145,7 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #define F16_KEY_UNROLL_HEADS 1
 #endif
 #ifndef F16_VALUE_UNROLL
-#define F16_VALUE_UNROLL 2
+#define F16_VALUE_UNROLL 1
 #endif
 #ifndef F16_VALUE_UNROLL_HEADS
 #define F16_VALUE_UNROLL_HEADS 2
