@@ -156,8 +156,26 @@ struct AttnParams {
 unsafe impl DeviceRepr for AttnParams {}
 
 /// An attention kernel variant: key bits, value bits (16: the f16 cache), query heads and warps
-/// per CTA, f16 blocks on the tensor cores.
-type VariantKey = (u8, u8, usize, usize, bool);
+/// per CTA, and how the f16 cache's blocks run.
+type VariantKey = (u8, u8, usize, usize, F16Path);
+
+/// How an attention module runs the f16 cache's blocks (KIVI modules: always `Tensor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum F16Path {
+    /// On the tensor cores.
+    Tensor,
+    /// On the tensor cores, at a register cap of 3 CTAs per SM instead of 4 (`F16_MIN_CTAS=3`):
+    /// for grids that fit one wave at that cap (`F16_FEW_CTAS_PER_SM`).
+    TensorFew,
+    /// CUDA-core rows (`F16_TC=0`): batches of short sequences (`F16_TC_MIN_LEN`).
+    Simt,
+}
+
+/// f16 grids of at most this many CTAs per SM take `F16Path::TensorFew`: they run in one wave
+/// whatever the cap, and 168 registers hold more loads in flight than 128. Measured on the H200
+/// (session 16, µs, 4-CTA -> 3-CTA cap): GQA B = 1 T = 32K 49.6 -> 47.5, B = 8 T = 4K 46.9 ->
+/// 45.7, B = 1 T = 16K 33.2 -> 31.7; but in several waves B = 8 T = 16K 135 -> 168.
+const F16_FEW_CTAS_PER_SM: usize = 3;
 
 /// Elements per KV head of one layer's buffers: in one block (codes, scales/mins; the f16
 /// cache's rows in `kwin`/`vwin`), or in one slot (KIVI windows).
@@ -866,17 +884,21 @@ impl GpuCache {
         } {
             kernels.push((
                 format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
-                self.attn_function(kb, vb, ng, 4, true)?,
+                self.attn_function(kb, vb, ng, 4, F16Path::Tensor)?,
             ));
             if kb < 16 {
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
-                    self.attn_function(kb, vb, ng, 1, true)?,
+                    self.attn_function(kb, vb, ng, 1, F16Path::Tensor)?,
                 ));
             } else {
                 kernels.push((
+                    format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_c3"),
+                    self.attn_function(kb, vb, ng, 4, F16Path::TensorFew)?,
+                ));
+                kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_simt"),
-                    self.attn_function(kb, vb, ng, 4, false)?,
+                    self.attn_function(kb, vb, ng, 4, F16Path::Simt)?,
                 ));
             }
         }
@@ -1235,16 +1257,16 @@ impl GpuCache {
     }
 
     /// The defines of one decode-attention variant (cache.cu `kivi_attn`) and its module name.
-    /// `f16_tc`: the f16 cache's blocks on the tensor cores; without it the f16 module is
-    /// compiled with `F16_TC=0` (the CUDA-core rows alone take 92 registers and no spills, where
-    /// the module with both paths takes 128 and spills).
+    /// `path` (f16 cache only): `Simt` compiles with `F16_TC=0` (the CUDA-core rows alone take
+    /// 92 registers and no spills, where the module with both paths takes 128 and spills);
+    /// `TensorFew` with `F16_MIN_CTAS=3`.
     fn attn_variant(
         d: usize,
         kb: u8,
         vb: u8,
         ng: usize,
         warps: usize,
-        f16_tc: bool,
+        path: F16Path,
     ) -> (String, Vec<String>) {
         let mut defines = [
             ("D", d),
@@ -1256,9 +1278,18 @@ impl GpuCache {
         .map(|(k, v)| format!("-DATTN_{k}={v}"))
         .to_vec();
         let mut name = format!("{MODULE}_attn_d{d}_k{kb}_v{vb}_g{ng}_w{warps}");
-        if kb == 16 && !f16_tc {
-            defines.push("-DF16_TC=0".into());
-            name.push_str("_simt");
+        if kb == 16 {
+            match path {
+                F16Path::Tensor => {}
+                F16Path::TensorFew => {
+                    defines.push("-DF16_MIN_CTAS=3".into());
+                    name.push_str("_c3");
+                }
+                F16Path::Simt => {
+                    defines.push("-DF16_TC=0".into());
+                    name.push_str("_simt");
+                }
+            }
         }
         (name, defines)
     }
@@ -1272,9 +1303,9 @@ impl GpuCache {
         vb: u8,
         ng: usize,
         warps: usize,
-        f16_tc: bool,
+        path: F16Path,
     ) -> Result<CudaFunction> {
-        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, f16_tc);
+        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, path);
         self.gpu
             .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
@@ -1423,15 +1454,24 @@ impl GpuCache {
             CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
         };
         let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
+        let ctas = decode_splits * hkv * nchunk * t;
+        let path = if quant {
+            F16Path::Tensor
+        } else if !f16_tc {
+            F16Path::Simt
+        } else if ctas <= F16_FEW_CTAS_PER_SM * self.sm_count {
+            F16Path::TensorFew
+        } else {
+            F16Path::Tensor
+        };
         let warps = if one_warp {
             1
         } else {
             ATTN_THREADS as usize / 32
         };
-        let f = self.attn_function(kb, vb, ng, warps, f16_tc)?;
+        let f = self.attn_function(kb, vb, ng, warps, path)?;
         // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
         let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
-        let ctas = decode_splits * hkv * nchunk * t;
         // Decode splits only, in one wave of CTAs: the kernel's last CTA per (token, head group)
         // combines them, with no reduce launch. (Measured on the H200, docs/benchmarks.md
         // "Session 16": 2-10 % faster in one wave; with more waves the combining CTAs hold their
@@ -1440,7 +1480,7 @@ impl GpuCache {
             && self.fused_reduce
             && self.sinks == 0
             && !prefill
-            && ctas <= self.resident_ctas(&f, (kb, vb, ng, warps, f16_tc), smem)?;
+            && ctas <= self.resident_ctas(&f, (kb, vb, ng, warps, path), smem)?;
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -1818,11 +1858,11 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                     if warps == 1 && kb == 16 {
                         continue;
                     }
-                    for f16_tc in [true, false] {
-                        if !f16_tc && kb != 16 {
+                    for path in [F16Path::Tensor, F16Path::TensorFew, F16Path::Simt] {
+                        if path != F16Path::Tensor && kb != 16 {
                             continue;
                         }
-                        let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps, f16_tc);
+                        let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps, path);
                         modules.push(crate::KernelModule {
                             name,
                             source: SOURCE,
