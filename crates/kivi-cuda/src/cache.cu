@@ -334,7 +334,9 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const
 // Decode attention (flash-decoding). One CTA = one packed query token x one KV head x NG of its
 // query heads x one split of the sequence: packed K/V of a KV head is read once for all the query
 // heads sharing it. Scores of the split stay in shared memory; the CTA writes its unnormalised
-// output, max and sum, and kivi_attn_reduce combines the splits.
+// output, max and sum. The last CTA of a (token, head group) to finish then combines the splits
+// (`tickets`), or, when the host asks for it (several waves of CTAs, sink or prefill parts from
+// other kernels), kivi_attn_reduce does.
 
 
 struct AttnParams {
@@ -1137,7 +1139,7 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 // where the f16 kernel trails SDPA, small GQA batches, and the 2-CTA cap made MHA B = 8 T = 1K
 // 1.36x slower; docs/benchmarks.md, "Session 13". Session 16: one key row pair at a time in GQA
 // CTAs, B = 32 T = 32K 1047 -> 993 us, B = 8 T = 16K 145 -> 138; one value k-step at a time in
-// one-head CTAs, MHA B = 32 T = 32K 3851 -> 3812, B = 8 T = 32K 978 -> 968.)
+// one-head CTAs, MHA B = 32 T = 32K 3851 -> 3810, B = 8 T = 32K 978 -> 968.)
 #ifndef F16_KEY_UNROLL
 #define F16_KEY_UNROLL 2
 #endif
