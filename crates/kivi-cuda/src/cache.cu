@@ -1133,17 +1133,6 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #ifndef F16_TC_REST
 #define F16_TC_REST 2
 #endif
-// 1: an f16 split asks L2 for its value rows before its keys' phase (one-wave grids, where a
-// warp's loads wait on DRAM latency with little else in flight).
-#ifndef F16_PREFETCH_VALUES
-#define F16_PREFETCH_VALUES 0
-#endif
-#ifndef KIVI_EMU
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-#else
-inline void prefetch_l2(const void*) {}
-#endif
-
 // Row pairs (keys) and 16-token k-steps (values) of an f16 block whose loads are in flight
 // together, in one-head CTAs and (_HEADS) in CTAs of several heads. (Session 13 on the H200: 4
 // or 8 of each, also with register caps of 3 or 2 CTAs per SM (F16_MIN_CTAS), were no faster
@@ -1695,16 +1684,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
     __syncthreads();
-    if constexpr (!QUANT && F16_TC && F16_PREFETCH_VALUES) {
-        // The split's f16 value rows asked of L2 now, while the keys load: the value phase then
-        // does not wait for DRAM after the softmax.
-        constexpr int LINES = BLOCK_TOKENS * D * 2 / 128;  // 128-byte lines per block
-        const int nb = min((max(n - s0, 0) + BLOCK_TOKENS - 1) / BLOCK_TOKENS, P.split_len / BLOCK_TOKENS);
-        for (int x = threadIdx.x; x < nb * LINES; x += blockDim.x) {
-            const u16* rows = c.vwin + (u64)kvh * c.vwin_head + (u64)sblk[x / LINES] * c.vwin_unit;
-            prefetch_l2((const char*)rows + (x % LINES) * 128);
-        }
-    }
 
     // Whole quantized blocks of the split go through the tensor cores: keys [s0, kt_end),
     // values [s0, vt_end) (s0 is block-aligned), in multiples of P.tc_multiple blocks: a warp
