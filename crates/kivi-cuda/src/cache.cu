@@ -483,9 +483,10 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
     }
 }
 
-// blockIdx.y and .z read again (volatile): a read the compiler merged with the kernel's first one
-// would hold a register through the whole split (measured: the one-head KIVI-2 kernel, at its
-// 80-register cap, then spilled in its block loops).
+// blockIdx.y and .z read again (volatile), so that the combination's uses cannot stretch the
+// kernel's first reads across the split. (Written while chasing the one-head KIVI-2 kernel's
+// spills at its 80-register cap; ptxas gives the same registers and spills with plain blockIdx,
+// and 56-88 fewer instructions: these can go, with a GPU test run.)
 #ifndef KIVI_EMU
 __device__ __forceinline__ int ctaid_y_again() {
     int v;
@@ -2423,7 +2424,7 @@ ATTN_SINKS(128)
 
 // Combines the splits of one (token, query head). With prefill_slot >= 0, that split holds the
 // prefill kernel's part, written only for tokens of items with several new tokens.
-// grid = (H, T), block = 32 (one warp: the head's channels in D / 32 passes).
+// grid = (H, T), block = 32 (one warp; four channels per lane).
 extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* part_ml, float* out,
                                             int n_head, int nsplit, int head_dim, const Tok* toks,
                                             int prefill_slot) {

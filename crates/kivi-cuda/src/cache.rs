@@ -46,6 +46,7 @@ const CTAS_PER_SM: usize = 4;
 /// f16: 2 (session 12 sweep of 1 / 2 / 4 on the H200, µs: MHA B = 8 T = 1K 44.6 (4: 54.5),
 /// T = 4K 139 (155); GQA B = 32 T = 1K 48 (66), T = 4K 148 (173), B = 8 T = 16K 145 (170),
 /// B = 1 T = 16K 37 (46); slower only at MHA B = 1 T = 16K 87 (79), GQA B = 8 T = 4K 58 (49)).
+/// (Batches with at least as many (token, head group) pairs as SMs take 1: see `attend`.)
 const F16_CTAS_PER_SM: usize = 2;
 /// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
 /// once, unless the batch's attention reads at most this fraction of the L2 cache in cache
@@ -1310,7 +1311,7 @@ impl GpuCache {
             .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
 
-    /// CTAs of an attention variant (`key`: bits, heads, warps, f16 tensor cores) with `smem`
+    /// CTAs of an attention variant (`key`: bits, heads, warps, f16 path) with `smem`
     /// bytes of dynamic shared memory that the whole GPU holds at once (the driver's occupancy,
     /// asked once per variant and size).
     fn resident_ctas(&mut self, f: &CudaFunction, key: VariantKey, smem: usize) -> Result<usize> {
@@ -1844,7 +1845,8 @@ impl GpuCache {
 
 /// The cache's kernel modules: the append / prefill / reduce kernels, and every decode-attention
 /// variant a cache can launch (head dims 64 and 128; 2/4-bit keys and values, or f16; 1-4
-/// query heads per CTA; four-warp CTAs, and one-warp CTAs for KIVI caches).
+/// query heads per CTA; four-warp CTAs, and one-warp CTAs for KIVI caches; the f16 cache's
+/// three `F16Path`s).
 pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
     let mut modules = vec![crate::KernelModule {
         name: MODULE.into(),
