@@ -1318,8 +1318,9 @@ impl GpuCache {
         if let Some(&n) = self.resident.get(&(key, smem)) {
             return Ok(n);
         }
+        let (_, _, _, warps, _) = key;
         let per_sm =
-            f.occupancy_max_active_blocks_per_multiprocessor((key.3 * 32) as u32, smem, None)?;
+            f.occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, smem, None)?;
         let n = per_sm as usize * self.sm_count;
         self.resident.insert((key, smem), n);
         Ok(n)
