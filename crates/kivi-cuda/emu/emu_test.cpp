@@ -267,8 +267,9 @@ static void sinks(int S, int n_old, int n_new) {
 // KB = VB = 16: the f16 cache (rows paged in the window buffers, nothing quantized).
 // `production`: the tensor-core choices GpuCache makes (whole blocks in multiples of the warps,
 // a partial block only from 32 positions; the rest on CUDA cores), else every quantized block
-// on the tensor cores.
-template <int D, int KB, int VB, int NG, int W>
+// on the tensor cores. FST > 0 (the f16 cache): its blocks through the shared-memory ring of
+// FST stages (F16_STAGES).
+template <int D, int KB, int VB, int NG, int W, int FST = 0>
 struct Pipeline {
     static constexpr bool F16 = KB == 16;
     int hkv, nh, G, R, S, split, slots, pool;
@@ -516,9 +517,10 @@ struct Pipeline {
             P.out = out.data();
             P.tickets = tickets.data();
         }
-        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split;
+        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split + W * FST * 8 * D;
         if (decode_splits > 0)
-            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W>(P); }, smem);
+            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W, FST>(P); },
+                       smem);
         if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
         if (prefill)
             emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });
@@ -598,9 +600,9 @@ struct Pipeline {
     }
 };
 
-template <int D, int KB, int VB, int NG, int W>
+template <int D, int KB, int VB, int NG, int W, int FST = 0>
 static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int prompt = 0) {
-    Pipeline<D, KB, VB, NG, W> pl(hkv, nh, G, R, S, split, 3, 64);
+    Pipeline<D, KB, VB, NG, W, FST> pl(hkv, nh, G, R, S, split, 3, 64);
     pl.production = production;
     // Long prompts first (several blocks per warp), if asked for.
     if (prompt > 0) pl.step({{0, prompt}, {1, prompt / 2 + 3}});
@@ -619,8 +621,9 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     char what[160];
     std::snprintf(what, sizeof what,
-                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s", D,
-                  KB, VB, nh, hkv, NG, W, G, R, S, split, prompt, production ? " (production tensor-core choices)" : "");
+                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s%s",
+                  D, KB, VB, nh, hkv, NG, W, G, R, S, split, prompt,
+                  production ? " (production tensor-core choices)" : "", FST ? " (f16 ring)" : "");
     // On exactly quantizable data the dequantized values are exact; with R = 0 (data off the
     // grid) the tensor cores dequantize through f16 where the reference stays in f32.
     const double bound = R == 0 && KB < 16 ? 5e-4 : 1e-4;
@@ -686,6 +689,12 @@ int main() {
     pipeline<128, 16, 16, 1, 4>(2, 2, 32, 0, 0, 512, true, 300);
     // ... with whole blocks left over after the blocks per warp (F16_TC_REST): 7-block splits.
     pipeline<128, 16, 16, 4, 4>(1, 4, 32, 0, 0, 896, true, 1000);
+    // ... through the f16 ring (F16_STAGES): 2-4 stages, streams of 1-3 blocks per warp, a
+    // partial last block, leftover blocks spread unevenly, D = 64.
+    pipeline<128, 16, 16, 4, 4, 4>(2, 8, 32, 0, 0, 512, false, 300);
+    pipeline<128, 16, 16, 1, 4, 3>(2, 2, 32, 0, 0, 512, true, 300);
+    pipeline<128, 16, 16, 2, 4, 2>(1, 4, 32, 0, 0, 896, true, 1000);
+    pipeline<64, 16, 16, 3, 4, 4>(1, 3, 32, 0, 0, 1536, false, 1400);
     pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);
     // R = 0 (every token quantized, the partial key group re-quantized on each append), sinks.
     pipeline<64, 4, 2, 2, 4>(1, 2, 32, 0, 4, 128);

@@ -483,26 +483,6 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
     }
 }
 
-// blockIdx.y and .z read again (volatile), so that the combination's uses cannot stretch the
-// kernel's first reads across the split. (Written while chasing the one-head KIVI-2 kernel's
-// spills at its 80-register cap; ptxas gives the same registers and spills with plain blockIdx,
-// and 56-88 fewer instructions: these can go, with a GPU test run.)
-#ifndef KIVI_EMU
-__device__ __forceinline__ int ctaid_y_again() {
-    int v;
-    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
-    return v;
-}
-__device__ __forceinline__ int ctaid_z_again() {
-    int v;
-    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v));
-    return v;
-}
-#else
-inline int ctaid_y_again() { return blockIdx.y; }
-inline int ctaid_z_again() { return blockIdx.z; }
-#endif
-
 // With P.tickets: after a CTA's partials are written, the last CTA of its (token, head group)
 // combines all splits into P.out and resets the counter for the next launch.
 template <int D, int NG>
@@ -1154,6 +1134,33 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #define F16_VALUE_UNROLL_HEADS 2
 #endif
 
+// Scores of rows 16g + 2m and 16g + 2m + 1 of an f16 key block (X, Y: lane (g, t)'s channels
+// of the two rows, as tc_f16_key_block loads them) for the CTA's NG heads.
+template <int D, int NG>
+__device__ __forceinline__ void f16_key_row_pair(const AttnParams& P, const uint4 (&X)[D / 32], const uint4 (&Y)[D / 32],
+                                                 int m, int pb, int s0, int valid, const uint2* qf, float* sc,
+                                                 int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < D / 32; j++) {
+        const uint2 b0 = qf[(2 * j) * 32 + lane], b1 = qf[(2 * j + 1) * 32 + lane];
+        mma_16816(acc, X[j].x, Y[j].x, X[j].y, Y[j].y, b0.x, b0.y);
+        mma_16816(acc, X[j].z, Y[j].z, X[j].w, Y[j].w, b1.x, b1.y);
+    }
+    if (t < NG) {
+        float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
+        if (16 * g + 2 * m < valid) row[2 * m] = (acc[0] + acc[1]) * P.scale_log2;
+        if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[2] + acc[3]) * P.scale_log2;
+    }
+}
+
+// Lane (g, t)'s first f16 key element of a block: row 16 g, channel 8 t (tc_f16_key_block).
+template <int D>
+__device__ __forceinline__ const u16* f16_key_lane_rows(const CacheBufs& c, int kvh, u64 blk, int lane) {
+    return c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)(16 * (lane >> 2)) * D + 8 * (lane & 3);
+}
+
 // Scores of one f16 key block (128 rows from pb, pool block blk; the first `valid` are
 // stored) for the CTA's NG heads, by one warp: as tc_key_block (lane g: tokens 16g..16g+15,
 // m-tile M: rows 16g + 2M and 16g + 2M + 1), with the channels in query_fragments' F16_ROWS
@@ -1161,9 +1168,7 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 template <int D, int NG>
 __device__ __forceinline__ void tc_f16_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                  const uint2* qf, float* sc, int lane) {
-    const CacheBufs& c = P.c;
-    const int g = lane >> 2, t = lane & 3;
-    const u16* rows = c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)(16 * g) * D + 8 * t;
+    const u16* rows = f16_key_lane_rows<D>(P.c, kvh, blk, lane);
 #pragma unroll(NG == 1 ? F16_KEY_UNROLL : F16_KEY_UNROLL_HEADS)
     for (int m = 0; m < 8; m++) {
         const u16* x = rows + (u64)(2 * m) * D;
@@ -1173,18 +1178,7 @@ __device__ __forceinline__ void tc_f16_key_block(const AttnParams& P, int kvh, u
             X[j] = *(const uint4*)(x + 32 * j);
             Y[j] = *(const uint4*)(x + D + 32 * j);
         }
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int j = 0; j < D / 32; j++) {
-            const uint2 b0 = qf[(2 * j) * 32 + lane], b1 = qf[(2 * j + 1) * 32 + lane];
-            mma_16816(acc, X[j].x, Y[j].x, X[j].y, Y[j].y, b0.x, b0.y);
-            mma_16816(acc, X[j].z, Y[j].z, X[j].w, Y[j].w, b1.x, b1.y);
-        }
-        if (t < NG) {
-            float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
-            if (16 * g + 2 * m < valid) row[2 * m] = (acc[0] + acc[1]) * P.scale_log2;
-            if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[2] + acc[3]) * P.scale_log2;
-        }
+        f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, valid, qf, sc, lane);
     }
 }
 
@@ -1203,6 +1197,35 @@ __device__ __forceinline__ void f16_row_pairs(const u16* p, bool ok, u32 (&w)[CH
     }
 }
 
+// Lane (g, t)'s first f16 value element of a block: row 0, channel g D / 8 (tc_f16_value_block).
+template <int D>
+__device__ __forceinline__ const u16* f16_value_lane_rows(const CacheBufs& c, int kvh, u64 blk, int lane) {
+    return c.vwin + (u64)kvh * c.vwin_head + blk * c.vwin_unit + (lane >> 2) * (D / 8);
+}
+
+// Adds k-step `kstep` (tokens ta = 16 kstep + 2t, ta + 1, tb = ta + 8, tb + 1) of an f16 value
+// block to acc: wa0, wa1, wb0, wb1 are lane (g, t)'s channel pairs of those rows, zero past
+// `valid` (tc_f16_value_block).
+template <int D, int NG>
+__device__ __forceinline__ void f16_value_kstep(const AttnParams& P, const u32 (&wa0)[D / 16], const u32 (&wa1)[D / 16],
+                                                const u32 (&wb0)[D / 16], const u32 (&wb1)[D / 16], int kstep,
+                                                int valid, const u32* pw, float (&acc)[D / 16][4], int lane) {
+    const int g = lane >> 2, t = lane & 3, hg = g >> 1;
+    const int ta = 16 * kstep + 2 * t, tb = ta + 8;
+    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
+    const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
+    const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
+    u32 bx = 0, by = 0;
+    if (hg < NG) {
+        bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
+        by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
+    }
+#pragma unroll
+    for (int m = 0; m < D / 16; m++)
+        mma_16816(acc[m], prmt(wa0[m], wa1[m], 0x5410u), prmt(wa0[m], wa1[m], 0x7632u), prmt(wb0[m], wb1[m], 0x5410u),
+                  prmt(wb0[m], wb1[m], 0x7632u), bx, by);
+}
+
 // Adds one f16 value block (128 rows from pb, the first `valid` stored) weighted by the
 // softmax to acc, by one warp, as tc_value_block (lane g: channels g CH..g CH + CH - 1, m-tile
 // M: rows = channels g CH + 2M and + 1; k-step tokens 2t, 2t + 1, 2t + 8, 2t + 9): a
@@ -1210,12 +1233,10 @@ __device__ __forceinline__ void f16_row_pairs(const u16* p, bool ok, u32 (&w)[CH
 template <int D, int NG>
 __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    const float* sc, float (&acc)[D / 16][4], int lane) {
-    const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u16* rows = c.vwin + (u64)kvh * c.vwin_head + blk * c.vwin_unit + g * CH;
+    const u16* rows = f16_value_lane_rows<D>(P.c, kvh, blk, lane);
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
-    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll(NG == 1 ? F16_VALUE_UNROLL : F16_VALUE_UNROLL_HEADS)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
@@ -1224,17 +1245,85 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
         f16_row_pairs<CH>(rows + (u64)(ta + 1) * D, ta + 1 < valid, wa1);
         f16_row_pairs<CH>(rows + (u64)tb * D, tb < valid, wb0);
         f16_row_pairs<CH>(rows + (u64)(tb + 1) * D, tb + 1 < valid, wb1);
-        const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
-        const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-        u32 bx = 0, by = 0;
-        if (hg < NG) {
-            bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
-            by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
-        }
+        f16_value_kstep<D, NG>(P, wa0, wa1, wb0, wb1, kstep, valid, pw, acc, lane);
+    }
+}
+
+// ---- The f16 cache's blocks through a shared-memory ring (FST > 0 stages; cache.rs
+// F16_STAGES_FEW): each warp streams its blocks as 4 KB chunks (D = 128), first the keys (chunk
+// 8 i + m: block i's row pairs m, as tc_f16_key_block loads them), then the values (8 nb + 8 i
+// + k: block i's k-step k), copied by cp.async FST - 1 chunks ahead of the one it computes. So
+// the loads in flight no longer need registers to land in, and the first value chunks load
+// during the softmax. Each lane copies exactly the 16-byte pieces it reads back (piece x of
+// lane l at x * 512 + 16 l: conflict-free), so its own cp.async.wait_group is all the
+// synchronisation there is.
+#ifndef F16_STAGES
+#define F16_STAGES 0
+#endif
+
+// Starts chunk c of the warp's stream of nb blocks (the warp's i-th block is the split's block
+// warp + i W) into ring slot c % FST, as one cp.async group (empty past the stream's end, so
+// that chunk c is always group c).
+template <int D, int FST>
+__device__ __forceinline__ void f16_stream_issue(const AttnParams& P, int kvh, const int* sblk, int warp, int W, int nb,
+                                                 int c, SmemAddr ring, int lane) {
+    if (c < 16 * nb) {
+        const bool values = c >= 8 * nb;
+        const int i = (values ? c - 8 * nb : c) >> 3, m = c & 7;
+        const u64 blk = (u64)sblk[warp + i * W];
+        const SmemAddr dst = ring + (c % FST) * (32 * D) + 16 * lane;
+        if (!values) {
+            const u16* x = f16_key_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(2 * m) * D;
 #pragma unroll
-        for (int m = 0; m < CH / 2; m++)
-            mma_16816(acc[m], prmt(wa0[m], wa1[m], 0x5410u), prmt(wa0[m], wa1[m], 0x7632u), prmt(wb0[m], wb1[m], 0x5410u),
-                      prmt(wb0[m], wb1[m], 0x7632u), bx, by);
+            for (int j = 0; j < D / 32; j++) {
+                cp_async16<0, 0>(dst + (2 * j) * 512, x + 32 * j);
+                cp_async16<0, 0>(dst + (2 * j + 1) * 512, x + D + 32 * j);
+            }
+        } else {
+            // Rows ta, ta + 1, ta + 8, ta + 9 (ta = 16 m + 2 t), D / 64 pieces each.
+            constexpr int PR = D / 64;
+            const u16* x = f16_value_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(16 * m + 2 * (lane & 3)) * D;
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+#pragma unroll
+                for (int q = 0; q < PR; q++)
+                    cp_async16<0, 0>(dst + (r * PR + q) * 512, x + (u64)((r & 1) + 8 * (r >> 1)) * D + 8 * q);
+        }
+    }
+    cp_async_commit();
+}
+
+// Waits for chunk c (issued with FST - 2 or fewer groups after it) and reads the lane's D / 16
+// pieces of it.
+template <int D, int FST>
+__device__ __forceinline__ void f16_stream_read(const uint4* ring, int c, uint4 (&x)[D / 16], int lane) {
+    cp_async_wait<FST - 2>();
+    const uint4* slot = ring + (c % FST) * (2 * D) + lane;
+#pragma unroll
+    for (int p = 0; p < D / 16; p++) x[p] = slot[32 * p];
+}
+
+// A key chunk's pieces as tc_f16_key_block's row pair (X: row 16 g + 2 m, Y: the next).
+template <int D>
+__device__ __forceinline__ void f16_key_pieces(const uint4 (&x)[D / 16], uint4 (&X)[D / 32], uint4 (&Y)[D / 32]) {
+#pragma unroll
+    for (int j = 0; j < D / 32; j++) {
+        X[j] = x[2 * j];
+        Y[j] = x[2 * j + 1];
+    }
+}
+
+// Row r of a value chunk (its D / 64 pieces from x[r D / 64]) as D / 16 channel pairs, zero
+// if !ok (rows past `valid` were never written: they could hold NaN, and 0 * NaN is NaN).
+template <int D>
+__device__ __forceinline__ void f16_value_piece_row(const uint4 (&x)[D / 16], int r, bool ok, u32 (&w)[D / 16]) {
+#pragma unroll
+    for (int q = 0; q < D / 64; q++) {
+        const uint4 u = ok ? x[r * (D / 64) + q] : make_uint4(0u, 0u, 0u, 0u);
+        w[4 * q] = u.x;
+        w[4 * q + 1] = u.y;
+        w[4 * q + 2] = u.z;
+        w[4 * q + 3] = u.w;
     }
 }
 
@@ -1627,7 +1716,7 @@ __device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&
 // start 16-byte aligned (the q, value-slot areas before it are multiples of 4 floats).
 #define SML_FLOATS(NG) ((2 * (NG) + 8 + 3) & ~3)
 
-template <int D, int KB, int VB, int NG, int W>
+template <int D, int KB, int VB, int NG, int W, int FST>
 __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr int CPL = D / 32;
     constexpr bool QUANT = KB < 16;
@@ -1658,6 +1747,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     float* sacc = sq + NG * D;
     float* sml = sacc + W * NG * D;    // [NG][2]
     float* sc = sml + SML_FLOATS(NG);  // [NG][split_len], 16-byte aligned
+    // [W][FST][32 D bytes]: each warp's ring of f16 chunks (f16_stream_issue).
+    uint4* ring = (uint4*)(sc + NG * P.split_len) + warp * FST * 2 * D;
     __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
@@ -1719,6 +1810,14 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     }
     const int kt_valid = min(kt_end, max(min(s1, kpaged), s0));
     const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
+    // The f16 ring: the warp's share of the tensor-core blocks (the same for keys and values:
+    // kpaged = vpaged), its first FST - 1 chunks started now.
+    constexpr bool F16_RING = F16_TENSOR && FST > 0;
+    const int ring_blocks = F16_RING ? max((kt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
+    if constexpr (F16_RING) {
+        for (int c = 0; c < FST - 1; c++)
+            f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
+    }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
@@ -1771,6 +1870,19 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
                                      sc, lane);
+    } else if (F16_RING) {
+        for (int i = 0; i < ring_blocks; i++) {
+            const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
+#pragma unroll 1
+            for (int m = 0; m < 8; m++) {
+                const int c = 8 * i + m;
+                uint4 x[D / 16], X[D / 32], Y[D / 32];
+                f16_stream_read<D, FST>(ring, c, x, lane);
+                f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                f16_key_pieces<D>(x, X, Y);
+                f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
+            }
+        }
     } else if (F16_TENSOR && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
@@ -2059,9 +2171,30 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int m = 0; m < D / 16; m++)
 #pragma unroll
             for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-            tc_f16_value_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, tacc,
-                                      lane);
+        if constexpr (F16_RING) {
+            const int hg = lane >> 3, t = lane & 3;
+            for (int i = 0; i < ring_blocks; i++) {
+                const int pb = s0 + (warp + i * W) * BLOCK_TOKENS, valid = vt_valid - pb;
+                const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+#pragma unroll 1
+                for (int k = 0; k < BLOCK_TOKENS / 16; k++) {
+                    const int c = 8 * ring_blocks + 8 * i + k, ta = 16 * k + 2 * t;
+                    uint4 x[D / 16];
+                    u32 wa0[D / 16], wa1[D / 16], wb0[D / 16], wb1[D / 16];
+                    f16_stream_read<D, FST>(ring, c, x, lane);
+                    f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_value_piece_row<D>(x, 0, ta < valid, wa0);
+                    f16_value_piece_row<D>(x, 1, ta + 1 < valid, wa1);
+                    f16_value_piece_row<D>(x, 2, ta + 8 < valid, wb0);
+                    f16_value_piece_row<D>(x, 3, ta + 9 < valid, wb1);
+                    f16_value_kstep<D, NG>(P, wa0, wa1, wb0, wb1, k, valid, pw, tacc, lane);
+                }
+            }
+        } else {
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_f16_value_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                          tacc, lane);
+        }
         tc_value_store<D, NG>(tacc, wacc, lane);
     }
 
@@ -2188,10 +2321,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #ifndef FUSED_COMBINE
 #define FUSED_COMBINE 1
 #endif
-template <int D, int KB, int VB, int NG, int W>
+template <int D, int KB, int VB, int NG, int W, int FST = 0>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
-    attn_split_partials<D, KB, VB, NG, W>(P);
-    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG>(P, ctaid_z_again(), ctaid_y_again());
+    attn_split_partials<D, KB, VB, NG, W, FST>(P);
+    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG>(P, blockIdx.z, blockIdx.y);
 }
 
 // Minimum resident CTAs per SM (__launch_bounds__), i.e. a register cap. KIVI kernels: at
@@ -2243,7 +2376,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     ((NG) != 1 ? ONE_WARP_MIN_CTAS_GQA : (KB) + (VB) == 4 ? ONE_WARP_MIN_CTAS_K2 : ONE_WARP_MIN_CTAS)
 extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_KB, ATTN_VB, ATTN_NG) : MIN_CTAS(ATTN_KB, ATTN_VB, ATTN_NG))
     kivi_attn(AttnParams p) {
-    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W>(p);
+    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W, ATTN_KB == 16 ? F16_STAGES : 0>(p);
 }
 #endif
 

@@ -157,8 +157,8 @@ struct AttnParams {
 unsafe impl DeviceRepr for AttnParams {}
 
 /// An attention kernel variant: key bits, value bits (16: the f16 cache), query heads and warps
-/// per CTA, and how the f16 cache's blocks run.
-type VariantKey = (u8, u8, usize, usize, F16Path);
+/// per CTA, how the f16 cache's blocks run, and the stages of its shared-memory ring.
+type VariantKey = (u8, u8, usize, usize, F16Path, usize);
 
 /// How an attention module runs the f16 cache's blocks (KIVI modules: always `Tensor`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -177,6 +177,12 @@ enum F16Path {
 /// (session 16, µs, 4-CTA -> 3-CTA cap): GQA B = 1 T = 32K 49.6 -> 47.5, B = 8 T = 4K 46.9 ->
 /// 45.7, B = 1 T = 16K 33.2 -> 31.7; but in several waves B = 8 T = 16K 135 -> 168.
 const F16_FEW_CTAS_PER_SM: usize = 3;
+
+/// Stages of the f16 ring (`F16_STAGES` in cache.cu: each warp streams its blocks through
+/// shared memory by cp.async, this many 32 D-byte chunks, FST - 1 of them in flight) in the
+/// `F16Path::TensorFew` and `F16Path::Tensor` modules (0: no ring, loads into registers).
+const F16_STAGES_FEW: usize = 4;
+const F16_STAGES_MANY: usize = 0;
 
 /// Elements per KV head of one layer's buffers: in one block (codes, scales/mins; the f16
 /// cache's rows in `kwin`/`vwin`), or in one slot (KIVI windows).
@@ -543,6 +549,9 @@ pub struct GpuCache {
     f16_ctas_per_sm: Option<usize>,
     /// `F16_TC_MIN_LEN` (`KIVI_CUDA_F16_TC_MIN_LEN`).
     f16_tc_min_len: usize,
+    /// `F16_STAGES_FEW` and `F16_STAGES_MANY` (`KIVI_CUDA_F16_STAGES_FEW`, `_MANY`: 0, or 2-8).
+    f16_stages_few: usize,
+    f16_stages_many: usize,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -770,6 +779,8 @@ impl GpuCache {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(F16_TC_MIN_LEN),
+            f16_stages_few: stages_from_env("KIVI_CUDA_F16_STAGES_FEW", F16_STAGES_FEW),
+            f16_stages_many: stages_from_env("KIVI_CUDA_F16_STAGES_MANY", F16_STAGES_MANY),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -885,21 +896,35 @@ impl GpuCache {
         } {
             kernels.push((
                 format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}"),
-                self.attn_function(kb, vb, ng, 4, F16Path::Tensor)?,
+                self.attn_function(
+                    kb,
+                    vb,
+                    ng,
+                    4,
+                    F16Path::Tensor,
+                    self.f16_stages(F16Path::Tensor),
+                )?,
             ));
             if kb < 16 {
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_w1"),
-                    self.attn_function(kb, vb, ng, 1, F16Path::Tensor)?,
+                    self.attn_function(kb, vb, ng, 1, F16Path::Tensor, 0)?,
                 ));
             } else {
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_c3"),
-                    self.attn_function(kb, vb, ng, 4, F16Path::TensorFew)?,
+                    self.attn_function(
+                        kb,
+                        vb,
+                        ng,
+                        4,
+                        F16Path::TensorFew,
+                        self.f16_stages(F16Path::TensorFew),
+                    )?,
                 ));
                 kernels.push((
                     format!("kivi_attn_d{d}_k{kb}_v{vb}_g{ng}_simt"),
-                    self.attn_function(kb, vb, ng, 4, F16Path::Simt)?,
+                    self.attn_function(kb, vb, ng, 4, F16Path::Simt, 0)?,
                 ));
             }
         }
@@ -1260,7 +1285,7 @@ impl GpuCache {
     /// The defines of one decode-attention variant (cache.cu `kivi_attn`) and its module name.
     /// `path` (f16 cache only): `Simt` compiles with `F16_TC=0` (the CUDA-core rows alone take
     /// 92 registers and no spills, where the module with both paths takes 128 and spills);
-    /// `TensorFew` with `F16_MIN_CTAS=3`.
+    /// `TensorFew` with `F16_MIN_CTAS=3`; `stages` > 0 (f16 tensor-core paths): the f16 ring.
     fn attn_variant(
         d: usize,
         kb: u8,
@@ -1268,6 +1293,7 @@ impl GpuCache {
         ng: usize,
         warps: usize,
         path: F16Path,
+        stages: usize,
     ) -> (String, Vec<String>) {
         let mut defines = [
             ("D", d),
@@ -1291,6 +1317,10 @@ impl GpuCache {
                     name.push_str("_simt");
                 }
             }
+            if stages > 0 && path != F16Path::Simt {
+                defines.push(format!("-DF16_STAGES={stages}"));
+                name.push_str(&format!("_s{stages}"));
+            }
         }
         (name, defines)
     }
@@ -1305,8 +1335,10 @@ impl GpuCache {
         ng: usize,
         warps: usize,
         path: F16Path,
+        stages: usize,
     ) -> Result<CudaFunction> {
-        let (module, defines) = Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, path);
+        let (module, defines) =
+            Self::attn_variant(self.shape.head_dim, kb, vb, ng, warps, path, stages);
         self.gpu
             .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
@@ -1318,12 +1350,21 @@ impl GpuCache {
         if let Some(&n) = self.resident.get(&(key, smem)) {
             return Ok(n);
         }
-        let (_, _, _, warps, _) = key;
+        let (_, _, _, warps, _, _) = key;
         let per_sm =
             f.occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, smem, None)?;
         let n = per_sm as usize * self.sm_count;
         self.resident.insert((key, smem), n);
         Ok(n)
+    }
+
+    /// Stages of the f16 ring in the modules of `path` (`F16_STAGES_FEW`, `F16_STAGES_MANY`).
+    fn f16_stages(&self, path: F16Path) -> usize {
+        match path {
+            F16Path::Tensor => self.f16_stages_many,
+            F16Path::TensorFew => self.f16_stages_few,
+            F16Path::Simt => 0,
+        }
     }
 
     fn heads_per_cta(n_rep: usize) -> usize {
@@ -1471,9 +1512,11 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let f = self.attn_function(kb, vb, ng, warps, path)?;
-        // q, one value-sum slot per warp, max/sum, scores (`attn_split`'s layout).
-        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4;
+        let stages = if quant { 0 } else { self.f16_stages(path) };
+        let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
+        // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
+            + warps * stages * 32 * d;
         // Decode splits only, in one wave of CTAs: the kernel's last CTA per (token, head group)
         // combines them, with no reduce launch. (Measured on the H200, docs/benchmarks.md
         // "Session 16": 2-10 % faster in one wave; with more waves the combining CTAs hold their
@@ -1482,7 +1525,7 @@ impl GpuCache {
             && self.fused_reduce
             && self.sinks == 0
             && !prefill
-            && ctas <= self.resident_ctas(&f, (kb, vb, ng, warps, path), smem)?;
+            && ctas <= self.resident_ctas(&f, (kb, vb, ng, warps, path, stages), smem)?;
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
@@ -1847,7 +1890,7 @@ impl GpuCache {
 /// The cache's kernel modules: the append / prefill / reduce kernels, and every decode-attention
 /// variant a cache can launch (head dims 64 and 128; 2/4-bit keys and values, or f16; 1-4
 /// query heads per CTA; four-warp CTAs, and one-warp CTAs for KIVI caches; the f16 cache's
-/// three `F16Path`s).
+/// three `F16Path`s, with their default ring stages).
 pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
     let mut modules = vec![crate::KernelModule {
         name: MODULE.into(),
@@ -1865,7 +1908,13 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                         if path != F16Path::Tensor && kb != 16 {
                             continue;
                         }
-                        let (name, defines) = GpuCache::attn_variant(d, kb, vb, ng, warps, path);
+                        let stages = match path {
+                            F16Path::Tensor if kb == 16 => F16_STAGES_MANY,
+                            F16Path::TensorFew => F16_STAGES_FEW,
+                            _ => 0,
+                        };
+                        let (name, defines) =
+                            GpuCache::attn_variant(d, kb, vb, ng, warps, path, stages);
                         modules.push(crate::KernelModule {
                             name,
                             source: SOURCE,
@@ -1877,6 +1926,15 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
         }
     }
     modules
+}
+
+/// Ring stages from an environment variable: 0 (no ring) or 2-8 (one chunk in use, the others
+/// in flight); `default` if unset or not a number.
+fn stages_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(default, |s| if s < 2 { 0 } else { s.min(8) })
 }
 
 #[cfg(test)]
