@@ -830,6 +830,12 @@ __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
                  : "memory");
 }
+// The same through L1 (.ca: a second copy of the same 32-byte sector can hit there).
+template <int DOFF, int SOFF>
+__device__ __forceinline__ void cp_async16_l1(SmemAddr dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
+                 : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of the thread's committed groups are in flight.
 template <int N>
@@ -1261,6 +1267,36 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 #define F16_STAGES 0
 #endif
 
+// Measured switches: F16_RING_L1 copies through L1 (cp.async.ca); F16_RING_COALESCED copies
+// each chunk as 8 runs of 512 contiguous bytes (a key chunk's row pairs, a value chunk's rows
+// 2p and 2p + 1), XOR-swizzled so that the reads back are conflict-free, and the lanes read
+// each other's copies after a __syncwarp (else, and at D = 64, each lane copies the pieces it
+// reads).
+#ifndef F16_RING_L1
+#define F16_RING_L1 0
+#endif
+#ifndef F16_RING_COALESCED
+#define F16_RING_COALESCED 0
+#endif
+__device__ __forceinline__ void f16_copy16(SmemAddr dst, const void* src) {
+    if (F16_RING_L1)
+        cp_async16_l1<0, 0>(dst, src);
+    else
+        cp_async16<0, 0>(dst, src);
+}
+
+// The 16-byte unit where a coalesced chunk keeps unit u (0..31) of its 512-byte run p: key row
+// pairs flip bit 2 for odd pairs; value rows (row = 2p + u / 16) flip bits 0 and 2 by the row's
+// bits 1 and 2.
+template <bool VALUES>
+__device__ __forceinline__ int f16_ring_unit(int p, int u) {
+    if (VALUES) {
+        const int row = 2 * p + (u >> 4);
+        return u ^ (((row >> 1) & 1) | (((row >> 2) & 1) << 2));
+    }
+    return u ^ ((p & 1) << 2);
+}
+
 // Starts chunk c of the warp's stream of nb blocks (the warp's i-th block is the split's block
 // warp + i W) into ring slot c % FST, as one cp.async group (empty past the stream's end, so
 // that chunk c is always group c).
@@ -1271,33 +1307,69 @@ __device__ __forceinline__ void f16_stream_issue(const AttnParams& P, int kvh, c
         const bool values = c >= 8 * nb;
         const int i = (values ? c - 8 * nb : c) >> 3, m = c & 7;
         const u64 blk = (u64)sblk[warp + i * W];
-        const SmemAddr dst = ring + (c % FST) * (32 * D) + 16 * lane;
-        if (!values) {
-            const u16* x = f16_key_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(2 * m) * D;
+        if (F16_RING_COALESCED && D == 128) {
+            const SmemAddr dst = ring + (c % FST) * (32 * D);
+            // Run p: key rows 16 p + 2 m and + 1; value rows 16 m + 2 p and + 1.
+            const u16* x = values ? P.c.vwin + (u64)kvh * P.c.vwin_head + blk * P.c.vwin_unit + (u64)(16 * m) * D
+                                  : P.c.kwin + (u64)kvh * P.c.kwin_head + blk * P.c.kwin_unit + (u64)(2 * m) * D;
+            const u64 run = values ? 2 * D : 16 * D;
 #pragma unroll
-            for (int j = 0; j < D / 32; j++) {
-                cp_async16<0, 0>(dst + (2 * j) * 512, x + 32 * j);
-                cp_async16<0, 0>(dst + (2 * j + 1) * 512, x + D + 32 * j);
-            }
+            for (int p = 0; p < 8; p++)
+                f16_copy16(dst + 512 * p + 16 * (values ? f16_ring_unit<true>(p, lane) : f16_ring_unit<false>(p, lane)),
+                           x + p * run + 8 * lane);
         } else {
-            // Rows ta, ta + 1, ta + 8, ta + 9 (ta = 16 m + 2 t), D / 64 pieces each.
-            constexpr int PR = D / 64;
-            const u16* x = f16_value_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(16 * m + 2 * (lane & 3)) * D;
+            const SmemAddr dst = ring + (c % FST) * (32 * D) + 16 * lane;
+            if (!values) {
+                const u16* x = f16_key_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(2 * m) * D;
 #pragma unroll
-            for (int r = 0; r < 4; r++)
+                for (int j = 0; j < D / 32; j++) {
+                    f16_copy16(dst + (2 * j) * 512, x + 32 * j);
+                    f16_copy16(dst + (2 * j + 1) * 512, x + D + 32 * j);
+                }
+            } else {
+                // Rows ta, ta + 1, ta + 8, ta + 9 (ta = 16 m + 2 t), D / 64 pieces each.
+                constexpr int PR = D / 64;
+                const u16* x = f16_value_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(16 * m + 2 * (lane & 3)) * D;
 #pragma unroll
-                for (int q = 0; q < PR; q++)
-                    cp_async16<0, 0>(dst + (r * PR + q) * 512, x + (u64)((r & 1) + 8 * (r >> 1)) * D + 8 * q);
+                for (int r = 0; r < 4; r++)
+#pragma unroll
+                    for (int q = 0; q < PR; q++)
+                        f16_copy16(dst + (r * PR + q) * 512, x + (u64)((r & 1) + 8 * (r >> 1)) * D + 8 * q);
+            }
         }
     }
     cp_async_commit();
 }
 
 // Waits for chunk c (issued with FST - 2 or fewer groups after it) and reads the lane's D / 16
-// pieces of it.
-template <int D, int FST>
+// pieces of it, in the order the lane-private copies keep them (key: X0 Y0 X1 Y1 ..; value:
+// rows ta, ta + 1, ta + 8, ta + 9, D / 64 pieces each).
+template <int D, int FST, bool VALUES>
 __device__ __forceinline__ void f16_stream_read(const uint4* ring, int c, uint4 (&x)[D / 16], int lane) {
     cp_async_wait<FST - 2>();
+    if (F16_RING_COALESCED && D == 128) {
+        __syncwarp();
+        const uint4* slot = ring + (c % FST) * (2 * D);
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int k = 0; k < D / 16; k++) {
+            int p, u;
+            if (VALUES) {
+                // Row 2t + (k / 2 & 1) + 8 (k / 4), unit 2g + k % 2.
+                const int row = 2 * t + ((k >> 1) & 1) + 8 * (k >> 2);
+                p = row >> 1;
+                u = 16 * (row & 1) + 2 * g + (k & 1);
+                x[k] = slot[32 * p + f16_ring_unit<true>(p, u)];
+            } else {
+                // Pair g, row k % 2, unit t + 4 (k / 2).
+                p = g;
+                u = 16 * (k & 1) + t + 4 * (k >> 1);
+                x[k] = slot[32 * p + f16_ring_unit<false>(p, u)];
+            }
+        }
+        __syncwarp();  // (the slot is copied again FST - 1 chunks later, by other lanes too)
+        return;
+    }
     const uint4* slot = ring + (c % FST) * (2 * D) + lane;
 #pragma unroll
     for (int p = 0; p < D / 16; p++) x[p] = slot[32 * p];
@@ -1877,7 +1949,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int m = 0; m < 8; m++) {
                 const int c = 8 * i + m;
                 uint4 x[D / 16], X[D / 32], Y[D / 32];
-                f16_stream_read<D, FST>(ring, c, x, lane);
+                f16_stream_read<D, FST, false>(ring, c, x, lane);
                 f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
                 f16_key_pieces<D>(x, X, Y);
                 f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
@@ -2181,7 +2253,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     const int c = 8 * ring_blocks + 8 * i + k, ta = 16 * k + 2 * t;
                     uint4 x[D / 16];
                     u32 wa0[D / 16], wa1[D / 16], wb0[D / 16], wb1[D / 16];
-                    f16_stream_read<D, FST>(ring, c, x, lane);
+                    f16_stream_read<D, FST, true>(ring, c, x, lane);
                     f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
                     f16_value_piece_row<D>(x, 0, ta < valid, wa0);
                     f16_value_piece_row<D>(x, 1, ta + 1 < valid, wa1);
