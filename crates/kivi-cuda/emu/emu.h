@@ -323,10 +323,6 @@ inline void cp_async16(SmemAddr dst, const void* src) {
     EmuCpAsync& a = emu_cp_async[threadIdx.x];
     a.pending.push_back({a.committed, dst + DOFF, (const char*)src + SOFF});
 }
-template <int DOFF, int SOFF>
-inline void cp_async16_l1(SmemAddr dst, const void* src) {
-    cp_async16<DOFF, SOFF>(dst, src);
-}
 inline void cp_async_commit() { emu_cp_async[threadIdx.x].committed++; }
 template <int N>
 inline void cp_async_wait() {

@@ -689,12 +689,12 @@ int main() {
     pipeline<128, 16, 16, 1, 4>(2, 2, 32, 0, 0, 512, true, 300);
     // ... with whole blocks left over after the blocks per warp (F16_TC_REST): 7-block splits.
     pipeline<128, 16, 16, 4, 4>(1, 4, 32, 0, 0, 896, true, 1000);
-    // ... through the f16 ring (F16_STAGES): 2-4 stages, streams of 1-3 blocks per warp, a
-    // partial last block, leftover blocks spread unevenly, D = 64.
+    // ... through the f16 ring (F16_STAGES, D = 128): 2-4 stages, streams of 1-3 blocks per
+    // warp, a partial last block, leftover blocks spread unevenly.
     pipeline<128, 16, 16, 4, 4, 4>(2, 8, 32, 0, 0, 512, false, 300);
     pipeline<128, 16, 16, 1, 4, 3>(2, 2, 32, 0, 0, 512, true, 300);
     pipeline<128, 16, 16, 2, 4, 2>(1, 4, 32, 0, 0, 896, true, 1000);
-    pipeline<64, 16, 16, 3, 4, 4>(1, 3, 32, 0, 0, 1536, false, 1400);
+    pipeline<128, 16, 16, 1, 4, 3>(1, 1, 32, 0, 0, 1536, false, 1400);
     pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);
     // R = 0 (every token quantized, the partial key group re-quantized on each append), sinks.
     pipeline<64, 4, 2, 2, 4>(1, 2, 32, 0, 4, 128);

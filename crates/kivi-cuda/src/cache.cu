@@ -408,37 +408,48 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Combines the first `nread` splits' partials of NG query heads (h0..) of packed token `tok`
 // into out, by the calling CTA (blockDim.x a multiple of 32). Everything here is latency: a
-// head's max and sum by one warp, a lane per split; then each thread takes four channels of a
-// head and reads four splits per round trip (one dependent load per split made the reduce take
-// 18 us for 33 splits at GQA B = 1 T = 32K). Every element sums its splits in order, so the
+// head's max and sum by one warp, a lane per split (two per lane in one round trip); then each
+// thread takes four channels of a head and reads COMBINE_SPLITS_PER_TRIP splits per round trip
+// (one dependent load per split made the reduce take 18 us for 33 splits at GQA B = 1 T = 32K). Every element sums its splits in order, so the
 // attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
 // (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
 // for nothing; their outputs are not written.
+#ifndef COMBINE_SPLITS_PER_TRIP
+#define COMBINE_SPLITS_PER_TRIP 8
+#endif
 template <int NG>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
                                                int n_head, int h0, int nsplit, int nread, int head_dim,
                                                float* sred) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    float m0[NG], l0[NG];
+    // Splits lane and lane + 32 of each head, loaded in one round trip.
+    float m0[NG], l0[NG], m1[NG], l1[NG];
 #pragma unroll
     for (int g = 0; g < NG; g++) {
-        m0[g] = NEG_INF;
-        l0[g] = 0.0f;
-        if (g % nwarps == warp && lane < nread) {
+        m0[g] = m1[g] = NEG_INF;
+        l0[g] = l1[g] = 0.0f;
+        if (g % nwarps == warp) {
             const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
-            m0[g] = __ldcg(ml + 2 * lane);
-            l0[g] = __ldcg(ml + 2 * lane + 1);
+            if (lane < nread) {
+                m0[g] = __ldcg(ml + 2 * lane);
+                l0[g] = __ldcg(ml + 2 * lane + 1);
+            }
+            if (lane + 32 < nread) {
+                m1[g] = __ldcg(ml + 2 * lane + 64);
+                l1[g] = __ldcg(ml + 2 * lane + 65);
+            }
         }
     }
 #pragma unroll
     for (int g = 0; g < NG; g++) {
         if (g % nwarps != warp) continue;
         const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
-        float mx = m0[g];
-        for (int s = lane + 32; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+        float mx = fmaxf(m0[g], m1[g]);
+        for (int s = lane + 64; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
         mx = warp_max(mx);
         float den = m0[g] == NEG_INF ? 0.0f : exp2f(m0[g] - mx) * l0[g];
-        for (int s = lane + 32; s < nread; s += 32) {
+        den += m1[g] == NEG_INF ? 0.0f : exp2f(m1[g] - mx) * l1[g];
+        for (int s = lane + 64; s < nread; s += 32) {
             const float m = __ldcg(ml + 2 * s);
             den += m == NEG_INF ? 0.0f : exp2f(m - mx) * __ldcg(ml + 2 * s + 1);
         }
@@ -458,17 +469,17 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         const float* o = part_o + row * nsplit * head_dim + c;
         const float mx = sred[2 * g];
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int s = 0; s < nread; s += 4) {
-            float m[4];
-            float4 v[4];
+        for (int s = 0; s < nread; s += COMBINE_SPLITS_PER_TRIP) {
+            float m[COMBINE_SPLITS_PER_TRIP];
+            float4 v[COMBINE_SPLITS_PER_TRIP];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < COMBINE_SPLITS_PER_TRIP; j++) {
                 const bool ok = s + j < nread;
                 m[j] = ok ? __ldcg(ml + 2 * (s + j)) : NEG_INF;
                 v[j] = ok ? __ldcg((const float4*)(o + (u64)(s + j) * head_dim)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             }
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < COMBINE_SPLITS_PER_TRIP; j++) {
                 if (m[j] != NEG_INF) {
                     const float w = exp2f(m[j] - mx);
                     acc.x += w * v[j].x;
@@ -482,6 +493,26 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         *(float4*)(out + row * head_dim + c) = make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
     }
 }
+
+// blockIdx.y and .z read again (volatile), so that the combination's uses cannot stretch the
+// kernel's first reads across the split. (ptxas gives the same registers and spills with plain
+// blockIdx and 56-88 fewer instructions, but on the H200 (session 17, same call, alternating
+// processes) KIVI-2 MHA B = 32 T = 32K took 808-816 us with plain blockIdx against 795-803.)
+#ifndef KIVI_EMU
+__device__ __forceinline__ int ctaid_y_again() {
+    int v;
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
+    return v;
+}
+__device__ __forceinline__ int ctaid_z_again() {
+    int v;
+    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v));
+    return v;
+}
+#else
+inline int ctaid_y_again() { return blockIdx.y; }
+inline int ctaid_z_again() { return blockIdx.z; }
+#endif
 
 // With P.tickets: after a CTA's partials are written, the last CTA of its (token, head group)
 // combines all splits into P.out and resets the counter for the next launch.
@@ -828,12 +859,6 @@ __device__ __forceinline__ SmemAddr smem_addr(const void* p) {
 template <int DOFF, int SOFF>
 __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
-                 : "memory");
-}
-// The same through L1 (.ca: a second copy of the same 32-byte sector can hit there).
-template <int DOFF, int SOFF>
-__device__ __forceinline__ void cp_async16_l1(SmemAddr dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
                  : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -1255,39 +1280,22 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
     }
 }
 
-// ---- The f16 cache's blocks through a shared-memory ring (FST > 0 stages; cache.rs
-// F16_STAGES_FEW): each warp streams its blocks as 4 KB chunks (D = 128), first the keys (chunk
-// 8 i + m: block i's row pairs m, as tc_f16_key_block loads them), then the values (8 nb + 8 i
-// + k: block i's k-step k), copied by cp.async FST - 1 chunks ahead of the one it computes. So
-// the loads in flight no longer need registers to land in, and the first value chunks load
-// during the softmax. Each lane copies exactly the 16-byte pieces it reads back (piece x of
-// lane l at x * 512 + 16 l: conflict-free), so its own cp.async.wait_group is all the
-// synchronisation there is.
+// ---- The f16 cache's blocks through a shared-memory ring (FST > 0 stages, D = 128; cache.rs
+// F16_STAGES_FEW): each warp streams its blocks as 4 KB chunks, first the keys (chunk 8 i + m:
+// block i's rows 16 p + 2 m and + 1 for p = 0..7, as tc_f16_key_block reads them), then the
+// values (8 nb + 8 i + k: block i's rows 16 k..16 k + 15, k-step k), copied by cp.async FST - 1
+// chunks ahead of the one it computes: the loads in flight need no registers to land in, and the
+// first value chunks load during the softmax. A chunk is 8 runs of 512 contiguous bytes, one
+// per copy instruction (lanes copying pieces of their own rows read each 32-byte value sector
+// twice, without L1 caching: measured 1.4x slower than loads into registers), XOR-swizzled so
+// that the lanes' 16-byte reads back are free of bank conflicts.
 #ifndef F16_STAGES
 #define F16_STAGES 0
 #endif
 
-// Measured switches: F16_RING_L1 copies through L1 (cp.async.ca); F16_RING_COALESCED copies
-// each chunk as 8 runs of 512 contiguous bytes (a key chunk's row pairs, a value chunk's rows
-// 2p and 2p + 1), XOR-swizzled so that the reads back are conflict-free, and the lanes read
-// each other's copies after a __syncwarp (else, and at D = 64, each lane copies the pieces it
-// reads).
-#ifndef F16_RING_L1
-#define F16_RING_L1 0
-#endif
-#ifndef F16_RING_COALESCED
-#define F16_RING_COALESCED 0
-#endif
-__device__ __forceinline__ void f16_copy16(SmemAddr dst, const void* src) {
-    if (F16_RING_L1)
-        cp_async16_l1<0, 0>(dst, src);
-    else
-        cp_async16<0, 0>(dst, src);
-}
-
-// The 16-byte unit where a coalesced chunk keeps unit u (0..31) of its 512-byte run p: key row
-// pairs flip bit 2 for odd pairs; value rows (row = 2p + u / 16) flip bits 0 and 2 by the row's
-// bits 1 and 2.
+// Where a chunk keeps 16-byte unit u (0..31) of its run p: key row pairs flip bit 2 for odd p
+// (the 8 lanes of a read phase are pairs p, p + 1 x 4 units); value rows (row 2 p + u / 16)
+// flip bits 0 and 2 by the row's bits 1 and 2 (a phase: rows 0, 2, 4, 6 x 2 units).
 template <bool VALUES>
 __device__ __forceinline__ int f16_ring_unit(int p, int u) {
     if (VALUES) {
@@ -1300,79 +1308,49 @@ __device__ __forceinline__ int f16_ring_unit(int p, int u) {
 // Starts chunk c of the warp's stream of nb blocks (the warp's i-th block is the split's block
 // warp + i W) into ring slot c % FST, as one cp.async group (empty past the stream's end, so
 // that chunk c is always group c).
-template <int D, int FST>
+template <int FST>
 __device__ __forceinline__ void f16_stream_issue(const AttnParams& P, int kvh, const int* sblk, int warp, int W, int nb,
                                                  int c, SmemAddr ring, int lane) {
+    constexpr int D = 128;
     if (c < 16 * nb) {
         const bool values = c >= 8 * nb;
         const int i = (values ? c - 8 * nb : c) >> 3, m = c & 7;
         const u64 blk = (u64)sblk[warp + i * W];
-        if (F16_RING_COALESCED && D == 128) {
-            const SmemAddr dst = ring + (c % FST) * (32 * D);
-            // Run p: key rows 16 p + 2 m and + 1; value rows 16 m + 2 p and + 1.
-            const u16* x = values ? P.c.vwin + (u64)kvh * P.c.vwin_head + blk * P.c.vwin_unit + (u64)(16 * m) * D
-                                  : P.c.kwin + (u64)kvh * P.c.kwin_head + blk * P.c.kwin_unit + (u64)(2 * m) * D;
-            const u64 run = values ? 2 * D : 16 * D;
+        const SmemAddr dst = ring + (c % FST) * (32 * D);
+        // Run p: key rows 16 p + 2 m and + 1; value rows 16 m + 2 p and + 1.
+        const u16* x = values ? P.c.vwin + (u64)kvh * P.c.vwin_head + blk * P.c.vwin_unit + (u64)(16 * m) * D
+                              : P.c.kwin + (u64)kvh * P.c.kwin_head + blk * P.c.kwin_unit + (u64)(2 * m) * D;
+        const u64 run = values ? 2 * D : 16 * D;
 #pragma unroll
-            for (int p = 0; p < 8; p++)
-                f16_copy16(dst + 512 * p + 16 * (values ? f16_ring_unit<true>(p, lane) : f16_ring_unit<false>(p, lane)),
-                           x + p * run + 8 * lane);
-        } else {
-            const SmemAddr dst = ring + (c % FST) * (32 * D) + 16 * lane;
-            if (!values) {
-                const u16* x = f16_key_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(2 * m) * D;
-#pragma unroll
-                for (int j = 0; j < D / 32; j++) {
-                    f16_copy16(dst + (2 * j) * 512, x + 32 * j);
-                    f16_copy16(dst + (2 * j + 1) * 512, x + D + 32 * j);
-                }
-            } else {
-                // Rows ta, ta + 1, ta + 8, ta + 9 (ta = 16 m + 2 t), D / 64 pieces each.
-                constexpr int PR = D / 64;
-                const u16* x = f16_value_lane_rows<D>(P.c, kvh, blk, lane) + (u64)(16 * m + 2 * (lane & 3)) * D;
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-#pragma unroll
-                    for (int q = 0; q < PR; q++)
-                        f16_copy16(dst + (r * PR + q) * 512, x + (u64)((r & 1) + 8 * (r >> 1)) * D + 8 * q);
-            }
-        }
+        for (int p = 0; p < 8; p++)
+            cp_async16<0, 0>(dst + 512 * p + 16 * (values ? f16_ring_unit<true>(p, lane) : f16_ring_unit<false>(p, lane)),
+                             x + p * run + 8 * lane);
     }
     cp_async_commit();
 }
 
-// Waits for chunk c (issued with FST - 2 or fewer groups after it) and reads the lane's D / 16
-// pieces of it, in the order the lane-private copies keep them (key: X0 Y0 X1 Y1 ..; value:
-// rows ta, ta + 1, ta + 8, ta + 9, D / 64 pieces each).
-template <int D, int FST, bool VALUES>
-__device__ __forceinline__ void f16_stream_read(const uint4* ring, int c, uint4 (&x)[D / 16], int lane) {
+// Waits for chunk c (FST - 2 or fewer groups were committed after it) and reads the lane's 8
+// pieces of it: keys X0 Y0 X1 Y1 .. (tc_f16_key_block), values rows ta, ta + 1, ta + 8, ta + 9
+// (k-step-relative, ta = 2t), 2 pieces each (tc_f16_value_block). The lanes read each other's
+// copies: each waits for its own, then the warp meets.
+template <int FST, bool VALUES>
+__device__ __forceinline__ void f16_stream_read(const uint4* ring, int c, uint4 (&x)[8], int lane) {
     cp_async_wait<FST - 2>();
-    if (F16_RING_COALESCED && D == 128) {
-        __syncwarp();
-        const uint4* slot = ring + (c % FST) * (2 * D);
-        const int g = lane >> 2, t = lane & 3;
+    __syncwarp();
+    const uint4* slot = ring + (c % FST) * 256;
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-        for (int k = 0; k < D / 16; k++) {
-            int p, u;
-            if (VALUES) {
-                // Row 2t + (k / 2 & 1) + 8 (k / 4), unit 2g + k % 2.
-                const int row = 2 * t + ((k >> 1) & 1) + 8 * (k >> 2);
-                p = row >> 1;
-                u = 16 * (row & 1) + 2 * g + (k & 1);
-                x[k] = slot[32 * p + f16_ring_unit<true>(p, u)];
-            } else {
-                // Pair g, row k % 2, unit t + 4 (k / 2).
-                p = g;
-                u = 16 * (k & 1) + t + 4 * (k >> 1);
-                x[k] = slot[32 * p + f16_ring_unit<false>(p, u)];
-            }
+    for (int k = 0; k < 8; k++) {
+        if (VALUES) {
+            // Row 2t + (k / 2 & 1) + 8 (k / 4), unit 2g + k % 2 of the row.
+            const int row = 2 * t + ((k >> 1) & 1) + 8 * (k >> 2), p = row >> 1;
+            x[k] = slot[32 * p + f16_ring_unit<true>(p, 16 * (row & 1) + 2 * g + (k & 1))];
+        } else {
+            // Pair g, row k % 2 of it, unit t + 4 (k / 2) of the row.
+            x[k] = slot[32 * g + f16_ring_unit<false>(g, 16 * (k & 1) + t + 4 * (k >> 1))];
         }
-        __syncwarp();  // (the slot is copied again FST - 1 chunks later, by other lanes too)
-        return;
     }
-    const uint4* slot = ring + (c % FST) * (2 * D) + lane;
-#pragma unroll
-    for (int p = 0; p < D / 16; p++) x[p] = slot[32 * p];
+    __syncwarp();  // all lanes have read the slot before any copies into it again
 }
 
 // A key chunk's pieces as tc_f16_key_block's row pair (X: row 16 g + 2 m, Y: the next).
@@ -1884,11 +1862,11 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
     // The f16 ring: the warp's share of the tensor-core blocks (the same for keys and values:
     // kpaged = vpaged), its first FST - 1 chunks started now.
-    constexpr bool F16_RING = F16_TENSOR && FST > 0;
+    constexpr bool F16_RING = F16_TENSOR && FST > 0 && D == 128;
     const int ring_blocks = F16_RING ? max((kt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
     if constexpr (F16_RING) {
         for (int c = 0; c < FST - 1; c++)
-            f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
+            f16_stream_issue<FST>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
     }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
@@ -1942,23 +1920,25 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
                                      sc, lane);
-    } else if (F16_RING) {
-        for (int i = 0; i < ring_blocks; i++) {
-            const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
-#pragma unroll 1
-            for (int m = 0; m < 8; m++) {
-                const int c = 8 * i + m;
-                uint4 x[D / 16], X[D / 32], Y[D / 32];
-                f16_stream_read<D, FST, false>(ring, c, x, lane);
-                f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
-                f16_key_pieces<D>(x, X, Y);
-                f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
-            }
-        }
     } else if (F16_TENSOR && kt_end > s0) {
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
-                                    lane);
+        if constexpr (F16_RING) {
+            for (int i = 0; i < ring_blocks; i++) {
+                const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
+#pragma unroll 1
+                for (int m = 0; m < 8; m++) {
+                    const int c = 8 * i + m;
+                    uint4 x[8], X[D / 32], Y[D / 32];
+                    f16_stream_read<FST, false>(ring, c, x, lane);
+                    f16_stream_issue<FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_key_pieces<D>(x, X, Y);
+                    f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
+                }
+            }
+        } else {
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+                tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
+                                        lane);
+        }
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
@@ -2251,10 +2231,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll 1
                 for (int k = 0; k < BLOCK_TOKENS / 16; k++) {
                     const int c = 8 * ring_blocks + 8 * i + k, ta = 16 * k + 2 * t;
-                    uint4 x[D / 16];
+                    uint4 x[8];
                     u32 wa0[D / 16], wa1[D / 16], wb0[D / 16], wb1[D / 16];
-                    f16_stream_read<D, FST, true>(ring, c, x, lane);
-                    f16_stream_issue<D, FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_stream_read<FST, true>(ring, c, x, lane);
+                    f16_stream_issue<FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
                     f16_value_piece_row<D>(x, 0, ta < valid, wa0);
                     f16_value_piece_row<D>(x, 1, ta + 1 < valid, wa1);
                     f16_value_piece_row<D>(x, 2, ta + 8 < valid, wb0);
@@ -2396,7 +2376,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 template <int D, int KB, int VB, int NG, int W, int FST = 0>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     attn_split_partials<D, KB, VB, NG, W, FST>(P);
-    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG>(P, blockIdx.z, blockIdx.y);
+    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG>(P, ctaid_z_again(), ctaid_y_again());
 }
 
 // Minimum resident CTAs per SM (__launch_bounds__), i.e. a register cap. KIVI kernels: at

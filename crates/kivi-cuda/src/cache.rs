@@ -179,9 +179,15 @@ enum F16Path {
 const F16_FEW_CTAS_PER_SM: usize = 3;
 
 /// Stages of the f16 ring (`F16_STAGES` in cache.cu: each warp streams its blocks through
-/// shared memory by cp.async, this many 32 D-byte chunks, FST - 1 of them in flight) in the
-/// `F16Path::TensorFew` and `F16Path::Tensor` modules (0: no ring, loads into registers).
-const F16_STAGES_FEW: usize = 4;
+/// shared memory by cp.async, this many 4 KiB chunks, all but one in flight) in the one-head
+/// (`ng` = 1) head-dim-128 modules of `F16Path::TensorFew` and `F16Path::Tensor` (0: loads into
+/// registers). Measured on the H200 (session 17, µs, no ring -> 3 stages): MHA B = 1 T = 16K
+/// 74.5 -> 70.7, T = 4K 26.6 -> 24.2, B = 8 T = 1K 39.8 -> 37.3, GQA (one-head CTAs) B = 1 T = 4K
+/// 20.6 -> 19.1; 4 stages leave room for only 2 CTAs per SM (MHA B = 1 T = 16K: 83.8). The
+/// four-head CTAs were slower with it (GQA B = 1 T = 32K 47.6 -> 52.0, B = 8 T = 4K 45.7 ->
+/// 52.1), and so were the many-wave grids of `Tensor` (GQA B = 32 T = 32K 978 -> 1695, an
+/// earlier copy layout).
+const F16_STAGES_FEW: usize = 3;
 const F16_STAGES_MANY: usize = 0;
 
 /// Elements per KV head of one layer's buffers: in one block (codes, scales/mins; the f16
@@ -902,7 +908,7 @@ impl GpuCache {
                     ng,
                     4,
                     F16Path::Tensor,
-                    self.f16_stages(F16Path::Tensor),
+                    self.f16_stages(F16Path::Tensor, ng),
                 )?,
             ));
             if kb < 16 {
@@ -919,7 +925,7 @@ impl GpuCache {
                         ng,
                         4,
                         F16Path::TensorFew,
-                        self.f16_stages(F16Path::TensorFew),
+                        self.f16_stages(F16Path::TensorFew, ng),
                     )?,
                 ));
                 kernels.push((
@@ -1358,13 +1364,16 @@ impl GpuCache {
         Ok(n)
     }
 
-    /// Stages of the f16 ring in the modules of `path` (`F16_STAGES_FEW`, `F16_STAGES_MANY`).
-    fn f16_stages(&self, path: F16Path) -> usize {
-        match path {
-            F16Path::Tensor => self.f16_stages_many,
-            F16Path::TensorFew => self.f16_stages_few,
-            F16Path::Simt => 0,
-        }
+    /// Stages of the f16 ring in the `ng`-head modules of `path` (`F16_STAGES_FEW`,
+    /// `F16_STAGES_MANY`; one-head, head-dim-128 modules only).
+    fn f16_stages(&self, path: F16Path, ng: usize) -> usize {
+        f16_ring_stages(
+            path,
+            ng,
+            self.shape.head_dim,
+            self.f16_stages_few,
+            self.f16_stages_many,
+        )
     }
 
     fn heads_per_cta(n_rep: usize) -> usize {
@@ -1512,7 +1521,7 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let stages = if quant { 0 } else { self.f16_stages(path) };
+        let stages = if quant { 0 } else { self.f16_stages(path, ng) };
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
         let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
@@ -1908,10 +1917,10 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                         if path != F16Path::Tensor && kb != 16 {
                             continue;
                         }
-                        let stages = match path {
-                            F16Path::Tensor if kb == 16 => F16_STAGES_MANY,
-                            F16Path::TensorFew => F16_STAGES_FEW,
-                            _ => 0,
+                        let stages = if kb == 16 {
+                            f16_ring_stages(path, ng, d, F16_STAGES_FEW, F16_STAGES_MANY)
+                        } else {
+                            0
                         };
                         let (name, defines) =
                             GpuCache::attn_variant(d, kb, vb, ng, warps, path, stages);
@@ -1926,6 +1935,17 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
         }
     }
     modules
+}
+
+/// Stages of the f16 ring of a module: `few` or `many` for the one-head head-dim-128 modules of
+/// `F16Path::TensorFew` or `F16Path::Tensor`, else 0.
+fn f16_ring_stages(path: F16Path, ng: usize, head_dim: usize, few: usize, many: usize) -> usize {
+    match path {
+        _ if ng != 1 || head_dim != 128 => 0,
+        F16Path::TensorFew => few,
+        F16Path::Tensor => many,
+        F16Path::Simt => 0,
+    }
 }
 
 /// Ring stages from an environment variable: 0 (no ring) or 2-8 (one chunk in use, the others
