@@ -410,12 +410,13 @@ __device__ __forceinline__ float warp_max(float v) {
 // into out, by the calling CTA (blockDim.x a multiple of 32). Everything here is latency: a
 // head's max and sum by one warp, a lane per split (two per lane in one round trip); then each
 // thread takes four channels of a head and reads COMBINE_SPLITS_PER_TRIP splits per round trip
-// (one dependent load per split made the reduce take 18 us for 33 splits at GQA B = 1 T = 32K). Every element sums its splits in order, so the
+// (one dependent load per split made the reduce take 18 us for 33 splits at GQA B = 1 T = 32K;
+// 8 or 16 splits per trip measured no faster, and 16 slower at KIVI-2 in session 17). Every element sums its splits in order, so the
 // attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
 // (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
 // for nothing; their outputs are not written.
 #ifndef COMBINE_SPLITS_PER_TRIP
-#define COMBINE_SPLITS_PER_TRIP 8
+#define COMBINE_SPLITS_PER_TRIP 4
 #endif
 template <int NG>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
@@ -1165,8 +1166,16 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 #define F16_VALUE_UNROLL_HEADS 2
 #endif
 
-// Scores of rows 16g + 2m and 16g + 2m + 1 of an f16 key block (X, Y: lane (g, t)'s channels
-// of the two rows, as tc_f16_key_block loads them) for the CTA's NG heads.
+// Which rows of an f16 key block lane group g computes in m-tile m: F16_KEY_CONTIG, rows
+// 16 m + 2 g and + 1 (an m-tile is 16 consecutive rows: each step of a warp reads 4 KB in one
+// piece); else 16 g + 2 m and + 1 (as tc_key_block: 16 pieces of 256 bytes, 4 KB apart).
+#ifndef F16_KEY_CONTIG
+#define F16_KEY_CONTIG 0
+#endif
+__device__ __forceinline__ int f16_key_row(int g, int m) { return F16_KEY_CONTIG ? 16 * m + 2 * g : 16 * g + 2 * m; }
+
+// Scores of rows f16_key_row(g, m) and the next of an f16 key block (X, Y: lane (g, t)'s
+// channels of the two rows, as tc_f16_key_block loads them) for the CTA's NG heads.
 template <int D, int NG>
 __device__ __forceinline__ void f16_key_row_pair(const AttnParams& P, const uint4 (&X)[D / 32], const uint4 (&Y)[D / 32],
                                                  int m, int pb, int s0, int valid, const uint2* qf, float* sc,
@@ -1180,29 +1189,31 @@ __device__ __forceinline__ void f16_key_row_pair(const AttnParams& P, const uint
         mma_16816(acc, X[j].z, Y[j].z, X[j].w, Y[j].w, b1.x, b1.y);
     }
     if (t < NG) {
-        float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
-        if (16 * g + 2 * m < valid) row[2 * m] = (acc[0] + acc[1]) * P.scale_log2;
-        if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[2] + acc[3]) * P.scale_log2;
+        const int r = f16_key_row(g, m);
+        float* row = sc + t * P.split_len + (pb - s0) + r;
+        if (r < valid) row[0] = (acc[0] + acc[1]) * P.scale_log2;
+        if (r + 1 < valid) row[1] = (acc[2] + acc[3]) * P.scale_log2;
     }
 }
 
-// Lane (g, t)'s first f16 key element of a block: row 16 g, channel 8 t (tc_f16_key_block).
+// Lane (g, t)'s first f16 key element of a block: row f16_key_row(g, 0), channel 8 t
+// (tc_f16_key_block).
 template <int D>
 __device__ __forceinline__ const u16* f16_key_lane_rows(const CacheBufs& c, int kvh, u64 blk, int lane) {
-    return c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)(16 * (lane >> 2)) * D + 8 * (lane & 3);
+    return c.kwin + (u64)kvh * c.kwin_head + blk * c.kwin_unit + (u64)f16_key_row(lane >> 2, 0) * D + 8 * (lane & 3);
 }
 
 // Scores of one f16 key block (128 rows from pb, pool block blk; the first `valid` are
-// stored) for the CTA's NG heads, by one warp: as tc_key_block (lane g: tokens 16g..16g+15,
-// m-tile M: rows 16g + 2M and 16g + 2M + 1), with the channels in query_fragments' F16_ROWS
-// order, so that a row's A registers for two k-steps are one 16-byte load.
+// stored) for the CTA's NG heads, by one warp: m-tile m holds rows f16_key_row(g, m) and the
+// next of lane group g, with the channels in query_fragments' F16_ROWS order, so that a row's A
+// registers for two k-steps are one 16-byte load.
 template <int D, int NG>
 __device__ __forceinline__ void tc_f16_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                  const uint2* qf, float* sc, int lane) {
     const u16* rows = f16_key_lane_rows<D>(P.c, kvh, blk, lane);
 #pragma unroll(NG == 1 ? F16_KEY_UNROLL : F16_KEY_UNROLL_HEADS)
     for (int m = 0; m < 8; m++) {
-        const u16* x = rows + (u64)(2 * m) * D;
+        const u16* x = rows + (u64)(f16_key_row(0, m) * D);
         uint4 X[D / 32], Y[D / 32];
 #pragma unroll
         for (int j = 0; j < D / 32; j++) {
@@ -1282,7 +1293,7 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 
 // ---- The f16 cache's blocks through a shared-memory ring (FST > 0 stages, D = 128; cache.rs
 // F16_STAGES_FEW): each warp streams its blocks as 4 KB chunks, first the keys (chunk 8 i + m:
-// block i's rows 16 p + 2 m and + 1 for p = 0..7, as tc_f16_key_block reads them), then the
+// block i's rows f16_key_row(p, m) and + 1 for p = 0..7, as tc_f16_key_block reads them), then the
 // values (8 nb + 8 i + k: block i's rows 16 k..16 k + 15, k-step k), copied by cp.async FST - 1
 // chunks ahead of the one it computes: the loads in flight need no registers to land in, and the
 // first value chunks load during the softmax. A chunk is 8 runs of 512 contiguous bytes, one
@@ -1317,10 +1328,10 @@ __device__ __forceinline__ void f16_stream_issue(const AttnParams& P, int kvh, c
         const int i = (values ? c - 8 * nb : c) >> 3, m = c & 7;
         const u64 blk = (u64)sblk[warp + i * W];
         const SmemAddr dst = ring + (c % FST) * (32 * D);
-        // Run p: key rows 16 p + 2 m and + 1; value rows 16 m + 2 p and + 1.
+        // Run p: key rows f16_key_row(p, m) and + 1; value rows 16 m + 2 p and + 1.
         const u16* x = values ? P.c.vwin + (u64)kvh * P.c.vwin_head + blk * P.c.vwin_unit + (u64)(16 * m) * D
-                              : P.c.kwin + (u64)kvh * P.c.kwin_head + blk * P.c.kwin_unit + (u64)(2 * m) * D;
-        const u64 run = values ? 2 * D : 16 * D;
+                              : P.c.kwin + (u64)kvh * P.c.kwin_head + blk * P.c.kwin_unit + (u64)f16_key_row(0, m) * D;
+        const u64 run = values ? 2 * D : (u64)(f16_key_row(1, 0) - f16_key_row(0, 0)) * D;
 #pragma unroll
         for (int p = 0; p < 8; p++)
             cp_async16<0, 0>(dst + 512 * p + 16 * (values ? f16_ring_unit<true>(p, lane) : f16_ring_unit<false>(p, lane)),

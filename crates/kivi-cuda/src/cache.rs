@@ -558,6 +558,9 @@ pub struct GpuCache {
     /// `F16_STAGES_FEW` and `F16_STAGES_MANY` (`KIVI_CUDA_F16_STAGES_FEW`, `_MANY`: 0, or 2-8).
     f16_stages_few: usize,
     f16_stages_many: usize,
+    /// The f16 ring in the modules of several heads per CTA too (`KIVI_CUDA_F16_RING_ALL_HEADS=1`,
+    /// for comparison).
+    f16_ring_all_heads: bool,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -787,6 +790,8 @@ impl GpuCache {
                 .unwrap_or(F16_TC_MIN_LEN),
             f16_stages_few: stages_from_env("KIVI_CUDA_F16_STAGES_FEW", F16_STAGES_FEW),
             f16_stages_many: stages_from_env("KIVI_CUDA_F16_STAGES_MANY", F16_STAGES_MANY),
+            f16_ring_all_heads: std::env::var("KIVI_CUDA_F16_RING_ALL_HEADS")
+                .is_ok_and(|v| v == "1"),
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -1369,7 +1374,7 @@ impl GpuCache {
     fn f16_stages(&self, path: F16Path, ng: usize) -> usize {
         f16_ring_stages(
             path,
-            ng,
+            if self.f16_ring_all_heads { 1 } else { ng },
             self.shape.head_dim,
             self.f16_stages_few,
             self.f16_stages_many,
