@@ -408,49 +408,37 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Combines the first `nread` splits' partials of NG query heads (h0..) of packed token `tok`
 // into out, by the calling CTA (blockDim.x a multiple of 32). Everything here is latency: a
-// head's max and sum by one warp, a lane per split (two per lane in one round trip); then each
-// thread takes four channels of a head and reads COMBINE_SPLITS_PER_TRIP splits per round trip
-// (one dependent load per split made the reduce take 18 us for 33 splits at GQA B = 1 T = 32K;
-// 8 or 16 splits per trip measured no faster, and 16 slower at KIVI-2 in session 17). Every element sums its splits in order, so the
+// head's max and sum by one warp, a lane per split; then each thread takes four channels of a
+// head and reads four splits per round trip (one dependent load per split made the reduce take
+// 18 us for 33 splits at GQA B = 1 T = 32K). Every element sums its splits in order, so the
 // attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
 // (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
 // for nothing; their outputs are not written.
-#ifndef COMBINE_SPLITS_PER_TRIP
-#define COMBINE_SPLITS_PER_TRIP 4
-#endif
 template <int NG>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
                                                int n_head, int h0, int nsplit, int nread, int head_dim,
                                                float* sred) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    // Splits lane and lane + 32 of each head, loaded in one round trip.
-    float m0[NG], l0[NG], m1[NG], l1[NG];
+    float m0[NG], l0[NG];
 #pragma unroll
     for (int g = 0; g < NG; g++) {
-        m0[g] = m1[g] = NEG_INF;
-        l0[g] = l1[g] = 0.0f;
-        if (g % nwarps == warp) {
+        m0[g] = NEG_INF;
+        l0[g] = 0.0f;
+        if (g % nwarps == warp && lane < nread) {
             const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
-            if (lane < nread) {
-                m0[g] = __ldcg(ml + 2 * lane);
-                l0[g] = __ldcg(ml + 2 * lane + 1);
-            }
-            if (lane + 32 < nread) {
-                m1[g] = __ldcg(ml + 2 * lane + 64);
-                l1[g] = __ldcg(ml + 2 * lane + 65);
-            }
+            m0[g] = __ldcg(ml + 2 * lane);
+            l0[g] = __ldcg(ml + 2 * lane + 1);
         }
     }
 #pragma unroll
     for (int g = 0; g < NG; g++) {
         if (g % nwarps != warp) continue;
         const float* ml = part_ml + ((u64)tok * n_head + h0 + g) * nsplit * 2;
-        float mx = fmaxf(m0[g], m1[g]);
-        for (int s = lane + 64; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+        float mx = m0[g];
+        for (int s = lane + 32; s < nread; s += 32) mx = fmaxf(mx, __ldcg(ml + 2 * s));
         mx = warp_max(mx);
         float den = m0[g] == NEG_INF ? 0.0f : exp2f(m0[g] - mx) * l0[g];
-        den += m1[g] == NEG_INF ? 0.0f : exp2f(m1[g] - mx) * l1[g];
-        for (int s = lane + 64; s < nread; s += 32) {
+        for (int s = lane + 32; s < nread; s += 32) {
             const float m = __ldcg(ml + 2 * s);
             den += m == NEG_INF ? 0.0f : exp2f(m - mx) * __ldcg(ml + 2 * s + 1);
         }
@@ -470,17 +458,17 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         const float* o = part_o + row * nsplit * head_dim + c;
         const float mx = sred[2 * g];
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int s = 0; s < nread; s += COMBINE_SPLITS_PER_TRIP) {
-            float m[COMBINE_SPLITS_PER_TRIP];
-            float4 v[COMBINE_SPLITS_PER_TRIP];
+        for (int s = 0; s < nread; s += 4) {
+            float m[4];
+            float4 v[4];
 #pragma unroll
-            for (int j = 0; j < COMBINE_SPLITS_PER_TRIP; j++) {
+            for (int j = 0; j < 4; j++) {
                 const bool ok = s + j < nread;
                 m[j] = ok ? __ldcg(ml + 2 * (s + j)) : NEG_INF;
                 v[j] = ok ? __ldcg((const float4*)(o + (u64)(s + j) * head_dim)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             }
 #pragma unroll
-            for (int j = 0; j < COMBINE_SPLITS_PER_TRIP; j++) {
+            for (int j = 0; j < 4; j++) {
                 if (m[j] != NEG_INF) {
                     const float w = exp2f(m[j] - mx);
                     acc.x += w * v[j].x;
