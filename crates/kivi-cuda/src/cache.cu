@@ -1289,8 +1289,8 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 // chunks ahead of the one it computes: the loads in flight need no registers to land in, and the
 // first value chunks load during the softmax. A chunk is 8 runs of 512 contiguous bytes, one
 // per copy instruction (lanes copying pieces of their own rows read each 32-byte value sector
-// twice, without L1 caching: measured 1.4x slower than loads into registers), XOR-swizzled so
-// that the lanes' 16-byte reads back are free of bank conflicts.
+// twice, without L1 caching: measured 1.3-1.7x slower than loads into registers), XOR-swizzled
+// so that the lanes' 16-byte reads back are free of bank conflicts.
 #ifndef F16_STAGES
 #define F16_STAGES 0
 #endif
@@ -1355,7 +1355,7 @@ __device__ __forceinline__ void f16_stream_read(const uint4* ring, int c, uint4 
     __syncwarp();  // all lanes have read the slot before any copies into it again
 }
 
-// A key chunk's pieces as tc_f16_key_block's row pair (X: row 16 g + 2 m, Y: the next).
+// A key chunk's pieces as tc_f16_key_block's row pair (X: row f16_key_row(g, m), Y: the next).
 template <int D>
 __device__ __forceinline__ void f16_key_pieces(const uint4 (&x)[D / 16], uint4 (&X)[D / 32], uint4 (&Y)[D / 32]) {
 #pragma unroll
