@@ -913,7 +913,7 @@ impl GpuCache {
                     ng,
                     4,
                     F16Path::Tensor,
-                    self.f16_stages(F16Path::Tensor, ng),
+                    self.f16_stages(kb, F16Path::Tensor, ng),
                 )?,
             ));
             if kb < 16 {
@@ -930,7 +930,7 @@ impl GpuCache {
                         ng,
                         4,
                         F16Path::TensorFew,
-                        self.f16_stages(F16Path::TensorFew, ng),
+                        self.f16_stages(kb, F16Path::TensorFew, ng),
                     )?,
                 ));
                 kernels.push((
@@ -1354,7 +1354,7 @@ impl GpuCache {
             .function_with(&module, SOURCE, &defines, "kivi_attn")
     }
 
-    /// CTAs of an attention variant (`key`: bits, heads, warps, f16 path) with `smem`
+    /// CTAs of an attention variant (`key`: bits, heads, warps, f16 path, ring stages) with `smem`
     /// bytes of dynamic shared memory that the whole GPU holds at once (the driver's occupancy,
     /// asked once per variant and size).
     fn resident_ctas(&mut self, f: &CudaFunction, key: VariantKey, smem: usize) -> Result<usize> {
@@ -1369,10 +1369,11 @@ impl GpuCache {
         Ok(n)
     }
 
-    /// Stages of the f16 ring in the `ng`-head modules of `path` (`F16_STAGES_FEW`,
-    /// `F16_STAGES_MANY`; one-head, head-dim-128 modules only).
-    fn f16_stages(&self, path: F16Path, ng: usize) -> usize {
+    /// Stages of the f16 ring in the `kb`-bit `ng`-head modules of `path` (`F16_STAGES_FEW`,
+    /// `F16_STAGES_MANY`; the f16 cache's one-head, head-dim-128 modules only).
+    fn f16_stages(&self, kb: u8, path: F16Path, ng: usize) -> usize {
         f16_ring_stages(
+            kb,
             path,
             if self.f16_ring_all_heads { 1 } else { ng },
             self.shape.head_dim,
@@ -1526,7 +1527,7 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let stages = if quant { 0 } else { self.f16_stages(path, ng) };
+        let stages = self.f16_stages(kb, path, ng);
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
         let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
@@ -1922,11 +1923,8 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                         if path != F16Path::Tensor && kb != 16 {
                             continue;
                         }
-                        let stages = if kb == 16 {
-                            f16_ring_stages(path, ng, d, F16_STAGES_FEW, F16_STAGES_MANY)
-                        } else {
-                            0
-                        };
+                        let stages =
+                            f16_ring_stages(kb, path, ng, d, F16_STAGES_FEW, F16_STAGES_MANY);
                         let (name, defines) =
                             GpuCache::attn_variant(d, kb, vb, ng, warps, path, stages);
                         modules.push(crate::KernelModule {
@@ -1942,11 +1940,19 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
     modules
 }
 
-/// Stages of the f16 ring of a module: `few` or `many` for the one-head head-dim-128 modules of
-/// `F16Path::TensorFew` or `F16Path::Tensor`, else 0.
-fn f16_ring_stages(path: F16Path, ng: usize, head_dim: usize, few: usize, many: usize) -> usize {
+/// Stages of the f16 ring of a module of `kb`-bit keys (16: the f16 cache): `few` or `many` for
+/// the f16 cache's one-head head-dim-128 modules of `F16Path::TensorFew` or `F16Path::Tensor`,
+/// else 0.
+fn f16_ring_stages(
+    kb: u8,
+    path: F16Path,
+    ng: usize,
+    head_dim: usize,
+    few: usize,
+    many: usize,
+) -> usize {
     match path {
-        _ if ng != 1 || head_dim != 128 => 0,
+        _ if kb != 16 || ng != 1 || head_dim != 128 => 0,
         F16Path::TensorFew => few,
         F16Path::Tensor => many,
         F16Path::Simt => 0,
