@@ -695,9 +695,9 @@ int main() {
     pipeline<128, 16, 16, 1, 4, 3>(2, 2, 32, 0, 0, 512, true, 300);
     pipeline<128, 16, 16, 2, 4, 2>(1, 4, 32, 0, 0, 896, true, 1000);
     pipeline<128, 16, 16, 1, 4, 3>(1, 1, 32, 0, 0, 1536, false, 1400);
-    // Several-head KIVI CTAs' value blocks through the value ring (QV_STAGES): 2 and 4 stages,
+    // Several-head KIVI CTAs' value blocks through the value ring (QV_STAGES): 2-4 stages,
     // G = 32 / 64 / 128, several blocks per warp, uneven leftovers, partial last blocks.
-    pipeline<128, 2, 2, 4, 4, 4>(1, 4, 32, 128, 0, 1024, false, 1100);
+    pipeline<128, 2, 2, 4, 4, 3>(1, 4, 32, 128, 0, 1024, false, 1100);
     pipeline<128, 2, 2, 4, 4, 4>(2, 8, 64, 64, 0, 896, true, 1000);
     pipeline<128, 4, 2, 2, 4, 2>(1, 2, 128, 128, 0, 512, false, 700);
     pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);

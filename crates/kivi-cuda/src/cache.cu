@@ -847,13 +847,8 @@ __device__ __forceinline__ SmemAddr smem_addr(const void* p) {
 // next commit); OFF an immediate, so that a warp's copies share two base registers.
 template <int DOFF, int SOFF>
 __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
-#if CP_ASYNC_CA
-    asm volatile("cp.async.ca.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
-                 : "memory");
-#else
     asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
                  : "memory");
-#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of the thread's committed groups are in flight.
@@ -1636,97 +1631,56 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
 // that the four tokens 2t + x a read takes (t = 0..3) fall in four different bank groups.
 __device__ __forceinline__ int qv_row(int r) { return r ^ ((r >> 2) & 1); }
 
-// A lane's part of the value ring (per warp: FST slots of QV_CHUNK_UNITS units): where its copies
-// go and come from, and where its reads are.
-struct QvLane {
-    int code_dst;     // byte offset of its code unit in a slot
-    int code_src;     // ... in the block's codes (+ 512 per k-step)
-    int meta_dst;     // byte offset of its scale or min unit (lanes 0..15, 2 gpt units each), or -1
-    int meta_step;    // bytes of scales (or mins) per k-step: 32 gpt
-    int meta_src;     // byte offset of its unit in the block's scales or mins
-    int code_read[4]; // word offsets of its code words of chunk tokens 2t, 2t + 1, 2t + 8, 2t + 9
-    int meta_read[4]; // 16-bit offsets of those tokens' scales of its channel group (mins: + 64)
-};
-__device__ __forceinline__ QvLane qv_lane(const CacheBufs& c, int lane) {
-    const int gpt = 128 / c.group, u = lane & 7, g = lane >> 2, t = lane & 3, vg = (g * 16) / c.group;
-    QvLane q;
-    // Lane l copies unit l & 1 of token l / 2 (8 words a token).
-    q.code_dst = 16 * (2 * qv_row(lane >> 1) + (lane & 1));
-    q.code_src = 16 * lane;
-    q.meta_dst = lane < 16 && u < 2 * gpt ? 16 * (32 + (lane & 8) + u) : -1;
-    q.meta_step = 32 * gpt;
-    q.meta_src = 16 * u;
-    const int rows[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        q.code_read[i] = 8 * qv_row(rows[i]) + g;
-        q.meta_read[i] = 256 + rows[i] * gpt + vg;
-    }
-    return q;
-}
-// A value block's sources for the ring: its codes, and its scales (lanes 0..7) or mins (8..15).
-struct QvBlock {
-    const char* codes;
-    const char* meta;
-};
-__device__ __forceinline__ QvBlock qv_block(const CacheBufs& c, int kvh, u64 blk, int lane) {
-    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
-    return {(const char*)(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head),
-            (const char*)((lane & 8 ? c.vm : c.vs) + sm)};
-}
-// Starts k-step k of block b into ring slot `slot` (its shared-memory address), if `on`, as one
-// cp.async group (empty if not, so that groups and chunks stay in step).
-__device__ __forceinline__ void qv_issue(const QvLane& q, const QvBlock& b, int k, bool on, SmemAddr slot) {
-    if (on) {
-        cp_async16<0, 0>(slot + q.code_dst, b.codes + q.code_src + 512 * k);
-        if (q.meta_dst >= 0) cp_async16<0, 0>(slot + q.meta_dst, b.meta + q.meta_src + q.meta_step * k);
+// Starts chunk c (k-step c % 8 of the warp's block c / 8; its i-th block is the split's block
+// warp + i W) of the warp's stream of nb value blocks into ring slot c % FST, as one cp.async
+// group (empty past the stream's end, so that chunk c is always group c).
+template <int FST>
+__device__ __forceinline__ void qv_stream_issue(const AttnParams& P, int kvh, const int* sblk, int warp, int W, int nb,
+                                                int c, SmemAddr ring, int lane) {
+    if (c < 8 * nb) {
+        const CacheBufs& cb = P.c;
+        const int k = c & 7, gpt = 128 / cb.group;
+        const u64 blk = (u64)sblk[warp + (c >> 3) * W];
+        const SmemAddr dst = ring + (c % FST) * (16 * QV_CHUNK_UNITS);
+        // Lane l: unit l & 1 of token l / 2 (8 words a token).
+        const u32* codes = cb.vq + blk * cb.vq_block + (u64)kvh * cb.vq_head + (u64)(16 * k) * 8;
+        cp_async16<0, 0>(dst + 16 * (2 * qv_row(lane >> 1) + (lane & 1)), codes + 4 * lane);
+        // Lanes 0..7: the scales (16 tokens x gpt groups x 2 bytes), 8..15: the mins.
+        const int u = lane & 7;
+        if (lane < 16 && u < 2 * gpt) {
+            const u64 sm = blk * cb.vsm_block + (u64)kvh * cb.vsm_head + (u64)(16 * k) * gpt + 8 * u;
+            cp_async16<0, 0>(dst + 16 * (32 + (lane & 8) + u), (lane < 8 ? cb.vs : cb.vm) + sm);
+        }
     }
     cp_async_commit();
 }
 
-// The warp's value blocks (its i-th: the split's block warp + i W, from pb = s0 + (warp + i W)
-// 128) through the ring: k-step k of block i computes from slot k % FST while k-step k + FST - 1
-// (of this block or the next) is copied into the slot of k - 1. FST divides 8, so that every
-// slot and offset is a constant of the unrolled loop. The first FST - 1 chunks were started by
-// the caller (qv_issue, during the softmax).
+// Adds chunk c of the warp's value stream (k-step `kstep` of the block at pb, the first `valid`
+// of its tokens quantized) to acc, as tc_value_block's k-step; then starts chunk c + FST - 1.
 template <int D, int NG, int FST>
-__device__ __forceinline__ void qv_stream_blocks(const AttnParams& P, int kvh, const int* sblk, int warp, int W,
-                                                 int nb, int s0, int vt_valid, const float* sc, const QvLane& q,
-                                                 QvBlock next, SmemAddr ring, const u32* ring_words,
-                                                 float (&acc)[D / 16][4], int lane) {
-    static_assert(8 % FST == 0 && FST >= 2, "the ring's slots must divide a block's 8 k-steps");
-    for (int i = 0; i < nb; i++) {
-        const QvBlock cur = next;
-        const bool more = i + 1 < nb;
-        if (more) next = qv_block(P.c, kvh, (u64)sblk[warp + (i + 1) * W], lane);
-        const int pb = s0 + (warp + i * W) * BLOCK_TOKENS, valid = vt_valid - pb;
-        const u32* pw = (const u32*)(sc + min(lane >> 3, NG - 1) * P.split_len + (pb - s0));
-        const int t = lane & 3;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            cp_async_wait<FST - 2>();
-            __syncwarp();
-            const u32* slot = ring_words + (k % FST) * (4 * QV_CHUNK_UNITS);
-            const u16* meta = (const u16*)slot;
-            const u32 a0[1] = {slot[q.code_read[0]]}, a1[1] = {slot[q.code_read[1]]};
-            const u32 b0[1] = {slot[q.code_read[2]]}, b1[1] = {slot[q.code_read[3]]};
-            const int ta = 16 * k + 2 * t, tb = ta + 8;
-            const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
-            const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-            const u32 sa = ((u32)meta[q.meta_read[0]] | ((u32)meta[q.meta_read[1]] << 16)) & keep_a;
-            const u32 ma = ((u32)meta[q.meta_read[0] + 64] | ((u32)meta[q.meta_read[1] + 64] << 16)) & keep_a;
-            const u32 sb = ((u32)meta[q.meta_read[2]] | ((u32)meta[q.meta_read[3]] << 16)) & keep_b;
-            const u32 mb = ((u32)meta[q.meta_read[2] + 64] | ((u32)meta[q.meta_read[3] + 64] << 16)) & keep_b;
-            // Into the slot of k - 1, which every lane has read (its reads came before this
-            // k-step's __syncwarp).
-            const SmemAddr dst = ring + ((k + FST - 1) % FST) * (16 * QV_CHUNK_UNITS);
-            if (k + FST - 1 < 8)
-                qv_issue(q, cur, k + FST - 1, true, dst);
-            else
-                qv_issue(q, next, k + FST - 1 - 8, more, dst);
-            value_kstep_mma<D, 2, NG>(a0, a1, b0, b1, sa, ma, sb, mb, pw, ta, tb, keep_a, keep_b, acc, lane);
-        }
-    }
+__device__ __forceinline__ void qv_stream_kstep(const AttnParams& P, int kvh, const int* sblk, int warp, int W,
+                                                int nb, const uint4* ring, int c, int kstep, int valid, const u32* pw,
+                                                float (&acc)[D / 16][4], int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const int gpt = 128 / P.c.group, vg = (g * 16) / P.c.group;  // the lane's channel group
+    cp_async_wait<FST - 2>();
+    __syncwarp();
+    const u32* slot = (const u32*)(ring + (c % FST) * QV_CHUNK_UNITS);
+    const u16* ss = (const u16*)(slot + 128) + vg;
+    const u16* sm = ss + 64;
+    const int ra = 2 * t, rb = ra + 8;  // chunk-relative tokens
+    const u32 a0[1] = {slot[8 * qv_row(ra) + g]}, a1[1] = {slot[8 * qv_row(ra + 1) + g]};
+    const u32 b0[1] = {slot[8 * qv_row(rb) + g]}, b1[1] = {slot[8 * qv_row(rb + 1) + g]};
+    const int ta = 16 * kstep + ra, tb = ta + 8;
+    const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
+    const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
+    const u32 sa = ((u32)ss[ra * gpt] | ((u32)ss[(ra + 1) * gpt] << 16)) & keep_a;
+    const u32 ma = ((u32)sm[ra * gpt] | ((u32)sm[(ra + 1) * gpt] << 16)) & keep_a;
+    const u32 sb = ((u32)ss[rb * gpt] | ((u32)ss[(rb + 1) * gpt] << 16)) & keep_b;
+    const u32 mb = ((u32)sm[rb * gpt] | ((u32)sm[(rb + 1) * gpt] << 16)) & keep_b;
+    // (Copies into this slot start at the next k-step, after its __syncwarp: these reads first.)
+    qv_stream_issue<FST>(P, kvh, sblk, warp, W, nb, c + FST - 1, smem_addr(ring), lane);
+    value_kstep_mma<D, 2, NG>(a0, a1, b0, b1, sa, ma, sb, mb, pw, ta, tb, keep_a, keep_b, acc, lane);
 }
 
 // ---- Integer tensor-core values (IMMA_VALUES), as IMMA_KEYS for the value blocks: A = the u8
@@ -2091,7 +2045,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // value blocks.
     constexpr bool QV_RING = QUANT && FST > 0 && NG > 1 && D == 128 && VB == 2 && W > 1;
     __shared__ uint4 qvring16[QV_RING ? W * FST * QV_CHUNK_UNITS : 1];
-    const u32* qvring = (const u32*)(qvring16 + warp * FST * QV_CHUNK_UNITS);
+    const uint4* qvring = qvring16 + warp * FST * QV_CHUNK_UNITS;
     const bool qv_on = QV_RING && c.group >= 32;
     const int qv_blocks = qv_on ? max((vt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
     if (!IMMA_K && kt_end > s0) {
@@ -2307,17 +2261,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             }
         }
     }
-    // The value ring's first chunks load during the softmax.
-    QvLane qv_lane_parts;
-    QvBlock qv_first = {nullptr, nullptr};
-    if constexpr (QV_RING) {
-        if (qv_blocks > 0) {
-            qv_lane_parts = qv_lane(c, lane);
-            qv_first = qv_block(c, kvh, (u64)sblk[warp], lane);
-#pragma unroll
-            for (int k = 0; k < FST - 1; k++)
-                qv_issue(qv_lane_parts, qv_first, k, true, smem_addr(qvring) + k * (16 * QV_CHUNK_UNITS));
-        }
+    if constexpr (QV_RING) {  // the value ring's first chunks load during the softmax
+        for (int x = 0; x < FST - 1; x++)
+            qv_stream_issue<FST>(P, kvh, sblk, warp, W, qv_blocks, x, smem_addr(qvring), lane);
     }
     __syncthreads();
 
@@ -2377,8 +2323,14 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             bool ring_done = false;
             if constexpr (QV_RING) {
                 if (qv_on) {
-                    qv_stream_blocks<D, NG, FST>(P, kvh, sblk, warp, W, qv_blocks, s0, vt_valid, sc, qv_lane_parts,
-                                                 qv_first, smem_addr(qvring), qvring, tacc, lane);
+                    for (int i = 0; i < qv_blocks; i++) {
+                        const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
+                        const u32* pw = (const u32*)(sc + min(lane >> 3, NG - 1) * P.split_len + (pb - s0));
+#pragma unroll 2
+                        for (int k = 0; k < 8; k++)
+                            qv_stream_kstep<D, NG, FST>(P, kvh, sblk, warp, W, qv_blocks, qvring, 8 * i + k, k,
+                                                        vt_valid - pb, pw, tacc, lane);
+                    }
                     ring_done = true;
                 }
             }
