@@ -1438,41 +1438,6 @@ __device__ __forceinline__ void value_kstep_mma(const u32 (&a0)[VALUE_LANE_WORDS
         }
 }
 
-// 1: in several-head CTAs (no staged scales) each value k-step's loads go out one k-step ahead,
-// while the previous one computes. Nsight Compute (GQA B = 32 T = 32K KIVI-2, session 18): 39 %
-// of the warps' samples in the value blocks, a third of them waiting on these loads.
-#ifndef VALUE_PREFETCH
-#define VALUE_PREFETCH 0
-#endif
-#ifndef VALUE_PREFETCH_UNROLL
-#define VALUE_PREFETCH_UNROLL 2
-#endif
-// A value k-step's loads (tc_value_block, unstaged scales): the lane's code words of tokens ta,
-// ta + 1, ta + 8, ta + 9 as stored, and their scales and mins (16 bits each).
-template <int NW>
-struct ValueLoads {
-    u32 a0[NW], a1[NW], b0[NW], b1[NW];
-    u32 s[4], m[4];
-};
-template <int WPT, int NW>
-__device__ __forceinline__ void value_kstep_loads(const u32* vq, const u16* vs, const u16* vm, int gpt, int ta,
-                                                  ValueLoads<NW>& x) {
-    const int tb = ta + 8;
-#pragma unroll
-    for (int w = 0; w < NW; w++) {
-        x.a0[w] = vq[ta * WPT + w];
-        x.a1[w] = vq[(ta + 1) * WPT + w];
-        x.b0[w] = vq[tb * WPT + w];
-        x.b1[w] = vq[(tb + 1) * WPT + w];
-    }
-    const int rows[4] = {ta, ta + 1, tb, tb + 1};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        x.s[i] = vs[rows[i] * gpt];
-        x.m[i] = vm[rows[i] * gpt];
-    }
-}
-
 // Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
@@ -1540,31 +1505,6 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     }
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
-    if constexpr (!STAGE && VALUE_PREFETCH) {
-        // The loads of k-step k + 1 go out before k-step k computes (see VALUE_PREFETCH).
-        ValueLoads<NW> cur, next;
-        value_kstep_loads<WPT>(vq, vs, vm, gpt, 2 * t, cur);
-#pragma unroll(VALUE_PREFETCH_UNROLL)
-        for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
-            const int ta = 16 * kstep + 2 * t, tb = ta + 8;
-            if (kstep + 1 < BLOCK_TOKENS / 16) value_kstep_loads<WPT>(vq, vs, vm, gpt, ta + 16, next);
-            u32 a0[NW], a1[NW], b0[NW], b1[NW];
-#pragma unroll
-            for (int w = 0; w < NW; w++) {
-                a0[w] = cur.a0[w] >> shift;
-                a1[w] = cur.a1[w] >> shift;
-                b0[w] = cur.b0[w] >> shift;
-                b1[w] = cur.b1[w] >> shift;
-            }
-            const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
-            const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-            const u32 sa = (cur.s[0] | (cur.s[1] << 16)) & keep_a, ma = (cur.m[0] | (cur.m[1] << 16)) & keep_a;
-            const u32 sb = (cur.s[2] | (cur.s[3] << 16)) & keep_b, mb = (cur.m[2] | (cur.m[3] << 16)) & keep_b;
-            value_kstep_mma<D, VB, NG>(a0, a1, b0, b1, sa, ma, sb, mb, pw, ta, tb, keep_a, keep_b, acc, lane);
-            cur = next;
-        }
-        return;
-    }
 #pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
