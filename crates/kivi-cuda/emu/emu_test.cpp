@@ -267,8 +267,8 @@ static void sinks(int S, int n_old, int n_new) {
 // KB = VB = 16: the f16 cache (rows paged in the window buffers, nothing quantized).
 // `production`: the tensor-core choices GpuCache makes (whole blocks in multiples of the warps,
 // a partial block only from 32 positions; the rest on CUDA cores), else every quantized block
-// on the tensor cores. FST > 0: the f16 cache's blocks through the shared-memory ring of FST
-// stages (F16_STAGES), or those of KIVI values in several-head CTAs (QV_STAGES).
+// on the tensor cores. FST > 0 (the f16 cache): its blocks through the shared-memory ring of
+// FST stages (F16_STAGES).
 template <int D, int KB, int VB, int NG, int W, int FST = 0>
 struct Pipeline {
     static constexpr bool F16 = KB == 16;
@@ -623,7 +623,7 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     std::snprintf(what, sizeof what,
                   "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s%s",
                   D, KB, VB, nh, hkv, NG, W, G, R, S, split, prompt,
-                  production ? " (production tensor-core choices)" : "", FST ? (KB == 16 ? " (f16 ring)" : " (value ring)") : "");
+                  production ? " (production tensor-core choices)" : "", FST ? " (f16 ring)" : "");
     // On exactly quantizable data the dequantized values are exact; with R = 0 (data off the
     // grid) the tensor cores dequantize through f16 where the reference stays in f32.
     const double bound = R == 0 && KB < 16 ? 5e-4 : 1e-4;
@@ -695,11 +695,6 @@ int main() {
     pipeline<128, 16, 16, 1, 4, 3>(2, 2, 32, 0, 0, 512, true, 300);
     pipeline<128, 16, 16, 2, 4, 2>(1, 4, 32, 0, 0, 896, true, 1000);
     pipeline<128, 16, 16, 1, 4, 3>(1, 1, 32, 0, 0, 1536, false, 1400);
-    // Several-head KIVI CTAs' value blocks through the value ring (QV_STAGES): 2-4 stages,
-    // G = 32 / 64 / 128, several blocks per warp, uneven leftovers, partial last blocks.
-    pipeline<128, 2, 2, 4, 4, 3>(1, 4, 32, 128, 0, 1024, false, 1100);
-    pipeline<128, 2, 2, 4, 4, 4>(2, 8, 64, 64, 0, 896, true, 1000);
-    pipeline<128, 4, 2, 2, 4, 2>(1, 2, 128, 128, 0, 512, false, 700);
     pipeline<64, 2, 2, 1, 4>(2, 2, 32, 32, 4, 256, true);
     // R = 0 (every token quantized, the partial key group re-quantized on each append), sinks.
     pipeline<64, 4, 2, 2, 4>(1, 2, 32, 0, 4, 128);

@@ -1398,46 +1398,6 @@ __device__ __forceinline__ void f16_value_piece_row(const uint4 (&x)[D / 16], in
 #define VALUE_STAGE 1
 #endif
 
-// Words of the lane's codes of one value token (tc_value_block: CH = D / 8 channels).
-#define VALUE_LANE_WORDS(D, VB) ((D) / 8 * (VB) > 32 ? 2 : 1)
-
-// The tensor-core part of a quantized value k-step (tc_value_block): the lane's code words of
-// tokens ta, ta + 1, tb = ta + 8, tb + 1 (a0, a1, b0, b1; its channels' codes from bit 0), their
-// scale and min pairs (sa, ma: tokens ta and ta + 1; sb, mb; zero where keep_a / keep_b are),
-// and the tokens' weights from pw (split_bits, block-relative) as the B operand.
-template <int D, int VB, int NG>
-__device__ __forceinline__ void value_kstep_mma(const u32 (&a0)[VALUE_LANE_WORDS(D, VB)],
-                                                const u32 (&a1)[VALUE_LANE_WORDS(D, VB)],
-                                                const u32 (&b0)[VALUE_LANE_WORDS(D, VB)],
-                                                const u32 (&b1)[VALUE_LANE_WORDS(D, VB)], u32 sa, u32 ma, u32 sb,
-                                                u32 mb, const u32* pw, int ta, int tb, u32 keep_a, u32 keep_b,
-                                                float (&acc)[D / 16][4], int lane) {
-    constexpr int LBITS = D / 8 * VB;           // the lane's bits of a token: 16, 32 or 64
-    constexpr int NW = VALUE_LANE_WORDS(D, VB);
-    constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
-    const int g = lane >> 2, hg = g >> 1;
-    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-    u32 bx = 0, by = 0;
-    if (hg < NG) {
-        bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
-        by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
-    }
-#pragma unroll
-    for (int w = 0; w < NW; w++)
-#pragma unroll
-        for (int k = 0; k < NBYTE; k++) {
-            u32 ra[8 / VB], rb[8 / VB];
-            unpack_byte<VB>(a0[w], a1[w], k, ra);
-            unpack_byte<VB>(b0[w], b1[w], k, rb);
-#pragma unroll
-            for (int j = 0; j < 8 / VB; j += 2) {
-                const int m = (w * (32 / VB) + k * (8 / VB) + j) / 2;
-                mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
-                          hfma2(rb[j + 1], sb, mb), bx, by);
-            }
-        }
-}
-
 // Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
 // by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
 // channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
@@ -1449,9 +1409,10 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
                                                u16* stage, int lane) {
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
-    constexpr int LBITS = CH * VB;  // the lane's bits of a token: 16, 32 or 64
-    constexpr int NW = VALUE_LANE_WORDS(D, VB);
-    constexpr int WPT = D * VB / 32;  // words per token
+    constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
+    constexpr int NW = LBITS > 32 ? 2 : 1;      // words
+    constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
+    constexpr int WPT = D * VB / 32;            // words per token
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
     const int shift = (g * LBITS) % 32;
@@ -1505,6 +1466,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
     }
 #undef LANE_GROUP
     const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
@@ -1533,7 +1495,25 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
             sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
             mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
         }
-        value_kstep_mma<D, VB, NG>(a0, a1, b0, b1, sa, ma, sb, mb, pw, ta, tb, keep_a, keep_b, acc, lane);
+        u32 bx = 0, by = 0;
+        if (hg < NG) {
+            bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
+            by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
+        }
+#pragma unroll
+        for (int w = 0; w < NW; w++)
+#pragma unroll
+            for (int k = 0; k < NBYTE; k++) {
+                u32 ra[8 / VB], rb[8 / VB];
+                unpack_byte<VB>(a0[w], a1[w], k, ra);
+                unpack_byte<VB>(b0[w], b1[w], k, rb);
+#pragma unroll
+                for (int j = 0; j < 8 / VB; j += 2) {
+                    const int m = (w * (32 / VB) + k * (8 / VB) + j) / 2;
+                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
+                              hfma2(rb[j + 1], sb, mb), bx, by);
+                }
+            }
     }
 }
 
@@ -1552,75 +1532,6 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
             wacc[t * D + g * (D / 8) + 2 * m + 1] += tacc[m][2] + tacc[m][3];
         }
     }
-}
-
-// ---- The value blocks of several-head KIVI CTAs through a shared-memory ring (FST > 0 stages in
-// the quant modules: QV_STAGES; 2-bit values, D = 128, four warps, groups of 32 channels or
-// more). As the f16 ring: each warp streams its value blocks as chunks of one 16-token k-step
-// (the codes, 512 bytes, then the tokens' scales and mins, [token][group] as in memory), copied
-// by cp.async FST - 1 chunks ahead of the one it computes, the first ones during the softmax.
-// Nsight Compute showed these blocks waiting on their loads (GQA B = 32 T = 32K KIVI-2: 39 % of
-// the warps' samples in the value blocks, a third of them on the L1TEX scoreboard), with no
-// registers left for more loads in flight at the 128-register cap.
-#ifndef QV_STAGES
-#define QV_STAGES 0
-#endif
-#define QV_CHUNK_UNITS 48  // 16-byte units of a chunk: 32 of codes, 8 of scales, 8 of mins
-
-// Where a chunk keeps the codes of its token r (0..15): rows 4..7 and 12..15 swap in pairs, so
-// that the four tokens 2t + x a read takes (t = 0..3) fall in four different bank groups.
-__device__ __forceinline__ int qv_row(int r) { return r ^ ((r >> 2) & 1); }
-
-// Starts chunk c (k-step c % 8 of the warp's block c / 8; its i-th block is the split's block
-// warp + i W) of the warp's stream of nb value blocks into ring slot c % FST, as one cp.async
-// group (empty past the stream's end, so that chunk c is always group c).
-template <int FST>
-__device__ __forceinline__ void qv_stream_issue(const AttnParams& P, int kvh, const int* sblk, int warp, int W, int nb,
-                                                int c, SmemAddr ring, int lane) {
-    if (c < 8 * nb) {
-        const CacheBufs& cb = P.c;
-        const int k = c & 7, gpt = 128 / cb.group;
-        const u64 blk = (u64)sblk[warp + (c >> 3) * W];
-        const SmemAddr dst = ring + (c % FST) * (16 * QV_CHUNK_UNITS);
-        // Lane l: unit l & 1 of token l / 2 (8 words a token).
-        const u32* codes = cb.vq + blk * cb.vq_block + (u64)kvh * cb.vq_head + (u64)(16 * k) * 8;
-        cp_async16<0, 0>(dst + 16 * (2 * qv_row(lane >> 1) + (lane & 1)), codes + 4 * lane);
-        // Lanes 0..7: the scales (16 tokens x gpt groups x 2 bytes), 8..15: the mins.
-        const int u = lane & 7;
-        if (lane < 16 && u < 2 * gpt) {
-            const u64 sm = blk * cb.vsm_block + (u64)kvh * cb.vsm_head + (u64)(16 * k) * gpt + 8 * u;
-            cp_async16<0, 0>(dst + 16 * (32 + (lane & 8) + u), (lane < 8 ? cb.vs : cb.vm) + sm);
-        }
-    }
-    cp_async_commit();
-}
-
-// Adds chunk c of the warp's value stream (k-step `kstep` of the block at pb, the first `valid`
-// of its tokens quantized) to acc, as tc_value_block's k-step; then starts chunk c + FST - 1.
-template <int D, int NG, int FST>
-__device__ __forceinline__ void qv_stream_kstep(const AttnParams& P, int kvh, const int* sblk, int warp, int W,
-                                                int nb, const uint4* ring, int c, int kstep, int valid, const u32* pw,
-                                                float (&acc)[D / 16][4], int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const int gpt = 128 / P.c.group, vg = (g * 16) / P.c.group;  // the lane's channel group
-    cp_async_wait<FST - 2>();
-    __syncwarp();
-    const u32* slot = (const u32*)(ring + (c % FST) * QV_CHUNK_UNITS);
-    const u16* ss = (const u16*)(slot + 128) + vg;
-    const u16* sm = ss + 64;
-    const int ra = 2 * t, rb = ra + 8;  // chunk-relative tokens
-    const u32 a0[1] = {slot[8 * qv_row(ra) + g]}, a1[1] = {slot[8 * qv_row(ra + 1) + g]};
-    const u32 b0[1] = {slot[8 * qv_row(rb) + g]}, b1[1] = {slot[8 * qv_row(rb + 1) + g]};
-    const int ta = 16 * kstep + ra, tb = ta + 8;
-    const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
-    const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-    const u32 sa = ((u32)ss[ra * gpt] | ((u32)ss[(ra + 1) * gpt] << 16)) & keep_a;
-    const u32 ma = ((u32)sm[ra * gpt] | ((u32)sm[(ra + 1) * gpt] << 16)) & keep_a;
-    const u32 sb = ((u32)ss[rb * gpt] | ((u32)ss[(rb + 1) * gpt] << 16)) & keep_b;
-    const u32 mb = ((u32)sm[rb * gpt] | ((u32)sm[(rb + 1) * gpt] << 16)) & keep_b;
-    // (Copies into this slot start at the next k-step, after its __syncwarp: these reads first.)
-    qv_stream_issue<FST>(P, kvh, sblk, warp, W, nb, c + FST - 1, smem_addr(ring), lane);
-    value_kstep_mma<D, 2, NG>(a0, a1, b0, b1, sa, ma, sb, mb, pw, ta, tb, keep_a, keep_b, acc, lane);
 }
 
 // ---- Integer tensor-core values (IMMA_VALUES), as IMMA_KEYS for the value blocks: A = the u8
@@ -1981,13 +1892,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     u32* cbuf = scodes + warp * CBUF_WORDS;
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
-    // The value ring of several-head KIVI CTAs (QV_STAGES): the warp's share of the tensor-core
-    // value blocks.
-    constexpr bool QV_RING = QUANT && FST > 0 && NG > 1 && D == 128 && VB == 2 && W > 1;
-    __shared__ uint4 qvring16[QV_RING ? W * FST * QV_CHUNK_UNITS : 1];
-    const uint4* qvring = qvring16 + warp * FST * QV_CHUNK_UNITS;
-    const bool qv_on = QV_RING && c.group >= 32;
-    const int qv_blocks = qv_on ? max((vt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
     if (!IMMA_K && kt_end > s0) {
         query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
         __syncthreads();
@@ -2201,10 +2105,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             }
         }
     }
-    if constexpr (QV_RING) {  // the value ring's first chunks load during the softmax
-        for (int x = 0; x < FST - 1; x++)
-            qv_stream_issue<FST>(P, kvh, sblk, warp, W, qv_blocks, x, smem_addr(qvring), lane);
-    }
     __syncthreads();
 
     // ---- softmax of the split (warp g owns query head g)
@@ -2260,25 +2160,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            bool ring_done = false;
-            if constexpr (QV_RING) {
-                if (qv_on) {
-                    for (int i = 0; i < qv_blocks; i++) {
-                        const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
-                        const u32* pw = (const u32*)(sc + min(lane >> 3, NG - 1) * P.split_len + (pb - s0));
-#pragma unroll 2
-                        for (int k = 0; k < 8; k++)
-                            qv_stream_kstep<D, NG, FST>(P, kvh, sblk, warp, W, qv_blocks, qvring, 8 * i + k, k,
-                                                        vt_valid - pb, pw, tacc, lane);
-                    }
-                    ring_done = true;
-                }
-            }
-            if (!ring_done) {
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                    tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb,
-                                               sc, tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
-            }
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
@@ -2546,7 +2430,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     ((NG) != 1 ? ONE_WARP_MIN_CTAS_GQA : (KB) + (VB) == 4 ? ONE_WARP_MIN_CTAS_K2 : ONE_WARP_MIN_CTAS)
 extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP_CTAS(ATTN_KB, ATTN_VB, ATTN_NG) : MIN_CTAS(ATTN_KB, ATTN_VB, ATTN_NG))
     kivi_attn(AttnParams p) {
-    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W, ATTN_KB == 16 ? F16_STAGES : QV_STAGES>(p);
+    attn_split<ATTN_D, ATTN_KB, ATTN_VB, ATTN_NG, ATTN_W, ATTN_KB == 16 ? F16_STAGES : 0>(p);
 }
 #endif
 
