@@ -43,7 +43,7 @@ def main():
     src = open(SOURCE, "rb").read()
     lines = src.decode().split("\n")
     # attn_split's body: from its signature to the next top-level function.
-    start = next(i for i, l in enumerate(lines) if "void attn_split(" in l) + 1
+    start = next(i for i, l in enumerate(lines) if "void attn_split_partials(" in l) + 1
     end = next(i for i in range(start, len(lines)) if re.match(r"(template|extern|__device__|#define ATTN)", lines[i]))
     sections = [(i + 1, l.strip()[3:].strip()) for i, l in enumerate(lines[:end]) if i >= start - 1 and l.strip().startswith("// ----")]
     options = [f"--gpu-architecture=compute_{a.arch.split('_')[1]}", "-std=c++17", "-lineinfo",
