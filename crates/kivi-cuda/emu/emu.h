@@ -318,7 +318,7 @@ struct EmuCpAsync {
 inline EmuCpAsync emu_cp_async[32 * EMU_MAX_WARPS];
 typedef char* SmemAddr;
 inline SmemAddr smem_addr(const void* p) { return (char*)p; }
-template <int DOFF, int SOFF>
+template <int DOFF, int SOFF, bool CA = false>
 inline void cp_async16(SmemAddr dst, const void* src) {
     EmuCpAsync& a = emu_cp_async[threadIdx.x];
     a.pending.push_back({a.committed, dst + DOFF, (const char*)src + SOFF});

@@ -844,11 +844,16 @@ __device__ __forceinline__ SmemAddr smem_addr(const void* p) {
     return (SmemAddr)a;
 }
 // 16 bytes from global `src + OFF` to shared `dst + OFF`, asynchronously (in the group of the
-// next commit); OFF an immediate, so that a warp's copies share two base registers.
-template <int DOFF, int SOFF>
+// next commit); OFF an immediate, so that a warp's copies share two base registers. CA: through
+// L1 (cp.async.ca), else L2 only (.cg).
+template <int DOFF, int SOFF, bool CA = false>
 __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
-                 : "memory");
+    if constexpr (CA)
+        asm volatile("cp.async.ca.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
+                     : "memory");
+    else
+        asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;" ::"r"(dst), "l"(src), "n"(DOFF), "n"(SOFF)
+                     : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of the thread's committed groups are in flight.
@@ -1294,6 +1299,15 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 #ifndef F16_STAGES
 #define F16_STAGES 0
 #endif
+// The ring's copies through L1 (cp.async.ca) in CTAs of several heads, L2 only (.cg) in one-head
+// CTAs. Measured on the H200 (session 18, µs, GQA four-head CTAs, no ring / .cg / .ca): B = 1
+// T = 32K 47.9 / 52.2 / 44.6, T = 16K 31.4 / 32.9 / 30.5, B = 32 T = 1K 42.8 / 47.0 / 40.5; but
+// B = 8 T = 4K (seven-block splits) 46.0 / 52.1 / 49.5 (cache.rs: the ring only where the blocks
+// split evenly over the warps).
+#ifndef F16_RING_CA_HEADS
+#define F16_RING_CA_HEADS 1
+#endif
+#define F16_RING_CA(NG) ((NG) > 1 && F16_RING_CA_HEADS)
 
 // Where a chunk keeps 16-byte unit u (0..31) of its run p: key row pairs flip bit 2 for odd p
 // (the 8 lanes of a read phase are pairs p, p + 1 x 4 units); value rows (row 2 p + u / 16)
@@ -1309,8 +1323,9 @@ __device__ __forceinline__ int f16_ring_unit(int p, int u) {
 
 // Starts chunk c of the warp's stream of nb blocks (the warp's i-th block is the split's block
 // warp + i W) into ring slot c % FST, as one cp.async group (empty past the stream's end, so
-// that chunk c is always group c).
-template <int FST>
+// that chunk c is always group c). CA: the copies go through L1 (cp.async.ca), as in the CTAs of
+// several heads, where .cg measured slower than no ring at all (see F16_RING_CA).
+template <int FST, bool CA>
 __device__ __forceinline__ void f16_stream_issue(const AttnParams& P, int kvh, const int* sblk, int warp, int W, int nb,
                                                  int c, SmemAddr ring, int lane) {
     constexpr int D = 128;
@@ -1325,7 +1340,7 @@ __device__ __forceinline__ void f16_stream_issue(const AttnParams& P, int kvh, c
         const u64 run = values ? 2 * D : (u64)(f16_key_row(1, 0) - f16_key_row(0, 0)) * D;
 #pragma unroll
         for (int p = 0; p < 8; p++)
-            cp_async16<0, 0>(dst + 512 * p + 16 * (values ? f16_ring_unit<true>(p, lane) : f16_ring_unit<false>(p, lane)),
+            cp_async16<0, 0, CA>(dst + 512 * p + 16 * (values ? f16_ring_unit<true>(p, lane) : f16_ring_unit<false>(p, lane)),
                              x + p * run + 8 * lane);
     }
     cp_async_commit();
@@ -1868,7 +1883,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     const int ring_blocks = F16_RING ? max((kt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
     if constexpr (F16_RING) {
         for (int c = 0; c < FST - 1; c++)
-            f16_stream_issue<FST>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
+            f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
     }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
@@ -1931,7 +1946,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     const int c = 8 * i + m;
                     uint4 x[8], X[D / 32], Y[D / 32];
                     f16_stream_read<FST, false>(ring, c, x, lane);
-                    f16_stream_issue<FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
                     f16_key_pieces<D>(x, X, Y);
                     f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
                 }
@@ -2236,7 +2251,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     uint4 x[8];
                     u32 wa0[D / 16], wa1[D / 16], wb0[D / 16], wb1[D / 16];
                     f16_stream_read<FST, true>(ring, c, x, lane);
-                    f16_stream_issue<FST>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
                     f16_value_piece_row<D>(x, 0, ta < valid, wa0);
                     f16_value_piece_row<D>(x, 1, ta + 1 < valid, wa1);
                     f16_value_piece_row<D>(x, 2, ta + 8 < valid, wb0);

@@ -179,14 +179,16 @@ enum F16Path {
 const F16_FEW_CTAS_PER_SM: usize = 3;
 
 /// Stages of the f16 ring (`F16_STAGES` in cache.cu: each warp streams its blocks through
-/// shared memory by cp.async, this many 4 KiB chunks, all but one in flight) in the one-head
-/// (`ng` = 1) head-dim-128 modules of `F16Path::TensorFew` and `F16Path::Tensor` (0: loads into
+/// shared memory by cp.async, this many 4 KiB chunks, all but one in flight) in the head-dim-128
+/// modules of `F16Path::TensorFew`, and the one-head ones of `F16Path::Tensor` (0: loads into
 /// registers). Measured on the H200 (session 17, µs, no ring -> 3 stages): MHA B = 1 T = 16K
 /// 74.5 -> 70.7, T = 4K 26.6 -> 24.2, B = 8 T = 1K 39.8 -> 37.3, GQA (one-head CTAs) B = 1 T = 4K
 /// 20.6 -> 19.1; 4 stages leave room for only 2 CTAs per SM (MHA B = 1 T = 16K: 83.8). The
-/// four-head CTAs were slower with it (GQA B = 1 T = 32K 47.6 -> 52.0, B = 8 T = 4K 45.7 ->
-/// 52.1), and so were the many-wave grids of `Tensor` (GQA B = 32 T = 32K 978 -> 1695, an
-/// earlier copy layout).
+/// many-wave grids of `Tensor` were slower with it (GQA B = 32 T = 32K 978 -> 1695, an earlier
+/// copy layout). CTAs of several heads copy through L1 (cache.cu `F16_RING_CA`) and take the
+/// ring only where a split's blocks divide evenly over the warps (session 18, µs, no ring ->
+/// ring: GQA B = 1 T = 32K 47.9 -> 44.6, B = 32 T = 1K 42.8 -> 40.5; seven-block splits, B = 8
+/// T = 4K, 46.0 -> 49.5).
 const F16_STAGES_FEW: usize = 3;
 const F16_STAGES_MANY: usize = 0;
 
@@ -558,9 +560,9 @@ pub struct GpuCache {
     /// `F16_STAGES_FEW` and `F16_STAGES_MANY` (`KIVI_CUDA_F16_STAGES_FEW`, `_MANY`: 0, or 2-8).
     f16_stages_few: usize,
     f16_stages_many: usize,
-    /// The f16 ring in the modules of several heads per CTA too (`KIVI_CUDA_F16_RING_ALL_HEADS=1`,
-    /// for comparison).
-    f16_ring_all_heads: bool,
+    /// The f16 ring in CTAs of several heads: None = where a split's blocks divide evenly over
+    /// the warps (see `F16_STAGES_FEW`); `KIVI_CUDA_F16_RING_HEADS=1` or `=0` forces.
+    f16_ring_heads: Option<bool>,
     /// Cache bytes of one position of one KV head in one layer (codes, scales and mins; f16
     /// rows), which attention reads.
     position_bytes: usize,
@@ -790,8 +792,11 @@ impl GpuCache {
                 .unwrap_or(F16_TC_MIN_LEN),
             f16_stages_few: stages_from_env("KIVI_CUDA_F16_STAGES_FEW", F16_STAGES_FEW),
             f16_stages_many: stages_from_env("KIVI_CUDA_F16_STAGES_MANY", F16_STAGES_MANY),
-            f16_ring_all_heads: std::env::var("KIVI_CUDA_F16_RING_ALL_HEADS")
-                .is_ok_and(|v| v == "1"),
+            f16_ring_heads: match std::env::var("KIVI_CUDA_F16_RING_HEADS").as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            },
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
@@ -913,7 +918,7 @@ impl GpuCache {
                     ng,
                     4,
                     F16Path::Tensor,
-                    self.f16_stages(kb, F16Path::Tensor, ng),
+                    self.f16_stages(kb, F16Path::Tensor, ng, true),
                 )?,
             ));
             if kb < 16 {
@@ -930,7 +935,7 @@ impl GpuCache {
                         ng,
                         4,
                         F16Path::TensorFew,
-                        self.f16_stages(kb, F16Path::TensorFew, ng),
+                        self.f16_stages(kb, F16Path::TensorFew, ng, true),
                     )?,
                 ));
                 kernels.push((
@@ -1369,17 +1374,23 @@ impl GpuCache {
         Ok(n)
     }
 
-    /// Stages of the f16 ring in the `kb`-bit `ng`-head modules of `path` (`F16_STAGES_FEW`,
-    /// `F16_STAGES_MANY`; the f16 cache's one-head, head-dim-128 modules only).
-    fn f16_stages(&self, kb: u8, path: F16Path, ng: usize) -> usize {
-        f16_ring_stages(
+    /// Stages of the f16 ring in the `kb`-bit `ng`-head modules of `path` (`f16_ring_stages`),
+    /// for splits whose blocks divide `evenly` over the warps or not: CTAs of several heads take
+    /// the ring only then (`f16_ring_heads` can force it either way).
+    fn f16_stages(&self, kb: u8, path: F16Path, ng: usize, evenly: bool) -> usize {
+        let stages = f16_ring_stages(
             kb,
             path,
-            if self.f16_ring_all_heads { 1 } else { ng },
+            ng,
             self.shape.head_dim,
             self.f16_stages_few,
             self.f16_stages_many,
-        )
+        );
+        if ng > 1 && !self.f16_ring_heads.unwrap_or(evenly) {
+            0
+        } else {
+            stages
+        }
     }
 
     fn heads_per_cta(n_rep: usize) -> usize {
@@ -1527,7 +1538,7 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let stages = self.f16_stages(kb, path, ng);
+        let stages = self.f16_stages(kb, path, ng, (split / BLOCK_TOKENS).is_multiple_of(warps));
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
         let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
@@ -1925,13 +1936,17 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                         }
                         let stages =
                             f16_ring_stages(kb, path, ng, d, F16_STAGES_FEW, F16_STAGES_MANY);
-                        let (name, defines) =
-                            GpuCache::attn_variant(d, kb, vb, ng, warps, path, stages);
-                        modules.push(crate::KernelModule {
-                            name,
-                            source: SOURCE,
-                            defines,
-                        });
+                        // Several heads per CTA: with and without the ring (`f16_stages`).
+                        let without = if ng > 1 && stages > 0 { Some(0) } else { None };
+                        for stages in std::iter::once(stages).chain(without) {
+                            let (name, defines) =
+                                GpuCache::attn_variant(d, kb, vb, ng, warps, path, stages);
+                            modules.push(crate::KernelModule {
+                                name,
+                                source: SOURCE,
+                                defines,
+                            });
+                        }
                     }
                 }
             }
@@ -1940,9 +1955,9 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
     modules
 }
 
-/// Stages of the f16 ring of a module of `kb`-bit keys (16: the f16 cache): `few` or `many` for
-/// the f16 cache's one-head head-dim-128 modules of `F16Path::TensorFew` or `F16Path::Tensor`,
-/// else 0.
+/// Stages of the f16 ring of a module of `kb`-bit keys (16: the f16 cache) and `ng` heads per
+/// CTA: `few` for the f16 cache's head-dim-128 modules of `F16Path::TensorFew`, `many` for its
+/// one-head ones of `F16Path::Tensor`, else 0.
 fn f16_ring_stages(
     kb: u8,
     path: F16Path,
@@ -1952,10 +1967,10 @@ fn f16_ring_stages(
     many: usize,
 ) -> usize {
     match path {
-        _ if kb != 16 || ng != 1 || head_dim != 128 => 0,
+        _ if kb != 16 || head_dim != 128 => 0,
         F16Path::TensorFew => few,
-        F16Path::Tensor => many,
-        F16Path::Simt => 0,
+        F16Path::Tensor if ng == 1 => many,
+        F16Path::Tensor | F16Path::Simt => 0,
     }
 }
 
