@@ -1375,8 +1375,8 @@ impl GpuCache {
     }
 
     /// Stages of the f16 ring in the `kb`-bit `ng`-head modules of `path` (`f16_ring_stages`),
-    /// for splits whose blocks divide `evenly` over the warps or not: CTAs of several heads take
-    /// the ring only then (`f16_ring_heads` can force it either way).
+    /// for splits whose whole stored blocks divide `evenly` over the warps or not: CTAs of several
+    /// heads take the ring only then (`f16_ring_heads` can force it either way).
     fn f16_stages(&self, kb: u8, path: F16Path, ng: usize, evenly: bool) -> usize {
         let stages = f16_ring_stages(
             kb,
@@ -1538,7 +1538,10 @@ impl GpuCache {
         } else {
             ATTN_THREADS as usize / 32
         };
-        let stages = self.f16_stages(kb, path, ng, (split / BLOCK_TOKENS).is_multiple_of(warps));
+        // Whole stored blocks in a full split (a batch shorter than one split has fewer).
+        let max_old = batch.items.iter().map(|it| it[1] as usize).max().unwrap_or(0);
+        let split_blocks = split.min(max_old) / BLOCK_TOKENS;
+        let stages = self.f16_stages(kb, path, ng, split_blocks.is_multiple_of(warps));
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
         let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
