@@ -187,9 +187,12 @@ const F16_FEW_CTAS_PER_SM: usize = 3;
 /// many-wave grids of `Tensor` were slower with it (GQA B = 32 T = 32K 978 -> 1695, an earlier
 /// copy layout). CTAs of several heads copy through L1 (cache.cu `F16_RING_CA`) and take the
 /// ring only where a split's blocks divide evenly over the warps (session 18, µs, no ring ->
-/// ring: GQA B = 1 T = 32K 47.9 -> 44.6, B = 32 T = 1K 42.8 -> 40.5; seven-block splits, B = 8
-/// T = 4K, 46.0 -> 49.5).
+/// ring, 3 stages: GQA B = 1 T = 32K 47.4 -> 44.2, B = 32 T = 1K 42.4 -> 39.9; seven-block
+/// splits, B = 8 T = 4K, 46.0 -> 49.5). They take 4 stages (`F16_STAGES_FEW_HEADS`; GQA B = 1
+/// T = 16K 31.2 -> 30.4 (3) -> 28.5 (4) -> 35.0 (6), the others equal at 3 and 4): their grids
+/// here have at most 2 CTAs per SM.
 const F16_STAGES_FEW: usize = 3;
+const F16_STAGES_FEW_HEADS: usize = 4;
 const F16_STAGES_MANY: usize = 0;
 
 /// Elements per KV head of one layer's buffers: in one block (codes, scales/mins; the f16
@@ -557,8 +560,10 @@ pub struct GpuCache {
     f16_ctas_per_sm: Option<usize>,
     /// `F16_TC_MIN_LEN` (`KIVI_CUDA_F16_TC_MIN_LEN`).
     f16_tc_min_len: usize,
-    /// `F16_STAGES_FEW` and `F16_STAGES_MANY` (`KIVI_CUDA_F16_STAGES_FEW`, `_MANY`: 0, or 2-8).
+    /// `F16_STAGES_FEW`, `F16_STAGES_FEW_HEADS` and `F16_STAGES_MANY`
+    /// (`KIVI_CUDA_F16_STAGES_FEW`, `_FEW_HEADS`, `_MANY`: 0, or 2-8).
     f16_stages_few: usize,
+    f16_stages_few_heads: usize,
     f16_stages_many: usize,
     /// The f16 ring in CTAs of several heads: None = where a split's blocks divide evenly over
     /// the warps (see `F16_STAGES_FEW`); `KIVI_CUDA_F16_RING_HEADS=1` or `=0` forces.
@@ -791,6 +796,10 @@ impl GpuCache {
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(F16_TC_MIN_LEN),
             f16_stages_few: stages_from_env("KIVI_CUDA_F16_STAGES_FEW", F16_STAGES_FEW),
+            f16_stages_few_heads: stages_from_env(
+                "KIVI_CUDA_F16_STAGES_FEW_HEADS",
+                F16_STAGES_FEW_HEADS,
+            ),
             f16_stages_many: stages_from_env("KIVI_CUDA_F16_STAGES_MANY", F16_STAGES_MANY),
             f16_ring_heads: match std::env::var("KIVI_CUDA_F16_RING_HEADS").as_deref() {
                 Ok("1") => Some(true),
@@ -1384,6 +1393,7 @@ impl GpuCache {
             ng,
             self.shape.head_dim,
             self.f16_stages_few,
+            self.f16_stages_few_heads,
             self.f16_stages_many,
         );
         if ng > 1 && !self.f16_ring_heads.unwrap_or(evenly) {
@@ -1539,7 +1549,12 @@ impl GpuCache {
             ATTN_THREADS as usize / 32
         };
         // Whole stored blocks in a full split (a batch shorter than one split has fewer).
-        let max_old = batch.items.iter().map(|it| it[1] as usize).max().unwrap_or(0);
+        let max_old = batch
+            .items
+            .iter()
+            .map(|it| it[1] as usize)
+            .max()
+            .unwrap_or(0);
         let split_blocks = split.min(max_old) / BLOCK_TOKENS;
         let stages = self.f16_stages(kb, path, ng, split_blocks.is_multiple_of(warps));
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
@@ -1919,7 +1934,7 @@ impl GpuCache {
 /// The cache's kernel modules: the append / prefill / reduce kernels, and every decode-attention
 /// variant a cache can launch (head dims 64 and 128; 2/4-bit keys and values, or f16; 1-4
 /// query heads per CTA; four-warp CTAs, and one-warp CTAs for KIVI caches; the f16 cache's
-/// three `F16Path`s, with their default ring stages).
+/// three `F16Path`s, with their default ring stages, and several-head ones without the ring too).
 pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
     let mut modules = vec![crate::KernelModule {
         name: MODULE.into(),
@@ -1937,8 +1952,15 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
                         if path != F16Path::Tensor && kb != 16 {
                             continue;
                         }
-                        let stages =
-                            f16_ring_stages(kb, path, ng, d, F16_STAGES_FEW, F16_STAGES_MANY);
+                        let stages = f16_ring_stages(
+                            kb,
+                            path,
+                            ng,
+                            d,
+                            F16_STAGES_FEW,
+                            F16_STAGES_FEW_HEADS,
+                            F16_STAGES_MANY,
+                        );
                         // Several heads per CTA: with and without the ring (`f16_stages`).
                         let without = if ng > 1 && stages > 0 { Some(0) } else { None };
                         for stages in std::iter::once(stages).chain(without) {
@@ -1959,19 +1981,21 @@ pub(crate) fn kernel_modules() -> Vec<crate::KernelModule> {
 }
 
 /// Stages of the f16 ring of a module of `kb`-bit keys (16: the f16 cache) and `ng` heads per
-/// CTA: `few` for the f16 cache's head-dim-128 modules of `F16Path::TensorFew`, `many` for its
-/// one-head ones of `F16Path::Tensor`, else 0.
+/// CTA: `few` (`few_heads` for several heads) for the f16 cache's head-dim-128 modules of
+/// `F16Path::TensorFew`, `many` for its one-head ones of `F16Path::Tensor`, else 0.
 fn f16_ring_stages(
     kb: u8,
     path: F16Path,
     ng: usize,
     head_dim: usize,
     few: usize,
+    few_heads: usize,
     many: usize,
 ) -> usize {
     match path {
         _ if kb != 16 || head_dim != 128 => 0,
-        F16Path::TensorFew => few,
+        F16Path::TensorFew if ng == 1 => few,
+        F16Path::TensorFew => few_heads,
         F16Path::Tensor if ng == 1 => many,
         F16Path::Tensor | F16Path::Simt => 0,
     }
