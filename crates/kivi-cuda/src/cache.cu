@@ -1307,7 +1307,10 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 #ifndef F16_RING_CA_HEADS
 #define F16_RING_CA_HEADS 1
 #endif
-#define F16_RING_CA(NG) ((NG) > 1 && F16_RING_CA_HEADS)
+#ifndef F16_RING_CA_ONE
+#define F16_RING_CA_ONE 0
+#endif
+#define F16_RING_CA(NG) ((NG) > 1 ? F16_RING_CA_HEADS : F16_RING_CA_ONE)
 
 // Where a chunk keeps 16-byte unit u (0..31) of its run p: key row pairs flip bit 2 for odd p
 // (the 8 lanes of a read phase are pairs p, p + 1 x 4 units); value rows (row 2 p + u / 16)
