@@ -1303,7 +1303,8 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
 // CTAs. Measured on the H200 (session 18, µs, GQA four-head CTAs, no ring / .cg / .ca): B = 1
 // T = 32K 47.9 / 52.2 / 44.6, T = 16K 31.4 / 32.9 / 30.5, B = 32 T = 1K 42.8 / 47.0 / 40.5; but
 // B = 8 T = 4K (seven-block splits) 46.0 / 52.1 / 49.5 (cache.rs: the ring only where the blocks
-// split evenly over the warps).
+// split evenly over the warps). One-head CTAs, .cg / .ca (F16_RING_CA_ONE): MHA B = 1 T = 16K
+// 70.4 / 75.7, T = 4K 24.2 / 29.9, GQA B = 1 T = 4K 18.7 / 22.1.
 #ifndef F16_RING_CA_HEADS
 #define F16_RING_CA_HEADS 1
 #endif
