@@ -391,6 +391,8 @@ struct StepPlan {
     n_tokens: usize,
     /// Longest stream (n_old + n_new after the sinks) of any item.
     max_stream_len: usize,
+    /// Most stored stream positions (n_old after the sinks) of any item.
+    max_stream_old: usize,
 }
 
 impl StepPlan {
@@ -437,6 +439,7 @@ impl StepPlan {
             p.work.add_item(config, item32, s_old, s_new, s_off);
             off += n_new;
             p.max_stream_len = p.max_stream_len.max(s_old + s_new);
+            p.max_stream_old = p.max_stream_old.max(s_old);
         }
         p.n_tokens = off;
         p
@@ -471,6 +474,8 @@ pub struct GpuBatch {
     pub n_tokens: usize,
     /// Longest attended stream (n_old + n_new, after the sink tokens) of any item.
     pub max_len: usize,
+    /// Most stored stream positions (n_old, after the sink tokens) of any item.
+    max_old: usize,
 }
 
 impl GpuBatch {
@@ -1139,6 +1144,7 @@ impl GpuCache {
             work,
             n_tokens,
             max_stream_len,
+            max_stream_old,
         } = StepPlan::new(&self.config, &plan_items);
         let s = self.gpu.stream().clone();
         let StepWork {
@@ -1179,6 +1185,7 @@ impl GpuCache {
             n_prefill_tiles,
             n_tokens,
             max_len: max_stream_len,
+            max_old: max_stream_old,
         })
     }
 
@@ -1549,13 +1556,7 @@ impl GpuCache {
             ATTN_THREADS as usize / 32
         };
         // Whole stored blocks in a full split (a batch shorter than one split has fewer).
-        let max_old = batch
-            .items
-            .iter()
-            .map(|it| it[1] as usize)
-            .max()
-            .unwrap_or(0);
-        let split_blocks = split.min(max_old) / BLOCK_TOKENS;
+        let split_blocks = split.min(batch.max_old) / BLOCK_TOKENS;
         let stages = self.f16_stages(kb, path, ng, split_blocks.is_multiple_of(warps));
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
@@ -2139,7 +2140,7 @@ mod tests {
             let mut off = 0;
             let mut sink_writes = Vec::new();
             let mut work = StepWork::default();
-            let mut max_stream = 0;
+            let (mut max_stream, mut max_old) = (0, 0);
             for (item, &(slot, n_old, n_new)) in items.iter().enumerate() {
                 assert_eq!(
                     plan.items[item],
@@ -2180,11 +2181,15 @@ mod tests {
                 );
                 work.add_item(&config, item as i32, si[1] as usize, s_new, si[3] as usize);
                 max_stream = max_stream.max(si[1] as usize + s_new);
+                max_old = max_old.max(n_old.saturating_sub(sinks));
                 off += n_new;
             }
             assert_eq!(plan.sink_writes, sink_writes);
             assert_eq!(plan.work, work);
-            assert_eq!((plan.n_tokens, plan.max_stream_len), (off, max_stream));
+            assert_eq!(
+                (plan.n_tokens, plan.max_stream_len, plan.max_stream_old),
+                (off, max_stream, max_old)
+            );
             if sinks == 0 {
                 assert_eq!(plan.toks, plan.stream_toks);
             }
