@@ -62,6 +62,25 @@ static AttnParams block_params(int D, int G) {
     return P;
 }
 
+// Code of token b, channel c in a block's key codes / of token t, channel c in its value codes,
+// from the layouts' definitions (cache.cu, "2-bit codes are interleaved" and the top).
+template <int D, int KB>
+static u32 key_code_ref(const std::vector<u32>& kq, int b, int c) {
+    if (KB == 2) return (kq[(c / 4) * 32 + (b % 8) * 4 + c % 4] >> (2 * (b / 8))) & 3u;
+    constexpr int WPD = KB, FPI = 32 / KB;
+    return (kq[((b / 32) * D + c) * WPD + (b % 32) / FPI] >> ((b % FPI) * KB)) & ((1u << KB) - 1);
+}
+template <int D, int VB>
+static u32 value_code_ref(const std::vector<u32>& vq, int t, int c) {
+    if (VB == 2) {
+        // Slot c % 8 (D / 4 bits) of token t, in its quad's row [slot words][4 tokens].
+        const int bit = (c % 8) * (D / 4) + 2 * (c / 8);
+        return (vq[(t / 4) * (D / 4) + (bit / 32) * 4 + t % 4] >> (bit % 32)) & 3u;
+    }
+    constexpr int FPI = 32 / VB;
+    return (vq[t * (D / FPI) + c / FPI] >> ((c % FPI) * VB)) & ((1u << VB) - 1);
+}
+
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
 template <int D, int KB>
@@ -95,7 +114,7 @@ static void key_block(int G, int valid, bool imma = false, bool staged = false) 
                                          (u32*)cbuf.data());
         else if (imma)
             tc_key_block_i8<D, KB, false>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), bbuf.data(), sc.data(), lane);
-        else
+        else if constexpr (KB == 4)  // (2-bit keys have integer paths only)
             tc_key_block<D, KB, 1>(P, 0, 0, 0, 0, valid, qf.data(), sc.data(), lane);
     });
     std::vector<double> want(valid), mag(valid);
@@ -103,9 +122,8 @@ static void key_block(int G, int valid, bool imma = false, bool staged = false) 
     for (int b = 0; b < valid; b++) {
         double s = 0, a = 0;
         for (int c = 0; c < D; c++) {
-            const u32 w = kq[((b / 32) * D + c) * WPD + (b % 32) / FPI];
-            const u32 code = (w >> ((b % FPI) * KB)) & ((1u << KB) - 1);
-            const double k = code * (double)h2f(ks[(b / G) * D + c]) + (double)h2f(km[(b / G) * D + c]);
+            const double k = key_code_ref<D, KB>(kq, b, c) * (double)h2f(ks[(b / G) * D + c]) +
+                             (double)h2f(km[(b / G) * D + c]);
             s += (double)q[c] * k;
             a += std::fabs((double)q[c] * k);
         }
@@ -158,19 +176,18 @@ static void value_block(int G, int valid, bool imma = false, bool staged = false
                                                (u32*)cbuf.data());
             else
                 tc_value_block_i8<D, VB, false>(P, 0, 0, 0, 0, valid, sc.data(), bbuf.data(), vacc, lane);
-            tc_value_store_i8<D>(vacc, wacc.data(), lane);
+            tc_value_store_i8<D, VB>(vacc, wacc.data(), lane);
         } else {
             float tacc[D / 16][4] = {};
-            tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
+            if constexpr (VB == 4) tc_value_block<D, VB, 1>(P, 0, 0, 0, 0, valid, sc.data(), tacc, stage.data(), lane);
             tc_value_store<D, 1>(tacc, wacc.data(), lane);
         }
     });
     std::vector<double> want(D, 0.0), mag(D, 0.0);
     for (int t = 0; t < valid; t++)
         for (int c = 0; c < D; c++) {
-            const u32 w = vq[t * (D / FPI) + c / FPI];
-            const u32 code = (w >> ((c % FPI) * VB)) & ((1u << VB) - 1);
-            const double v = code * (double)h2f(vs[t * gpt + c / G]) + (double)h2f(vm[t * gpt + c / G]);
+            const double v = value_code_ref<D, VB>(vq, t, c) * (double)h2f(vs[t * gpt + c / G]) +
+                             (double)h2f(vm[t * gpt + c / G]);
             want[c] += (double)p[t] * v;
             mag[c] += std::fabs((double)p[t] * v);
         }
@@ -178,6 +195,104 @@ static void value_block(int G, int valid, bool imma = false, bool staged = false
     std::snprintf(what, sizeof what, "value block%s D %d bits %d G %d valid %d",
                   imma ? (staged ? " (i8, staged)" : " (i8)") : "", D, VB, G, valid);
     check(what, want, wacc, mag, imma ? 2e-5 : 1e-3);
+}
+
+// 2-bit key block 0 of KV head 0: scores of NG query heads for the block's first `valid`
+// tokens, through tc_key_block_heads (several heads per CTA).
+template <int D, int NG>
+static void key_block_heads(int G, int valid) {
+    std::vector<u32> kq(BLOCK_TOKENS * D / 16);
+    for (auto& w : kq) w = (u32)rng();
+    const int ng = BLOCK_TOKENS / G;
+    auto [ks, km] = random_scales_mins(ng * D);
+    for (int gi = (valid + G - 1) / G; gi < ng; gi++)  // unwritten groups must not leak in
+        for (int c = 0; c < D; c++) ks[gi * D + c] = km[gi * D + c] = 0x7e00;
+    std::vector<float> q(NG * D), qn(NG * D), qmax(NG);
+    for (int h = 0; h < NG; h++) {
+        const double amp = uni(0.1, 3.0);  // heads of different sizes
+        float mx = 0.0f;
+        for (int c = 0; c < D; c++) {
+            q[h * D + c] = (float)uni(-amp, amp);
+            mx = std::max(mx, std::fabs(q[h * D + c]));
+        }
+        qmax[h] = mx;
+        for (int c = 0; c < D; c++) qn[h * D + c] = q[h * D + c] * (1.0f / mx);  // as attn_split
+    }
+    AttnParams P = block_params(D, G);
+    P.c.kq = kq.data();
+    P.c.ks = ks.data();
+    P.c.km = km.data();
+    P.c.kq_block = kq.size();
+    P.c.ksm_block = ks.size();
+    P.c.k_bits = 2;
+    P.scale_log2 = 1.0f;
+    std::vector<uint2> qf((D / 16) * 32);
+    query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
+    std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D);
+    emu_run_warp({}, [&](int lane) {
+        tc_key_block_heads<D, NG>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, qn.data(), qmax.data(), qf.data(),
+                                  wbuf.data(), sc.data(), lane);
+    });
+    std::vector<double> want, mag;
+    std::vector<float> got;
+    for (int h = 0; h < NG; h++)
+        for (int b = 0; b < valid; b++) {
+            double s = 0, a = 0;
+            for (int c = 0; c < D; c++) {
+                const double k = key_code_ref<D, 2>(kq, b, c) * (double)h2f(ks[(b / G) * D + c]) +
+                                 (double)h2f(km[(b / G) * D + c]);
+                s += (double)q[h * D + c] * k;
+                a += std::fabs((double)q[h * D + c] * k);
+            }
+            want.push_back(s);
+            mag.push_back(a);
+            got.push_back(sc[h * BLOCK_TOKENS + b]);
+        }
+    char what[96];
+    std::snprintf(what, sizeof what, "key block (heads) D %d heads %d G %d valid %d", D, NG, G, valid);
+    check(what, want, got, mag, 1e-5);
+}
+
+// 2-bit value block 0 of KV head 0 weighted by NG heads' random softmax weights (first
+// `valid` tokens), through tc_value_block_heads and tc_value_store_heads.
+template <int D, int NG>
+static void value_block_heads(int G, int valid) {
+    std::vector<u32> vq(BLOCK_TOKENS * D / 16);
+    for (auto& w : vq) w = (u32)rng();
+    const int gpt = D / G;
+    auto [vs, vm] = random_scales_mins(BLOCK_TOKENS * gpt);
+    for (int t = valid; t < BLOCK_TOKENS; t++)  // unwritten scales and mins must not leak in
+        for (int j = 0; j < gpt; j++) vs[t * gpt + j] = vm[t * gpt + j] = 0x7e00;
+    std::vector<float> p(NG * BLOCK_TOKENS), sc(NG * BLOCK_TOKENS);
+    for (int i = 0; i < NG * BLOCK_TOKENS; i++) {
+        p[i] = (float)uni(0.0, 1.0);
+        sc[i] = i % BLOCK_TOKENS < valid ? p[i] : NAN;  // past `valid`: not this path's weights
+    }
+    AttnParams P = block_params(D, G);
+    P.c.vq = vq.data();
+    P.c.vs = vs.data();
+    P.c.vm = vm.data();
+    P.c.vq_block = vq.size();
+    P.c.vsm_block = vs.size();
+    P.c.v_bits = 2;
+    std::vector<float> wacc(NG * D, 0.0f), wbuf(4 * 128);
+    emu_run_warp({}, [&](int lane) {
+        float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};
+        tc_value_block_heads<D, NG>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane);
+        tc_value_store_heads<D, NG>(vacc, pm, wacc.data(), lane);
+    });
+    std::vector<double> want(NG * D, 0.0), mag(NG * D, 0.0);
+    for (int h = 0; h < NG; h++)
+        for (int t = 0; t < valid; t++)
+            for (int c = 0; c < D; c++) {
+                const double v = value_code_ref<D, 2>(vq, t, c) * (double)h2f(vs[t * gpt + c / G]) +
+                                 (double)h2f(vm[t * gpt + c / G]);
+                want[h * D + c] += (double)p[h * BLOCK_TOKENS + t] * v;
+                mag[h * D + c] += std::fabs((double)p[h * BLOCK_TOKENS + t] * v);
+            }
+    char what[96];
+    std::snprintf(what, sizeof what, "value block (heads) D %d heads %d G %d valid %d", D, NG, G, valid);
+    check(what, want, wacc, mag, 1e-5);
 }
 
 // kivi_attn_sinks for a few tokens: n_old stored sink rows plus the step's new tokens.
@@ -639,26 +754,34 @@ int main() {
     auto partial = [] { return 1 + (int)(rng() % 127); };
     for (int G : {32, 64, 128}) {
         for (int valid : {128, partial()}) {
-            key_block<128, 2>(G, valid);
+            key_block_heads<128, 4>(G, valid);
+            key_block_heads<128, 3>(G, valid);
+            key_block_heads<128, 2>(G, valid);
+            value_block_heads<128, 4>(G, valid);
+            value_block_heads<128, 3>(G, valid);
+            value_block_heads<128, 2>(G, valid);
+            if (G <= 64) {
+                key_block_heads<64, 3>(G, valid);
+                key_block_heads<64, 4>(G, valid);
+                value_block_heads<64, 3>(G, valid);
+                value_block_heads<64, 4>(G, valid);
+            }
             key_block<128, 4>(G, valid);
             key_block<128, 2>(G, valid, true);
             key_block<128, 4>(G, valid, true);
             key_block<128, 2>(G, valid, true, true);
             key_block<128, 4>(G, valid, true, true);
-            value_block<128, 2>(G, valid);
             value_block<128, 4>(G, valid);
             value_block<128, 2>(G, valid, true);
             value_block<128, 4>(G, valid, true);
             value_block<128, 2>(G, valid, true, true);
             value_block<128, 4>(G, valid, true, true);
             if (G <= 64) {
-                key_block<64, 2>(G, valid);
                 key_block<64, 4>(G, valid);
                 key_block<64, 2>(G, valid, true);
                 key_block<64, 4>(G, valid, true);
                 key_block<64, 2>(G, valid, true, true);
                 key_block<64, 4>(G, valid, true, true);
-                value_block<64, 2>(G, valid);
                 value_block<64, 4>(G, valid);
                 value_block<64, 2>(G, valid, true);
                 value_block<64, 4>(G, valid, true);
@@ -681,6 +804,10 @@ int main() {
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 256);
     pipeline<64, 4, 4, 3, 1>(1, 3, 32, 64, 0, 128);
+    // ... at 2 bits (tc_key_block_heads, tc_value_block_heads), SmolLM2's shape, and long
+    // prompts (several blocks per warp, partial value blocks).
+    pipeline<64, 2, 2, 3, 4>(1, 3, 32, 64, 0, 256, false, 300);
+    pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 512, true, 600);
     // The f16 cache; the production tensor-core choices (CUDA-core partial blocks).
     pipeline<64, 16, 16, 2, 4>(1, 2, 32, 0, 0, 128);
     // The f16 cache over several blocks per warp (through the tensor cores unless built with

@@ -137,6 +137,35 @@ __device__ __forceinline__ u64 block_of(const CacheBufs& c, int slot, int p) {
     return (u64)c.table[(u64)slot * c.table_stride + p / BLOCK_TOKENS];
 }
 
+// 2-bit codes are interleaved, so that every m-tile of the tensor-core paths (16 tokens of a
+// key block, 16 channels of a value block) lies in one 32-wide quarter, the span of a key
+// scale group (G = 32) or of a value one: one B operand per quarter then serves all the
+// m-tile's rows, with the scales folded in (tc_key_block_heads). Per pool block and KV head:
+//   keys   [D / 4 channel quads][8 slots][4 channels] u32: slot s of channel d holds the
+//          block's tokens s + 8 i (i < 16) at bits 2 i, so byte k holds quarter k's tokens
+//          32 k + s, + 8, + 16, + 24;
+//   values [BT / 4 token quads][D / 4 bits per slot][8 slots][4 tokens]: slot s of token b
+//          holds channels s + 8 i (i < D / 8) at bits 2 i (byte k: quarter k). At D = 128 a
+//          slot is a word ([8 slots][4 tokens] words per quad); at D = 64 half of one
+//          ([4 slot pairs][4 tokens], slot s in the half s & 1).
+// A lane's four channels (keys) or tokens (values) of one slot are one 16-byte load. 4-bit
+// codes keep the plain packing (see the layout at the top).
+__device__ __forceinline__ u64 key2_word(int d, int b) { return (u64)(d >> 2) * 32 + (b & 7) * 4 + (d & 3); }
+__device__ __forceinline__ int key2_shift(int b) { return 2 * (b >> 3); }
+__device__ __forceinline__ u64 value2_word(int D, int b, int ch) {
+    return (u64)(b >> 2) * (D / 4) + ((ch & 7) * (D / 4) / 32) * 4 + (b & 3);
+}
+__device__ __forceinline__ int value2_shift(int D, int ch) { return ((ch & 7) * (D / 4)) % 32 + 2 * (ch >> 3); }
+// The channel of code j (bits 2 j) of word w (0 .. D / 16) of a token's quad row: slot
+// w (32 / U) + 2 j / U, code j % (U / 2) of it (U = D / 4 bits per slot).
+template <int D>
+__device__ __forceinline__ constexpr int value2_channel(int w, int j) {
+    return w * (128 / D) + (2 * j) / (D / 4) + 8 * (j % (D / 8));
+}
+// Byte `k` of the word at `w` (little-endian), written alone: other threads write its other
+// bytes (other key groups of the block, other value groups of the token).
+__device__ __forceinline__ void store_byte(u32* w, int k, u32 v) { ((unsigned char*)w)[k] = (unsigned char)v; }
+
 // Batch item: slot, n_old, n_new, offset of its first token in the packed token arrays.
 struct Item {
     int slot, n_old, n_new, tok_off;
@@ -190,6 +219,21 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
     const u64 blk = block_of(c, it.slot, p0);
     const int b0 = p0 % BLOCK_TOKENS;
     const u64 kq = blk * c.kq_block + (u64)h * c.kq_head;
+    if (bits == 2) {
+        // Interleaved: per quarter of the group, byte k of the channel's 8 slots (b0 is a
+        // multiple of 32).
+        for (int t0 = 0; t0 < G; t0 += 32) {
+            u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+            for (int t = 0; t < 32 && t0 + t < cnt; t++) {
+                const int p = p0 + t0 + t;
+                const float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
+                                       : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
+                slot[t & 7] |= quantize_value(x, gp, 2) << (2 * (t >> 3));
+            }
+            const int k = (b0 + t0) / 32;
+            for (int s = 0; s < 8; s++) store_byte(c.kq + kq + key2_word(d, s), k, slot[s]);
+        }
+    } else
     for (int w0 = 0; w0 < G; w0 += fpi) {
         u32 word = 0;
         for (int j = 0; j < fpi; j++) {
@@ -259,6 +303,22 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     GroupParams gp = group_params(mn, mx, bits);
     const u64 blk = block_of(c, it.slot, p);
     const int b = p % BLOCK_TOKENS;
+    if (bits == 2) {
+        // Interleaved: per quarter of the group, its byte of the token's 8 slots.
+        const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
+        for (int q0 = 0; q0 < G; q0 += 32) {
+            u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+            for (int x = 0; x < 32; x += 8) {
+                float v[8];
+                load8(old, win + q0 + x, src + q0 + x, v);
+#pragma unroll
+                for (int j = 0; j < 8; j++) slot[j] |= quantize_value(v[j], gp, 2) << (x / 4);
+            }
+            const int ch0 = gi * G + q0;  // a multiple of 32: byte ch0 / 32 of the slot
+            for (int s = 0; s < 8; s++)
+                store_byte(c.vq + vq + value2_word(D, b, ch0 + s), value2_shift(D, ch0 + s) / 8, slot[s]);
+        }
+    } else {
     const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / fpi);
     for (int w0 = 0; w0 < G; w0 += fpi) {
         u32 word = 0;
@@ -269,6 +329,7 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
             for (int j = 0; j < 8; j++) word |= quantize_value(v[j], gp, bits) << ((x + j) * bits);
         }
         c.vq[vq + (gi * G + w0) / fpi] = word;
+    }
     }
     const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
     c.vs[m] = gp.scale;
@@ -681,6 +742,7 @@ __device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / 
 template <int D, int KB, int NG>
 __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                              int valid, const uint2* qf, float* sc, int lane) {
+    static_assert(KB == 4, "2-bit keys are interleaved: tc_key_block_i8, tc_key_block_heads");
     const CacheBufs& c = P.c;
     constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
     constexpr int WL = KB / 2;  // of which the lane's 16 tokens
@@ -830,6 +892,12 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 // instead of g + 32 t + ..., four lanes per bank).
 #ifndef VALUE_STAGE_PAD2
 #define VALUE_STAGE_PAD2 8
+#endif
+// Interleaved 2-bit codes (key2_word, value2_word), staged: words of padding after each quad's
+// row (keys: 32 words; values: D / 4), so that the eight 16-byte loads of a quarter-warp
+// (lanes (g, t), g < 2) fall in different banks: 8 t + 4 g (keys, D = 128 values) apart.
+#ifndef STAGE2_PAD
+#define STAGE2_PAD 8
 #endif
 #ifndef VALUE_STAGE_PAD4
 #define VALUE_STAGE_PAD4 4
@@ -1021,15 +1089,28 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     const int g = lane >> 2, t = lane & 3;
     // The lane's first word; every load below is at a constant offset from it. STAGED: in the
     // warp's copy of the block's codes (see STAGE_CODES), started here.
-    const u32* tile;  // the lane's 32-token sub-tile
-    if constexpr (STAGED) {
-        warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
-            smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
-        tile = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD);
+    const u32* kq;
+    if constexpr (KB == 2) {
+        // Interleaved (key2_word): the lane's slot g of channel quads 8 k + t (+ 4), with
+        // STAGE2_PAD words of padding after every quad's 32 in the staged copy.
+        const u32* words = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head;
+        if constexpr (STAGED) {
+            warp_copy_async<BLOCK_TOKENS * D * KB / 8, 128, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
+            kq = cbuf + t * (32 + STAGE2_PAD) + 4 * g;
+        } else {
+            kq = words + t * 32 + 4 * g;
+        }
     } else {
-        tile = key_tile_words<D, WPD>(c, kvh, blk, 16 * g);
+        const u32* tile;  // the lane's 32-token sub-tile
+        if constexpr (STAGED) {
+            warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
+                smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
+            tile = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD);
+        } else {
+            tile = key_tile_words<D, WPD>(c, kvh, blk, 16 * g);
+        }
+        kq = tile + ((g & 1) * WL + 4 * t * WPD);
     }
-    const u32* kq = tile + ((g & 1) * WL + 4 * t * WPD);
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
     if constexpr (STAGED) {
@@ -1044,7 +1125,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
 // k-steps unrolled: 2-bit all (1 measured slower: MHA B = 32 T = 32K 1018 -> 1064 us), 4-bit two
 // at a time (all: 1481 us, one: 1415, two: 1379 in another call where one took 1397).
 #ifndef KEY_I8_UNROLL
-#define KEY_I8_UNROLL 4
+#define KEY_I8_UNROLL 2
 #endif
 #ifndef KEY_I8_UNROLL_K4
 #define KEY_I8_UNROLL_K4 2
@@ -1053,7 +1134,20 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][WL];
-        lane_code_words(kq + 32 * kstep * WPD, WPD, 0, w);
+        if constexpr (KB == 2) {
+            // Channels 32 kstep + 16 e + 4 t + i: quad 8 kstep + 4 e + t.
+            constexpr int QS = STAGED ? 32 + STAGE2_PAD : 32;
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const uint4 u = *(const uint4*)(kq + (8 * kstep + 4 * e) * QS);
+                w[e][0][0] = u.x;
+                w[e][1][0] = u.y;
+                w[e][2][0] = u.z;
+                w[e][3][0] = u.w;
+            }
+        } else {
+            lane_code_words(kq + 32 * kstep * WPD, WPD, 0, w);
+        }
 #pragma unroll
         for (int x = 0; x < WL; x++) {
             u32 xa[4], xb[4];
@@ -1083,7 +1177,19 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     }
     // Only the block's first `valid` tokens are quantized keys. (The rows' code shifts: 2 bits,
     // row g of m-tile m 4 (m & 1), row g + 8 two more; 4 bits, row g + 8 four.)
-    if (t == (g >> 1)) {
+    if constexpr (KB == 2) {
+        // Interleaved: m-tile m is tokens 32 (m / 2) + 16 (m & 1) + [0, 16) of quarter m / 2,
+        // whose columns lane (g, t) holds when t = m / 2.
+        float* row = sc + (pb - s0) + g;
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            const int b = 16 * m, sh = 4 * (m & 1);
+            if ((m >> 1) == t && b + g < valid)
+                row[b] = (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<KB>(sh)) + bias;
+            if ((m >> 1) == t && b + g + 8 < valid)
+                row[b + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<KB>(sh + 2)) + bias;
+        }
+    } else if (t == (g >> 1)) {
         float* row = sc + (pb - s0) + 16 * g;
 #pragma unroll
         for (int m = 0; m < 8; m++) {
@@ -1426,6 +1532,7 @@ template <int D, int VB, int NG>
 __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
                                                int valid, const float* sc, float (&acc)[D / 16][4],
                                                u16* stage, int lane) {
+    static_assert(VB == 4, "2-bit values are interleaved: tc_value_block_i8, tc_value_block_heads");
     const CacheBufs& c = P.c;
     constexpr int CH = D / 8;
     constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
@@ -1684,7 +1791,19 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     // STAGED: VPAD words of padding after every TPR tokens (128 bytes; VALUE_STAGE_PAD2/4).
     constexpr int VPAD = STAGED ? (VB == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : 0, TPR = 32 / WPT;
     const u32* vq;
-    if constexpr (STAGED) {  // as in tc_key_block_i8
+    // Interleaved 2-bit codes (value2_word): the lane's slot g of token quads 8 k + t (+ 4),
+    // rows of QW words (D / 4) plus STAGE2_PAD when staged.
+    constexpr int QW = D / 4 + (STAGED ? STAGE2_PAD : 0);
+    const int slot_word = 4 * ((g * (D / 4)) / 32), slot_shift = (g * (D / 4)) % 32;
+    if constexpr (VB == 2) {
+        const u32* words = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
+        if constexpr (STAGED) {
+            warp_copy_async<BLOCK_TOKENS * D * VB / 8, D, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
+            vq = cbuf + t * QW + slot_word;
+        } else {
+            vq = words + t * QW + slot_word;
+        }
+    } else if constexpr (STAGED) {  // as in tc_key_block_i8
         warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(smem_addr(cbuf),
                                                               c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
         // (4 t + i + 16 e) / TPR = 4 t / TPR + (i + 16 e) / TPR: TPR <= 8 and i < 4.
@@ -1711,7 +1830,18 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
         u32 w[2][4][NW];
-        lane_code_words<VPAD, TPR>(vq + 32 * kstep * (WPT + VPAD / TPR), WPT, shift, w);
+        if constexpr (VB == 2) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const uint4 u = *(const uint4*)(vq + (8 * kstep + 4 * e) * QW);
+                w[e][0][0] = u.x >> slot_shift;
+                w[e][1][0] = u.y >> slot_shift;
+                w[e][2][0] = u.z >> slot_shift;
+                w[e][3][0] = u.w >> slot_shift;
+            }
+        } else {
+            lane_code_words<VPAD, TPR>(vq + 32 * kstep * (WPT + VPAD / TPR), WPT, shift, w);
+        }
         // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
         u32 x[2][NW][4];
 #pragma unroll
@@ -1742,11 +1872,20 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
 
 // Adds a warp's tc_value_block_i8 sums to its slot `wacc` ([D]): lane (g, t) holds them when t
 // is the quarter of its channels.
-template <int D>
+template <int D, int VB>
 __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2], float* wacc, int lane) {
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
-    if (t == (g * (D / 8)) / 32) {
+    if constexpr (VB == 2) {
+        // Interleaved: m-tile m is channels 16 m + [0, 16) of quarter m / 2 (row g, row g + 8).
+#pragma unroll
+        for (int m = 0; m < D / 16; m++) {
+            if ((m >> 1) == t) {
+                wacc[16 * m + g] += vacc[m][0];
+                wacc[16 * m + g + 8] += vacc[m][1];
+            }
+        }
+    } else if (t == (g * (D / 8)) / 32) {
 #pragma unroll
         for (int m = 0; m < D / 16; m++) {
             wacc[g * (D / 8) + 2 * m] += vacc[m][0];
@@ -1754,6 +1893,294 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
         }
     }
 }
+
+// ---- Several query heads per CTA (GQA), 2-bit codes on the integer tensor cores. The
+// interleaved layout (key2_word, value2_word) puts each m-tile in one quarter, so one B operand
+// per quarter serves all 16 rows and holds NG <= 4 heads: column 2h + part is head h's 16-bit
+// fixed-point v, part 0 its high byte, part 1 its low one. Every lane's result is a score (or
+// output) of its head t (one-head CTAs use a quarter of theirs). v is one FFMA per element:
+// keys v = round(q^ s^), q^ = q / max|q| (per head, once per CTA) and s^ = s FIX / max s over
+// the quarter's channels (per block, shared by the heads); values v = round(p s^) (p <= 1).
+// The mins' terms: keys by a small f16 MMA (mins x query fragments), values by a warp sum.
+// Before: the codes dequantized to f16 for mma.sync m16n8k16, ~1360 (keys) and ~1750 (values)
+// instructions per block and lane at 2 bits.
+
+// k-steps of code words in flight ahead of the one in use.
+#ifndef CW_AHEAD
+#define CW_AHEAD 2
+#endif
+// round(x y) + F32_MAGIC (+ 128 for keys' high bytes): the integer in the low 16 bits of the
+// float's bits (|x y| < 2^22).
+#define F32_MAGIC 12582912.0f
+// Bytes `sel` (0x0040: byte 0; 0x0051: byte 1) of four such floats, in one register.
+__device__ __forceinline__ u32 fixed_bytes(float v0, float v1, float v2, float v3, u32 sel) {
+    return prmt(prmt(__float_as_uint(v0), __float_as_uint(v1), sel), prmt(__float_as_uint(v2), __float_as_uint(v3), sel),
+                0x5410u);
+}
+// The B operand registers of one quarter: x^ (the lane's head) times s^ of 8 elements (k rows
+// 4t..4t+3 and 16 + 4t..), as the lane's part.
+__device__ __forceinline__ void fixed_b(const float4& xa, const float4& xb, const float4& sa, const float4& sb,
+                                        float magic, u32 sel, u32& b0, u32& b1) {
+    b0 = fixed_bytes(fmaf(xa.x, sa.x, magic), fmaf(xa.y, sa.y, magic), fmaf(xa.z, sa.z, magic),
+                     fmaf(xa.w, sa.w, magic), sel);
+    b1 = fixed_bytes(fmaf(xb.x, sb.x, magic), fmaf(xb.y, sb.y, magic), fmaf(xb.z, sb.z, magic),
+                     fmaf(xb.w, sb.w, magic), sel);
+}
+// The four IMMAs of quarter j's two m-tiles (2j, 2j + 1) in one k-step: A from byte j of the
+// lane's transposed words (code_bits: row g at 4 (m & 1), row g + 8 two bits up).
+template <bool B_SIGNED>
+__device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u32 xa, u32 xb, u32 b0, u32 b1) {
+    constexpr u32 M2 = 0x03030303u;
+    imma_16832<B_SIGNED>(acc0, code_bits<2>(xa, M2, 0), code_bits<2>(xa, M2, 2), code_bits<2>(xb, M2, 0),
+                         code_bits<2>(xb, M2, 2), b0, b1);
+    imma_16832<B_SIGNED>(acc1, code_bits<2>(xa, M2, 4), code_bits<2>(xa, M2, 6), code_bits<2>(xb, M2, 4),
+                         code_bits<2>(xb, M2, 6), b0, b1);
+}
+
+// Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sqn: [NG][D] q^,
+// sqmax: [NG] max|q|, qf: the query's f16 B fragments (query_fragments), wbuf: the warp's
+// [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
+// and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2, a3);
+// its results are head t's.
+template <int D, int NG>
+__device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
+                                                   int qshift, const float* sqn, const float* sqmax, const uint2* qf,
+                                                   float* wbuf, float* sc, int lane) {
+    const CacheBufs& c = P.c;
+    constexpr int KS = D / 32;
+    const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
+    // The lane's code words: slot g of channel quads 8x + 4e + t; the first CW_AHEAD k-steps'
+    // issued now, each later one CW_AHEAD k-steps ahead (all at once spilled).
+    const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g;
+    uint4 cw[KS][2];
+#pragma unroll
+    for (int x = 0; x < CW_AHEAD && x < KS; x++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) cw[x][e] = *(const uint4*)(kq + (8 * x + 4 * e) * 32);
+    // s^ of every quarter: lane l takes channels 4l..4l + 3.
+    const int ch = 4 * lane;
+    const bool has = ch < D;
+    const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
+    float sv[4][4], amax[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint2 s2 = {0u, 0u};
+        if (has) s2 = *(const uint2*)(c.ks + sm + (j >> qshift) * D + ch);
+        sv[j][0] = h2f((u16)s2.x);
+        sv[j][1] = h2f((u16)(s2.x >> 16));
+        sv[j][2] = h2f((u16)s2.y);
+        sv[j][3] = h2f((u16)(s2.y >> 16));
+        amax[j] = fmaxf(fmaxf(sv[j][0], sv[j][1]), fmaxf(sv[j][2], sv[j][3]));
+    }
+    const float xmax = reduce4<true>(amax, lane);
+    float smax[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) smax[j] = __shfl_sync(0xffffffffu, xmax, 8 * j);
+    __syncwarp();  // the previous block's readers of wbuf are done
+    if (has) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // (An unwritten quarter past `valid` may give NaN here: only its own rows, unused.)
+            const float inv = smax[j] > 0.0f ? __fdividef(KEY_FIX, smax[j]) : 0.0f;
+            *(float4*)(wbuf + j * D + ch) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
+        }
+    }
+    // Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
+    // ends with quarter g's, head t's in c0 (high part) + c1 (low part).
+    float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    {
+        const u16* km = c.km + sm + (g >> qshift) * D + 2 * t;
+#pragma unroll
+        for (int x = 0; x < D / 16; x++) {
+            u32 a0 = 0u, a2 = 0u;
+            if (g < 4) {
+                a0 = *(const u32*)(km + 16 * x);
+                a2 = *(const u32*)(km + 16 * x + 8);
+            }
+            const uint2 b = qf[x * 32 + lane];
+            mma_16816(mc, a0, 0u, a2, 0u, b.x, b.y);
+        }
+    }
+    const float qm = sqmax[t < NG ? t : 0] * (P.scale_log2 / KEY_FIX);
+    float fac[4], bias[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        fac[j] = smax[j] * qm;
+        bias[j] = __shfl_sync(0xffffffffu, mc[0] + mc[1], 4 * j + t) * P.scale_log2;
+    }
+    __syncwarp();  // wbuf written
+    // Lanes of heads >= NG (NG < 4) give zero columns.
+    const float* qn = sqn + (h < NG ? h : 0) * D + 4 * t;
+    const float qon = h < NG ? 1.0f : 0.0f;
+    const u32 sel = part ? 0x0040u : 0x0051u;
+    const float magic = part ? F32_MAGIC : F32_MAGIC + 128.0f;
+    int acc[8][4];
+#pragma unroll
+    for (int m = 0; m < 8; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0;
+#pragma unroll
+    for (int x = 0; x < KS; x++) {
+        if (x + CW_AHEAD < KS)
+#pragma unroll
+            for (int e = 0; e < 2; e++) cw[x + CW_AHEAD][e] = *(const uint4*)(kq + (8 * (x + CW_AHEAD) + 4 * e) * 32);
+        u32 xa[4], xb[4];
+        byte_transpose(cw[x][0].x, cw[x][0].y, cw[x][0].z, cw[x][0].w, xa);
+        byte_transpose(cw[x][1].x, cw[x][1].y, cw[x][1].z, cw[x][1].w, xb);
+        float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
+        qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
+        qb = make_float4(qb.x * qon, qb.y * qon, qb.z * qon, qb.w * qon);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float* sj = wbuf + j * D + 32 * x + 4 * t;
+            u32 b0, b1;
+            fixed_b(qa, qb, *(const float4*)sj, *(const float4*)(sj + 16), magic, sel, b0, b1);
+            quarter_immas<true>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
+        }
+    }
+    // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8.
+    if (t < NG) {
+        float* row = sc + t * P.split_len + (pb - s0) + g;
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            const int j = m >> 1, sh = 4 * (m & 1);
+            if (16 * m + g < valid)
+                row[16 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
+            if (16 * m + g + 8 < valid)
+                row[16 * m + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
+        }
+    }
+}
+
+// Adds one whole 2-bit value block's weighted sums for the CTA's NG heads to vacc, by one warp
+// (sc: the split's weights [NG][split_len], plain floats; wbuf: the warp's [4][128] floats).
+// Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
+// g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
+// results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
+template <int D, int NG>
+__device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
+                                                     const float* sc, float* wbuf, float (&vacc)[D / 16][2],
+                                                     float (&pm)[4 * (D / 32)], int lane) {
+    const CacheBufs& c = P.c;
+    constexpr int NQ = D / 32;
+    const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
+    // The lane's code words: slot g of token quads 8x + 4e + t (D = 64: the half g & 1).
+    const int slot_shift = (g * (D / 4)) % 32;
+    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
+    uint4 cw[4][2];  // as in tc_key_block_heads
+#pragma unroll
+    for (int x = 0; x < CW_AHEAD; x++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) cw[x][e] = *(const uint4*)(vq + (8 * x + 4 * e) * (D / 4));
+    // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: weight, scale and
+    // min 0, whatever other paths or unwritten memory hold there).
+    const int gpt = D / c.group;
+    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
+    u32 s4[4][2], m4[4][2];
+    quarter_halves4<D>(c.vs + sm, gpt, s4);
+    quarter_halves4<D>(c.vm + sm, gpt, m4);
+    const float* w = sc + (pb - s0);
+    float pw[NG][4];
+#pragma unroll
+    for (int hh = 0; hh < NG; hh++) {
+        const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
+        const int b = 4 * lane;
+        pw[hh][0] = b < valid ? v.x : 0.0f;
+        pw[hh][1] = b + 1 < valid ? v.y : 0.0f;
+        pw[hh][2] = b + 2 < valid ? v.z : 0.0f;
+        pw[hh][3] = b + 3 < valid ? v.w : 0.0f;
+    }
+    // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
+    // at 4j + h; summed over the warp by tc_value_store_heads).
+    float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const bool ok = 4 * lane + i < valid;
+#pragma unroll
+        for (int j = 0; j < NQ; j++) {
+            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            sv[j][i] = sj;
+            amax[j] = fmaxf(amax[j], sj);
+#pragma unroll
+            for (int hh = 0; hh < NG; hh++) pm[4 * j + hh] += pw[hh][i] * mj;
+        }
+    }
+    const float xmax = reduce4<true>(amax, lane);
+    float fac[NQ];
+    __syncwarp();  // the previous block's readers of wbuf are done
+#pragma unroll
+    for (int j = 0; j < NQ; j++) {
+        const float smax = __shfl_sync(0xffffffffu, xmax, 8 * j);
+        const float inv = smax > 0.0f ? __fdividef(VAL_FIX, smax) : 0.0f;
+        fac[j] = smax * (1.0f / VAL_FIX);
+        *(float4*)(wbuf + j * 128 + 4 * lane) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
+    }
+    __syncwarp();  // wbuf written
+    const float* pl = w + (h < NG ? h : 0) * P.split_len + 4 * t;
+    const int pvalid = h < NG ? valid : 0;  // lanes of heads >= NG (NG < 4) give zero columns
+    const u32 sel = part ? 0x0040u : 0x0051u;
+    int acc[D / 16][4];
+#pragma unroll
+    for (int m = 0; m < D / 16; m++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) acc[m][x] = 0;
+#pragma unroll
+    for (int x = 0; x < 4; x++) {
+        if (x + CW_AHEAD < 4)
+#pragma unroll
+            for (int e = 0; e < 2; e++) cw[x + CW_AHEAD][e] = *(const uint4*)(vq + (8 * (x + CW_AHEAD) + 4 * e) * (D / 4));
+        u32 xa[4], xb[4];
+        byte_transpose(cw[x][0].x >> slot_shift, cw[x][0].y >> slot_shift, cw[x][0].z >> slot_shift,
+                       cw[x][0].w >> slot_shift, xa);
+        byte_transpose(cw[x][1].x >> slot_shift, cw[x][1].y >> slot_shift, cw[x][1].z >> slot_shift,
+                       cw[x][1].w >> slot_shift, xb);
+        // (Selected, not scaled: past `valid` the weights may be anything, NaN included.)
+        const int ta = 32 * x + 4 * t;
+        float4 pa = *(const float4*)(pl + 32 * x), pb4 = *(const float4*)(pl + 32 * x + 16);
+        pa = make_float4(ta < pvalid ? pa.x : 0.0f, ta + 1 < pvalid ? pa.y : 0.0f, ta + 2 < pvalid ? pa.z : 0.0f,
+                         ta + 3 < pvalid ? pa.w : 0.0f);
+        pb4 = make_float4(ta + 16 < pvalid ? pb4.x : 0.0f, ta + 17 < pvalid ? pb4.y : 0.0f,
+                          ta + 18 < pvalid ? pb4.z : 0.0f, ta + 19 < pvalid ? pb4.w : 0.0f);
+#pragma unroll
+        for (int j = 0; j < NQ; j++) {
+            const float* sj = wbuf + j * 128 + 32 * x + 4 * t;
+            u32 b0, b1;
+            fixed_b(pa, pb4, *(const float4*)sj, *(const float4*)(sj + 16), F32_MAGIC, sel, b0, b1);
+            quarter_immas<false>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < D / 16; m++) {
+        const int j = m >> 1, sh = 4 * (m & 1);
+        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
+        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
+    }
+}
+
+// Adds a warp's tc_value_block_heads sums and mins' terms to its slot `wacc` ([NG][D]).
+template <int D, int NG>
+__device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16][2], float (&pm)[4 * (D / 32)],
+                                                     float* wacc, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    __syncwarp();
+    const float xsum = transpose_reduce<4 * (D / 32)>(pm, lane);  // lane 4j + h: quarter j, head h
+    float bias[D / 32];
+#pragma unroll
+    for (int j = 0; j < D / 32; j++) bias[j] = __shfl_sync(0xffffffffu, xsum, 4 * j + t);
+    if (t < NG) {
+#pragma unroll
+        for (int m = 0; m < D / 16; m++) {
+            wacc[t * D + 16 * m + g] += vacc[m][0] + bias[m >> 1];
+            wacc[t * D + 16 * m + g + 8] += vacc[m][1] + bias[m >> 1];
+        }
+    }
+}
+
+// Value tokens in flight per lane in the CUDA-core loop over interleaved 2-bit codes.
+#ifndef VALUE2_ROWS_UNROLL
+#define VALUE2_ROWS_UNROLL 2
+#endif
 
 // 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
 // (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
@@ -1893,8 +2320,16 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
     // T = 330.)
-    constexpr bool IMMA_K = IMMA_KEYS && QUANT && NG == 1 && (KB == 2 || W > 1);
-    constexpr bool IMMA_V = IMMA_VALUES && QUANT && NG == 1 && (VB == 2 || W > 1);
+    // (2-bit codes always: their interleaved layout has no f16 path.)
+    constexpr bool IMMA_K = QUANT && NG == 1 && (KB == 2 || (IMMA_KEYS && W > 1));
+    constexpr bool IMMA_V = QUANT && NG == 1 && (VB == 2 || (IMMA_VALUES && W > 1));
+    // Several heads per CTA, 2-bit codes: tc_key_block_heads, tc_value_block_heads.
+    constexpr bool HEADS_K = QUANT && NG > 1 && KB == 2;
+    constexpr bool HEADS_V = QUANT && NG > 1 && VB == 2;
+    // Their q^ and max|q| (HEADS_K), and each warp's s^ of a block ([4][128] floats at most).
+    __shared__ float sqn[HEADS_K ? NG * D : 1], sqmax[HEADS_K ? NG : 1];
+    __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
+    float* wbuf = (float*)swbuf16 + warp * 512;
     // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
     // 4-bit codes through the f16 tensor-core path).
     constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || STAGE_CODES4);
@@ -1903,7 +2338,11 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
     constexpr int CBUF_VPAD = CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4;
     constexpr int CBUF_PAD = CBUF_VPAD > KEY_STAGE_PAD ? CBUF_VPAD : KEY_STAGE_PAD;
-    constexpr int CBUF_WORDS = BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
+    // (Interleaved 2-bit codes: key quad rows of 32 words, value ones of D / 4, each padded.)
+    constexpr int CBUF_WORDS = CBUF_BITS == 2 ? (D / 4 * (32 + STAGE2_PAD) > 32 * (D / 4 + STAGE2_PAD)
+                                                     ? D / 4 * (32 + STAGE2_PAD)
+                                                     : 32 * (D / 4 + STAGE2_PAD))
+                                              : BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
@@ -1913,6 +2352,16 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
         query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
+        if constexpr (HEADS_K) {
+            for (int hh = warp; hh < NG; hh += W) {
+                float mx = 0.0f;
+                for (int x = lane; x < D; x += 32) mx = fmaxf(mx, fabsf(sq[hh * D + x]));
+                mx = warp_max(mx);
+                const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
+                for (int x = lane; x < D; x += 32) sqn[hh * D + x] = sq[hh * D + x] * inv;
+                if (lane == 0) sqmax[hh] = mx;
+            }
+        }
         __syncthreads();
     }
 
@@ -1936,8 +2385,12 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
+    } else if (HEADS_K && kt_end > s0) {
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                      __ffs(c.group) - 6, sqn, sqmax, sqf, wbuf, sc, lane);
     } else if (QUANT && kt_end > s0) {
-        constexpr int KBq = QUANT ? KB : 2;
+        constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
                                      sc, lane);
@@ -1971,10 +2424,22 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             const u64 sm = key_group_scales<D>(c, kvh, blk, b);
             u32 w[CPL][WPD];
             float s[CPL], m[CPL];
+            // Interleaved 2-bit codes: byte b / 32 of the channel's 8 slots, gathered as w[i][0]
+            // (slots 0..3) and w[i][1] (4..7): token s + 8 j of the quarter at bits 8 (s & 3) +
+            // 2 j of w[i][s >> 2].
+            const u32 kbyte = (u32)(b >> 5);
+            const u32 gather = kbyte | ((kbyte + 4) << 4);
+            const u32* words2 = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head;
 #pragma unroll
             for (int i = 0; i < CPL; i++) {
                 const int d = lane + 32 * i;
-                if (WPD == 2) {
+                if (KBq == 2) {
+                    u32 sl[8];
+#pragma unroll
+                    for (int x = 0; x < 8; x++) sl[x] = words2[key2_word(d, x)];
+                    w[i][0] = prmt(prmt(sl[0], sl[1], gather), prmt(sl[2], sl[3], gather), 0x5410u);
+                    w[i][1] = prmt(prmt(sl[4], sl[5], gather), prmt(sl[6], sl[7], gather), 0x5410u);
+                } else if (WPD == 2) {
                     uint2 u = *(const uint2*)(base + d * WPD);
                     w[i][0] = u.x;
                     w[i][1] = u.y;
@@ -2018,7 +2483,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     for (int wi = 0; wi < WPP; wi++)
 #pragma unroll
                         for (int j = 0; j < FPI; j++) {
-                            const float f = code_as_float<KBq>(w[i][pass * WPP + wi], j);
+                            // (Interleaved: token tt = s + 8 j' of the quarter, see above.)
+                            const int tt = pass * TOK + wi * FPI + j, sl = tt & 7;
+                            const float f = KBq == 2 ? code_as_float<KBq>(w[i][sl >> 2], 4 * (sl & 3) + (tt >> 3))
+                                                     : code_as_float<KBq>(w[i][pass * WPP + wi], j);
 #pragma unroll
                             for (int g = 0; g < NG; g++) acc[g][wi * FPI + j] += qs[i][g] * f;
                         }
@@ -2099,8 +2567,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
                             for (int x = 0; x < CPL; x++) {
                                 const int d = d0 + x;
-                                const u32 wd = base[d * WPD + (b % 32) / FPI];
-                                const u32 code = (wd >> ((p % FPI) * KBq)) & ((1u << KBq) - 1);
+                                const u32 wd = KBq == 2 ? c.kq[blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(d, b)]
+                                                        : base[d * WPD + (b % 32) / FPI];
+                                const u32 code =
+                                    (wd >> (KBq == 2 ? key2_shift(b) : (p % FPI) * KBq)) & ((1u << KBq) - 1);
                                 raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
                             }
                         } else if (p < n) {
@@ -2137,7 +2607,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
         for (int t = lane; t < ns; t += 32) {
             const float e = exp2f(row[t] - mx);
-            row[t] = t < packed && !IMMA_V ? __uint_as_float(split_bits(e)) : e;
+            row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
             sum += e;
         }
         sum = warp_sum(sum);
@@ -2172,19 +2642,72 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block_i8<D, VBq, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb,
                                                     sc, skb + warp * 4 * 64, vacc, lane, cbuf);
-            tc_value_store_i8<D>(vacc, wacc, lane);
+            tc_value_store_i8<D, VBq>(vacc, wacc, lane);
+        } else if (HEADS_V && vt_end > s0) {
+            float vacc[D / 16][2], pm[4 * (D / 32)];
+#pragma unroll
+            for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
+#pragma unroll
+            for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                            wbuf, vacc, pm, lane);
+            tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
 #pragma unroll
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
+            constexpr int VB4 = 4;  // (2-bit values took one of the integer paths above)
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block<D, VBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                tc_value_block<D, VB4, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                            tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
+        if constexpr (VBq == 2) {
+            // Interleaved codes (value2_word): the lane's word wi of a token holds channels
+            // value2_channel<D>(wi, j) of every quarter, so each code is dequantized with its
+            // quarter's scale and min (no per-lane bias), at UNROLL2 tokens in flight.
+            constexpr int UNROLL2 = VALUE2_ROWS_UNROLL, NQ = D / 32;
+            const int qshift = __ffs(c.group) - 6;
+            for (int pb = vt_valid + warp * TPI * UNROLL2; pb < qend; pb += W * TPI * UNROLL2) {
+                const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
+                const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
+                const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
+                u32 w[UNROLL2];
+                float s4[UNROLL2][NQ], mm[UNROLL2][NQ];
+#pragma unroll
+                for (int u = 0; u < UNROLL2; u++) {
+                    const int p = pb + u * TPI + sub;
+                    const int b = bp + u * TPI;
+                    w[u] = p < qend ? c.vq[vqo + (u64)(b >> 2) * (D / 4) + 4 * wi + (b & 3)] : 0u;
+#pragma unroll
+                    for (int q = 0; q < NQ; q++) {
+                        // (1 + c / 4) (4 s) + (m - 4 s) = s c + m, see code_as_float.
+                        const float sv = p < qend ? h2f(c.vs[vso + (u64)b * gpt + (q >> qshift)]) : 0.0f;
+                        const float mv = p < qend ? h2f(c.vm[vso + (u64)b * gpt + (q >> qshift)]) : 0.0f;
+                        s4[u][q] = 4.0f * sv;
+                        mm[u][q] = mv - 4.0f * sv;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL2; u++) {
+                    const int p = pb + u * TPI + sub;
+                    float pv[NG];
+#pragma unroll
+                    for (int g = 0; g < NG; g++) pv[g] = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+#pragma unroll
+                    for (int j = 0; j < FPI; j++) {
+                        const int q = value2_channel<D>(0, j) / 32;
+                        const float v = fmaf(s4[u][q], code_as_float<2>(w[u], j), mm[u][q]);
+#pragma unroll
+                        for (int g = 0; g < NG; g++) acc[g][j] += pv[g] * v;
+                    }
+                }
+            }
+        } else
         // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
         for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
             const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
@@ -2235,7 +2758,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                 float v = acc[g][j];
 #pragma unroll
                 for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
+                if (sub == 0) wacc[g * D + (VBq == 2 ? value2_channel<D>(wi, j) : wi * FPI + j)] += v + bias[g];
             }
         }
     } else if (F16_TENSOR && vt_end > s0) {

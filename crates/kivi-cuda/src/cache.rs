@@ -607,6 +607,33 @@ fn unsupported(m: String) -> Error {
     Error::Unsupported(m)
 }
 
+/// Word and bit offset of the key code of block position `b`, channel `c` in a block's codes
+/// (`cache.cu`: 2-bit codes interleaved, `key2_word`; 4-bit in 32-token sub-tiles).
+fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
+    if bits == 2 {
+        ((c / 4) * 32 + (b % 8) * 4 + c % 4, 2 * (b / 8))
+    } else {
+        let per_word = 32 / bits as usize;
+        (
+            ((b / 32) * d + c) * (32 / per_word) + (b % 32) / per_word,
+            (b % per_word) * bits as usize,
+        )
+    }
+}
+
+/// The same for the value code of block position `b`, channel `c` (`value2_word`; 4-bit: one
+/// row of words per token).
+fn value_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
+    if bits == 2 {
+        // Slot c % 8 (d / 4 bits) of token b, in its quad's row [slot words][4 tokens].
+        let bit = (c % 8) * (d / 4) + 2 * (c / 8);
+        ((b / 4) * (d / 4) + (bit / 32) * 4 + b % 4, bit % 32)
+    } else {
+        let per_word = 32 / bits as usize;
+        (b * (d / per_word) + c / per_word, (c % per_word) * bits as usize)
+    }
+}
+
 /// Checks the configurations the kernels implement.
 pub fn check_supported(config: &CacheConfig, shape: &CacheShape) -> Result<()> {
     if ![64, 128].contains(&shape.head_dim) {
@@ -1867,8 +1894,6 @@ impl GpuCache {
                     paged16(&l.vm, g.vsm_head)?,
                 );
                 let (nqk, nqv) = quantized_ends(&self.config, n);
-                let (kf, vf) = (32 / k_bits as usize, 32 / v_bits as usize);
-                let wpd = 32 / kf;
                 for p in 0..n {
                     let (blk, b) = (p / bt, p % bt);
                     for h in 0..hkv {
@@ -1876,19 +1901,16 @@ impl GpuCache {
                         for c in 0..d {
                             let o = (p * hkv + h) * d + c;
                             k[o] = if p < nqk {
-                                let w =
-                                    kq[bh * g.kq_head + ((b / 32) * d + c) * wpd + (b % 32) / kf];
-                                let code =
-                                    (w >> ((b % kf) * k_bits as usize)) & ((1 << k_bits) - 1);
+                                let (word, shift) = key_code_at(k_bits, d, b, c);
+                                let code = (kq[bh * g.kq_head + word] >> shift) & ((1 << k_bits) - 1);
                                 let m = bh * g.ksm_head + (b / gs) * d + c;
                                 code as f32 * h2f(ks[m]) + h2f(km[m])
                             } else {
                                 h2f(kwin[h * g.kwin_head + (p % r) * d + c])
                             };
                             v[o] = if p < nqv {
-                                let w = vq[bh * g.vq_head + b * (d / vf) + c / vf];
-                                let code =
-                                    (w >> ((c % vf) * v_bits as usize)) & ((1 << v_bits) - 1);
+                                let (word, shift) = value_code_at(v_bits, d, b, c);
+                                let code = (vq[bh * g.vq_head + word] >> shift) & ((1 << v_bits) - 1);
                                 let m = bh * g.vsm_head + b * (d / gs) + c / gs;
                                 code as f32 * h2f(vs[m]) + h2f(vm[m])
                             } else {
