@@ -1972,20 +1972,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         sv[j][3] = h2f((u16)(s2.y >> 16));
         amax[j] = fmaxf(fmaxf(sv[j][0], sv[j][1]), fmaxf(sv[j][2], sv[j][3]));
     }
-    const float xmax = reduce4<true>(amax, lane);
-    float smax[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) smax[j] = __shfl_sync(0xffffffffu, xmax, 8 * j);
-    __syncwarp();  // the previous block's readers of wbuf are done
-    if (has) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            // (An unwritten quarter past `valid` may give NaN here: only its own rows, unused.)
-            const float inv = smax[j] > 0.0f ? __fdividef(KEY_FIX, smax[j]) : 0.0f;
-            *(float4*)(wbuf + j * D + ch) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
-        }
-    }
-    // Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
+    // (Its loads in flight with the scales'.) Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
     // ends with quarter g's, head t's in c0 (high part) + c1 (low part).
     float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     {
@@ -1999,6 +1986,19 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
             }
             const uint2 b = qf[x * 32 + lane];
             mma_16816(mc, a0, 0u, a2, 0u, b.x, b.y);
+        }
+    }
+    const float xmax = reduce4<true>(amax, lane);
+    float smax[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) smax[j] = __shfl_sync(0xffffffffu, xmax, 8 * j);
+    __syncwarp();  // the previous block's readers of wbuf are done
+    if (has) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // (An unwritten quarter past `valid` may give NaN here: only its own rows, unused.)
+            const float inv = smax[j] > 0.0f ? __fdividef(KEY_FIX, smax[j]) : 0.0f;
+            *(float4*)(wbuf + j * D + ch) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
         }
     }
     const float qm = sqmax[t < NG ? t : 0] * (P.scale_log2 / KEY_FIX);
@@ -2176,11 +2176,6 @@ __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16]
         }
     }
 }
-
-// Value tokens in flight per lane in the CUDA-core loop over interleaved 2-bit codes.
-#ifndef VALUE2_ROWS_UNROLL
-#define VALUE2_ROWS_UNROLL 2
-#endif
 
 // 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
 // (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
@@ -2429,16 +2424,32 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             // 2 j of w[i][s >> 2].
             const u32 kbyte = (u32)(b >> 5);
             const u32 gather = kbyte | ((kbyte + 4) << 4);
-            const u32* words2 = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head;
+            // The lane's channels: 2-bit CPL consecutive ones (one vector load per slot), else
+            // lane + 32 i.
+            u32 sl[8][CPL];
+            if (KBq == 2) {
+                const u32* words2 = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(CPL * lane, 0);
+#pragma unroll
+                for (int x = 0; x < 8; x++) {
+                    if constexpr (CPL == 4) {
+                        const uint4 u = *(const uint4*)(words2 + 4 * x);
+                        sl[x][0] = u.x;
+                        sl[x][CPL > 1 ? 1 : 0] = u.y;
+                        sl[x][CPL > 2 ? 2 : 0] = u.z;
+                        sl[x][CPL > 3 ? 3 : 0] = u.w;
+                    } else {
+                        const uint2 u = *(const uint2*)(words2 + 4 * x);
+                        sl[x][0] = u.x;
+                        sl[x][CPL > 1 ? 1 : 0] = u.y;
+                    }
+                }
+            }
 #pragma unroll
             for (int i = 0; i < CPL; i++) {
-                const int d = lane + 32 * i;
+                const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
                 if (KBq == 2) {
-                    u32 sl[8];
-#pragma unroll
-                    for (int x = 0; x < 8; x++) sl[x] = words2[key2_word(d, x)];
-                    w[i][0] = prmt(prmt(sl[0], sl[1], gather), prmt(sl[2], sl[3], gather), 0x5410u);
-                    w[i][1] = prmt(prmt(sl[4], sl[5], gather), prmt(sl[6], sl[7], gather), 0x5410u);
+                    w[i][0] = prmt(prmt(sl[0][i], sl[1][i], gather), prmt(sl[2][i], sl[3][i], gather), 0x5410u);
+                    w[i][1] = prmt(prmt(sl[4][i], sl[5][i], gather), prmt(sl[6][i], sl[7][i], gather), 0x5410u);
                 } else if (WPD == 2) {
                     uint2 u = *(const uint2*)(base + d * WPD);
                     w[i][0] = u.x;
@@ -2460,7 +2471,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int g = 0; g < NG; g++) bias[g] = 0.0f;
 #pragma unroll
             for (int i = 0; i < CPL; i++) {
-                const int d = lane + 32 * i;
+                const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
                     const float qd = sq[g * D + d];
@@ -2628,6 +2639,11 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         const u64 vsb = (u64)kvh * c.vsm_head;
         float acc[NG][FPI];
         float bias[NG];
+        float bias2[NG][VBq == 2 ? D / 32 : 1];  // (interleaved 2-bit codes: per quarter)
+#pragma unroll
+        for (int g = 0; g < NG; g++)
+#pragma unroll
+            for (int q = 0; q < (VBq == 2 ? D / 32 : 1); q++) bias2[g][q] = 0.0f;
 #pragma unroll
         for (int g = 0; g < NG; g++) {
             bias[g] = 0.0f;
@@ -2668,42 +2684,60 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         constexpr int UNROLL = 4;
         if constexpr (VBq == 2) {
             // Interleaved codes (value2_word): the lane's word wi of a token holds channels
-            // value2_channel<D>(wi, j) of every quarter, so each code is dequantized with its
-            // quarter's scale and min (no per-lane bias), at UNROLL2 tokens in flight.
-            constexpr int UNROLL2 = VALUE2_ROWS_UNROLL, NQ = D / 32;
+            // value2_channel<D>(wi, j) of every quarter, so the weights times the scales, and
+            // the mins' terms, are per quarter (bias2, added per channel at the end).
+            constexpr int NQ = D / 32;
             const int qshift = __ffs(c.group) - 6;
-            for (int pb = vt_valid + warp * TPI * UNROLL2; pb < qend; pb += W * TPI * UNROLL2) {
+            for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
                 const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
                 const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
                 const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
-                u32 w[UNROLL2];
-                float s4[UNROLL2][NQ], mm[UNROLL2][NQ];
+                u32 w[UNROLL];
+                uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
 #pragma unroll
-                for (int u = 0; u < UNROLL2; u++) {
+                for (int u = 0; u < UNROLL; u++) {
                     const int p = pb + u * TPI + sub;
                     const int b = bp + u * TPI;
-                    w[u] = p < qend ? c.vq[vqo + (u64)(b >> 2) * (D / 4) + 4 * wi + (b & 3)] : 0u;
-#pragma unroll
-                    for (int q = 0; q < NQ; q++) {
-                        // (1 + c / 4) (4 s) + (m - 4 s) = s c + m, see code_as_float.
-                        const float sv = p < qend ? h2f(c.vs[vso + (u64)b * gpt + (q >> qshift)]) : 0.0f;
-                        const float mv = p < qend ? h2f(c.vm[vso + (u64)b * gpt + (q >> qshift)]) : 0.0f;
-                        s4[u][q] = 4.0f * sv;
-                        mm[u][q] = mv - 4.0f * sv;
+                    w[u] = 0u;
+                    sr[u] = mr[u] = make_uint2(0u, 0u);
+                    if (p < qend) {
+                        w[u] = c.vq[vqo + (u64)(b >> 2) * (D / 4) + 4 * wi + (b & 3)];
+                        const u16* sp = c.vs + vso + (u64)b * gpt;
+                        const u16* mp = c.vm + vso + (u64)b * gpt;
+                        if (gpt == 4) {
+                            sr[u] = *(const uint2*)sp;
+                            mr[u] = *(const uint2*)mp;
+                        } else if (gpt == 2) {
+                            sr[u].x = *(const u32*)sp;
+                            mr[u].x = *(const u32*)mp;
+                        } else {
+                            sr[u].x = sp[0];
+                            mr[u].x = mp[0];
+                        }
                     }
                 }
 #pragma unroll
-                for (int u = 0; u < UNROLL2; u++) {
+                for (int u = 0; u < UNROLL; u++) {
                     const int p = pb + u * TPI + sub;
-                    float pv[NG];
+                    float ps[NG][NQ];
 #pragma unroll
-                    for (int g = 0; g < NG; g++) pv[g] = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                    for (int q = 0; q < NQ; q++) {
+                        const int gq = q >> qshift;  // the quarter's group: half gq & 1 of word gq >> 1
+                        const u32 sw = gq < 2 ? sr[u].x : sr[u].y, mw = gq < 2 ? mr[u].x : mr[u].y;
+                        const float sv = h2f((u16)(sw >> (16 * (gq & 1)))), mv = h2f((u16)(mw >> (16 * (gq & 1))));
+#pragma unroll
+                        for (int g = 0; g < NG; g++) {
+                            const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                            ps[g][q] = pv * (sv * 4.0f);
+                            bias2[g][q] += pv * mv - ps[g][q];
+                        }
+                    }
 #pragma unroll
                     for (int j = 0; j < FPI; j++) {
                         const int q = value2_channel<D>(0, j) / 32;
-                        const float v = fmaf(s4[u][q], code_as_float<2>(w[u], j), mm[u][q]);
+                        const float f = code_as_float<2>(w[u], j);
 #pragma unroll
-                        for (int g = 0; g < NG; g++) acc[g][j] += pv[g] * v;
+                        for (int g = 0; g < NG; g++) acc[g][j] += ps[g][q] * f;
                     }
                 }
             }
@@ -2754,11 +2788,16 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
             for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
 #pragma unroll
+            for (int q = 0; q < (VBq == 2 ? D / 32 : 0); q++)
+#pragma unroll
+                for (int o = WPT; o < 32; o <<= 1) bias2[g][q] += __shfl_xor_sync(0xffffffffu, bias2[g][q], o);
+#pragma unroll
             for (int j = 0; j < FPI; j++) {
                 float v = acc[g][j];
 #pragma unroll
                 for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (sub == 0) wacc[g * D + (VBq == 2 ? value2_channel<D>(wi, j) : wi * FPI + j)] += v + bias[g];
+                if (VBq == 2 && sub == 0) wacc[g * D + value2_channel<D>(wi, j)] += v + bias2[g][value2_channel<D>(0, j) / 32];
+                if (VBq != 2 && sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
             }
         }
     } else if (F16_TENSOR && vt_end > s0) {
