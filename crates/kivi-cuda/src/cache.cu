@@ -1905,9 +1905,10 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // Before: the codes dequantized to f16 for mma.sync m16n8k16, ~1360 (keys) and ~1750 (values)
 // instructions per block and lane at 2 bits.
 
-// k-steps of code words in flight ahead of the one in use.
-#ifndef CW_AHEAD
-#define CW_AHEAD 2
+// k-steps unrolled in tc_key_block_heads and tc_value_block_heads (Nsight Compute, GQA B = 32
+// T = 32K KIVI-2, all 4: 15 % of the stall samples waited on instruction fetch).
+#ifndef HEADS_UNROLL
+#define HEADS_UNROLL 1
 #endif
 // round(x y) + F32_MAGIC (+ 128 for keys' high bytes): the integer in the low 16 bits of the
 // float's bits (|x y| < 2^22).
@@ -1949,14 +1950,10 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
-    // The lane's code words: slot g of channel quads 8x + 4e + t; the first CW_AHEAD k-steps'
-    // issued now, each later one CW_AHEAD k-steps ahead (all at once spilled).
+    // The lane's code words: slot g of channel quads 8x + 4e + t; k-step 0's issued now, each
+    // later one a k-step ahead.
     const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g;
-    uint4 cw[KS][2];
-#pragma unroll
-    for (int x = 0; x < CW_AHEAD && x < KS; x++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) cw[x][e] = *(const uint4*)(kq + (8 * x + 4 * e) * 32);
+    uint4 cw0 = *(const uint4*)kq, cw1 = *(const uint4*)(kq + 4 * 32);
     // s^ of every quarter: lane l takes channels 4l..4l + 3.
     const int ch = 4 * lane;
     const bool has = ch < D;
@@ -2019,14 +2016,15 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-#pragma unroll
+#pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < KS; x++) {
-        if (x + CW_AHEAD < KS)
-#pragma unroll
-            for (int e = 0; e < 2; e++) cw[x + CW_AHEAD][e] = *(const uint4*)(kq + (8 * (x + CW_AHEAD) + 4 * e) * 32);
+        const int xn = x + 1 < KS ? x + 1 : x;  // (the last k-step loads its own words again)
+        const uint4 nw0 = *(const uint4*)(kq + 8 * xn * 32), nw1 = *(const uint4*)(kq + (8 * xn + 4) * 32);
         u32 xa[4], xb[4];
-        byte_transpose(cw[x][0].x, cw[x][0].y, cw[x][0].z, cw[x][0].w, xa);
-        byte_transpose(cw[x][1].x, cw[x][1].y, cw[x][1].z, cw[x][1].w, xb);
+        byte_transpose(cw0.x, cw0.y, cw0.z, cw0.w, xa);
+        byte_transpose(cw1.x, cw1.y, cw1.z, cw1.w, xb);
+        cw0 = nw0;
+        cw1 = nw1;
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
         qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
         qb = make_float4(qb.x * qon, qb.y * qon, qb.z * qon, qb.w * qon);
@@ -2067,11 +2065,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     // The lane's code words: slot g of token quads 8x + 4e + t (D = 64: the half g & 1).
     const int slot_shift = (g * (D / 4)) % 32;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
-    uint4 cw[4][2];  // as in tc_key_block_heads
-#pragma unroll
-    for (int x = 0; x < CW_AHEAD; x++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) cw[x][e] = *(const uint4*)(vq + (8 * x + 4 * e) * (D / 4));
+    uint4 cw0 = *(const uint4*)vq, cw1 = *(const uint4*)(vq + 4 * (D / 4));  // as in tc_key_block_heads
     // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: weight, scale and
     // min 0, whatever other paths or unwritten memory hold there).
     const int gpt = D / c.group;
@@ -2125,16 +2119,15 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     for (int m = 0; m < D / 16; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-#pragma unroll
+#pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < 4; x++) {
-        if (x + CW_AHEAD < 4)
-#pragma unroll
-            for (int e = 0; e < 2; e++) cw[x + CW_AHEAD][e] = *(const uint4*)(vq + (8 * (x + CW_AHEAD) + 4 * e) * (D / 4));
+        const int xn = x + 1 < 4 ? x + 1 : x;
+        const uint4 nw0 = *(const uint4*)(vq + 8 * xn * (D / 4)), nw1 = *(const uint4*)(vq + (8 * xn + 4) * (D / 4));
         u32 xa[4], xb[4];
-        byte_transpose(cw[x][0].x >> slot_shift, cw[x][0].y >> slot_shift, cw[x][0].z >> slot_shift,
-                       cw[x][0].w >> slot_shift, xa);
-        byte_transpose(cw[x][1].x >> slot_shift, cw[x][1].y >> slot_shift, cw[x][1].z >> slot_shift,
-                       cw[x][1].w >> slot_shift, xb);
+        byte_transpose(cw0.x >> slot_shift, cw0.y >> slot_shift, cw0.z >> slot_shift, cw0.w >> slot_shift, xa);
+        byte_transpose(cw1.x >> slot_shift, cw1.y >> slot_shift, cw1.z >> slot_shift, cw1.w >> slot_shift, xb);
+        cw0 = nw0;
+        cw1 = nw1;
         // (Selected, not scaled: past `valid` the weights may be anything, NaN included.)
         const int ta = 32 * x + 4 * t;
         float4 pa = *(const float4*)(pl + 32 * x), pb4 = *(const float4*)(pl + 32 * x + 16);
