@@ -1908,7 +1908,7 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads (Nsight Compute, GQA B = 32
 // T = 32K KIVI-2, all 4: 15 % of the stall samples waited on instruction fetch).
 #ifndef HEADS_UNROLL
-#define HEADS_UNROLL 1
+#define HEADS_UNROLL 4
 #endif
 // round(x y) + F32_MAGIC (+ 128 for keys' high bytes): the integer in the low 16 bits of the
 // float's bits (|x y| < 2^22).

@@ -607,6 +607,19 @@ fn unsupported(m: String) -> Error {
     Error::Unsupported(m)
 }
 
+/// Whole blocks a four-warp attention CTA sends through the tensor cores at a time (the rest
+/// of a split's whole blocks take the CUDA-core path; [`GpuCache::set_tensor_core_multiple`]).
+/// One per warp, except for 2-bit keys and values: their interleaved codes made the CUDA-core
+/// path dearer, and every block on the tensor cores measured faster (H200, session 19, µs,
+/// one per warp -> one: MHA B = 1 T = 4K 18.9 -> 15.8, B = 32 T = 4K 158.6 -> 132.4; GQA B = 8
+/// T = 4K 39.7 -> 35.2, B = 1 T = 1K 14.5 -> 12.2).
+fn default_tc_multiple(config: &CacheConfig) -> usize {
+    match config {
+        CacheConfig::Kivi(kc) if kc.k_bits == 2 && kc.v_bits == 2 => 1,
+        _ => ATTN_THREADS as usize / 32,
+    }
+}
+
 /// Word and bit offset of the key code of block position `b`, channel `c` in a block's codes
 /// (`cache.cu`: 2-bit codes interleaved, `key2_word`; 4-bit in 32-token sub-tiles).
 fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
@@ -843,7 +856,7 @@ impl GpuCache {
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
-                .map_or(ATTN_THREADS as usize / 32, |b| {
+                .map_or(default_tc_multiple(&config), |b| {
                     b.clamp(1, MAX_SPLIT / BLOCK_TOKENS)
                 }),
             one_warp: match std::env::var("KIVI_CUDA_WARPS").as_deref() {
