@@ -1122,8 +1122,10 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-// k-steps unrolled: 2-bit all (1 measured slower: MHA B = 32 T = 32K 1018 -> 1064 us), 4-bit two
-// at a time (all: 1481 us, one: 1415, two: 1379 in another call where one took 1397).
+// k-steps unrolled: 2-bit two at a time (all 4 measured best with the plain layout, 1: MHA B = 32
+// T = 32K 1018 -> 1064 us; with the interleaved codes all 4 spill in the loop: 792 -> 831 us,
+// session 19), 4-bit two at a time (all: 1481 us, one: 1415, two: 1379 in another call where
+// one took 1397).
 #ifndef KEY_I8_UNROLL
 #define KEY_I8_UNROLL 2
 #endif
@@ -1902,11 +1904,13 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // keys v = round(q^ s^), q^ = q / max|q| (per head, once per CTA) and s^ = s FIX / max s over
 // the quarter's channels (per block, shared by the heads); values v = round(p s^) (p <= 1).
 // The mins' terms: keys by a small f16 MMA (mins x query fragments), values by a warp sum.
-// Before: the codes dequantized to f16 for mma.sync m16n8k16, ~1360 (keys) and ~1750 (values)
-// instructions per block and lane at 2 bits.
+// Per block and lane ~1000 (keys) and ~1160 (values) SASS instructions, where dequantizing the
+// codes to f16 for mma.sync m16n8k16 took ~1360 and ~1750 (GQA B = 32 T = 32K KIVI-2 on the
+// H200: 450 -> 383 us, docs/benchmarks.md "Session 19").
 
-// k-steps unrolled in tc_key_block_heads and tc_value_block_heads (Nsight Compute, GQA B = 32
-// T = 32K KIVI-2, all 4: 15 % of the stall samples waited on instruction fetch).
+// k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
+// B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
+// slower (µs, 4 -> 1: that shape 406 -> 411, B = 8 T = 32K 119 -> 125, B = 32 T = 4K 83 -> 87).
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif

@@ -643,7 +643,10 @@ fn value_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
         ((b / 4) * (d / 4) + (bit / 32) * 4 + b % 4, bit % 32)
     } else {
         let per_word = 32 / bits as usize;
-        (b * (d / per_word) + c / per_word, (c % per_word) * bits as usize)
+        (
+            b * (d / per_word) + c / per_word,
+            (c % per_word) * bits as usize,
+        )
     }
 }
 
@@ -1915,7 +1918,8 @@ impl GpuCache {
                             let o = (p * hkv + h) * d + c;
                             k[o] = if p < nqk {
                                 let (word, shift) = key_code_at(k_bits, d, b, c);
-                                let code = (kq[bh * g.kq_head + word] >> shift) & ((1 << k_bits) - 1);
+                                let code =
+                                    (kq[bh * g.kq_head + word] >> shift) & ((1 << k_bits) - 1);
                                 let m = bh * g.ksm_head + (b / gs) * d + c;
                                 code as f32 * h2f(ks[m]) + h2f(km[m])
                             } else {
@@ -1923,7 +1927,8 @@ impl GpuCache {
                             };
                             v[o] = if p < nqv {
                                 let (word, shift) = value_code_at(v_bits, d, b, c);
-                                let code = (vq[bh * g.vq_head + word] >> shift) & ((1 << v_bits) - 1);
+                                let code =
+                                    (vq[bh * g.vq_head + word] >> shift) & ((1 << v_bits) - 1);
                                 let m = bh * g.vsm_head + b * (d / gs) + c / gs;
                                 code as f32 * h2f(vs[m]) + h2f(vm[m])
                             } else {
