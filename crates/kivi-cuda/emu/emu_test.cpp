@@ -81,6 +81,30 @@ static u32 value_code_ref(const std::vector<u32>& vq, int t, int c) {
     return (vq[t * (D / FPI) + c / FPI] >> ((c % FPI) * VB)) & ((1u << VB) - 1);
 }
 
+// block_params with key block 0's codes, scales and mins at `bits`.
+static AttnParams key_params(int D, int G, int bits, std::vector<u32>& kq, std::vector<u16>& ks, std::vector<u16>& km) {
+    AttnParams P = block_params(D, G);
+    P.c.kq = kq.data();
+    P.c.ks = ks.data();
+    P.c.km = km.data();
+    P.c.kq_block = kq.size();
+    P.c.ksm_block = ks.size();
+    P.c.k_bits = bits;
+    P.scale_log2 = 1.0f;
+    return P;
+}
+// ... and with value block 0's.
+static AttnParams value_params(int D, int G, int bits, std::vector<u32>& vq, std::vector<u16>& vs, std::vector<u16>& vm) {
+    AttnParams P = block_params(D, G);
+    P.c.vq = vq.data();
+    P.c.vs = vs.data();
+    P.c.vm = vm.data();
+    P.c.vq_block = vq.size();
+    P.c.vsm_block = vs.size();
+    P.c.v_bits = bits;
+    return P;
+}
+
 // Quantized key block 0 of KV head 0: scores of one query head for the block's first `valid`
 // tokens, through tc_key_block.
 template <int D, int KB>
@@ -95,14 +119,7 @@ static void key_block(int G, int valid, bool imma = false, bool staged = false) 
             for (int c = 0; c < D; c++) ks[gi * D + c] = km[gi * D + c] = 0x7e00;
     std::vector<float> q(D);
     for (auto& x : q) x = (float)uni(-1.5, 1.5);
-    AttnParams P = block_params(D, G);
-    P.c.kq = kq.data();
-    P.c.ks = ks.data();
-    P.c.km = km.data();
-    P.c.kq_block = kq.size();
-    P.c.ksm_block = ks.size();
-    P.c.k_bits = KB;
-    P.scale_log2 = 1.0f;
+    AttnParams P = key_params(D, G, KB, kq, ks, km);
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, 1>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(BLOCK_TOKENS, NAN);
@@ -157,13 +174,7 @@ static void value_block(int G, int valid, bool imma = false, bool staged = false
     if (imma)  // unwritten scales and mins past `valid` must not leak in either
         for (int t = valid; t < BLOCK_TOKENS; t++)
             for (int j = 0; j < gpt; j++) vs[t * gpt + j] = vm[t * gpt + j] = 0x7e00;
-    AttnParams P = block_params(D, G);
-    P.c.vq = vq.data();
-    P.c.vs = vs.data();
-    P.c.vm = vm.data();
-    P.c.vq_block = vq.size();
-    P.c.vsm_block = vs.size();
-    P.c.v_bits = VB;
+    AttnParams P = value_params(D, G, VB, vq, vs, vm);
     std::vector<float> wacc(D, 0.0f);
     std::vector<u16> stage(2 * D / 32 * STAGE_ROW);
     std::vector<u32> bbuf(4 * 64);
@@ -218,14 +229,7 @@ static void key_block_heads(int G, int valid) {
         qmax[h] = mx;
         for (int c = 0; c < D; c++) qn[h * D + c] = q[h * D + c] * (1.0f / mx);  // as attn_split
     }
-    AttnParams P = block_params(D, G);
-    P.c.kq = kq.data();
-    P.c.ks = ks.data();
-    P.c.km = km.data();
-    P.c.kq_block = kq.size();
-    P.c.ksm_block = ks.size();
-    P.c.k_bits = 2;
-    P.scale_log2 = 1.0f;
+    AttnParams P = key_params(D, G, 2, kq, ks, km);
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D);
@@ -268,13 +272,7 @@ static void value_block_heads(int G, int valid) {
         p[i] = (float)uni(0.0, 1.0);
         sc[i] = i % BLOCK_TOKENS < valid ? p[i] : NAN;  // past `valid`: not this path's weights
     }
-    AttnParams P = block_params(D, G);
-    P.c.vq = vq.data();
-    P.c.vs = vs.data();
-    P.c.vm = vm.data();
-    P.c.vq_block = vq.size();
-    P.c.vsm_block = vs.size();
-    P.c.v_bits = 2;
+    AttnParams P = value_params(D, G, 2, vq, vs, vm);
     std::vector<float> wacc(NG * D, 0.0f), wbuf(4 * 128);
     emu_run_warp({}, [&](int lane) {
         float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};

@@ -6,13 +6,15 @@
 // indexes the same place in every layer's arenas. Sequence ("slot") position p lives in block
 // table[slot][p / BLOCK_TOKENS] at position p % BLOCK_TOKENS. Per layer (arenas head-major, so
 // that a head's consecutive blocks are contiguous; strides in CacheBufs):
-//   keys, quantized per channel: codes  [Hkv][block][BT/32][D][32/fpi] u32  (a 32-token sub-tile of
-//                                        one channel is 32/fpi consecutive words, the same words as
-//                                        the CPU packing of that channel row)
+//   keys, quantized per channel: codes  [Hkv][block][BT/32][D][32/fpi] u32  (4-bit: a 32-token
+//                                        sub-tile of one channel is 32/fpi consecutive words, the
+//                                        same words as the CPU packing of that channel row; 2-bit
+//                                        codes are interleaved instead, see key2_word)
 //                                scale, min [Hkv][block][BT/G][D] f16
 //                                window [slot][Hkv][W][D] f16, token p at slot p % W (W = R, or G
 //                                        for the R = 0 staging of the partial group)
-//   values, quantized per token: codes  [Hkv][block][BT][D/fpi] u32, scale, min [Hkv][block][BT][D/G]
+//   values, quantized per token: codes  [Hkv][block][BT][D/fpi] u32 (2-bit: interleaved, see
+//                                        value2_word), scale, min [Hkv][block][BT][D/G]
 //                                window [slot][Hkv][R][D] f16, token p at slot p % R
 //   f16 cache: keys and values [Hkv][block][BT][D] f16 (in the "window" buffers, paged).
 // The windows are per slot, outside the pool. BT is a multiple of every supported G (G divides
