@@ -218,7 +218,7 @@ static void key_block_heads(int G, int valid) {
     auto [ks, km] = random_scales_mins(ng * D);
     for (int gi = (valid + G - 1) / G; gi < ng; gi++)  // unwritten groups must not leak in
         for (int c = 0; c < D; c++) ks[gi * D + c] = km[gi * D + c] = 0x7e00;
-    std::vector<float> q(NG * D), qn(NG * D), qmax(NG);
+    std::vector<float> q(NG * D), qmax(NG), qinv(NG);
     for (int h = 0; h < NG; h++) {
         const double amp = uni(0.1, 3.0);  // heads of different sizes
         float mx = 0.0f;
@@ -227,15 +227,17 @@ static void key_block_heads(int G, int valid) {
             mx = std::max(mx, std::fabs(q[h * D + c]));
         }
         qmax[h] = mx;
-        for (int c = 0; c < D; c++) qn[h * D + c] = q[h * D + c] * (1.0f / mx);  // as attn_split
+        qinv[h] = 1.0f / mx;  // as attn_split
     }
     AttnParams P = key_params(D, G, 2, kq, ks, km);
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D);
     emu_run_warp({}, [&](int lane) {
-        tc_key_block_heads<D, NG>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, qn.data(), qmax.data(), qf.data(),
-                                  wbuf.data(), sc.data(), lane);
+        uint2 spre[4];  // (block 0's scales, as the caller starts them; the "next" block is 0 again)
+        key_scales_ahead<D>(P.c, 0, 0, __builtin_ctz(G) - 5, lane, spre);
+        tc_key_block_heads<D, NG>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(), qinv.data(),
+                                  qf.data(), wbuf.data(), sc.data(), spre, 0, lane);
     });
     std::vector<double> want, mag;
     std::vector<float> got;
@@ -275,9 +277,11 @@ static void value_block_heads(int G, int valid) {
     AttnParams P = value_params(D, G, 2, vq, vs, vm);
     std::vector<float> wacc(NG * D, 0.0f), wbuf(4 * 128);
     emu_run_warp({}, [&](int lane) {
-        float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};
-        tc_value_block_heads<D, NG>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane);
-        tc_value_store_heads<D, NG>(vacc, pm, wacc.data(), lane);
+        float pm[4 * (D / 32)] = {};
+        u32 spre[4][2];
+        value_scales_ahead<D>(P.c, 0, 0, lane, spre);
+        tc_value_block_heads<D, NG>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), wacc.data(), pm, spre, 0, lane);
+        tc_value_store_heads<D, NG>(pm, wacc.data(), lane);
     });
     std::vector<double> want(NG * D, 0.0), mag(NG * D, 0.0);
     for (int h = 0; h < NG; h++)

@@ -1944,15 +1944,29 @@ __device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u3
                          code_bits<2>(xb, M2, 6), b0, b1);
 }
 
-// Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sqn: [NG][D] q^,
-// sqmax: [NG] max|q|, qf: the query's f16 B fragments (query_fragments), wbuf: the warp's
+// Starts loading key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter
+// (tc_key_block_heads takes them one block later).
+template <int D>
+__device__ __forceinline__ void key_scales_ahead(const CacheBufs& c, int kvh, u64 blk, int qshift, int lane,
+                                                 uint2 (&s4)[4]) {
+    const u16* ks = c.ks + blk * c.ksm_block + (u64)kvh * c.ksm_head + 4 * lane;
+#pragma unroll
+    for (int j = 0; j < 4; j++) s4[j] = 4 * lane < D ? *(const uint2*)(ks + (j >> qshift) * D) : make_uint2(0u, 0u);
+}
+
+// Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sq: [NG][D] q,
+// sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q| (q^ = q sqinv, formed here: a [NG][D] copy made
+// one-warp CTAs of GQA serving shapes one wave too many, see QF_IN_SACC), qf: the query's f16
+// B fragments (query_fragments), wbuf: the warp's
 // [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
 // and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2, a3);
 // its results are head t's.
 template <int D, int NG>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                   int qshift, const float* sqn, const float* sqmax, const uint2* qf,
-                                                   float* wbuf, float* sc, int lane) {
+                                                   int qshift, const float* sq, const float* sqmax,
+                                                   const float* sqinv, const uint2* qf,
+                                                   float* wbuf, float* sc, uint2 (&spre)[4], u64 next_blk,
+                                                   int lane) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -1964,32 +1978,31 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const int ch = 4 * lane;
     const bool has = ch < D;
     const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
+    // This block's scales came with the previous block (key_scales_ahead); the next block's go
+    // out now (Nsight Compute: 6 % of the stall samples waited on them here).
+    uint2 s4[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) s4[j] = spre[j];
+    key_scales_ahead<D>(c, kvh, next_blk, qshift, lane, spre);
+    // The mins' loads, for the MMA below (after the scales' reduction).
+    u32 ma[D / 16][2];
+    {
+        const u16* km = c.km + sm + (g >> qshift) * D + 2 * t;
+#pragma unroll
+        for (int x = 0; x < D / 16; x++) {
+            ma[x][0] = g < 4 ? *(const u32*)(km + 16 * x) : 0u;
+            ma[x][1] = g < 4 ? *(const u32*)(km + 16 * x + 8) : 0u;
+        }
+    }
     float sv[4][4], amax[4];
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        uint2 s2 = {0u, 0u};
-        if (has) s2 = *(const uint2*)(c.ks + sm + (j >> qshift) * D + ch);
+        const uint2 s2 = s4[j];
         sv[j][0] = h2f((u16)s2.x);
         sv[j][1] = h2f((u16)(s2.x >> 16));
         sv[j][2] = h2f((u16)s2.y);
         sv[j][3] = h2f((u16)(s2.y >> 16));
         amax[j] = fmaxf(fmaxf(sv[j][0], sv[j][1]), fmaxf(sv[j][2], sv[j][3]));
-    }
-    // (Its loads in flight with the scales'.) Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
-    // ends with quarter g's, head t's in c0 (high part) + c1 (low part).
-    float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    {
-        const u16* km = c.km + sm + (g >> qshift) * D + 2 * t;
-#pragma unroll
-        for (int x = 0; x < D / 16; x++) {
-            u32 a0 = 0u, a2 = 0u;
-            if (g < 4) {
-                a0 = *(const u32*)(km + 16 * x);
-                a2 = *(const u32*)(km + 16 * x + 8);
-            }
-            const uint2 b = qf[x * 32 + lane];
-            mma_16816(mc, a0, 0u, a2, 0u, b.x, b.y);
-        }
     }
     const float xmax = reduce4<true>(amax, lane);
     float smax[4];
@@ -2004,6 +2017,14 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
             *(float4*)(wbuf + j * D + ch) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
         }
     }
+    // Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
+    // ends with quarter g's, head t's in c0 (high part) + c1 (low part).
+    float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int x = 0; x < D / 16; x++) {
+        const uint2 b = qf[x * 32 + lane];
+        mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
+    }
     const float qm = sqmax[t < NG ? t : 0] * (P.scale_log2 / KEY_FIX);
     float fac[4], bias[4];
 #pragma unroll
@@ -2013,8 +2034,8 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
     __syncwarp();  // wbuf written
     // Lanes of heads >= NG (NG < 4) give zero columns.
-    const float* qn = sqn + (h < NG ? h : 0) * D + 4 * t;
-    const float qon = h < NG ? 1.0f : 0.0f;
+    const float* qn = sq + (h < NG ? h : 0) * D + 4 * t;
+    const float qon = h < NG ? sqinv[h] : 0.0f;
     const u32 sel = part ? 0x0040u : 0x0051u;
     const float magic = part ? F32_MAGIC : F32_MAGIC + 128.0f;
     int acc[8][4];
@@ -2056,6 +2077,14 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
 }
 
+// Starts loading value block blk's scales of the lane's tokens 4 lane..4 lane + 3
+// (quarter_halves4; tc_value_block_heads takes them one block later).
+template <int D>
+__device__ __forceinline__ void value_scales_ahead(const CacheBufs& c, int kvh, u64 blk, int lane, u32 (&s4)[4][2]) {
+    const int gpt = D / c.group;
+    quarter_halves4<D>(c.vs + blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt, gpt, s4);
+}
+
 // Adds one whole 2-bit value block's weighted sums for the CTA's NG heads to vacc, by one warp
 // (sc: the split's weights [NG][split_len], plain floats; wbuf: the warp's [4][128] floats).
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
@@ -2063,8 +2092,9 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
 template <int D, int NG>
 __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                     const float* sc, float* wbuf, float (&vacc)[D / 16][2],
-                                                     float (&pm)[4 * (D / 32)], int lane) {
+                                                     const float* sc, float* wbuf, float* wacc,
+                                                     float (&pm)[4 * (D / 32)], u32 (&spre)[4][2], u64 next_blk,
+                                                     int lane) {
     const CacheBufs& c = P.c;
     constexpr int NQ = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -2076,22 +2106,17 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     // min 0, whatever other paths or unwritten memory hold there).
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
+    // This block's scales came with the previous block; the next block's go out now, and this
+    // block's mins are used after the k-steps (value_scales_ahead; Nsight Compute: 6 % of the
+    // stall samples waited on these loads).
     u32 s4[4][2], m4[4][2];
-    quarter_halves4<D>(c.vs + sm, gpt, s4);
-    quarter_halves4<D>(c.vm + sm, gpt, m4);
-    const float* w = sc + (pb - s0);
-    float pw[NG][4];
 #pragma unroll
-    for (int hh = 0; hh < NG; hh++) {
-        const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
-        const int b = 4 * lane;
-        pw[hh][0] = b < valid ? v.x : 0.0f;
-        pw[hh][1] = b + 1 < valid ? v.y : 0.0f;
-        pw[hh][2] = b + 2 < valid ? v.z : 0.0f;
-        pw[hh][3] = b + 3 < valid ? v.w : 0.0f;
+    for (int i = 0; i < 4; i++) {
+        s4[i][0] = spre[i][0];
+        s4[i][1] = spre[i][1];
     }
-    // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
-    // at 4j + h; summed over the warp by tc_value_store_heads).
+    value_scales_ahead<D>(c, kvh, next_blk, lane, spre);
+    quarter_halves4<D>(c.vm + sm, gpt, m4);
     float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -2099,13 +2124,11 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
             const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
             sv[j][i] = sj;
             amax[j] = fmaxf(amax[j], sj);
-#pragma unroll
-            for (int hh = 0; hh < NG; hh++) pm[4 * j + hh] += pw[hh][i] * mj;
         }
     }
+    const float* w = sc + (pb - s0);
     const float xmax = reduce4<true>(amax, lane);
     float fac[NQ];
     __syncwarp();  // the previous block's readers of wbuf are done
@@ -2149,18 +2172,39 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             quarter_immas<false>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
+    // Into the warp's value sums directly (lane (g, t) owns head t's channels 16m + g and + 8: no
+    // other lane touches them; in registers across blocks they made this function spill).
+    if (t < NG) {
+        float* out = wacc + t * D + g;
 #pragma unroll
-    for (int m = 0; m < D / 16; m++) {
-        const int j = m >> 1, sh = 4 * (m & 1);
-        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
-        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
+        for (int m = 0; m < D / 16; m++) {
+            const int j = m >> 1, sh = 4 * (m & 1);
+            out[16 * m] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
+            out[16 * m + 8] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
+        }
+    }
+    // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
+    // at 4j + h; summed over the warp by tc_value_store_heads).
+#pragma unroll
+    for (int hh = 0; hh < NG; hh++) {
+        const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
+        const float pw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const bool ok = 4 * lane + i < valid;
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                const float mj = h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1))));
+                pm[4 * j + hh] += ok ? pw[i] * mj : 0.0f;
+            }
+        }
     }
 }
 
-// Adds a warp's tc_value_block_heads sums and mins' terms to its slot `wacc` ([NG][D]).
+// Adds a warp's tc_value_block_heads mins' terms to its slot `wacc` ([NG][D]), where the blocks
+// added their sums.
 template <int D, int NG>
-__device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16][2], float (&pm)[4 * (D / 32)],
-                                                     float* wacc, int lane) {
+__device__ __forceinline__ void tc_value_store_heads(float (&pm)[4 * (D / 32)], float* wacc, int lane) {
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
     const float xsum = transpose_reduce<4 * (D / 32)>(pm, lane);  // lane 4j + h: quarter j, head h
@@ -2170,8 +2214,8 @@ __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16]
     if (t < NG) {
 #pragma unroll
         for (int m = 0; m < D / 16; m++) {
-            wacc[t * D + 16 * m + g] += vacc[m][0] + bias[m >> 1];
-            wacc[t * D + 16 * m + g + 8] += vacc[m][1] + bias[m >> 1];
+            wacc[t * D + 16 * m + g] += bias[m >> 1];
+            wacc[t * D + 16 * m + g + 8] += bias[m >> 1];
         }
     }
 }
@@ -2265,7 +2309,13 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
     }
     for (int x = threadIdx.x; x < NG * D; x += blockDim.x) sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
-    for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
+    // Several heads, 2-bit (tc_key_block_heads): the query fragments live in the value-sum
+    // slots until the scores are done (zeroed after), so that one-warp CTAs of GQA serving
+    // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
+    // at 16 per SM, two at 13).
+    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8;
+    if constexpr (!QF_IN_SACC)
+        for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
     __syncthreads();
 
@@ -2278,7 +2328,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // the first kt_valid - pb (vt_valid - pb) are used.
     int kt_end = s0, vt_end = s0;
     const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
-    __shared__ uint2 sqf[(128 / 16) * 32];  // the query's B fragments (tc_key_block)
+    __shared__ uint2 sqf_own[QF_IN_SACC ? 1 : (128 / 16) * 32];
+    uint2* sqf = QF_IN_SACC ? (uint2*)sacc : sqf_own;  // the query's B fragments (tc_key_block)
     // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
     // (tc_value_block), 32-bit aligned.
     __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
@@ -2321,7 +2372,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr bool HEADS_K = QUANT && NG > 1 && KB == 2;
     constexpr bool HEADS_V = QUANT && NG > 1 && VB == 2;
     // Their q^ and max|q| (HEADS_K), and each warp's s^ of a block ([4][128] floats at most).
-    __shared__ float sqn[HEADS_K ? NG * D : 1], sqmax[HEADS_K ? NG : 1];
+    __shared__ float sqmax[HEADS_K ? NG : 1], sqinv[HEADS_K ? NG : 1];
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
     float* wbuf = (float*)swbuf16 + warp * 512;
     // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
@@ -2351,9 +2402,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                 float mx = 0.0f;
                 for (int x = lane; x < D; x += 32) mx = fmaxf(mx, fabsf(sq[hh * D + x]));
                 mx = warp_max(mx);
-                const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
-                for (int x = lane; x < D; x += 32) sqn[hh * D + x] = sq[hh * D + x] * inv;
-                if (lane == 0) sqmax[hh] = mx;
+                if (lane == 0) {
+                    sqmax[hh] = mx;
+                    sqinv[hh] = mx > 0.0f ? 1.0f / mx : 0.0f;
+                }
             }
         }
         __syncthreads();
@@ -2380,9 +2432,15 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                      __ffs(c.group) - 6, sqn, sqmax, sqf, wbuf, sc, lane);
+        const int qshift = __ffs(c.group) - 6;
+        uint2 spre[4];  // the warp's next block's scales, in flight
+        if (s0 + warp * BLOCK_TOKENS < kt_end)
+            key_scales_ahead<D>(c, kvh, (u64)sblk[warp], qshift, lane, spre);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
+            const int bi = (pb - s0) / BLOCK_TOKENS, next = pb + W * BLOCK_TOKENS < kt_end ? bi + W : bi;
+            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[bi], pb, s0, kt_valid - pb, qshift, sq, sqmax, sqinv, sqf,
+                                      wbuf, sc, spre, (u64)sblk[next], lane);
+        }
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -2607,6 +2665,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     __syncthreads();
 
     // ---- softmax of the split (warp g owns query head g)
+    if constexpr (QF_IN_SACC)
+        for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     const int ns = s1 - s0;
     for (int g = warp; g < NG; g += W) {
         float* row = sc + g * P.split_len;
@@ -2659,15 +2719,17 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                                     sc, skb + warp * 4 * 64, vacc, lane, cbuf);
             tc_value_store_i8<D, VBq>(vacc, wacc, lane);
         } else if (HEADS_V && vt_end > s0) {
-            float vacc[D / 16][2], pm[4 * (D / 32)];
-#pragma unroll
-            for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
+            float pm[4 * (D / 32)];
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                            wbuf, vacc, pm, lane);
-            tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
+            u32 spre[4][2];  // the warp's next block's scales, in flight
+            if (s0 + warp * BLOCK_TOKENS < vt_end) value_scales_ahead<D>(c, kvh, (u64)sblk[warp], lane, spre);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
+                const int bi = (pb - s0) / BLOCK_TOKENS, next = pb + W * BLOCK_TOKENS < vt_end ? bi + W : bi;
+                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[bi], pb, s0, vt_valid - pb, sc, wbuf, wacc, pm, spre,
+                                            (u64)sblk[next], lane);
+            }
+            tc_value_store_heads<D, NG>(pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
 #pragma unroll
