@@ -277,11 +277,9 @@ static void value_block_heads(int G, int valid) {
     AttnParams P = value_params(D, G, 2, vq, vs, vm);
     std::vector<float> wacc(NG * D, 0.0f), wbuf(4 * 128);
     emu_run_warp({}, [&](int lane) {
-        float pm[4 * (D / 32)] = {};
-        u32 spre[4][2];
-        value_scales_ahead<D>(P.c, 0, 0, lane, spre);
-        tc_value_block_heads<D, NG>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), wacc.data(), pm, spre, 0, lane);
-        tc_value_store_heads<D, NG>(pm, wacc.data(), lane);
+        float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};
+        tc_value_block_heads<D, NG>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane);
+        tc_value_store_heads<D, NG>(vacc, pm, wacc.data(), lane);
     });
     std::vector<double> want(NG * D, 0.0), mag(NG * D, 0.0);
     for (int h = 0; h < NG; h++)

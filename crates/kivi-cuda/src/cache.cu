@@ -1944,8 +1944,12 @@ __device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u3
                          code_bits<2>(xb, M2, 6), b0, b1);
 }
 
+// 1: tc_key_block_heads takes its scales loaded with the previous block (key_scales_ahead).
+#ifndef HEADS_KEY_AHEAD
+#define HEADS_KEY_AHEAD 1
+#endif
 // Starts loading key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter
-// (tc_key_block_heads takes them one block later).
+// (tc_key_block_heads takes them one block later, HEADS_KEY_AHEAD).
 template <int D>
 __device__ __forceinline__ void key_scales_ahead(const CacheBufs& c, int kvh, u64 blk, int qshift, int lane,
                                                  uint2 (&s4)[4]) {
@@ -1981,9 +1985,13 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     // This block's scales came with the previous block (key_scales_ahead); the next block's go
     // out now (Nsight Compute: 6 % of the stall samples waited on them here).
     uint2 s4[4];
+#if HEADS_KEY_AHEAD
 #pragma unroll
     for (int j = 0; j < 4; j++) s4[j] = spre[j];
     key_scales_ahead<D>(c, kvh, next_blk, qshift, lane, spre);
+#else
+    key_scales_ahead<D>(c, kvh, blk, qshift, lane, s4);
+#endif
     // The mins' loads, for the MMA below (after the scales' reduction).
     u32 ma[D / 16][2];
     {
@@ -2077,14 +2085,6 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
 }
 
-// Starts loading value block blk's scales of the lane's tokens 4 lane..4 lane + 3
-// (quarter_halves4; tc_value_block_heads takes them one block later).
-template <int D>
-__device__ __forceinline__ void value_scales_ahead(const CacheBufs& c, int kvh, u64 blk, int lane, u32 (&s4)[4][2]) {
-    const int gpt = D / c.group;
-    quarter_halves4<D>(c.vs + blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt, gpt, s4);
-}
-
 // Adds one whole 2-bit value block's weighted sums for the CTA's NG heads to vacc, by one warp
 // (sc: the split's weights [NG][split_len], plain floats; wbuf: the warp's [4][128] floats).
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
@@ -2092,9 +2092,8 @@ __device__ __forceinline__ void value_scales_ahead(const CacheBufs& c, int kvh, 
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
 template <int D, int NG>
 __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
-                                                     const float* sc, float* wbuf, float* wacc,
-                                                     float (&pm)[4 * (D / 32)], u32 (&spre)[4][2], u64 next_blk,
-                                                     int lane) {
+                                                     const float* sc, float* wbuf, float (&vacc)[D / 16][2],
+                                                     float (&pm)[4 * (D / 32)], int lane) {
     const CacheBufs& c = P.c;
     constexpr int NQ = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -2106,17 +2105,22 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     // min 0, whatever other paths or unwritten memory hold there).
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
-    // This block's scales came with the previous block; the next block's go out now, and this
-    // block's mins are used after the k-steps (value_scales_ahead; Nsight Compute: 6 % of the
-    // stall samples waited on these loads).
     u32 s4[4][2], m4[4][2];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        s4[i][0] = spre[i][0];
-        s4[i][1] = spre[i][1];
-    }
-    value_scales_ahead<D>(c, kvh, next_blk, lane, spre);
+    quarter_halves4<D>(c.vs + sm, gpt, s4);
     quarter_halves4<D>(c.vm + sm, gpt, m4);
+    const float* w = sc + (pb - s0);
+    float pw[NG][4];
+#pragma unroll
+    for (int hh = 0; hh < NG; hh++) {
+        const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
+        const int b = 4 * lane;
+        pw[hh][0] = b < valid ? v.x : 0.0f;
+        pw[hh][1] = b + 1 < valid ? v.y : 0.0f;
+        pw[hh][2] = b + 2 < valid ? v.z : 0.0f;
+        pw[hh][3] = b + 3 < valid ? v.w : 0.0f;
+    }
+    // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
+    // at 4j + h; summed over the warp by tc_value_store_heads).
     float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -2124,11 +2128,13 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
             const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
             sv[j][i] = sj;
             amax[j] = fmaxf(amax[j], sj);
+#pragma unroll
+            for (int hh = 0; hh < NG; hh++) pm[4 * j + hh] += pw[hh][i] * mj;
         }
     }
-    const float* w = sc + (pb - s0);
     const float xmax = reduce4<true>(amax, lane);
     float fac[NQ];
     __syncwarp();  // the previous block's readers of wbuf are done
@@ -2172,39 +2178,18 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             quarter_immas<false>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
-    // Into the warp's value sums directly (lane (g, t) owns head t's channels 16m + g and + 8: no
-    // other lane touches them; in registers across blocks they made this function spill).
-    if (t < NG) {
-        float* out = wacc + t * D + g;
 #pragma unroll
-        for (int m = 0; m < D / 16; m++) {
-            const int j = m >> 1, sh = 4 * (m & 1);
-            out[16 * m] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
-            out[16 * m + 8] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
-        }
-    }
-    // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
-    // at 4j + h; summed over the warp by tc_value_store_heads).
-#pragma unroll
-    for (int hh = 0; hh < NG; hh++) {
-        const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
-        const float pw[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const bool ok = 4 * lane + i < valid;
-#pragma unroll
-            for (int j = 0; j < NQ; j++) {
-                const float mj = h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1))));
-                pm[4 * j + hh] += ok ? pw[i] * mj : 0.0f;
-            }
-        }
+    for (int m = 0; m < D / 16; m++) {
+        const int j = m >> 1, sh = 4 * (m & 1);
+        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
+        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
     }
 }
 
-// Adds a warp's tc_value_block_heads mins' terms to its slot `wacc` ([NG][D]), where the blocks
-// added their sums.
+// Adds a warp's tc_value_block_heads sums and mins' terms to its slot `wacc` ([NG][D]).
 template <int D, int NG>
-__device__ __forceinline__ void tc_value_store_heads(float (&pm)[4 * (D / 32)], float* wacc, int lane) {
+__device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16][2], float (&pm)[4 * (D / 32)],
+                                                     float* wacc, int lane) {
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
     const float xsum = transpose_reduce<4 * (D / 32)>(pm, lane);  // lane 4j + h: quarter j, head h
@@ -2214,8 +2199,8 @@ __device__ __forceinline__ void tc_value_store_heads(float (&pm)[4 * (D / 32)], 
     if (t < NG) {
 #pragma unroll
         for (int m = 0; m < D / 16; m++) {
-            wacc[t * D + 16 * m + g] += bias[m >> 1];
-            wacc[t * D + 16 * m + g + 8] += bias[m >> 1];
+            wacc[t * D + 16 * m + g] += vacc[m][0] + bias[m >> 1];
+            wacc[t * D + 16 * m + g + 8] += vacc[m][1] + bias[m >> 1];
         }
     }
 }
@@ -2719,17 +2704,15 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                                     sc, skb + warp * 4 * 64, vacc, lane, cbuf);
             tc_value_store_i8<D, VBq>(vacc, wacc, lane);
         } else if (HEADS_V && vt_end > s0) {
-            float pm[4 * (D / 32)];
+            float vacc[D / 16][2], pm[4 * (D / 32)];
+#pragma unroll
+            for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            u32 spre[4][2];  // the warp's next block's scales, in flight
-            if (s0 + warp * BLOCK_TOKENS < vt_end) value_scales_ahead<D>(c, kvh, (u64)sblk[warp], lane, spre);
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-                const int bi = (pb - s0) / BLOCK_TOKENS, next = pb + W * BLOCK_TOKENS < vt_end ? bi + W : bi;
-                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[bi], pb, s0, vt_valid - pb, sc, wbuf, wacc, pm, spre,
-                                            (u64)sblk[next], lane);
-            }
-            tc_value_store_heads<D, NG>(pm, wacc, lane);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                            wbuf, vacc, pm, lane);
+            tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
 #pragma unroll
