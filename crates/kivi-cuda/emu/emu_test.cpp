@@ -234,10 +234,8 @@ static void key_block_heads(int G, int valid) {
     query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D);
     emu_run_warp({}, [&](int lane) {
-        uint2 spre[4];  // (block 0's scales, as the caller starts them; the "next" block is 0 again)
-        key_scales_ahead<D>(P.c, 0, 0, __builtin_ctz(G) - 5, lane, spre);
         tc_key_block_heads<D, NG>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(), qinv.data(),
-                                  qf.data(), wbuf.data(), sc.data(), spre, 0, lane);
+                                  qf.data(), wbuf.data(), sc.data(), lane);
     });
     std::vector<double> want, mag;
     std::vector<float> got;

@@ -1910,6 +1910,15 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // codes to f16 for mma.sync m16n8k16 took ~1360 and ~1750 (GQA B = 32 T = 32K KIVI-2 on the
 // H200: 450 -> 383 us, docs/benchmarks.md "Session 19").
 
+// Session 19 measurement switches: the mins' MMA of tc_key_block_heads right after its loads
+// (1) or after the scales' reduction (0); the query fragments in the value-sum slots for every
+// several-head 2-bit kernel (1) or for one-warp ones only (0).
+#ifndef HEADS_MINS_EARLY
+#define HEADS_MINS_EARLY 0
+#endif
+#ifndef QF_SACC_ALL
+#define QF_SACC_ALL 1
+#endif
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
 // B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
 // slower (µs, 4 -> 1: that shape 406 -> 411, B = 8 T = 32K 119 -> 125, B = 32 T = 4K 83 -> 87).
@@ -1944,12 +1953,9 @@ __device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u3
                          code_bits<2>(xb, M2, 6), b0, b1);
 }
 
-// 1: tc_key_block_heads takes its scales loaded with the previous block (key_scales_ahead).
-#ifndef HEADS_KEY_AHEAD
-#define HEADS_KEY_AHEAD 1
-#endif
-// Starts loading key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter
-// (tc_key_block_heads takes them one block later, HEADS_KEY_AHEAD).
+// Starts loading key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter.
+// (Loading them one block ahead, in registers across blocks, measured slower on the H200:
+// session 19, GQA B = 32 T = 32K 386 -> 390 us.)
 template <int D>
 __device__ __forceinline__ void key_scales_ahead(const CacheBufs& c, int kvh, u64 blk, int qshift, int lane,
                                                  uint2 (&s4)[4]) {
@@ -1969,8 +1975,7 @@ template <int D, int NG>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const uint2* qf,
-                                                   float* wbuf, float* sc, uint2 (&spre)[4], u64 next_blk,
-                                                   int lane) {
+                                                   float* wbuf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -1982,17 +1987,9 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const int ch = 4 * lane;
     const bool has = ch < D;
     const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
-    // This block's scales came with the previous block (key_scales_ahead); the next block's go
-    // out now (Nsight Compute: 6 % of the stall samples waited on them here).
     uint2 s4[4];
-#if HEADS_KEY_AHEAD
-#pragma unroll
-    for (int j = 0; j < 4; j++) s4[j] = spre[j];
-    key_scales_ahead<D>(c, kvh, next_blk, qshift, lane, spre);
-#else
     key_scales_ahead<D>(c, kvh, blk, qshift, lane, s4);
-#endif
-    // The mins' loads, for the MMA below (after the scales' reduction).
+    // The mins' loads, for the MMA below.
     u32 ma[D / 16][2];
     {
         const u16* km = c.km + sm + (g >> qshift) * D + 2 * t;
@@ -2012,6 +2009,14 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         sv[j][3] = h2f((u16)(s2.y >> 16));
         amax[j] = fmaxf(fmaxf(sv[j][0], sv[j][1]), fmaxf(sv[j][2], sv[j][3]));
     }
+#if HEADS_MINS_EARLY
+    float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int x = 0; x < D / 16; x++) {
+        const uint2 b = qf[x * 32 + lane];
+        mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
+    }
+#endif
     const float xmax = reduce4<true>(amax, lane);
     float smax[4];
 #pragma unroll
@@ -2027,12 +2032,14 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
     // Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
     // ends with quarter g's, head t's in c0 (high part) + c1 (low part).
+#if !HEADS_MINS_EARLY
     float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int x = 0; x < D / 16; x++) {
         const uint2 b = qf[x * 32 + lane];
         mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
     }
+#endif
     const float qm = sqmax[t < NG ? t : 0] * (P.scale_log2 / KEY_FIX);
     float fac[4], bias[4];
 #pragma unroll
@@ -2298,7 +2305,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // slots until the scores are done (zeroed after), so that one-warp CTAs of GQA serving
     // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
     // at 16 per SM, two at 13).
-    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8;
+    constexpr bool QF_IN_SACC =
+        QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8 && (W == 1 || QF_SACC_ALL);
     if constexpr (!QF_IN_SACC)
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
@@ -2417,15 +2425,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        const int qshift = __ffs(c.group) - 6;
-        uint2 spre[4];  // the warp's next block's scales, in flight
-        if (s0 + warp * BLOCK_TOKENS < kt_end)
-            key_scales_ahead<D>(c, kvh, (u64)sblk[warp], qshift, lane, spre);
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            const int bi = (pb - s0) / BLOCK_TOKENS, next = pb + W * BLOCK_TOKENS < kt_end ? bi + W : bi;
-            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[bi], pb, s0, kt_valid - pb, qshift, sq, sqmax, sqinv, sqf,
-                                      wbuf, sc, spre, (u64)sblk[next], lane);
-        }
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                      __ffs(c.group) - 6, sq, sqmax, sqinv, sqf, wbuf, sc, lane);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
