@@ -1910,15 +1910,6 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // codes to f16 for mma.sync m16n8k16 took ~1360 and ~1750 (GQA B = 32 T = 32K KIVI-2 on the
 // H200: 450 -> 383 us, docs/benchmarks.md "Session 19").
 
-// Session 19 measurement switches: the mins' MMA of tc_key_block_heads right after its loads
-// (1) or after the scales' reduction (0); the query fragments in the value-sum slots for every
-// several-head 2-bit kernel (1) or for one-warp ones only (0).
-#ifndef HEADS_MINS_EARLY
-#define HEADS_MINS_EARLY 0
-#endif
-#ifndef QF_SACC_ALL
-#define QF_SACC_ALL 1
-#endif
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
 // B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
 // slower (µs, 4 -> 1: that shape 406 -> 411, B = 8 T = 32K 119 -> 125, B = 32 T = 4K 83 -> 87).
@@ -1953,11 +1944,12 @@ __device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u3
                          code_bits<2>(xb, M2, 6), b0, b1);
 }
 
-// Starts loading key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter.
-// (Loading them one block ahead, in registers across blocks, measured slower on the H200:
-// session 19, GQA B = 32 T = 32K 386 -> 390 us.)
+// Key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter. (Loading them
+// one block ahead, in registers across blocks, measured slower on the H200: session 19, GQA
+// B = 32 T = 32K 386 -> 390 us; the value blocks' likewise, with their sums then in shared
+// memory for registers: 388 -> 423.)
 template <int D>
-__device__ __forceinline__ void key_scales_ahead(const CacheBufs& c, int kvh, u64 blk, int qshift, int lane,
+__device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u64 blk, int qshift, int lane,
                                                  uint2 (&s4)[4]) {
     const u16* ks = c.ks + blk * c.ksm_block + (u64)kvh * c.ksm_head + 4 * lane;
 #pragma unroll
@@ -1988,7 +1980,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const bool has = ch < D;
     const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
     uint2 s4[4];
-    key_scales_ahead<D>(c, kvh, blk, qshift, lane, s4);
+    key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
     // The mins' loads, for the MMA below.
     u32 ma[D / 16][2];
     {
@@ -2009,14 +2001,15 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         sv[j][3] = h2f((u16)(s2.y >> 16));
         amax[j] = fmaxf(fmaxf(sv[j][0], sv[j][1]), fmaxf(sv[j][2], sv[j][3]));
     }
-#if HEADS_MINS_EARLY
+    // Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
+    // ends with quarter g's, head t's in c0 (high part) + c1 (low part). (Here, in flight with
+    // the scales' loads; after the scales' reduction it measured 1 % slower.)
     float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int x = 0; x < D / 16; x++) {
         const uint2 b = qf[x * 32 + lane];
         mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
     }
-#endif
     const float xmax = reduce4<true>(amax, lane);
     float smax[4];
 #pragma unroll
@@ -2030,16 +2023,6 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
             *(float4*)(wbuf + j * D + ch) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
         }
     }
-    // Mins' terms q . m: A = quarter g's mins (rows g < 4), B = the query fragments; lane (g, t)
-    // ends with quarter g's, head t's in c0 (high part) + c1 (low part).
-#if !HEADS_MINS_EARLY
-    float mc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int x = 0; x < D / 16; x++) {
-        const uint2 b = qf[x * 32 + lane];
-        mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
-    }
-#endif
     const float qm = sqmax[t < NG ? t : 0] * (P.scale_log2 / KEY_FIX);
     float fac[4], bias[4];
 #pragma unroll
@@ -2305,8 +2288,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // slots until the scores are done (zeroed after), so that one-warp CTAs of GQA serving
     // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
     // at 16 per SM, two at 13).
-    constexpr bool QF_IN_SACC =
-        QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8 && (W == 1 || QF_SACC_ALL);
+    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8;
     if constexpr (!QF_IN_SACC)
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
