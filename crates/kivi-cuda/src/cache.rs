@@ -580,8 +580,11 @@ pub struct GpuCache {
     /// the previous kernel, for comparison).
     tensor_cores: bool,
     /// The tensor-core path takes whole quantized blocks in multiples of this many per split
-    /// (default: one per warp of the CTA).
+    /// (default: `default_tc_multiple`).
     tc_multiple: usize,
+    /// Splits of two blocks or more are a multiple of this many blocks (four-warp CTAs;
+    /// `KIVI_CUDA_SPLIT_UNIT`, default one per warp), so that every warp has as many blocks.
+    split_unit: usize,
     /// One-warp attention CTAs (KIVI caches with tensor cores): None = chosen per batch
     /// (see `attend`); `KIVI_CUDA_WARPS=1` or `=4` forces.
     one_warp: Option<bool>,
@@ -856,6 +859,12 @@ impl GpuCache {
             },
             position_bytes,
             tensor_cores: std::env::var_os("KIVI_CUDA_SIMT").is_none_or(|v| v != "1"),
+            split_unit: std::env::var("KIVI_CUDA_SPLIT_UNIT")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(ATTN_THREADS as usize / 32, |b| {
+                    b.clamp(1, MAX_SPLIT / BLOCK_TOKENS)
+                }),
             tc_multiple: std::env::var("KIVI_CUDA_TC_MULTIPLE")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -907,10 +916,11 @@ impl GpuCache {
     }
 
     /// Blocks the tensor-core path takes at a time per split (1 to the blocks of the longest
-    /// split, 16; default: one per warp; also `KIVI_CUDA_TC_MULTIPLE`). Tests set 1 so that
-    /// short sequences exercise it too.
+    /// split, 16; default: `default_tc_multiple`; also `KIVI_CUDA_TC_MULTIPLE`), and the unit
+    /// splits are rounded to. Tests set 1 so that short sequences exercise it too.
     pub fn set_tensor_core_multiple(&mut self, blocks: usize) {
         self.tc_multiple = blocks.clamp(1, MAX_SPLIT / BLOCK_TOKENS);
+        self.split_unit = self.tc_multiple;
     }
 
     /// A split's last, partly filled quantized block goes through the tensor cores when it holds
@@ -1553,7 +1563,7 @@ impl GpuCache {
             self.split_tokens(batch, pairs, per_sm, 1)
         } else {
             let unit = if quant && self.tensor_cores {
-                self.tc_multiple
+                self.tc_multiple.max(self.split_unit)
             } else {
                 1
             };
