@@ -1903,12 +1903,13 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // per quarter serves all 16 rows and holds NG <= 4 heads: column 2h + part is head h's 16-bit
 // fixed-point v, part 0 its high byte, part 1 its low one. Every lane's result is a score (or
 // output) of its head t (one-head CTAs use a quarter of theirs). v is one FFMA per element:
-// keys v = round(q^ s^), q^ = q / max|q| (per head, once per CTA) and s^ = s FIX / max s over
-// the quarter's channels (per block, shared by the heads); values v = round(p s^) (p <= 1).
+// keys v = round(q^ s^), q^ = q / max|q| (the max per head once per CTA, q^ formed in the
+// k-steps) and s^ = s FIX / max s over the quarter's channels (per block, shared by the
+// heads); values v = round(p s^) (p <= 1).
 // The mins' terms: keys by a small f16 MMA (mins x query fragments), values by a warp sum.
 // Per block and lane ~1000 (keys) and ~1160 (values) SASS instructions, where dequantizing the
 // codes to f16 for mma.sync m16n8k16 took ~1360 and ~1750 (GQA B = 32 T = 32K KIVI-2 on the
-// H200: 450 -> 383 us, docs/benchmarks.md "Session 19").
+// H200: 450 -> 385 us, docs/benchmarks.md "Session 19").
 
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
 // B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
