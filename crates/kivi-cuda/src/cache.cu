@@ -880,7 +880,7 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES4
 #define STAGE_CODES4 1
 #endif
-// Words of padding after each 32-token key sub-tile in the staged copy: 4 puts lane (g, t)'s
+// Words of padding after each 32-token 4-bit key sub-tile in the staged copy: 4 puts lane (g, t)'s
 // code words of sub-tiles g / 2 in different banks (two lanes per bank, where four were).
 // Measured on the H200 (µs, MHA B = 32 T = 32K, 0 -> 4): KIVI-2 871 / 864 -> 847 / 848, KIVI-4
 // 1320 / 1318 -> 1266 / 1266. (Reading the value tokens in a transposed order, t + 4 i instead
@@ -889,12 +889,9 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef KEY_STAGE_PAD
 #define KEY_STAGE_PAD 4
 #endif
-// Words of padding after every 128 bytes of staged value codes, 2-bit and 4-bit: lane (g, t)'s
-// words of tokens 4 t + i then fall in different banks (D = 128, 2 bits: g + 8 t + 32 i + 8 k
-// instead of g + 32 t + ..., four lanes per bank).
-#ifndef VALUE_STAGE_PAD2
-#define VALUE_STAGE_PAD2 8
-#endif
+// Words of padding after every 128 bytes of staged 4-bit value codes: lane (g, t)'s words of
+// tokens 4 t + i then fall in different banks (2-bit codes, before they were interleaved: 8
+// words, g + 8 t + 32 i + 8 k instead of g + 32 t + ..., four lanes per bank).
 // Interleaved 2-bit codes (key2_word, value2_word), staged: words of padding after each quad's
 // row (keys: 32 words; values: D / 4), so that the eight 16-byte loads of a quarter-warp
 // (lanes (g, t), g < 2) fall in different banks: 8 t + 4 g (keys, D = 128 values) apart.
@@ -1792,8 +1789,8 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
     const int g = lane >> 2, t = lane & 3;
     const int shift = (g * LBITS) % 32;
-    // STAGED: VPAD words of padding after every TPR tokens (128 bytes; VALUE_STAGE_PAD2/4).
-    constexpr int VPAD = STAGED ? (VB == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4) : 0, TPR = 32 / WPT;
+    // STAGED 4-bit codes: VPAD words of padding after every TPR tokens (128 bytes).
+    constexpr int VPAD = STAGED && VB == 4 ? VALUE_STAGE_PAD4 : 0, TPR = 32 / WPT;
     const u32* vq;
     // Interleaved 2-bit codes (value2_word): the lane's slot g of token quads 8 k + t (+ 4),
     // rows of QW words (D / 4) plus STAGE2_PAD when staged.
@@ -2357,8 +2354,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || STAGE_CODES4);
     // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
     constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
-    constexpr int CBUF_VPAD = CBUF_BITS == 2 ? VALUE_STAGE_PAD2 : VALUE_STAGE_PAD4;
-    constexpr int CBUF_PAD = CBUF_VPAD > KEY_STAGE_PAD ? CBUF_VPAD : KEY_STAGE_PAD;
+    constexpr int CBUF_PAD = VALUE_STAGE_PAD4 > KEY_STAGE_PAD ? VALUE_STAGE_PAD4 : KEY_STAGE_PAD;
     // (Interleaved 2-bit codes: key quad rows of 32 words, value ones of D / 4, each padded.)
     constexpr int CBUF_WORDS = CBUF_BITS == 2 ? (D / 4 * (32 + STAGE2_PAD) > 32 * (D / 4 + STAGE2_PAD)
                                                      ? D / 4 * (32 + STAGE2_PAD)
