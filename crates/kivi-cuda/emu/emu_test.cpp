@@ -66,16 +66,17 @@ static AttnParams block_params(int D, int G) {
 // from the layouts' definitions (cache.cu, "2-bit codes are interleaved" and the top).
 template <int D, int KB>
 static u32 key_code_ref(const std::vector<u32>& kq, int b, int c) {
-    if (KB == 2) return (kq[(c / 4) * 32 + (b % 8) * 4 + c % 4] >> (2 * (b / 8))) & 3u;
+    if (KB == 2) return (kq[(c / 4) * 32 + (b % 8) * 4 + b / 32] >> (8 * (c % 4) + 2 * ((b / 8) % 4))) & 3u;
     constexpr int WPD = KB, FPI = 32 / KB;
     return (kq[((b / 32) * D + c) * WPD + (b % 32) / FPI] >> ((b % FPI) * KB)) & ((1u << KB) - 1);
 }
 template <int D, int VB>
 static u32 value_code_ref(const std::vector<u32>& vq, int t, int c) {
     if (VB == 2) {
-        // Slot c % 8 (D / 4 bits) of token t, in its quad's row [slot words][4 tokens].
+        // Bit `bit` of token t's row word (slot c % 8, D / 4 bits each): byte t % 4 of word
+        // bit % 32 / 8 of the quad's group for that row word.
         const int bit = (c % 8) * (D / 4) + 2 * (c / 8);
-        return (vq[(t / 4) * (D / 4) + (bit / 32) * 4 + t % 4] >> (bit % 32)) & 3u;
+        return (vq[(t / 4) * (D / 4) + (bit / 32) * 4 + (bit % 32) / 8] >> (8 * (t % 4) + bit % 8)) & 3u;
     }
     constexpr int FPI = 32 / VB;
     return (vq[t * (D / FPI) + c / FPI] >> ((c % FPI) * VB)) & ((1u << VB) - 1);

@@ -627,7 +627,7 @@ fn default_tc_multiple(config: &CacheConfig) -> usize {
 /// (`cache.cu`: 2-bit codes interleaved, `key2_word`; 4-bit in 32-token sub-tiles).
 fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
     if bits == 2 {
-        ((c / 4) * 32 + (b % 8) * 4 + c % 4, 2 * (b / 8))
+        ((c / 4) * 32 + (b % 8) * 4 + b / 32, 8 * (c % 4) + 2 * ((b / 8) % 4))
     } else {
         let per_word = 32 / bits as usize;
         (
@@ -641,9 +641,13 @@ fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
 /// row of words per token).
 fn value_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
     if bits == 2 {
-        // Slot c % 8 (d / 4 bits) of token b, in its quad's row [slot words][4 tokens].
-        let bit = (c % 8) * (d / 4) + 2 * (c / 8);
-        ((b / 4) * (d / 4) + (bit / 32) * 4 + b % 4, bit % 32)
+        // Bit `row_bit` of token b's row word (slot c % 8, d / 4 bits each), stored as byte
+        // b % 4 of word row_bit % 32 / 8 of the quad's group for that row word.
+        let row_bit = (c % 8) * (d / 4) + 2 * (c / 8);
+        (
+            (b / 4) * (d / 4) + (row_bit / 32) * 4 + (row_bit % 32) / 8,
+            8 * (b % 4) + row_bit % 8,
+        )
     } else {
         let per_word = 32 / bits as usize;
         (
