@@ -58,7 +58,7 @@ static AttnParams block_params(int D, int G) {
     P.c.n_kv = 1;
     P.c.head_dim = D;
     P.c.group = G;
-    P.split_len = P.split_span = BLOCK_TOKENS;
+    P.split_len = BLOCK_TOKENS;
     return P;
 }
 
@@ -387,7 +387,6 @@ template <int D, int KB, int VB, int NG, int W, int FST = 0>
 struct Pipeline {
     static constexpr bool F16 = KB == 16;
     int hkv, nh, G, R, S, split, slots, pool;
-    int chunk = 0;  // positions per chunk of a split (0: the split; CHUNKED kernels may take less)
     bool production = false;
     u64 kq_head, ksm_head, kwin_head, vq_head, vsm_head, vwin_head;
     std::vector<u32> kq, vq;
@@ -618,9 +617,7 @@ struct Pipeline {
         P.out = nullptr;
         P.n_head = nh;
         P.nsplit = nsplit;
-        const int chunk_len = chunk > 0 ? chunk : split;
-        P.split_len = chunk_len;
-        P.split_span = split;
+        P.split_len = split;
         P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
         P.tensor_cores = 1;
         P.tc_multiple = production && W > 1 ? W : 1;
@@ -634,7 +631,7 @@ struct Pipeline {
             P.out = out.data();
             P.tickets = tickets.data();
         }
-        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * chunk_len + W * FST * 8 * D;
+        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split + W * FST * 8 * D;
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W, FST>(P); },
                        smem);
@@ -718,11 +715,9 @@ struct Pipeline {
 };
 
 template <int D, int KB, int VB, int NG, int W, int FST = 0>
-static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int prompt = 0,
-                     int chunk = 0) {
+static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int prompt = 0) {
     Pipeline<D, KB, VB, NG, W, FST> pl(hkv, nh, G, R, S, split, 3, 64);
     pl.production = production;
-    pl.chunk = chunk;
     // Long prompts first (several blocks per warp), if asked for.
     if (prompt > 0) pl.step({{0, prompt}, {1, prompt / 2 + 3}});
     // Prompts that end inside, at and past the sinks; chunked prefill; decode steps of all three.
@@ -740,8 +735,8 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     char what[160];
     std::snprintf(what, sizeof what,
-                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d chunk %d prompt %d%s%s",
-                  D, KB, VB, nh, hkv, NG, W, G, R, S, split, chunk > 0 ? chunk : split, prompt,
+                  "pipeline D %d bits %d/%d heads %d/%d per CTA %d warps %d G %d R %d sinks %d split %d prompt %d%s%s",
+                  D, KB, VB, nh, hkv, NG, W, G, R, S, split, prompt,
                   production ? " (production tensor-core choices)" : "", FST ? " (f16 ring)" : "");
     // On exactly quantizable data the dequantized values are exact; with R = 0 (data off the
     // grid) the tensor cores dequantize through f16 where the reference stays in f32.
@@ -812,9 +807,6 @@ int main() {
     // prompts (several blocks per warp, partial value blocks).
     pipeline<64, 2, 2, 3, 4>(1, 3, 32, 64, 0, 256, false, 300);
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 512, true, 600);
-    // Splits of several chunks (CHUNKED: the softmax online across them; partial last chunks).
-    pipeline<128, 2, 2, 4, 4>(2, 8, 32, 128, 0, 640, false, 1100, 256);
-    pipeline<64, 2, 2, 3, 4>(1, 3, 32, 32, 0, 512, true, 900, 128);
     // The f16 cache; the production tensor-core choices (CUDA-core partial blocks).
     pipeline<64, 16, 16, 2, 4>(1, 2, 32, 0, 0, 128);
     // The f16 cache over several blocks per warp (through the tensor cores unless built with

@@ -27,12 +27,10 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
-// Token positions per pool block (BLOCK_TOKENS in cache.rs), the longest chunk of an attention
-// split (its scores in shared memory at once) and the longest split (MAX_SPLIT, MAX_SPAN in
-// cache.rs; multiples of BLOCK_TOKENS).
+// Token positions per pool block (BLOCK_TOKENS in cache.rs) and the longest attention split
+// (MAX_SPLIT in cache.rs; a multiple of BLOCK_TOKENS).
 #define BLOCK_TOKENS 128
 #define MAX_SPLIT 2048
-#define MAX_SPAN 8192
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 // The inline-PTX helpers are defined by the host emulator instead when it compiles this file
@@ -422,9 +420,7 @@ struct AttnParams {
     // Non-null with `out` and several splits: [T][H / NG] counters, zero between launches; the
     // last CTA of a (token, head group) to finish combines the splits (no reduce launch).
     int* tickets;
-    // split_span: positions per split; split_len: per chunk of a split, whose scores the
-    // kernel holds in shared memory at once (<= split_span; one-warp kernels: equal).
-    int n_head, nsplit, split_len, split_span;
+    int n_head, nsplit, split_len;
     float scale_log2;   // log2(e) / sqrt(D)
     int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
     int tc_multiple;    // ... in multiples of this many blocks (the rest: CUDA cores)
@@ -561,11 +557,6 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
 // blockIdx and 56-88 fewer instructions, but on the H200 (session 17, same call, alternating
 // processes) KIVI-2 MHA B = 32 T = 32K took 808-816 us with plain blockIdx against 795-803.)
 #ifndef KIVI_EMU
-__device__ __forceinline__ int ctaid_x_again() {
-    int v;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
-    return v;
-}
 __device__ __forceinline__ int ctaid_y_again() {
     int v;
     asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
@@ -577,7 +568,6 @@ __device__ __forceinline__ int ctaid_z_again() {
     return v;
 }
 #else
-inline int ctaid_x_again() { return blockIdx.x; }
 inline int ctaid_y_again() { return blockIdx.y; }
 inline int ctaid_z_again() { return blockIdx.z; }
 #endif
@@ -2277,8 +2267,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     const int tok = blockIdx.z;
     const Tok tk = P.toks[tok];
     const int n = tk.n_old, L = (P.prefill && tk.n_new > 1) ? n : n + tk.i + 1;
-    const int sp0 = split * P.split_span;
-    const int sp1 = min(sp0 + P.split_span, L);
+    const int s0 = split * P.split_len;
+    const int s1 = min(s0 + P.split_len, L);
 
 #ifdef KIVI_EMU
     float* smem = emu_dynamic_smem;
@@ -2294,11 +2284,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     float* sc = sml + SML_FLOATS(NG);  // [NG][split_len], 16-byte aligned
     // [W][FST][32 D bytes]: each warp's ring of f16 chunks (f16_stream_issue).
     uint4* ring = (uint4*)(sc + NG * P.split_len) + warp * FST * 2 * D;
-    __shared__ int sblk_split[MAX_SPAN / BLOCK_TOKENS];  // block ids of the split (sp0 is block-aligned)
-    __shared__ int split_end;                             // sp1
+    __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
-    if (sp0 >= sp1) {
+    if (s0 >= s1) {
         if (threadIdx.x < NG) {
             float* ml = P.part_ml + (part + (u64)threadIdx.x * P.nsplit) * 2;
             ml[0] = NEG_INF;
@@ -2314,710 +2303,671 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     {
         // Paged positions: [0, nqk) and [0, nqv) quantized; the f16 cache: [0, n).
         const int paged = QUANT ? max(nqk, nqv) : n;
-        const int nb = min((max(paged - sp0, 0) + BLOCK_TOKENS - 1) / BLOCK_TOKENS, P.split_span / BLOCK_TOKENS);
-        const int* row = c.table + (u64)tk.slot * c.table_stride + sp0 / BLOCK_TOKENS;
-        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk_split[x] = row[x];
+        const int nb = min((max(paged - s0, 0) + BLOCK_TOKENS - 1) / BLOCK_TOKENS, P.split_len / BLOCK_TOKENS);
+        const int* row = c.table + (u64)tk.slot * c.table_stride + s0 / BLOCK_TOKENS;
+        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
     }
     for (int x = threadIdx.x; x < NG * D; x += blockDim.x) sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
-    // Several heads, 2-bit (tc_key_block_heads), one-warp CTAs: the query fragments live in the
-    // value-sum slots until the scores are done (zeroed after), so that one-warp CTAs of GQA
-    // serving shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs,
-    // one wave at 16 per SM, two at 13). (Their splits are one chunk.)
-    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W == 1 && W * NG * D * 4 >= (D / 16) * 32 * 8;
-    // Splits of several chunks (below; GpuCache::attend's choice): GQA 2-bit four-warp kernels.
-    constexpr bool CHUNKED = QUANT && NG > 1 && KB == 2 && VB == 2 && W > 1;
+    // Several heads, 2-bit (tc_key_block_heads): the query fragments live in the value-sum
+    // slots until the scores are done (zeroed after), so that one-warp CTAs of GQA serving
+    // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
+    // at 16 per SM, two at 13).
+    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8;
     if constexpr (!QF_IN_SACC)
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
-    if (threadIdx.x == 0) split_end = sp1;
     __syncthreads();
 
-    // The split in chunks of P.split_len positions, whose scores fit in shared memory: each
-    // chunk's softmax rescales what the chunks before added to the value sums (online, as
-    // flash attention does per tile), so a split may be longer than its score buffer and
-    // the CTA's fixed costs (query, fragments, partials, combination) spread over more blocks.
-    // Only CHUNKED kernels take several chunks (the host gives the others split_span =
-    // split_len).
-    // (Only the chunk's start is held in a register across the chunk: the split's end comes
-    // from shared memory and its start from the CTA index again, so that the hot loops keep
-    // the registers they had without chunks.)
-    bool fragments_ready = false;
-    for (int c0 = sp0; c0 < split_end; c0 += P.split_len) {
-        const int s0 = c0, s1 = min(c0 + P.split_len, split_end);
-        const int first = ctaid_x_again() * P.split_span;  // sp0
-        const int* sblk = sblk_split + (c0 - first) / BLOCK_TOKENS;  // the chunk's blocks
-        // The CTA's item and KV head again (as above), likewise not held across the chunk.
-        const Tok tk = P.toks[ctaid_z_again()];
-        const int n = tk.n_old;
-        const int kvh = ctaid_y_again() / nchunk;
-        int nqk = 0, nqv = 0;
-        if (QUANT) {
-            nqk = key_quant_end(c, n);
-            nqv = val_quant_end(c, n);
+    // Whole quantized blocks of the split go through the tensor cores: keys [s0, kt_end),
+    // values [s0, vt_end) (s0 is block-aligned), in multiples of P.tc_multiple blocks: a warp
+    // takes whole blocks, so fewer blocks than warps would leave warps idle (measured: slower
+    // than the CUDA-core path, which spreads 32-token chunks over all warps, at ~330 tokens).
+    // A last, partly filled block joins them when all the whole ones did and it holds at least
+    // P.tc_partial_min quantized positions: the tensor cores then compute its 128 rows and only
+    // the first kt_valid - pb (vt_valid - pb) are used.
+    int kt_end = s0, vt_end = s0;
+    const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
+    __shared__ uint2 sqf_own[QF_IN_SACC ? 1 : (128 / 16) * 32];
+    uint2* sqf = QF_IN_SACC ? (uint2*)sacc : sqf_own;  // the query's B fragments (tc_key_block)
+    // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
+    // (tc_value_block), 32-bit aligned.
+    __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
+    // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
+    constexpr bool F16_TENSOR = !QUANT && F16_TC;
+    const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
+    if ((QUANT || F16_TENSOR) && P.tensor_cores) {
+        const int kq = max(min(s1, kpaged) - s0, 0), vq = max(min(s1, vpaged) - s0, 0);
+        kt_end = s0 + kq / tc_unit * tc_unit;
+        vt_end = s0 + vq / tc_unit * tc_unit;
+        if constexpr (F16_TENSOR) {
+            // See F16_TC_REST.
+            if (kt_end > s0 && kq - (kt_end - s0) >= F16_TC_REST * BLOCK_TOKENS)
+                kt_end = s0 + kq / BLOCK_TOKENS * BLOCK_TOKENS;
+            if (vt_end > s0 && vq - (vt_end - s0) >= F16_TC_REST * BLOCK_TOKENS)
+                vt_end = s0 + vq / BLOCK_TOKENS * BLOCK_TOKENS;
         }
-        // Whole quantized blocks of the split go through the tensor cores: keys [s0, kt_end),
-        // values [s0, vt_end) (s0 is block-aligned), in multiples of P.tc_multiple blocks: a warp
-        // takes whole blocks, so fewer blocks than warps would leave warps idle (measured: slower
-        // than the CUDA-core path, which spreads 32-token chunks over all warps, at ~330 tokens).
-        // A last, partly filled block joins them when all the whole ones did and it holds at least
-        // P.tc_partial_min quantized positions: the tensor cores then compute its 128 rows and only
-        // the first kt_valid - pb (vt_valid - pb) are used.
-        int kt_end = s0, vt_end = s0;
-        const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
-        __shared__ uint2 sqf_own[QF_IN_SACC ? 1 : (128 / 16) * 32];
-        uint2* sqf = QF_IN_SACC ? (uint2*)sacc : sqf_own;  // the query's B fragments (tc_key_block)
-        // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
-        // (tc_value_block), 32-bit aligned.
-        __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
-        // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
-        constexpr bool F16_TENSOR = !QUANT && F16_TC;
-        const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
-        if ((QUANT || F16_TENSOR) && P.tensor_cores) {
-            const int kq = max(min(s1, kpaged) - s0, 0), vq = max(min(s1, vpaged) - s0, 0);
-            kt_end = s0 + kq / tc_unit * tc_unit;
-            vt_end = s0 + vq / tc_unit * tc_unit;
-            if constexpr (F16_TENSOR) {
-                // See F16_TC_REST.
-                if (kt_end > s0 && kq - (kt_end - s0) >= F16_TC_REST * BLOCK_TOKENS)
-                    kt_end = s0 + kq / BLOCK_TOKENS * BLOCK_TOKENS;
-                if (vt_end > s0 && vq - (vt_end - s0) >= F16_TC_REST * BLOCK_TOKENS)
-                    vt_end = s0 + vq / BLOCK_TOKENS * BLOCK_TOKENS;
-            }
-            const int krest = s0 + kq - kt_end, vrest = s0 + vq - vt_end;
-            if (P.tc_partial_min > 0 && krest >= P.tc_partial_min && krest < BLOCK_TOKENS) kt_end += BLOCK_TOKENS;
-            if (P.tc_partial_min > 0 && vrest >= P.tc_partial_min && vrest < BLOCK_TOKENS) vt_end += BLOCK_TOKENS;
-        }
-        const int kt_valid = min(kt_end, max(min(s1, kpaged), s0));
-        const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
-        // The f16 ring: the warp's share of the tensor-core blocks (the same for keys and values:
-        // kpaged = vpaged), its first FST - 1 chunks started now.
-        constexpr bool F16_RING = F16_TENSOR && FST > 0 && D == 128;
-        const int ring_blocks = F16_RING ? max((kt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
-        if constexpr (F16_RING) {
-            for (int c = 0; c < FST - 1; c++)
-                f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
-        }
-        // The query's B fragments, only when the split has key blocks for the tensor cores (short
-        // splits skip this and its barrier; kt_end is the same for the whole CTA).
-        // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
-        // T = 330.)
-        // (2-bit codes always: their interleaved layout has no f16 path.)
-        constexpr bool IMMA_K = QUANT && NG == 1 && (KB == 2 || (IMMA_KEYS && W > 1));
-        constexpr bool IMMA_V = QUANT && NG == 1 && (VB == 2 || (IMMA_VALUES && W > 1));
-        // Several heads per CTA, 2-bit codes: tc_key_block_heads, tc_value_block_heads.
-        constexpr bool HEADS_K = QUANT && NG > 1 && KB == 2;
-        constexpr bool HEADS_V = QUANT && NG > 1 && VB == 2;
-        // Their q^ and max|q| (HEADS_K), and each warp's s^ of a block ([4][128] floats at most).
-        __shared__ float sqmax[HEADS_K ? NG : 1], sqinv[HEADS_K ? NG : 1];
-        __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
-        float* wbuf = (float*)swbuf16 + warp * 512;
-        // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
-        // 4-bit codes through the f16 tensor-core path).
-        constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || STAGE_CODES4);
-        constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || STAGE_CODES4);
-        // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
-        constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
-        constexpr int CBUF_PAD = VALUE_STAGE_PAD4 > KEY_STAGE_PAD ? VALUE_STAGE_PAD4 : KEY_STAGE_PAD;
-        // (Interleaved 2-bit codes: key quad rows of 32 words, value ones of D / 4, each padded.)
-        constexpr int CBUF_WORDS = CBUF_BITS == 2 ? (D / 4 * (32 + STAGE2_PAD) > 32 * (D / 4 + STAGE2_PAD)
-                                                         ? D / 4 * (32 + STAGE2_PAD)
-                                                         : 32 * (D / 4 + STAGE2_PAD))
-                                                  : BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
-        __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
-        u32* scodes = (u32*)scodes16;
-        // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
-        // instead of per block held one more register across the loops: 4 % slower at KIVI-2.)
-        u32* cbuf = scodes + warp * CBUF_WORDS;
-        // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
-        __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
-        if (!IMMA_K && kt_end > s0 && !fragments_ready) {
-            fragments_ready = true;  // (for the split's later chunks too; the same in every thread)
-            query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
-            if constexpr (HEADS_K) {
-                for (int hh = warp; hh < NG; hh += W) {
-                    float mx = 0.0f;
-                    for (int x = lane; x < D; x += 32) mx = fmaxf(mx, fabsf(sq[hh * D + x]));
-                    mx = warp_max(mx);
-                    if (lane == 0) {
-                        sqmax[hh] = mx;
-                        sqinv[hh] = mx > 0.0f ? 1.0f / mx : 0.0f;
-                    }
+        const int krest = s0 + kq - kt_end, vrest = s0 + vq - vt_end;
+        if (P.tc_partial_min > 0 && krest >= P.tc_partial_min && krest < BLOCK_TOKENS) kt_end += BLOCK_TOKENS;
+        if (P.tc_partial_min > 0 && vrest >= P.tc_partial_min && vrest < BLOCK_TOKENS) vt_end += BLOCK_TOKENS;
+    }
+    const int kt_valid = min(kt_end, max(min(s1, kpaged), s0));
+    const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
+    // The f16 ring: the warp's share of the tensor-core blocks (the same for keys and values:
+    // kpaged = vpaged), its first FST - 1 chunks started now.
+    constexpr bool F16_RING = F16_TENSOR && FST > 0 && D == 128;
+    const int ring_blocks = F16_RING ? max((kt_end - s0) / BLOCK_TOKENS - warp + W - 1, 0) / W : 0;
+    if constexpr (F16_RING) {
+        for (int c = 0; c < FST - 1; c++)
+            f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
+    }
+    // The query's B fragments, only when the split has key blocks for the tensor cores (short
+    // splits skip this and its barrier; kt_end is the same for the whole CTA).
+    // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
+    // T = 330.)
+    // (2-bit codes always: their interleaved layout has no f16 path.)
+    constexpr bool IMMA_K = QUANT && NG == 1 && (KB == 2 || (IMMA_KEYS && W > 1));
+    constexpr bool IMMA_V = QUANT && NG == 1 && (VB == 2 || (IMMA_VALUES && W > 1));
+    // Several heads per CTA, 2-bit codes: tc_key_block_heads, tc_value_block_heads.
+    constexpr bool HEADS_K = QUANT && NG > 1 && KB == 2;
+    constexpr bool HEADS_V = QUANT && NG > 1 && VB == 2;
+    // Their q^ and max|q| (HEADS_K), and each warp's s^ of a block ([4][128] floats at most).
+    __shared__ float sqmax[HEADS_K ? NG : 1], sqinv[HEADS_K ? NG : 1];
+    __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
+    float* wbuf = (float*)swbuf16 + warp * 512;
+    // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
+    // 4-bit codes through the f16 tensor-core path).
+    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || STAGE_CODES4);
+    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || STAGE_CODES4);
+    // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
+    constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
+    constexpr int CBUF_PAD = VALUE_STAGE_PAD4 > KEY_STAGE_PAD ? VALUE_STAGE_PAD4 : KEY_STAGE_PAD;
+    // (Interleaved 2-bit codes: key quad rows of 32 words, value ones of D / 4, each padded.)
+    constexpr int CBUF_WORDS = CBUF_BITS == 2 ? (D / 4 * (32 + STAGE2_PAD) > 32 * (D / 4 + STAGE2_PAD)
+                                                     ? D / 4 * (32 + STAGE2_PAD)
+                                                     : 32 * (D / 4 + STAGE2_PAD))
+                                              : BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
+    __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
+    u32* scodes = (u32*)scodes16;
+    // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
+    // instead of per block held one more register across the loops: 4 % slower at KIVI-2.)
+    u32* cbuf = scodes + warp * CBUF_WORDS;
+    // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
+    __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
+    if (!IMMA_K && kt_end > s0) {
+        query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
+        if constexpr (HEADS_K) {
+            for (int hh = warp; hh < NG; hh += W) {
+                float mx = 0.0f;
+                for (int x = lane; x < D; x += 32) mx = fmaxf(mx, fabsf(sq[hh * D + x]));
+                mx = warp_max(mx);
+                if (lane == 0) {
+                    sqmax[hh] = mx;
+                    sqinv[hh] = mx > 0.0f ? 1.0f / mx : 0.0f;
                 }
             }
-            __syncthreads();
         }
+        __syncthreads();
+    }
 
-        const int vmod = max(c.resid, 1);
-        // KIVI windows (per slot); the f16 cache's rows are paged (block-relative, head offset only).
-        const u64 kwin = (QUANT ? (u64)tk.slot * c.kwin_unit : 0) + (u64)kvh * c.kwin_head;
-        const u64 vwin = (QUANT ? (u64)tk.slot * c.vwin_unit : 0) + (u64)kvh * c.vwin_head;
-        const float* knew = P.knew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
-        const float* vnew = P.vnew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
-        const u64 new_stride = (u64)c.n_kv * D;
+    const int vmod = max(c.resid, 1);
+    // KIVI windows (per slot); the f16 cache's rows are paged (block-relative, head offset only).
+    const u64 kwin = (QUANT ? (u64)tk.slot * c.kwin_unit : 0) + (u64)kvh * c.kwin_head;
+    const u64 vwin = (QUANT ? (u64)tk.slot * c.vwin_unit : 0) + (u64)kvh * c.vwin_head;
+    const float* knew = P.knew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
+    const float* vnew = P.vnew + ((u64)tk.tok_off * c.n_kv + kvh) * D;
+    const u64 new_stride = (u64)c.n_kv * D;
 
-        // ---- scores
-        float qr[NG][CPL];
+    // ---- scores
+    float qr[NG][CPL];
+#pragma unroll
+    for (int g = 0; g < NG; g++)
+#pragma unroll
+        for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
+
+    if (IMMA_K && kt_end > s0) {
+        constexpr int KBq = QUANT ? KB : 2;
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                              __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
+    } else if (HEADS_K && kt_end > s0) {
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                      __ffs(c.group) - 6, sq, sqmax, sqinv, sqf, wbuf, sc, lane);
+    } else if (QUANT && kt_end > s0) {
+        constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
+                                     sc, lane);
+    } else if (F16_TENSOR && kt_end > s0) {
+        if constexpr (F16_RING) {
+            for (int i = 0; i < ring_blocks; i++) {
+                const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
+#pragma unroll 1
+                for (int m = 0; m < 8; m++) {
+                    const int c = 8 * i + m;
+                    uint4 x[8], X[D / 32], Y[D / 32];
+                    f16_stream_read<FST, false>(ring, c, x, lane);
+                    f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_key_pieces<D>(x, X, Y);
+                    f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
+                }
+            }
+        } else {
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+                tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
+                                        lane);
+        }
+    }
+    for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
+        if (QUANT && t0 + 32 <= nqk) {
+            constexpr int KBq = QUANT ? KB : 2;
+            constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
+            const u64 blk = (u64)sblk[(unsigned)(t0 - s0) / BLOCK_TOKENS];
+            const int b = t0 & (BLOCK_TOKENS - 1);
+            const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
+            const u64 sm = key_group_scales<D>(c, kvh, blk, b);
+            u32 w[CPL][WPD];
+            float s[CPL], m[CPL];
+            // Interleaved 2-bit codes (key2_word): word b / 32 of the lane's quad's 8 slots, the
+            // channel's byte of each gathered as w[i][0] (slots 0..3) and w[i][1] (4..7): token
+            // s + 8 j of the quarter at bits 8 (s & 3) + 2 j of w[i][s >> 2].
+            // The lane's channels: 2-bit CPL consecutive ones (of one quad), else lane + 32 i.
+            u32 sl[8];
+            if (KBq == 2) {
+                const u32* words2 = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(CPL * lane, b);
+#pragma unroll
+                for (int x = 0; x < 8; x++) sl[x] = words2[4 * x];
+            }
+#pragma unroll
+            for (int i = 0; i < CPL; i++) {
+                const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
+                if (KBq == 2) {
+                    const u32 e = (u32)(d & 3), gather = e | ((e + 4) << 4);
+                    w[i][0] = prmt(prmt(sl[0], sl[1], gather), prmt(sl[2], sl[3], gather), 0x5410u);
+                    w[i][1] = prmt(prmt(sl[4], sl[5], gather), prmt(sl[6], sl[7], gather), 0x5410u);
+                } else if (WPD == 2) {
+                    uint2 u = *(const uint2*)(base + d * WPD);
+                    w[i][0] = u.x;
+                    w[i][1] = u.y;
+                } else {
+                    uint4 u = *(const uint4*)(base + d * WPD);
+                    w[i][0] = u.x;
+                    w[i][1] = u.y;
+                    w[i][WPD > 2 ? 2 : 0] = u.z;
+                    w[i][WPD > 3 ? 3 : 0] = u.w;
+                }
+                s[i] = h2f(c.ks[sm + d]);
+                m[i] = h2f(c.km[sm + d]);
+            }
+            // Many heads per CTA: two passes of 16 tokens keep the accumulators in registers.
+            constexpr int PASSES = NG >= 3 ? 2 : 1, TOK = 32 / PASSES, WPP = WPD / PASSES;
+            float qs[CPL][NG], bias[NG];
+#pragma unroll
+            for (int g = 0; g < NG; g++) bias[g] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < CPL; i++) {
+                const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float qd = sq[g * D + d];
+                    qs[i][g] = qd * (s[i] * (float)(1 << KBq));
+                    bias[g] += qd * m[i] - qs[i][g];
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < NG; g++) bias[g] = warp_sum(bias[g]);
+#pragma unroll
+            for (int pass = 0; pass < PASSES; pass++) {
+                float acc[NG][TOK];
+#pragma unroll
+                for (int g = 0; g < NG; g++)
+#pragma unroll
+                    for (int t = 0; t < TOK; t++) acc[g][t] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < CPL; i++)
+#pragma unroll
+                    for (int wi = 0; wi < WPP; wi++)
+#pragma unroll
+                        for (int j = 0; j < FPI; j++) {
+                            // (Interleaved: token tt = s + 8 j' of the quarter, see above.)
+                            const int tt = pass * TOK + wi * FPI + j, sl = tt & 7;
+                            const float f = KBq == 2 ? code_as_float<KBq>(w[i][sl >> 2], 4 * (sl & 3) + (tt >> 3))
+                                                     : code_as_float<KBq>(w[i][pass * WPP + wi], j);
+#pragma unroll
+                            for (int g = 0; g < NG; g++) acc[g][wi * FPI + j] += qs[i][g] * f;
+                        }
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float v = transpose_reduce<TOK>(acc[g], lane);
+                    const int p = t0 + pass * TOK + (lane % TOK);
+                    if (lane < TOK)
+                        sc[g * P.split_len + (p - s0)] = p < s1 ? (v + bias[g]) * P.scale_log2 : NEG_INF;
+                }
+            }
+        } else {
+            const int tend = min(t0 + 32, s1);
+            for (int b0 = t0; b0 < tend; b0 += 8) {
+                // All loads first, raw (independent, in flight together), then convert and dot.
+                u32 raw[8][CPL];
+                bool is_f32[8];
+                const int d0 = lane * CPL;
+                // The f16 cache: the 8 tokens (b0 is 8-aligned) are rows of one block.
+                u64 f16row = 0;
+                if (!QUANT && b0 < n)
+                    f16row = (u64)sblk[(unsigned)(b0 - s0) / BLOCK_TOKENS] * c.kwin_unit + (u64)(b0 & (BLOCK_TOKENS - 1)) * D;
+                float part8[NG][8];
+                if (FAST_ROWS && b0 >= nqk && b0 + 8 <= min(n, tend)) {
+                    // Eight stored f16 rows at consecutive addresses (the f16 cache: one block;
+                    // KIVI: the key window, slot p - nqk): loads at fixed offsets from one
+                    // address, no per-token branches or conversions chosen at run time.
+                    const u16* rows = c.kwin + kwin + (QUANT ? (u64)(b0 - nqk) * D : f16row) + d0;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) raw_f16<CPL>(rows + k * D, raw[k]);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        float kv[CPL];
+                        raw_to_float<CPL>(raw[k], false, kv);
+#pragma unroll
+                        for (int g = 0; g < NG; g++) {
+                            float a = 0.0f;
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
+                            part8[g][k] = a;
+                        }
+                    }
+                } else if (COMPACT && b0 >= nqk) {
+                    // Stored f16 rows and new (f32) tokens only, e.g. a sequence's last window
+                    // rows and its new token: every decode CTA comes here once. Kept apart from
+                    // the generic loop below, whose per-token quantized branch makes it ~1600
+                    // instructions (instruction fetch was the first stall of one-warp CTAs).
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        const int p = b0 + k;
+                        is_f32[k] = p >= n;
+                        if (p >= tend) {
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
+                        } else if (p < n) {
+                            const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
+                            raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
+                        } else {
+                            raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
+                        }
+                    }
+                    key_dots<CPL, NG>(raw, is_f32, qr, part8);
+                } else {
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        const int p = b0 + k;
+                        is_f32[k] = true;
+                        if (p >= tend) {
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
+                        } else if (QUANT && p < nqk) {
+                            constexpr int KBq = QUANT ? KB : 2;
+                            constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
+                            const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
+                            const int b = p & (BLOCK_TOKENS - 1);
+                            const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
+                            const u64 sm = key_group_scales<D>(c, kvh, blk, b);
+#pragma unroll
+                            for (int x = 0; x < CPL; x++) {
+                                const int d = d0 + x;
+                                const u32 wd = KBq == 2 ? c.kq[blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(d, b)]
+                                                        : base[d * WPD + (b % 32) / FPI];
+                                const u32 code =
+                                    (wd >> (KBq == 2 ? key2_shift(d, b) : (p % FPI) * KBq)) & ((1u << KBq) - 1);
+                                raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
+                            }
+                        } else if (p < n) {
+                            // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
+                            // the f16 cache: paged.
+                            const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
+                            raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
+                            is_f32[k] = false;
+                        } else {
+                            raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
+                        }
+                    }
+                    key_dots<CPL, NG>(raw, is_f32, qr, part8);
+                }
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float v = transpose_reduce<8>(part8[g], lane);
+                    const int p = b0 + (lane & 7);
+                    if (lane < 8 && p < tend) sc[g * P.split_len + (p - s0)] = v * P.scale_log2;
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // ---- softmax of the split (warp g owns query head g)
+    if constexpr (QF_IN_SACC)
+        for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
+    const int ns = s1 - s0;
+    for (int g = warp; g < NG; g += W) {
+        float* row = sc + g * P.split_len;
+        float mx = NEG_INF;
+        for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
+        for (int t = lane; t < ns; t += 32) {
+            const float e = exp2f(row[t] - mx);
+            row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            sml[2 * g] = mx;
+            sml[2 * g + 1] = sum;
+        }
+    }
+    __syncthreads();
+
+    // ---- values: quantized tokens [s0, min(s1, nqv))
+    if (QUANT) {
+        constexpr int VBq = QUANT ? VB : 2;
+        constexpr int FPI = 32 / VBq, WPT = D / FPI, TPI = 32 / WPT;
+        const int wi = lane % WPT, sub = lane / WPT;
+        const int vg = (wi * FPI) / c.group, gpt = D / c.group;
+        const u64 vqb = (u64)kvh * c.vq_head;
+        const u64 vsb = (u64)kvh * c.vsm_head;
+        float acc[NG][FPI];
+        float bias[NG];
+        float bias2[NG][VBq == 2 ? D / 32 : 1];  // (interleaved 2-bit codes: per quarter)
 #pragma unroll
         for (int g = 0; g < NG; g++)
 #pragma unroll
-            for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
-
-        if (IMMA_K && kt_end > s0) {
-            constexpr int KBq = QUANT ? KB : 2;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-                tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                                  __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
-        } else if (HEADS_K && kt_end > s0) {
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-                tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                          __ffs(c.group) - 6, sq, sqmax, sqinv, sqf, wbuf, sc, lane);
-        } else if (QUANT && kt_end > s0) {
-            constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-                tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
-                                         sc, lane);
-        } else if (F16_TENSOR && kt_end > s0) {
-            if constexpr (F16_RING) {
-                for (int i = 0; i < ring_blocks; i++) {
-                    const int pb = s0 + (warp + i * W) * BLOCK_TOKENS;
-#pragma unroll 1
-                    for (int m = 0; m < 8; m++) {
-                        const int c = 8 * i + m;
-                        uint4 x[8], X[D / 32], Y[D / 32];
-                        f16_stream_read<FST, false>(ring, c, x, lane);
-                        f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
-                        f16_key_pieces<D>(x, X, Y);
-                        f16_key_row_pair<D, NG>(P, X, Y, m, pb, s0, kt_valid - pb, sqf, sc, lane);
-                    }
-                }
-            } else {
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-                    tc_f16_key_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf, sc,
-                                            lane);
-            }
+            for (int q = 0; q < (VBq == 2 ? D / 32 : 1); q++) bias2[g][q] = 0.0f;
+#pragma unroll
+        for (int g = 0; g < NG; g++) {
+            bias[g] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
         }
-        for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
-            if (QUANT && t0 + 32 <= nqk) {
-                constexpr int KBq = QUANT ? KB : 2;
-                constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
-                const u64 blk = (u64)sblk[(unsigned)(t0 - s0) / BLOCK_TOKENS];
-                const int b = t0 & (BLOCK_TOKENS - 1);
-                const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
-                const u64 sm = key_group_scales<D>(c, kvh, blk, b);
-                u32 w[CPL][WPD];
-                float s[CPL], m[CPL];
-                // Interleaved 2-bit codes (key2_word): word b / 32 of the lane's quad's 8 slots, the
-                // channel's byte of each gathered as w[i][0] (slots 0..3) and w[i][1] (4..7): token
-                // s + 8 j of the quarter at bits 8 (s & 3) + 2 j of w[i][s >> 2].
-                // The lane's channels: 2-bit CPL consecutive ones (of one quad), else lane + 32 i.
-                u32 sl[8];
-                if (KBq == 2) {
-                    const u32* words2 = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(CPL * lane, b);
+        const int qend = min(s1, nqv);
+        if (IMMA_V && vt_end > s0) {
+            float vacc[D / 16][2];
 #pragma unroll
-                    for (int x = 0; x < 8; x++) sl[x] = words2[4 * x];
-                }
+            for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block_i8<D, VBq, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb,
+                                                    sc, skb + warp * 4 * 64, vacc, lane, cbuf);
+            tc_value_store_i8<D, VBq>(vacc, wacc, lane);
+        } else if (HEADS_V && vt_end > s0) {
+            float vacc[D / 16][2], pm[4 * (D / 32)];
 #pragma unroll
-                for (int i = 0; i < CPL; i++) {
-                    const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
-                    if (KBq == 2) {
-                        const u32 e = (u32)(d & 3), gather = e | ((e + 4) << 4);
-                        w[i][0] = prmt(prmt(sl[0], sl[1], gather), prmt(sl[2], sl[3], gather), 0x5410u);
-                        w[i][1] = prmt(prmt(sl[4], sl[5], gather), prmt(sl[6], sl[7], gather), 0x5410u);
-                    } else if (WPD == 2) {
-                        uint2 u = *(const uint2*)(base + d * WPD);
-                        w[i][0] = u.x;
-                        w[i][1] = u.y;
-                    } else {
-                        uint4 u = *(const uint4*)(base + d * WPD);
-                        w[i][0] = u.x;
-                        w[i][1] = u.y;
-                        w[i][WPD > 2 ? 2 : 0] = u.z;
-                        w[i][WPD > 3 ? 3 : 0] = u.w;
-                    }
-                    s[i] = h2f(c.ks[sm + d]);
-                    m[i] = h2f(c.km[sm + d]);
-                }
-                // Many heads per CTA: two passes of 16 tokens keep the accumulators in registers.
-                constexpr int PASSES = NG >= 3 ? 2 : 1, TOK = 32 / PASSES, WPP = WPD / PASSES;
-                float qs[CPL][NG], bias[NG];
+            for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
-                for (int g = 0; g < NG; g++) bias[g] = 0.0f;
-#pragma unroll
-                for (int i = 0; i < CPL; i++) {
-                    const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
-#pragma unroll
-                    for (int g = 0; g < NG; g++) {
-                        const float qd = sq[g * D + d];
-                        qs[i][g] = qd * (s[i] * (float)(1 << KBq));
-                        bias[g] += qd * m[i] - qs[i][g];
-                    }
-                }
-#pragma unroll
-                for (int g = 0; g < NG; g++) bias[g] = warp_sum(bias[g]);
-#pragma unroll
-                for (int pass = 0; pass < PASSES; pass++) {
-                    float acc[NG][TOK];
-#pragma unroll
-                    for (int g = 0; g < NG; g++)
-#pragma unroll
-                        for (int t = 0; t < TOK; t++) acc[g][t] = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < CPL; i++)
-#pragma unroll
-                        for (int wi = 0; wi < WPP; wi++)
-#pragma unroll
-                            for (int j = 0; j < FPI; j++) {
-                                // (Interleaved: token tt = s + 8 j' of the quarter, see above.)
-                                const int tt = pass * TOK + wi * FPI + j, sl = tt & 7;
-                                const float f = KBq == 2 ? code_as_float<KBq>(w[i][sl >> 2], 4 * (sl & 3) + (tt >> 3))
-                                                         : code_as_float<KBq>(w[i][pass * WPP + wi], j);
-#pragma unroll
-                                for (int g = 0; g < NG; g++) acc[g][wi * FPI + j] += qs[i][g] * f;
-                            }
-#pragma unroll
-                    for (int g = 0; g < NG; g++) {
-                        const float v = transpose_reduce<TOK>(acc[g], lane);
-                        const int p = t0 + pass * TOK + (lane % TOK);
-                        if (lane < TOK)
-                            sc[g * P.split_len + (p - s0)] = p < s1 ? (v + bias[g]) * P.scale_log2 : NEG_INF;
-                    }
-                }
-            } else {
-                const int tend = min(t0 + 32, s1);
-                for (int b0 = t0; b0 < tend; b0 += 8) {
-                    // All loads first, raw (independent, in flight together), then convert and dot.
-                    u32 raw[8][CPL];
-                    bool is_f32[8];
-                    const int d0 = lane * CPL;
-                    // The f16 cache: the 8 tokens (b0 is 8-aligned) are rows of one block.
-                    u64 f16row = 0;
-                    if (!QUANT && b0 < n)
-                        f16row = (u64)sblk[(unsigned)(b0 - s0) / BLOCK_TOKENS] * c.kwin_unit + (u64)(b0 & (BLOCK_TOKENS - 1)) * D;
-                    float part8[NG][8];
-                    if (FAST_ROWS && b0 >= nqk && b0 + 8 <= min(n, tend)) {
-                        // Eight stored f16 rows at consecutive addresses (the f16 cache: one block;
-                        // KIVI: the key window, slot p - nqk): loads at fixed offsets from one
-                        // address, no per-token branches or conversions chosen at run time.
-                        const u16* rows = c.kwin + kwin + (QUANT ? (u64)(b0 - nqk) * D : f16row) + d0;
-#pragma unroll
-                        for (int k = 0; k < 8; k++) raw_f16<CPL>(rows + k * D, raw[k]);
-#pragma unroll
-                        for (int k = 0; k < 8; k++) {
-                            float kv[CPL];
-                            raw_to_float<CPL>(raw[k], false, kv);
-#pragma unroll
-                            for (int g = 0; g < NG; g++) {
-                                float a = 0.0f;
-#pragma unroll
-                                for (int x = 0; x < CPL; x++) a += qr[g][x] * kv[x];
-                                part8[g][k] = a;
-                            }
-                        }
-                    } else if (COMPACT && b0 >= nqk) {
-                        // Stored f16 rows and new (f32) tokens only, e.g. a sequence's last window
-                        // rows and its new token: every decode CTA comes here once. Kept apart from
-                        // the generic loop below, whose per-token quantized branch makes it ~1600
-                        // instructions (instruction fetch was the first stall of one-warp CTAs).
-#pragma unroll
-                        for (int k = 0; k < 8; k++) {
-                            const int p = b0 + k;
-                            is_f32[k] = p >= n;
-                            if (p >= tend) {
-#pragma unroll
-                                for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
-                            } else if (p < n) {
-                                const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
-                                raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
-                            } else {
-                                raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
-                            }
-                        }
-                        key_dots<CPL, NG>(raw, is_f32, qr, part8);
-                    } else {
-#pragma unroll
-                        for (int k = 0; k < 8; k++) {
-                            const int p = b0 + k;
-                            is_f32[k] = true;
-                            if (p >= tend) {
-#pragma unroll
-                                for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
-                            } else if (QUANT && p < nqk) {
-                                constexpr int KBq = QUANT ? KB : 2;
-                                constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
-                                const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
-                                const int b = p & (BLOCK_TOKENS - 1);
-                                const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
-                                const u64 sm = key_group_scales<D>(c, kvh, blk, b);
-#pragma unroll
-                                for (int x = 0; x < CPL; x++) {
-                                    const int d = d0 + x;
-                                    const u32 wd = KBq == 2 ? c.kq[blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(d, b)]
-                                                            : base[d * WPD + (b % 32) / FPI];
-                                    const u32 code =
-                                        (wd >> (KBq == 2 ? key2_shift(d, b) : (p % FPI) * KBq)) & ((1u << KBq) - 1);
-                                    raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
-                                }
-                            } else if (p < n) {
-                                // Key window: positions [nqk, n) sit at slots p - nqk (nqk = n - n % R);
-                                // the f16 cache: paged.
-                                const u64 row = QUANT ? (u64)(p - nqk) * D : f16row + (u64)k * D;
-                                raw_f16<CPL>(c.kwin + kwin + row + d0, raw[k]);
-                                is_f32[k] = false;
-                            } else {
-                                raw_f32<CPL>(knew + (u64)(p - n) * new_stride + d0, raw[k]);
-                            }
-                        }
-                        key_dots<CPL, NG>(raw, is_f32, qr, part8);
-                    }
-#pragma unroll
-                    for (int g = 0; g < NG; g++) {
-                        const float v = transpose_reduce<8>(part8[g], lane);
-                        const int p = b0 + (lane & 7);
-                        if (lane < 8 && p < tend) sc[g * P.split_len + (p - s0)] = v * P.scale_log2;
-                    }
-                }
-            }
-        }
-        __syncthreads();
-
-        // ---- softmax of the chunk (warp g owns query head g), online across the split's chunks
-        if constexpr (QF_IN_SACC)
-            for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
-        const int ns = s1 - s0;
-        const bool later = s0 > first;  // a chunk after the split's first
-        for (int g = warp; g < NG; g += W) {
-            float* row = sc + g * P.split_len;
-            float mx = NEG_INF;
-            for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
-            mx = warp_max(mx);
-            // The chunks before: their max and sum, and their value sums (every warp's slot),
-            // rescaled to the new max.
-            const float m_old = later ? sml[2 * g] : NEG_INF, l_old = later ? sml[2 * g + 1] : 0.0f;
-            mx = fmaxf(mx, m_old);
-            const float alpha = m_old == NEG_INF ? 0.0f : exp2f(m_old - mx);
-            if (later)
-                for (int x = lane; x < W * D; x += 32) sacc[((x / D) * NG + g) * D + x % D] *= alpha;
-            float sum = 0.0f;
-            const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
-            for (int t = lane; t < ns; t += 32) {
-                const float e = exp2f(row[t] - mx);
-                row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
-                sum += e;
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) {
-                sml[2 * g] = mx;
-                sml[2 * g + 1] = l_old * alpha + sum;
-            }
-        }
-        __syncthreads();
-
-        // ---- values: quantized tokens [s0, min(s1, nqv))
-        if (QUANT) {
-            constexpr int VBq = QUANT ? VB : 2;
-            constexpr int FPI = 32 / VBq, WPT = D / FPI, TPI = 32 / WPT;
-            const int wi = lane % WPT, sub = lane / WPT;
-            const int vg = (wi * FPI) / c.group, gpt = D / c.group;
-            const u64 vqb = (u64)kvh * c.vq_head;
-            const u64 vsb = (u64)kvh * c.vsm_head;
-            float acc[NG][FPI];
-            float bias[NG];
-            float bias2[NG][VBq == 2 ? D / 32 : 1];  // (interleaved 2-bit codes: per quarter)
-#pragma unroll
-            for (int g = 0; g < NG; g++)
-#pragma unroll
-                for (int q = 0; q < (VBq == 2 ? D / 32 : 1); q++) bias2[g][q] = 0.0f;
-#pragma unroll
-            for (int g = 0; g < NG; g++) {
-                bias[g] = 0.0f;
-#pragma unroll
-                for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
-            }
-            const int qend = min(s1, nqv);
-            if (IMMA_V && vt_end > s0) {
-                float vacc[D / 16][2];
-#pragma unroll
-                for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                    tc_value_block_i8<D, VBq, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb,
-                                                        sc, skb + warp * 4 * 64, vacc, lane, cbuf);
-                tc_value_store_i8<D, VBq>(vacc, wacc, lane);
-            } else if (HEADS_V && vt_end > s0) {
-                float vacc[D / 16][2], pm[4 * (D / 32)];
-#pragma unroll
-                for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
-#pragma unroll
-                for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                    tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                                wbuf, vacc, pm, lane);
-                tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
-            } else if (vt_end > s0) {
-                float tacc[D / 16][4];
-#pragma unroll
-                for (int m = 0; m < D / 16; m++)
-#pragma unroll
-                    for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-                constexpr int VB4 = 4;  // (2-bit values took one of the integer paths above)
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                    tc_value_block<D, VB4, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                               tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
-                tc_value_store<D, NG>(tacc, wacc, lane);
-            }
-            constexpr int UNROLL = 4;
-            if constexpr (VBq == 2) {
-                // Interleaved codes (value2_word): the lane's row word wi of a token holds channels
-                // value2_channel<D>(wi, j) of every quarter, so the weights times the scales, and
-                // the mins' terms, are per quarter (bias2, added per channel at the end).
-                constexpr int NQ = D / 32;
-                const int qshift = __ffs(c.group) - 6;
-                for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
-                    const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
-                    const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
-                    const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
-                    u32 w[UNROLL];
-                    uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
-#pragma unroll
-                    for (int u = 0; u < UNROLL; u++) {
-                        const int p = pb + u * TPI + sub;
-                        const int b = bp + u * TPI;
-                        w[u] = 0u;
-                        sr[u] = mr[u] = make_uint2(0u, 0u);
-                        if (p < qend) {
-                            // The token's row word wi: its byte of each of the quad's four words.
-                            const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 2) * (D / 4) + 4 * wi);
-                            const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
-                            w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
-                            const u16* sp = c.vs + vso + (u64)b * gpt;
-                            const u16* mp = c.vm + vso + (u64)b * gpt;
-                            if (gpt == 4) {
-                                sr[u] = *(const uint2*)sp;
-                                mr[u] = *(const uint2*)mp;
-                            } else if (gpt == 2) {
-                                sr[u].x = *(const u32*)sp;
-                                mr[u].x = *(const u32*)mp;
-                            } else {
-                                sr[u].x = sp[0];
-                                mr[u].x = mp[0];
-                            }
-                        }
-                    }
-#pragma unroll
-                    for (int u = 0; u < UNROLL; u++) {
-                        const int p = pb + u * TPI + sub;
-                        float ps[NG][NQ];
-#pragma unroll
-                        for (int q = 0; q < NQ; q++) {
-                            const int gq = q >> qshift;  // the quarter's group: half gq & 1 of word gq >> 1
-                            const u32 sw = gq < 2 ? sr[u].x : sr[u].y, mw = gq < 2 ? mr[u].x : mr[u].y;
-                            const float sv = h2f((u16)(sw >> (16 * (gq & 1)))), mv = h2f((u16)(mw >> (16 * (gq & 1))));
-#pragma unroll
-                            for (int g = 0; g < NG; g++) {
-                                const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
-                                ps[g][q] = pv * (sv * 4.0f);
-                                bias2[g][q] += pv * mv - ps[g][q];
-                            }
-                        }
-#pragma unroll
-                        for (int j = 0; j < FPI; j++) {
-                            const int q = value2_channel<D>(0, j) / 32;
-                            const float f = code_as_float<2>(w[u], j);
-#pragma unroll
-                            for (int g = 0; g < NG; g++) acc[g][j] += ps[g][q] * f;
-                        }
-                    }
-                }
-            } else
-            // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
-            for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
-                const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
-                const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
-                const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
-                u32 w[UNROLL];
-                float s[UNROLL], m[UNROLL];
-#pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    const int p = pb + u * TPI + sub;
-                    const int b = bp + u * TPI;
-                    if (p < qend) {
-                        w[u] = c.vq[vqo + (u64)b * WPT + wi];
-                        s[u] = h2f(c.vs[vso + (u64)b * gpt + vg]);
-                        m[u] = h2f(c.vm[vso + (u64)b * gpt + vg]);
-                    } else {
-                        w[u] = 0;
-                        s[u] = 0.0f;
-                        m[u] = 0.0f;
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    const int p = pb + u * TPI + sub;
-                    float ps[NG];
-#pragma unroll
-                    for (int g = 0; g < NG; g++) {
-                        const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
-                        ps[g] = pv * (s[u] * (float)(1 << VBq));
-                        bias[g] += pv * m[u] - ps[g];
-                    }
-#pragma unroll
-                    for (int j = 0; j < FPI; j++) {
-                        const float f = code_as_float<VBq>(w[u], j);
-#pragma unroll
-                        for (int g = 0; g < NG; g++) acc[g][j] += ps[g] * f;
-                    }
-                }
-            }
-            // Sum over the lanes holding the same channels, then into shared memory: only in warps
-            // that took tokens above (the condition is the loops' first test, the same for the
-            // whole warp). Unconditional, these ~550 instructions per warp were ~6 % of the GQA
-            // KIVI-2 kernel's issued instructions at B = 32 T = 32K, where no warp takes any.
-            __syncwarp();
-            if (vt_valid + warp * TPI * UNROLL < qend)
-#pragma unroll
-            for (int g = 0; g < NG; g++) {
-#pragma unroll
-                for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
-#pragma unroll
-                for (int q = 0; q < (VBq == 2 ? D / 32 : 0); q++)
-#pragma unroll
-                    for (int o = WPT; o < 32; o <<= 1) bias2[g][q] += __shfl_xor_sync(0xffffffffu, bias2[g][q], o);
-#pragma unroll
-                for (int j = 0; j < FPI; j++) {
-                    float v = acc[g][j];
-#pragma unroll
-                    for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                    if (VBq == 2 && sub == 0) wacc[g * D + value2_channel<D>(wi, j)] += v + bias2[g][value2_channel<D>(0, j) / 32];
-                    if (VBq != 2 && sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
-                }
-            }
-        } else if (F16_TENSOR && vt_end > s0) {
+            for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                            wbuf, vacc, pm, lane);
+            tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
+        } else if (vt_end > s0) {
             float tacc[D / 16][4];
 #pragma unroll
             for (int m = 0; m < D / 16; m++)
 #pragma unroll
                 for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            if constexpr (F16_RING) {
-                const int hg = lane >> 3, t = lane & 3;
-                for (int i = 0; i < ring_blocks; i++) {
-                    const int pb = s0 + (warp + i * W) * BLOCK_TOKENS, valid = vt_valid - pb;
-                    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
-#pragma unroll 1
-                    for (int k = 0; k < BLOCK_TOKENS / 16; k++) {
-                        const int c = 8 * ring_blocks + 8 * i + k, ta = 16 * k + 2 * t;
-                        uint4 x[8];
-                        u32 wa0[D / 16], wa1[D / 16], wb0[D / 16], wb1[D / 16];
-                        f16_stream_read<FST, true>(ring, c, x, lane);
-                        f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
-                        f16_value_piece_row<D>(x, 0, ta < valid, wa0);
-                        f16_value_piece_row<D>(x, 1, ta + 1 < valid, wa1);
-                        f16_value_piece_row<D>(x, 2, ta + 8 < valid, wb0);
-                        f16_value_piece_row<D>(x, 3, ta + 9 < valid, wb1);
-                        f16_value_kstep<D, NG>(P, wa0, wa1, wb0, wb1, k, valid, pw, tacc, lane);
-                    }
-                }
-            } else {
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                    tc_f16_value_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                              tacc, lane);
-            }
+            constexpr int VB4 = 4;  // (2-bit values took one of the integer paths above)
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block<D, VB4, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
             tc_value_store<D, NG>(tacc, wacc, lane);
         }
-
-        // ---- values: full-precision tokens [max(s0, nqv), s1) (window, new tokens; all of f16)
-        {
-            float acc[NG][CPL];
+        constexpr int UNROLL = 4;
+        if constexpr (VBq == 2) {
+            // Interleaved codes (value2_word): the lane's row word wi of a token holds channels
+            // value2_channel<D>(wi, j) of every quarter, so the weights times the scales, and
+            // the mins' terms, are per quarter (bias2, added per channel at the end).
+            constexpr int NQ = D / 32;
+            const int qshift = __ffs(c.group) - 6;
+            for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
+                const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
+                const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
+                const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
+                u32 w[UNROLL];
+                uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
 #pragma unroll
-            for (int g = 0; g < NG; g++)
-#pragma unroll
-                for (int x = 0; x < CPL; x++) acc[g][x] = 0.0f;
-            const int d0 = lane * CPL;
-            // (The f16 cache: from the end of its tensor-core blocks, block-aligned or n.)
-            const int fstart = max(s0, QUANT ? nqv : F16_TENSOR ? vt_valid : 0);
-            const int vbase = QUANT ? nqv % vmod : 0;
-            constexpr int UNROLL = 8;
-            for (int pb = fstart + warp * UNROLL; pb < s1; pb += W * UNROLL) {
-                u32 raw[UNROLL][CPL];
-                bool is_f32[UNROLL];
-                // The f16 cache: fstart is s0, a block end or n, so below n pb is 8-aligned and the 8
-                // tokens are in one block.
-                u64 f16row = 0;
-                if (!QUANT && pb < n)
-                    f16row = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS] * c.vwin_unit + (u64)(pb & (BLOCK_TOKENS - 1)) * D;
-                int slot0 = 0;  // KIVI: window slot of pb
-                if (QUANT) {
-                    slot0 = vbase + (pb - nqv);
-                    if (slot0 >= vmod) slot0 -= vmod;
+                for (int u = 0; u < UNROLL; u++) {
+                    const int p = pb + u * TPI + sub;
+                    const int b = bp + u * TPI;
+                    w[u] = 0u;
+                    sr[u] = mr[u] = make_uint2(0u, 0u);
+                    if (p < qend) {
+                        // The token's row word wi: its byte of each of the quad's four words.
+                        const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 2) * (D / 4) + 4 * wi);
+                        const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
+                        w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
+                        const u16* sp = c.vs + vso + (u64)b * gpt;
+                        const u16* mp = c.vm + vso + (u64)b * gpt;
+                        if (gpt == 4) {
+                            sr[u] = *(const uint2*)sp;
+                            mr[u] = *(const uint2*)mp;
+                        } else if (gpt == 2) {
+                            sr[u].x = *(const u32*)sp;
+                            mr[u].x = *(const u32*)mp;
+                        } else {
+                            sr[u].x = sp[0];
+                            mr[u].x = mp[0];
+                        }
+                    }
                 }
-                if (FAST_ROWS && pb + UNROLL <= min(n, s1) && (!QUANT || slot0 + UNROLL <= vmod)) {
-                    // UNROLL stored f16 rows at consecutive addresses (as for the keys above; KIVI:
-                    // window slots that do not wrap).
-                    const u16* rows = c.vwin + vwin + (QUANT ? (u64)slot0 * D : f16row) + d0;
-                    const float* w = sc + (pb - s0);
 #pragma unroll
-                    for (int u = 0; u < UNROLL; u++) raw_f16<CPL>(rows + u * D, raw[u]);
+                for (int u = 0; u < UNROLL; u++) {
+                    const int p = pb + u * TPI + sub;
+                    float ps[NG][NQ];
 #pragma unroll
-                    for (int u = 0; u < UNROLL; u++) {
-                        float vv[CPL];
-                        raw_to_float<CPL>(raw[u], false, vv);
+                    for (int q = 0; q < NQ; q++) {
+                        const int gq = q >> qshift;  // the quarter's group: half gq & 1 of word gq >> 1
+                        const u32 sw = gq < 2 ? sr[u].x : sr[u].y, mw = gq < 2 ? mr[u].x : mr[u].y;
+                        const float sv = h2f((u16)(sw >> (16 * (gq & 1)))), mv = h2f((u16)(mw >> (16 * (gq & 1))));
 #pragma unroll
                         for (int g = 0; g < NG; g++) {
-                            const float pv = w[g * P.split_len + u];
-#pragma unroll
-                            for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
+                            const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                            ps[g][q] = pv * (sv * 4.0f);
+                            bias2[g][q] += pv * mv - ps[g][q];
                         }
                     }
-                    continue;
-                }
 #pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    const int p = pb + u;
-                    is_f32[u] = true;
-                    if (p >= s1) {
+                    for (int j = 0; j < FPI; j++) {
+                        const int q = value2_channel<D>(0, j) / 32;
+                        const float f = code_as_float<2>(w[u], j);
 #pragma unroll
-                        for (int x = 0; x < CPL; x++) raw[u][x] = 0u;
-                    } else if (p < n) {
-                        // Value window: slot p % R, i.e. vbase + (p - nqv) wrapped once; the f16
-                        // cache: paged.
-                        u64 row;
-                        if (QUANT) {
-                            int slot = vbase + (p - nqv);
-                            if (slot >= vmod) slot -= vmod;
-                            row = (u64)slot * D;
-                        } else {
-                            row = f16row + (u64)u * D;
-                        }
-                        raw_f16<CPL>(c.vwin + vwin + row + d0, raw[u]);
-                        is_f32[u] = false;
-                    } else {
-                        raw_f32<CPL>(vnew + (u64)(p - n) * new_stride + d0, raw[u]);
+                        for (int g = 0; g < NG; g++) acc[g][j] += ps[g][q] * f;
                     }
                 }
+            }
+        } else
+        // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
+        for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
+            const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
+            const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
+            const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
+            u32 w[UNROLL];
+            float s[UNROLL], m[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u * TPI + sub;
+                const int b = bp + u * TPI;
+                if (p < qend) {
+                    w[u] = c.vq[vqo + (u64)b * WPT + wi];
+                    s[u] = h2f(c.vs[vso + (u64)b * gpt + vg]);
+                    m[u] = h2f(c.vm[vso + (u64)b * gpt + vg]);
+                } else {
+                    w[u] = 0;
+                    s[u] = 0.0f;
+                    m[u] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u * TPI + sub;
+                float ps[NG];
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                    ps[g] = pv * (s[u] * (float)(1 << VBq));
+                    bias[g] += pv * m[u] - ps[g];
+                }
+#pragma unroll
+                for (int j = 0; j < FPI; j++) {
+                    const float f = code_as_float<VBq>(w[u], j);
+#pragma unroll
+                    for (int g = 0; g < NG; g++) acc[g][j] += ps[g] * f;
+                }
+            }
+        }
+        // Sum over the lanes holding the same channels, then into shared memory: only in warps
+        // that took tokens above (the condition is the loops' first test, the same for the
+        // whole warp). Unconditional, these ~550 instructions per warp were ~6 % of the GQA
+        // KIVI-2 kernel's issued instructions at B = 32 T = 32K, where no warp takes any.
+        __syncwarp();
+        if (vt_valid + warp * TPI * UNROLL < qend)
+#pragma unroll
+        for (int g = 0; g < NG; g++) {
+#pragma unroll
+            for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
+#pragma unroll
+            for (int q = 0; q < (VBq == 2 ? D / 32 : 0); q++)
+#pragma unroll
+                for (int o = WPT; o < 32; o <<= 1) bias2[g][q] += __shfl_xor_sync(0xffffffffu, bias2[g][q], o);
+#pragma unroll
+            for (int j = 0; j < FPI; j++) {
+                float v = acc[g][j];
+#pragma unroll
+                for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (VBq == 2 && sub == 0) wacc[g * D + value2_channel<D>(wi, j)] += v + bias2[g][value2_channel<D>(0, j) / 32];
+                if (VBq != 2 && sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
+            }
+        }
+    } else if (F16_TENSOR && vt_end > s0) {
+        float tacc[D / 16][4];
+#pragma unroll
+        for (int m = 0; m < D / 16; m++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
+        if constexpr (F16_RING) {
+            const int hg = lane >> 3, t = lane & 3;
+            for (int i = 0; i < ring_blocks; i++) {
+                const int pb = s0 + (warp + i * W) * BLOCK_TOKENS, valid = vt_valid - pb;
+                const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+#pragma unroll 1
+                for (int k = 0; k < BLOCK_TOKENS / 16; k++) {
+                    const int c = 8 * ring_blocks + 8 * i + k, ta = 16 * k + 2 * t;
+                    uint4 x[8];
+                    u32 wa0[D / 16], wa1[D / 16], wb0[D / 16], wb1[D / 16];
+                    f16_stream_read<FST, true>(ring, c, x, lane);
+                    f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c + FST - 1, smem_addr(ring), lane);
+                    f16_value_piece_row<D>(x, 0, ta < valid, wa0);
+                    f16_value_piece_row<D>(x, 1, ta + 1 < valid, wa1);
+                    f16_value_piece_row<D>(x, 2, ta + 8 < valid, wb0);
+                    f16_value_piece_row<D>(x, 3, ta + 9 < valid, wb1);
+                    f16_value_kstep<D, NG>(P, wa0, wa1, wb0, wb1, k, valid, pw, tacc, lane);
+                }
+            }
+        } else {
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_f16_value_block<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                                          tacc, lane);
+        }
+        tc_value_store<D, NG>(tacc, wacc, lane);
+    }
+
+    // ---- values: full-precision tokens [max(s0, nqv), s1) (window, new tokens; all of f16)
+    {
+        float acc[NG][CPL];
+#pragma unroll
+        for (int g = 0; g < NG; g++)
+#pragma unroll
+            for (int x = 0; x < CPL; x++) acc[g][x] = 0.0f;
+        const int d0 = lane * CPL;
+        // (The f16 cache: from the end of its tensor-core blocks, block-aligned or n.)
+        const int fstart = max(s0, QUANT ? nqv : F16_TENSOR ? vt_valid : 0);
+        const int vbase = QUANT ? nqv % vmod : 0;
+        constexpr int UNROLL = 8;
+        for (int pb = fstart + warp * UNROLL; pb < s1; pb += W * UNROLL) {
+            u32 raw[UNROLL][CPL];
+            bool is_f32[UNROLL];
+            // The f16 cache: fstart is s0, a block end or n, so below n pb is 8-aligned and the 8
+            // tokens are in one block.
+            u64 f16row = 0;
+            if (!QUANT && pb < n)
+                f16row = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS] * c.vwin_unit + (u64)(pb & (BLOCK_TOKENS - 1)) * D;
+            int slot0 = 0;  // KIVI: window slot of pb
+            if (QUANT) {
+                slot0 = vbase + (pb - nqv);
+                if (slot0 >= vmod) slot0 -= vmod;
+            }
+            if (FAST_ROWS && pb + UNROLL <= min(n, s1) && (!QUANT || slot0 + UNROLL <= vmod)) {
+                // UNROLL stored f16 rows at consecutive addresses (as for the keys above; KIVI:
+                // window slots that do not wrap).
+                const u16* rows = c.vwin + vwin + (QUANT ? (u64)slot0 * D : f16row) + d0;
+                const float* w = sc + (pb - s0);
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) raw_f16<CPL>(rows + u * D, raw[u]);
 #pragma unroll
                 for (int u = 0; u < UNROLL; u++) {
-                    const int p = pb + u;
                     float vv[CPL];
-                    raw_to_float<CPL>(raw[u], is_f32[u], vv);
+                    raw_to_float<CPL>(raw[u], false, vv);
 #pragma unroll
                     for (int g = 0; g < NG; g++) {
-                        const float pv = p < s1 ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                        const float pv = w[g * P.split_len + u];
 #pragma unroll
                         for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
                     }
                 }
+                continue;
             }
-            __syncwarp();
-            if (fstart < s1) {
 #pragma unroll
-                for (int g = 0; g < NG; g++)
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u;
+                is_f32[u] = true;
+                if (p >= s1) {
 #pragma unroll
-                    for (int x = 0; x < CPL; x++) wacc[g * D + d0 + x] += acc[g][x];
+                    for (int x = 0; x < CPL; x++) raw[u][x] = 0u;
+                } else if (p < n) {
+                    // Value window: slot p % R, i.e. vbase + (p - nqv) wrapped once; the f16
+                    // cache: paged.
+                    u64 row;
+                    if (QUANT) {
+                        int slot = vbase + (p - nqv);
+                        if (slot >= vmod) slot -= vmod;
+                        row = (u64)slot * D;
+                    } else {
+                        row = f16row + (u64)u * D;
+                    }
+                    raw_f16<CPL>(c.vwin + vwin + row + d0, raw[u]);
+                    is_f32[u] = false;
+                } else {
+                    raw_f32<CPL>(vnew + (u64)(p - n) * new_stride + d0, raw[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int p = pb + u;
+                float vv[CPL];
+                raw_to_float<CPL>(raw[u], is_f32[u], vv);
+#pragma unroll
+                for (int g = 0; g < NG; g++) {
+                    const float pv = p < s1 ? sc[g * P.split_len + (p - s0)] : 0.0f;
+#pragma unroll
+                    for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
+                }
             }
         }
-        __syncthreads();
-        // (Kernels of one chunk per split leave here: no loop back edge, which made ptxas spill
-        // in their hot loops.)
-        if constexpr (!CHUNKED) break;
+        __syncwarp();
+        if (fstart < s1) {
+#pragma unroll
+            for (int g = 0; g < NG; g++)
+#pragma unroll
+                for (int x = 0; x < CPL; x++) wacc[g * D + d0 + x] += acc[g][x];
+        }
     }
+    __syncthreads();
 
     if (P.out && !P.tickets) {
         // The only split: the output itself (what kivi_attn_reduce would compute, exactly).

@@ -74,13 +74,9 @@ const F16_TC_MIN_LEN: usize = 1024;
 /// KIVI codes, long enough for full-speed DRAM reads; and the block table stays small (128 KiB
 /// for 256 sequences of 16K tokens). The cost: at most 127 positions of slack per sequence.
 pub const BLOCK_TOKENS: usize = 128;
-/// Longest chunk of a split: a chunk's scores live in shared memory (`NG * chunk * 4` bytes);
-/// a multiple of [`BLOCK_TOKENS`] (`MAX_SPLIT` in cache.cu). Most kernels' splits are one
-/// chunk.
+/// Longest split: the split's scores live in shared memory (`NG * split * 4` bytes); a
+/// multiple of [`BLOCK_TOKENS`] (`MAX_SPLIT` in cache.cu).
 const MAX_SPLIT: usize = 2048;
-/// Longest split of the kernels that take several chunks per split (`CHUNKED` in cache.cu: GQA
-/// 2-bit four-warp CTAs), whose softmax is online across the chunks (`MAX_SPAN` in cache.cu).
-const MAX_SPAN: usize = 8192;
 /// Query tokens per CTA of the prefill attention kernel (`PF_ROWS` in cache.cu).
 const PREFILL_ROWS: usize = 16;
 /// Initial block-table width (blocks per sequence); it doubles when a sequence needs more.
@@ -151,7 +147,6 @@ struct AttnParams {
     n_head: i32,
     nsplit: i32,
     split_len: i32,
-    split_span: i32,
     scale_log2: f32,
     tensor_cores: i32,
     tc_multiple: i32,
@@ -560,8 +555,6 @@ pub struct GpuCache {
     resident: std::collections::HashMap<(VariantKey, usize), usize>,
     step_tables: StepTables,
     split_override: Option<usize>,
-    /// Splits of several chunks for the kernels that can (`KIVI_CUDA_CHUNKED=0`: one chunk).
-    chunked_splits: bool,
     sm_count: usize,
     /// L2 cache bytes of the device.
     l2_bytes: usize,
@@ -843,7 +836,6 @@ impl GpuCache {
             resident: Default::default(),
             step_tables: StepTables::default(),
             split_override: None,
-            chunked_splits: std::env::var_os("KIVI_CUDA_CHUNKED").is_none_or(|v| v != "0"),
             sm_count,
             l2_bytes,
             ctas_per_sm: std::env::var("KIVI_CUDA_CTAS_PER_SM")
@@ -916,8 +908,7 @@ impl GpuCache {
     }
 
     /// Forces the tokens per attention split (None: chosen from the batch to fill the GPU);
-    /// rounded up to whole blocks, at most 2048 (8192 for kernels that take splits of several
-    /// chunks: GQA 2-bit).
+    /// rounded up to whole blocks, at most 2048.
     pub fn set_split_tokens(&mut self, split: Option<usize>) {
         self.split_override = split;
     }
@@ -1494,7 +1485,6 @@ impl GpuCache {
         ctas_per_split: usize,
         ctas_per_sm: usize,
         tc_unit: usize,
-        max: usize,
     ) -> usize {
         let s = match self.split_override {
             Some(s) => s.div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS,
@@ -1513,7 +1503,7 @@ impl GpuCache {
                 blocks * BLOCK_TOKENS
             }
         };
-        s.clamp(BLOCK_TOKENS, max)
+        s.clamp(BLOCK_TOKENS, MAX_SPLIT)
     }
 
     /// Attention of the batch's new tokens (see the module docs). `q`: `[T][n_head][D]`,
@@ -1563,21 +1553,18 @@ impl GpuCache {
         // would leave warps idle on 1-3 blocks) and ~20 independent warps share an SM.
         let pairs = hkv * nchunk * t;
         let quant = !matches!(self.config, CacheConfig::F16);
-        let kivi2 = matches!(self.config, CacheConfig::Kivi(kc) if kc.k_bits == 2 && kc.v_bits == 2);
         let one_warp = quant
             && self.tensor_cores
             && self
                 .one_warp
                 .unwrap_or(pairs >= ONE_WARP_MIN_PAIRS && batch.max_len <= ONE_WARP_MAX_LEN);
-        // The kernel variants that take splits of several chunks (`CHUNKED` in cache.cu).
-        let chunked = kivi2 && ng > 1 && !one_warp && self.chunked_splits;
         let split = if one_warp {
             let per_sm = if ng == 1 {
                 ONE_WARP_CTAS_PER_SM
             } else {
                 self.ctas_per_sm
             };
-            self.split_tokens(batch, pairs, per_sm, 1, MAX_SPLIT)
+            self.split_tokens(batch, pairs, per_sm, 1)
         } else {
             let unit = if quant && self.tensor_cores {
                 self.tc_multiple.max(self.split_unit)
@@ -1596,15 +1583,7 @@ impl GpuCache {
                     F16_CTAS_PER_SM
                 })
             };
-            self.split_tokens(batch, pairs, per_sm, unit, if chunked { MAX_SPAN } else { MAX_SPLIT })
-        };
-        // Positions per chunk of a split (the kernel's score buffer): the whole split, or for
-        // CHUNKED kernels at most MAX_SPLIT, in whole units of the tensor-core path.
-        let chunk = if chunked {
-            let unit = self.tc_multiple.max(self.split_unit).max(1);
-            split.min((MAX_SPLIT / BLOCK_TOKENS / unit).max(1) * unit * BLOCK_TOKENS)
-        } else {
-            split
+            self.split_tokens(batch, pairs, per_sm, unit)
         };
         // The sink attention's partials take one more split slot, after the decode kernel's; the
         // prefill kernel's one more, the last.
@@ -1638,7 +1617,7 @@ impl GpuCache {
         let stages = self.f16_stages(kb, path, ng, split_blocks.is_multiple_of(warps));
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
-        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * chunk) * 4
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
             + warps * stages * 32 * d;
         // Decode splits only, in one wave of CTAs: the kernel's last CTA per (token, head group)
         // combines them, with no reduce launch. (Measured on the H200, docs/benchmarks.md
@@ -1684,8 +1663,7 @@ impl GpuCache {
             },
             n_head: n_head as i32,
             nsplit: nsplit as i32,
-            split_len: chunk as i32,
-            split_span: split as i32,
+            split_len: split as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores && (quant || f16_tc)),
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
@@ -2105,8 +2083,7 @@ mod tests {
     fn constants_match_the_kernel_source() {
         assert!(SOURCE.contains(&format!("#define BLOCK_TOKENS {BLOCK_TOKENS}\n")));
         assert!(SOURCE.contains(&format!("#define MAX_SPLIT {MAX_SPLIT}\n")));
-        assert!(SOURCE.contains(&format!("#define MAX_SPAN {MAX_SPAN}\n")));
-        assert!(MAX_SPLIT.is_multiple_of(BLOCK_TOKENS) && MAX_SPAN.is_multiple_of(MAX_SPLIT));
+        assert!(MAX_SPLIT.is_multiple_of(BLOCK_TOKENS));
         // Every supported group size divides a block (G a multiple of 32 dividing D <= 128).
         for g in [32, 64, 128] {
             assert!(BLOCK_TOKENS.is_multiple_of(g));
