@@ -210,8 +210,9 @@ static void value_block(int G, int valid, bool imma = false, bool staged = false
 }
 
 // 2-bit key block 0 of KV head 0: scores of NG query heads for the block's first `valid`
-// tokens, through tc_key_block_heads (several heads per CTA).
-template <int D, int NG>
+// tokens, through tc_key_block_heads (several heads per CTA; QHAT: q^ given, as four-warp
+// CTAs do).
+template <int D, int NG, bool QHAT = false>
 static void key_block_heads(int G, int valid) {
     std::vector<u32> kq(BLOCK_TOKENS * D / 16);
     for (auto& w : kq) w = (u32)rng();
@@ -230,13 +231,15 @@ static void key_block_heads(int G, int valid) {
         qmax[h] = mx;
         qinv[h] = 1.0f / mx;  // as attn_split
     }
+    std::vector<float> qhat((NG + 1) * D, 0.0f);  // (the last row: zeros)
+    for (int x = 0; x < NG * D; x++) qhat[x] = q[x] * qinv[x / D];
     AttnParams P = key_params(D, G, 2, kq, ks, km);
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D);
     emu_run_warp({}, [&](int lane) {
-        tc_key_block_heads<D, NG>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(), qinv.data(),
-                                  qf.data(), wbuf.data(), sc.data(), lane);
+        tc_key_block_heads<D, NG, QHAT>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(),
+                                        qinv.data(), qhat.data(), qf.data(), wbuf.data(), sc.data(), lane);
     });
     std::vector<double> want, mag;
     std::vector<float> got;
@@ -254,7 +257,8 @@ static void key_block_heads(int G, int valid) {
             got.push_back(sc[h * BLOCK_TOKENS + b]);
         }
     char what[96];
-    std::snprintf(what, sizeof what, "key block (heads) D %d heads %d G %d valid %d", D, NG, G, valid);
+    std::snprintf(what, sizeof what, "key block (heads%s) D %d heads %d G %d valid %d", QHAT ? ", q^ given" : "", D,
+                  NG, G, valid);
     check(what, want, got, mag, 1e-5);
 }
 
@@ -271,7 +275,9 @@ static void value_block_heads(int G, int valid) {
     std::vector<float> p(NG * BLOCK_TOKENS), sc(NG * BLOCK_TOKENS);
     for (int i = 0; i < NG * BLOCK_TOKENS; i++) {
         p[i] = (float)uni(0.0, 1.0);
-        sc[i] = i % BLOCK_TOKENS < valid ? p[i] : NAN;  // past `valid`: not this path's weights
+        // Past `valid`: finite weights that are not this path's (window rows', or the zeros
+        // past a split's end), which must not leak in.
+        sc[i] = i % BLOCK_TOKENS < valid ? p[i] : (float)uni(0.0, 1.0);
     }
     AttnParams P = value_params(D, G, 2, vq, vs, vm);
     std::vector<float> wacc(NG * D, 0.0f), wbuf(4 * 128);
@@ -754,6 +760,8 @@ int main() {
     for (int G : {32, 64, 128}) {
         for (int valid : {128, partial()}) {
             key_block_heads<128, 4>(G, valid);
+            key_block_heads<128, 4, true>(G, valid);
+            key_block_heads<128, 3, true>(G, valid);
             key_block_heads<128, 3>(G, valid);
             key_block_heads<128, 2>(G, valid);
             value_block_heads<128, 4>(G, valid);
@@ -762,6 +770,7 @@ int main() {
             if (G <= 64) {
                 key_block_heads<64, 3>(G, valid);
                 key_block_heads<64, 4>(G, valid);
+                key_block_heads<64, 2, true>(G, valid);
                 value_block_heads<64, 3>(G, valid);
                 value_block_heads<64, 4>(G, valid);
             }

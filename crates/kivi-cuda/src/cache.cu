@@ -1978,16 +1978,16 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 }
 
 // Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sq: [NG][D] q,
-// sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q| (q^ = q sqinv, formed here: a [NG][D] copy made
-// one-warp CTAs of GQA serving shapes one wave too many, see QF_IN_SACC), qf: the query's f16
-// B fragments (query_fragments), wbuf: the warp's
-// [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
+// sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q|, qhat (QHAT): [NG + 1][D] q^ = q sqinv and a row
+// of zeros (else q^ is formed here: the copy made one-warp CTAs of GQA serving shapes one wave
+// too many, see QF_IN_SACC), qf: the query's f16 B fragments (query_fragments), wbuf: the
+// warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
 // and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2, a3);
 // its results are head t's.
-template <int D, int NG>
+template <int D, int NG, bool QHAT>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
-                                                   const float* sqinv, const uint2* qf,
+                                                   const float* sqinv, const float* qhat, const uint2* qf,
                                                    float* wbuf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
@@ -2053,8 +2053,8 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
     __syncwarp();  // wbuf written
     // Lanes of heads >= NG (NG < 4) give zero columns.
-    const float* qn = sq + (h < NG ? h : 0) * D + 4 * t;
-    const float qon = h < NG ? sqinv[h] : 0.0f;
+    const float* qn = QHAT ? qhat + (h < NG ? h : NG) * D + 4 * t : sq + (h < NG ? h : 0) * D + 4 * t;
+    const float qon = QHAT ? 1.0f : h < NG ? sqinv[h] : 0.0f;
     const u32 sel = part ? 0x0040u : 0x0051u;
     const float magic = part ? F32_MAGIC : F32_MAGIC + 128.0f;
     int acc[8][4];
@@ -2070,8 +2070,10 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         cw0 = nw0;
         cw1 = nw1;
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
-        qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
-        qb = make_float4(qb.x * qon, qb.y * qon, qb.z * qon, qb.w * qon);
+        if constexpr (!QHAT) {
+            qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
+            qb = make_float4(qb.x * qon, qb.y * qon, qb.z * qon, qb.w * qon);
+        }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const float* sj = wbuf + j * D + 32 * x + 4 * t;
@@ -2156,7 +2158,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     }
     __syncwarp();  // wbuf written
     const float* pl = w + (h < NG ? h : 0) * P.split_len + 4 * t;
-    const int pvalid = h < NG ? valid : 0;  // lanes of heads >= NG (NG < 4) give zero columns
+    const bool head_on = h < NG;  // lanes of heads >= NG (NG < 4) give zero columns
     const u32 sel = part ? 0x0040u : 0x0051u;
     int acc[D / 16][4];
 #pragma unroll
@@ -2177,13 +2179,10 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         }
         cw0 = nw0;
         cw1 = nw1;
-        // (Selected, not scaled: past `valid` the weights may be anything, NaN included.)
-        const int ta = 32 * x + 4 * t;
+        // (Past `valid` the weights are finite and s^ zero: B zero there, with no selects, where
+        // they took 48 instructions per block.)
         float4 pa = *(const float4*)(pl + 32 * x), pb4 = *(const float4*)(pl + 32 * x + 16);
-        pa = make_float4(ta < pvalid ? pa.x : 0.0f, ta + 1 < pvalid ? pa.y : 0.0f, ta + 2 < pvalid ? pa.z : 0.0f,
-                         ta + 3 < pvalid ? pa.w : 0.0f);
-        pb4 = make_float4(ta + 16 < pvalid ? pb4.x : 0.0f, ta + 17 < pvalid ? pb4.y : 0.0f,
-                          ta + 18 < pvalid ? pb4.z : 0.0f, ta + 19 < pvalid ? pb4.w : 0.0f);
+        if (NG < 4 && !head_on) pa = pb4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
             const float* sj = wbuf + j * 128 + 32 * x + 4 * t;
@@ -2197,6 +2196,31 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         const int j = m >> 1, sh = 4 * (m & 1);
         vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
         vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
+    }
+}
+
+// PREFETCH_NEXT (experiment): the GQA 2-bit loops ask L2 for the warp's next key (value) block,
+// its 2-bit codes and scales and mins, one 128-byte line per lane and array.
+#ifndef PREFETCH_NEXT
+#define PREFETCH_NEXT 0
+#endif
+__device__ __forceinline__ void l2_prefetch(const void* p) {
+#ifndef KIVI_EMU
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+template <int D>
+__device__ __forceinline__ void prefetch_block(const CacheBufs& c, int kvh, u64 blk, bool values, int lane) {
+    const char* codes = (const char*)(values ? c.vq + blk * c.vq_block + (u64)kvh * c.vq_head
+                                             : c.kq + blk * c.kq_block + (u64)kvh * c.kq_head);
+    const u16* sc = values ? c.vs + blk * c.vsm_block + (u64)kvh * c.vsm_head : c.ks + blk * c.ksm_block + (u64)kvh * c.ksm_head;
+    const u16* mn = values ? c.vm + blk * c.vsm_block + (u64)kvh * c.vsm_head : c.km + blk * c.ksm_block + (u64)kvh * c.ksm_head;
+    constexpr int CODE_LINES = BLOCK_TOKENS * D / 4 / 128;  // 2-bit codes
+    const int sm_lines = (values ? BLOCK_TOKENS * (D / c.group) : (BLOCK_TOKENS / c.group) * D) * 2 / 128;
+    if (lane < CODE_LINES) l2_prefetch(codes + 128 * lane);
+    if (lane < sm_lines) {
+        l2_prefetch((const char*)sc + 128 * lane);
+        l2_prefetch((const char*)mn + 128 * lane);
     }
 }
 
@@ -2372,6 +2396,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr bool HEADS_V = QUANT && NG > 1 && VB == 2;
     // Their q^ and max|q| (HEADS_K), and each warp's s^ of a block ([4][128] floats at most).
     __shared__ float sqmax[HEADS_K ? NG : 1], sqinv[HEADS_K ? NG : 1];
+    // ... and q^ itself, in four-warp CTAs (tc_key_block_heads forms it in one-warp ones, whose
+    // shared memory is short: see QF_IN_SACC).
+    constexpr bool QHAT = HEADS_K && W > 1;
+    __shared__ float sqhat[QHAT ? (NG + 1) * D : 1];
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
     float* wbuf = (float*)swbuf16 + warp * 512;
     // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
@@ -2400,11 +2428,16 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                 float mx = 0.0f;
                 for (int x = lane; x < D; x += 32) mx = fmaxf(mx, fabsf(sq[hh * D + x]));
                 mx = warp_max(mx);
+                const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
                 if (lane == 0) {
                     sqmax[hh] = mx;
-                    sqinv[hh] = mx > 0.0f ? 1.0f / mx : 0.0f;
+                    sqinv[hh] = inv;
                 }
+                if constexpr (QHAT)
+                    for (int x = lane; x < D; x += 32) sqhat[hh * D + x] = sq[hh * D + x] * inv;
             }
+            if constexpr (QHAT)
+                for (int x = threadIdx.x; x < D; x += blockDim.x) sqhat[NG * D + x] = 0.0f;
         }
         __syncthreads();
     }
@@ -2430,9 +2463,12 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                      __ffs(c.group) - 6, sq, sqmax, sqinv, sqf, wbuf, sc, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
+            if (PREFETCH_NEXT && pb + W * BLOCK_TOKENS < kt_end)
+                prefetch_block<D>(c, kvh, (u64)sblk[(pb + W * BLOCK_TOKENS - s0) / BLOCK_TOKENS], false, lane);
+            tc_key_block_heads<D, NG, QHAT>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                            __ffs(c.group) - 6, sq, sqmax, sqinv, sqhat, sqf, wbuf, sc, lane);
+        }
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -2658,6 +2694,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
             sum += e;
         }
+        // tc_value_block_heads reads a last block's weights past the split's end: zeros, so
+        // that it needs no selects (s^ is zero there).
+        if constexpr (HEADS_V)
+            for (int t = ns + lane; t < (ns + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS; t += 32) row[t] = 0.0f;
         sum = warp_sum(sum);
         if (lane == 0) {
             sml[2 * g] = mx;
@@ -2702,9 +2742,12 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
+                if (PREFETCH_NEXT && pb + W * BLOCK_TOKENS < vt_end)
+                    prefetch_block<D>(c, kvh, (u64)sblk[(pb + W * BLOCK_TOKENS - s0) / BLOCK_TOKENS], true, lane);
                 tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                             wbuf, vacc, pm, lane);
+            }
             tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
