@@ -2082,16 +2082,29 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
             quarter_immas<true>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
-    // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8.
+    // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8. (A
+    // whole block's rows without a test each: 16 instructions fewer per block.)
     if (t < NG) {
         float* row = sc + t * P.split_len + (pb - s0) + g;
+        float v[8][2];
 #pragma unroll
         for (int m = 0; m < 8; m++) {
             const int j = m >> 1, sh = 4 * (m & 1);
-            if (16 * m + g < valid)
-                row[16 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
-            if (16 * m + g + 8 < valid)
-                row[16 * m + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
+            v[m][0] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
+            v[m][1] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
+        }
+        if (valid >= BLOCK_TOKENS) {
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                row[16 * m] = v[m][0];
+                row[16 * m + 8] = v[m][1];
+            }
+        } else {
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                if (16 * m + g < valid) row[16 * m] = v[m][0];
+                if (16 * m + g + 8 < valid) row[16 * m + 8] = v[m][1];
+            }
         }
     }
 }
@@ -2112,34 +2125,40 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     const bool slot_half = (g * (D / 4)) % 32 != 0;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
     uint4 cw0 = *(const uint4*)vq, cw1 = *(const uint4*)(vq + 4 * (D / 4));  // as in tc_key_block_heads
-    // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: weight, scale and
-    // min 0, whatever other paths or unwritten memory hold there).
+    // s^ and the mins' terms: lane l takes tokens 4l..4l + 3. Past `valid` the scales and
+    // mins are made 0 (whatever other paths or unwritten memory hold there: a branch the whole
+    // warp takes or skips, only in a split's last block, instead of 32 selects per block); the
+    // weights are finite there (other paths', or the softmax's zeros past the split's end), so
+    // they then add nothing.
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
     u32 s4[4][2], m4[4][2];
     quarter_halves4<D>(c.vs + sm, gpt, s4);
     quarter_halves4<D>(c.vm + sm, gpt, m4);
+    if (valid < BLOCK_TOKENS) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (4 * lane + i >= valid) s4[i][0] = s4[i][1] = m4[i][0] = m4[i][1] = 0u;
+    }
     const float* w = sc + (pb - s0);
     float pw[NG][4];
 #pragma unroll
     for (int hh = 0; hh < NG; hh++) {
         const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
-        const int b = 4 * lane;
-        pw[hh][0] = b < valid ? v.x : 0.0f;
-        pw[hh][1] = b + 1 < valid ? v.y : 0.0f;
-        pw[hh][2] = b + 2 < valid ? v.z : 0.0f;
-        pw[hh][3] = b + 3 < valid ? v.w : 0.0f;
+        pw[hh][0] = v.x;
+        pw[hh][1] = v.y;
+        pw[hh][2] = v.z;
+        pw[hh][3] = v.w;
     }
     // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
     // at 4j + h; summed over the warp by tc_value_store_heads).
     float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        const bool ok = 4 * lane + i < valid;
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
-            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            const float sj = h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1))));
+            const float mj = h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1))));
             sv[j][i] = sj;
             amax[j] = fmaxf(amax[j], sj);
 #pragma unroll
@@ -2196,31 +2215,6 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         const int j = m >> 1, sh = 4 * (m & 1);
         vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
         vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
-    }
-}
-
-// PREFETCH_NEXT (experiment): the GQA 2-bit loops ask L2 for the warp's next key (value) block,
-// its 2-bit codes and scales and mins, one 128-byte line per lane and array.
-#ifndef PREFETCH_NEXT
-#define PREFETCH_NEXT 0
-#endif
-__device__ __forceinline__ void l2_prefetch(const void* p) {
-#ifndef KIVI_EMU
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#endif
-}
-template <int D>
-__device__ __forceinline__ void prefetch_block(const CacheBufs& c, int kvh, u64 blk, bool values, int lane) {
-    const char* codes = (const char*)(values ? c.vq + blk * c.vq_block + (u64)kvh * c.vq_head
-                                             : c.kq + blk * c.kq_block + (u64)kvh * c.kq_head);
-    const u16* sc = values ? c.vs + blk * c.vsm_block + (u64)kvh * c.vsm_head : c.ks + blk * c.ksm_block + (u64)kvh * c.ksm_head;
-    const u16* mn = values ? c.vm + blk * c.vsm_block + (u64)kvh * c.vsm_head : c.km + blk * c.ksm_block + (u64)kvh * c.ksm_head;
-    constexpr int CODE_LINES = BLOCK_TOKENS * D / 4 / 128;  // 2-bit codes
-    const int sm_lines = (values ? BLOCK_TOKENS * (D / c.group) : (BLOCK_TOKENS / c.group) * D) * 2 / 128;
-    if (lane < CODE_LINES) l2_prefetch(codes + 128 * lane);
-    if (lane < sm_lines) {
-        l2_prefetch((const char*)sc + 128 * lane);
-        l2_prefetch((const char*)mn + 128 * lane);
     }
 }
 
@@ -2399,7 +2393,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // ... and q^ itself, in four-warp CTAs (tc_key_block_heads forms it in one-warp ones, whose
     // shared memory is short: see QF_IN_SACC).
     constexpr bool QHAT = HEADS_K && W > 1;
-    __shared__ float sqhat[QHAT ? (NG + 1) * D : 1];
+    __shared__ float4 sqhat16[QHAT ? (NG + 1) * D / 4 : 1];  // (read as float4: 16-byte aligned)
+    float* sqhat = (float*)sqhat16;
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
     float* wbuf = (float*)swbuf16 + warp * 512;
     // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
@@ -2463,12 +2458,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            if (PREFETCH_NEXT && pb + W * BLOCK_TOKENS < kt_end)
-                prefetch_block<D>(c, kvh, (u64)sblk[(pb + W * BLOCK_TOKENS - s0) / BLOCK_TOKENS], false, lane);
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_heads<D, NG, QHAT>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                             __ffs(c.group) - 6, sq, sqmax, sqinv, sqhat, sqf, wbuf, sc, lane);
-        }
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -2742,12 +2734,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-                if (PREFETCH_NEXT && pb + W * BLOCK_TOKENS < vt_end)
-                    prefetch_block<D>(c, kvh, (u64)sblk[(pb + W * BLOCK_TOKENS - s0) / BLOCK_TOKENS], true, lane);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                             wbuf, vacc, pm, lane);
-            }
             tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
