@@ -2082,29 +2082,16 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
             quarter_immas<true>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
-    // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8. (A
-    // whole block's rows without a test each: 16 instructions fewer per block.)
+    // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8.
     if (t < NG) {
         float* row = sc + t * P.split_len + (pb - s0) + g;
-        float v[8][2];
 #pragma unroll
         for (int m = 0; m < 8; m++) {
             const int j = m >> 1, sh = 4 * (m & 1);
-            v[m][0] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
-            v[m][1] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
-        }
-        if (valid >= BLOCK_TOKENS) {
-#pragma unroll
-            for (int m = 0; m < 8; m++) {
-                row[16 * m] = v[m][0];
-                row[16 * m + 8] = v[m][1];
-            }
-        } else {
-#pragma unroll
-            for (int m = 0; m < 8; m++) {
-                if (16 * m + g < valid) row[16 * m] = v[m][0];
-                if (16 * m + g + 8 < valid) row[16 * m + 8] = v[m][1];
-            }
+            if (16 * m + g < valid)
+                row[16 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
+            if (16 * m + g + 8 < valid)
+                row[16 * m + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
         }
     }
 }
@@ -2125,21 +2112,14 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     const bool slot_half = (g * (D / 4)) % 32 != 0;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
     uint4 cw0 = *(const uint4*)vq, cw1 = *(const uint4*)(vq + 4 * (D / 4));  // as in tc_key_block_heads
-    // s^ and the mins' terms: lane l takes tokens 4l..4l + 3. Past `valid` the scales and
-    // mins are made 0 (whatever other paths or unwritten memory hold there: a branch the whole
-    // warp takes or skips, only in a split's last block, instead of 32 selects per block); the
-    // weights are finite there (other paths', or the softmax's zeros past the split's end), so
-    // they then add nothing.
+    // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: scale and min 0,
+    // whatever other paths or unwritten memory hold there; the weights are finite there, other
+    // paths' or the softmax's zeros past the split's end, so that they add nothing).
     const int gpt = D / c.group;
     const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
     u32 s4[4][2], m4[4][2];
     quarter_halves4<D>(c.vs + sm, gpt, s4);
     quarter_halves4<D>(c.vm + sm, gpt, m4);
-    if (valid < BLOCK_TOKENS) {
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            if (4 * lane + i >= valid) s4[i][0] = s4[i][1] = m4[i][0] = m4[i][1] = 0u;
-    }
     const float* w = sc + (pb - s0);
     float pw[NG][4];
 #pragma unroll
@@ -2155,10 +2135,11 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
+        const bool ok = 4 * lane + i < valid;
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
-            const float sj = h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1))));
-            const float mj = h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1))));
+            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
             sv[j][i] = sj;
             amax[j] = fmaxf(amax[j], sj);
 #pragma unroll
@@ -2236,6 +2217,11 @@ __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16]
         }
     }
 }
+
+// 1: four-warp GQA CTAs form q^ once (attn_split), not per key block.
+#ifndef QHAT_FOUR_WARPS
+#define QHAT_FOUR_WARPS 1
+#endif
 
 // 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
 // (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
@@ -2392,7 +2378,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     __shared__ float sqmax[HEADS_K ? NG : 1], sqinv[HEADS_K ? NG : 1];
     // ... and q^ itself, in four-warp CTAs (tc_key_block_heads forms it in one-warp ones, whose
     // shared memory is short: see QF_IN_SACC).
-    constexpr bool QHAT = HEADS_K && W > 1;
+    constexpr bool QHAT = QHAT_FOUR_WARPS && HEADS_K && W > 1;
     __shared__ float4 sqhat16[QHAT ? (NG + 1) * D / 4 : 1];  // (read as float4: 16-byte aligned)
     float* sqhat = (float*)sqhat16;
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
