@@ -627,7 +627,10 @@ fn default_tc_multiple(config: &CacheConfig) -> usize {
 /// (`cache.cu`: 2-bit codes interleaved, `key2_word`; 4-bit in 32-token sub-tiles).
 fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
     if bits == 2 {
-        ((c / 4) * 32 + (b % 8) * 4 + b / 32, 8 * (c % 4) + 2 * ((b / 8) % 4))
+        (
+            (c / 4) * 32 + (b % 8) * 4 + b / 32,
+            8 * (c % 4) + 2 * ((b / 8) % 4),
+        )
     } else {
         let per_word = 32 / bits as usize;
         (
