@@ -1937,6 +1937,10 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
+// k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words (1 or 2).
+#ifndef HEADS_AHEAD
+#define HEADS_AHEAD 2
+#endif
 // round(x y) + F32_MAGIC (+ 128 for keys' high bytes): the integer in the low 16 bits of the
 // float's bits (|x y| < 2^22).
 #define F32_MAGIC 12582912.0f
@@ -1996,6 +2000,12 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     // later one a k-step ahead.
     const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g;
     uint4 cw0 = *(const uint4*)kq, cw1 = *(const uint4*)(kq + 4 * 32);
+    // HEADS_AHEAD 2: k-step 1's too, each later one two k-steps ahead.
+    uint4 dw0 = cw0, dw1 = cw1;
+    if (HEADS_AHEAD > 1) {
+        dw0 = *(const uint4*)(kq + 8 * 32);
+        dw1 = *(const uint4*)(kq + (8 + 4) * 32);
+    }
     // s^ of every quarter: lane l takes channels 4l..4l + 3.
     const int ch = 4 * lane;
     const bool has = ch < D;
@@ -2064,11 +2074,18 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < KS; x++) {
-        const int xn = x + 1 < KS ? x + 1 : x;  // (the last k-step loads its own words again)
+        const int xn = x + HEADS_AHEAD < KS ? x + HEADS_AHEAD : x;  // (the last load their own words again)
         const uint4 nw0 = *(const uint4*)(kq + 8 * xn * 32), nw1 = *(const uint4*)(kq + (8 * xn + 4) * 32);
         const u32 xa[4] = {cw0.x, cw0.y, cw0.z, cw0.w}, xb[4] = {cw1.x, cw1.y, cw1.z, cw1.w};
-        cw0 = nw0;
-        cw1 = nw1;
+        if (HEADS_AHEAD > 1) {
+            cw0 = dw0;
+            cw1 = dw1;
+            dw0 = nw0;
+            dw1 = nw1;
+        } else {
+            cw0 = nw0;
+            cw1 = nw1;
+        }
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
         if constexpr (!QHAT) {
             qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
@@ -2112,6 +2129,11 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     const bool slot_half = (g * (D / 4)) % 32 != 0;
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
     uint4 cw0 = *(const uint4*)vq, cw1 = *(const uint4*)(vq + 4 * (D / 4));  // as in tc_key_block_heads
+    uint4 dw0 = cw0, dw1 = cw1;
+    if (HEADS_AHEAD > 1) {
+        dw0 = *(const uint4*)(vq + 8 * (D / 4));
+        dw1 = *(const uint4*)(vq + (8 + 4) * (D / 4));
+    }
     // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: scale and min 0,
     // whatever other paths or unwritten memory hold there; the weights are finite there, other
     // paths' or the softmax's zeros past the split's end, so that they add nothing).
@@ -2167,7 +2189,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < 4; x++) {
-        const int xn = x + 1 < 4 ? x + 1 : x;
+        const int xn = x + HEADS_AHEAD < 4 ? x + HEADS_AHEAD : x;
         const uint4 nw0 = *(const uint4*)(vq + 8 * xn * (D / 4)), nw1 = *(const uint4*)(vq + (8 * xn + 4) * (D / 4));
         // (D = 64: the words of the lane's slot half, see value2_word.)
         const u32 wa[4] = {cw0.x, cw0.y, cw0.z, cw0.w}, wb[4] = {cw1.x, cw1.y, cw1.z, cw1.w};
@@ -2177,8 +2199,15 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             xa[k] = slot_half ? wa[(k + 2) & 3] : wa[k];
             xb[k] = slot_half ? wb[(k + 2) & 3] : wb[k];
         }
-        cw0 = nw0;
-        cw1 = nw1;
+        if (HEADS_AHEAD > 1) {
+            cw0 = dw0;
+            cw1 = dw1;
+            dw0 = nw0;
+            dw1 = nw1;
+        } else {
+            cw0 = nw0;
+            cw1 = nw1;
+        }
         // (Past `valid` the weights are finite and s^ zero: B zero there, with no selects, where
         // they took 48 instructions per block.)
         float4 pa = *(const float4*)(pl + 32 * x), pb4 = *(const float4*)(pl + 32 * x + 16);
