@@ -1937,10 +1937,17 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
-// k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words (1 or 2).
+// k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words: 1 or
+// 2; 0: 2 in one-warp CTAs and at D = 64, else 1. Measured on the H200 (session 20, µs, 2 / 1):
+// four-warp D = 128 GQA B = 32 T = 32K 355.8 / 348.3, T = 16K 191.5 / 187.2; one-warp GQA
+// serving B = 1024 T = 330 264.8 / 270.4; SmolLM2 9/3/64 B = 256 T = 8K 177.5 / 181.5.
 #ifndef HEADS_AHEAD
-#define HEADS_AHEAD 2
+#define HEADS_AHEAD 0
 #endif
+template <int D, int W>
+__device__ __forceinline__ constexpr int heads_ahead() {
+    return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 ? 2 : 1;
+}
 // round(x y) + F32_MAGIC (+ 128 for keys' high bytes): the integer in the low 16 bits of the
 // float's bits (|x y| < 2^22).
 #define F32_MAGIC 12582912.0f
@@ -1988,7 +1995,7 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
 // and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2, a3);
 // its results are head t's.
-template <int D, int NG, bool QHAT>
+template <int D, int NG, bool QHAT, int AHEAD>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
@@ -2000,9 +2007,9 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     // later one a k-step ahead.
     const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g;
     uint4 cw0 = *(const uint4*)kq, cw1 = *(const uint4*)(kq + 4 * 32);
-    // HEADS_AHEAD 2: k-step 1's too, each later one two k-steps ahead.
+    // AHEAD 2 (heads_ahead): k-step 1's too, each later one two k-steps ahead.
     uint4 dw0 = cw0, dw1 = cw1;
-    if (HEADS_AHEAD > 1) {
+    if (AHEAD > 1) {
         dw0 = *(const uint4*)(kq + 8 * 32);
         dw1 = *(const uint4*)(kq + (8 + 4) * 32);
     }
@@ -2074,10 +2081,10 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < KS; x++) {
-        const int xn = x + HEADS_AHEAD < KS ? x + HEADS_AHEAD : x;  // (the last load their own words again)
+        const int xn = x + AHEAD < KS ? x + AHEAD : x;  // (the last load their own words again)
         const uint4 nw0 = *(const uint4*)(kq + 8 * xn * 32), nw1 = *(const uint4*)(kq + (8 * xn + 4) * 32);
         const u32 xa[4] = {cw0.x, cw0.y, cw0.z, cw0.w}, xb[4] = {cw1.x, cw1.y, cw1.z, cw1.w};
-        if (HEADS_AHEAD > 1) {
+        if (AHEAD > 1) {
             cw0 = dw0;
             cw1 = dw1;
             dw0 = nw0;
@@ -2118,7 +2125,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
 // g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
-template <int D, int NG>
+template <int D, int NG, int AHEAD>
 __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                      const float* sc, float* wbuf, float (&vacc)[D / 16][2],
                                                      float (&pm)[4 * (D / 32)], int lane) {
@@ -2130,7 +2137,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
     uint4 cw0 = *(const uint4*)vq, cw1 = *(const uint4*)(vq + 4 * (D / 4));  // as in tc_key_block_heads
     uint4 dw0 = cw0, dw1 = cw1;
-    if (HEADS_AHEAD > 1) {
+    if (AHEAD > 1) {
         dw0 = *(const uint4*)(vq + 8 * (D / 4));
         dw1 = *(const uint4*)(vq + (8 + 4) * (D / 4));
     }
@@ -2189,7 +2196,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < 4; x++) {
-        const int xn = x + HEADS_AHEAD < 4 ? x + HEADS_AHEAD : x;
+        const int xn = x + AHEAD < 4 ? x + AHEAD : x;
         const uint4 nw0 = *(const uint4*)(vq + 8 * xn * (D / 4)), nw1 = *(const uint4*)(vq + (8 * xn + 4) * (D / 4));
         // (D = 64: the words of the lane's slot half, see value2_word.)
         const u32 wa[4] = {cw0.x, cw0.y, cw0.z, cw0.w}, wb[4] = {cw1.x, cw1.y, cw1.z, cw1.w};
@@ -2199,7 +2206,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             xa[k] = slot_half ? wa[(k + 2) & 3] : wa[k];
             xb[k] = slot_half ? wb[(k + 2) & 3] : wb[k];
         }
-        if (HEADS_AHEAD > 1) {
+        if (AHEAD > 1) {
             cw0 = dw0;
             cw1 = dw1;
             dw0 = nw0;
@@ -2474,7 +2481,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_heads<D, NG, QHAT>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                             __ffs(c.group) - 6, sq, sqmax, sqinv, sqhat, sqf, wbuf, sc, lane);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
@@ -2750,7 +2757,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_heads<D, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
+                tc_value_block_heads<D, NG, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
                                             wbuf, vacc, pm, lane);
             tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
