@@ -1995,12 +1995,11 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
 // and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2, a3);
 // its results are head t's.
-template <int D, int NG, bool QHAT, int AHEAD, bool STAGED_SCALES = false>
+template <int D, int NG, bool QHAT, int AHEAD>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
-                                                   float* wbuf, float* sc, int lane,
-                                                   const uint2* staged_s4 = nullptr) {
+                                                   float* wbuf, float* sc, int lane) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -2019,12 +2018,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const bool has = ch < D;
     const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
     uint2 s4[4];
-    if constexpr (STAGED_SCALES) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) s4[j] = staged_s4[j];
-    } else {
-        key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
-    }
+    key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
     // The mins' loads, for the MMA below.
     u32 ma[D / 16][2];
     {
@@ -2264,9 +2258,6 @@ __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16]
 #ifndef QHAT_FOUR_WARPS
 #define QHAT_FOUR_WARPS 1
 #endif
-#ifndef STAGE_KEY_SCALES
-#define STAGE_KEY_SCALES 0
-#endif
 
 // 1: in 2-bit key kernels, key chunks of window rows and new tokens only take a compact loop
 // (attn_split). Measured on the H200: KIVI-2 MHA B = 1024 T = 330 R = 32 757 -> 698 us, R = 128
@@ -2424,9 +2415,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // ... and q^ itself, in four-warp CTAs (tc_key_block_heads forms it in one-warp ones, whose
     // shared memory is short: see QF_IN_SACC).
     constexpr bool QHAT = QHAT_FOUR_WARPS && HEADS_K && W > 1;
-    // STAGE_KEY_SCALES: four-warp GQA CTAs copy each key block's scales into shared memory one
-    // block ahead (experiment).
-    constexpr bool STAGE_SCALES_K = STAGE_KEY_SCALES && HEADS_K && W > 1;
     __shared__ float4 sqhat16[QHAT ? (NG + 1) * D / 4 : 1];  // (read as float4: 16-byte aligned)
     float* sqhat = (float*)sqhat16;
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
@@ -2492,38 +2480,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        if constexpr (STAGE_SCALES_K) {
-            __shared__ uint4 skst16[STAGE_SCALES_K ? W * 4 * D * 2 / 16 : 1];
-            // Each block's scales copied into the warp's shared memory while the block before
-            // computes (cp.async: no registers held across blocks).
-            const int qshift = __ffs(c.group) - 6, kbytes = (BLOCK_TOKENS / c.group) * D * 2;
-            u16* kst = (u16*)skst16 + warp * 4 * D;
-            auto stage = [&](int p) {
-                const char* src = (const char*)(c.ks + (u64)sblk[(p - s0) / BLOCK_TOKENS] * c.ksm_block +
-                                                (u64)kvh * c.ksm_head);
-                for (int o = 16 * lane; o < kbytes; o += 512) cp_async16<0, 0>(smem_addr(kst) + o, src + o);
-                cp_async_commit();
-            };
-            if (s0 + warp * BLOCK_TOKENS < kt_end) stage(s0 + warp * BLOCK_TOKENS);
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-                cp_async_wait<0>();
-                __syncwarp();
-                uint2 s4[4];
-#pragma unroll
-                for (int j = 0; j < 4; j++)
-                    s4[j] = 4 * lane < D ? *(const uint2*)(kst + (j >> qshift) * D + 4 * lane) : make_uint2(0u, 0u);
-                __syncwarp();  // read: the next block's copy may start
-                if (pb + W * BLOCK_TOKENS < kt_end) stage(pb + W * BLOCK_TOKENS);
-                tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>(), true>(
-                    P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, qshift, sq, sqmax, sqinv,
-                    sqhat, sqf, wbuf, sc, lane, s4);
-            }
-        } else {
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-                tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>()>(
-                    P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
-                    sqinv, sqhat, sqf, wbuf, sc, lane);
-        }
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
+                                            __ffs(c.group) - 6, sq, sqmax, sqinv, sqhat, sqf, wbuf, sc, lane);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
