@@ -1083,8 +1083,8 @@ __device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int
 // token 16g + 2M + 1) and, in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
 // (a2, a3): words whose byte i is channel i's codes of a few tokens (2-bit: as stored; 4-bit: a
 // byte_transpose of four channels' words), where a mask (code_bits) picks one token's four
-// codes. Column 2j +
-// part of the result is quarter j's part, so lane (g, t) holds its rows' scores when t = g / 2.
+// codes. Column 2j + part of the result is quarter j's part, so lane (g, t) holds its rows'
+// scores when t = g / 2.
 template <int D, int KB, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane,
@@ -1992,9 +1992,9 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q|, qhat (QHAT): [NG + 1][D] q^ = q sqinv and a row
 // of zeros (else q^ is formed here: the copy made one-warp CTAs of GQA serving shapes one wave
 // too many, see QF_IN_SACC), qf: the query's f16 B fragments (query_fragments), wbuf: the
-// warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)), rows g
-// and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2, a3);
-// its results are head t's.
+// warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)),
+// rows g and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2,
+// a3); its results are head t's.
 template <int D, int NG, bool QHAT, int AHEAD>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
@@ -2481,8 +2481,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
-                                            __ffs(c.group) - 6, sq, sqmax, sqinv, sqhat, sqf, wbuf, sc, lane);
+            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>()>(
+                P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
+                sqinv, sqhat, sqf, wbuf, sc, lane);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -2710,8 +2711,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         }
         // tc_value_block_heads reads a last block's weights past the split's end: zeros, so
         // that it needs no selects (s^ is zero there).
-        if constexpr (HEADS_V)
-            for (int t = ns + lane; t < (ns + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS; t += 32) row[t] = 0.0f;
+        if constexpr (HEADS_V) {
+            const int padded = (ns + BLOCK_TOKENS - 1) / BLOCK_TOKENS * BLOCK_TOKENS;
+            for (int t = ns + lane; t < padded; t += 32) row[t] = 0.0f;
+        }
         sum = warp_sum(sum);
         if (lane == 0) {
             sml[2 * g] = mx;
@@ -2757,8 +2760,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_heads<D, NG, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                            wbuf, vacc, pm, lane);
+                tc_value_block_heads<D, NG, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
+                                                                 s0, vt_valid - pb, sc, wbuf, vacc, pm, lane);
             tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
@@ -2880,22 +2883,23 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         // whole warp). Unconditional, these ~550 instructions per warp were ~6 % of the GQA
         // KIVI-2 kernel's issued instructions at B = 32 T = 32K, where no warp takes any.
         __syncwarp();
-        if (vt_valid + warp * TPI * UNROLL < qend)
+        if (vt_valid + warp * TPI * UNROLL < qend) {
 #pragma unroll
-        for (int g = 0; g < NG; g++) {
+            for (int g = 0; g < NG; g++) {
 #pragma unroll
-            for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
+                for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
 #pragma unroll
-            for (int q = 0; q < (VBq == 2 ? D / 32 : 0); q++)
+                for (int q = 0; q < (VBq == 2 ? D / 32 : 0); q++)
 #pragma unroll
-                for (int o = WPT; o < 32; o <<= 1) bias2[g][q] += __shfl_xor_sync(0xffffffffu, bias2[g][q], o);
+                    for (int o = WPT; o < 32; o <<= 1) bias2[g][q] += __shfl_xor_sync(0xffffffffu, bias2[g][q], o);
 #pragma unroll
-            for (int j = 0; j < FPI; j++) {
-                float v = acc[g][j];
+                for (int j = 0; j < FPI; j++) {
+                    float v = acc[g][j];
 #pragma unroll
-                for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (VBq == 2 && sub == 0) wacc[g * D + value2_channel<D>(wi, j)] += v + bias2[g][value2_channel<D>(0, j) / 32];
-                if (VBq != 2 && sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
+                    for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                    if (VBq == 2 && sub == 0) wacc[g * D + value2_channel<D>(wi, j)] += v + bias2[g][value2_channel<D>(0, j) / 32];
+                    if (VBq != 2 && sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
+                }
             }
         }
     } else if (F16_TENSOR && vt_end > s0) {
