@@ -1948,6 +1948,38 @@ template <int D, int W>
 __device__ __forceinline__ constexpr int heads_ahead() {
     return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 ? 2 : 1;
 }
+// A lane's two 16-byte code words of each k-step x of tc_key_block_heads / tc_value_block_heads
+// (rows 8x and 8x + 4 of ROW words from p), loaded AHEAD k-steps ahead.
+template <int AHEAD, int KS, int ROW>
+struct AheadWords {
+    const u32* p;
+    uint4 w0, w1, n0, n1;  // the next k-step's words, and (AHEAD 2) the one after's
+    __device__ __forceinline__ explicit AheadWords(const u32* p_) : p(p_) {
+        w0 = n0 = *(const uint4*)p;
+        w1 = n1 = *(const uint4*)(p + 4 * ROW);
+        if (AHEAD > 1) {
+            n0 = *(const uint4*)(p + 8 * ROW);
+            n1 = *(const uint4*)(p + (8 + 4) * ROW);
+        }
+    }
+    // k-step x's words into c0, c1, after issuing k-step x + AHEAD's loads (the last k-steps
+    // load their own words again).
+    __device__ __forceinline__ void next(int x, uint4& c0, uint4& c1) {
+        const int xn = x + AHEAD < KS ? x + AHEAD : x;
+        const uint4 l0 = *(const uint4*)(p + 8 * xn * ROW), l1 = *(const uint4*)(p + (8 * xn + 4) * ROW);
+        c0 = w0;
+        c1 = w1;
+        if (AHEAD > 1) {
+            w0 = n0;
+            w1 = n1;
+            n0 = l0;
+            n1 = l1;
+        } else {
+            w0 = l0;
+            w1 = l1;
+        }
+    }
+};
 // round(x y) + F32_MAGIC (+ 128 for keys' high bytes): the integer in the low 16 bits of the
 // float's bits (|x y| < 2^22).
 #define F32_MAGIC 12582912.0f
@@ -2003,16 +2035,8 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
-    // The lane's code words: slot g of channel quads 8x + 4e + t; k-step 0's issued now, each
-    // later one a k-step ahead.
-    const u32* kq = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g;
-    uint4 cw0 = *(const uint4*)kq, cw1 = *(const uint4*)(kq + 4 * 32);
-    // AHEAD 2 (heads_ahead): k-step 1's too, each later one two k-steps ahead.
-    uint4 dw0 = cw0, dw1 = cw1;
-    if (AHEAD > 1) {
-        dw0 = *(const uint4*)(kq + 8 * 32);
-        dw1 = *(const uint4*)(kq + (8 + 4) * 32);
-    }
+    // The lane's code words: slot g of channel quads 8x + 4e + t.
+    AheadWords<AHEAD, KS, 32> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g);
     // s^ of every quarter: lane l takes channels 4l..4l + 3.
     const int ch = 4 * lane;
     const bool has = ch < D;
@@ -2081,18 +2105,9 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < KS; x++) {
-        const int xn = x + AHEAD < KS ? x + AHEAD : x;  // (the last load their own words again)
-        const uint4 nw0 = *(const uint4*)(kq + 8 * xn * 32), nw1 = *(const uint4*)(kq + (8 * xn + 4) * 32);
-        const u32 xa[4] = {cw0.x, cw0.y, cw0.z, cw0.w}, xb[4] = {cw1.x, cw1.y, cw1.z, cw1.w};
-        if (AHEAD > 1) {
-            cw0 = dw0;
-            cw1 = dw1;
-            dw0 = nw0;
-            dw1 = nw1;
-        } else {
-            cw0 = nw0;
-            cw1 = nw1;
-        }
+        uint4 c0, c1;
+        cw.next(x, c0, c1);
+        const u32 xa[4] = {c0.x, c0.y, c0.z, c0.w}, xb[4] = {c1.x, c1.y, c1.z, c1.w};
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
         if constexpr (!QHAT) {
             qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
@@ -2134,13 +2149,8 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
     // The lane's code words: slot g of token quads 8x + 4e + t (D = 64: the half g & 1).
     const bool slot_half = (g * (D / 4)) % 32 != 0;
-    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) + 4 * ((g * (D / 4)) / 32);
-    uint4 cw0 = *(const uint4*)vq, cw1 = *(const uint4*)(vq + 4 * (D / 4));  // as in tc_key_block_heads
-    uint4 dw0 = cw0, dw1 = cw1;
-    if (AHEAD > 1) {
-        dw0 = *(const uint4*)(vq + 8 * (D / 4));
-        dw1 = *(const uint4*)(vq + (8 + 4) * (D / 4));
-    }
+    AheadWords<AHEAD, 4, D / 4> cw(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) +
+                                   4 * ((g * (D / 4)) / 32));
     // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: scale and min 0,
     // whatever other paths or unwritten memory hold there; the weights are finite there, other
     // paths' or the softmax's zeros past the split's end, so that they add nothing).
@@ -2196,24 +2206,15 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < 4; x++) {
-        const int xn = x + AHEAD < 4 ? x + AHEAD : x;
-        const uint4 nw0 = *(const uint4*)(vq + 8 * xn * (D / 4)), nw1 = *(const uint4*)(vq + (8 * xn + 4) * (D / 4));
+        uint4 c0, c1;
+        cw.next(x, c0, c1);
         // (D = 64: the words of the lane's slot half, see value2_word.)
-        const u32 wa[4] = {cw0.x, cw0.y, cw0.z, cw0.w}, wb[4] = {cw1.x, cw1.y, cw1.z, cw1.w};
+        const u32 wa[4] = {c0.x, c0.y, c0.z, c0.w}, wb[4] = {c1.x, c1.y, c1.z, c1.w};
         u32 xa[4], xb[4];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             xa[k] = slot_half ? wa[(k + 2) & 3] : wa[k];
             xb[k] = slot_half ? wb[(k + 2) & 3] : wb[k];
-        }
-        if (AHEAD > 1) {
-            cw0 = dw0;
-            cw1 = dw1;
-            dw0 = nw0;
-            dw1 = nw1;
-        } else {
-            cw0 = nw0;
-            cw1 = nw1;
         }
         // (Past `valid` the weights are finite and s^ zero: B zero there, with no selects, where
         // they took 48 instructions per block.)
