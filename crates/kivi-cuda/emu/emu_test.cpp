@@ -212,7 +212,7 @@ static void value_block(int G, int valid, bool imma = false, bool staged = false
 // 2-bit key block 0 of KV head 0: scores of NG query heads for the block's first `valid`
 // tokens, through tc_key_block_heads (several heads per CTA; QHAT: q^ given, as four-warp
 // CTAs do; code words loaded AHEAD k-steps ahead).
-template <int D, int NG, bool QHAT = false, int AHEAD = 2>
+template <int D, int NG, bool QHAT = false, int AHEAD = 2, bool PRE = false>
 static void key_block_heads(int G, int valid) {
     std::vector<u32> kq(BLOCK_TOKENS * D / 16);
     for (auto& w : kq) w = (u32)rng();
@@ -236,10 +236,12 @@ static void key_block_heads(int G, int valid) {
     AttnParams P = key_params(D, G, 2, kq, ks, km);
     std::vector<uint2> qf((D / 16) * 32);
     query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
-    std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D);
+    // (PRE: B in two 512-word regions.)
+    std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D, NAN), pre_lo(512, NAN);
     emu_run_warp({}, [&](int lane) {
-        tc_key_block_heads<D, NG, QHAT, AHEAD>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(),
-                                        qinv.data(), qhat.data(), qf.data(), wbuf.data(), sc.data(), lane);
+        tc_key_block_heads<D, NG, QHAT, AHEAD, PRE>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(),
+                                                    qinv.data(), qhat.data(), qf.data(), wbuf.data(), sc.data(), lane,
+                                                    (u32*)pre_lo.data());
     });
     std::vector<double> want, mag;
     std::vector<float> got;
@@ -257,14 +259,14 @@ static void key_block_heads(int G, int valid) {
             got.push_back(sc[h * BLOCK_TOKENS + b]);
         }
     char what[96];
-    std::snprintf(what, sizeof what, "key block (heads%s, ahead %d) D %d heads %d G %d valid %d",
-                  QHAT ? ", q^ given" : "", AHEAD, D, NG, G, valid);
+    std::snprintf(what, sizeof what, "key block (heads%s%s, ahead %d) D %d heads %d G %d valid %d",
+                  QHAT ? ", q^ given" : "", PRE ? ", B formed once" : "", AHEAD, D, NG, G, valid);
     check(what, want, got, mag, 1e-5);
 }
 
 // 2-bit value block 0 of KV head 0 weighted by NG heads' random softmax weights (first
 // `valid` tokens), through tc_value_block_heads and tc_value_store_heads.
-template <int D, int NG, int AHEAD = 2>
+template <int D, int NG, int AHEAD = 2, bool PRE = false>
 static void value_block_heads(int G, int valid) {
     std::vector<u32> vq(BLOCK_TOKENS * D / 16);
     for (auto& w : vq) w = (u32)rng();
@@ -280,11 +282,13 @@ static void value_block_heads(int G, int valid) {
         sc[i] = i % BLOCK_TOKENS < valid ? p[i] : (float)uni(0.0, 1.0);
     }
     AttnParams P = value_params(D, G, 2, vq, vs, vm);
-    std::vector<float> wacc(NG * D, 0.0f), wbuf(4 * 128);
+    // (PRE: B in wacc, the warp's value-sum slot, and wbuf; the store overwrites wacc.)
+    std::vector<float> wacc(NG * D, PRE ? NAN : 0.0f), wbuf(4 * 128, NAN);
     emu_run_warp({}, [&](int lane) {
         float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};
-        tc_value_block_heads<D, NG, AHEAD>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane);
-        tc_value_store_heads<D, NG>(vacc, pm, wacc.data(), lane);
+        tc_value_block_heads<D, NG, AHEAD, PRE>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane,
+                                                (u32*)wacc.data());
+        tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc.data(), lane);
     });
     std::vector<double> want(NG * D, 0.0), mag(NG * D, 0.0);
     for (int h = 0; h < NG; h++)
@@ -301,8 +305,8 @@ static void value_block_heads(int G, int valid) {
                                   std::fabs((double)p[h * BLOCK_TOKENS + t] * h2f(vm[t * gpt + c / G]));
             }
     char what[96];
-    std::snprintf(what, sizeof what, "value block (heads, ahead %d) D %d heads %d G %d valid %d", AHEAD, D, NG, G,
-                  valid);
+    std::snprintf(what, sizeof what, "value block (heads%s, ahead %d) D %d heads %d G %d valid %d",
+                  PRE ? ", B formed once" : "", AHEAD, D, NG, G, valid);
     check(what, want, wacc, mag, 1e-5);
 }
 
@@ -771,8 +775,10 @@ int main() {
             key_block_heads<128, 3, true>(G, valid);
             key_block_heads<128, 3>(G, valid);
             key_block_heads<128, 2>(G, valid);
+            key_block_heads<128, 4, true, 1, true>(G, valid);  // (PRE_B: four-warp CTAs, four heads)
             value_block_heads<128, 4>(G, valid);
             value_block_heads<128, 4, 1>(G, valid);
+            value_block_heads<128, 4, 1, true>(G, valid);
             value_block_heads<128, 3>(G, valid);
             value_block_heads<128, 2>(G, valid);
             if (G <= 64) {

@@ -1934,6 +1934,9 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
 // B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
 // slower (µs, 4 -> 1: that shape 406 -> 411, B = 8 T = 32K 119 -> 125, B = 32 T = 4K 83 -> 87).
+#ifndef HACK_B
+#define HACK_B 0
+#endif
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
@@ -2008,6 +2011,72 @@ __device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u3
                          code_bits<2>(xb, M2, 6), b0, b1);
 }
 
+// 1: in four-warp CTAs at D = 128, a block's B operands are formed once per block, not per
+// k-step (PRE_B): lane l multiplies its channels' (keys) or tokens' (values) 4l..4l + 3 for
+// every head and quarter and writes both bytes, where in the k-steps each lane formed its
+// column's 8 values per quarter and its partner lane (the other byte) the same 8 products.
+#ifndef PRE_B
+#define PRE_B 1
+#endif
+// The warp's pre-formed B operands (PRE_B): k-steps 0 and 1 in `lo`, 2 and 3 in `hi`, 512
+// words each. The lane (g, t) of the k-steps reads its column g of k-step x as two 16-byte
+// words, pre_b_at(.., x, t, g, jp) for jp = 0, 1: quarters 2jp and 2jp + 1, each (b0, b1) =
+// (rows 4t..4t + 3, rows 16 + 4t..), the register pairs of its IMMAs. Lane l writes them for
+// x = l >> 3, t = l & 3, jp = (l >> 2) & 1: it owns rows (channels or tokens) 32x + 4t + 16b + i
+// (b, i < 2, 4) of quarters 2jp and 2jp + 1. The swizzle makes both conflict-free.
+__device__ __forceinline__ u32* pre_b_at(u32* lo, u32* hi, int x, int t, int g, int jp) {
+    return (x < 2 ? lo : hi) + (x & 1) * 256 + t * 64 + 8 * (g ^ (2 * t) ^ jp) + 4 * (jp ^ (t >> 1));
+}
+// Bytes 1 (hi) and 0 (lo) of four floats round(x s) + magic, each in one register.
+__device__ __forceinline__ void fixed_hi_lo(const float4& x, const float (&s)[4], float magic, u32& hi, u32& lo) {
+    const u32 p01 = prmt(__float_as_uint(fmaf(x.x, s[0], magic)), __float_as_uint(fmaf(x.y, s[1], magic)), 0x5410u);
+    const u32 p23 = prmt(__float_as_uint(fmaf(x.z, s[2], magic)), __float_as_uint(fmaf(x.w, s[3], magic)), 0x5410u);
+    hi = prmt(p01, p23, 0x7531u);
+    lo = prmt(p01, p23, 0x6420u);
+}
+// Writes head h's two columns (2h: high bytes, 2h + 1: low) of the lane's rows and quarters
+// (see pre_b_at) from x[b] (the lane's q^ or weights of head h, rows 4t + 16b + i) and
+// sp[jj][b] (s^ of quarter 2jp + jj). KEYS: signed, v + 128 rounded so that the high byte is
+// (v + 128) >> 8 and the low one, flipped, v - 256 hi in [-128, 127].
+template <bool KEYS>
+__device__ __forceinline__ void pre_b_head(u32* lo_, u32* hi_, int lane, int h, const float4 (&x)[2],
+                                           const float (&sp)[2][2][4]) {
+    constexpr float magic = KEYS ? F32_MAGIC + 128.0f : F32_MAGIC;
+    u32 hi[2][2], lo[2][2];  // [jj][b]
+#pragma unroll
+    for (int jj = 0; jj < 2; jj++)
+#pragma unroll
+        for (int b = 0; b < 2; b++) {
+            fixed_hi_lo(x[b], sp[jj][b], magic, hi[jj][b], lo[jj][b]);
+            if (KEYS) lo[jj][b] ^= 0x80808080u;
+        }
+    const int x_ = lane >> 3, t = lane & 3, jp = lane >> 2 & 1;
+    *(uint4*)pre_b_at(lo_, hi_, x_, t, 2 * h, jp) = make_uint4(hi[0][0], hi[0][1], hi[1][0], hi[1][1]);
+    *(uint4*)pre_b_at(lo_, hi_, x_, t, 2 * h + 1, jp) = make_uint4(lo[0][0], lo[0][1], lo[1][0], lo[1][1]);
+}
+// Zero columns 2 NG..7 (heads >= NG) of the lane's rows.
+template <int NG>
+__device__ __forceinline__ void pre_b_zero(u32* lo_, u32* hi_, int lane) {
+#pragma unroll
+    for (int col = 2 * NG; col < 8; col++)
+        *(uint4*)pre_b_at(lo_, hi_, lane >> 3, lane & 3, col, lane >> 2 & 1) = make_uint4(0u, 0u, 0u, 0u);
+}
+// Every lane's max over the 16 lanes of its jp ((lane >> 2) & 1) of a[0], a[1]; and all four
+// quarters' maxima (a[jj]: quarter 2jp + jj) in q4.
+__device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1)
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++)
+            if (o != 4) a[jj] = fmaxf(a[jj], __shfl_xor_sync(0xffffffffu, a[jj], o));
+    const float o0 = __shfl_xor_sync(0xffffffffu, a[0], 4), o1 = __shfl_xor_sync(0xffffffffu, a[1], 4);
+    const bool hi = lane >> 2 & 1;
+    q4[0] = hi ? o0 : a[0];
+    q4[1] = hi ? o1 : a[1];
+    q4[2] = hi ? a[0] : o0;
+    q4[3] = hi ? a[1] : o1;
+}
+
 // Key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter. (Loading them
 // one block ahead, in registers across blocks, measured slower on the H200: session 19, GQA
 // B = 32 T = 32K 386 -> 390 us; the value blocks' likewise, with their sums then in shared
@@ -2027,22 +2096,31 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)),
 // rows g and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2,
 // a3); its results are head t's.
-template <int D, int NG, bool QHAT, int AHEAD>
+template <int D, int NG, bool QHAT, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
-                                                   float* wbuf, float* sc, int lane) {
+                                                   float* wbuf, float* sc, int lane, u32* pre_lo = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
     // The lane's code words: slot g of channel quads 8x + 4e + t.
     AheadWords<AHEAD, KS, 32> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g);
-    // s^ of every quarter: lane l takes channels 4l..4l + 3.
+    // s^ of every quarter: lane l takes channels 4l..4l + 3 (PRE: see pre_b_at).
     const int ch = 4 * lane;
     const bool has = ch < D;
     const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head;
     uint2 s4[4];
-    key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
+    if constexpr (PRE) {
+        static_assert(D == 128 && QHAT, "PRE_B: D = 128, q^ given");
+        const u16* ks = c.ks + sm + 32 * (lane >> 3) + 4 * (lane & 3);
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++)
+#pragma unroll
+            for (int b = 0; b < 2; b++) s4[2 * jj + b] = *(const uint2*)(ks + ((2 * (lane >> 2 & 1) + jj) >> qshift) * D + 16 * b);
+    } else {
+        key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
+    }
     // The mins' loads, for the MMA below.
     u32 ma[D / 16][2];
     {
@@ -2072,17 +2150,43 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         const uint2 b = qf[x * 32 + lane];
         mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
     }
-    const float xmax = reduce4<true>(amax, lane);
     float smax[4];
+    if constexpr (PRE) {
+        // (sv[2 jj + b]: quarter 2jp + jj, rows 4t + 16b + i.)
+        float a2[2] = {fmaxf(amax[0], amax[1]), fmaxf(amax[2], amax[3])};
+        pre_b_max(a2, smax, lane);
+        float sp[2][2][4];
 #pragma unroll
-    for (int j = 0; j < 4; j++) smax[j] = __shfl_sync(0xffffffffu, xmax, 8 * j);
-    __syncwarp();  // the previous block's readers of wbuf are done
-    if (has) {
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int jj = 0; jj < 2; jj++) {
             // (An unwritten quarter past `valid` may give NaN here: only its own rows, unused.)
-            const float inv = smax[j] > 0.0f ? __fdividef(KEY_FIX, smax[j]) : 0.0f;
-            *(float4*)(wbuf + j * D + ch) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
+            const float inv = a2[jj] > 0.0f ? __fdividef(KEY_FIX, a2[jj]) : 0.0f;
+#pragma unroll
+            for (int b = 0; b < 2; b++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) sp[jj][b][i] = sv[2 * jj + b][i] * inv;
+        }
+        __syncwarp();  // the previous block's readers of wbuf are done
+        const float* qrow = qhat + 32 * (lane >> 3) + 4 * (lane & 3);
+#pragma unroll
+        for (int hh = 0; hh < NG; hh++) {
+            const float4 x[2] = {*(const float4*)(qrow + hh * D), *(const float4*)(qrow + hh * D + 16)};
+            pre_b_head<true>(pre_lo, (u32*)wbuf, lane, hh, x, sp);
+        }
+        // (Heads >= NG: zero columns; v + 128 of v = 0 has high byte 0 and low byte 128, flipped 0.)
+        pre_b_zero<NG>(pre_lo, (u32*)wbuf, lane);
+    } else {
+        const float xmax = reduce4<true>(amax, lane);
+#pragma unroll
+        for (int j = 0; j < 4; j++) smax[j] = __shfl_sync(0xffffffffu, xmax, 8 * j);
+        __syncwarp();  // the previous block's readers of wbuf are done
+        if (has) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                // (An unwritten quarter past `valid` may give NaN here: only its own rows, unused.)
+                const float inv = smax[j] > 0.0f ? __fdividef(KEY_FIX, smax[j]) : 0.0f;
+                *(float4*)(wbuf + j * D + ch) =
+                    make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
+            }
         }
     }
     const float qm = sqmax[t < NG ? t : 0] * (P.scale_log2 / KEY_FIX);
@@ -2108,6 +2212,15 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         uint4 c0, c1;
         cw.next(x, c0, c1);
         const u32 xa[4] = {c0.x, c0.y, c0.z, c0.w}, xb[4] = {c1.x, c1.y, c1.z, c1.w};
+        if constexpr (PRE) {
+            const uint4 B0 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 0);
+            const uint4 B1 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 1);
+            quarter_immas<true>(acc[0], acc[1], xa[0], xb[0], B0.x, B0.y);
+            quarter_immas<true>(acc[2], acc[3], xa[1], xb[1], B0.z, B0.w);
+            quarter_immas<true>(acc[4], acc[5], xa[2], xb[2], B1.x, B1.y);
+            quarter_immas<true>(acc[6], acc[7], xa[3], xb[3], B1.z, B1.w);
+            continue;
+        }
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
         if constexpr (!QHAT) {
             qa = make_float4(qa.x * qon, qa.y * qon, qa.z * qon, qa.w * qon);
@@ -2117,7 +2230,11 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         for (int j = 0; j < 4; j++) {
             const float* sj = wbuf + j * D + 32 * x + 4 * t;
             u32 b0, b1;
+#if HACK_B & 1
+            { const float4 s_ = *(const float4*)sj; b0 = __float_as_uint(s_.x) ^ __float_as_uint(qa.x); b1 = __float_as_uint(s_.y) ^ __float_as_uint(qb.y); }
+#else
             fixed_b(qa, qb, *(const float4*)sj, *(const float4*)(sj + 16), magic, sel, b0, b1);
+#endif
             quarter_immas<true>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
@@ -2140,10 +2257,10 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
 // g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
-template <int D, int NG, int AHEAD>
+template <int D, int NG, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                      const float* sc, float* wbuf, float (&vacc)[D / 16][2],
-                                                     float (&pm)[4 * (D / 32)], int lane) {
+                                                     float (&pm)[4 * (D / 32)], int lane, u32* pre_lo = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int NQ = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -2155,45 +2272,100 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     // whatever other paths or unwritten memory hold there; the weights are finite there, other
     // paths' or the softmax's zeros past the split's end, so that they add nothing).
     const int gpt = D / c.group;
-    const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
-    u32 s4[4][2], m4[4][2];
-    quarter_halves4<D>(c.vs + sm, gpt, s4);
-    quarter_halves4<D>(c.vm + sm, gpt, m4);
     const float* w = sc + (pb - s0);
-    float pw[NG][4];
+    float fac[NQ];
+    if constexpr (PRE) {
+        static_assert(D == 128, "PRE_B: D = 128");
+        // The lane's tokens 32x + 4t + 16b + i and quarters 2jp + jj (see pre_b_at); pm in
+        // quarters 2jp + jj at 4jj + h (tc_value_store_heads puts them in place).
+        const int tk = 32 * (lane >> 3) + 4 * (lane & 3), jp = lane >> 2 & 1;
+        const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
+        u32 s4[2][4][2], m4[2][4][2];
+        float4 pw[NG][2];
 #pragma unroll
-    for (int hh = 0; hh < NG; hh++) {
-        const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
-        pw[hh][0] = v.x;
-        pw[hh][1] = v.y;
-        pw[hh][2] = v.z;
-        pw[hh][3] = v.w;
-    }
-    // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
-    // at 4j + h; summed over the warp by tc_value_store_heads).
-    float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int b = 0; b < 2; b++) {
+            quarter_halves4<D>(c.vs + sm + (u64)(tk + 16 * b) * gpt, gpt, s4[b]);
+            quarter_halves4<D>(c.vm + sm + (u64)(tk + 16 * b) * gpt, gpt, m4[b]);
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const bool ok = 4 * lane + i < valid;
+            for (int hh = 0; hh < NG; hh++) pw[hh][b] = *(const float4*)(w + hh * P.split_len + tk + 16 * b);
+        }
+        float sv[2][2][4], amax[2] = {0.0f, 0.0f};  // [jj][b][i]
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const bool ok = tk + 16 * b + i < valid;
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++) {
+                    const u32 sw = jp ? s4[b][i][1] : s4[b][i][0], mw = jp ? m4[b][i][1] : m4[b][i][0];
+                    const float sj = ok ? h2f((u16)(sw >> (16 * jj))) : 0.0f;
+                    const float mj = ok ? h2f((u16)(mw >> (16 * jj))) : 0.0f;
+                    sv[jj][b][i] = sj;
+                    amax[jj] = fmaxf(amax[jj], sj);
+#pragma unroll
+                    for (int hh = 0; hh < NG; hh++) {
+                        const float4 q = pw[hh][b];
+                        const float pi = i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
+                        pm[4 * jj + hh] += pi * mj;
+                    }
+                }
+            }
+        float smax[4];
+        pre_b_max(amax, smax, lane);
+        float sp[2][2][4];
+#pragma unroll
+        for (int jj = 0; jj < 2; jj++) {
+            const float inv = amax[jj] > 0.0f ? __fdividef(VAL_FIX, amax[jj]) : 0.0f;
+#pragma unroll
+            for (int b = 0; b < 2; b++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) sp[jj][b][i] = sv[jj][b][i] * inv;
+        }
+#pragma unroll
+        for (int j = 0; j < NQ; j++) fac[j] = smax[j] * (1.0f / VAL_FIX);
+        __syncwarp();  // the previous block's readers of wbuf are done
+#pragma unroll
+        for (int hh = 0; hh < NG; hh++) pre_b_head<false>(pre_lo, (u32*)wbuf, lane, hh, pw[hh], sp);
+        pre_b_zero<NG>(pre_lo, (u32*)wbuf, lane);
+    } else {
+        const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + (u64)(4 * lane) * gpt;
+        u32 s4[4][2], m4[4][2];
+        quarter_halves4<D>(c.vs + sm, gpt, s4);
+        quarter_halves4<D>(c.vm + sm, gpt, m4);
+        float pw[NG][4];
+#pragma unroll
+        for (int hh = 0; hh < NG; hh++) {
+            const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
+            pw[hh][0] = v.x;
+            pw[hh][1] = v.y;
+            pw[hh][2] = v.z;
+            pw[hh][3] = v.w;
+        }
+        // The mins' terms p . m add up over the split's blocks (pm: per lane, quarter j and head h
+        // at 4j + h; summed over the warp by tc_value_store_heads).
+        float sv[NQ][4], amax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const bool ok = 4 * lane + i < valid;
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+                const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
+                sv[j][i] = sj;
+                amax[j] = fmaxf(amax[j], sj);
+#pragma unroll
+                for (int hh = 0; hh < NG; hh++) pm[4 * j + hh] += pw[hh][i] * mj;
+            }
+        }
+        const float xmax = reduce4<true>(amax, lane);
+        __syncwarp();  // the previous block's readers of wbuf are done
 #pragma unroll
         for (int j = 0; j < NQ; j++) {
-            const float sj = ok ? h2f((u16)(s4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-            const float mj = ok ? h2f((u16)(m4[i][j >> 1] >> (16 * (j & 1)))) : 0.0f;
-            sv[j][i] = sj;
-            amax[j] = fmaxf(amax[j], sj);
-#pragma unroll
-            for (int hh = 0; hh < NG; hh++) pm[4 * j + hh] += pw[hh][i] * mj;
+            const float smax = __shfl_sync(0xffffffffu, xmax, 8 * j);
+            const float inv = smax > 0.0f ? __fdividef(VAL_FIX, smax) : 0.0f;
+            fac[j] = smax * (1.0f / VAL_FIX);
+            *(float4*)(wbuf + j * 128 + 4 * lane) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
         }
-    }
-    const float xmax = reduce4<true>(amax, lane);
-    float fac[NQ];
-    __syncwarp();  // the previous block's readers of wbuf are done
-#pragma unroll
-    for (int j = 0; j < NQ; j++) {
-        const float smax = __shfl_sync(0xffffffffu, xmax, 8 * j);
-        const float inv = smax > 0.0f ? __fdividef(VAL_FIX, smax) : 0.0f;
-        fac[j] = smax * (1.0f / VAL_FIX);
-        *(float4*)(wbuf + j * 128 + 4 * lane) = make_float4(sv[j][0] * inv, sv[j][1] * inv, sv[j][2] * inv, sv[j][3] * inv);
     }
     __syncwarp();  // wbuf written
     const float* pl = w + (h < NG ? h : 0) * P.split_len + 4 * t;
@@ -2216,6 +2388,15 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             xa[k] = slot_half ? wa[(k + 2) & 3] : wa[k];
             xb[k] = slot_half ? wb[(k + 2) & 3] : wb[k];
         }
+        if constexpr (PRE) {
+            const uint4 B0 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 0);
+            const uint4 B1 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 1);
+            quarter_immas<false>(acc[0], acc[1], xa[0], xb[0], B0.x, B0.y);
+            quarter_immas<false>(acc[2], acc[3], xa[1], xb[1], B0.z, B0.w);
+            quarter_immas<false>(acc[4], acc[5], xa[2], xb[2], B1.x, B1.y);
+            quarter_immas<false>(acc[6], acc[7], xa[3], xb[3], B1.z, B1.w);
+            continue;
+        }
         // (Past `valid` the weights are finite and s^ zero: B zero there, with no selects, where
         // they took 48 instructions per block.)
         float4 pa = *(const float4*)(pl + 32 * x), pb4 = *(const float4*)(pl + 32 * x + 16);
@@ -2224,7 +2405,11 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         for (int j = 0; j < NQ; j++) {
             const float* sj = wbuf + j * 128 + 32 * x + 4 * t;
             u32 b0, b1;
+#if HACK_B & 2
+            { const float4 s_ = *(const float4*)sj; b0 = __float_as_uint(s_.x) ^ __float_as_uint(pa.x); b1 = __float_as_uint(s_.y) ^ __float_as_uint(pb4.y); }
+#else
             fixed_b(pa, pb4, *(const float4*)sj, *(const float4*)(sj + 16), F32_MAGIC, sel, b0, b1);
+#endif
             quarter_immas<false>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
@@ -2237,10 +2422,19 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
 }
 
 // Adds a warp's tc_value_block_heads sums and mins' terms to its slot `wacc` ([NG][D]).
-template <int D, int NG>
+template <int D, int NG, bool PRE = false>
 __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16][2], float (&pm)[4 * (D / 32)],
                                                      float* wacc, int lane) {
     const int g = lane >> 2, t = lane & 3;
+    if constexpr (PRE) {
+        // pm[4jj + h]: quarter 2jp + jj (tc_value_block_heads): in place.
+        const bool hi = lane >> 2 & 1;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            pm[k + 8] = hi ? pm[k] : 0.0f;
+            pm[k] = hi ? 0.0f : pm[k];
+        }
+    }
     __syncwarp();
     const float xsum = transpose_reduce<4 * (D / 32)>(pm, lane);  // lane 4j + h: quarter j, head h
     float bias[D / 32];
@@ -2249,8 +2443,10 @@ __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16]
     if (t < NG) {
 #pragma unroll
         for (int m = 0; m < D / 16; m++) {
-            wacc[t * D + 16 * m + g] += vacc[m][0] + bias[m >> 1];
-            wacc[t * D + 16 * m + g + 8] += vacc[m][1] + bias[m >> 1];
+            // (PRE: the slot held the B operands; this first write covers it.)
+            float* o = wacc + t * D + 16 * m + g;
+            o[0] = (PRE ? 0.0f : o[0]) + vacc[m][0] + bias[m >> 1];
+            o[8] = (PRE ? 0.0f : o[8]) + vacc[m][1] + bias[m >> 1];
         }
     }
 }
@@ -2353,8 +2549,11 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // slots until the scores are done (zeroed after), so that one-warp CTAs of GQA serving
     // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
     // at 16 per SM, two at 13).
-    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8;
-    if constexpr (!QF_IN_SACC)
+    // PRE_B: the B operands of a warp's blocks take its value-sum slot (k-steps 0, 1) and its
+    // slot of swbuf16 (2, 3); the slot is its own again after the warp's last value block.
+    constexpr bool PRE = PRE_B && QUANT && KB == 2 && VB == 2 && NG == 4 && W > 1 && D == 128 && QHAT_FOUR_WARPS;
+    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8 && !PRE;
+    if constexpr (!QF_IN_SACC && !PRE)
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
     __syncthreads();
@@ -2420,6 +2619,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     float* sqhat = (float*)sqhat16;
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
     float* wbuf = (float*)swbuf16 + warp * 512;
+    u32* pre_lo = (u32*)wacc;  // (PRE)
     // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
     // 4-bit codes through the f16 tensor-core path).
     constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || STAGE_CODES4);
@@ -2482,9 +2682,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>()>(
+            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
-                sqinv, sqhat, sqf, wbuf, sc, lane);
+                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -2695,7 +2895,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     __syncthreads();
 
     // ---- softmax of the split (warp g owns query head g)
-    if constexpr (QF_IN_SACC)
+    // (PRE: the value-sum slots are zeroed by the tensor-core value path's first write, or here.)
+    if (QF_IN_SACC || (PRE && vt_end <= s0))
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     const int ns = s1 - s0;
     for (int g = warp; g < NG; g += W) {
@@ -2761,9 +2962,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_heads<D, NG, heads_ahead<D, W>()>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
-                                                                 s0, vt_valid - pb, sc, wbuf, vacc, pm, lane);
-            tc_value_store_heads<D, NG>(vacc, pm, wacc, lane);
+                tc_value_block_heads<D, NG, heads_ahead<D, W>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
+                                                                 s0, vt_valid - pb, sc, wbuf, vacc, pm, lane, pre_lo);
+            tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
 #pragma unroll
