@@ -1934,9 +1934,6 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
 // B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
 // slower (µs, 4 -> 1: that shape 406 -> 411, B = 8 T = 32K 119 -> 125, B = 32 T = 4K 83 -> 87).
-#ifndef HACK_B
-#define HACK_B 0
-#endif
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
@@ -2011,10 +2008,13 @@ __device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u3
                          code_bits<2>(xb, M2, 6), b0, b1);
 }
 
-// 1: in four-warp CTAs at D = 128, a block's B operands are formed once per block, not per
-// k-step (PRE_B): lane l multiplies its channels' (keys) or tokens' (values) 4l..4l + 3 for
-// every head and quarter and writes both bytes, where in the k-steps each lane formed its
+// 1: four-warp CTAs of four heads at D = 128 form a block's B operands once, before its
+// k-steps (PRE_B, see pre_b_at): each product q^ s^ (p s^) once per warp, both its bytes from one
+// FFMA, in shared memory for the k-steps' IMMAs, where in the k-steps each lane formed its
 // column's 8 values per quarter and its partner lane (the other byte) the same 8 products.
+// Measured on the H200 (session 21, GQA KIVI-2, us): B = 32 T = 32K 345.1 -> 308.6, T = 16K
+// 185.1 -> 168.4, T = 4K 71.2 -> 63.8, B = 8 T = 32K 100.2 -> 90.9; B = 1 and short contexts
+// within 1 %.
 #ifndef PRE_B
 #define PRE_B 1
 #endif
@@ -2117,7 +2117,8 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 #pragma unroll
         for (int jj = 0; jj < 2; jj++)
 #pragma unroll
-            for (int b = 0; b < 2; b++) s4[2 * jj + b] = *(const uint2*)(ks + ((2 * (lane >> 2 & 1) + jj) >> qshift) * D + 16 * b);
+            for (int b = 0; b < 2; b++)
+                s4[2 * jj + b] = *(const uint2*)(ks + ((2 * (lane >> 2 & 1) + jj) >> qshift) * D + 16 * b);
     } else {
         key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
     }
@@ -2230,11 +2231,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         for (int j = 0; j < 4; j++) {
             const float* sj = wbuf + j * D + 32 * x + 4 * t;
             u32 b0, b1;
-#if HACK_B & 1
-            { const float4 s_ = *(const float4*)sj; b0 = __float_as_uint(s_.x) ^ __float_as_uint(qa.x); b1 = __float_as_uint(s_.y) ^ __float_as_uint(qb.y); }
-#else
             fixed_b(qa, qb, *(const float4*)sj, *(const float4*)(sj + 16), magic, sel, b0, b1);
-#endif
             quarter_immas<true>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
@@ -2282,12 +2279,19 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
         u32 s4[2][4][2], m4[2][4][2];
         float4 pw[NG][2];
+        float pv[NG][2][4];
 #pragma unroll
         for (int b = 0; b < 2; b++) {
             quarter_halves4<D>(c.vs + sm + (u64)(tk + 16 * b) * gpt, gpt, s4[b]);
             quarter_halves4<D>(c.vm + sm + (u64)(tk + 16 * b) * gpt, gpt, m4[b]);
 #pragma unroll
-            for (int hh = 0; hh < NG; hh++) pw[hh][b] = *(const float4*)(w + hh * P.split_len + tk + 16 * b);
+            for (int hh = 0; hh < NG; hh++) {
+                pw[hh][b] = *(const float4*)(w + hh * P.split_len + tk + 16 * b);
+                pv[hh][b][0] = pw[hh][b].x;
+                pv[hh][b][1] = pw[hh][b].y;
+                pv[hh][b][2] = pw[hh][b].z;
+                pv[hh][b][3] = pw[hh][b].w;
+            }
         }
         float sv[2][2][4], amax[2] = {0.0f, 0.0f};  // [jj][b][i]
 #pragma unroll
@@ -2303,11 +2307,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
                     sv[jj][b][i] = sj;
                     amax[jj] = fmaxf(amax[jj], sj);
 #pragma unroll
-                    for (int hh = 0; hh < NG; hh++) {
-                        const float4 q = pw[hh][b];
-                        const float pi = i == 0 ? q.x : i == 1 ? q.y : i == 2 ? q.z : q.w;
-                        pm[4 * jj + hh] += pi * mj;
-                    }
+                    for (int hh = 0; hh < NG; hh++) pm[4 * jj + hh] += pv[hh][b][i] * mj;
                 }
             }
         float smax[4];
@@ -2405,11 +2405,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         for (int j = 0; j < NQ; j++) {
             const float* sj = wbuf + j * 128 + 32 * x + 4 * t;
             u32 b0, b1;
-#if HACK_B & 2
-            { const float4 s_ = *(const float4*)sj; b0 = __float_as_uint(s_.x) ^ __float_as_uint(pa.x); b1 = __float_as_uint(s_.y) ^ __float_as_uint(pb4.y); }
-#else
             fixed_b(pa, pb4, *(const float4*)sj, *(const float4*)(sj + 16), F32_MAGIC, sel, b0, b1);
-#endif
             quarter_immas<false>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
         }
     }
@@ -2550,7 +2546,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
     // at 16 per SM, two at 13).
     // PRE_B: the B operands of a warp's blocks take its value-sum slot (k-steps 0, 1) and its
-    // slot of swbuf16 (2, 3); the slot is its own again after the warp's last value block.
+    // slot of swbuf16 (2, 3); the value sums have it again after the warp's last value block.
+    // The query fragments then take shared memory of their own (sqf_own: 2 KiB, four CTAs of
+    // ~55 KiB per SM still).
     constexpr bool PRE = PRE_B && QUANT && KB == 2 && VB == 2 && NG == 4 && W > 1 && D == 128 && QHAT_FOUR_WARPS;
     constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8 && !PRE;
     if constexpr (!QF_IN_SACC && !PRE)
