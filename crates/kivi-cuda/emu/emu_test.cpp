@@ -59,6 +59,7 @@ static AttnParams block_params(int D, int G) {
     P.c.head_dim = D;
     P.c.group = G;
     P.split_len = BLOCK_TOKENS;
+    P.sc_stride = BLOCK_TOKENS;
     return P;
 }
 
@@ -235,7 +236,7 @@ static void key_block_heads(int G, int valid) {
     for (int x = 0; x < NG * D; x++) qhat[x] = q[x] * qinv[x / D];
     AttnParams P = key_params(D, G, 2, kq, ks, km);
     std::vector<uint2> qf((D / 16) * 32);
-    query_fragments<D, NG>(q.data(), qf.data(), 0, 1);
+    query_fragments<D, NG, true>(q.data(), qf.data(), 0, 1);  // (the channel order of the mins' loads)
     // (PRE: B in two 512-word regions.)
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D, NAN), pre_lo(512, NAN);
     emu_run_warp({}, [&](int lane) {
@@ -634,6 +635,7 @@ struct Pipeline {
         P.n_head = nh;
         P.nsplit = nsplit;
         P.split_len = split;
+        P.sc_stride = split + (NG > 1 ? 8 : 0);  // as the host (SCORE_ROW_PAD)
         P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
         P.tensor_cores = 1;
         P.tc_multiple = production && W > 1 ? W : 1;
@@ -647,7 +649,7 @@ struct Pipeline {
             P.out = out.data();
             P.tickets = tickets.data();
         }
-        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * split + W * FST * 8 * D;
+        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * P.sc_stride + W * FST * 8 * D;
         if (decode_splits > 0)
             emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W, FST>(P); },
                        smem);
@@ -775,9 +777,11 @@ int main() {
             key_block_heads<128, 3, true>(G, valid);
             key_block_heads<128, 3>(G, valid);
             key_block_heads<128, 2>(G, valid);
-            key_block_heads<128, 4, true, 1, true>(G, valid);  // (PRE_B: four-warp CTAs, four heads)
+            key_block_heads<128, 4, true, 2, true>(G, valid);  // (PRE_B: four-warp CTAs, four heads)
+            key_block_heads<128, 4, true, 1, true>(G, valid);
             value_block_heads<128, 4>(G, valid);
             value_block_heads<128, 4, 1>(G, valid);
+            value_block_heads<128, 4, 2, true>(G, valid);
             value_block_heads<128, 4, 1, true>(G, valid);
             value_block_heads<128, 3>(G, valid);
             value_block_heads<128, 2>(G, valid);

@@ -421,6 +421,9 @@ struct AttnParams {
     // last CTA of a (token, head group) to finish combines the splits (no reduce launch).
     int* tickets;
     int n_head, nsplit, split_len;
+    // Floats per head's row of the split's scores (split_len, padded with several heads per CTA
+    // so that the heads' rows start in different banks: SCORE_ROW_PAD on the host).
+    int sc_stride;
     float scale_log2;   // log2(e) / sqrt(D)
     int tensor_cores;   // whole quantized blocks through mma.sync (else the CUDA-core path)
     int tc_multiple;    // ... in multiples of this many blocks (the rest: CUDA cores)
@@ -796,7 +799,7 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
     // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1. Only the block's first
     // `valid` tokens are quantized keys (the rest of a partial block: other paths' positions).
     if (t < NG) {
-        float* row = sc + t * P.split_len + (pb - s0) + 16 * g;
+        float* row = sc + t * P.sc_stride + (pb - s0) + 16 * g;
 #pragma unroll
         for (int m = 0; m < 8; m++) {
             if (16 * g + 2 * m < valid) row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
@@ -1308,7 +1311,7 @@ __device__ __forceinline__ void f16_key_row_pair(const AttnParams& P, const uint
     }
     if (t < NG) {
         const int r = f16_key_row(g, m);
-        float* row = sc + t * P.split_len + (pb - s0) + r;
+        float* row = sc + t * P.sc_stride + (pb - s0) + r;
         if (r < valid) row[0] = (acc[0] + acc[1]) * P.scale_log2;
         if (r + 1 < valid) row[1] = (acc[2] + acc[3]) * P.scale_log2;
     }
@@ -1396,7 +1399,7 @@ __device__ __forceinline__ void tc_f16_value_block(const AttnParams& P, int kvh,
     constexpr int CH = D / 8;
     const int g = lane >> 2, t = lane & 3, hg = g >> 1;
     const u16* rows = f16_value_lane_rows<D>(P.c, kvh, blk, lane);
-    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.sc_stride + (pb - s0));
 #pragma unroll(NG == 1 ? F16_VALUE_UNROLL : F16_VALUE_UNROLL_HEADS)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
         const int ta = 16 * kstep + 2 * t, tb = ta + 8;
@@ -1607,7 +1610,7 @@ __device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64
         vm = c.vm + sm;
     }
 #undef LANE_GROUP
-    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.sc_stride + (pb - s0));
     const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
 #pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
     for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
@@ -1938,15 +1941,17 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #define HEADS_UNROLL 4
 #endif
 // k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words: 1 or
-// 2; 0: 2 in one-warp CTAs and at D = 64, else 1. Measured on the H200 (session 20, µs, 2 / 1):
-// four-warp D = 128 GQA B = 32 T = 32K 355.8 / 348.3, T = 16K 191.5 / 187.2; one-warp GQA
-// serving B = 1024 T = 330 264.8 / 270.4; SmolLM2 9/3/64 B = 256 T = 8K 177.5 / 181.5.
+// 2; 0: 1 in four-warp D = 128 CTAs without pre-formed B operands (PRE), else 2. Measured on
+// the H200 (session 20, us, 2 / 1): four-warp D = 128 GQA B = 32 T = 32K 355.8 / 348.3, T = 16K
+// 191.5 / 187.2; one-warp GQA serving B = 1024 T = 330 264.8 / 270.4; SmolLM2 9/3/64 B = 256
+// T = 8K 177.5 / 181.5. With PRE (session 21): B = 32 T = 32K 306.0 / 308.9, T = 16K
+// 166.0 / 167.6, B = 8 T = 32K 90.6 / 90.9.
 #ifndef HEADS_AHEAD
 #define HEADS_AHEAD 0
 #endif
-template <int D, int W>
+template <int D, int W, bool PRE>
 __device__ __forceinline__ constexpr int heads_ahead() {
-    return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 ? 2 : 1;
+    return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 || PRE ? 2 : 1;
 }
 // A lane's two 16-byte code words of each k-step x of tc_key_block_heads / tc_value_block_heads
 // (rows 8x and 8x + 4 of ROW words from p), loaded AHEAD k-steps ahead.
@@ -2092,7 +2097,7 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sq: [NG][D] q,
 // sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q|, qhat (QHAT): [NG + 1][D] q^ = q sqinv and a row
 // of zeros (else q^ is formed here: the copy made one-warp CTAs of GQA serving shapes one wave
-// too many, see QF_IN_SACC), qf: the query's f16 B fragments (query_fragments), wbuf: the
+// too many, see QF_IN_SACC), qf: the query's f16 B fragments (query_fragments, F16_ROWS), wbuf: the
 // warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)),
 // rows g and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2,
 // a3); its results are head t's.
@@ -2122,14 +2127,19 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     } else {
         key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
     }
-    // The mins' loads, for the MMA below.
+    // The mins' loads, for the MMA below: in the query fragments' channel order (F16_ROWS),
+    // k-steps 2j and 2j + 1 of lane (g, t) are channels 32j + 8t..32j + 8t + 7, one 16-byte load
+    // (four 4-byte ones per 32 channels were 2 sectors over the ideal each, Nsight Compute).
     u32 ma[D / 16][2];
     {
-        const u16* km = c.km + sm + (g >> qshift) * D + 2 * t;
+        const u16* km = c.km + sm + (g >> qshift) * D + 8 * t;
 #pragma unroll
-        for (int x = 0; x < D / 16; x++) {
-            ma[x][0] = g < 4 ? *(const u32*)(km + 16 * x) : 0u;
-            ma[x][1] = g < 4 ? *(const u32*)(km + 16 * x + 8) : 0u;
+        for (int j = 0; j < D / 32; j++) {
+            const uint4 v = g < 4 ? *(const uint4*)(km + 32 * j) : make_uint4(0u, 0u, 0u, 0u);
+            ma[2 * j][0] = v.x;
+            ma[2 * j][1] = v.y;
+            ma[2 * j + 1][0] = v.z;
+            ma[2 * j + 1][1] = v.w;
         }
     }
     float sv[4][4], amax[4];
@@ -2237,7 +2247,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
     // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8.
     if (t < NG) {
-        float* row = sc + t * P.split_len + (pb - s0) + g;
+        float* row = sc + t * P.sc_stride + (pb - s0) + g;
 #pragma unroll
         for (int m = 0; m < 8; m++) {
             const int j = m >> 1, sh = 4 * (m & 1);
@@ -2250,7 +2260,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 }
 
 // Adds one whole 2-bit value block's weighted sums for the CTA's NG heads to vacc, by one warp
-// (sc: the split's weights [NG][split_len], plain floats; wbuf: the warp's [4][128] floats).
+// (sc: the split's weights [NG][sc_stride], plain floats; wbuf: the warp's [4][128] floats).
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
 // g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
@@ -2286,7 +2296,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             quarter_halves4<D>(c.vm + sm + (u64)(tk + 16 * b) * gpt, gpt, m4[b]);
 #pragma unroll
             for (int hh = 0; hh < NG; hh++) {
-                pw[hh][b] = *(const float4*)(w + hh * P.split_len + tk + 16 * b);
+                pw[hh][b] = *(const float4*)(w + hh * P.sc_stride + tk + 16 * b);
                 pv[hh][b][0] = pw[hh][b].x;
                 pv[hh][b][1] = pw[hh][b].y;
                 pv[hh][b][2] = pw[hh][b].z;
@@ -2335,7 +2345,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         float pw[NG][4];
 #pragma unroll
         for (int hh = 0; hh < NG; hh++) {
-            const float4 v = *(const float4*)(w + hh * P.split_len + 4 * lane);
+            const float4 v = *(const float4*)(w + hh * P.sc_stride + 4 * lane);
             pw[hh][0] = v.x;
             pw[hh][1] = v.y;
             pw[hh][2] = v.z;
@@ -2368,7 +2378,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         }
     }
     __syncwarp();  // wbuf written
-    const float* pl = w + (h < NG ? h : 0) * P.split_len + 4 * t;
+    const float* pl = w + (h < NG ? h : 0) * P.sc_stride + 4 * t;
     const bool head_on = h < NG;  // lanes of heads >= NG (NG < 4) give zero columns
     const u32 sel = part ? 0x0040u : 0x0051u;
     int acc[D / 16][4];
@@ -2514,9 +2524,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // atomics added the warps' partials in arrival order).
     float* sacc = sq + NG * D;
     float* sml = sacc + W * NG * D;    // [NG][2]
-    float* sc = sml + SML_FLOATS(NG);  // [NG][split_len], 16-byte aligned
+    float* sc = sml + SML_FLOATS(NG);  // [NG][sc_stride], 16-byte aligned
     // [W][FST][32 D bytes]: each warp's ring of f16 chunks (f16_stream_issue).
-    uint4* ring = (uint4*)(sc + NG * P.split_len) + warp * FST * 2 * D;
+    uint4* ring = (uint4*)(sc + NG * P.sc_stride) + warp * FST * 2 * D;
     __shared__ int sblk[MAX_SPLIT / BLOCK_TOKENS];  // block ids of the split (s0 is block-aligned)
 
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
@@ -2638,7 +2648,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps.
     __shared__ u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
-        query_fragments<D, NG, F16_TENSOR>(sq, sqf, threadIdx.x, blockDim.x);
+        query_fragments<D, NG, F16_TENSOR || HEADS_K>(sq, sqf, threadIdx.x, blockDim.x);
         if constexpr (HEADS_K) {
             for (int hh = warp; hh < NG; hh += W) {
                 float mx = 0.0f;
@@ -2680,7 +2690,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W>(), PRE && QHAT>(
+            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
                 sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo);
     } else if (QUANT && kt_end > s0) {
@@ -2791,7 +2801,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     const float v = transpose_reduce<TOK>(acc[g], lane);
                     const int p = t0 + pass * TOK + (lane % TOK);
                     if (lane < TOK)
-                        sc[g * P.split_len + (p - s0)] = p < s1 ? (v + bias[g]) * P.scale_log2 : NEG_INF;
+                        sc[g * P.sc_stride + (p - s0)] = p < s1 ? (v + bias[g]) * P.scale_log2 : NEG_INF;
                 }
             }
         } else {
@@ -2885,7 +2895,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                 for (int g = 0; g < NG; g++) {
                     const float v = transpose_reduce<8>(part8[g], lane);
                     const int p = b0 + (lane & 7);
-                    if (lane < 8 && p < tend) sc[g * P.split_len + (p - s0)] = v * P.scale_log2;
+                    if (lane < 8 && p < tend) sc[g * P.sc_stride + (p - s0)] = v * P.scale_log2;
                 }
             }
         }
@@ -2898,7 +2908,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     const int ns = s1 - s0;
     for (int g = warp; g < NG; g += W) {
-        float* row = sc + g * P.split_len;
+        float* row = sc + g * P.sc_stride;
         float mx = NEG_INF;
         for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
@@ -2960,7 +2970,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_heads<D, NG, heads_ahead<D, W>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
+                tc_value_block_heads<D, NG, heads_ahead<D, W, PRE>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
                                                                  s0, vt_valid - pb, sc, wbuf, vacc, pm, lane, pre_lo);
             tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
@@ -3024,7 +3034,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                         const float sv = h2f((u16)(sw >> (16 * (gq & 1)))), mv = h2f((u16)(mw >> (16 * (gq & 1))));
 #pragma unroll
                         for (int g = 0; g < NG; g++) {
-                            const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                            const float pv = p < qend ? sc[g * P.sc_stride + (p - s0)] : 0.0f;
                             ps[g][q] = pv * (sv * 4.0f);
                             bias2[g][q] += pv * mv - ps[g][q];
                         }
@@ -3066,7 +3076,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                 float ps[NG];
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
-                    const float pv = p < qend ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                    const float pv = p < qend ? sc[g * P.sc_stride + (p - s0)] : 0.0f;
                     ps[g] = pv * (s[u] * (float)(1 << VBq));
                     bias[g] += pv * m[u] - ps[g];
                 }
@@ -3112,7 +3122,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             const int hg = lane >> 3, t = lane & 3;
             for (int i = 0; i < ring_blocks; i++) {
                 const int pb = s0 + (warp + i * W) * BLOCK_TOKENS, valid = vt_valid - pb;
-                const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.split_len + (pb - s0));
+                const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.sc_stride + (pb - s0));
 #pragma unroll 1
                 for (int k = 0; k < BLOCK_TOKENS / 16; k++) {
                     const int c = 8 * ring_blocks + 8 * i + k, ta = 16 * k + 2 * t;
@@ -3173,7 +3183,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     raw_to_float<CPL>(raw[u], false, vv);
 #pragma unroll
                     for (int g = 0; g < NG; g++) {
-                        const float pv = w[g * P.split_len + u];
+                        const float pv = w[g * P.sc_stride + u];
 #pragma unroll
                         for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
                     }
@@ -3211,7 +3221,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                 raw_to_float<CPL>(raw[u], is_f32[u], vv);
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
-                    const float pv = p < s1 ? sc[g * P.split_len + (p - s0)] : 0.0f;
+                    const float pv = p < s1 ? sc[g * P.sc_stride + (p - s0)] : 0.0f;
 #pragma unroll
                     for (int x = 0; x < CPL; x++) acc[g][x] += pv * vv[x];
                 }

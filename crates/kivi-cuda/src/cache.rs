@@ -43,6 +43,11 @@ const ATTN_THREADS: u32 = 128;
 /// all; 8 per SM (the previous target) made GQA B = 1, T = 16K 1.7x slower.
 const ONE_WARP_CTAS_PER_SM: usize = 16;
 const CTAS_PER_SM: usize = 4;
+/// Floats of padding after each query head's row of a split's scores in CTAs of several heads:
+/// 8 puts the rows of the four heads that lanes (g, t) write at once (g + 16m of head t) in 32
+/// different banks, where rows of 2048 floats put them in one (a 4-way conflict on every score
+/// store, 48 extra shared-memory wavefronts per 128-token key block, Nsight Compute, session 21).
+const SCORE_ROW_PAD: usize = 8;
 /// f16: 2 (session 12 sweep of 1 / 2 / 4 on the H200, µs: MHA B = 8 T = 1K 44.6 (4: 54.5),
 /// T = 4K 139 (155); GQA B = 32 T = 1K 48 (66), T = 4K 148 (173), B = 8 T = 16K 145 (170),
 /// B = 1 T = 16K 37 (46); slower only at MHA B = 1 T = 16K 87 (79), GQA B = 8 T = 4K 58 (49)).
@@ -147,6 +152,7 @@ struct AttnParams {
     n_head: i32,
     nsplit: i32,
     split_len: i32,
+    sc_stride: i32,
     scale_log2: f32,
     tensor_cores: i32,
     tc_multiple: i32,
@@ -1620,7 +1626,8 @@ impl GpuCache {
         let stages = self.f16_stages(kb, path, ng, split_blocks.is_multiple_of(warps));
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
-        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * split) * 4
+        let sc_stride = split + if ng > 1 { SCORE_ROW_PAD } else { 0 };
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * sc_stride) * 4
             + warps * stages * 32 * d;
         // Decode splits only, in one wave of CTAs: the kernel's last CTA per (token, head group)
         // combines them, with no reduce launch. (Measured on the H200, docs/benchmarks.md
@@ -1667,6 +1674,7 @@ impl GpuCache {
             n_head: n_head as i32,
             nsplit: nsplit as i32,
             split_len: split as i32,
+            sc_stride: sc_stride as i32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             tensor_cores: i32::from(self.tensor_cores && (quant || f16_tc)),
             tc_multiple: if one_warp { 1 } else { self.tc_multiple as i32 },
