@@ -125,10 +125,15 @@ sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __rest
     }
 
     // Draw in index order: thread t owns the contiguous chunk [t c, t c + c); an inclusive scan
-    // of the chunks' kept mass gives each chunk its interval [incl(t - 1), incl(t)), which tile
-    // [0, total) exactly; the chunk whose interval holds u * total walks its tokens.
+    // of the chunks' kept mass gives each chunk its interval [incl(t - 1), incl(t)). The scan's
+    // rounding can leave a gap of an ulp between intervals (it sums in a tree), so the draw goes
+    // to the last chunk with mass whose interval starts at or before u * total (chunk 0's start
+    // is 0: some chunk always qualifies), and a walk that rounding left short takes the chunk's
+    // last kept token. (Requiring the interval to hold the target left the output unwritten
+    // when the target fell in such a gap after an empty chunk.)
     __shared__ float incl[SAMPLE_THREADS];
     __shared__ float wtot[SAMPLE_THREADS / 32];
+    __shared__ int owner;
     const int chunk = (vocab + nt - 1) / nt;
     const int c0 = min(tid * chunk, vocab), c1 = min(c0 + chunk, vocab);
     float s = 0.0f;
@@ -148,6 +153,7 @@ sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __rest
         if (lane >= o) x += y;
     }
     if (lane == 31) wtot[warp] = x;
+    if (tid == 0) owner = -1;
     __syncthreads();
     if (warp == 0) {
         float w = lane < (nt >> 5) ? wtot[lane] : 0.0f;
@@ -163,12 +169,11 @@ sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __rest
     const float total = incl[nt - 1];
     const float target = p.u * total;
     const float lo = tid > 0 ? incl[tid - 1] : 0.0f;
-    // The last chunk with mass also takes a target that rounded up to the total.
-    const bool rounded_up = target >= total && lo < total && incl[tid] >= total;
-    const bool owns = target >= lo && (target < incl[tid] || rounded_up);
-    if (s > 0.0f && owns) {
+    if (s > 0.0f && lo <= target) atomicMax(&owner, tid);
+    __syncthreads();
+    if (tid == owner) {
         float acc = lo;
-        int pick = last_kept;  // rounding left the walk short: the chunk's last kept token
+        int pick = last_kept;
         for (int i = c0; i < c1; i++) {
             const float v = logit_at(l, i);
             const float w = order_key(v) >= keep ? expf((v - mx) * inv_t) : 0.0f;
