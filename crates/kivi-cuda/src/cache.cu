@@ -46,13 +46,6 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// 2^x by MUFU.EX2 alone, where exp2f adds a denormal range check (three more instructions per
-// weight of the softmax); results below 2^-126 flush to zero.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 #endif
 __device__ __forceinline__ double h2d(u16 h) { return (double)h2f(h); }
 
@@ -2914,35 +2907,18 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     if (QF_IN_SACC || (PRE && vt_end <= s0))
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     const int ns = s1 - s0;
-    // (Four scores per lane and access (rows are 16-byte aligned): the scalar loops took ~9
-    // instructions per score, ~7 % of the GQA kernel's, Nsight Compute, session 21.)
     for (int g = warp; g < NG; g += W) {
         float* row = sc + g * P.sc_stride;
-        float4* row4 = (float4*)row;
-        const int n4 = ns >> 2;
         float mx = NEG_INF;
-        for (int i = lane; i < n4; i += 32) {
-            const float4 v = row4[i];
-            mx = fmaxf(mx, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
-        }
-        for (int t = 4 * n4 + lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
+        for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
         float sum = 0.0f;
         const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
-        auto weight = [&](float x, int t) {
-            const float e = fast_exp2(x - mx);
+        for (int t = lane; t < ns; t += 32) {
+            const float e = exp2f(row[t] - mx);
+            row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
             sum += e;
-            return t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
-        };
-        for (int i = lane; i < n4; i += 32) {
-            float4 v = row4[i];
-            v.x = weight(v.x, 4 * i);
-            v.y = weight(v.y, 4 * i + 1);
-            v.z = weight(v.z, 4 * i + 2);
-            v.w = weight(v.w, 4 * i + 3);
-            row4[i] = v;
         }
-        for (int t = 4 * n4 + lane; t < ns; t += 32) row[t] = weight(row[t], t);
         // tc_value_block_heads reads a last block's weights past the split's end: zeros, so
         // that it needs no selects (s^ is zero there).
         if constexpr (HEADS_V) {
