@@ -1627,7 +1627,8 @@ impl GpuCache {
         let f = self.attn_function(kb, vb, ng, warps, path, stages)?;
         // q, one value-sum slot per warp, max/sum, scores, the f16 rings (`attn_split`'s layout).
         let sc_stride = split + if ng > 1 { SCORE_ROW_PAD } else { 0 };
-        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * sc_stride) * 4
+        let smem = (ng * d + warps * ng * d + (2 * ng + 8).next_multiple_of(4) + ng * sc_stride)
+            * 4
             + warps * stages * 32 * d;
         // Decode splits only, in one wave of CTAs: the kernel's last CTA per (token, head group)
         // combines them, with no reduce launch. (Measured on the H200, docs/benchmarks.md
