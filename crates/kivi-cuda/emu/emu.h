@@ -220,6 +220,20 @@ inline float __shfl_xor_sync(u32, float v, int o) {
     emu_sync();
     return r;
 }
+inline float __shfl_up_sync(u32, float v, int o) {
+    EmuWarp& w = emu_warp();
+    const int l = emu_lane();
+    w.sh[l] = v;
+    emu_sync();
+    const float r = w.sh[l >= o ? l - o : l];
+    emu_sync();
+    return r;
+}
+inline int atomicMax(int* p, int v) {
+    const int old = *p;
+    if (v > old) *p = v;
+    return old;
+}
 inline float __shfl_sync(u32, float v, int src) {
     EmuWarp& w = emu_warp();
     const int l = emu_lane();

@@ -5,6 +5,7 @@
 // pipelines below). `tests/emulator.rs` builds and runs it.
 #include "emu.h"
 #include "../src/cache.cu"
+#include "../src/sample.cu"
 
 #include <chrono>
 #include <map>
@@ -764,11 +765,66 @@ static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool produ
     std::printf("%-4s %s: worst rel err %.2e (bound %.0e), %.1f s\n", ok ? "ok" : "FAIL", what, pl.worst, bound, secs);
 }
 
+// sample_rows' draw with its target in a rounding gap of the scan of the chunks' mass: an empty
+// chunk whose interval [incl(t - 1), incl(t)) is an ulp wide, because the scan sums in a tree.
+// The output must still be a kept token (it was left unwritten before session 21's fix). The
+// gap and the draw u that lands in it come from the kernel's arithmetic replayed here (the
+// emulator runs it in the same float operations).
+static void sample_draw_in_gap() {
+    const int vocab = 1000, nt = 128, chunk = (vocab + nt - 1) / nt;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        std::vector<float> l(vocab);
+        for (int i = 0; i < vocab; i++) l[i] = i > 0 && rng() % 2 ? (float)uni(-4.0, 4.0) : -INFINITY;
+        float mx = -INFINITY;
+        for (float v : l) mx = fmaxf(mx, v);
+        // Chunk masses, the warps' inclusive scans (shfl_up), the warp totals' scan.
+        std::vector<float> s(nt, 0.0f), x(nt), incl(nt);
+        for (int t = 0; t < nt; t++)
+            for (int i = std::min(t * chunk, vocab); i < std::min(t * chunk + chunk, vocab); i++) {
+                const float w = expf((l[i] - mx) * 1.0f);
+                if (w > 0.0f) s[t] += w;
+            }
+        x = s;
+        for (int o = 1; o < 32; o <<= 1) {
+            const std::vector<float> prev = x;
+            for (int t = 0; t < nt; t++)
+                if (t % 32 >= o) x[t] += prev[t - o];
+        }
+        float wtot[32] = {};
+        for (int w = 0; w < nt / 32; w++) wtot[w] = x[32 * w + 31];
+        for (int o = 1; o < 32; o <<= 1) {
+            float prev[32];
+            std::copy(wtot, wtot + 32, prev);
+            for (int j = o; j < 32; j++) wtot[j] += prev[j - o];
+        }
+        for (int t = 0; t < nt; t++) incl[t] = x[t] + (t >= 32 ? wtot[t / 32 - 1] : 0.0f);
+        const float total = incl[nt - 1];
+        for (int t = 1; t < nt; t++) {
+            if (s[t] != 0.0f || !(incl[t] > incl[t - 1])) continue;
+            float u = incl[t - 1] / total;
+            while (u * total < incl[t - 1]) u = std::nextafter(u, 1.0f);
+            while (u * total >= incl[t - 1] && u > 0.0f && std::nextafter(u, 0.0f) * total >= incl[t - 1])
+                u = std::nextafter(u, 0.0f);
+            if (!(u * total < incl[t]) || u >= 1.0f) continue;
+            const SampleRow row{0, 1.0f, 0, 1.0f, u};
+            u32 out = 0xffffffffu;
+            emu_launch({1, 1, 1}, nt, [&](int) { sample_rows(l.data(), vocab, &row, &out); });
+            const bool ok = out < (u32)vocab && std::isfinite(l[out]);
+            std::printf("%-4s sampling: draw in the scan's rounding gap after empty chunk %d (u %.9g): token %d\n",
+                        ok ? "ok" : "FAIL", t, (double)u, (int)out);
+            if (!ok) failures++;
+            return;
+        }
+    }
+    require(false, "sampling: no rounding gap in 100 random rows");
+}
+
 int main() {
     const u64 seed = std::chrono::system_clock::now().time_since_epoch().count();
     rng.seed(seed);
     std::printf("seed %llu\n", (unsigned long long)seed);
     auto partial = [] { return 1 + (int)(rng() % 127); };
+    sample_draw_in_gap();
     for (int G : {32, 64, 128}) {
         for (int valid : {128, partial()}) {
             key_block_heads<128, 4>(G, valid);
