@@ -2059,6 +2059,17 @@ __device__ __forceinline__ void pre_b_head(u32* lo_, u32* hi_, int lane, int h, 
     *(uint4*)pre_b_at(lo_, hi_, x_, t, 2 * h, jp) = make_uint4(hi[0][0], hi[0][1], hi[1][0], hi[1][1]);
     *(uint4*)pre_b_at(lo_, hi_, x_, t, 2 * h + 1, jp) = make_uint4(lo[0][0], lo[0][1], lo[1][0], lo[1][1]);
 }
+// The eight IMMAs of k-step x (quarter j: m-tiles 2j, 2j + 1) with the pre-formed B operands of
+// lane (g, t).
+template <bool B_SIGNED>
+__device__ __forceinline__ void pre_b_kstep(int (&acc)[8][4], const u32 (&xa)[4], const u32 (&xb)[4], u32* lo,
+                                            u32* hi, int x, int t, int g) {
+    const uint4 b0 = *(const uint4*)pre_b_at(lo, hi, x, t, g, 0), b1 = *(const uint4*)pre_b_at(lo, hi, x, t, g, 1);
+    quarter_immas<B_SIGNED>(acc[0], acc[1], xa[0], xb[0], b0.x, b0.y);
+    quarter_immas<B_SIGNED>(acc[2], acc[3], xa[1], xb[1], b0.z, b0.w);
+    quarter_immas<B_SIGNED>(acc[4], acc[5], xa[2], xb[2], b1.x, b1.y);
+    quarter_immas<B_SIGNED>(acc[6], acc[7], xa[3], xb[3], b1.z, b1.w);
+}
 // Zero columns 2 NG..7 (heads >= NG) of the lane's rows.
 template <int NG>
 __device__ __forceinline__ void pre_b_zero(u32* lo_, u32* hi_, int lane) {
@@ -2224,12 +2235,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         cw.next(x, c0, c1);
         const u32 xa[4] = {c0.x, c0.y, c0.z, c0.w}, xb[4] = {c1.x, c1.y, c1.z, c1.w};
         if constexpr (PRE) {
-            const uint4 B0 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 0);
-            const uint4 B1 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 1);
-            quarter_immas<true>(acc[0], acc[1], xa[0], xb[0], B0.x, B0.y);
-            quarter_immas<true>(acc[2], acc[3], xa[1], xb[1], B0.z, B0.w);
-            quarter_immas<true>(acc[4], acc[5], xa[2], xb[2], B1.x, B1.y);
-            quarter_immas<true>(acc[6], acc[7], xa[3], xb[3], B1.z, B1.w);
+            pre_b_kstep<true>(acc, xa, xb, pre_lo, (u32*)wbuf, x, t, g);
             continue;
         }
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
@@ -2399,12 +2405,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             xb[k] = slot_half ? wb[(k + 2) & 3] : wb[k];
         }
         if constexpr (PRE) {
-            const uint4 B0 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 0);
-            const uint4 B1 = *(const uint4*)pre_b_at(pre_lo, (u32*)wbuf, x, t, g, 1);
-            quarter_immas<false>(acc[0], acc[1], xa[0], xb[0], B0.x, B0.y);
-            quarter_immas<false>(acc[2], acc[3], xa[1], xb[1], B0.z, B0.w);
-            quarter_immas<false>(acc[4], acc[5], xa[2], xb[2], B1.x, B1.y);
-            quarter_immas<false>(acc[6], acc[7], xa[3], xb[3], B1.z, B1.w);
+            pre_b_kstep<false>(acc, xa, xb, pre_lo, (u32*)wbuf, x, t, g);
             continue;
         }
         // (Past `valid` the weights are finite and s^ zero: B zero there, with no selects, where
