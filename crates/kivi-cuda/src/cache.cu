@@ -2092,6 +2092,20 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
     q4[2] = hi ? a[0] : o0;
     q4[3] = hi ? a[1] : o1;
 }
+// s^ = s fix / max s of the lane's quarters 2jp + jj (sv[2 jj + b][i]: rows 4t + 16b + i) into
+// sp[jj][b][i]; a[jj]: the lane's maxima, reduced here; q4: all four quarters' maxima.
+__device__ __forceinline__ void pre_b_scales(const float (&sv)[4][4], float (&a)[2], float fix, float (&q4)[4],
+                                             float (&sp)[2][2][4], int lane) {
+    pre_b_max(a, q4, lane);
+#pragma unroll
+    for (int jj = 0; jj < 2; jj++) {
+        const float inv = a[jj] > 0.0f ? __fdividef(fix, a[jj]) : 0.0f;
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) sp[jj][b][i] = sv[2 * jj + b][i] * inv;
+    }
+}
 
 // Key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter. (Loading them
 // one block ahead, in registers across blocks, measured slower on the H200: session 19, GQA
@@ -2174,19 +2188,10 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     }
     float smax[4];
     if constexpr (PRE) {
-        // (sv[2 jj + b]: quarter 2jp + jj, rows 4t + 16b + i.)
-        float a2[2] = {fmaxf(amax[0], amax[1]), fmaxf(amax[2], amax[3])};
-        pre_b_max(a2, smax, lane);
-        float sp[2][2][4];
-#pragma unroll
-        for (int jj = 0; jj < 2; jj++) {
-            // (An unwritten quarter past `valid` may give NaN here: only its own rows, unused.)
-            const float inv = a2[jj] > 0.0f ? __fdividef(KEY_FIX, a2[jj]) : 0.0f;
-#pragma unroll
-            for (int b = 0; b < 2; b++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) sp[jj][b][i] = sv[2 * jj + b][i] * inv;
-        }
+        // (sv[2 jj + b]: quarter 2jp + jj, rows 4t + 16b + i. An unwritten quarter past `valid`
+        // may give NaN here: only its own rows, unused.)
+        float a2[2] = {fmaxf(amax[0], amax[1]), fmaxf(amax[2], amax[3])}, sp[2][2][4];
+        pre_b_scales(sv, a2, KEY_FIX, smax, sp, lane);
         __syncwarp();  // the previous block's readers of wbuf are done
         const float* qrow = qhat + 32 * (lane >> 3) + 4 * (lane & 3);
 #pragma unroll
@@ -2309,7 +2314,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
                 pv[hh][b][3] = pw[hh][b].w;
             }
         }
-        float sv[2][2][4], amax[2] = {0.0f, 0.0f};  // [jj][b][i]
+        float sv[4][4], amax[2] = {0.0f, 0.0f};  // [2 jj + b][i]
 #pragma unroll
         for (int b = 0; b < 2; b++)
 #pragma unroll
@@ -2320,23 +2325,14 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
                     const u32 sw = jp ? s4[b][i][1] : s4[b][i][0], mw = jp ? m4[b][i][1] : m4[b][i][0];
                     const float sj = ok ? h2f((u16)(sw >> (16 * jj))) : 0.0f;
                     const float mj = ok ? h2f((u16)(mw >> (16 * jj))) : 0.0f;
-                    sv[jj][b][i] = sj;
+                    sv[2 * jj + b][i] = sj;
                     amax[jj] = fmaxf(amax[jj], sj);
 #pragma unroll
                     for (int hh = 0; hh < NG; hh++) pm[4 * jj + hh] += pv[hh][b][i] * mj;
                 }
             }
-        float smax[4];
-        pre_b_max(amax, smax, lane);
-        float sp[2][2][4];
-#pragma unroll
-        for (int jj = 0; jj < 2; jj++) {
-            const float inv = amax[jj] > 0.0f ? __fdividef(VAL_FIX, amax[jj]) : 0.0f;
-#pragma unroll
-            for (int b = 0; b < 2; b++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) sp[jj][b][i] = sv[jj][b][i] * inv;
-        }
+        float smax[4], sp[2][2][4];
+        pre_b_scales(sv, amax, VAL_FIX, smax, sp, lane);
 #pragma unroll
         for (int j = 0; j < NQ; j++) fac[j] = smax[j] * (1.0f / VAL_FIX);
         __syncwarp();  // the previous block's readers of wbuf are done
