@@ -241,11 +241,9 @@ static void key_block_heads(int G, int valid) {
     // (PRE: B in two 512-word regions.)
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D, NAN), pre_lo(512, NAN);
     emu_run_warp({}, [&](int lane) {
-        uint2 ks_ahead[4];  // (PRE_B with PREFETCH_KS: block 0's scales, loaded ahead)
-        if (PRE) pre_b_key_scales<D>(P.c, 0, 0, __builtin_ctz(G) - 5, lane, ks_ahead);
         tc_key_block_heads<D, NG, QHAT, AHEAD, PRE>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(),
                                                     qinv.data(), qhat.data(), qf.data(), wbuf.data(), sc.data(), lane,
-                                                    (u32*)pre_lo.data(), ks_ahead, -1);
+                                                    (u32*)pre_lo.data());
     });
     std::vector<double> want, mag;
     std::vector<float> got;

@@ -2107,22 +2107,6 @@ __device__ __forceinline__ void pre_b_scales(const float (&sv)[4][4], float (&a)
     }
 }
 
-// 1: the PRE_B key blocks load the next block's scales after forming their B operands.
-#ifndef PREFETCH_KS
-#define PREFETCH_KS 1
-#endif
-// Key block blk's scales of the lane's rows and quarters (PRE_B, see pre_b_at).
-template <int D>
-__device__ __forceinline__ void pre_b_key_scales(const CacheBufs& c, int kvh, u64 blk, int qshift, int lane,
-                                                 uint2 (&s4)[4]) {
-    const u16* ks = c.ks + blk * c.ksm_block + (u64)kvh * c.ksm_head + 32 * (lane >> 3) + 4 * (lane & 3);
-#pragma unroll
-    for (int jj = 0; jj < 2; jj++)
-#pragma unroll
-        for (int b = 0; b < 2; b++)
-            s4[2 * jj + b] = *(const uint2*)(ks + ((2 * (lane >> 2 & 1) + jj) >> qshift) * D + 16 * b);
-}
-
 // Key block blk's scales of the lane's channels 4 lane..4 lane + 3, every quarter. (Loading them
 // one block ahead, in registers across blocks, measured slower on the H200: session 19, GQA
 // B = 32 T = 32K 386 -> 390 us; the value blocks' likewise, with their sums then in shared
@@ -2146,8 +2130,7 @@ template <int D, int NG, bool QHAT, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
-                                                   float* wbuf, float* sc, int lane, u32* pre_lo, uint2 (&ks_ahead)[4],
-                                                   int next_blk) {
+                                                   float* wbuf, float* sc, int lane, u32* pre_lo = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
@@ -2160,12 +2143,12 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     uint2 s4[4];
     if constexpr (PRE) {
         static_assert(D == 128 && QHAT, "PRE_B: D = 128, q^ given");
-        if (PREFETCH_KS) {
+        const u16* ks = c.ks + sm + 32 * (lane >> 3) + 4 * (lane & 3);
 #pragma unroll
-            for (int j = 0; j < 4; j++) s4[j] = ks_ahead[j];
-        } else {
-            pre_b_key_scales<D>(c, kvh, blk, qshift, lane, s4);
-        }
+        for (int jj = 0; jj < 2; jj++)
+#pragma unroll
+            for (int b = 0; b < 2; b++)
+                s4[2 * jj + b] = *(const uint2*)(ks + ((2 * (lane >> 2 & 1) + jj) >> qshift) * D + 16 * b);
     } else {
         key_block_scales<D>(c, kvh, blk, qshift, lane, s4);
     }
@@ -2218,7 +2201,6 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         }
         // (Heads >= NG: zero columns; v + 128 of v = 0 has high byte 0 and low byte 128, flipped 0.)
         pre_b_zero<NG>(pre_lo, (u32*)wbuf, lane);
-        if (PREFETCH_KS && next_blk >= 0) pre_b_key_scales<D>(c, kvh, (u64)next_blk, qshift, lane, ks_ahead);
     } else {
         const float xmax = reduce4<true>(amax, lane);
 #pragma unroll
@@ -2704,15 +2686,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        uint2 ks_ahead[4];  // (PRE_B, PREFETCH_KS: the warp's next key block's scales)
-        if (PRE && PREFETCH_KS && s0 + warp * BLOCK_TOKENS < kt_end)
-            pre_b_key_scales<D>(c, kvh, (u64)sblk[warp], __ffs(c.group) - 6, lane, ks_ahead);
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS) {
-            const int next = pb + W * BLOCK_TOKENS < kt_end ? sblk[(pb - s0) / BLOCK_TOKENS + W] : -1;
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
-                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo, ks_ahead, next);
-        }
+                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
