@@ -2123,7 +2123,8 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q|, qhat (QHAT): [NG + 1][D] q^ = q sqinv and a row
 // of zeros (else q^ is formed here: the copy made one-warp CTAs of GQA serving shapes one wave
 // too many, see QF_IN_SACC), qf: the query's f16 B fragments (query_fragments, F16_ROWS), wbuf: the
-// warp's [4][D] floats. Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)),
+// warp's [4][D] floats (PRE: its B operands of k-steps 2-3, pre_lo those of 0-1, see pre_b_at).
+// Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)),
 // rows g and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2,
 // a3); its results are head t's.
 template <int D, int NG, bool QHAT, int AHEAD, bool PRE = false>
@@ -2271,7 +2272,8 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 }
 
 // Adds one whole 2-bit value block's weighted sums for the CTA's NG heads to vacc, by one warp
-// (sc: the split's weights [NG][sc_stride], plain floats; wbuf: the warp's [4][128] floats).
+// (sc: the split's weights [NG][sc_stride], plain floats; wbuf: the warp's [4][128] floats;
+// PRE: wbuf and pre_lo hold the block's B operands, see pre_b_at).
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
 // g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
