@@ -2547,7 +2547,12 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         const int paged = QUANT ? max(nqk, nqv) : n;
         const int nb = min((max(paged - s0, 0) + BLOCK_TOKENS - 1) / BLOCK_TOKENS, P.split_len / BLOCK_TOKENS);
         const int* row = c.table + (u64)tk.slot * c.table_stride + s0 / BLOCK_TOKENS;
+#ifdef UB_ONE_BLOCK
+        // (Timing experiment only: every block of the split reads the first one, from L1 / L2.)
+        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[0];
+#else
         for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
+#endif
     }
     for (int x = threadIdx.x; x < NG * D; x += blockDim.x) sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
     // Several heads, 2-bit (tc_key_block_heads): the query fragments live in the value-sum
