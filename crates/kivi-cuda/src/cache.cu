@@ -486,11 +486,6 @@ __device__ __forceinline__ float warp_max(float v) {
 // attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
 // (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
 // for nothing; their outputs are not written.
-// Splits whose partials a thread of combine_splits loads at a time: the loop's rounds are
-// serial L2 round trips at the end of the launch (B = 1: 16-33 splits).
-#ifndef COMBINE_LOADS
-#define COMBINE_LOADS 8
-#endif
 template <int NG>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
                                                int n_head, int h0, int nsplit, int nread, int head_dim,
@@ -535,17 +530,17 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         const float* o = part_o + row * nsplit * head_dim + c;
         const float mx = sred[2 * g];
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int s = 0; s < nread; s += COMBINE_LOADS) {
-            float m[COMBINE_LOADS];
-            float4 v[COMBINE_LOADS];
+        for (int s = 0; s < nread; s += 4) {
+            float m[4];
+            float4 v[4];
 #pragma unroll
-            for (int j = 0; j < COMBINE_LOADS; j++) {
+            for (int j = 0; j < 4; j++) {
                 const bool ok = s + j < nread;
                 m[j] = ok ? __ldcg(ml + 2 * (s + j)) : NEG_INF;
                 v[j] = ok ? __ldcg((const float4*)(o + (u64)(s + j) * head_dim)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             }
 #pragma unroll
-            for (int j = 0; j < COMBINE_LOADS; j++) {
+            for (int j = 0; j < 4; j++) {
                 if (m[j] != NEG_INF) {
                     const float w = exp2f(m[j] - mx);
                     acc.x += w * v[j].x;
