@@ -886,6 +886,9 @@ int main() {
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 128, 0, 256);
     pipeline<64, 4, 4, 3, 1>(1, 3, 32, 64, 0, 128);
+    // One-warp CTAs of four heads at D = 128 combining their splits (combine_splits: four output
+    // quads per thread).
+    pipeline<128, 2, 2, 4, 1>(1, 4, 32, 32, 0, 128);
     // ... at 2 bits (tc_key_block_heads, tc_value_block_heads), SmolLM2's shape, and long
     // prompts (several blocks per warp, partial value blocks).
     pipeline<64, 2, 2, 3, 4>(1, 3, 32, 64, 0, 256, false, 300);

@@ -486,7 +486,8 @@ __device__ __forceinline__ float warp_max(float v) {
 // attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
 // (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
 // for nothing; their outputs are not written.
-template <int NG>
+// DW: 1000 D + W (head_dim, warps per CTA) known at compile time; 0: head_dim and blockDim read.
+template <int NG, int DW = 0>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
                                                int n_head, int h0, int nsplit, int nread, int head_dim,
                                                float* sred) {
@@ -521,6 +522,57 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         }
     }
     __syncthreads();
+    if (DW > 0) {
+        // D and the CTA's threads known: each thread's XPT output quads in one loop, their
+        // partials' loads of SPR splits at a time in flight together (one-warp CTAs of four heads
+        // took 4 rounds of L2 round trips per split group in the loop below).
+        constexpr int D = DW > 0 ? DW / 1000 : 4, NT = DW > 0 ? 32 * (DW % 1000) : 32;
+        constexpr int COLS = D / 4, ITEMS = NG * COLS, XPT = (ITEMS + NT - 1) / NT, SPR = XPT >= 4 ? 2 : 4;
+        float4 acc[XPT];
+#pragma unroll
+        for (int i = 0; i < XPT; i++) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int s = 0; s < nread; s += SPR) {
+            float m[XPT][SPR];
+            float4 v[XPT][SPR];
+#pragma unroll
+            for (int i = 0; i < XPT; i++) {
+                const int x = (int)threadIdx.x + i * NT, g = x / COLS, c = 4 * (x % COLS);
+                const u64 row = (u64)tok * n_head + h0 + g;
+#pragma unroll
+                for (int j = 0; j < SPR; j++) {
+                    const bool ok = x < ITEMS && s + j < nread;
+                    m[i][j] = ok ? __ldcg(part_ml + (row * nsplit + s + j) * 2) : NEG_INF;
+                    v[i][j] = ok ? __ldcg((const float4*)(part_o + (row * nsplit + s + j) * D + c))
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < XPT; i++) {
+                const int g = ((int)threadIdx.x + i * NT) / COLS;
+                const float mx = sred[2 * (g < NG ? g : 0)];
+#pragma unroll
+                for (int j = 0; j < SPR; j++) {
+                    if (m[i][j] != NEG_INF) {
+                        const float w = exp2f(m[i][j] - mx);
+                        acc[i].x += w * v[i][j].x;
+                        acc[i].y += w * v[i][j].y;
+                        acc[i].z += w * v[i][j].z;
+                        acc[i].w += w * v[i][j].w;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < XPT; i++) {
+            const int x = (int)threadIdx.x + i * NT, g = x / COLS, c = 4 * (x % COLS);
+            if (x < ITEMS) {
+                const float den = sred[2 * g + 1];
+                *(float4*)(out + ((u64)tok * n_head + h0 + g) * D + c) =
+                    make_float4(acc[i].x / den, acc[i].y / den, acc[i].z / den, acc[i].w / den);
+            }
+        }
+        return;
+    }
     const int cols = head_dim / 4;
 #pragma unroll 2
     for (int x = threadIdx.x; x < NG * cols; x += blockDim.x) {
@@ -577,7 +629,11 @@ inline int ctaid_z_again() { return blockIdx.z; }
 
 // With P.tickets: after a CTA's partials are written, the last CTA of its (token, head group)
 // combines all splits into P.out and resets the counter for the next launch.
-template <int D, int NG>
+// 1: the combining CTA's threads load their partials as combine_splits' compile-time path does.
+#ifndef COMBINE_ITEMS
+#define COMBINE_ITEMS 1
+#endif
+template <int D, int NG, int W>
 __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, int group) {
     __shared__ int s_last;
     __shared__ float s_red[2 * NG];
@@ -591,7 +647,8 @@ __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, 
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    combine_splits<NG>(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, P.nsplit, P.nsplit, D, s_red);
+    combine_splits<NG, COMBINE_ITEMS ? 1000 * D + W : 0>(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, P.nsplit,
+                                                          P.nsplit, D, s_red);
 }
 
 // CPL contiguous f16 values -> f32.
@@ -3287,7 +3344,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 template <int D, int KB, int VB, int NG, int W, int FST = 0>
 __device__ __forceinline__ void attn_split(const AttnParams& P) {
     attn_split_partials<D, KB, VB, NG, W, FST>(P);
-    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG>(P, ctaid_z_again(), ctaid_y_again());
+    if (FUSED_COMBINE && P.tickets) last_cta_combines<D, NG, W>(P, ctaid_z_again(), ctaid_y_again());
 }
 
 // Minimum resident CTAs per SM (__launch_bounds__), i.e. a register cap. KIVI kernels: at
