@@ -2588,15 +2588,12 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // The query's loads first, in flight with the sequence's and the block table's: stored after
     // the block ids (a loop storing each as it came waited on every load in turn: Nsight Compute
     // put 3 % of the GQA kernel's stall samples on that store).
-    // (Not in one-warp one-head 4-bit CTAs: MHA KIVI-4 B = 256 and 1024 T = 330 measured 3-5 %
-    // slower with it on the H200, session 22.)
-    constexpr bool Q_AHEAD = !(W == 1 && NG == 1 && KB == 4);
-    constexpr int NT = W * 32, QPT = Q_AHEAD ? (NG * D + NT - 1) / NT : 1;
+    constexpr int NT = W * 32, QPT = (NG * D + NT - 1) / NT;
     float qv[QPT];
 #pragma unroll
     for (int i = 0; i < QPT; i++) {
         const int x = (int)threadIdx.x + i * NT;
-        qv[i] = Q_AHEAD && x < NG * D ? P.q[((u64)tok * P.n_head + h0) * D + x] : 0.0f;
+        qv[i] = x < NG * D ? P.q[((u64)tok * P.n_head + h0) * D + x] : 0.0f;
     }
     const u64 part = ((u64)tok * P.n_head + h0) * P.nsplit + split;
     if (s0 >= s1) {
@@ -2624,13 +2621,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
 #endif
     }
-    if constexpr (Q_AHEAD) {
 #pragma unroll
-        for (int i = 0; i < QPT; i++)
-            if ((int)threadIdx.x + i * NT < NG * D) sq[threadIdx.x + i * NT] = qv[i];
-    } else {
-        for (int x = threadIdx.x; x < NG * D; x += blockDim.x) sq[x] = P.q[((u64)tok * P.n_head + h0) * D + x];
-    }
+    for (int i = 0; i < QPT; i++)
+        if ((int)threadIdx.x + i * NT < NG * D) sq[threadIdx.x + i * NT] = qv[i];
     // Several heads, 2-bit (tc_key_block_heads): the query fragments live in the value-sum
     // slots until the scores are done (zeroed after), so that one-warp CTAs of GQA serving
     // shapes keep 16 per SM (measured on the H200, B = 256 T = 330 KIVI-2: 2048 CTAs, one wave
