@@ -66,6 +66,11 @@ const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
 /// 1.4x; slower at B = 1 and for long GQA sequences).
 const ONE_WARP_MIN_PAIRS: usize = 64;
 const ONE_WARP_MAX_LEN: usize = 4096;
+/// Positions per split of one-warp CTAs of several query heads at most: the warp takes its
+/// blocks one after another, so fewer, longer CTAs than the GPU holds wait on each block's loads
+/// (measured on the H200, session 22, 32/8/128 B = 64 T = 3K: 2 splits of 1664 positions KIVI-2
+/// 147.5 us, KIVI-4 198.8; 4 of 1024: 121.1, 160.5).
+const ONE_WARP_HEADS_MAX_SPLIT: usize = 1024;
 /// The f16 cache's blocks go through the tensor cores (`F16_TC` in cache.cu) only for batches
 /// whose longest sequence is longer than this (shorter: a module compiled without that path,
 /// see `attn_variant`). Measured on the H200 (session 12, us, CUDA-core
@@ -1573,7 +1578,12 @@ impl GpuCache {
             } else {
                 self.ctas_per_sm
             };
-            self.split_tokens(batch, pairs, per_sm, 1)
+            let split = self.split_tokens(batch, pairs, per_sm, 1);
+            if ng > 1 && self.split_override.is_none() {
+                split.min(ONE_WARP_HEADS_MAX_SPLIT)
+            } else {
+                split
+            }
         } else {
             let unit = if quant && self.tensor_cores {
                 self.tc_multiple.max(self.split_unit)
