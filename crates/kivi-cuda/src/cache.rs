@@ -66,11 +66,13 @@ const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
 /// 1.4x; slower at B = 1 and for long GQA sequences).
 const ONE_WARP_MIN_PAIRS: usize = 64;
 const ONE_WARP_MAX_LEN: usize = 4096;
-/// Positions per split of one-warp CTAs of several query heads at most: the warp takes its
-/// blocks one after another, so fewer, longer CTAs than the GPU holds wait on each block's loads
-/// (measured on the H200, session 22, 32/8/128 B = 64 T = 3K: 2 splits of 1664 positions KIVI-2
-/// 147.5 us, KIVI-4 198.8; 4 of 1024: 121.1, 160.5).
-const ONE_WARP_HEADS_MAX_SPLIT: usize = 1024;
+/// Positions per split of one-warp CTAs of several query heads at most (longer ones are split
+/// again, evenly): the warp takes its blocks one after another, so fewer, longer CTAs than the
+/// GPU holds wait on each block's loads. Measured on the H200 (session 22, 32/8/128, KIVI-2):
+/// B = 64 T = 3K 2 splits of 1664 positions 147.5 us, 4 of 1024 121.1; B = 128 T = 2K 2 of
+/// 2048 220.6, 3 of 1024 158.1; but B = 128 T = 1K one split of 1152 69.0, two 99.2 (a split of
+/// one position and the combination).
+const ONE_WARP_HEADS_MAX_SPLIT: usize = 1280;
 /// The f16 cache's blocks go through the tensor cores (`F16_TC` in cache.cu) only for batches
 /// whose longest sequence is longer than this (shorter: a module compiled without that path,
 /// see `attn_variant`). Measured on the H200 (session 12, us, CUDA-core
@@ -1579,8 +1581,9 @@ impl GpuCache {
                 self.ctas_per_sm
             };
             let split = self.split_tokens(batch, pairs, per_sm, 1);
-            if ng > 1 && self.split_override.is_none() {
-                split.min(ONE_WARP_HEADS_MAX_SPLIT)
+            if ng > 1 && self.split_override.is_none() && split > ONE_WARP_HEADS_MAX_SPLIT {
+                let n = batch.max_len.div_ceil(ONE_WARP_HEADS_MAX_SPLIT);
+                batch.max_len.div_ceil(n).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
             } else {
                 split
             }
