@@ -1581,9 +1581,8 @@ impl GpuCache {
                 self.ctas_per_sm
             };
             let split = self.split_tokens(batch, pairs, per_sm, 1);
-            if ng > 1 && self.split_override.is_none() && split > ONE_WARP_HEADS_MAX_SPLIT {
-                let n = batch.max_len.div_ceil(ONE_WARP_HEADS_MAX_SPLIT);
-                batch.max_len.div_ceil(n).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
+            if ng > 1 && self.split_override.is_none() {
+                even_split(split, batch.max_len, ONE_WARP_HEADS_MAX_SPLIT)
             } else {
                 split
             }
@@ -2081,6 +2080,17 @@ fn f16_ring_stages(
     }
 }
 
+/// `split` if it is at most `max_split` positions; else the fewest splits of at most
+/// `max_split` that cover `len` positions, as even as whole blocks allow (cutting at `max_split`
+/// itself can leave a last split of one position, with a CTA and a combination of its own).
+fn even_split(split: usize, len: usize, max_split: usize) -> usize {
+    if split <= max_split {
+        return split;
+    }
+    let n = len.div_ceil(max_split);
+    len.div_ceil(n).div_ceil(BLOCK_TOKENS) * BLOCK_TOKENS
+}
+
 /// Ring stages from an environment variable: 0 (no ring) or 2-8 (one chunk in use, the others
 /// in flight); `default` if unset or not a number.
 fn stages_from_env(var: &str, default: usize) -> usize {
@@ -2093,6 +2103,33 @@ fn stages_from_env(var: &str, default: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn even_split_covers_with_the_fewest_capped_blocks() {
+        use rand::Rng;
+        let mut rng = fresh_rng("even_split");
+        for _ in 0..2000 {
+            let len = rng.gen_range(1..40_000usize);
+            let max_split = BLOCK_TOKENS * rng.gen_range(1..17usize);
+            let split = BLOCK_TOKENS * rng.gen_range(1..17usize);
+            let s = even_split(split, len, max_split);
+            if split <= max_split {
+                assert_eq!(s, split);
+                continue;
+            }
+            let fewest = len.div_ceil(max_split);
+            assert!(
+                s % BLOCK_TOKENS == 0 && s <= max_split,
+                "{len} {max_split}: {s}"
+            );
+            assert_eq!(len.div_ceil(s), fewest, "{len} {max_split}: {s}");
+            // Even: the shortest whole-block split that covers len in that many.
+            assert!((s - BLOCK_TOKENS) * fewest < len, "{len} {max_split}: {s}");
+        }
+        // The case that made the cap even: 1025 positions under a 1024 cap are 2 x 640, not 1024 + 1.
+        assert_eq!(even_split(1152, 1025, 1024), 640);
+        assert_eq!(even_split(1664, 3073, 1280), 1152);
+    }
 
     /// A generator seeded from the clock (the seed is printed, so a failure can be replayed).
     fn fresh_rng(test: &str) -> rand::rngs::StdRng {
