@@ -2119,7 +2119,7 @@ mod tests {
             }
             let fewest = len.div_ceil(max_split);
             assert!(
-                s % BLOCK_TOKENS == 0 && s <= max_split,
+                s.is_multiple_of(BLOCK_TOKENS) && s <= max_split,
                 "{len} {max_split}: {s}"
             );
             assert_eq!(len.div_ceil(s), fewest, "{len} {max_split}: {s}");
