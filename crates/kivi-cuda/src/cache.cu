@@ -479,18 +479,17 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Combines the first `nread` splits' partials of NG query heads (h0..) of packed token `tok`
-// into out, by the calling CTA (blockDim.x a multiple of 32). Everything here is latency: a
-// head's max and sum by one warp, a lane per split; then each thread takes four channels of a
-// head and reads four splits per round trip (one dependent load per split made the reduce take
-// 18 us for 33 splits at GQA B = 1 T = 32K). Every element sums its splits in order, so the
+// into out, by the calling CTA of W warps (D: head_dim). Everything here is latency: a head's
+// max and sum by one warp, a lane per split; then each thread takes XPT quads of channels and
+// loads all their partials of SPR splits per round trip (one dependent load per split made the
+// reduce take 18 us for 33 splits at GQA B = 1 T = 32K; one loop per quad, 4 rounds per split
+// group in one-warp CTAs of four heads). Every element sums its splits in order, so the
 // attention kernel's combination and kivi_attn_reduce's give the same bits. Loads bypass L1
 // (partials written by other CTAs of the same launch). Splits whose max is -inf (empty) count
 // for nothing; their outputs are not written.
-// DW: 1000 D + W (head_dim, warps per CTA) known at compile time; 0: head_dim and blockDim read.
-template <int NG, int DW = 0>
+template <int NG, int D, int W>
 __device__ __forceinline__ void combine_splits(const float* part_o, const float* part_ml, float* out, int tok,
-                                               int n_head, int h0, int nsplit, int nread, int head_dim,
-                                               float* sred) {
+                                               int n_head, int h0, int nsplit, int nread, float* sred) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     float m0[NG], l0[NG];
 #pragma unroll
@@ -522,88 +521,49 @@ __device__ __forceinline__ void combine_splits(const float* part_o, const float*
         }
     }
     __syncthreads();
-    if (DW > 0) {
-        // D and the CTA's threads known: each thread's XPT output quads in one loop, their
-        // partials' loads of SPR splits at a time in flight together (one-warp CTAs of four heads
-        // took 4 rounds of L2 round trips per split group in the loop below).
-        constexpr int D = DW > 0 ? DW / 1000 : 4, NT = DW > 0 ? 32 * (DW % 1000) : 32;
-        constexpr int COLS = D / 4, ITEMS = NG * COLS, XPT = (ITEMS + NT - 1) / NT, SPR = XPT >= 4 ? 2 : 4;
-        float4 acc[XPT];
+    constexpr int NT = 32 * W, COLS = D / 4, ITEMS = NG * COLS, XPT = (ITEMS + NT - 1) / NT, SPR = XPT >= 4 ? 2 : 4;
+    float4 acc[XPT];
 #pragma unroll
-        for (int i = 0; i < XPT; i++) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int s = 0; s < nread; s += SPR) {
-            float m[XPT][SPR];
-            float4 v[XPT][SPR];
+    for (int i = 0; i < XPT; i++) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s = 0; s < nread; s += SPR) {
+        float m[XPT][SPR];
+        float4 v[XPT][SPR];
 #pragma unroll
-            for (int i = 0; i < XPT; i++) {
-                const int x = (int)threadIdx.x + i * NT, g = x / COLS, c = 4 * (x % COLS);
-                const u64 row = (u64)tok * n_head + h0 + g;
+        for (int i = 0; i < XPT; i++) {
+            const int x = (int)threadIdx.x + i * NT, g = x / COLS, c = 4 * (x % COLS);
+            const u64 row = (u64)tok * n_head + h0 + g;
 #pragma unroll
-                for (int j = 0; j < SPR; j++) {
-                    const bool ok = x < ITEMS && s + j < nread;
-                    m[i][j] = ok ? __ldcg(part_ml + (row * nsplit + s + j) * 2) : NEG_INF;
-                    v[i][j] = ok ? __ldcg((const float4*)(part_o + (row * nsplit + s + j) * D + c))
-                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < XPT; i++) {
-                const int g = ((int)threadIdx.x + i * NT) / COLS;
-                const float mx = sred[2 * (g < NG ? g : 0)];
-#pragma unroll
-                for (int j = 0; j < SPR; j++) {
-                    if (m[i][j] != NEG_INF) {
-                        const float w = exp2f(m[i][j] - mx);
-                        acc[i].x += w * v[i][j].x;
-                        acc[i].y += w * v[i][j].y;
-                        acc[i].z += w * v[i][j].z;
-                        acc[i].w += w * v[i][j].w;
-                    }
-                }
+            for (int j = 0; j < SPR; j++) {
+                const bool ok = x < ITEMS && s + j < nread;
+                m[i][j] = ok ? __ldcg(part_ml + (row * nsplit + s + j) * 2) : NEG_INF;
+                v[i][j] = ok ? __ldcg((const float4*)(part_o + (row * nsplit + s + j) * D + c))
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             }
         }
 #pragma unroll
         for (int i = 0; i < XPT; i++) {
-            const int x = (int)threadIdx.x + i * NT, g = x / COLS, c = 4 * (x % COLS);
-            if (x < ITEMS) {
-                const float den = sred[2 * g + 1];
-                *(float4*)(out + ((u64)tok * n_head + h0 + g) * D + c) =
-                    make_float4(acc[i].x / den, acc[i].y / den, acc[i].z / den, acc[i].w / den);
-            }
-        }
-        return;
-    }
-    const int cols = head_dim / 4;
-#pragma unroll 2
-    for (int x = threadIdx.x; x < NG * cols; x += blockDim.x) {
-        const int g = x / cols, c = 4 * (x % cols);
-        const u64 row = (u64)tok * n_head + h0 + g;
-        const float* ml = part_ml + row * nsplit * 2;
-        const float* o = part_o + row * nsplit * head_dim + c;
-        const float mx = sred[2 * g];
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int s = 0; s < nread; s += 4) {
-            float m[4];
-            float4 v[4];
+            const int g = ((int)threadIdx.x + i * NT) / COLS;
+            const float mx = sred[2 * (g < NG ? g : 0)];
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const bool ok = s + j < nread;
-                m[j] = ok ? __ldcg(ml + 2 * (s + j)) : NEG_INF;
-                v[j] = ok ? __ldcg((const float4*)(o + (u64)(s + j) * head_dim)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                if (m[j] != NEG_INF) {
-                    const float w = exp2f(m[j] - mx);
-                    acc.x += w * v[j].x;
-                    acc.y += w * v[j].y;
-                    acc.z += w * v[j].z;
-                    acc.w += w * v[j].w;
+            for (int j = 0; j < SPR; j++) {
+                if (m[i][j] != NEG_INF) {
+                    const float w = exp2f(m[i][j] - mx);
+                    acc[i].x += w * v[i][j].x;
+                    acc[i].y += w * v[i][j].y;
+                    acc[i].z += w * v[i][j].z;
+                    acc[i].w += w * v[i][j].w;
                 }
             }
         }
-        const float den = sred[2 * g + 1];
-        *(float4*)(out + row * head_dim + c) = make_float4(acc.x / den, acc.y / den, acc.z / den, acc.w / den);
+    }
+#pragma unroll
+    for (int i = 0; i < XPT; i++) {
+        const int x = (int)threadIdx.x + i * NT, g = x / COLS, c = 4 * (x % COLS);
+        if (x < ITEMS) {
+            const float den = sred[2 * g + 1];
+            *(float4*)(out + ((u64)tok * n_head + h0 + g) * D + c) =
+                make_float4(acc[i].x / den, acc[i].y / den, acc[i].z / den, acc[i].w / den);
+        }
     }
 }
 
@@ -629,10 +589,6 @@ inline int ctaid_z_again() { return blockIdx.z; }
 
 // With P.tickets: after a CTA's partials are written, the last CTA of its (token, head group)
 // combines all splits into P.out and resets the counter for the next launch.
-// 1: the combining CTA's threads load their partials as combine_splits' compile-time path does.
-#ifndef COMBINE_ITEMS
-#define COMBINE_ITEMS 1
-#endif
 template <int D, int NG, int W>
 __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, int group) {
     __shared__ int s_last;
@@ -647,8 +603,7 @@ __device__ __forceinline__ void last_cta_combines(const AttnParams& P, int tok, 
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    combine_splits<NG, COMBINE_ITEMS ? 1000 * D + W : 0>(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, P.nsplit,
-                                                          P.nsplit, D, s_red);
+    combine_splits<NG, D, W>(P.part_o, P.part_ml, P.out, tok, P.n_head, group * NG, P.nsplit, P.nsplit, s_red);
 }
 
 // CPL contiguous f16 values -> f32.
@@ -2550,6 +2505,9 @@ __device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&
 // start 16-byte aligned (the q, value-slot areas before it are multiples of 4 floats).
 #define SML_FLOATS(NG) ((2 * (NG) + 8 + 3) & ~3)
 
+#ifndef UB_ONE_BLOCK
+#define UB_ONE_BLOCK 0
+#endif
 template <int D, int KB, int VB, int NG, int W, int FST>
 __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     constexpr int CPL = D / 32;
@@ -2614,12 +2572,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         const int paged = QUANT ? max(nqk, nqv) : n;
         const int nb = min((max(paged - s0, 0) + BLOCK_TOKENS - 1) / BLOCK_TOKENS, P.split_len / BLOCK_TOKENS);
         const int* row = c.table + (u64)tk.slot * c.table_stride + s0 / BLOCK_TOKENS;
-#ifdef UB_ONE_BLOCK
-        // (Timing experiment only: every block of the split reads the first one, from L1 / L2.)
-        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[0];
-#else
-        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[x];
-#endif
+        // (UB_ONE_BLOCK, a timing experiment only: every block of the split reads the first one,
+        // from L1 / L2.)
+        for (int x = threadIdx.x; x < nb; x += blockDim.x) sblk[x] = row[UB_ONE_BLOCK ? 0 : x];
     }
 #pragma unroll
     for (int i = 0; i < QPT; i++)
@@ -3586,6 +3541,10 @@ extern "C" __global__ void kivi_attn_reduce(const float* part_o, const float* pa
     // (Stream-relative records: a sink position's query has i < 0 and no prefill tile.)
     const Tok tk = toks[blockIdx.y];
     const int nread = (prefill_slot >= 0 && (tk.n_new <= 1 || tk.i < 0)) ? prefill_slot : nsplit;
-    combine_splits<1>(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, nsplit, nread, head_dim, s_red);
+    // (One warp; head_dim 64 or 128, as the cache.)
+    if (head_dim == 64)
+        combine_splits<1, 64, 1>(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, nsplit, nread, s_red);
+    else
+        combine_splits<1, 128, 1>(part_o, part_ml, out, blockIdx.y, n_head, blockIdx.x, nsplit, nread, s_red);
 }
 #endif  // ATTN_D
