@@ -2104,11 +2104,25 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
     q4[2] = hi ? a[0] : o0;
     q4[3] = hi ? a[1] : o1;
 }
+// Timing experiments only (wrong results), 0/1 bits, 1: key blocks, 2: value blocks.
+// UB_NO_MAX: each lane scales by its own maxima (no warp reduction); UB_NO_MINS: no mins' terms.
+#ifndef UB_NO_MAX
+#define UB_NO_MAX 0
+#endif
+#ifndef UB_NO_MINS
+#define UB_NO_MINS 0
+#endif
 // s^ = s fix / max s of the lane's quarters 2jp + jj (sv[2 jj + b][i]: rows 4t + 16b + i) into
 // sp[jj][b][i]; a[jj]: the lane's maxima, reduced here; q4: all four quarters' maxima.
+template <bool KEYS>
 __device__ __forceinline__ void pre_b_scales(const float (&sv)[4][4], float (&a)[2], float fix, float (&q4)[4],
                                              float (&sp)[2][2][4], int lane) {
-    pre_b_max(a, q4, lane);
+    if ((UB_NO_MAX & (KEYS ? 1 : 2)) == 0) {
+        pre_b_max(a, q4, lane);
+    } else {
+        q4[0] = q4[2] = a[0];
+        q4[1] = q4[3] = a[1];
+    }
 #pragma unroll
     for (int jj = 0; jj < 2; jj++) {
         const float inv = a[jj] > 0.0f ? __fdividef(fix, a[jj]) : 0.0f;
@@ -2197,14 +2211,14 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 #pragma unroll
     for (int x = 0; x < D / 16; x++) {
         const uint2 b = qf[x * 32 + lane];
-        mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
+        if ((UB_NO_MINS & 1) == 0) mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
     }
     float smax[4];
     if constexpr (PRE) {
         // (sv[2 jj + b]: quarter 2jp + jj, rows 4t + 16b + i. An unwritten quarter past `valid`
         // may give NaN here: only its own rows, unused.)
         float a2[2] = {fmaxf(amax[0], amax[1]), fmaxf(amax[2], amax[3])}, sp[2][2][4];
-        pre_b_scales(sv, a2, KEY_FIX, smax, sp, lane);
+        pre_b_scales<true>(sv, a2, KEY_FIX, smax, sp, lane);
         __syncwarp();  // the previous block's readers of wbuf are done
         const float* qrow = qhat + 32 * (lane >> 3) + 4 * (lane & 3);
 #pragma unroll
@@ -2342,11 +2356,12 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
                     sv[2 * jj + b][i] = sj;
                     amax[jj] = fmaxf(amax[jj], sj);
 #pragma unroll
-                    for (int hh = 0; hh < NG; hh++) pm[4 * jj + hh] += pv[hh][b][i] * mj;
+                    for (int hh = 0; hh < NG; hh++)
+                        if ((UB_NO_MINS & 2) == 0) pm[4 * jj + hh] += pv[hh][b][i] * mj;
                 }
             }
         float smax[4], sp[2][2][4];
-        pre_b_scales(sv, amax, VAL_FIX, smax, sp, lane);
+        pre_b_scales<false>(sv, amax, VAL_FIX, smax, sp, lane);
 #pragma unroll
         for (int j = 0; j < NQ; j++) fac[j] = smax[j] * (1.0f / VAL_FIX);
         __syncwarp();  // the previous block's readers of wbuf are done
