@@ -240,10 +240,24 @@ static void key_block_heads(int G, int valid) {
     query_fragments<D, NG, true>(q.data(), qf.data(), 0, 1);  // (the channel order of the mins' loads)
     // (PRE: B in two 512-word regions.)
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D, NAN), pre_lo(512, NAN);
+    // PRE (KEY_MINS_AHEAD): the mins' terms of a warp's four blocks first (all block 0 here), and
+    // the block as the warp's block bi (a random one of the four: their rows differ).
+    std::vector<float> mterm(64, NAN);
+    const int bi = (int)(rng() % 4);
+    if (PRE && KEY_MINS_AHEAD) {
+        const int sblk[16] = {};
+        emu_run_warp({}, [&](int lane) {
+            float m[2];
+            key_mins_terms<D, 4>(P, 0, sblk, 0, 4, __builtin_ctz(G) - 5, qf.data(), lane, m);
+            mterm[2 * lane] = m[0];
+            mterm[2 * lane + 1] = m[1];
+        });
+    }
     emu_run_warp({}, [&](int lane) {
+        const float m[2] = {mterm[2 * lane], mterm[2 * lane + 1]};
         tc_key_block_heads<D, NG, QHAT, AHEAD, PRE>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(),
                                                     qinv.data(), qhat.data(), qf.data(), wbuf.data(), sc.data(), lane,
-                                                    (u32*)pre_lo.data());
+                                                    (u32*)pre_lo.data(), m, bi);
     });
     std::vector<double> want, mag;
     std::vector<float> got;

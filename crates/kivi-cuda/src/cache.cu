@@ -2145,6 +2145,50 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
     for (int j = 0; j < 4; j++) s4[j] = 4 * lane < D ? *(const uint2*)(ks + (j >> qshift) * D) : make_uint2(0u, 0u);
 }
 
+// 1: four-warp CTAs of four heads (PRE_B) compute the mins' terms q . m of all their key blocks
+// at the start of the split (key_mins_terms), not in each block (tc_key_block_heads): one m-tile
+// of 16 quarter rows, where each block's own MMA used 4 rows of 16 and waited on its mins' loads.
+#ifndef KEY_MINS_AHEAD
+#define KEY_MINS_AHEAD 1
+#endif
+// The mins' terms of the warp's key blocks (at most 4: the blocks warp, warp + W, .. of sblk,
+// nb of them), times scale_log2. Row r of the m-tile is quarter r & 3 of the warp's block r >> 2
+// (zero past nb); A = the rows' mins in the query fragments' channel order (F16_ROWS: k-steps 2j
+// and 2j + 1 of lane (g, t) are channels 32j + 8t..32j + 8t + 7, one 16-byte load), B = the query
+// fragments. Lane (g, t) returns head t's terms of rows g (m[0]) and g + 8 (m[1]).
+template <int D, int W>
+__device__ __forceinline__ void key_mins_terms(const AttnParams& P, int kvh, const int* sblk, int warp, int nb,
+                                               int qshift, const uint2* qf, int lane, float (&m)[2]) {
+    const CacheBufs& c = P.c;
+    const int g = lane >> 2, t = lane & 3;
+    u32 a[2][D / 16][2];  // [row g, g + 8][k-step][a0 / a2 or a1 / a3]
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = g + 8 * r, bi = row >> 2;
+        const bool on = bi < nb;
+        const u64 blk = (u64)sblk[on ? warp + W * bi : 0];
+        const u16* km = c.km + blk * c.ksm_block + (u64)kvh * c.ksm_head + ((row & 3) >> qshift) * D + 8 * t;
+#pragma unroll
+        for (int j = 0; j < D / 32; j++) {
+            const uint4 v = on ? *(const uint4*)(km + 32 * j) : make_uint4(0u, 0u, 0u, 0u);
+            a[r][2 * j][0] = v.x;
+            a[r][2 * j][1] = v.y;
+            a[r][2 * j + 1][0] = v.z;
+            a[r][2 * j + 1][1] = v.w;
+        }
+    }
+    // Two accumulators: two chains of D / 32 MMAs.
+    float mc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int x = 0; x < D / 16; x++) {
+        const uint2 b = qf[x * 32 + lane];
+        mma_16816(mc[x & 1], a[0][x][0], a[1][x][0], a[0][x][1], a[1][x][1], b.x, b.y);
+    }
+    // c0 / c1: row g's high / low parts of head t; c2 / c3: row g + 8's.
+    m[0] = (mc[0][0] + mc[1][0] + mc[0][1] + mc[1][1]) * P.scale_log2;
+    m[1] = (mc[0][2] + mc[1][2] + mc[0][3] + mc[1][3]) * P.scale_log2;
+}
+
 // Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sq: [NG][D] q,
 // sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q|, qhat (QHAT): [NG + 1][D] q^ = q sqinv and a row
 // of zeros (else q^ is formed here: the copy made one-warp CTAs of GQA serving shapes one wave
@@ -2157,9 +2201,11 @@ template <int D, int NG, bool QHAT, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
-                                                   float* wbuf, float* sc, int lane, u32* pre_lo = nullptr) {
+                                                   float* wbuf, float* sc, int lane, u32* pre_lo = nullptr,
+                                                   const float (&mterm)[2] = {0.0f, 0.0f}, int bi = 0) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
+    constexpr bool MINS_AHEAD = PRE && KEY_MINS_AHEAD;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
     // The lane's code words: slot g of channel quads 8x + 4e + t.
     AheadWords<AHEAD, KS, 32> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g);
@@ -2183,7 +2229,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     // k-steps 2j and 2j + 1 of lane (g, t) are channels 32j + 8t..32j + 8t + 7, one 16-byte load
     // (four 4-byte ones per 32 channels were 2 sectors over the ideal each, Nsight Compute).
     u32 ma[D / 16][2];
-    {
+    if constexpr (!MINS_AHEAD) {
         const u16* km = c.km + sm + (g >> qshift) * D + 8 * t;
 #pragma unroll
         for (int j = 0; j < D / 32; j++) {
@@ -2211,7 +2257,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 #pragma unroll
     for (int x = 0; x < D / 16; x++) {
         const uint2 b = qf[x * 32 + lane];
-        if ((UB_NO_MINS & 1) == 0) mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
+        if ((UB_NO_MINS & 1) == 0 && !MINS_AHEAD) mma_16816(mc, ma[x][0], 0u, ma[x][1], 0u, b.x, b.y);
     }
     float smax[4];
     if constexpr (PRE) {
@@ -2248,7 +2294,11 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         fac[j] = smax[j] * qm;
-        bias[j] = __shfl_sync(0xffffffffu, mc[0] + mc[1], 4 * j + t) * P.scale_log2;
+        // (MINS_AHEAD: row 4 (bi & 1) + j of mterm[bi >> 1], see key_mins_terms.)
+        if constexpr (MINS_AHEAD)
+            bias[j] = __shfl_sync(0xffffffffu, bi < 2 ? mterm[0] : mterm[1], 4 * (4 * (bi & 1) + j) + t);
+        else
+            bias[j] = __shfl_sync(0xffffffffu, mc[0] + mc[1], 4 * j + t) * P.scale_log2;
     }
     __syncwarp();  // wbuf written
     // Lanes of heads >= NG (NG < 4) give zero columns.
@@ -2732,10 +2782,17 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
+        float mterm[2] = {0.0f, 0.0f};
+        if constexpr (PRE && QHAT && KEY_MINS_AHEAD) {
+            static_assert(MAX_SPLIT / BLOCK_TOKENS <= 4 * W, "key_mins_terms: at most 4 blocks per warp");
+            const int nb = max(kt_end - s0 - warp * BLOCK_TOKENS + W * BLOCK_TOKENS - 1, 0) / (W * BLOCK_TOKENS);
+            key_mins_terms<D, W>(P, kvh, sblk, warp, nb, __ffs(c.group) - 6, sqf, lane, mterm);
+        }
+        int bi = 0;
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++)
             tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
-                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo);
+                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo, mterm, bi);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
