@@ -248,7 +248,9 @@ static void key_block_heads(int G, int valid) {
         const int sblk[16] = {};
         emu_run_warp({}, [&](int lane) {
             float m[2];
-            key_mins_terms<D, 4>(P, 0, sblk, 0, 4, __builtin_ctz(G) - 5, qf.data(), lane, m);
+            u32 a[2][D / 16][2];
+            key_mins_load<D, 4>(P.c, 0, sblk, 0, 4, __builtin_ctz(G) - 5, lane, a);
+            key_mins_terms<D>(P, a, qf.data(), lane, m);
             mterm[2 * lane] = m[0];
             mterm[2 * lane + 1] = m[1];
         });

@@ -2152,16 +2152,14 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 #define KEY_MINS_AHEAD 1
 #endif
 // The mins' terms of the warp's key blocks (at most 4: the blocks warp, warp + W, .. of sblk,
-// nb of them), times scale_log2. Row r of the m-tile is quarter r & 3 of the warp's block r >> 2
-// (zero past nb); A = the rows' mins in the query fragments' channel order (F16_ROWS: k-steps 2j
-// and 2j + 1 of lane (g, t) are channels 32j + 8t..32j + 8t + 7, one 16-byte load), B = the query
-// fragments. Lane (g, t) returns head t's terms of rows g (m[0]) and g + 8 (m[1]).
+// nb of them) as one m-tile: row r is quarter r & 3 of the warp's block r >> 2 (zero past nb).
+// key_mins_load: A, the rows' mins in the query fragments' channel order (F16_ROWS: k-steps 2j
+// and 2j + 1 of lane (g, t) are channels 32j + 8t..32j + 8t + 7, one 16-byte load), a[r][x]:
+// rows g + 8r of k-step x; issued at the split's start, to arrive during its prologue.
 template <int D, int W>
-__device__ __forceinline__ void key_mins_terms(const AttnParams& P, int kvh, const int* sblk, int warp, int nb,
-                                               int qshift, const uint2* qf, int lane, float (&m)[2]) {
-    const CacheBufs& c = P.c;
+__device__ __forceinline__ void key_mins_load(const CacheBufs& c, int kvh, const int* sblk, int warp, int nb,
+                                              int qshift, int lane, u32 (&a)[2][D / 16][2]) {
     const int g = lane >> 2, t = lane & 3;
-    u32 a[2][D / 16][2];  // [row g, g + 8][k-step][a0 / a2 or a1 / a3]
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int row = g + 8 * r, bi = row >> 2;
@@ -2177,6 +2175,12 @@ __device__ __forceinline__ void key_mins_terms(const AttnParams& P, int kvh, con
             a[r][2 * j + 1][1] = v.w;
         }
     }
+}
+// key_mins_terms: B = the query fragments; lane (g, t) gets head t's terms of rows g (m[0]) and
+// g + 8 (m[1]), times scale_log2.
+template <int D>
+__device__ __forceinline__ void key_mins_terms(const AttnParams& P, const u32 (&a)[2][D / 16][2], const uint2* qf,
+                                               int lane, float (&m)[2]) {
     // Two accumulators: two chains of D / 32 MMAs.
     float mc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
@@ -2701,6 +2705,14 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int c = 0; c < FST - 1; c++)
             f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
     }
+    // (PRE: the mins of the warp's key blocks, see key_mins_load.)
+    constexpr bool MINS_AHEAD = PRE && KEY_MINS_AHEAD;
+    u32 mins_a[MINS_AHEAD ? 2 : 1][D / 16][2];
+    if constexpr (MINS_AHEAD) {
+        static_assert(MAX_SPLIT / BLOCK_TOKENS <= 4 * W, "key_mins_load: at most 4 blocks per warp");
+        const int nb = max(kt_end - s0 - warp * BLOCK_TOKENS + W * BLOCK_TOKENS - 1, 0) / (W * BLOCK_TOKENS);
+        key_mins_load<D, W>(c, kvh, sblk, warp, nb, __ffs(c.group) - 6, lane, mins_a);
+    }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
@@ -2783,11 +2795,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
         float mterm[2] = {0.0f, 0.0f};
-        if constexpr (PRE && QHAT && KEY_MINS_AHEAD) {
-            static_assert(MAX_SPLIT / BLOCK_TOKENS <= 4 * W, "key_mins_terms: at most 4 blocks per warp");
-            const int nb = max(kt_end - s0 - warp * BLOCK_TOKENS + W * BLOCK_TOKENS - 1, 0) / (W * BLOCK_TOKENS);
-            key_mins_terms<D, W>(P, kvh, sblk, warp, nb, __ffs(c.group) - 6, sqf, lane, mterm);
-        }
+        if constexpr (MINS_AHEAD) key_mins_terms<D>(P, mins_a, sqf, lane, mterm);
         int bi = 0;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++)
             tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
