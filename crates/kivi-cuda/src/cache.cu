@@ -2112,6 +2112,10 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
 #ifndef UB_NO_MINS
 #define UB_NO_MINS 0
 #endif
+// UB_NO_SOFTMAX: no softmax pass (attn_split): the scores are the weights.
+#ifndef UB_NO_SOFTMAX
+#define UB_NO_SOFTMAX 0
+#endif
 // s^ = s fix / max s of the lane's quarters 2jp + jj (sv[2 jj + b][i]: rows 4t + 16b + i) into
 // sp[jj][b][i]; a[jj]: the lane's maxima, reduced here; q4: all four quarters' maxima.
 template <bool KEYS>
@@ -3017,6 +3021,13 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     const int ns = s1 - s0;
     for (int g = warp; g < NG; g += W) {
         float* row = sc + g * P.sc_stride;
+        if (UB_NO_SOFTMAX) {  // (timing only: the raw scores as weights)
+            if (lane == 0) {
+                sml[2 * g] = 0.0f;
+                sml[2 * g + 1] = 1.0f;
+            }
+            continue;
+        }
         float mx = NEG_INF;
         for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
         mx = warp_max(mx);
