@@ -73,6 +73,10 @@ inline int __ffs(int x) { return ffs(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
+inline float fast_exp2(float x) {  // ex2.approx.ftz
+    const float y = std::exp2(x);
+    return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
 inline float h2f(u16 h) {
     _Float16 x;
     std::memcpy(&x, &h, 2);

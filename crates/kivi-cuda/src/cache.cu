@@ -46,6 +46,13 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+// 2^x by MUFU.EX2 alone, where exp2f adds a denormal range check (three more instructions per
+// weight of the softmax); results below 2^-126 flush to zero.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 #endif
 __device__ __forceinline__ double h2d(u16 h) { return (double)h2f(h); }
 
@@ -2112,6 +2119,11 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
 #ifndef UB_NO_MINS
 #define UB_NO_MINS 0
 #endif
+// 1: the split's softmax in four-warp CTAs of four heads (PRE_B) four scores per access, 2^x by
+// MUFU.EX2 alone (fast_exp2). (In one-head kernels it made ptxas spill, session 21.)
+#ifndef SOFTMAX4
+#define SOFTMAX4 1
+#endif
 // UB_NO_SOFTMAX: no softmax pass (attn_split): the scores are the weights.
 #ifndef UB_NO_SOFTMAX
 #define UB_NO_SOFTMAX 0
@@ -3028,15 +3040,49 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             }
             continue;
         }
-        float mx = NEG_INF;
-        for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
-        mx = warp_max(mx);
-        float sum = 0.0f;
-        const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
-        for (int t = lane; t < ns; t += 32) {
-            const float e = exp2f(row[t] - mx);
-            row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
-            sum += e;
+        float mx = NEG_INF, sum = 0.0f;
+        if constexpr (SOFTMAX4 && PRE) {
+            // Four scores per access (rows are 16-byte aligned), two chains each of the maximum
+            // and the sum, 2^x by MUFU.EX2 alone.
+            float4* row4 = (float4*)row;
+            const int n4 = ns >> 2;
+            auto max4 = [](float m, const float4& v) { return fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w))); };
+            auto exp4 = [&](float4* p) {
+                const float4 v = *p;
+                const float4 e =
+                    make_float4(fast_exp2(v.x - mx), fast_exp2(v.y - mx), fast_exp2(v.z - mx), fast_exp2(v.w - mx));
+                *p = e;
+                return (e.x + e.y) + (e.z + e.w);
+            };
+            float m0 = NEG_INF, m1 = NEG_INF, sa = 0.0f, sb = 0.0f;
+            int i = lane;
+            for (; i + 32 < n4; i += 64) {
+                m0 = max4(m0, row4[i]);
+                m1 = max4(m1, row4[i + 32]);
+            }
+            if (i < n4) m0 = max4(m0, row4[i]);
+            for (int t = 4 * n4 + lane; t < ns; t += 32) m1 = fmaxf(m1, row[t]);
+            mx = warp_max(fmaxf(m0, m1));
+            for (i = lane; i + 32 < n4; i += 64) {
+                sa += exp4(row4 + i);
+                sb += exp4(row4 + i + 32);
+            }
+            if (i < n4) sa += exp4(row4 + i);
+            for (int t = 4 * n4 + lane; t < ns; t += 32) {
+                const float e = fast_exp2(row[t] - mx);
+                row[t] = e;
+                sb += e;
+            }
+            sum = sa + sb;
+        } else {
+            for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
+            mx = warp_max(mx);
+            const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
+            for (int t = lane; t < ns; t += 32) {
+                const float e = exp2f(row[t] - mx);
+                row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
+                sum += e;
+            }
         }
         // tc_value_block_heads reads a last block's weights past the split's end: zeros, so
         // that it needs no selects (s^ is zero there).
