@@ -2171,7 +2171,7 @@ __device__ __forceinline__ void key_block_scales(const CacheBufs& c, int kvh, u6
 // nb of them) as one m-tile: row r is quarter r & 3 of the warp's block r >> 2 (zero past nb).
 // key_mins_load: A, the rows' mins in the query fragments' channel order (F16_ROWS: k-steps 2j
 // and 2j + 1 of lane (g, t) are channels 32j + 8t..32j + 8t + 7, one 16-byte load), a[r][x]:
-// rows g + 8r of k-step x; issued at the split's start, to arrive during its prologue.
+// rows g + 8r of k-step x.
 template <int D, int W>
 __device__ __forceinline__ void key_mins_load(const CacheBufs& c, int kvh, const int* sblk, int warp, int nb,
                                               int qshift, int lane, u32 (&a)[2][D / 16][2]) {
@@ -2721,14 +2721,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
         for (int c = 0; c < FST - 1; c++)
             f16_stream_issue<FST, F16_RING_CA(NG)>(P, kvh, sblk, warp, W, ring_blocks, c, smem_addr(ring), lane);
     }
-    // (PRE: the mins of the warp's key blocks, see key_mins_load.)
-    constexpr bool MINS_AHEAD = PRE && KEY_MINS_AHEAD;
-    u32 mins_a[MINS_AHEAD ? 2 : 1][D / 16][2];
-    if constexpr (MINS_AHEAD) {
-        static_assert(MAX_SPLIT / BLOCK_TOKENS <= 4 * W, "key_mins_load: at most 4 blocks per warp");
-        const int nb = max(kt_end - s0 - warp * BLOCK_TOKENS + W * BLOCK_TOKENS - 1, 0) / (W * BLOCK_TOKENS);
-        key_mins_load<D, W>(c, kvh, sblk, warp, nb, __ffs(c.group) - 6, lane, mins_a);
-    }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
     // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
@@ -2810,8 +2802,17 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
     } else if (HEADS_K && kt_end > s0) {
+        // (PRE: the mins' terms of the warp's key blocks at once, see key_mins_load. Their loads
+        // issued during the CTA's prologue instead measured 1 % slower at B = 1, the same at
+        // B = 32 T = 32K.)
         float mterm[2] = {0.0f, 0.0f};
-        if constexpr (MINS_AHEAD) key_mins_terms<D>(P, mins_a, sqf, lane, mterm);
+        if constexpr (PRE && KEY_MINS_AHEAD) {
+            static_assert(MAX_SPLIT / BLOCK_TOKENS <= 4 * W, "key_mins_load: at most 4 blocks per warp");
+            const int nb = max(kt_end - s0 - warp * BLOCK_TOKENS + W * BLOCK_TOKENS - 1, 0) / (W * BLOCK_TOKENS);
+            u32 a[2][D / 16][2];
+            key_mins_load<D, W>(c, kvh, sblk, warp, nb, __ffs(c.group) - 6, lane, a);
+            key_mins_terms<D>(P, a, sqf, lane, mterm);
+        }
         int bi = 0;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++)
             tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
