@@ -2124,6 +2124,16 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
 #ifndef SOFTMAX4
 #define SOFTMAX4 1
 #endif
+// 1: SOFTMAX4's loops not unrolled (0: the compiler's choice), so that the pass's code (run once
+// per split) takes less of the instruction cache that the block loops share.
+#ifndef PASS_COMPACT
+#define PASS_COMPACT 1
+#endif
+#if PASS_COMPACT
+#define PASS_LOOP _Pragma("unroll 1")
+#else
+#define PASS_LOOP
+#endif
 // UB_NO_SOFTMAX: no softmax pass (attn_split): the scores are the weights.
 #ifndef UB_NO_SOFTMAX
 #define UB_NO_SOFTMAX 0
@@ -3057,18 +3067,22 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             };
             float m0 = NEG_INF, m1 = NEG_INF, sa = 0.0f, sb = 0.0f;
             int i = lane;
+PASS_LOOP
             for (; i + 32 < n4; i += 64) {
                 m0 = max4(m0, row4[i]);
                 m1 = max4(m1, row4[i + 32]);
             }
             if (i < n4) m0 = max4(m0, row4[i]);
+PASS_LOOP
             for (int t = 4 * n4 + lane; t < ns; t += 32) m1 = fmaxf(m1, row[t]);
             mx = warp_max(fmaxf(m0, m1));
+PASS_LOOP
             for (i = lane; i + 32 < n4; i += 64) {
                 sa += exp4(row4 + i);
                 sb += exp4(row4 + i + 32);
             }
             if (i < n4) sa += exp4(row4 + i);
+PASS_LOOP
             for (int t = 4 * n4 + lane; t < ns; t += 32) {
                 const float e = fast_exp2(row[t] - mx);
                 row[t] = e;
