@@ -255,24 +255,12 @@ static void key_block_heads(int G, int valid) {
             mterm[2 * lane + 1] = m[1];
         });
     }
-    // (PRE: each lane's running maximum of its head's scores, WARP_SOFTMAX.)
-    std::vector<float> wmax(32, -INFINITY);
     emu_run_warp({}, [&](int lane) {
         const float m[2] = {mterm[2 * lane], mterm[2 * lane + 1]};
         tc_key_block_heads<D, NG, QHAT, AHEAD, PRE>(P, 0, 0, 0, 0, valid, __builtin_ctz(G) - 5, q.data(), qmax.data(),
                                                     qinv.data(), qhat.data(), qf.data(), wbuf.data(), sc.data(), lane,
-                                                    (u32*)pre_lo.data(), m, bi, &wmax[lane]);
+                                                    (u32*)pre_lo.data(), m, bi);
     });
-    if (PRE && WARP_SOFTMAX)
-        for (int h = 0; h < NG; h++) {
-            float want_max = -INFINITY, got_max = -INFINITY;
-            for (int b = 0; b < valid; b++) want_max = std::max(want_max, sc[h * BLOCK_TOKENS + b]);
-            for (int l = h; l < 32; l += 4) got_max = std::max(got_max, wmax[l]);
-            if (want_max != got_max) {
-                std::printf("FAIL key block running maximum, head %d: %g, want %g\n", h, got_max, want_max);
-                failures++;
-            }
-        }
     std::vector<double> want, mag;
     std::vector<float> got;
     for (int h = 0; h < NG; h++)
@@ -909,9 +897,6 @@ int main() {
     pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
     // Long prompts: several tensor-core blocks per warp and split.
     pipeline<128, 2, 2, 1, 1>(2, 2, 32, 32, 0, 512, true, 500);
-    // (Four-head four-warp 2-bit CTAs: whole splits of 16 blocks, 4 per warp, take the per-warp
-    // softmax, WARP_SOFTMAX.)
-    pipeline<128, 2, 2, 4, 4>(1, 4, 32, 32, 0, 2048, true, 4200);
     pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 700);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).

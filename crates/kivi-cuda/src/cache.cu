@@ -2138,13 +2138,6 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
 #else
 #define PASS_LOOP
 #endif
-// 1: four-warp CTAs of four heads (PRE_B) take the softmax per warp when every position of the
-// split is in tensor-core blocks (warp_softmax): each warp's exps relative to the maximum of its
-// own blocks' scores (kept by the key blocks' epilogues), no barrier between the phases, and
-// the warps' value sums rescaled to the split's maximum when they are added up.
-#ifndef WARP_SOFTMAX
-#define WARP_SOFTMAX 1
-#endif
 // UB_NO_SOFTMAX: no softmax pass (attn_split): the scores are the weights.
 #ifndef UB_NO_SOFTMAX
 #define UB_NO_SOFTMAX 0
@@ -2248,8 +2241,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
                                                    float* wbuf, float* sc, int lane, u32* pre_lo = nullptr,
-                                                   const float (&mterm)[2] = {0.0f, 0.0f}, int bi = 0,
-                                                   float* wmax = nullptr) {
+                                                   const float (&mterm)[2] = {0.0f, 0.0f}, int bi = 0) {
     const CacheBufs& c = P.c;
     constexpr int KS = D / 32;
     constexpr bool MINS_AHEAD = PRE && KEY_MINS_AHEAD;
@@ -2383,22 +2375,15 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         }
     }
     // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8.
-    // (PRE: the lane's running maximum of head t's scores in *wmax, see WARP_SOFTMAX.)
     if (t < NG) {
         float* row = sc + t * P.sc_stride + (pb - s0) + g;
 #pragma unroll
         for (int m = 0; m < 8; m++) {
             const int j = m >> 1, sh = 4 * (m & 1);
-            if (16 * m + g < valid) {
-                const float v = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
-                row[16 * m] = v;
-                if (PRE && WARP_SOFTMAX) *wmax = fmaxf(*wmax, v);
-            }
-            if (16 * m + g + 8 < valid) {
-                const float v = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
-                row[16 * m + 8] = v;
-                if (PRE && WARP_SOFTMAX) *wmax = fmaxf(*wmax, v);
-            }
+            if (16 * m + g < valid)
+                row[16 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
+            if (16 * m + g + 8 < valid)
+                row[16 * m + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
         }
     }
 }
@@ -2621,42 +2606,6 @@ __device__ __forceinline__ void key_dots(const u32 (&raw)[8][CPL], const bool (&
     }
 }
 
-// The per-warp softmax (WARP_SOFTMAX) of the warp's nb blocks (positions 128 (warp + W bi) from
-// s0 of sc's NG = 4 rows): 2^(s - m_h) in place, zero from s1 on, where m_h is head h's maximum
-// over those blocks (m_t: the lane's running maximum of head t, from the key blocks' epilogues).
-// Returns every lane the heads' maxima (mw) and sums of the weights (sw).
-template <int W>
-__device__ __forceinline__ void warp_softmax(float* sc, int sc_stride, int s0, int s1, int warp, int nb, float m_t,
-                                             int lane, float (&mw)[4], float (&sw)[4]) {
-    // Lanes with the same t hold head t's maxima; lane h (g = 0) then has head h's.
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) m_t = fmaxf(m_t, __shfl_xor_sync(0xffffffffu, m_t, o));
-    float sum[4];
-#pragma unroll
-    for (int hh = 0; hh < 4; hh++) {
-        mw[hh] = __shfl_sync(0xffffffffu, m_t, hh);
-        sum[hh] = 0.0f;
-    }
-    __syncwarp();  // the warp's key blocks' scores are written
-    PASS_LOOP
-    for (int bi = 0; bi < nb; bi++) {
-        const int off = (warp + W * bi) * BLOCK_TOKENS + 4 * lane;  // the lane's four positions
-        const int ok = s1 - s0 - off;                                 // how many of them are < s1
-#pragma unroll
-        for (int hh = 0; hh < 4; hh++) {
-            float4* p = (float4*)(sc + hh * sc_stride + off);
-            const float4 v = *p;
-            const float4 e = make_float4(ok > 0 ? fast_exp2(v.x - mw[hh]) : 0.0f, ok > 1 ? fast_exp2(v.y - mw[hh]) : 0.0f,
-                                         ok > 2 ? fast_exp2(v.z - mw[hh]) : 0.0f, ok > 3 ? fast_exp2(v.w - mw[hh]) : 0.0f);
-            *p = e;
-            sum[hh] += (e.x + e.y) + (e.z + e.w);
-        }
-    }
-#pragma unroll
-    for (int hh = 0; hh < 4; hh++) sw[hh] = warp_sum(sum[hh]);
-    __syncwarp();  // the weights are written
-}
-
 // W warps per CTA: 4, or 1 for batches of many short sequences (see cache.rs `one_warp`).
 // Floats of attn_split's max/sum area: 2 NG + 8, rounded up to 4 so that the scores after it
 // start 16-byte aligned (the q, value-slot areas before it are multiples of 4 floats).
@@ -2785,10 +2734,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     }
     const int kt_valid = min(kt_end, max(min(s1, kpaged), s0));
     const int vt_valid = min(vt_end, max(min(s1, vpaged), s0));
-    // The per-warp softmax (WARP_SOFTMAX): every position of the split in the warps' tensor-core
-    // key and value blocks (the same blocks per warp), so that no warp reads another's weights.
-    const bool wsm = PRE && WARP_SOFTMAX && kt_valid == s1 && vt_valid == s1;
-    __shared__ float swml[PRE && WARP_SOFTMAX ? W * 4 * 2 : 1];  // [W][4 heads]: maximum, sum
     // The f16 ring: the warp's share of the tensor-core blocks (the same for keys and values:
     // kpaged = vpaged), its first FST - 1 chunks started now.
     constexpr bool F16_RING = F16_TENSOR && FST > 0 && D == 128;
@@ -2890,19 +2835,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             key_mins_terms<D>(P, a, sqf, lane, mterm);
         }
         int bi = 0;
-        float wmax = NEG_INF;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++)
             tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
-                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo, mterm, bi, &wmax);
-        if (wsm) {
-            float mw[4], sw[4];
-            warp_softmax<W>(sc, P.sc_stride, s0, s1, warp, bi, wmax, lane, mw, sw);
-            if (lane < 4) {
-                swml[(warp * 4 + lane) * 2] = mw[lane];
-                swml[(warp * 4 + lane) * 2 + 1] = sw[lane];
-            }
-        }
+                sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo, mterm, bi);
     } else if (QUANT && kt_end > s0) {
         constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
@@ -3110,15 +3046,14 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             }
         }
     }
-    // (wsm: each warp took its own blocks' softmax above; no barrier, no pass.)
-    if (!wsm) __syncthreads();
+    __syncthreads();
 
     // ---- softmax of the split (warp g owns query head g)
     // (PRE: the value-sum slots are zeroed by the tensor-core value path's first write, or here.)
     if (QF_IN_SACC || (PRE && vt_end <= s0))
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     const int ns = s1 - s0;
-    for (int g = warp; g < (wsm ? 0 : NG); g += W) {
+    for (int g = warp; g < NG; g += W) {
         float* row = sc + g * P.sc_stride;
         if (UB_NO_SOFTMAX) {  // (timing only: the raw scores as weights)
             if (lane == 0) {
@@ -3187,7 +3122,7 @@ PASS_LOOP
             sml[2 * g + 1] = sum;
         }
     }
-    if (!wsm) __syncthreads();
+    __syncthreads();
 
     // ---- values: quantized tokens [s0, min(s1, nqv))
     if (QUANT) {
@@ -3493,40 +3428,6 @@ PASS_LOOP
     }
     __syncthreads();
 
-    if (PRE && WARP_SOFTMAX && wsm) {
-        // The warps' sums relative to their own maxima m_w: scaled by 2^(m_w - m) to the split's
-        // maximum m (a warp without blocks has m_w = -inf: factor 0).
-        auto head_factors = [&](int g, float (&f)[W], float& m, float& l) {
-            m = NEG_INF;
-#pragma unroll
-            for (int w = 0; w < W; w++) m = fmaxf(m, swml[(w * 4 + g) * 2]);
-            l = 0.0f;
-#pragma unroll
-            for (int w = 0; w < W; w++) {
-                f[w] = fast_exp2(swml[(w * 4 + g) * 2] - m);
-                l += f[w] * swml[(w * 4 + g) * 2 + 1];
-            }
-        };
-        for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
-            const int g = x / D, d = x % D;
-            float f[W], m, l, o = 0.0f;
-            head_factors(g, f, m, l);
-#pragma unroll
-            for (int w = 0; w < W; w++) o += f[w] * sacc[w * NG * D + x];
-            if (P.out && !P.tickets)  // (the only split: the output itself)
-                P.out[((u64)tok * P.n_head + h0 + g) * D + d] = o / l;
-            else
-                P.part_o[(part + (u64)g * P.nsplit) * D + d] = o;
-        }
-        if (threadIdx.x < NG && !(P.out && !P.tickets)) {
-            float f[W], m, l;
-            head_factors(threadIdx.x, f, m, l);
-            float* ml = P.part_ml + (part + (u64)threadIdx.x * P.nsplit) * 2;
-            ml[0] = m;
-            ml[1] = l;
-        }
-        return;
-    }
     if (P.out && !P.tickets) {
         // The only split: the output itself (what kivi_attn_reduce would compute, exactly).
         for (int x = threadIdx.x; x < NG * D; x += blockDim.x) {
