@@ -10,7 +10,6 @@
 #include <chrono>
 #include <map>
 #include <tuple>
-#include <type_traits>
 #include <cstdio>
 #include <random>
 
@@ -314,13 +313,13 @@ static void value_block_heads(int G, int valid) {
         });
     };
     if (PRE && VALUE_GPT && G == 32)
-        run(std::integral_constant<int, D / 32>{});
+        run(IntConst<D / 32>{});
     else if (PRE && VALUE_GPT && G == 64)
-        run(std::integral_constant<int, D / 64>{});
+        run(IntConst<D / 64>{});
     else if (PRE && VALUE_GPT)
-        run(std::integral_constant<int, D / 128>{});
+        run(IntConst<D / 128>{});
     else
-        run(std::integral_constant<int, 0>{});
+        run(IntConst<0>{});
     std::vector<double> want(NG * D, 0.0), mag(NG * D, 0.0);
     for (int h = 0; h < NG; h++)
         for (int t = 0; t < valid; t++)

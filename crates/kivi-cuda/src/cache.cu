@@ -1977,7 +1977,10 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef VALUE_GPT
 #define VALUE_GPT 1
 #endif
-
+template <int V>
+struct IntConst {
+    static constexpr int value = V;
+};
 template <int D, int W, bool PRE>
 __device__ __forceinline__ constexpr int heads_ahead() {
     return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 || PRE ? 2 : 1;
@@ -2584,18 +2587,6 @@ __device__ __forceinline__ void tc_value_store_heads(const float (&vacc)[D / 16]
     }
 }
 
-// The warp's value blocks of the split through tc_value_block_heads (GPT: groups per token at
-// compile time, see VALUE_GPT; 0: read from the cache).
-template <int D, int NG, int W, bool PRE, int GPT>
-__device__ __forceinline__ void value_blocks_heads(const AttnParams& P, int kvh, const int* sblk, int s0, int vt_end,
-                                                   int vt_valid, int warp, const float* sc, float* wbuf,
-                                                   float (&vacc)[D / 16][2], float (&pm)[4 * (D / 32)], int lane,
-                                                   u32* pre_lo) {
-    for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-        tc_value_block_heads<D, NG, heads_ahead<D, W, PRE>(), PRE, GPT>(
-            P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, wbuf, vacc, pm, lane, pre_lo);
-}
-
 // 1: four-warp GQA CTAs form q^ once (attn_split), not per key block.
 #ifndef QHAT_FOUR_WARPS
 #define QHAT_FOUR_WARPS 1
@@ -3183,16 +3174,19 @@ PASS_LOOP
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
             // (PRE with VALUE_GPT: one loop per group size, each without the others' loads.)
-            constexpr bool GL = PRE && VALUE_GPT;
-            if (GL && c.group == 32)
-                value_blocks_heads<D, NG, W, PRE, GL ? D / 32 : 0>(P, kvh, sblk, s0, vt_end, vt_valid, warp, sc, wbuf,
-                                                                   vacc, pm, lane, pre_lo);
-            else if (GL && c.group == 64)
-                value_blocks_heads<D, NG, W, PRE, GL ? D / 64 : 0>(P, kvh, sblk, s0, vt_end, vt_valid, warp, sc, wbuf,
-                                                                   vacc, pm, lane, pre_lo);
+            auto value_blocks = [&](auto gpt_tag) {
+                constexpr int GPT = decltype(gpt_tag)::value;
+                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                    tc_value_block_heads<D, NG, heads_ahead<D, W, PRE>(), PRE, GPT>(
+                        P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, wbuf, vacc, pm, lane,
+                        pre_lo);
+            };
+            if (PRE && VALUE_GPT && c.group == 32)
+                value_blocks(IntConst<PRE && VALUE_GPT ? D / 32 : 0>{});
+            else if (PRE && VALUE_GPT && c.group == 64)
+                value_blocks(IntConst<PRE && VALUE_GPT ? D / 64 : 0>{});
             else
-                value_blocks_heads<D, NG, W, PRE, GL ? D / 128 : 0>(P, kvh, sblk, s0, vt_end, vt_valid, warp, sc, wbuf,
-                                                                    vacc, pm, lane, pre_lo);
+                value_blocks(IntConst<PRE && VALUE_GPT ? D / 128 : 0>{});
             tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
