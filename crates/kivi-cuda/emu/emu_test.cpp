@@ -302,24 +302,12 @@ static void value_block_heads(int G, int valid) {
     AttnParams P = value_params(D, G, 2, vq, vs, vm);
     // (PRE: B in wacc, the warp's value-sum slot, and wbuf; the store overwrites wacc.)
     std::vector<float> wacc(NG * D, PRE ? NAN : 0.0f), wbuf(4 * 128, NAN);
-    // (PRE: groups per token known at compile time, as attn_split runs it with VALUE_GPT.)
-    auto run = [&](auto gpt_tag) {
-        constexpr int GPT = decltype(gpt_tag)::value;
-        emu_run_warp({}, [&](int lane) {
-            float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};
-            tc_value_block_heads<D, NG, AHEAD, PRE, GPT>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane,
-                                                         (u32*)wacc.data());
-            tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc.data(), lane);
-        });
-    };
-    if (PRE && VALUE_GPT && G == 32)
-        run(IntConst<D / 32>{});
-    else if (PRE && VALUE_GPT && G == 64)
-        run(IntConst<D / 64>{});
-    else if (PRE && VALUE_GPT)
-        run(IntConst<D / 128>{});
-    else
-        run(IntConst<0>{});
+    emu_run_warp({}, [&](int lane) {
+        float vacc[D / 16][2] = {}, pm[4 * (D / 32)] = {};
+        tc_value_block_heads<D, NG, AHEAD, PRE>(P, 0, 0, 0, 0, valid, sc.data(), wbuf.data(), vacc, pm, lane,
+                                                (u32*)wacc.data());
+        tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc.data(), lane);
+    });
     std::vector<double> want(NG * D, 0.0), mag(NG * D, 0.0);
     for (int h = 0; h < NG; h++)
         for (int t = 0; t < valid; t++)
@@ -909,11 +897,8 @@ int main() {
     pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
     // Long prompts: several tensor-core blocks per warp and split.
     pipeline<128, 2, 2, 1, 1>(2, 2, 32, 32, 0, 512, true, 500);
-    // (Four-head four-warp 2-bit CTAs with 4 blocks per warp: all 16 rows of key_mins_terms;
-    // and at G = 64, 128: their other value loops, VALUE_GPT.)
+    // (Four-head four-warp 2-bit CTAs with 4 blocks per warp: all 16 rows of key_mins_terms.)
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 32, 0, 2048, true, 4200);
-    pipeline<128, 2, 2, 4, 4>(1, 4, 64, 128, 0, 512, true, 1100);
-    pipeline<128, 2, 2, 4, 4>(1, 4, 128, 128, 0, 512, true, 1100);
     pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 700);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).

@@ -1711,11 +1711,9 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
 
 // Four consecutive tokens' value scales (or mins) for the block's D / 32 channel quarters, from
 // `row` (their 4 gpt halves, gpt = D / G, 8-byte aligned): half j & 1 of q[i][j >> 1] is token
-// i's scale of quarter j (group 32 j / G). One or two vector loads. GPT: gpt known at compile
-// time (0: not).
-template <int D, int GPT = 0>
-__device__ __forceinline__ void quarter_halves4(const u16* row, int gpt_, u32 (&q)[4][2]) {
-    const int gpt = GPT ? GPT : gpt_;
+// i's scale of quarter j (group 32 j / G). One or two vector loads.
+template <int D>
+__device__ __forceinline__ void quarter_halves4(const u16* row, int gpt, u32 (&q)[4][2]) {
     if (D == 128 && gpt == 4) {
         const uint4 a = *(const uint4*)row, b = *(const uint4*)(row + 8);
         const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
@@ -1970,17 +1968,6 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_AHEAD
 #define HEADS_AHEAD 0
 #endif
-// 1: four-warp CTAs of four heads (PRE_B) run their value blocks in a loop per group size
-// (G = 32, 64, 128: 4, 2, 1 groups per token at D = 128), whose scale and min loads are known
-// at compile time, where the one loop held all three ways to load them (branches and their
-// code in the loop, which shares the instruction cache).
-#ifndef VALUE_GPT
-#define VALUE_GPT 1
-#endif
-template <int V>
-struct IntConst {
-    static constexpr int value = V;
-};
 template <int D, int W, bool PRE>
 __device__ __forceinline__ constexpr int heads_ahead() {
     return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 || PRE ? 2 : 1;
@@ -2407,7 +2394,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
 // g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
-template <int D, int NG, int AHEAD, bool PRE = false, int GPT = 0>
+template <int D, int NG, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                      const float* sc, float* wbuf, float (&vacc)[D / 16][2],
                                                      float (&pm)[4 * (D / 32)], int lane, u32* pre_lo = nullptr) {
@@ -2421,7 +2408,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: scale and min 0,
     // whatever other paths or unwritten memory hold there; the weights are finite there, other
     // paths' or the softmax's zeros past the split's end, so that they add nothing).
-    const int gpt = GPT ? GPT : D / c.group;  // (GPT: known at compile time, see VALUE_GPT)
+    const int gpt = D / c.group;
     const float* w = sc + (pb - s0);
     float fac[NQ];
     if constexpr (PRE) {
@@ -2435,8 +2422,8 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         float pv[NG][2][4];
 #pragma unroll
         for (int b = 0; b < 2; b++) {
-            quarter_halves4<D, GPT>(c.vs + sm + (u64)(tk + 16 * b) * gpt, gpt, s4[b]);
-            quarter_halves4<D, GPT>(c.vm + sm + (u64)(tk + 16 * b) * gpt, gpt, m4[b]);
+            quarter_halves4<D>(c.vs + sm + (u64)(tk + 16 * b) * gpt, gpt, s4[b]);
+            quarter_halves4<D>(c.vm + sm + (u64)(tk + 16 * b) * gpt, gpt, m4[b]);
 #pragma unroll
             for (int hh = 0; hh < NG; hh++) {
                 pw[hh][b] = *(const float4*)(w + hh * P.sc_stride + tk + 16 * b);
@@ -3173,20 +3160,9 @@ PASS_LOOP
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            // (PRE with VALUE_GPT: one loop per group size, each without the others' loads.)
-            auto value_blocks = [&](auto gpt_tag) {
-                constexpr int GPT = decltype(gpt_tag)::value;
-                for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                    tc_value_block_heads<D, NG, heads_ahead<D, W, PRE>(), PRE, GPT>(
-                        P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc, wbuf, vacc, pm, lane,
-                        pre_lo);
-            };
-            if (PRE && VALUE_GPT && c.group == 32)
-                value_blocks(IntConst<PRE && VALUE_GPT ? D / 32 : 0>{});
-            else if (PRE && VALUE_GPT && c.group == 64)
-                value_blocks(IntConst<PRE && VALUE_GPT ? D / 64 : 0>{});
-            else
-                value_blocks(IntConst<PRE && VALUE_GPT ? D / 128 : 0>{});
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
+                tc_value_block_heads<D, NG, heads_ahead<D, W, PRE>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
+                                                                 s0, vt_valid - pb, sc, wbuf, vacc, pm, lane, pre_lo);
             tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc, lane);
         } else if (vt_end > s0) {
             float tacc[D / 16][4];
