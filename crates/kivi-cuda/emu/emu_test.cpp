@@ -897,8 +897,11 @@ int main() {
     pipeline<64, 2, 4, 1, 1>(2, 4, 32, 32, 37, 256);
     // Long prompts: several tensor-core blocks per warp and split.
     pipeline<128, 2, 2, 1, 1>(2, 2, 32, 32, 0, 512, true, 500);
-    // (Four-head four-warp 2-bit CTAs with 4 blocks per warp: all 16 rows of key_mins_terms.)
+    // (Four-head four-warp 2-bit CTAs with 4 blocks per warp: all 16 rows of key_mins_terms;
+    // and at G = 64, 128.)
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 32, 0, 2048, true, 4200);
+    pipeline<128, 2, 2, 4, 4>(1, 4, 64, 128, 0, 512, true, 1100);
+    pipeline<128, 2, 2, 4, 4>(1, 4, 128, 128, 0, 512, true, 1100);
     pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 700);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).
