@@ -240,8 +240,9 @@ static void key_block_heads(int G, int valid) {
     query_fragments<D, NG, true>(q.data(), qf.data(), 0, 1);  // (the channel order of the mins' loads)
     // (PRE: B in two 512-word regions.)
     std::vector<float> sc(NG * BLOCK_TOKENS, NAN), wbuf(4 * D, NAN), pre_lo(512, NAN);
-    // PRE (KEY_MINS_AHEAD): the mins' terms of a warp's four blocks first (all block 0 here), and
-    // the block as the warp's block bi (a random one of the four: their rows differ).
+    // PRE (KEY_MINS_AHEAD): the mins' terms of a warp's four blocks first, and the block as the
+    // warp's block bi, a random one of the four. (All four are block 0 here, so this checks the
+    // terms, not which row a block takes: the 4200-token pipeline below does.)
     std::vector<float> mterm(64, NAN);
     const int bi = (int)(rng() % 4);
     if (PRE && KEY_MINS_AHEAD) {
