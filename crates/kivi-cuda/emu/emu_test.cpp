@@ -903,6 +903,9 @@ int main() {
     pipeline<128, 2, 2, 4, 4>(1, 4, 32, 32, 0, 2048, true, 4200);
     pipeline<128, 2, 2, 4, 4>(1, 4, 64, 128, 0, 512, true, 1100);
     pipeline<128, 2, 2, 4, 4>(1, 4, 128, 128, 0, 512, true, 1100);
+    // (Four-head four-warp 4-bit CTAs: the f16 tensor-core value path's split weights from the
+    // vectorized softmax, SOFTMAX4_HEADS.)
+    pipeline<128, 4, 4, 4, 4>(1, 4, 32, 128, 0, 512, true, 1100);
     pipeline<128, 4, 4, 1, 4>(1, 1, 64, 128, 4, 1024, false, 700);
     pipeline<128, 2, 2, 1, 4>(1, 1, 32, 32, 1, 128);
     // Without sinks: four and three query heads per CTA (GQA; SmolLM2 has 9 / 3).

@@ -2127,6 +2127,10 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
 #ifndef SOFTMAX4
 #define SOFTMAX4 1
 #endif
+// 1: SOFTMAX4 in every four-warp CTA of four heads (4-bit and f16 caches too).
+#ifndef SOFTMAX4_HEADS
+#define SOFTMAX4_HEADS 1
+#endif
 // 1: SOFTMAX4's loops not unrolled (0: the compiler's choice), so that the pass's code (run once
 // per split) takes less of the instruction cache that the block loops share: 328 instructions
 // fewer; measured (session 23, us, 0 / 1) B = 32 T = 32K 286.2 / 283.9, T = 4K 56.0 / 54.6.
@@ -3063,17 +3067,22 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             continue;
         }
         float mx = NEG_INF, sum = 0.0f;
-        if constexpr (SOFTMAX4 && PRE) {
+        if constexpr (SOFTMAX4 && (PRE || (SOFTMAX4_HEADS && NG == 4 && W > 1))) {
             // Four scores per access (rows are 16-byte aligned), two chains each of the maximum
-            // and the sum, 2^x by MUFU.EX2 alone.
+            // and the sum, 2^x by MUFU.EX2 alone. (Weights of the f16 tensor-core value path as
+            // split_bits, as below.)
+            constexpr bool SPLIT = !IMMA_V && !HEADS_V;
+            const int packed = vt_valid - s0;
             float4* row4 = (float4*)row;
             const int n4 = ns >> 2;
             auto max4 = [](float m, const float4& v) { return fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w))); };
+            auto weight = [&](float e, int t) { return SPLIT && t < packed ? __uint_as_float(split_bits(e)) : e; };
             auto exp4 = [&](float4* p) {
                 const float4 v = *p;
                 const float4 e =
                     make_float4(fast_exp2(v.x - mx), fast_exp2(v.y - mx), fast_exp2(v.z - mx), fast_exp2(v.w - mx));
-                *p = e;
+                const int t = 4 * (int)(p - row4);
+                *p = make_float4(weight(e.x, t), weight(e.y, t + 1), weight(e.z, t + 2), weight(e.w, t + 3));
                 return (e.x + e.y) + (e.z + e.w);
             };
             float m0 = NEG_INF, m1 = NEG_INF, sa = 0.0f, sb = 0.0f;
@@ -3096,7 +3105,7 @@ PASS_LOOP
 PASS_LOOP
             for (int t = 4 * n4 + lane; t < ns; t += 32) {
                 const float e = fast_exp2(row[t] - mx);
-                row[t] = e;
+                row[t] = weight(e, t);
                 sb += e;
             }
             sum = sa + sb;
