@@ -2127,7 +2127,10 @@ __device__ __forceinline__ void pre_b_max(float (&a)[2], float (&q4)[4], int lan
 #ifndef SOFTMAX4
 #define SOFTMAX4 1
 #endif
-// 1: SOFTMAX4 in every four-warp CTA of four heads (4-bit and f16 caches too).
+// 1: SOFTMAX4 in every four-warp CTA of four heads (4-bit and f16 caches too). Measured on the
+// H200 (session 23, GQA 32/8/128, us, 0 / 1): KIVI-4 B = 32 T = 32K 439.7 / 435.3, B = 8
+// T = 32K 133.4 / 132.0; f16 B = 8 T = 1K 19.4 / 19.1; all 24 shapes of B = 1-32, T = 1K-32K
+// 0-1.6 % faster.
 #ifndef SOFTMAX4_HEADS
 #define SOFTMAX4_HEADS 1
 #endif
