@@ -194,6 +194,20 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
+/// The relative attention error allowed on `isa`. The float paths round in f32: at most 2.0e-6
+/// in 1000 cases. The VNNI kernels multiply 2-bit codes by 16-bit fixed-point operands (the
+/// scale-folded query, `alpha = max|q s| / 32767`, and the softmax weights): a score of a
+/// 64-channel head is off by up to 64 * 3 * alpha / 2, ~1e-2 for these keys (channels of
+/// amplitude 8), and outputs by up to 5.3e-5 in the same 1000 cases (the saved case, from CI).
+/// Either bound is far below what a wrong code, scale, min or window row gives (~1e-1).
+fn attention_bound(isa: Isa) -> f64 {
+    if isa == Isa::Avx512Vnni {
+        5e-4
+    } else {
+        5e-5
+    }
+}
+
 /// Runs a case: prefill then decode/speculative steps of the given sizes; at every step checks
 /// the attention against the f64 model and the stored contents against the closed form.
 fn run_case(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
@@ -227,7 +241,13 @@ fn run_case(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
             vn,
         );
         let e = max_err(&out, &want);
-        prop_assert!(e < 5e-5, "attention error {} at n={} step={}", e, n, step);
+        prop_assert!(
+            e < attention_bound(isa),
+            "attention error {} at n={} step={}",
+            e,
+            n,
+            step
+        );
         cache.append(1, s, kn, vn).unwrap();
         n += step;
         prop_assert_eq!(cache.seq_len(1, s).unwrap(), n);
