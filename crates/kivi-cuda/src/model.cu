@@ -243,21 +243,55 @@ __device__ __forceinline__ void rope_pair(float* head, int i, int half, int neox
     head[b] = x0 * s + x1 * c;
 }
 
-// Many rows: thread i computes its angle's sine and cosine once and turns pair i of every head.
-// grid: rows; block: d/2.
-extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ toks,
-                                const float* __restrict__ inv_freq, int heads, int d, int neox) {
-    const int t = blockIdx.x, i = threadIdx.x;
-    const int half = d / 2;
-    if (i >= half) return;
+// CTA (row t, chunk y of ROPE_HEADS heads), ROPE_THREADS threads: the row's d / 2 angles' sine
+// and cosine once into shared memory, then the chunk's heads four values per access, every
+// thread's accesses independent of each other. d % 8 == 0, d <= 2 * ROPE_MAX_HALF (launcher).
+// (Was one CTA of d / 2 threads per token looping over the heads, one pair per access: 20 us per
+// call at 1046 rows x 32 heads x 128 on the H200, 2.6x its bytes' time at 4.4 TB/s.)
+#define ROPE_THREADS 128
+#define ROPE_HEADS 8
+#define ROPE_MAX_HALF 128
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_heads(float* __restrict__ x, const int* __restrict__ toks, const float* __restrict__ inv_freq,
+               int heads, int d, int neox) {
+    __shared__ __align__(16) float sn[ROPE_MAX_HALF], cs[ROPE_MAX_HALF];
+    const int t = blockIdx.x, half = d / 2;
     const float p = (float)(toks[5 * t + 1] + toks[5 * t + 2]);
-    float s, c;
-    sincosf(p * inv_freq[i], &s, &c);
-    float* row = x + (long long)t * heads * d;
-    for (int h = 0; h < heads; h++) rope_pair(row + (long long)h * d, i, half, neox, s, c);
+    for (int i = threadIdx.x; i < half; i += ROPE_THREADS) sincosf(p * inv_freq[i], &sn[i], &cs[i]);
+    __syncthreads();
+    const int h0 = blockIdx.y * ROPE_HEADS, nh = min(ROPE_HEADS, heads - h0);
+    float* row = x + ((long long)t * heads + h0) * d;
+    if (neox) {
+        // Unit u: head u / q, values 4k..4k + 3 (k = u % q) and their partners half + 4k..
+        const int q = half / 4;
+#pragma unroll 2
+        for (int u = threadIdx.x; u < nh * q; u += ROPE_THREADS) {
+            const int k = 4 * (u % q);
+            float4* a = (float4*)(row + (u / q) * d + k);
+            float4* b = (float4*)(row + (u / q) * d + half + k);
+            const float4 x0 = *a, x1 = *b, s = *(const float4*)(sn + k), c = *(const float4*)(cs + k);
+            *a = make_float4(x0.x * c.x - x1.x * s.x, x0.y * c.y - x1.y * s.y, x0.z * c.z - x1.z * s.z,
+                             x0.w * c.w - x1.w * s.w);
+            *b = make_float4(x0.x * s.x + x1.x * c.x, x0.y * s.y + x1.y * c.y, x0.z * s.z + x1.z * c.z,
+                             x0.w * s.w + x1.w * c.w);
+        }
+    } else {
+        // Unit u: head u / q, values 4k..4k + 3 (k = u % q): pairs 2k and 2k + 1.
+        const int q = d / 4;
+#pragma unroll 2
+        for (int u = threadIdx.x; u < nh * q; u += ROPE_THREADS) {
+            const int k = u % q;
+            float4* a = (float4*)(row + (u / q) * d + 4 * k);
+            const float4 v = *a;
+            const float2 s = *(const float2*)(sn + 2 * k), c = *(const float2*)(cs + 2 * k);
+            *a = make_float4(v.x * c.x - v.y * s.x, v.x * s.x + v.y * c.x, v.z * c.y - v.w * s.y,
+                             v.z * s.y + v.w * c.y);
+        }
+    }
 }
 
-// Few rows: one CTA per (row, head), enough CTAs to fill the GPU. grid: (rows, heads); block: d/2.
+// Any even d (head dims that rope_heads does not take): one CTA per (row, head). grid: (rows,
+// heads); block: d/2.
 extern "C" __global__ void rope_per_head(float* __restrict__ x, const int* __restrict__ toks,
                                          const float* __restrict__ inv_freq, int heads, int d,
                                          int neox) {

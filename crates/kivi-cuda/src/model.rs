@@ -53,8 +53,10 @@ pub fn device_sampling_default() -> bool {
     std::env::var_os("KIVI_CUDA_DEVICE_SAMPLING").is_none_or(|v| v != "0")
 }
 
-/// RoPE over at least this many rows runs one CTA per token (see `rope`).
-pub const ROPE_PER_TOKEN_ROWS: usize = 1024;
+/// Heads per CTA of the `rope_heads` kernel (`ROPE_HEADS` in model.cu), and its largest head_dim
+/// (`2 * ROPE_MAX_HALF`); it takes head dims that are multiples of 8.
+pub const ROPE_HEADS: usize = 8;
+const ROPE_MAX_HEAD_DIM: usize = 256;
 
 /// The model on a GPU.
 pub type CudaModel = Llama<CudaBackend>;
@@ -530,13 +532,21 @@ impl CudaBackend {
                 head_dim,
                 neox,
                 rows,
-                per_token,
+                vector,
             } => {
-                let f = self.f(if per_token { "rope" } else { "rope_per_head" })?;
-                let cfg = LaunchConfig {
-                    grid_dim: (rows, if per_token { 1 } else { heads as u32 }, 1),
-                    block_dim: ((head_dim / 2) as u32, 1, 1),
-                    shared_mem_bytes: 0,
+                let f = self.f(if vector { "rope_heads" } else { "rope_per_head" })?;
+                let cfg = if vector {
+                    LaunchConfig {
+                        grid_dim: (rows, (heads as u32).div_ceil(ROPE_HEADS as u32), 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    }
+                } else {
+                    LaunchConfig {
+                        grid_dim: (rows, heads as u32, 1),
+                        block_dim: ((head_dim / 2) as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    }
                 };
                 unsafe {
                     s.launch_builder(&f)
@@ -1045,10 +1055,7 @@ impl Backend for CudaBackend {
             let ptr = cached.as_ref().expect("uploaded above").1.device_ptr(s).0;
             ptr
         };
-        // Many rows: one CTA per token (each angle computed once, not once per head); few: one
-        // per (token, head), to fill the GPU. Measured on the H200 (Llama-2-7B, 32 heads):
-        // per token 1.31 vs 1.45 ms per pass at 1047 rows and 2.1 vs 4.0 at ~3100, but 1.13 vs
-        // 0.60 at 261.
+        // A CTA per (token, ROPE_HEADS heads), 16-byte accesses, each angle once per CTA.
         self.run(Op::Rope {
             x: x.device_ptr(s).0,
             toks: step.dev_toks(),
@@ -1057,7 +1064,7 @@ impl Backend for CudaBackend {
             head_dim: d as i32,
             neox: (rope.style == RopeStyle::Neox) as i32,
             rows: rows as u32,
-            per_token: rows >= ROPE_PER_TOKEN_ROWS,
+            vector: d.is_multiple_of(8) && d <= ROPE_MAX_HEAD_DIM,
         })
     }
 

@@ -501,14 +501,22 @@ fn rope_matches_cpu_both_styles() {
     let Some(g) = gpu() else { return };
     let b = CudaBackend::new(g.clone()).unwrap();
     let mut r = fresh_rng("rope_matches_cpu_both_styles");
-    // Few rows (one CTA per row and head) and many (one CTA per row, looping over the heads).
-    let row_counts = [(3usize, 4usize), (kivi_cuda::model::ROPE_PER_TOKEN_ROWS, 5)];
+    // rope_heads (head_dim a multiple of 8) with a last chunk of heads short of ROPE_HEADS or
+    // whole, few rows and many; and rope_per_head (head_dim 20).
+    let eight = kivi_cuda::model::ROPE_HEADS;
+    let cases = [
+        (64usize, eight + 1, 3usize, 4usize),
+        (128, eight, 1000, 46),
+        (128, 2 * eight + 3, 2, 1),
+        (20, 3, 5, 6),
+    ];
     for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
-        for (&(d, heads), &(n_a, n_b)) in [(64usize, 9usize), (128, 8)].iter().zip(&row_counts) {
+        for &(d, heads, n_a, n_b) in &cases {
+            // (The cache only gives the positions; its head_dim is independent of RoPE's.)
             let shape = CacheShape {
                 n_layer: 1,
                 n_kv_head: 1,
-                head_dim: d,
+                head_dim: 64,
             };
             let theta = 10_000f32;
             let rope = Rope {
@@ -522,7 +530,7 @@ fn rope_matches_cpu_both_styles() {
             let old_b = 37usize;
             let mut cpu_cache = new_cache(&CacheConfig::F16, shape).unwrap();
             let (sa, sb) = (cpu_cache.add_sequence(), cpu_cache.add_sequence());
-            let zeros = vec![0f32; old_b * d];
+            let zeros = vec![0f32; old_b * shape.head_dim];
             cpu_cache.append(0, sb, &zeros, &zeros).unwrap();
             let mut gcache = GpuCache::new(g.clone(), CacheConfig::F16, shape, 2, 2048).unwrap();
             let (ga, gb) = (
