@@ -199,11 +199,26 @@ gemv_small(const u16* w0, const u16* w1, const u16* w2, float* out0, float* out1
     }
 }
 
+// Elementwise kernels take four elements per access where their pointers allow it (16-byte f32,
+// 8-byte 16-bit), the rest one by one: one 4-byte load per thread and loop step kept too few
+// bytes in flight (on the H200 at a Llama-2-7B batch of 1046 rows: to_half 2.7x and swiglu
+// 1.4x the time of their bytes at 4.4 TB/s). Launch: elementwise(ceil(n / 4)).
+__device__ __forceinline__ bool quads_ok(const void* f32a, const void* f32b, const void* h16) {
+    return (((unsigned long long)f32a | (unsigned long long)f32b) & 15) == 0 && ((unsigned long long)h16 & 7) == 0;
+}
+__device__ __forceinline__ uint2 half4(float a, float b, float c, float d) {
+    return make_uint2((unsigned)f2h(a) | (unsigned)f2h(b) << 16, (unsigned)f2h(c) | (unsigned)f2h(d) << 16);
+}
+
 // y = (half) x, n elements. GEMM inputs.
 extern "C" __global__ void to_half(const float* __restrict__ x, u16* __restrict__ y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        y[i] = f2h(x[i]);
+    const long long stride = (long long)gridDim.x * blockDim.x, first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long n4 = quads_ok(x, x, y) ? n / 4 : 0;
+    for (long long i = first; i < n4; i += stride) {
+        const float4 v = ((const float4*)x)[i];
+        ((uint2*)y)[i] = half4(v.x, v.y, v.z, v.w);
+    }
+    for (long long i = 4 * n4 + first; i < n; i += stride) y[i] = f2h(x[i]);
 }
 
 // x[i] += b[i % width], n elements.
@@ -223,24 +238,23 @@ extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __res
 }
 
 // gate = silu(gate) * up, n elements, and its 16-bit copy for the next GEMM.
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 extern "C" __global__ void swiglu(float* __restrict__ gate, u16* __restrict__ gate16,
                                   const float* __restrict__ up, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        const float y = g / (1.0f + expf(-g)) * up[i];
+    const long long stride = (long long)gridDim.x * blockDim.x, first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long n4 = quads_ok(gate, up, gate16) ? n / 4 : 0;
+    for (long long i = first; i < n4; i += stride) {
+        const float4 g = ((const float4*)gate)[i], u = ((const float4*)up)[i];
+        const float4 y = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
+                                     silu_times(g.w, u.w));
+        ((float4*)gate)[i] = y;
+        ((uint2*)gate16)[i] = half4(y.x, y.y, y.z, y.w);
+    }
+    for (long long i = 4 * n4 + first; i < n; i += stride) {
+        const float y = silu_times(gate[i], up[i]);
         gate[i] = y;
         gate16[i] = f2h(y);
     }
-}
-
-// RoPE on x [rows][heads][d]; row t's position = toks[5t+1] + toks[5t+2] (the cache batch's
-// per-token (slot, n_old, i, off, n_new) records). neox: pairs (i, i+d/2), else (2i, 2i+1).
-__device__ __forceinline__ void rope_pair(float* head, int i, int half, int neox, float s, float c) {
-    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-    const float x0 = head[a], x1 = head[b];
-    head[a] = x0 * c - x1 * s;
-    head[b] = x0 * s + x1 * c;
 }
 
 // CTA (row t, chunk y of ROPE_HEADS heads), ROPE_THREADS threads: the row's d / 2 angles' sine

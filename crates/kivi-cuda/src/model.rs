@@ -441,7 +441,7 @@ impl CudaBackend {
                         .arg(&x)
                         .arg(&x16)
                         .arg(&n)
-                        .launch(elementwise(n as usize))
+                        .launch(elementwise((n as usize).div_ceil(4)))
                 }
             }
             Op::Gemm {
@@ -572,7 +572,7 @@ impl CudaBackend {
                         .arg(&gate16)
                         .arg(&up)
                         .arg(&n)
-                        .launch(elementwise(n as usize))
+                        .launch(elementwise((n as usize).div_ceil(4)))
                 }
             }
             Op::Add { x, y, n } => {
