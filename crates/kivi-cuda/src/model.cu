@@ -257,6 +257,15 @@ extern "C" __global__ void swiglu(float* __restrict__ gate, u16* __restrict__ ga
     }
 }
 
+// RoPE on x [rows][heads][d]; row t's position = toks[5t+1] + toks[5t+2] (the cache batch's
+// per-token (slot, n_old, i, off, n_new) records). neox: pairs (i, i+d/2), else (2i, 2i+1).
+__device__ __forceinline__ void rope_pair(float* head, int i, int half, int neox, float s, float c) {
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float x0 = head[a], x1 = head[b];
+    head[a] = x0 * c - x1 * s;
+    head[b] = x0 * s + x1 * c;
+}
+
 // CTA (row t, chunk y of ROPE_HEADS heads), ROPE_THREADS threads: the row's d / 2 angles' sine
 // and cosine once into shared memory, then the chunk's heads four values per access, every
 // thread's accesses independent of each other. d % 8 == 0, d <= 2 * ROPE_MAX_HALF (launcher).

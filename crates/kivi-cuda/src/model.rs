@@ -1056,15 +1056,16 @@ impl Backend for CudaBackend {
             ptr
         };
         // A CTA per (token, ROPE_HEADS heads), 16-byte accesses, each angle once per CTA.
+        let x_addr = x.device_ptr(s).0;
         self.run(Op::Rope {
-            x: x.device_ptr(s).0,
+            x: x_addr,
             toks: step.dev_toks(),
             inv_freq,
             heads: heads as i32,
             head_dim: d as i32,
             neox: (rope.style == RopeStyle::Neox) as i32,
             rows: rows as u32,
-            vector: d.is_multiple_of(8) && d <= ROPE_MAX_HEAD_DIM,
+            vector: d.is_multiple_of(8) && d <= ROPE_MAX_HEAD_DIM && x_addr.is_multiple_of(16),
         })
     }
 
