@@ -87,8 +87,6 @@ pub(crate) enum Op {
         rows: u32,
         /// `rope_heads` (head_dim a multiple of 8, at most 256; x 16-byte aligned), else `rope_per_head`.
         vector: bool,
-        /// Heads per CTA of `rope_heads` (`rope_per_head` ignores it).
-        heads_per_cta: i32,
     },
     /// `gate = silu(gate) * up`, and its 16-bit copy `gate16`.
     Swiglu {

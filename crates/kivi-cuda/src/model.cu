@@ -266,27 +266,28 @@ __device__ __forceinline__ void rope_pair(float* head, int i, int half, int neox
     head[b] = x0 * s + x1 * c;
 }
 
-// CTA (row t, chunk y of hpc heads), ROPE_THREADS threads: the row's d / 2 angles' sine
+// CTA (row t, chunk y of ROPE_HEADS heads), ROPE_THREADS threads: the row's d / 2 angles' sine
 // and cosine once into shared memory, then the chunk's heads four values per access, every
 // thread's accesses independent of each other. d % 8 == 0, d <= 2 * ROPE_MAX_HALF (launcher).
 // (Was one CTA of d / 2 threads per token looping over the heads, one pair per access: 20 us per
 // call at 1046 rows x 32 heads x 128 on the H200, 2.6x its bytes' time at 4.4 TB/s.)
 #define ROPE_THREADS 128
+#define ROPE_HEADS 8
 #define ROPE_MAX_HALF 128
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_heads(float* __restrict__ x, const int* __restrict__ toks, const float* __restrict__ inv_freq,
-               int heads, int d, int neox, int hpc) {
+               int heads, int d, int neox) {
     __shared__ __align__(16) float sn[ROPE_MAX_HALF], cs[ROPE_MAX_HALF];
     const int t = blockIdx.x, half = d / 2;
     const float p = (float)(toks[5 * t + 1] + toks[5 * t + 2]);
     for (int i = threadIdx.x; i < half; i += ROPE_THREADS) sincosf(p * inv_freq[i], &sn[i], &cs[i]);
     __syncthreads();
-    const int h0 = blockIdx.y * hpc, nh = min(hpc, heads - h0);
+    const int h0 = blockIdx.y * ROPE_HEADS, nh = min(ROPE_HEADS, heads - h0);
     float* row = x + ((long long)t * heads + h0) * d;
     if (neox) {
         // Unit u: head u / q, values 4k..4k + 3 (k = u % q) and their partners half + 4k..
         const int q = half / 4;
-#pragma unroll 4
+#pragma unroll 2
         for (int u = threadIdx.x; u < nh * q; u += ROPE_THREADS) {
             const int k = 4 * (u % q);
             float4* a = (float4*)(row + (u / q) * d + k);
@@ -300,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     } else {
         // Unit u: head u / q, values 4k..4k + 3 (k = u % q): pairs 2k and 2k + 1.
         const int q = d / 4;
-#pragma unroll 4
+#pragma unroll 2
         for (int u = threadIdx.x; u < nh * q; u += ROPE_THREADS) {
             const int k = u % q;
             float4* a = (float4*)(row + (u / q) * d + 4 * k);

@@ -53,9 +53,8 @@ pub fn device_sampling_default() -> bool {
     std::env::var_os("KIVI_CUDA_DEVICE_SAMPLING").is_none_or(|v| v != "0")
 }
 
-/// Default heads per CTA of the `rope_heads` kernel (`KIVI_CUDA_ROPE_HEADS` overrides it), and
-/// its largest head_dim (`2 * ROPE_MAX_HALF` in model.cu); it takes head dims that are multiples
-/// of 8.
+/// Heads per CTA of the `rope_heads` kernel (`ROPE_HEADS` in model.cu), and its largest head_dim
+/// (`2 * ROPE_MAX_HALF`); it takes head dims that are multiples of 8.
 pub const ROPE_HEADS: usize = 8;
 const ROPE_MAX_HEAD_DIM: usize = 256;
 
@@ -167,8 +166,6 @@ pub struct CudaBackend {
     /// rather than RefCells make the model Sync, so a server's engine thread can own a
     /// `GpuRunner` over it.
     x16: Mutex<Gemm16>,
-    /// Heads per CTA of `rope_heads` ([`ROPE_HEADS`]; `KIVI_CUDA_ROPE_HEADS`).
-    rope_heads: usize,
     /// RoPE inverse frequencies on the device (uploaded on first use).
     inv_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
     profiler: Profiler,
@@ -240,11 +237,6 @@ impl CudaBackend {
             small_gemv: std::env::var_os("KIVI_CUDA_GEMV").is_none_or(|v| v != "0"),
             module,
             x16: Mutex::new(Gemm16::default()),
-            rope_heads: std::env::var("KIVI_CUDA_ROPE_HEADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&h| h > 0)
-                .unwrap_or(ROPE_HEADS),
             inv_freq: Mutex::new(None),
             profiler,
             graphs_on: std::env::var_os("KIVI_CUDA_GRAPHS").is_none_or(|v| v != "0"),
@@ -541,12 +533,11 @@ impl CudaBackend {
                 neox,
                 rows,
                 vector,
-                heads_per_cta,
             } => {
                 let f = self.f(if vector { "rope_heads" } else { "rope_per_head" })?;
                 let cfg = if vector {
                     LaunchConfig {
-                        grid_dim: (rows, (heads as u32).div_ceil(heads_per_cta as u32), 1),
+                        grid_dim: (rows, (heads as u32).div_ceil(ROPE_HEADS as u32), 1),
                         block_dim: (128, 1, 1),
                         shared_mem_bytes: 0,
                     }
@@ -557,18 +548,16 @@ impl CudaBackend {
                         shared_mem_bytes: 0,
                     }
                 };
-                let mut launch = s.launch_builder(&f);
-                launch
-                    .arg(&x)
-                    .arg(&toks)
-                    .arg(&inv_freq)
-                    .arg(&heads)
-                    .arg(&head_dim)
-                    .arg(&neox);
-                if vector {
-                    launch.arg(&heads_per_cta);
+                unsafe {
+                    s.launch_builder(&f)
+                        .arg(&x)
+                        .arg(&toks)
+                        .arg(&inv_freq)
+                        .arg(&heads)
+                        .arg(&head_dim)
+                        .arg(&neox)
+                        .launch(cfg)
                 }
-                unsafe { launch.launch(cfg) }
             }
             Op::Swiglu {
                 gate,
@@ -1077,7 +1066,6 @@ impl Backend for CudaBackend {
             neox: (rope.style == RopeStyle::Neox) as i32,
             rows: rows as u32,
             vector: d.is_multiple_of(8) && d <= ROPE_MAX_HEAD_DIM && x_addr.is_multiple_of(16),
-            heads_per_cta: self.rope_heads as i32,
         })
     }
 
