@@ -32,11 +32,15 @@ struct uint2 {
 struct uint4 {
     u32 x, y, z, w;
 };
+struct float2 {
+    float x, y;
+};
 struct float4 {
     float x, y, z, w;
 };
 inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return uint4{x, y, z, w}; }
 inline uint2 make_uint2(u32 x, u32 y) { return uint2{x, y}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 #define __device__

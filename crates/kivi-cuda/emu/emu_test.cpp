@@ -600,7 +600,7 @@ struct Pipeline {
                 if (i < new_sinks) sinkw.insert(sinkw.end(), {off + i, slot, n_old + i});
             }
             if (s_new > 1)
-                for (int i = 0; i < s_new; i += 16) tiles.push_back(s_off + i);
+                for (int i = 0; i < s_new; i += PF_ROWS) tiles.push_back(s_off + i);
             const int n = s_old + s_new;
             if (!F16) {
                 // Quantized ends (R = 0: everything, the partial key group re-quantized).

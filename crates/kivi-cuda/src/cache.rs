@@ -90,7 +90,7 @@ pub const BLOCK_TOKENS: usize = 128;
 /// multiple of [`BLOCK_TOKENS`] (`MAX_SPLIT` in cache.cu).
 const MAX_SPLIT: usize = 2048;
 /// Query tokens per CTA of the prefill attention kernel (`PF_ROWS` in cache.cu).
-const PREFILL_ROWS: usize = 16;
+const PREFILL_ROWS: usize = 64;
 /// Initial block-table width (blocks per sequence); it doubles when a sequence needs more.
 const TABLE_WIDTH: usize = 32;
 /// Most KIVI sink tokens per sequence (a warp reads them one after the other).
