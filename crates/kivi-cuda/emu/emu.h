@@ -193,19 +193,26 @@ struct EmuBarrier {
     }
 };
 
-// One warp: its barrier and the slots through which lanes exchange operands.
+// One warp: its barrier and the slots through which lanes exchange operands, two of each:
+// exchange n (shuffle or mma.sync) uses slot n % 2, so that one barrier per exchange suffices (a
+// lane writes slot n % 2 again at exchange n + 2, after the barrier of n + 1, which every lane
+// reaches only once it has read exchange n's values). Lanes count their exchanges in
+// emu_exchanges; every lane of a warp makes the same ones (collectives are convergent).
 struct EmuWarp {
     EmuBarrier* bar = nullptr;
-    u32 a[32][4];
-    u32 b[32][2];
-    float sh[32];
+    u32 a[2][32][4];
+    u32 b[2][32][2];
+    float sh[2][32];
 };
 constexpr int EMU_MAX_WARPS = 32;
 inline EmuWarp emu_warps[EMU_MAX_WARPS];
+inline unsigned emu_exchanges[EMU_MAX_WARPS * 32];
 inline EmuBarrier* emu_cta_bar = nullptr;
 inline float* emu_dynamic_smem = nullptr;
 inline int emu_lane() { return threadIdx.x & 31; }
 inline EmuWarp& emu_warp() { return emu_warps[threadIdx.x >> 5]; }
+// The calling lane's slot for its next exchange.
+inline int emu_slot() { return emu_exchanges[threadIdx.x]++ & 1; }
 inline void emu_sync() { emu_warp().bar->arrive_and_wait(); }
 #define __syncwarp(...) emu_sync()
 #define __syncthreads() emu_cta_bar->arrive_and_wait()
@@ -222,20 +229,18 @@ inline void __threadfence() {}
 inline float __shfl_xor_sync(u32, float v, int o) {
     EmuWarp& w = emu_warp();
     const int l = emu_lane();
-    w.sh[l] = v;
+    const int k = emu_slot();
+    w.sh[k][l] = v;
     emu_sync();
-    const float r = w.sh[l ^ o];
-    emu_sync();
-    return r;
+    return w.sh[k][l ^ o];
 }
 inline float __shfl_up_sync(u32, float v, int o) {
     EmuWarp& w = emu_warp();
     const int l = emu_lane();
-    w.sh[l] = v;
+    const int k = emu_slot();
+    w.sh[k][l] = v;
     emu_sync();
-    const float r = w.sh[l >= o ? l - o : l];
-    emu_sync();
-    return r;
+    return w.sh[k][l >= o ? l - o : l];
 }
 inline int atomicMax(int* p, int v) {
     const int old = *p;
@@ -245,42 +250,41 @@ inline int atomicMax(int* p, int v) {
 inline float __shfl_sync(u32, float v, int src) {
     EmuWarp& w = emu_warp();
     const int l = emu_lane();
-    w.sh[l] = v;
+    const int k = emu_slot();
+    w.sh[k][l] = v;
     emu_sync();
-    const float r = w.sh[src & 31];
-    emu_sync();
-    return r;
+    return w.sh[k][src & 31];
 }
 
-// Every lane's mma.sync operands, shared through the warp (the caller syncs again after reading).
-inline EmuWarp& emu_mma_operands(u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+// Every lane's mma.sync operands, shared through the warp: the exchange's slot of them.
+struct EmuMmaOperands {
+    const u32 (*a)[4];
+    const u32 (*b)[2];
+};
+inline EmuMmaOperands emu_mma_operands(u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     EmuWarp& wp = emu_warp();
-    const int l = emu_lane();
-    wp.a[l][0] = a0;
-    wp.a[l][1] = a1;
-    wp.a[l][2] = a2;
-    wp.a[l][3] = a3;
-    wp.b[l][0] = b0;
-    wp.b[l][1] = b1;
+    const int l = emu_lane(), k = emu_slot();
+    wp.a[k][l][0] = a0;
+    wp.a[k][l][1] = a1;
+    wp.a[k][l][2] = a2;
+    wp.a[k][l][3] = a3;
+    wp.b[k][l][0] = b0;
+    wp.b[k][l][1] = b1;
     emu_sync();
-    return wp;
+    return {wp.a[k], wp.b[k]};
 }
 
 // Lane l's accumulators c0..c3 (row g, columns 2t, 2t + 1; row g + 8, the same columns) plus
-// sum_k A(row, k) B(k, col) over K, accumulated exactly in Acc and converted back to C; written
-// after every lane has read the operands.
+// sum_k A(row, k) B(k, col) over K, accumulated exactly in Acc and converted back to C.
 template <typename Acc, typename C, typename FA, typename FB>
 inline void emu_mma_accumulate(C (&c)[4], int l, int K, FA A, FB B) {
     const int g = l >> 2, t = l & 3;
-    C out[4];
     for (int i = 0; i < 4; i++) {
         const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
         Acc acc = c[i];
         for (int k = 0; k < K; k++) acc += A(row, k) * B(k, col);
-        out[i] = (C)acc;
+        c[i] = (C)acc;
     }
-    emu_sync();
-    for (int i = 0; i < 4; i++) c[i] = out[i];
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with the fragment layouts of the PTX ISA
@@ -288,17 +292,21 @@ inline void emu_mma_accumulate(C (&c)[4], int l, int K, FA A, FB B) {
 // a3 (row g + 8, k + 8); b0 (k 2t..2t+1, column g), b1 (k + 8); c0, c1 (row g, columns 2t,
 // 2t + 1), c2, c3 (row g + 8).
 inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    EmuWarp& wp = emu_mma_operands(a0, a1, a2, a3, b0, b1);
-    const int l = emu_lane();
-    auto A = [&wp](int row, int k) {
-        const u32 w = wp.a[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
-        return (double)h2f((u16)(w >> (16 * (k % 2))));
-    };
-    auto B = [&wp](int k, int col) {
-        const u32 w = wp.b[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0];
-        return (double)h2f((u16)(w >> (16 * (k % 2))));
-    };
-    emu_mma_accumulate<double>(c, l, 16, A, B);
+    const EmuMmaOperands wp = emu_mma_operands(a0, a1, a2, a3, b0, b1);
+    const int l = emu_lane(), g = l >> 2, t = l & 3;
+    // The lane's rows g, g + 8 of A and columns 2t, 2t + 1 of B, converted once (the prefill
+    // kernel runs millions of these in the long-prompt pipelines).
+    double A[2][16], B[2][16];
+    for (int k = 0; k < 16; k++) {
+        const int half = 16 * (k % 2);
+        for (int r = 0; r < 2; r++) A[r][k] = h2f((u16)(wp.a[g * 4 + (k % 8) / 2][r + (k >= 8 ? 2 : 0)] >> half));
+        for (int j = 0; j < 2; j++) B[j][k] = h2f((u16)(wp.b[(2 * t + j) * 4 + (k % 8) / 2][k >= 8 ? 1 : 0] >> half));
+    }
+    for (int i = 0; i < 4; i++) {
+        double acc = c[i];
+        for (int k = 0; k < 16; k++) acc += A[i >> 1][k] * B[i & 1][k];
+        c[i] = (float)acc;
+    }
 }
 
 // mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32: a0 (row g, k 4t..4t+3, bytes), a1 (row
@@ -306,7 +314,7 @@ inline void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32
 // 16), signed (unsigned: imma_16832_uu); c as mma_16816 (32-bit integers, wrapping).
 template <bool B_SIGNED = true>
 inline void imma_16832(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    EmuWarp& wp = emu_mma_operands(a0, a1, a2, a3, b0, b1);
+    const EmuMmaOperands wp = emu_mma_operands(a0, a1, a2, a3, b0, b1);
     const int l = emu_lane();
     auto A = [&wp](int row, int k) {
         const u32 w = wp.a[(row % 8) * 4 + (k % 16) / 4][(row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0)];

@@ -404,6 +404,66 @@ static void sinks(int S, int n_old, int n_new) {
 }
 
 
+// The prefill kernel alone: one item's n_new new tokens (after n_old stored ones, which it does
+// not read), causal attention among them, in tiles of PF_ROWS queries, against a double
+// reference. Keys and values are f16 values (what the kernel stages and the cache stores), so
+// the bound measures the kernel's own rounding: the queries' and weights' two f16 parts keep it
+// near f32's (the queries or the weights as one part: 1000x / 350x the error, measured).
+template <int D>
+static void prefill(int n_old, int n_new) {
+    const int hkv = 2, nh = 6, nsplit = 2;
+    std::vector<float> q(n_new * nh * D), kn(n_new * hkv * D), vn(kn.size());
+    for (auto& x : q) x = (float)uni(-1.5, 1.5);
+    for (auto& x : kn) x = h2f(f2h((float)uni(-2, 2)));
+    for (auto& x : vn) x = h2f(f2h((float)uni(-2, 2)));
+    std::vector<int> toks, tiles;
+    for (int i = 0; i < n_new; i++) toks.insert(toks.end(), {0, n_old, i, 0, n_new});
+    for (int i = 0; i < n_new; i += PF_ROWS) tiles.push_back(i);
+    std::vector<float> part_o(n_new * nh * nsplit * D, NAN), part_ml(n_new * nh * nsplit * 2, NAN);
+    AttnParams P{};
+    P.c.n_kv = hkv;
+    P.c.head_dim = D;
+    P.q = q.data();
+    P.knew = kn.data();
+    P.vnew = vn.data();
+    P.toks = (const Tok*)toks.data();
+    P.part_o = part_o.data();
+    P.part_ml = part_ml.data();
+    P.n_head = nh;
+    P.nsplit = nsplit;
+    P.scale_log2 = 0.25f;
+    emu_launch({(int)tiles.size(), nh, 1}, PF_THREADS, [&](int) { attn_prefill<D>(P, tiles.data()); });
+    std::vector<double> want_o, want_l;
+    std::vector<float> got_o, got_l;
+    for (int i = 0; i < n_new; i++)
+        for (int h = 0; h < nh; h++) {
+            const int kvh = h / (nh / hkv);
+            std::vector<double> sc(i + 1);
+            double m = -INFINITY;
+            for (int j = 0; j <= i; j++) {
+                double dot = 0;
+                for (int d = 0; d < D; d++) dot += (double)q[((u64)i * nh + h) * D + d] * 0.25 * kn[((u64)j * hkv + kvh) * D + d];
+                m = std::max(m, sc[j] = dot);
+            }
+            double l = 0;
+            for (auto& x : sc) l += (x = std::exp2(x - m));
+            const u64 part = ((u64)i * nh + h) * nsplit + nsplit - 1;
+            for (int d = 0; d < D; d++) {
+                double o = 0;
+                for (int j = 0; j <= i; j++) o += sc[j] * vn[((u64)j * hkv + kvh) * D + d];
+                want_o.push_back(o / l);
+                got_o.push_back(part_o[part * D + d] / part_ml[part * 2 + 1]);
+            }
+            want_l.push_back(m + std::log2(l));
+            got_l.push_back(part_ml[part * 2] + std::log2(part_ml[part * 2 + 1]));
+        }
+    char what[96];
+    std::snprintf(what, sizeof what, "prefill D %d n_old %d n_new %d: output", D, n_old, n_new);
+    check(what, want_o, got_o, want_o, 5e-6);
+    std::snprintf(what, sizeof what, "prefill D %d n_old %d n_new %d: log-sum-exp", D, n_old, n_new);
+    check(what, want_l, got_l, want_l, 5e-6);
+}
+
 // ---- A whole step on the emulator: the GPU cache's layout in host memory (GpuCache's
 // geometry, paged arenas, block tables, per-slot windows and sink rows), the step records of
 // cache.rs's StepPlan (stream-relative after the sinks), and every kernel of GpuCache::attend
@@ -584,7 +644,10 @@ struct Pipeline {
                 }
     }
 
-    void step(const std::vector<std::pair<int, int>>& items) {
+    // attend = false: the step's append alone (a long history, without the attention of its
+    // own prompt, whose reference is O(n^2) in doubles and whose prefill tiles the emulator runs
+    // mma by mma).
+    void step(const std::vector<std::pair<int, int>>& items, bool attend = true) {
         // StepPlan (cache.rs).
         std::vector<int> sitems, toks, stoks, sinkw, kgroups, vtoks, tiles;
         int off = 0, max_len = 0;
@@ -634,91 +697,93 @@ struct Pipeline {
                     vn[(z * hkv + h) * D + c] = value(slot, p, h, c);
                 }
         }
-        // Attention (GpuCache::attend).
-        const int n_rep = nh / hkv, nchunk = n_rep / NG;
-        const int decode_splits = (max_len + split - 1) / split;
-        const int prefill = tiles.empty() ? 0 : 1;
-        const int nsplit = decode_splits + (S > 0 ? 1 : 0) + prefill;
-        std::vector<float> part_o((size_t)T * nh * nsplit * D, NAN), part_ml((size_t)T * nh * nsplit * 2, NAN);
-        std::vector<float> out((size_t)T * nh * D, NAN);
-        AttnParams P{};
-        P.c = bufs();
-        P.q = q.data();
-        P.knew = kn.data();
-        P.vnew = vn.data();
-        P.toks = (const Tok*)stoks.data();
-        P.part_o = part_o.data();
-        P.part_ml = part_ml.data();
-        P.out = nullptr;
-        P.n_head = nh;
-        P.nsplit = nsplit;
-        P.split_len = split;
-        P.sc_stride = split + (NG > 1 ? 8 : 0);  // as the host (SCORE_ROW_PAD)
-        P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
-        P.tensor_cores = 1;
-        P.tc_multiple = production && W > 1 ? W : 1;
-        P.tc_partial_min = production ? 32 : 1;
-        P.prefill = prefill;
-        // As the host: with several decode splits only, the last CTA of each (token, head group)
-        // combines them (tickets); the reduce kernel must then give the same bits.
-        const bool fused = decode_splits > 1 && S == 0 && !prefill;
-        std::vector<int> tickets((size_t)T * hkv * nchunk, 0);
-        if (fused) {
-            P.out = out.data();
-            P.tickets = tickets.data();
-        }
-        const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * P.sc_stride + W * FST * 8 * D;
-        if (decode_splits > 0)
-            emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W, FST>(P); },
-                       smem);
-        if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
-        if (prefill)
-            emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });
-        std::vector<float> reduced((size_t)T * nh * D, NAN);
-        emu_launch({nh, T, 1}, 32, [&](int) {
-            kivi_attn_reduce(part_o.data(), part_ml.data(), reduced.data(), nh, nsplit, D, (const Tok*)stoks.data(),
-                             prefill ? nsplit - 1 : -1);
-        });
-        if (fused) {
-            n_fused++;
-            for (int x : tickets) require(x == 0, "a ticket counter was left non-zero");
-            require(std::memcmp(out.data(), reduced.data(), out.size() * sizeof(float)) == 0,
-                  "the last CTA's combination differs from kivi_attn_reduce's");
-        } else {
-            out = reduced;
-        }
-        // Reference: plain attention over every token appended before (as stored) and this step's
-        // up to it. With R > 0 the data is stored exactly; R = 0 quantizes every stream token (the
-        // partial key group with its current statistics): dequantize as the cache's own
-        // quantizer does (group_params, quantize_value of cache.cu).
-        std::vector<std::vector<float>> sk = hk, sv = hv;
-        if (!F16 && R == 0)
-            for (int slot = 0; slot < slots; slot++) dequantize_stream(slot, sk[slot], sv[slot]);
         std::vector<double> want;
         std::vector<float> got;
-        for (int z = 0; z < T; z++) {
-            const int slot = toks[5 * z], n_old = toks[5 * z + 1], i = toks[5 * z + 2], o = toks[5 * z + 3];
-            for (int h = 0; h < nh; h++) {
-                const int kvh = h / n_rep;
-                auto row = [&](bool k, int p) -> const float* {
-                    if (p < n_old) return (k ? sk : sv)[slot].data() + ((u64)p * hkv + kvh) * D;
-                    return (k ? kn : vn).data() + ((u64)(o + p - n_old) * hkv + kvh) * D;
-                };
-                std::vector<double> sc(n_old + i + 1);
-                double mx = -INFINITY;
-                for (int p = 0; p <= n_old + i; p++) {
-                    double dot = 0;
-                    for (int c = 0; c < D; c++) dot += (double)q[((u64)z * nh + h) * D + c] * row(true, p)[c];
-                    sc[p] = dot / std::sqrt((double)D);
-                    mx = std::max(mx, sc[p]);
-                }
-                double l = 0;
-                for (auto& x : sc) l += (x = std::exp(x - mx));
-                for (int c = 0; c < D; c++) {
-                    double acc = 0;
-                    for (int p = 0; p <= n_old + i; p++) acc += sc[p] * row(false, p)[c];
-                    want.push_back(acc / l);
-                    got.push_back(out[((u64)z * nh + h) * D + c]);
+        if (attend) {
+            // Attention (GpuCache::attend).
+            const int n_rep = nh / hkv, nchunk = n_rep / NG;
+            const int decode_splits = (max_len + split - 1) / split;
+            const int prefill = tiles.empty() ? 0 : 1;
+            const int nsplit = decode_splits + (S > 0 ? 1 : 0) + prefill;
+            std::vector<float> part_o((size_t)T * nh * nsplit * D, NAN), part_ml((size_t)T * nh * nsplit * 2, NAN);
+            std::vector<float> out((size_t)T * nh * D, NAN);
+            AttnParams P{};
+            P.c = bufs();
+            P.q = q.data();
+            P.knew = kn.data();
+            P.vnew = vn.data();
+            P.toks = (const Tok*)stoks.data();
+            P.part_o = part_o.data();
+            P.part_ml = part_ml.data();
+            P.out = nullptr;
+            P.n_head = nh;
+            P.nsplit = nsplit;
+            P.split_len = split;
+            P.sc_stride = split + (NG > 1 ? 8 : 0);  // as the host (SCORE_ROW_PAD)
+            P.scale_log2 = (float)(1.4426950408889634 / std::sqrt((double)D));
+            P.tensor_cores = 1;
+            P.tc_multiple = production && W > 1 ? W : 1;
+            P.tc_partial_min = production ? 32 : 1;
+            P.prefill = prefill;
+            // As the host: with several decode splits only, the last CTA of each (token, head group)
+            // combines them (tickets); the reduce kernel must then give the same bits.
+            const bool fused = decode_splits > 1 && S == 0 && !prefill;
+            std::vector<int> tickets((size_t)T * hkv * nchunk, 0);
+            if (fused) {
+                P.out = out.data();
+                P.tickets = tickets.data();
+            }
+            const size_t smem = NG * D + W * NG * D + SML_FLOATS(NG) + NG * P.sc_stride + W * FST * 8 * D;
+            if (decode_splits > 0)
+                emu_launch({decode_splits, hkv * nchunk, T}, 32 * W, [&](int) { attn_split<D, KB, VB, NG, W, FST>(P); },
+                           smem);
+            if (S > 0) emu_launch({T, nh, 1}, 32, [&](int) { attn_sinks<D>(P, (const Tok*)toks.data(), decode_splits); });
+            if (prefill)
+                emu_launch({(int)tiles.size(), nh, 1}, 128, [&](int) { attn_prefill<D>(P, tiles.data()); });
+            std::vector<float> reduced((size_t)T * nh * D, NAN);
+            emu_launch({nh, T, 1}, 32, [&](int) {
+                kivi_attn_reduce(part_o.data(), part_ml.data(), reduced.data(), nh, nsplit, D, (const Tok*)stoks.data(),
+                                 prefill ? nsplit - 1 : -1);
+            });
+            if (fused) {
+                n_fused++;
+                for (int x : tickets) require(x == 0, "a ticket counter was left non-zero");
+                require(std::memcmp(out.data(), reduced.data(), out.size() * sizeof(float)) == 0,
+                      "the last CTA's combination differs from kivi_attn_reduce's");
+            } else {
+                out = reduced;
+            }
+            // Reference: plain attention over every token appended before (as stored) and this step's
+            // up to it. With R > 0 the data is stored exactly; R = 0 quantizes every stream token (the
+            // partial key group with its current statistics): dequantize as the cache's own
+            // quantizer does (group_params, quantize_value of cache.cu).
+            std::vector<std::vector<float>> sk = hk, sv = hv;
+            if (!F16 && R == 0)
+                for (int slot = 0; slot < slots; slot++) dequantize_stream(slot, sk[slot], sv[slot]);
+            for (int z = 0; z < T; z++) {
+                const int slot = toks[5 * z], n_old = toks[5 * z + 1], i = toks[5 * z + 2], o = toks[5 * z + 3];
+                for (int h = 0; h < nh; h++) {
+                    const int kvh = h / n_rep;
+                    auto row = [&](bool k, int p) -> const float* {
+                        if (p < n_old) return (k ? sk : sv)[slot].data() + ((u64)p * hkv + kvh) * D;
+                        return (k ? kn : vn).data() + ((u64)(o + p - n_old) * hkv + kvh) * D;
+                    };
+                    std::vector<double> sc(n_old + i + 1);
+                    double mx = -INFINITY;
+                    for (int p = 0; p <= n_old + i; p++) {
+                        double dot = 0;
+                        for (int c = 0; c < D; c++) dot += (double)q[((u64)z * nh + h) * D + c] * row(true, p)[c];
+                        sc[p] = dot / std::sqrt((double)D);
+                        mx = std::max(mx, sc[p]);
+                    }
+                    double l = 0;
+                    for (auto& x : sc) l += (x = std::exp(x - mx));
+                    for (int c = 0; c < D; c++) {
+                        double acc = 0;
+                        for (int p = 0; p <= n_old + i; p++) acc += sc[p] * row(false, p)[c];
+                        want.push_back(acc / l);
+                        got.push_back(out[((u64)z * nh + h) * D + c]);
+                    }
                 }
             }
         }
@@ -750,12 +815,16 @@ struct Pipeline {
     }
 };
 
+// Longest prompt whose attention a pipeline checks (the prefill kernel at ~1100 tokens: ~10 s).
+constexpr int PREFILL_CHECKED = 1100;
+
 template <int D, int KB, int VB, int NG, int W, int FST = 0>
 static void pipeline(int hkv, int nh, int G, int R, int S, int split, bool production = false, int prompt = 0) {
     Pipeline<D, KB, VB, NG, W, FST> pl(hkv, nh, G, R, S, split, 3, 64);
     pl.production = production;
-    // Long prompts first (several blocks per warp), if asked for.
-    if (prompt > 0) pl.step({{0, prompt}, {1, prompt / 2 + 3}});
+    // Long prompts first (several blocks per warp), if asked for; their own attention (the
+    // prefill kernel) is checked up to PREFILL_CHECKED tokens.
+    if (prompt > 0) pl.step({{0, prompt}, {1, prompt / 2 + 3}}, prompt <= PREFILL_CHECKED);
     // Prompts that end inside, at and past the sinks; chunked prefill; decode steps of all three.
     const std::vector<std::vector<std::pair<int, int>>> steps = {
         {{0, 2}, {1, S + 1}, {2, 1}},
@@ -842,6 +911,10 @@ int main() {
     std::printf("seed %llu\n", (unsigned long long)seed);
     auto partial = [] { return 1 + (int)(rng() % 127); };
     sample_draw_in_gap();
+    // Whole and partial query tiles and key tiles; a tile starting past the first key tile.
+    prefill<128>(0, 150);
+    prefill<128>(7, 64);
+    prefill<64>(3, 1 + (int)(rng() % 200));
     for (int G : {32, 64, 128}) {
         for (int valid : {128, partial()}) {
             key_block_heads<128, 4>(G, valid);
