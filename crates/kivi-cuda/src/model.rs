@@ -534,7 +534,11 @@ impl CudaBackend {
                 rows,
                 vector,
             } => {
-                let f = self.f(if vector { "rope_heads" } else { "rope_per_head" })?;
+                let f = self.f(if vector {
+                    "rope_heads"
+                } else {
+                    "rope_per_head"
+                })?;
                 let cfg = if vector {
                     LaunchConfig {
                         grid_dim: (rows, (heads as u32).div_ceil(ROPE_HEADS as u32), 1),
