@@ -206,72 +206,62 @@ struct Rec {
 };
 
 #ifndef ATTN_D  // the append kernels: not in the per-variant attention modules
-// Key position p of channel d (head h) of an item: a window row (f16) or a new token (f32,
-// rounded to f16 as the window stores it).
-__device__ __forceinline__ float key_at(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
-                                        int p) {
-    return p < it.n_old ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * c.head_dim + d])
-                        : f16_round(knew[((u64)(it.tok_off + p - it.n_old) * c.n_kv + h) * c.head_dim + d]);
-}
-// Positions p0..p0 + 31 of channel d (0 from the n-th on), all loads in flight.
-__device__ __forceinline__ void key_chunk(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
-                                          int p0, int n, float (&v)[32]) {
-#pragma unroll
-    for (int j = 0; j < 32; j++) v[j] = j < n ? key_at(c, it, knew, kwin, h, d, p0 + j) : 0.0f;
-}
 // One thread per (key group record, KV head, channel): (re)quantizes a key group that this
 // append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
-// with its current statistics). grid = (records, Hkv), block = D. A channel's tokens are read 32
-// at a time, all loads in flight (G = 32: once, kept for the quantization): one load per token
-// and iteration, twice over, took 41 us per layer at a B = 1046 decode step on the H200.
+// with its current statistics). grid = (records, Hkv), block = D.
 extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const Rec* groups,
                                               const float* knew) {
     const Rec r = groups[blockIdx.x];
     const Item it = items[r.item];
     const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim, G = c.group;
-    const int n1 = it.n_old + it.n_new;
+    const int n0 = it.n_old, n1 = it.n_old + it.n_new;
     const int q1 = key_quant_end(c, n1);
     const int g = r.at;
     if (d >= D) return;
     const int p0 = g * G, cnt = min(G, q1 - p0);
     const u64 kwin = (u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head;
-    float v[32];
     float mn = __int_as_float(0x7f800000), mx = -mn;
-    for (int t0 = 0; t0 < cnt; t0 += 32) {
-        key_chunk(c, it, knew, kwin, h, d, p0 + t0, cnt - t0, v);
-#pragma unroll
-        for (int j = 0; j < 32; j++)
-            if (t0 + j < cnt) {
-                mn = fminf(mn, v[j]);
-                mx = fmaxf(mx, v[j]);
-            }
+    for (int t = 0; t < cnt; t++) {
+        int p = p0 + t;
+        float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
+                         : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
+        mn = fminf(mn, x);
+        mx = fmaxf(mx, x);
     }
     const int bits = c.k_bits, fpi = 32 / bits, wpd = 32 / fpi;
     GroupParams gp = group_params(mn, mx, bits);
     const u64 blk = block_of(c, it.slot, p0);
     const int b0 = p0 % BLOCK_TOKENS;
     const u64 kq = blk * c.kq_block + (u64)h * c.kq_head;
-    for (int t0 = 0; t0 < G; t0 += 32) {
-        if (G > 32) key_chunk(c, it, knew, kwin, h, d, p0 + t0, cnt - t0, v);  // (G = 32: v holds the group)
-        if (bits == 2) {
-            // Interleaved: per quarter k of the group, the channel's byte of its 8 slots' words
-            // k (b0 is a multiple of 32).
+    if (bits == 2) {
+        // Interleaved: per quarter k of the group, the channel's byte of its 8 slots' words k
+        // (b0 is a multiple of 32).
+        for (int t0 = 0; t0 < G; t0 += 32) {
             u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-#pragma unroll
-            for (int t = 0; t < 32; t++)
-                if (t0 + t < cnt) slot[t & 7] |= quantize_value(v[t], gp, 2) << (2 * (t >> 3));
+            for (int t = 0; t < 32 && t0 + t < cnt; t++) {
+                const int p = p0 + t0 + t;
+                const float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
+                                       : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
+                slot[t & 7] |= quantize_value(x, gp, 2) << (2 * (t >> 3));
+            }
             const int k = (b0 + t0) / 32;
-            for (int sl = 0; sl < 8; sl++)
-                store_byte(c.kq + kq + key2_word(d, 32 * k + sl), key2_shift(d, 32 * k + sl) / 8, slot[sl]);
-        } else {
-            for (int w0 = 0; w0 < 32; w0 += fpi) {
-                u32 word = 0;
-                for (int j = 0; j < fpi; j++)
-                    if (t0 + w0 + j < cnt) word |= quantize_value(v[w0 + j], gp, bits) << (j * bits);
-                const int b = b0 + t0 + w0;
-                c.kq[kq + ((u64)(b / 32) * D + d) * wpd + (b % 32) / fpi] = word;
+            for (int s = 0; s < 8; s++)
+                store_byte(c.kq + kq + key2_word(d, 32 * k + s), key2_shift(d, 32 * k + s) / 8, slot[s]);
+        }
+    } else
+    for (int w0 = 0; w0 < G; w0 += fpi) {
+        u32 word = 0;
+        for (int j = 0; j < fpi; j++) {
+            int t = w0 + j;
+            if (t < cnt) {
+                int p = p0 + t;
+                float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
+                                 : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
+                word |= quantize_value(x, gp, bits) << (j * bits);
             }
         }
+        int b = b0 + w0;
+        c.kq[kq + ((u64)(b / 32) * D + d) * wpd + (b % 32) / fpi] = word;
     }
     const u64 m = blk * c.ksm_block + (u64)h * c.ksm_head + (u64)(b0 / G) * D + d;
     c.ks[m] = gp.scale;
@@ -297,22 +287,10 @@ __device__ __forceinline__ void load8(bool old, const u16* win, const float* src
     }
 }
 
-// 32 consecutive values of a value group, all loads in flight.
-__device__ __forceinline__ void value_chunk(bool old, const u16* win, const float* src, float (&v)[32]) {
-#pragma unroll
-    for (int x = 0; x < 32; x += 8) {
-        float e[8];
-        load8(old, win + x, src + x, e);
-#pragma unroll
-        for (int j = 0; j < 8; j++) v[x + j] = e[j];
-    }
-}
-
 // One thread per (value token record, KV head, value group). grid = records,
 // block = Hkv * D/G. Its G values come in 16-byte loads (with the window kernel below, append
 // went from 3.07 to 2.41 ms of a B = 1046 decode pass on the H200; one 2-byte load per value
-// before), 32 at a time (G = 32: once, kept for the quantization; a loop of 8 per round trip,
-// twice over, took 18.5 us per layer at B = 1046).
+// before).
 extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
                                                 const float* vnew) {
     const Rec r = toks[blockIdx.x];
@@ -326,13 +304,12 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     const u64 vwin = (u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
     const u16* win = c.vwin + vwin + gi * G;
     const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + gi * G;
-    // 32 values at a time, all loads in flight (G = 32: once, kept for the quantization).
-    float v[32];
     float mn = __int_as_float(0x7f800000), mx = -mn;
-    for (int x0 = 0; x0 < G; x0 += 32) {
-        value_chunk(old, win + x0, src + x0, v);
+    for (int x = 0; x < G; x += 8) {
+        float v[8];
+        load8(old, win + x, src + x, v);
 #pragma unroll
-        for (int j = 0; j < 32; j++) {
+        for (int j = 0; j < 8; j++) {
             mn = fminf(mn, v[j]);
             mx = fmaxf(mx, v[j]);
         }
@@ -341,25 +318,33 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     GroupParams gp = group_params(mn, mx, bits);
     const u64 blk = block_of(c, it.slot, p);
     const int b = p % BLOCK_TOKENS;
-    for (int q0 = 0; q0 < G; q0 += 32) {
-        if (G > 32) value_chunk(old, win + q0, src + q0, v);  // (G = 32: v holds the group)
-        if (bits == 2) {
-            // Interleaved: per quarter of the group, the token's byte of each of its 8 slots.
-            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
+    if (bits == 2) {
+        // Interleaved: per quarter of the group, the token's byte of each of its 8 slots.
+        const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
+        for (int q0 = 0; q0 < G; q0 += 32) {
             u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+            for (int x = 0; x < 32; x += 8) {
+                float v[8];
+                load8(old, win + q0 + x, src + q0 + x, v);
 #pragma unroll
-            for (int i = 0; i < 32; i++) slot[i & 7] |= quantize_value(v[i], gp, 2) << (2 * (i >> 3));
-            const int ch0 = gi * G + q0;  // a multiple of 32: quarter ch0 / 32 of the slot
-            for (int sl = 0; sl < 8; sl++)
-                store_byte(c.vq + vq + value2_word(D, b, ch0 + sl), value2_shift(D, b, ch0 + sl) / 8, slot[sl]);
-        } else {
-            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / fpi);
-            for (int w0 = 0; w0 < 32; w0 += fpi) {
-                u32 word = 0;
-                for (int j = 0; j < fpi; j++) word |= quantize_value(v[w0 + j], gp, bits) << (j * bits);
-                c.vq[vq + (gi * G + q0 + w0) / fpi] = word;
+                for (int j = 0; j < 8; j++) slot[j] |= quantize_value(v[j], gp, 2) << (x / 4);
             }
+            const int ch0 = gi * G + q0;  // a multiple of 32: quarter ch0 / 32 of the slot
+            for (int s = 0; s < 8; s++)
+                store_byte(c.vq + vq + value2_word(D, b, ch0 + s), value2_shift(D, b, ch0 + s) / 8, slot[s]);
         }
+    } else {
+    const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / fpi);
+    for (int w0 = 0; w0 < G; w0 += fpi) {
+        u32 word = 0;
+        for (int x = 0; x < fpi; x += 8) {
+            float v[8];
+            load8(old, win + w0 + x, src + w0 + x, v);
+#pragma unroll
+            for (int j = 0; j < 8; j++) word |= quantize_value(v[j], gp, bits) << ((x + j) * bits);
+        }
+        c.vq[vq + (gi * G + w0) / fpi] = word;
+    }
     }
     const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
     c.vs[m] = gp.scale;
