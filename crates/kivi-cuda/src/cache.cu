@@ -3540,16 +3540,17 @@ extern "C" __global__ void __launch_bounds__(ATTN_W * 32, ATTN_W == 1 ? ONE_WARP
 // Prefill attention: the causal attention among an item's new tokens (positions
 // [n_old, n_new + n_old)), flash-attention style on the tensor cores. One CTA = PF_ROWS query
 // tokens of one item x one query head, 16 per warp; key tiles of PF_KEYS new tokens are staged
-// in shared memory as f16 (the values the cache stores for them), keys row-major and values
-// transposed, so that every B fragment is one 32-bit load without bank conflicts. S = Q K^T and
-// O += P V by mma.sync m16n8k16 with f32 sums; the queries and the weights go in as two f16
-// parts each (hi = f16(x), lo = f16(x - hi)), so that their rounding stays near f32's. It writes
-// the partial (unnormalised output, max, sum) of split P.nsplit - 1; kivi_attn_reduce combines
-// it with the decode kernel's splits over the stored positions [0, n_old).
-// (Was CUDA-core rows of 16 tokens with f32 keys: 340 us per layer at the throughput run's
-// prefill passes, 2048 prompt tokens in 161-token prompts, Llama-2-7B shapes on the H200.)
+// in shared memory, keys row-major and values transposed, so that every B fragment is one
+// 32-bit load without bank conflicts. S = Q K^T and O += P V by mma.sync m16n8k16 with f32
+// sums; every operand goes in as two f16 parts (hi = f16(x), lo = f16(x - hi); the lo x lo
+// product left out), so that the result stays near f32 attention over the step's f32 keys and
+// values, as the CPU cache and the decode kernel attend them. It writes the partial
+// (unnormalised output, max, sum) of split P.nsplit - 1; kivi_attn_reduce combines it with the
+// decode kernel's splits over the stored positions [0, n_old).
+// (Was CUDA-core rows of 16 tokens: 340 us per layer at the throughput run's prefill passes,
+// 2048 prompt tokens in 161-token prompts, Llama-2-7B shapes on the H200.)
 #define PF_ROWS 64
-#define PF_KEYS 64
+#define PF_KEYS 32
 #define PF_THREADS 128
 // Row pitches in halves: keys [PF_KEYS][D + 8], values transposed [D][PF_KEYS + 8].
 #define PF_KPITCH(D) ((D) + 8)
@@ -3568,8 +3569,9 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
     const int h = blockIdx.y, kvh = h / (P.n_head / c.n_kv);
     const Tok tk = P.toks[t0];
     const int q0 = tk.i, nq = min(PF_ROWS, tk.n_new - q0), kend = q0 + nq;
-    __shared__ u32 sk[PF_KEYS * KW];  // key j, channels 2w, 2w + 1 at word j KW + w
-    __shared__ u32 sv[D * VW];        // channel d, keys 2w, 2w + 1 at word d VW + w
+    // [part]: key j, channels 2w, 2w + 1 at word j KW + w; channel d, keys 2w, 2w + 1 at d VW + w.
+    __shared__ u32 sk[2][PF_KEYS * KW];
+    __shared__ u32 sv[2][D * VW];
     // The warp's rows r0 = 16 warp + g and r0 + 8 (query tokens q0 + r; rows past nq are zero
     // queries, computed and not written). Query fragments of k-step x: a0 (row r0, channels
     // 16x + 2t, +1), a1 (row r0 + 8), a2 (row r0, channels + 8), a3 (row r0 + 8, channels + 8).
@@ -3600,24 +3602,30 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
     for (int k0 = 0; k0 < kend; k0 += PF_KEYS) {
         __syncthreads();  // the previous tile's readers are done
         // Keys: a warp per row, a lane per 4 channels (16-byte loads). Values: a lane per key
-        // pair, a warp's loop over channel quads (transposed stores, one bank per lane).
+        // pair (lanes 16-31 the next channel quad), transposed stores, one bank per lane.
         for (int j = warp; j < PF_KEYS; j += PF_THREADS / 32)
             for (int d4 = lane; d4 < D / 4; d4 += 32) {
                 const bool ok = k0 + j < kend;
                 const float4 v = ok ? *(const float4*)(kb + (u64)(k0 + j) * stride + 4 * d4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                sk[j * KW + 2 * d4] = pack_h2(v.x, v.y);
-                sk[j * KW + 2 * d4 + 1] = pack_h2(v.z, v.w);
+#pragma unroll
+                for (int part = 0; part < 2; part++) {
+                    sk[part][j * KW + 2 * d4] = split_pair(v.x, v.y, part);
+                    sk[part][j * KW + 2 * d4 + 1] = split_pair(v.z, v.w, part);
+                }
             }
         {
-            const int j = 2 * lane;  // PF_KEYS = 64: lanes take the tile's 32 key pairs
+            const int jp = lane & 15, j = 2 * jp;
             const bool ok0 = k0 + j < kend, ok1 = k0 + j + 1 < kend;
-            for (int d4 = warp; d4 < D / 4; d4 += PF_THREADS / 32) {
+            for (int d4 = 2 * warp + (lane >> 4); d4 < D / 4; d4 += PF_THREADS / 16) {
                 const float4 a = ok0 ? *(const float4*)(vb + (u64)(k0 + j) * stride + 4 * d4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 const float4 b = ok1 ? *(const float4*)(vb + (u64)(k0 + j + 1) * stride + 4 * d4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                sv[(4 * d4) * VW + lane] = pack_h2(a.x, b.x);
-                sv[(4 * d4 + 1) * VW + lane] = pack_h2(a.y, b.y);
-                sv[(4 * d4 + 2) * VW + lane] = pack_h2(a.z, b.z);
-                sv[(4 * d4 + 3) * VW + lane] = pack_h2(a.w, b.w);
+#pragma unroll
+                for (int part = 0; part < 2; part++) {
+                    sv[part][(4 * d4) * VW + jp] = split_pair(a.x, b.x, part);
+                    sv[part][(4 * d4 + 1) * VW + jp] = split_pair(a.y, b.y, part);
+                    sv[part][(4 * d4 + 2) * VW + jp] = split_pair(a.z, b.z, part);
+                    sv[part][(4 * d4 + 3) * VW + jp] = split_pair(a.w, b.w, part);
+                }
             }
         }
         __syncthreads();
@@ -3628,12 +3636,14 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            const u32* krow = sk + (8 * n + g) * KW + t;
+            const int at = (8 * n + g) * KW + t;
 #pragma unroll
             for (int x = 0; x < KS; x++) {
-                const u32 b0 = krow[8 * x], b1 = krow[8 * x + 4];
-                mma_16816(s[n], qa[0][x][0], qa[0][x][1], qa[0][x][2], qa[0][x][3], b0, b1);
-                mma_16816(s[n], qa[1][x][0], qa[1][x][1], qa[1][x][2], qa[1][x][3], b0, b1);
+                const u32 bh0 = sk[0][at + 8 * x], bh1 = sk[0][at + 8 * x + 4];
+                const u32 bl0 = sk[1][at + 8 * x], bl1 = sk[1][at + 8 * x + 4];
+                mma_16816(s[n], qa[0][x][0], qa[0][x][1], qa[0][x][2], qa[0][x][3], bh0, bh1);
+                mma_16816(s[n], qa[1][x][0], qa[1][x][1], qa[1][x][2], qa[1][x][3], bh0, bh1);
+                mma_16816(s[n], qa[0][x][0], qa[0][x][1], qa[0][x][2], qa[0][x][3], bl0, bl1);
             }
         }
         // Online softmax per row (a row's values lie in the lane quad of its g).
@@ -3688,10 +3698,11 @@ __device__ __forceinline__ void attn_prefill(const AttnParams& P, const int* til
             }
 #pragma unroll
             for (int n = 0; n < ND; n++) {
-                const u32* vrow = sv + (8 * n + g) * VW + 8 * kk + t;
-                const u32 b0 = vrow[0], b1 = vrow[4];
-                mma_16816(o[n], pa[0][0], pa[0][1], pa[0][2], pa[0][3], b0, b1);
-                mma_16816(o[n], pa[1][0], pa[1][1], pa[1][2], pa[1][3], b0, b1);
+                const int at = (8 * n + g) * VW + 8 * kk + t;
+                const u32 bh0 = sv[0][at], bh1 = sv[0][at + 4], bl0 = sv[1][at], bl1 = sv[1][at + 4];
+                mma_16816(o[n], pa[0][0], pa[0][1], pa[0][2], pa[0][3], bh0, bh1);
+                mma_16816(o[n], pa[1][0], pa[1][1], pa[1][2], pa[1][3], bh0, bh1);
+                mma_16816(o[n], pa[0][0], pa[0][1], pa[0][2], pa[0][3], bl0, bl1);
             }
         }
     }
