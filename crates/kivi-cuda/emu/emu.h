@@ -234,15 +234,6 @@ inline float __shfl_xor_sync(u32, float v, int o) {
     emu_sync();
     return w.sh[k][l ^ o];
 }
-// 32-bit integers through the same slots, bit for bit.
-inline u32 __shfl_xor_sync(u32 mask, u32 v, int o) {
-    float f;
-    std::memcpy(&f, &v, 4);
-    const float r = __shfl_xor_sync(mask, f, o);
-    u32 x;
-    std::memcpy(&x, &r, 4);
-    return x;
-}
 inline float __shfl_up_sync(u32, float v, int o) {
     EmuWarp& w = emu_warp();
     const int l = emu_lane();

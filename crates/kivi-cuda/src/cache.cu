@@ -244,15 +244,9 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
                                        : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
                 slot[t & 7] |= quantize_value(x, gp, 2) << (2 * (t >> 3));
             }
-            // The channel quad's bytes of each slot word (byte d & 3) in one 4-byte store: byte
-            // stores from four threads took 41 us per layer at a B = 1046 decode step (H200).
             const int k = (b0 + t0) / 32;
-            for (int s = 0; s < 8; s++) {
-                u32 w = slot[s] << (8 * (d & 3));
-                w |= __shfl_xor_sync(0xffffffffu, w, 1);
-                w |= __shfl_xor_sync(0xffffffffu, w, 2);
-                if ((d & 3) == 0) c.kq[kq + key2_word(d, 32 * k + s)] = w;
-            }
+            for (int s = 0; s < 8; s++)
+                store_byte(c.kq + kq + key2_word(d, 32 * k + s), key2_shift(d, 32 * k + s) / 8, slot[s]);
         }
     } else
     for (int w0 = 0; w0 < G; w0 += fpi) {
