@@ -85,7 +85,8 @@ pub(crate) enum Op {
         head_dim: i32,
         neox: i32,
         rows: u32,
-        /// `rope_heads` (head_dim a multiple of 8, at most 256; x 16-byte aligned), else `rope_per_head`.
+        /// `rope_heads` (head_dim a multiple of 8, at most 256; x 16-byte aligned), else
+        /// `rope_per_head`.
         vector: bool,
     },
     /// `gate = silu(gate) * up`, and its 16-bit copy `gate16`.
