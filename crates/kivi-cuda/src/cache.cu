@@ -206,91 +206,127 @@ struct Rec {
 };
 
 #ifndef ATTN_D  // the append kernels: not in the per-variant attention modules
+// Raw bits of positions p0 .. p0 + 31 of channel d (0 from the n-th on): f16 window rows (low 16
+// bits) or f32 new tokens. Every load is issued before any value is used (key_value converts).
+__device__ __forceinline__ void key_raw32(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
+                                          int p0, int n, u32 (&raw)[32]) {
+    const int D = c.head_dim, mod = c.kwin_mod, s0 = p0 % mod;
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        const int p = p0 + j, sl = s0 + j < mod ? s0 + j : s0 + j - mod;  // (mod >= 32)
+        if (j >= n)
+            raw[j] = 0u;
+        else if (p < it.n_old)
+            raw[j] = c.kwin[kwin + (u64)sl * D + d];
+        else
+            raw[j] = __float_as_uint(knew[((u64)(it.tok_off + p - it.n_old) * c.n_kv + h) * D + d]);
+    }
+}
+// Position p's value from its raw bits (a new token rounded to f16, as the window stores it).
+__device__ __forceinline__ float key_value(const Item& it, int p, u32 raw) {
+    return p < it.n_old ? h2f((u16)raw) : f16_round(__uint_as_float(raw));
+}
 // One thread per (key group record, KV head, channel): (re)quantizes a key group that this
 // append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
-// with its current statistics). grid = (records, Hkv), block = D.
+// with its current statistics). grid = (records, Hkv), block = D. A channel's positions are
+// read 32 at a time with every load in flight (G = 32: once for both passes); one load, then
+// its use, per position and pass took 41 us per layer at a B = 1046 decode step on the H200
+// (with the value kernel below, append 1.48 -> 1.16 ms per decode pass). Indices are static so
+// that raw stays in registers (a dynamically indexed copy went to local memory and was slower).
 extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const Rec* groups,
                                               const float* knew) {
     const Rec r = groups[blockIdx.x];
     const Item it = items[r.item];
     const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim, G = c.group;
-    const int n0 = it.n_old, n1 = it.n_old + it.n_new;
+    const int n1 = it.n_old + it.n_new;
     const int q1 = key_quant_end(c, n1);
     const int g = r.at;
     if (d >= D) return;
     const int p0 = g * G, cnt = min(G, q1 - p0);
     const u64 kwin = (u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head;
+    u32 raw[32];
     float mn = __int_as_float(0x7f800000), mx = -mn;
-    for (int t = 0; t < cnt; t++) {
-        int p = p0 + t;
-        float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
-                         : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
-        mn = fminf(mn, x);
-        mx = fmaxf(mx, x);
+    for (int t0 = 0; t0 < cnt; t0 += 32) {
+        key_raw32(c, it, knew, kwin, h, d, p0 + t0, cnt - t0, raw);
+#pragma unroll
+        for (int j = 0; j < 32; j++)
+            if (t0 + j < cnt) {
+                const float x = key_value(it, p0 + t0 + j, raw[j]);
+                mn = fminf(mn, x);
+                mx = fmaxf(mx, x);
+            }
     }
-    const int bits = c.k_bits, fpi = 32 / bits, wpd = 32 / fpi;
+    const int bits = c.k_bits;
     GroupParams gp = group_params(mn, mx, bits);
     const u64 blk = block_of(c, it.slot, p0);
     const int b0 = p0 % BLOCK_TOKENS;
     const u64 kq = blk * c.kq_block + (u64)h * c.kq_head;
-    if (bits == 2) {
-        // Interleaved: per quarter k of the group, the channel's byte of its 8 slots' words k
-        // (b0 is a multiple of 32).
-        for (int t0 = 0; t0 < G; t0 += 32) {
+    for (int t0 = 0; t0 < G; t0 += 32) {
+        if (G > 32) key_raw32(c, it, knew, kwin, h, d, p0 + t0, cnt - t0, raw);  // (G = 32: raw holds the group)
+        if (bits == 2) {
+            // Interleaved: per quarter k of the group, the channel's byte of its 8 slots' words
+            // k (b0 is a multiple of 32).
             u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            for (int t = 0; t < 32 && t0 + t < cnt; t++) {
-                const int p = p0 + t0 + t;
-                const float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
-                                       : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
-                slot[t & 7] |= quantize_value(x, gp, 2) << (2 * (t >> 3));
-            }
+#pragma unroll
+            for (int t = 0; t < 32; t++)
+                if (t0 + t < cnt) slot[t & 7] |= quantize_value(key_value(it, p0 + t0 + t, raw[t]), gp, 2) << (2 * (t >> 3));
             const int k = (b0 + t0) / 32;
-            for (int s = 0; s < 8; s++)
-                store_byte(c.kq + kq + key2_word(d, 32 * k + s), key2_shift(d, 32 * k + s) / 8, slot[s]);
-        }
-    } else
-    for (int w0 = 0; w0 < G; w0 += fpi) {
-        u32 word = 0;
-        for (int j = 0; j < fpi; j++) {
-            int t = w0 + j;
-            if (t < cnt) {
-                int p = p0 + t;
-                float x = p < n0 ? h2f(c.kwin[kwin + (u64)(p % c.kwin_mod) * D + d])
-                                 : f16_round(knew[((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + d]);
-                word |= quantize_value(x, gp, bits) << (j * bits);
+            for (int sl = 0; sl < 8; sl++)
+                store_byte(c.kq + kq + key2_word(d, 32 * k + sl), key2_shift(d, 32 * k + sl) / 8, slot[sl]);
+        } else {
+            // 4 bits (GpuCache takes 2 or 4): words of 8 positions, indices known at compile time
+            // so that raw stays in registers.
+#pragma unroll
+            for (int w0 = 0; w0 < 32; w0 += 8) {
+                u32 word = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    if (t0 + w0 + j < cnt) word |= quantize_value(key_value(it, p0 + t0 + w0 + j, raw[w0 + j]), gp, 4) << (4 * j);
+                const int b = b0 + t0 + w0;
+                c.kq[kq + ((u64)(b / 32) * D + d) * 4 + (b % 32) / 8] = word;
             }
         }
-        int b = b0 + w0;
-        c.kq[kq + ((u64)(b / 32) * D + d) * wpd + (b % 32) / fpi] = word;
     }
     const u64 m = blk * c.ksm_block + (u64)h * c.ksm_head + (u64)(b0 / G) * D + d;
     c.ks[m] = gp.scale;
     c.km[m] = gp.min;
 }
 
-// Eight consecutive values of a value group: f16 window rows or f32 new tokens (rounded to
-// f16, as the window stores them), in 16-byte loads (the source offsets are multiples of 8).
-__device__ __forceinline__ void load8(bool old, const u16* win, const float* src, float (&v)[8]) {
+// 32 consecutive values of a value group (f16 window row or f32 new token, rounded to f16 as the
+// window stores it): every 16-byte load issued before any value is converted.
+__device__ __forceinline__ void value_chunk(bool old, const u16* win, const float* src, float (&v)[32]) {
     if (old) {
-        const uint4 u = *(const uint4*)win;
-        const u32 w[4] = {u.x, u.y, u.z, u.w};
+        uint4 u[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            v[2 * j] = h2f((u16)w[j]);
-            v[2 * j + 1] = h2f((u16)(w[j] >> 16));
+        for (int x = 0; x < 4; x++) u[x] = *(const uint4*)(win + 8 * x);
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const u32 w[4] = {u[x].x, u[x].y, u[x].z, u[x].w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                v[8 * x + 2 * j] = h2f((u16)w[j]);
+                v[8 * x + 2 * j + 1] = h2f((u16)(w[j] >> 16));
+            }
         }
     } else {
-        const float4 a = *(const float4*)src, b = *(const float4*)(src + 4);
-        const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        float4 f[8];
 #pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = f16_round(x[j]);
+        for (int x = 0; x < 8; x++) f[x] = *(const float4*)(src + 4 * x);
+#pragma unroll
+        for (int x = 0; x < 8; x++) {
+            v[4 * x] = f16_round(f[x].x);
+            v[4 * x + 1] = f16_round(f[x].y);
+            v[4 * x + 2] = f16_round(f[x].z);
+            v[4 * x + 3] = f16_round(f[x].w);
+        }
     }
 }
 
 // One thread per (value token record, KV head, value group). grid = records,
-// block = Hkv * D/G. Its G values come in 16-byte loads (with the window kernel below, append
-// went from 3.07 to 2.41 ms of a B = 1046 decode pass on the H200; one 2-byte load per value
-// before).
+// block = Hkv * D/G. Its G values come in 16-byte loads, 32 at a time, every load in flight (G =
+// 32: once for both passes; with the window kernel below, append went from 3.07 to 2.41 ms of a
+// B = 1046 decode pass on the H200, one 2-byte load per value before; then 18.5 us per layer
+// with one 16-byte load and its use per round trip).
 extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
                                                 const float* vnew) {
     const Rec r = toks[blockIdx.x];
@@ -304,47 +340,43 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     const u64 vwin = (u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
     const u16* win = c.vwin + vwin + gi * G;
     const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + gi * G;
+    float v[32];
     float mn = __int_as_float(0x7f800000), mx = -mn;
-    for (int x = 0; x < G; x += 8) {
-        float v[8];
-        load8(old, win + x, src + x, v);
+    for (int x0 = 0; x0 < G; x0 += 32) {
+        value_chunk(old, win + x0, src + x0, v);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 32; j++) {
             mn = fminf(mn, v[j]);
             mx = fmaxf(mx, v[j]);
         }
     }
-    const int bits = c.v_bits, fpi = 32 / bits;
+    const int bits = c.v_bits;
     GroupParams gp = group_params(mn, mx, bits);
     const u64 blk = block_of(c, it.slot, p);
     const int b = p % BLOCK_TOKENS;
-    if (bits == 2) {
-        // Interleaved: per quarter of the group, the token's byte of each of its 8 slots.
-        const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
-        for (int q0 = 0; q0 < G; q0 += 32) {
+    for (int q0 = 0; q0 < G; q0 += 32) {
+        if (G > 32) value_chunk(old, win + q0, src + q0, v);  // (G = 32: v holds the group)
+        if (bits == 2) {
+            // Interleaved: per quarter of the group, the token's byte of each of its 8 slots.
+            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
             u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            for (int x = 0; x < 32; x += 8) {
-                float v[8];
-                load8(old, win + q0 + x, src + q0 + x, v);
 #pragma unroll
-                for (int j = 0; j < 8; j++) slot[j] |= quantize_value(v[j], gp, 2) << (x / 4);
-            }
+            for (int i = 0; i < 32; i++) slot[i & 7] |= quantize_value(v[i], gp, 2) << (2 * (i >> 3));
             const int ch0 = gi * G + q0;  // a multiple of 32: quarter ch0 / 32 of the slot
-            for (int s = 0; s < 8; s++)
-                store_byte(c.vq + vq + value2_word(D, b, ch0 + s), value2_shift(D, b, ch0 + s) / 8, slot[s]);
-        }
-    } else {
-    const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / fpi);
-    for (int w0 = 0; w0 < G; w0 += fpi) {
-        u32 word = 0;
-        for (int x = 0; x < fpi; x += 8) {
-            float v[8];
-            load8(old, win + w0 + x, src + w0 + x, v);
+            for (int sl = 0; sl < 8; sl++)
+                store_byte(c.vq + vq + value2_word(D, b, ch0 + sl), value2_shift(D, b, ch0 + sl) / 8, slot[sl]);
+        } else {
+            // 4 bits (GpuCache takes 2 or 4): words of 8 values, indices known at compile time so
+            // that v stays in registers.
+            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / 8);
 #pragma unroll
-            for (int j = 0; j < 8; j++) word |= quantize_value(v[j], gp, bits) << ((x + j) * bits);
+            for (int w0 = 0; w0 < 32; w0 += 8) {
+                u32 word = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) word |= quantize_value(v[w0 + j], gp, 4) << (4 * j);
+                c.vq[vq + (gi * G + q0 + w0) / 8] = word;
+            }
         }
-        c.vq[vq + (gi * G + w0) / fpi] = word;
-    }
     }
     const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
     c.vs[m] = gp.scale;
