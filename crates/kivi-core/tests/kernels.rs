@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use half::f16;
 use kivi_core::attn::{cpu, k_scores, v_accumulate, ChanSeg, Isa, SegData, TokSeg};
-use kivi_core::quant::codes_per_word;
+use kivi_core::quant::{codes_per_word, max_code};
 use proptest::prelude::*;
 use rand::Rng;
 
@@ -92,16 +92,17 @@ proptest! {
             prop_assert!(near_f64(*w, s, s_abs, hd));
         }
         // the integer twin of the VNNI kernel against the same per-element form: its error is
-        // the 16-bit query quantization, at most hd·3·alpha/2 per score
+        // the 16-bit query quantization, at most hd·alpha/2·max_code per score
+        let twin_bits = matches!(bits, 2 | 4);
         let mut want_q16 = vec![0f32; n];
-        if bits == 2 {
+        if twin_bits {
             cpu::k_chan_q16(&q, &seg, t0, n, &mut want_q16);
         }
-        for (i, w) in want_q16.iter().enumerate().filter(|_| bits == 2) {
+        for (i, w) in want_q16.iter().enumerate().filter(|_| twin_bits) {
             let t = t0 + i;
             let mut iq = vec![0i32; hd];
             let (alpha, _) = cpu::quantize_query_q16(&q, &seg, t / g, &mut iq);
-            let bound = hd as f32 * 1.5 * alpha + 1e-5 * (1.0 + want[i].abs());
+            let bound = hd as f32 * 0.5 * max_code(bits) as f32 * alpha + 1e-5 * (1.0 + want[i].abs());
             prop_assert!((w - want[i]).abs() <= bound, "q16 key err {} > {}", (w - want[i]).abs(), bound);
         }
         for isa in Isa::all_supported() {
@@ -178,9 +179,10 @@ fn per_token_value_case(
         prop_assert!(near_f64(want[d], s, s_abs, n + 1));
     }
     // the integer twin of the VNNI kernel: its error is the 16-bit weight quantization, at
-    // most 3·alpha/2 per token (alpha = max p·scale of the token's 64-token sub-chunk / 65535)
+    // most alpha/2·max_code per token (alpha = max p·scale of the token's 64-token sub-chunk /
+    // 65535)
     let mut want_q16 = init.clone();
-    if bits == 2 && g.is_multiple_of(16) {
+    if matches!(bits, 2 | 4) && g.is_multiple_of(16) {
         cpu::v_tok_q16(&p, &seg, t0, n, &mut want_q16);
         let mut bound = 0f32;
         for c in (0..n).step_by(cpu::Q16_VAL_SUB) {
@@ -189,7 +191,7 @@ fn per_token_value_case(
                 .flat_map(|i| (0..gpt).map(move |gi| (i, gi)))
                 .map(|(i, gi)| p[i] * scales[(t0 + i) * gpt + gi].to_f32())
                 .fold(0f32, f32::max);
-            bound += (hi - c) as f32 * 1.5 * amax / cpu::Q16_VAL_MAX;
+            bound += (hi - c) as f32 * 0.5 * max_code(bits) as f32 * amax / cpu::Q16_VAL_MAX;
         }
         for d in 0..hd {
             let e = (want_q16[d] - want[d]).abs();
@@ -287,7 +289,7 @@ proptest! {
         let mut want_q16 = vec![0f32; m * stride];
         for i in 0..m {
             cpu::k_chan(&q[i * hd..(i + 1) * hd], &cseg, t0c, nc, &mut want[i * stride..]);
-            if bits == 2 {
+            if matches!(bits, 2 | 4) {
                 cpu::k_chan_q16(&q[i * hd..(i + 1) * hd], &cseg, t0c, nc, &mut want_q16[i * stride..]);
             }
         }
@@ -311,7 +313,7 @@ proptest! {
         let mut want_q16 = init.clone();
         for i in 0..m {
             cpu::v_tok(&p[i * pst..], &tseg, t0, n, &mut want[i * hd..(i + 1) * hd]);
-            if bits == 2 {
+            if matches!(bits, 2 | 4) {
                 cpu::v_tok_q16(&p[i * pst..], &tseg, t0, n, &mut want_q16[i * hd..(i + 1) * hd]);
             }
         }
@@ -366,26 +368,30 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// 2-bit shapes of the AVX-512 VNNI kernels (the generic tests above reach them rarely):
-    /// the kernels against their integer twins, the twins against the float kernels within the
-    /// 16-bit quantization bound.
+    /// 2- and 4-bit shapes of the AVX-512 VNNI kernels (the generic tests above reach them
+    /// rarely): the kernels against their integer twins, the twins against the float kernels
+    /// within the 16-bit quantization bound.
     #[test]
-    fn vnni_kernels_match_integer_twins(g in prop_oneof![Just(16usize), Just(32), Just(64), Just(128)],
+    fn vnni_kernels_match_integer_twins(bits in prop_oneof![Just(2u8), Just(4)],
+                                        g in prop_oneof![Just(16usize), Just(32), Just(64), Just(128)],
                                         hd in prop_oneof![Just(16usize), Just(32), Just(64), Just(128), Just(256)],
                                         m in 1usize..5, chunks in 1usize..5, t0 in 0usize..300, n in 0usize..300,
                                         seed in any::<u64>()) {
         let mut r = rng(seed);
-        // per-channel keys: rows of whole groups and a multiple of 64 tokens
-        let bt = (64 * chunks).div_ceil(g) * g;
-        let bt = bt.div_ceil(64) * 64;
+        // per-channel keys: rows of whole groups and a multiple of 16 bytes (64 tokens of 2
+        // bits, 32 of 4)
+        let (fpi, chunk) = (codes_per_word(bits), 128 / bits as usize);
+        let bound = |alpha: f32, n: usize| n as f32 * 0.5 * max_code(bits) as f32 * alpha;
+        let bt = (chunk * chunks).div_ceil(g) * g;
+        let bt = bt.div_ceil(chunk) * chunk;
         let groups = bt / g;
         let (t0c, nc) = (t0 % bt, n % (bt + 1));
         let nc = nc.min(bt - t0c);
-        let wpr = bt / 16;
+        let wpr = bt / fpi;
         let codes: Vec<u32> = (0..hd * wpr).map(|_| r.gen()).collect();
         let scales = f16s(&mut r, hd * groups, 0.0, 0.5);
         let mins = f16s(&mut r, hd * groups, -2.0, 0.0);
-        let seg = ChanSeg { codes: &codes, scales: &scales, mins: &mins, words_per_row: wpr, groups_per_row: groups, bits: 2, group: g };
+        let seg = ChanSeg { codes: &codes, scales: &scales, mins: &mins, words_per_row: wpr, groups_per_row: groups, bits, group: g };
         let q = uniform(&mut r, m * hd, -1.0, 1.0);
         let stride = nc + 1;
         let (mut want, mut want_f) = (vec![0f32; m * stride], vec![0f32; m * stride]);
@@ -396,24 +402,24 @@ proptest! {
                 let mut iq = vec![0i32; hd];
                 let (alpha, _) = cpu::quantize_query_q16(&q[i * hd..(i + 1) * hd], &seg, (t0c + j) / g, &mut iq);
                 let (a, b) = (want[i * stride + j], want_f[i * stride + j]);
-                prop_assert!((a - b).abs() <= hd as f32 * 1.5 * alpha + 1e-5 * (1.0 + b.abs()));
+                prop_assert!((a - b).abs() <= bound(alpha, hd) + 1e-5 * (1.0 + b.abs()));
             }
         }
         for isa in Isa::all_supported() {
             let mut got = vec![0f32; m * stride];
             kivi_core::attn::k_scores_multi(isa, &q, m, &SegData::Chan(seg), t0c, nc, &mut got, stride);
             let twin = if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, &seg) { &want } else { &want_f };
-            prop_assert!(close(&got, twin), "{:?} keys m {} g {} hd {} t0 {} n {}", isa, m, g, hd, t0c, nc);
+            prop_assert!(close(&got, twin), "{:?} keys bits {} m {} g {} hd {} t0 {} n {}", isa, bits, m, g, hd, t0c, nc);
         }
         // per-token values
         if hd % g == 0 && hd / g <= 4 {
             let gpt = hd / g;
             let nt = t0 + n;
-            let wpt = hd / 16;
+            let wpt = hd / fpi;
             let vcodes: Vec<u32> = (0..nt * wpt).map(|_| r.gen()).collect();
             let vs = f16s(&mut r, nt * gpt, 0.0, 0.5);
             let vm = f16s(&mut r, nt * gpt, -2.0, 0.0);
-            let tseg = TokSeg { codes: &vcodes, scales: &vs, mins: &vm, bits: 2, group: g };
+            let tseg = TokSeg { codes: &vcodes, scales: &vs, mins: &vm, bits, group: g };
             let pst = n + 2;
             // softmax-like weights: a few large, most small
             let p: Vec<f32> = (0..m * pst).map(|_| r.gen_range(-12.0f32..0.0).exp()).collect();
@@ -427,7 +433,7 @@ proptest! {
                 let mut got = init.clone();
                 kivi_core::attn::v_accumulate_multi(isa, &p, pst, m, &SegData::Tok(tseg), t0, n, &mut got);
                 let twin = if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, &tseg) { &want } else { &want_f };
-                prop_assert!(close(&got, twin), "{:?} values m {} g {} hd {} t0 {} n {}", isa, m, g, hd, t0, n);
+                prop_assert!(close(&got, twin), "{:?} values bits {} m {} g {} hd {} t0 {} n {}", isa, bits, m, g, hd, t0, n);
             }
         }
     }

@@ -261,9 +261,9 @@ pub fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Integer twins of the AVX-512 VNNI 2-bit kernels (`simd.rs`): same quantization of the query /
-// weights, same integer sums, same float epilogue, so the SIMD kernels can be compared with them
-// to float rounding; their own error against the exact dequantized form is bounded in
+// Integer twins of the AVX-512 VNNI 2- and 4-bit kernels (`simd.rs`): same quantization of the
+// query / weights, same integer sums, same float epilogue, so the SIMD kernels can be compared
+// with them to float rounding; their own error against the exact dequantized form is bounded in
 // `tests/kernels.rs`.
 
 /// Largest 16-bit code of a folded key query (signed: `|iq| <= 32767`).
@@ -273,20 +273,21 @@ pub const Q16_VAL_MAX: f32 = 65535.0;
 /// Tokens per value weight quantization (one scale per sub-chunk of the stretch).
 pub const Q16_VAL_SUB: usize = 64;
 
-/// Shapes of per-channel key stretches that the VNNI kernel handles: 2-bit codes, groups of a
-/// multiple of 32 tokens, rows of a multiple of 64 tokens, head_dim a multiple of 16 up to 512.
+/// Shapes of per-channel key stretches that the VNNI kernel handles: 2- or 4-bit codes, groups
+/// of a multiple of 32 tokens, rows of a multiple of 16 bytes (64 tokens of 2 bits, 32 of 4),
+/// head_dim a multiple of 16 up to 512.
 pub fn k_chan_q16_shape(hd: usize, seg: &ChanSeg<'_>) -> bool {
-    seg.bits == 2
+    matches!(seg.bits, 2 | 4)
         && seg.group.is_multiple_of(32)
         && seg.words_per_row.is_multiple_of(4)
         && hd.is_multiple_of(16)
         && (16..=512).contains(&hd)
 }
 
-/// Shapes of per-token value stretches that the VNNI kernel handles: 2-bit codes, head_dim 64
-/// or 128, groups of a multiple of 16 channels, at most 4 groups per token.
+/// Shapes of per-token value stretches that the VNNI kernel handles: 2- or 4-bit codes,
+/// head_dim 64 or 128, groups of a multiple of 16 channels, at most 4 groups per token.
 pub fn v_tok_q16_shape(hd: usize, seg: &TokSeg<'_>) -> bool {
-    seg.bits == 2
+    matches!(seg.bits, 2 | 4)
         && seg.group.is_multiple_of(16)
         && hd.is_multiple_of(seg.group)
         && hd / seg.group <= 4
@@ -320,6 +321,11 @@ pub fn quantize_query_q16(q: &[f32], seg: &ChanSeg<'_>, g: usize, iq: &mut [i32]
 /// Twin of the VNNI key kernel: `score[t] = alpha_g · Σ_d iq_g[d]·code[d,t] + bias_g`.
 pub fn k_chan_q16(q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: &mut [f32]) {
     let hd = q.len();
+    let (bits, fpi, mask) = (
+        seg.bits as usize,
+        codes_per_word(seg.bits),
+        max_code(seg.bits),
+    );
     let mut iq = vec![0i32; hd];
     let mut cur = (usize::MAX, 0f32, 0f32);
     for (i, o) in out[..n].iter_mut().enumerate() {
@@ -331,8 +337,8 @@ pub fn k_chan_q16(q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: &mut [
         }
         let mut sum = 0i32;
         for (d, &x) in iq.iter().enumerate() {
-            let w = seg.codes[d * seg.words_per_row + t / 16];
-            sum += x * ((w >> (2 * (t % 16))) & 3) as i32;
+            let w = seg.codes[d * seg.words_per_row + t / fpi];
+            sum += x * ((w >> (bits * (t % fpi))) & mask) as i32;
         }
         *o = cur.1.mul_add(sum as f32, cur.2);
     }
@@ -345,7 +351,12 @@ pub fn k_chan_q16(q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: &mut [
 pub fn v_tok_q16(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f32]) {
     let hd = acc.len();
     let gs = seg.group;
-    let (wpt, gpt) = (hd / 16, hd / gs);
+    let (bits, fpi, mask) = (
+        seg.bits as usize,
+        codes_per_word(seg.bits),
+        max_code(seg.bits),
+    );
+    let (wpt, gpt) = (hd / fpi, hd / gs);
     let mut facc = vec![0f32; hd];
     let mut min_acc = vec![0f32; gpt];
     let mut ps = vec![0f32; Q16_VAL_SUB * gpt];
@@ -366,9 +377,9 @@ pub fn v_tok_q16(p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &mut [f3
         for d in 0..hd {
             let mut sum = 0i32;
             for i in 0..cnt {
-                let w = seg.codes[(t0 + i0 + i) * wpt + d / 16];
+                let w = seg.codes[(t0 + i0 + i) * wpt + d / fpi];
                 let iq = (ps[i * gpt + d / gs] * inv).round_ties_even() as i32;
-                sum += iq * ((w >> (2 * (d % 16))) & 3) as i32;
+                sum += iq * ((w >> (bits * (d % fpi))) & mask) as i32;
             }
             facc[d] = alpha.mul_add(sum as f32, facc[d]);
         }

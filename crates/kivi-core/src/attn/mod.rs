@@ -101,7 +101,7 @@ pub enum Isa {
 
 impl Isa {
     /// Best supported ISA; `KIVI_FORCE_SCALAR=1` forces the portable path, `KIVI_ISA=avx2` /
-    /// `KIVI_ISA=avx512` cap it at AVX2 / AVX-512 without the integer 2-bit kernels (for
+    /// `KIVI_ISA=avx512` cap it at AVX2 / AVX-512 without the integer 2- and 4-bit kernels (for
     /// measurements).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();

@@ -458,10 +458,13 @@ pub fn k_chan(isa: Isa, q: &[f32], seg: &ChanSeg<'_>, t0: usize, n: usize, out: 
         };
     }
     if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, seg) {
-        // SAFETY: the CPU has the features; the kernel reads rows d < hd of the 64-token chunks
-        // covering t0..t0+n (inside rows of a multiple of 64 tokens, k_chan_q16_shape), the
+        // SAFETY: the CPU has the features; the kernel reads rows d < hd of the 16-byte chunks
+        // covering t0..t0+n (inside rows of a multiple of 16 bytes, k_chan_q16_shape), the
         // groups' scales/mins, q[..hd], and writes out[..n]; all asserted above.
-        unsafe { k_chan_vnni::<1>(q, seg, t0, n, out, 0) };
+        match seg.bits {
+            2 => unsafe { k_chan_vnni::<1, 2>(q, seg, t0, n, out, 0) },
+            _ => unsafe { k_chan_vnni::<1, 4>(q, seg, t0, n, out, 0) },
+        }
         return;
     }
     match (isa.base(), g) {
@@ -855,9 +858,11 @@ pub fn v_tok(isa: Isa, p: &[f32], seg: &TokSeg<'_>, t0: usize, n: usize, acc: &m
     if isa == Isa::Avx512Vnni && cpu::v_tok_q16_shape(hd, seg) && cpu::all_nonnegative(&p[..n]) {
         // SAFETY: the CPU has the features; codes/scales/mins of tokens t0..t0+n, p[..n] and
         // acc[..hd] are in bounds (asserted above); hd = 64 * NV.
-        match hd {
-            64 => unsafe { v_tok_vnni::<1, 1>(p, 0, seg, t0, n, acc) },
-            _ => unsafe { v_tok_vnni::<1, 2>(p, 0, seg, t0, n, acc) },
+        match (hd, seg.bits) {
+            (64, 2) => unsafe { v_tok_vnni::<1, 1, 2>(p, 0, seg, t0, n, acc) },
+            (64, _) => unsafe { v_tok_vnni::<1, 1, 4>(p, 0, seg, t0, n, acc) },
+            (_, 2) => unsafe { v_tok_vnni::<1, 2, 2>(p, 0, seg, t0, n, acc) },
+            _ => unsafe { v_tok_vnni::<1, 2, 4>(p, 0, seg, t0, n, acc) },
         }
         return;
     }
@@ -1173,11 +1178,15 @@ pub fn k_chan_multi(
     assert!(out.len() >= (m - 1) * out_stride + n);
     if isa == Isa::Avx512Vnni && cpu::k_chan_q16_shape(hd, seg) {
         // SAFETY: as in `k_chan` (bounds asserted above for all m queries and output rows).
-        match m {
-            1 => unsafe { k_chan_vnni::<1>(q, seg, t0, n, out, out_stride) },
-            2 => unsafe { k_chan_vnni::<2>(q, seg, t0, n, out, out_stride) },
-            3 => unsafe { k_chan_vnni::<3>(q, seg, t0, n, out, out_stride) },
-            _ => unsafe { k_chan_vnni::<4>(q, seg, t0, n, out, out_stride) },
+        match (m, seg.bits) {
+            (1, 2) => unsafe { k_chan_vnni::<1, 2>(q, seg, t0, n, out, out_stride) },
+            (2, 2) => unsafe { k_chan_vnni::<2, 2>(q, seg, t0, n, out, out_stride) },
+            (3, 2) => unsafe { k_chan_vnni::<3, 2>(q, seg, t0, n, out, out_stride) },
+            (_, 2) => unsafe { k_chan_vnni::<4, 2>(q, seg, t0, n, out, out_stride) },
+            (1, _) => unsafe { k_chan_vnni::<1, 4>(q, seg, t0, n, out, out_stride) },
+            (2, _) => unsafe { k_chan_vnni::<2, 4>(q, seg, t0, n, out, out_stride) },
+            (3, _) => unsafe { k_chan_vnni::<3, 4>(q, seg, t0, n, out, out_stride) },
+            _ => unsafe { k_chan_vnni::<4, 4>(q, seg, t0, n, out, out_stride) },
         }
         return true;
     }
@@ -1286,15 +1295,28 @@ pub fn v_tok_multi(
     {
         // SAFETY: as in `v_tok`, for the m weight rows and acc[..m*hd] (asserted above); the
         // single-row calls get row r's weights and accumulator.
-        match (m, hd) {
-            (2, 64) => unsafe { v_tok_vnni::<2, 1>(p, p_stride, seg, t0, n, acc) },
-            (3, 64) => unsafe { v_tok_vnni::<3, 1>(p, p_stride, seg, t0, n, acc) },
+        let row = |r: usize| (&p[r * p_stride..], r * hd);
+        match (m, hd, seg.bits) {
+            (2, 64, 2) => unsafe { v_tok_vnni::<2, 1, 2>(p, p_stride, seg, t0, n, acc) },
+            (3, 64, 2) => unsafe { v_tok_vnni::<3, 1, 2>(p, p_stride, seg, t0, n, acc) },
+            (2, 64, _) => unsafe { v_tok_vnni::<2, 1, 4>(p, p_stride, seg, t0, n, acc) },
+            (3, 64, _) => unsafe { v_tok_vnni::<3, 1, 4>(p, p_stride, seg, t0, n, acc) },
             // More rows than registers for the accumulators: one row at a time.
-            (_, 64) => (0..m).for_each(|r| unsafe {
-                v_tok_vnni::<1, 1>(&p[r * p_stride..], 0, seg, t0, n, &mut acc[r * hd..][..hd])
+            (_, 64, 2) => (0..m).for_each(|r| unsafe {
+                let (pr, a) = row(r);
+                v_tok_vnni::<1, 1, 2>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
+            }),
+            (_, 64, _) => (0..m).for_each(|r| unsafe {
+                let (pr, a) = row(r);
+                v_tok_vnni::<1, 1, 4>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
+            }),
+            (_, _, 2) => (0..m).for_each(|r| unsafe {
+                let (pr, a) = row(r);
+                v_tok_vnni::<1, 2, 2>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
             }),
             _ => (0..m).for_each(|r| unsafe {
-                v_tok_vnni::<1, 2>(&p[r * p_stride..], 0, seg, t0, n, &mut acc[r * hd..][..hd])
+                let (pr, a) = row(r);
+                v_tok_vnni::<1, 2, 4>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
             }),
         }
         return true;
@@ -1642,16 +1664,16 @@ unsafe fn v_f16_multi_avx512<const M: usize, const NV: usize>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2-bit codes through integer dot products (AVX-512 VNNI + VBMI + BW + GFNI)
+// 2- and 4-bit codes through integer dot products (AVX-512 VNNI + VBMI + BW + GFNI)
 //
 // `vpdpbusd` adds, per dword lane, the products of 4 unsigned bytes with 4 signed bytes. The
 // float side (the folded key query `q·scale`, or the value weights `p·scale`) is quantized to 16
 // bits and split into a high and a low byte (two `vpdpbusd`, recombined as `256·hi + lo`); the
 // codes are arranged so that the 4 bytes of a lane hold the same token (keys) or channel
 // (values) of 4 channels (tokens), and `vgf2p8affineqb` moves code k of each byte (bits 2k,
-// 2k+1) to bits 0–1 and clears the rest, in one µop. Per 64 codes: about 1/4 byte permute,
-// 1 affine and 2 dot products, against ~10 µops of the float lookup kernels. The integer twins
-// in `cpu.rs` (`k_chan_q16`, `v_tok_q16`) define the results.
+// 2k+1; nibble k for 4 bits) to the low bits and clears the rest, in one µop. Per 64 2-bit
+// codes: about 1/4 byte permute, 1 affine and 2 dot products, against ~10 µops of the float
+// lookup kernels. The integer twins in `cpu.rs` (`k_chan_q16`, `v_tok_q16`) define the results.
 
 /// `vgf2p8affineqb` matrices: result bit 0 = bit 2k, bit 1 = bit 2k+1 (row of result bit i in
 /// byte 7 - i of the matrix).
@@ -1665,10 +1687,30 @@ const GF_CODE2: [u64; 4] = {
     m
 };
 
+/// `vgf2p8affineqb` matrices for 4-bit codes: result bits 0-3 = bits 4k .. 4k+3 (nibble k).
+const GF_CODE4: [u64; 2] = {
+    let mut m = [0u64; 2];
+    let mut k = 0;
+    while k < 2 {
+        let mut b = 0;
+        while b < 4 {
+            m[k] |= (1u64 << (4 * k + b)) << (8 * (7 - b));
+            b += 1;
+        }
+        k += 1;
+    }
+    m
+};
+
+/// The code extraction matrices of `BITS`-bit codes (2 or 4): entry k takes code k of each byte
+/// (entries `8 / BITS` and up are unused).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,gfni")]
-unsafe fn gf_matrices() -> [__m512i; 4] {
-    std::array::from_fn(|k| _mm512_set1_epi64(GF_CODE2[k] as i64))
+unsafe fn gf_matrices<const BITS: usize>() -> [__m512i; 4] {
+    std::array::from_fn(|k| match BITS {
+        2 => _mm512_set1_epi64(GF_CODE2[k] as i64),
+        _ => _mm512_set1_epi64(GF_CODE4[k % 2] as i64),
+    })
 }
 
 #[inline]
@@ -1738,6 +1780,22 @@ const K_OUT2_IDX: [[i32; 16]; 2] = {
     t
 };
 
+/// 4-bit key epilogue (`h` = 0, 1): token `16h + e` is lane `2(e/2) + h` of code `e % 2`'s
+/// result (byte column `8h + e/2`, nibble `e % 2`).
+const K4_OUT_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut h = 0;
+    while h < 2 {
+        let mut e = 0;
+        while e < 16 {
+            t[h][e] = (16 * (e % 2) + 2 * (e / 2) + h) as i32;
+            e += 1;
+        }
+        h += 1;
+    }
+    t
+};
+
 /// Value weight table, per `NV - 1` (head_dim 64 / 128) and log2 of groups per token (1, 2, 4):
 /// output byte `v·32 + part·16 + 4s + tt` <- byte (part == hi) of the i32 code of token `tt`,
 /// group `(64v + 16s) / g`.
@@ -1783,6 +1841,49 @@ const V_ARR_IDX: [[[u8; 64]; 2]; 2] = {
             v += 1;
         }
         nv += 1;
+    }
+    t
+};
+
+/// 4-bit value weight table, per `NV - 1`, log2 of groups per token (1, 2, 4) and 64-byte half:
+/// output byte `u·32 + part·16 + 4s + tt` (u < 2·NV) <- byte (part == hi) of the i32 code of
+/// token `tt`, group `(32u + 8s) / g`.
+const V4_TAB_IDX: [[[[u8; 64]; 2]; 3]; 2] = {
+    let mut t = [[[[0u8; 64]; 2]; 3]; 2];
+    let mut nv = 1;
+    while nv <= 2 {
+        let mut lg = 0;
+        while lg < 3 {
+            let gpt = 1 << lg;
+            let g = 64 * nv / gpt;
+            let mut o = 0;
+            while o < 128 {
+                let (u, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
+                if u < 2 * nv {
+                    t[nv - 1][lg][o / 64][o % 64] =
+                        (4 * (tt * gpt + (32 * u + 8 * s) / g) + (part == 0) as usize) as u8;
+                }
+                o += 1;
+            }
+            lg += 1;
+        }
+        nv += 1;
+    }
+    t
+};
+
+/// 4-bit value epilogue (`h` = 0, 1): channel `16h + e` of a column range is lane `4i + s` of
+/// code k's result, `s = 2h + e / 8`, `i = (e % 8) / 2`, `k = e % 2`.
+const V4_OUT_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut h = 0;
+    while h < 2 {
+        let mut e = 0;
+        while e < 16 {
+            t[h][e] = (16 * (e % 2) + 4 * ((e % 8) / 2) + 2 * h + e / 8) as i32;
+            e += 1;
+        }
+        h += 1;
     }
     t
 };
@@ -1866,14 +1967,15 @@ unsafe fn quantize_queries_q16_avx512<const M: usize>(
     })
 }
 
-/// 2-bit keys of `M` queries (`q = [M][hd]`) over tokens `t0..t0+n`, by chunks of 64 tokens
-/// (16 bytes of each channel row; two halves of 32 tokens, each inside one group): per 4
-/// channels, the 4 rows' chunks are loaded into one vector and byte-permuted so that dword lane
-/// `2i + s` holds byte column `8s + i` (tokens `32s + 4i .. +4`) of the 4 channels; code k of
-/// each byte then feeds `vpdpbusd` against the 4 channels' query bytes of half s (broadcast as one
-/// qword per half pair from a per-chunk table). Result = [`cpu::k_chan_q16`].
+/// `BITS`-bit keys (2 or 4) of `M` queries (`q = [M][hd]`) over tokens `t0..t0+n`, by chunks
+/// of 16 bytes of each channel row (64 tokens of 2 bits, 32 of 4 bits; two halves, each inside
+/// one group): per 4 channels, the 4 rows' chunks are loaded into one vector and byte-permuted
+/// so that dword lane `2i + s` holds byte column `8s + i` of the 4 channels (tokens `32s + 4i ..
+/// +4` of 2 bits, `16s + 2i .. +2` of 4 bits); code k of each byte then feeds `vpdpbusd` against
+/// the 4 channels' query bytes of half s (broadcast as one qword per half pair from a per-chunk
+/// table). Result = [`cpu::k_chan_q16`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
-unsafe fn k_chan_vnni<const M: usize>(
+unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
     q: &[f32],
     seg: &ChanSeg<'_>,
     t0: usize,
@@ -1881,6 +1983,9 @@ unsafe fn k_chan_vnni<const M: usize>(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    const { assert!(BITS == 2 || BITS == 4) };
+    // Tokens per 16-byte chunk of a row, codes per byte.
+    let (chunk, per_byte) = (128 / BITS, 8 / BITS);
     let hd = q.len() / M;
     let (g, wpr) = (seg.group, seg.words_per_row);
     // Scratch below is written before it is read (no zeroing: the call may cover one block).
@@ -1896,15 +2001,17 @@ unsafe fn k_chan_vnni<const M: usize>(
     // Lane (2i + s, code k) = token 32s + 4i + k: two vpermt2ps stages to natural order.
     let u_idx = [load_index(&K_OUT1_IDX[0]), load_index(&K_OUT1_IDX[1])];
     let o_idx = [load_index(&K_OUT2_IDX[0]), load_index(&K_OUT2_IDX[1])];
-    let mats = gf_matrices();
+    // 4 bits: lane (2i + s, code k) = token 16s + 2i + k, one vpermt2ps per 16 tokens.
+    let o4_idx = [load_index(&K4_OUT_IDX[0]), load_index(&K4_OUT_IDX[1])];
+    let mats = gf_matrices::<BITS>();
     let cp = seg.codes.as_ptr();
     let end = t0 + n;
     let mut t = t0;
     while t < end {
-        let c = t / 64;
-        let c0 = 64 * c;
-        let hi = end.min(c0 + 64);
-        let gs = [c0 / g, (c0 + 32) / g];
+        let c = t / chunk;
+        let c0 = chunk * c;
+        let hi = end.min(c0 + chunk);
+        let gs = [c0 / g, (c0 + chunk / 2) / g];
         if cur != gs {
             for h in 0..2 {
                 if cur[h] == gs[h] {
@@ -1945,7 +2052,7 @@ unsafe fn k_chan_vnni<const M: usize>(
             let x = _mm512_inserti32x4::<2>(x, ld(2));
             let x = _mm512_inserti32x4::<3>(x, ld(3));
             let y = _mm512_permutexvar_epi8(aidx, x);
-            for k in 0..4 {
+            for k in 0..per_byte {
                 let ck = _mm512_gf2p8affine_epi64_epi8::<0>(y, mats[k]);
                 for r in 0..M {
                     let tp = tab[r].as_ptr().add(16 * cq) as *const i64;
@@ -1964,18 +2071,28 @@ unsafe fn k_chan_vnni<const M: usize>(
             let alpha = pair(qpar[r][0].0, qpar[r][1].0);
             let bias = pair(qpar[r][0].1, qpar[r][1].1);
             let f: [__m512; 4] = std::array::from_fn(|k| {
+                if k >= per_byte {
+                    return _mm512_setzero_ps();
+                }
                 let tot = _mm512_add_epi32(_mm512_slli_epi32::<8>(ah[r][k]), al[r][k]);
                 _mm512_fmadd_ps(alpha, _mm512_cvtepi32_ps(tot), bias)
             });
-            for s in 0..2 {
-                let u = _mm512_permutex2var_ps(f[0], u_idx[s], f[1]);
-                let w = _mm512_permutex2var_ps(f[2], u_idx[s], f[3]);
+            if BITS == 2 {
+                for s in 0..2 {
+                    let u = _mm512_permutex2var_ps(f[0], u_idx[s], f[1]);
+                    let w = _mm512_permutex2var_ps(f[2], u_idx[s], f[3]);
+                    for h in 0..2 {
+                        let o = _mm512_permutex2var_ps(u, o_idx[h], w);
+                        _mm512_storeu_ps(
+                            tmp.as_mut_ptr().add(64 * r + 32 * s + 16 * h) as *mut f32,
+                            o,
+                        );
+                    }
+                }
+            } else {
                 for h in 0..2 {
-                    let o = _mm512_permutex2var_ps(u, o_idx[h], w);
-                    _mm512_storeu_ps(
-                        tmp.as_mut_ptr().add(64 * r + 32 * s + 16 * h) as *mut f32,
-                        o,
-                    );
+                    let o = _mm512_permutex2var_ps(f[0], o4_idx[h], f[1]);
+                    _mm512_storeu_ps(tmp.as_mut_ptr().add(64 * r + 16 * h) as *mut f32, o);
                 }
             }
             // tmp[64 r .. 64 r + 64] was just written.
@@ -1989,15 +2106,16 @@ unsafe fn k_chan_vnni<const M: usize>(
     }
 }
 
-/// 2-bit values, `M` weight rows (`p[r * p_stride ..]`), head_dim `64·NV`: per sub-chunk of
-/// [`cpu::Q16_VAL_SUB`] tokens the weights `p·scale` are quantized to u16 and laid out per 4
-/// tokens as `[vector][hi | lo][quarter][token]` bytes; per 4 tokens the rows (contiguous) are
-/// byte-permuted so that dword lane `4i + s` of vector v holds byte column `16v + 4s + i`
-/// (channels `64v + 16s + 4i .. +4`) of the 4 tokens, and code k of each byte feeds `vpdpbusd`
-/// against the 4 tokens' weight bytes of quarter s (`vbroadcasti32x4`). Result =
-/// [`cpu::v_tok_q16`].
+/// `BITS`-bit values (2 or 4), `M` weight rows (`p[r * p_stride ..]`), head_dim `64·NV`: per
+/// sub-chunk of [`cpu::Q16_VAL_SUB`] tokens the weights `p·scale` are quantized to u16 and laid
+/// out per 4 tokens as `[vector][hi | lo][quarter][token]` bytes; per 4 tokens and 16-byte
+/// column range u of their rows (`NV` ranges of 2 bits, `2·NV` of 4 bits), the rows are
+/// byte-permuted so that dword lane `4i + s` holds byte column `16u + 4s + i` of the 4 tokens
+/// (channels `64u + 16s + 4i .. +4` of 2 bits, `32u + 8s + 2i .. +2` of 4 bits), and code k of
+/// each byte feeds `vpdpbusd` against the 4 tokens' weight bytes of quarter s
+/// (`vbroadcasti32x4`). Result = [`cpu::v_tok_q16`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
-unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
+unsafe fn v_tok_vnni<const M: usize, const NV: usize, const BITS: usize>(
     p: &[f32],
     p_stride: usize,
     seg: &TokSeg<'_>,
@@ -2006,22 +2124,26 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
     acc: &mut [f32],
 ) {
     const SUB: usize = cpu::Q16_VAL_SUB;
+    const { assert!((BITS == 2 || BITS == 4) && (NV == 1 || NV == 2)) };
     let hd = 64 * NV;
+    // 16-byte column ranges of a token row, codes per byte: `nvec · per_byte = 4·NV` results.
+    let (nvec, per_byte) = (NV * BITS / 2, 8 / BITS);
     let g = seg.group;
-    let (wpt, gpt) = (hd / 16, hd / g);
+    let (wpt, gpt) = (hd * BITS / 32, hd / g);
     let (cp, sp, mp) = (
         seg.codes.as_ptr(),
         seg.scales.as_ptr() as *const u16,
         seg.mins.as_ptr() as *const u16,
     );
-    let mut fa = [[[_mm512_setzero_ps(); 4]; NV]; M];
+    // Float sums per (column range u, code k), at u·per_byte + k.
+    let mut fa = [[_mm512_setzero_ps(); 8]; M];
     let mut min_acc = [[0f32; 16]; M];
     let mut macc = [_mm512_setzero_ps(); M];
     // Scratch, written before it is read (no zeroing: the call may cover one block).
     // p·scale of the sub-chunk, [token][group], padded to whole 4-token quads.
     let mut ps = [[MaybeUninit::<f32>::uninit(); SUB * 4 + 16]; M];
-    // Per 4 tokens: 64 bytes of weight codes.
-    let mut wt = [[[MaybeUninit::<u8>::uninit(); 64]; SUB / 4]; M];
+    // Per 4 tokens: 32 bytes of weight codes per column range.
+    let mut wt = [[[MaybeUninit::<u8>::uninit(); 128]; SUB / 4]; M];
     let mut pidx = [0i32; 16];
     for (l, x) in pidx.iter_mut().enumerate() {
         *x = (l / gpt) as i32;
@@ -2029,9 +2151,16 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
     let pidx = _mm512_loadu_si512(pidx.as_ptr() as *const _);
     let pmask: __mmask16 = ((1u32 << (16 / gpt)) - 1) as u16;
     let qmask: __mmask16 = ((1u32 << (4 * gpt)) - 1) as u16;
-    let widx = load_index(&V_TAB_IDX[NV - 1][gpt.trailing_zeros() as usize]);
-    let aidx: [__m512i; NV] = std::array::from_fn(|v| load_index(&V_ARR_IDX[NV - 1][v]));
-    let mats = gf_matrices();
+    let lg = gpt.trailing_zeros() as usize;
+    let widx: [__m512i; 2] = if BITS == 2 {
+        [load_index(&V_TAB_IDX[NV - 1][lg]); 2]
+    } else {
+        std::array::from_fn(|h| load_index(&V4_TAB_IDX[NV - 1][lg][h]))
+    };
+    let aidx: [__m512i; 2] = std::array::from_fn(|v| load_index(&V_ARR_IDX[NV - 1][v % NV]));
+    // 4 bits: one column range's four 16-byte row pieces in one vector, as 2-bit NV = 1 rows.
+    let aidx4 = load_index(&V_ARR_IDX[0][0]);
+    let mats = gf_matrices::<BITS>();
     let mut i0 = 0;
     while i0 < n {
         let cnt = SUB.min(n - i0);
@@ -2086,13 +2215,16 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
             for t4 in 0..quads {
                 let x = _mm512_maskz_loadu_ps(qmask, psr[r].add(4 * t4 * gpt));
                 let z = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
-                let b = _mm512_permutexvar_epi8(widx, z);
-                _mm512_storeu_si512(wt[r][t4].as_mut_ptr() as *mut _, b);
+                let dst = wt[r][t4].as_mut_ptr() as *mut __m512i;
+                _mm512_storeu_si512(dst, _mm512_permutexvar_epi8(widx[0], z));
+                if nvec > 2 {
+                    _mm512_storeu_si512(dst.add(1), _mm512_permutexvar_epi8(widx[1], z));
+                }
             }
         }
-        let mut ih = [[[_mm512_setzero_si512(); 4]; NV]; M];
-        let mut il = [[[_mm512_setzero_si512(); 4]; NV]; M];
-        let mut tail = [0u32; 4 * 8];
+        let mut ih = [[_mm512_setzero_si512(); 8]; M];
+        let mut il = [[_mm512_setzero_si512(); 8]; M];
+        let mut tail = [0u32; 4 * 16];
         for t4 in 0..quads {
             let mut rows = cp.add((t0 + i0 + 4 * t4) * wpt);
             let valid = cnt - 4 * t4;
@@ -2101,41 +2233,60 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
                 std::ptr::copy_nonoverlapping(rows, tail.as_mut_ptr(), valid * wpt);
                 rows = tail.as_ptr();
             }
-            let y: [__m512i; NV] = if NV == 1 {
+            let y: [__m512i; 4] = if BITS == 4 {
+                std::array::from_fn(|u| {
+                    if u >= nvec {
+                        return _mm512_setzero_si512();
+                    }
+                    let ld = |tt: usize| _mm_loadu_si128(rows.add(tt * wpt + 4 * u) as *const _);
+                    let x = _mm512_castsi128_si512(ld(0));
+                    let x = _mm512_inserti32x4::<1>(x, ld(1));
+                    let x = _mm512_inserti32x4::<2>(x, ld(2));
+                    let x = _mm512_inserti32x4::<3>(x, ld(3));
+                    _mm512_permutexvar_epi8(aidx4, x)
+                })
+            } else if NV == 1 {
                 let x = _mm512_loadu_si512(rows as *const _);
-                [_mm512_permutexvar_epi8(aidx[0], x); NV]
+                [_mm512_permutexvar_epi8(aidx[0], x); 4]
             } else {
                 let x0 = _mm512_loadu_si512(rows as *const _);
                 let x1 = _mm512_loadu_si512(rows.add(16) as *const _);
-                std::array::from_fn(|v| _mm512_permutex2var_epi8(x0, aidx[v], x1))
+                std::array::from_fn(|v| {
+                    if v < NV {
+                        _mm512_permutex2var_epi8(x0, aidx[v], x1)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                })
             };
-            for v in 0..NV {
-                for k in 0..4 {
-                    let ck = _mm512_gf2p8affine_epi64_epi8::<0>(y[v], mats[k]);
+            for u in 0..nvec {
+                for k in 0..per_byte {
+                    let ck = _mm512_gf2p8affine_epi64_epi8::<0>(y[u], mats[k]);
                     for r in 0..M {
-                        let wp = wt[r][t4].as_ptr().add(32 * v) as *const __m128i;
+                        let wp = wt[r][t4].as_ptr().add(32 * u) as *const __m128i;
                         let wh = _mm512_broadcast_i32x4(_mm_loadu_si128(wp));
                         let wl = _mm512_broadcast_i32x4(_mm_loadu_si128(wp.add(1)));
-                        ih[r][v][k] = _mm512_dpbusd_epi32(ih[r][v][k], wh, ck);
-                        il[r][v][k] = _mm512_dpbusd_epi32(il[r][v][k], wl, ck);
+                        let j = u * per_byte + k;
+                        ih[r][j] = _mm512_dpbusd_epi32(ih[r][j], wh, ck);
+                        il[r][j] = _mm512_dpbusd_epi32(il[r][j], wl, ck);
                     }
                 }
             }
         }
         for r in 0..M {
             let a = _mm512_set1_ps(alpha[r]);
-            for v in 0..NV {
-                for k in 0..4 {
-                    let tot = _mm512_add_epi32(_mm512_slli_epi32::<8>(ih[r][v][k]), il[r][v][k]);
-                    fa[r][v][k] = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(tot), fa[r][v][k]);
-                }
+            for j in 0..nvec * per_byte {
+                let tot = _mm512_add_epi32(_mm512_slli_epi32::<8>(ih[r][j]), il[r][j]);
+                fa[r][j] = _mm512_fmadd_ps(a, _mm512_cvtepi32_ps(tot), fa[r][j]);
             }
         }
         i0 += cnt;
     }
-    // Lane (4i + s, code k) of vector v = channel 64v + 16s + 4i + k: two vpermt2ps stages.
+    // 2 bits: lane (4i + s, code k) of range v = channel 64v + 16s + 4i + k, two vpermt2ps
+    // stages; 4 bits: lane (4i + s, code k) of range u = channel 32u + 8s + 2i + k, one.
     let s1 = [load_index(&V_OUT1_IDX[0]), load_index(&V_OUT1_IDX[1])];
     let s2 = [load_index(&V_OUT2_IDX[0]), load_index(&V_OUT2_IDX[1])];
+    let o4 = [load_index(&V4_OUT_IDX[0]), load_index(&V4_OUT_IDX[1])];
     let ap = acc.as_mut_ptr();
     for r in 0..M {
         let mut mv = [0f32; 16];
@@ -2143,21 +2294,31 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize>(
         for (l, x) in mv.iter().enumerate() {
             min_acc[r][l % gpt] += x;
         }
-        for v in 0..NV {
-            let f = &fa[r][v];
-            for sb in 0..2 {
-                let x01 = _mm512_permutex2var_ps(f[0], s1[sb], f[1]);
-                let x23 = _mm512_permutex2var_ps(f[2], s1[sb], f[3]);
+        let add_out = |ch: usize, o: __m512| {
+            let m = _mm512_set1_ps(min_acc[r][ch / g]);
+            let dst = ap.add(r * hd + ch);
+            _mm512_storeu_ps(
+                dst,
+                _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(o, m)),
+            );
+        };
+        if BITS == 2 {
+            for v in 0..NV {
+                let f = &fa[r][4 * v..4 * v + 4];
+                for sb in 0..2 {
+                    let x01 = _mm512_permutex2var_ps(f[0], s1[sb], f[1]);
+                    let x23 = _mm512_permutex2var_ps(f[2], s1[sb], f[3]);
+                    for h in 0..2 {
+                        let o = _mm512_permutex2var_ps(x01, s2[h], x23);
+                        add_out(64 * v + 16 * (2 * sb + h), o);
+                    }
+                }
+            }
+        } else {
+            for u in 0..nvec {
                 for h in 0..2 {
-                    let s = 2 * sb + h;
-                    let o = _mm512_permutex2var_ps(x01, s2[h], x23);
-                    let ch = 64 * v + 16 * s;
-                    let m = _mm512_set1_ps(min_acc[r][ch / g]);
-                    let dst = ap.add(r * hd + ch);
-                    _mm512_storeu_ps(
-                        dst,
-                        _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(o, m)),
-                    );
+                    let o = _mm512_permutex2var_ps(fa[r][2 * u], o4[h], fa[r][2 * u + 1]);
+                    add_out(32 * u + 16 * h, o);
                 }
             }
         }
