@@ -1796,29 +1796,35 @@ const K4_OUT_IDX: [[i32; 16]; 2] = {
     t
 };
 
-/// Value weight table, per `NV - 1` (head_dim 64 / 128) and log2 of groups per token (1, 2, 4):
-/// output byte `v·32 + part·16 + 4s + tt` <- byte (part == hi) of the i32 code of token `tt`,
-/// group `(64v + 16s) / g`.
-const V_TAB_IDX: [[[u8; 64]; 3]; 2] = {
-    let mut t = [[[0u8; 64]; 3]; 2];
-    let mut nv = 1;
-    while nv <= 2 {
-        let mut lg = 0;
-        while lg < 3 {
-            let gpt = 1 << lg;
-            let g = 64 * nv / gpt;
-            let mut o = 0;
-            while o < 64 {
-                let (v, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
-                if v < nv {
-                    t[nv - 1][lg][o] =
-                        (4 * (tt * gpt + (64 * v + 16 * s) / g) + (part == 0) as usize) as u8;
+/// Value weight tables, per code width (2, 4 bits), `NV - 1` (head_dim 64 / 128), log2 of groups
+/// per token (1, 2, 4) and 64-byte half: output byte `u·32 + part·16 + 4s + tt` <- byte (part ==
+/// hi) of the i32 code of token `tt`, group `(c·u + c/4·s) / g`, where a 16-byte column range u
+/// of a token row holds `c` channels (64 of 2 bits, 32 of 4; `NV` or `2·NV` ranges).
+const V_TAB_IDX: [[[[[u8; 64]; 2]; 3]; 2]; 2] = {
+    let mut t = [[[[[0u8; 64]; 2]; 3]; 2]; 2];
+    let mut w = 0;
+    while w < 2 {
+        let c = 64 >> w;
+        let mut nv = 1;
+        while nv <= 2 {
+            let mut lg = 0;
+            while lg < 3 {
+                let gpt = 1 << lg;
+                let g = 64 * nv / gpt;
+                let mut o = 0;
+                while o < 128 {
+                    let (u, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
+                    if u < nv << w {
+                        t[w][nv - 1][lg][o / 64][o % 64] =
+                            (4 * (tt * gpt + (c * u + c / 4 * s) / g) + (part == 0) as usize) as u8;
+                    }
+                    o += 1;
                 }
-                o += 1;
+                lg += 1;
             }
-            lg += 1;
+            nv += 1;
         }
-        nv += 1;
+        w += 1;
     }
     t
 };
@@ -1839,33 +1845,6 @@ const V_ARR_IDX: [[[u8; 64]; 2]; 2] = {
                 o += 1;
             }
             v += 1;
-        }
-        nv += 1;
-    }
-    t
-};
-
-/// 4-bit value weight table, per `NV - 1`, log2 of groups per token (1, 2, 4) and 64-byte half:
-/// output byte `u·32 + part·16 + 4s + tt` (u < 2·NV) <- byte (part == hi) of the i32 code of
-/// token `tt`, group `(32u + 8s) / g`.
-const V4_TAB_IDX: [[[[u8; 64]; 2]; 3]; 2] = {
-    let mut t = [[[[0u8; 64]; 2]; 3]; 2];
-    let mut nv = 1;
-    while nv <= 2 {
-        let mut lg = 0;
-        while lg < 3 {
-            let gpt = 1 << lg;
-            let g = 64 * nv / gpt;
-            let mut o = 0;
-            while o < 128 {
-                let (u, part, s, tt) = (o / 32, (o / 16) % 2, (o / 4) % 4, o % 4);
-                if u < 2 * nv {
-                    t[nv - 1][lg][o / 64][o % 64] =
-                        (4 * (tt * gpt + (32 * u + 8 * s) / g) + (part == 0) as usize) as u8;
-                }
-                o += 1;
-            }
-            lg += 1;
         }
         nv += 1;
     }
@@ -2152,11 +2131,8 @@ unsafe fn v_tok_vnni<const M: usize, const NV: usize, const BITS: usize>(
     let pmask: __mmask16 = ((1u32 << (16 / gpt)) - 1) as u16;
     let qmask: __mmask16 = ((1u32 << (4 * gpt)) - 1) as u16;
     let lg = gpt.trailing_zeros() as usize;
-    let widx: [__m512i; 2] = if BITS == 2 {
-        [load_index(&V_TAB_IDX[NV - 1][lg]); 2]
-    } else {
-        std::array::from_fn(|h| load_index(&V4_TAB_IDX[NV - 1][lg][h]))
-    };
+    let widx: [__m512i; 2] =
+        std::array::from_fn(|h| load_index(&V_TAB_IDX[BITS / 4][NV - 1][lg][h]));
     let aidx: [__m512i; 2] = std::array::from_fn(|v| load_index(&V_ARR_IDX[NV - 1][v % NV]));
     // 4 bits: one column range's four 16-byte row pieces in one vector, as 2-bit NV = 1 rows.
     let aidx4 = load_index(&V_ARR_IDX[0][0]);
