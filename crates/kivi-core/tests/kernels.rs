@@ -268,7 +268,7 @@ proptest! {
 
     /// GQA kernels (several queries per decoded code) against the scalar kernels query by query.
     #[test]
-    fn multi_query_kernels_match_scalar((bits, g) in bits_group(), m in 1usize..5, gpt in 1usize..5,
+    fn multi_query_kernels_match_scalar((bits, g) in bits_group(), m in 1usize..9, gpt in 1usize..5,
                                         groups in 1usize..5, t0 in 0usize..100, n in 0usize..100, seed in any::<u64>()) {
         let mut r = rng(seed);
         let fpi = codes_per_word(bits);
@@ -375,7 +375,7 @@ proptest! {
     fn vnni_kernels_match_integer_twins(bits in prop_oneof![Just(2u8), Just(4)],
                                         g in prop_oneof![Just(16usize), Just(32), Just(64), Just(128)],
                                         hd in prop_oneof![Just(16usize), Just(32), Just(64), Just(128), Just(256)],
-                                        m in 1usize..5, chunks in 1usize..5, t0 in 0usize..300, n in 0usize..300,
+                                        m in 1usize..9, chunks in 1usize..5, t0 in 0usize..300, n in 0usize..300,
                                         seed in any::<u64>()) {
         let mut r = rng(seed);
         // per-channel keys: rows of whole groups and a multiple of 16 bytes (64 tokens of 2

@@ -424,6 +424,10 @@ fn prefetch(isa: Isa, seg: &SegData<'_>) {
     let _ = (isa, seg, off);
 }
 
+/// Most queries (or weight rows) one call of the multi-query kernels takes: their accumulators
+/// fill the vector registers.
+const MULTI_MAX: usize = 4;
+
 /// Scores of `m` queries (`q = [m][head_dim]`) at once: `out[r * out_stride + i] = q_r · k[t0+i]`.
 /// Per-channel quantized keys decode each code once for all queries, f16 rows convert each
 /// row once (AVX-512, both caches get the same GQA treatment); other forms loop over the queries.
@@ -439,6 +443,26 @@ pub fn k_scores_multi(
     out_stride: usize,
 ) {
     let hd = q.len() / m;
+    if m > MULTI_MAX {
+        // More queries than the kernels' accumulators hold (e.g. Qwen2's 6 or 7 per KV head):
+        // balanced chunks of at most MULTI_MAX, each still decoding its codes once.
+        let per = m.div_ceil(m.div_ceil(MULTI_MAX));
+        for c0 in (0..m).step_by(per) {
+            let mm = per.min(m - c0);
+            let o = &mut out[c0 * out_stride..];
+            k_scores_multi(
+                isa,
+                &q[c0 * hd..(c0 + mm) * hd],
+                mm,
+                seg,
+                t0,
+                n,
+                o,
+                out_stride,
+            );
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     match (isa.base(), seg, m) {
         (Isa::Avx512, SegData::Chan(s), 2..=4)
@@ -480,6 +504,16 @@ pub fn v_accumulate_multi(
     acc: &mut [f32],
 ) {
     let hd = acc.len() / m;
+    if m > MULTI_MAX {
+        // As in `k_scores_multi`: balanced chunks of at most MULTI_MAX rows.
+        let per = m.div_ceil(m.div_ceil(MULTI_MAX));
+        for c0 in (0..m).step_by(per) {
+            let mm = per.min(m - c0);
+            let a = &mut acc[c0 * hd..(c0 + mm) * hd];
+            v_accumulate_multi(isa, &p[c0 * p_stride..], p_stride, mm, seg, t0, n, a);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     match (isa.base(), seg, m) {
         (Isa::Avx512, SegData::Tok(s), 2..=4)
