@@ -1968,10 +1968,12 @@ unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
     let hd = q.len() / M;
     let (g, wpr) = (seg.group, seg.words_per_row);
     // Scratch below is written before it is read (no zeroing: the call may cover one block).
-    // Quantized query of the group of each half (slot) of the current chunk.
+    // Quantized queries, one group per slot (see `held`).
     let mut iq = [[[MaybeUninit::<i32>::uninit(); MAX_HEAD_DIM]; 2]; M];
-    let mut qpar = [[(0f32, 0f32); 2]; M];
-    let mut cur = [usize::MAX; 2];
+    // (alpha, bias) of each slot's query, and of the current table's two halves.
+    let (mut qpar, mut tpar) = ([[(0f32, 0f32); 2]; M], [[(0f32, 0f32); 2]; M]);
+    // Groups of the current chunk's halves, and the group whose query each slot of iq holds.
+    let (mut cur, mut held) = ([usize::MAX; 2], [usize::MAX; 2]);
     // Per query and 4 channels: 16 bytes [hi(slot 0), hi(slot 1), lo(slot 0), lo(slot 1)].
     let mut tab = [[MaybeUninit::<u8>::uninit(); 4 * MAX_HEAD_DIM]; M];
     let mut tmp = [MaybeUninit::<f32>::uninit(); 64 * 4];
@@ -1992,29 +1994,25 @@ unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
         let hi = end.min(c0 + chunk);
         let gs = [c0 / g, (c0 + chunk / 2) / g];
         if cur != gs {
-            for h in 0..2 {
-                if cur[h] == gs[h] {
-                    continue;
-                }
-                if h == 1 && gs[1] == gs[0] {
-                    for r in 0..M {
-                        let (a, b) = iq[r].split_at_mut(1);
-                        std::ptr::copy_nonoverlapping(a[0].as_ptr(), b[0].as_mut_ptr(), hd);
-                        qpar[r][1] = qpar[r][0];
-                    }
-                } else {
+            // Slot 1 gets its own group only when the halves' groups differ (never for 4 bits);
+            // otherwise both halves read slot 0.
+            let s1 = (gs[1] != gs[0]) as usize;
+            for h in 0..=s1 {
+                if held[h] != gs[h] {
                     let dst = std::array::from_fn(|r| iq[r][h].as_mut_ptr() as *mut i32);
                     let par = quantize_queries_q16_avx512::<M>(q, seg, gs[h], dst);
                     for r in 0..M {
                         qpar[r][h] = par[r];
                     }
+                    held[h] = gs[h];
                 }
             }
             cur = gs;
             for r in 0..M {
+                tpar[r] = [qpar[r][0], qpar[r][s1]];
                 for v in 0..hd / 16 {
                     let a = _mm512_loadu_si512(iq[r][0].as_ptr().add(16 * v) as *const _);
-                    let b = _mm512_loadu_si512(iq[r][1].as_ptr().add(16 * v) as *const _);
+                    let b = _mm512_loadu_si512(iq[r][s1].as_ptr().add(16 * v) as *const _);
                     let x = _mm512_permutex2var_epi8(a, tidx, b);
                     _mm512_storeu_si512(tab[r].as_mut_ptr().add(64 * v) as *mut _, x);
                 }
@@ -2047,8 +2045,8 @@ unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
                 let bits = (a.to_bits() as u64) | (b.to_bits() as u64) << 32;
                 _mm512_castsi512_ps(_mm512_set1_epi64(bits as i64))
             };
-            let alpha = pair(qpar[r][0].0, qpar[r][1].0);
-            let bias = pair(qpar[r][0].1, qpar[r][1].1);
+            let alpha = pair(tpar[r][0].0, tpar[r][1].0);
+            let bias = pair(tpar[r][0].1, tpar[r][1].1);
             let f: [__m512; 4] = std::array::from_fn(|k| {
                 if k >= per_byte {
                     return _mm512_setzero_ps();
