@@ -1301,6 +1301,15 @@ pub fn v_tok_multi(
             (3, 64, 2) => unsafe { v_tok_vnni::<3, 1, 2>(p, p_stride, seg, t0, n, acc) },
             (2, 64, _) => unsafe { v_tok_vnni::<2, 1, 4>(p, p_stride, seg, t0, n, acc) },
             (3, 64, _) => unsafe { v_tok_vnni::<3, 1, 4>(p, p_stride, seg, t0, n, acc) },
+            // Four rows (Llama-3.2-1B's 32 / 8 heads at head_dim 64): two pairs.
+            (4, 64, b) => (0..2).for_each(|h| unsafe {
+                let (pr, a) = row(2 * h);
+                let acc2 = &mut acc[a..][..2 * hd];
+                match b {
+                    2 => v_tok_vnni::<2, 1, 2>(pr, p_stride, seg, t0, n, acc2),
+                    _ => v_tok_vnni::<2, 1, 4>(pr, p_stride, seg, t0, n, acc2),
+                }
+            }),
             // More rows than registers for the accumulators: one row at a time.
             (_, 64, 2) => (0..m).for_each(|r| unsafe {
                 let (pr, a) = row(r);
