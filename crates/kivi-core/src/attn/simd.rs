@@ -1293,54 +1293,28 @@ pub fn v_tok_multi(
         && cpu::v_tok_q16_shape(hd, seg)
         && (0..m).all(|r| cpu::all_nonnegative(&p[r * p_stride..][..n]))
     {
-        // SAFETY: as in `v_tok`, for the m weight rows and acc[..m*hd] (asserted above); the
-        // single-row calls get row r's weights and accumulator.
-        let row = |r: usize| (&p[r * p_stride..], r * hd);
-        match (m, hd, seg.bits) {
-            (2, 64, 2) => unsafe { v_tok_vnni::<2, 1, 2>(p, p_stride, seg, t0, n, acc) },
-            (3, 64, 2) => unsafe { v_tok_vnni::<3, 1, 2>(p, p_stride, seg, t0, n, acc) },
-            (2, 64, _) => unsafe { v_tok_vnni::<2, 1, 4>(p, p_stride, seg, t0, n, acc) },
-            (3, 64, _) => unsafe { v_tok_vnni::<3, 1, 4>(p, p_stride, seg, t0, n, acc) },
-            // Four rows (Llama-3.2-1B's 32 / 8 heads at head_dim 64): two pairs.
-            (4, 64, b) => (0..2).for_each(|h| unsafe {
-                let (pr, a) = row(2 * h);
-                let acc2 = &mut acc[a..][..2 * hd];
-                match b {
-                    2 => v_tok_vnni::<2, 1, 2>(pr, p_stride, seg, t0, n, acc2),
-                    _ => v_tok_vnni::<2, 1, 4>(pr, p_stride, seg, t0, n, acc2),
-                }
-            }),
-            // Head_dim 128 (Llama-3-8B, Mistral-7B: 4 rows): pairs, then a single row. A pair's
-            // accumulators exceed the registers, yet it beats one row at a time (1.2x for four
-            // rows).
-            (2.., 128, b) => (0..m).step_by(2).for_each(|r| unsafe {
-                let (pr, a) = row(r);
-                let rows = (m - r).min(2);
-                let acc_r = &mut acc[a..][..rows * hd];
-                match (rows, b) {
-                    (2, 2) => v_tok_vnni::<2, 2, 2>(pr, p_stride, seg, t0, n, acc_r),
-                    (2, _) => v_tok_vnni::<2, 2, 4>(pr, p_stride, seg, t0, n, acc_r),
-                    (_, 2) => v_tok_vnni::<1, 2, 2>(pr, 0, seg, t0, n, acc_r),
-                    _ => v_tok_vnni::<1, 2, 4>(pr, 0, seg, t0, n, acc_r),
-                }
-            }),
-            // More rows than registers for the accumulators: one row at a time.
-            (_, 64, 2) => (0..m).for_each(|r| unsafe {
-                let (pr, a) = row(r);
-                v_tok_vnni::<1, 1, 2>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
-            }),
-            (_, 64, _) => (0..m).for_each(|r| unsafe {
-                let (pr, a) = row(r);
-                v_tok_vnni::<1, 1, 4>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
-            }),
-            (_, _, 2) => (0..m).for_each(|r| unsafe {
-                let (pr, a) = row(r);
-                v_tok_vnni::<1, 2, 2>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
-            }),
-            _ => (0..m).for_each(|r| unsafe {
-                let (pr, a) = row(r);
-                v_tok_vnni::<1, 2, 4>(pr, 0, seg, t0, n, &mut acc[a..][..hd])
-            }),
+        // SAFETY (every call below): as in `v_tok`, for the m weight rows and acc[..m*hd]
+        // (asserted above); each call gets rows r..r+rows of the weights and the accumulator.
+        // Rows per call: at head_dim 64 up to three (four as two pairs), at 128 up to two (a
+        // pair's accumulators exceed the registers, yet it beats one row at a time: 1.2x for
+        // four rows); balanced.
+        let most = if hd == 64 { 3 } else { 2 };
+        let per = m.div_ceil(m.div_ceil(most));
+        for r in (0..m).step_by(per) {
+            let rows = per.min(m - r);
+            let (pr, acc_r) = (&p[r * p_stride..], &mut acc[r * hd..(r + rows) * hd]);
+            match (hd, rows, seg.bits) {
+                (64, 1, 2) => unsafe { v_tok_vnni::<1, 1, 2>(pr, p_stride, seg, t0, n, acc_r) },
+                (64, 2, 2) => unsafe { v_tok_vnni::<2, 1, 2>(pr, p_stride, seg, t0, n, acc_r) },
+                (64, 3, 2) => unsafe { v_tok_vnni::<3, 1, 2>(pr, p_stride, seg, t0, n, acc_r) },
+                (64, 1, _) => unsafe { v_tok_vnni::<1, 1, 4>(pr, p_stride, seg, t0, n, acc_r) },
+                (64, 2, _) => unsafe { v_tok_vnni::<2, 1, 4>(pr, p_stride, seg, t0, n, acc_r) },
+                (64, _, _) => unsafe { v_tok_vnni::<3, 1, 4>(pr, p_stride, seg, t0, n, acc_r) },
+                (_, 1, 2) => unsafe { v_tok_vnni::<1, 2, 2>(pr, p_stride, seg, t0, n, acc_r) },
+                (_, _, 2) => unsafe { v_tok_vnni::<2, 2, 2>(pr, p_stride, seg, t0, n, acc_r) },
+                (_, 1, _) => unsafe { v_tok_vnni::<1, 2, 4>(pr, p_stride, seg, t0, n, acc_r) },
+                _ => unsafe { v_tok_vnni::<2, 2, 4>(pr, p_stride, seg, t0, n, acc_r) },
+            }
         }
         return true;
     }
