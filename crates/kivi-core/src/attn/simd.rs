@@ -1976,7 +1976,7 @@ unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
     let mut tmp = [MaybeUninit::<f32>::uninit(); 64 * 4];
     let tidx = load_index(&K_TAB_IDX);
     let aidx = load_index(&K_ARR_IDX);
-    // Lane (2i + s, code k) = token 32s + 4i + k: two vpermt2ps stages to natural order.
+    // 2 bits: lane (2i + s, code k) = token 32s + 4i + k, two vpermt2ps stages to natural order.
     let u_idx = [load_index(&K_OUT1_IDX[0]), load_index(&K_OUT1_IDX[1])];
     let o_idx = [load_index(&K_OUT2_IDX[0]), load_index(&K_OUT2_IDX[1])];
     // 4 bits: lane (2i + s, code k) = token 16s + 2i + k, one vpermt2ps per 16 tokens.
