@@ -428,6 +428,13 @@ fn prefetch(isa: Isa, seg: &SegData<'_>) {
 /// fill the vector registers.
 const MULTI_MAX: usize = 4;
 
+/// `m` rows split into the fewest chunks of at most `most`, as even as possible (6 by 4: 3 + 3),
+/// as `(first row, rows)`.
+pub(crate) fn balanced_chunks(m: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
+    let per = m.div_ceil(m.div_ceil(most).max(1)).max(1);
+    (0..m).step_by(per).map(move |r| (r, per.min(m - r)))
+}
+
 /// Scores of `m` queries (`q = [m][head_dim]`) at once: `out[r * out_stride + i] = q_r · k[t0+i]`.
 /// Per-channel quantized keys decode each code once for all queries, f16 rows convert each
 /// row once (AVX-512, both caches get the same GQA treatment); other forms loop over the queries.
@@ -446,9 +453,7 @@ pub fn k_scores_multi(
     if m > MULTI_MAX {
         // More queries than the kernels' accumulators hold (e.g. Qwen2's 6 or 7 per KV head):
         // balanced chunks of at most MULTI_MAX, each still decoding its codes once.
-        let per = m.div_ceil(m.div_ceil(MULTI_MAX));
-        for c0 in (0..m).step_by(per) {
-            let mm = per.min(m - c0);
+        for (c0, mm) in balanced_chunks(m, MULTI_MAX) {
             let o = &mut out[c0 * out_stride..];
             k_scores_multi(
                 isa,
@@ -506,9 +511,7 @@ pub fn v_accumulate_multi(
     let hd = acc.len() / m;
     if m > MULTI_MAX {
         // As in `k_scores_multi`: balanced chunks of at most MULTI_MAX rows.
-        let per = m.div_ceil(m.div_ceil(MULTI_MAX));
-        for c0 in (0..m).step_by(per) {
-            let mm = per.min(m - c0);
+        for (c0, mm) in balanced_chunks(m, MULTI_MAX) {
             let a = &mut acc[c0 * hd..(c0 + mm) * hd];
             v_accumulate_multi(isa, &p[c0 * p_stride..], p_stride, mm, seg, t0, n, a);
         }

@@ -1299,9 +1299,7 @@ pub fn v_tok_multi(
         // pair's accumulators exceed the registers, yet it beats one row at a time: 1.2x for
         // four rows); balanced.
         let most = if hd == 64 { 3 } else { 2 };
-        let per = m.div_ceil(m.div_ceil(most));
-        for r in (0..m).step_by(per) {
-            let rows = per.min(m - r);
+        for (r, rows) in super::balanced_chunks(m, most) {
             let (pr, acc_r) = (&p[r * p_stride..], &mut acc[r * hd..(r + rows) * hd]);
             match (hd, rows, seg.bits) {
                 (64, 1, 2) => unsafe { v_tok_vnni::<1, 1, 2>(pr, p_stride, seg, t0, n, acc_r) },
