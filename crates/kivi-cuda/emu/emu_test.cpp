@@ -794,11 +794,19 @@ struct Pipeline {
             emu_launch({(int)kgroups.size() / 2, hkv, 1}, D, [&](int) {
                 kivi_quantize_keys(c, (const Item*)sitems.data(), (const Rec*)kgroups.data(), kn.data());
             });
-        if (!vtoks.empty())
-            emu_launch({(int)vtoks.size() / 2, 1, 1}, hkv * (D / G), [&](int) {
-                kivi_quantize_values(c, (const Item*)sitems.data(), (const Rec*)vtoks.data(), vn.data());
-            });
-        emu_launch({T, 1, 1}, 128, [&](int) { kivi_write_window(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
+        // A decode step (one token per item, none a sink) with values to quantize: one launch,
+        // kivi_append_decode, as the host does.
+        bool decode_only = sinkw.empty();
+        for (const auto& it : items) decode_only = decode_only && it.second == 1;
+        if (decode_only && !vtoks.empty()) {
+            emu_launch({T, 1, 1}, 128, [&](int) { kivi_append_decode(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
+        } else {
+            if (!vtoks.empty())
+                emu_launch({(int)vtoks.size() / 2, 1, 1}, hkv * (D / G), [&](int) {
+                    kivi_quantize_values(c, (const Item*)sitems.data(), (const Rec*)vtoks.data(), vn.data());
+                });
+            emu_launch({T, 1, 1}, 128, [&](int) { kivi_write_window(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
+        }
         for (int z = 0; z < T; z++) {
             const int slot = toks[5 * z];
             hk[slot].insert(hk[slot].end(), kn.begin() + (u64)z * hkv * D, kn.begin() + (u64)(z + 1) * hkv * D);

@@ -322,24 +322,19 @@ __device__ __forceinline__ void value_chunk(bool old, const u16* win, const floa
     }
 }
 
-// One thread per (value token record, KV head, value group). grid = records,
-// block = Hkv * D/G. Its G values come in 16-byte loads, 32 at a time, every load in flight (G =
-// 32: once for both passes; with the window kernel below, append went from 3.07 to 2.41 ms of a
-// B = 1046 decode pass on the H200, one 2-byte load per value before; then 18.5 us per layer
-// with one 16-byte load and its use per round trip).
-extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
-                                                const float* vnew) {
-    const Rec r = toks[blockIdx.x];
-    const Item it = items[r.item];
+// Quantizes value group gi of KV head h of position p of the sequence in `slot` (n0 stored
+// positions; new tokens packed from tok_off): from the window when p < n0, else from vnew. Its G
+// values come in 16-byte loads, 32 at a time, every load in flight (G = 32: once for both
+// passes; with the window kernel below, append went from 3.07 to 2.41 ms of a B = 1046 decode
+// pass on the H200, one 2-byte load per value before; then 18.5 us per layer with one 16-byte
+// load and its use per round trip).
+__device__ __forceinline__ void quantize_value_group(const CacheBufs& c, int slot, int n0, int tok_off, int p,
+                                                     const float* vnew, int h, int gi) {
     const int D = c.head_dim, G = c.group, gpt = D / G;
-    const int h = threadIdx.x / gpt, gi = threadIdx.x % gpt;
-    if (h >= c.n_kv) return;
-    const int n0 = it.n_old;
-    const int p = r.at;
     const bool old = p < n0;
-    const u64 vwin = (u64)it.slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
+    const u64 vwin = (u64)slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
     const u16* win = c.vwin + vwin + gi * G;
-    const float* src = vnew + ((u64)(it.tok_off + p - n0) * c.n_kv + h) * D + gi * G;
+    const float* src = vnew + ((u64)(tok_off + p - n0) * c.n_kv + h) * D + gi * G;
     float v[32];
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int x0 = 0; x0 < G; x0 += 32) {
@@ -352,7 +347,7 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     }
     const int bits = c.v_bits;
     GroupParams gp = group_params(mn, mx, bits);
-    const u64 blk = block_of(c, it.slot, p);
+    const u64 blk = block_of(c, slot, p);
     const int b = p % BLOCK_TOKENS;
     for (int q0 = 0; q0 < G; q0 += 32) {
         if (G > 32) value_chunk(old, win + q0, src + q0, v);  // (G = 32: v holds the group)
@@ -383,6 +378,17 @@ extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, 
     c.vm[m] = gp.min;
 }
 
+// One thread per (value token record, KV head, value group). grid = records, block = Hkv * D/G.
+extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
+                                                const float* vnew) {
+    const Rec r = toks[blockIdx.x];
+    const Item it = items[r.item];
+    const int gpt = c.head_dim / c.group;
+    const int h = threadIdx.x / gpt, gi = threadIdx.x % gpt;
+    if (h >= c.n_kv) return;
+    quantize_value_group(c, it.slot, it.n_old, it.tok_off, r.at, vnew, h, gi);
+}
+
 // Writes new tokens that are sink positions into the sink rows. rec = (packed token, slot,
 // position). grid = (records, Hkv), block = D.
 extern "C" __global__ void kivi_write_sinks(CacheBufs c, const int* recs, const float* knew,
@@ -396,13 +402,10 @@ extern "C" __global__ void kivi_write_sinks(CacheBufs c, const int* recs, const 
     c.vsink[dst] = f2h(vnew[src]);
 }
 
-// Writes the new tokens that stay in full precision into the windows (after the quantize
-// kernels, which read the old window slots). One CTA per token; a thread takes 4 channels of a
-// KV head at a time (a CTA per (token, KV head) of 128 one-element threads was launch-bound at
-// B = 1046). grid = tokens, block = 128.
-extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const float* knew,
-                                             const float* vnew) {
-    const Tok tk = toks[blockIdx.x];
+// Writes packed token `packed` (record tk) into the windows if it stays in full precision; the
+// CTA's threads take 4 channels of a KV head at a time.
+__device__ __forceinline__ void write_window_token(const CacheBufs& c, const Tok& tk, int packed, const float* knew,
+                                                   const float* vnew) {
     const int D = c.head_dim;
     const int n0 = tk.n_old, n1 = n0 + tk.n_new, p = n0 + tk.i;
     bool kw = true, vw = true;  // the f16 cache stores every row
@@ -418,7 +421,7 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const
     if (!kw && !vw) return;
     for (int e = 4 * threadIdx.x; e < c.n_kv * D; e += 4 * blockDim.x) {
         const int h = e / D, d = e % D;
-        const u64 src = (u64)blockIdx.x * c.n_kv * D + e;
+        const u64 src = (u64)packed * c.n_kv * D + e;
         u64 krow, vrow;
         if (c.is_f16) {
             krow = vrow = block_of(c, tk.slot, p) * c.kwin_unit + (u64)h * c.kwin_head + (u64)(p % BLOCK_TOKENS) * D + d;
@@ -435,6 +438,32 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const
             *(uint2*)(c.vwin + vrow) = make_uint2(f2h(x.x) | ((u32)f2h(x.y) << 16), f2h(x.z) | ((u32)f2h(x.w) << 16));
         }
     }
+}
+
+// Writes the new tokens that stay in full precision into the windows (after the quantize
+// kernels, which read the old window slots). One CTA per token (a CTA per (token, KV head) of
+// 128 one-element threads was launch-bound at B = 1046). grid = tokens, block = 128.
+extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const float* knew,
+                                             const float* vnew) {
+    write_window_token(c, toks[blockIdx.x], blockIdx.x, knew, vnew);
+}
+
+// A decode step's value quantization and window writes in one launch (the host uses it when
+// every item brings one token and none is a sink): one CTA per token. The value leaving a full
+// window (position n0 - R) sits in the slot the new token takes (n0 % R), so this CTA quantizes
+// it before the barrier and writes the window after it; CTAs of other tokens touch other slots.
+// (Key groups to flush, read from the key window, are quantized by kivi_quantize_keys first.)
+// grid = tokens, block = 128.
+extern "C" __global__ void kivi_append_decode(CacheBufs c, const Tok* toks, const float* knew,
+                                              const float* vnew) {
+    const Tok tk = toks[blockIdx.x];
+    const int gpt = c.head_dim / c.group;
+    const int v0 = val_quant_end(c, tk.n_old), v1 = val_quant_end(c, tk.n_old + 1);
+    if (v1 > v0)
+        for (int u = threadIdx.x; u < c.n_kv * gpt; u += blockDim.x)
+            quantize_value_group(c, tk.slot, tk.n_old, tk.tok_off, v0, vnew, u / gpt, u % gpt);
+    __syncthreads();
+    write_window_token(c, tk, blockIdx.x, knew, vnew);
 }
 #endif  // ATTN_D
 

@@ -479,6 +479,9 @@ pub struct GpuBatch {
     n_key_groups: usize,
     dev_value_tokens: u64,
     n_value_tokens: usize,
+    /// Every item brings one token and none is a sink position (a decode step): the append
+    /// quantizes its values and writes the windows in one launch (`kivi_append_decode`).
+    decode_only: bool,
     /// Packed index of the first query token of every prefill tile (`PF_ROWS` new tokens of an
     /// item with several new tokens), for `kivi_attn_prefill`.
     dev_prefill_tiles: u64,
@@ -564,6 +567,9 @@ pub struct GpuCache {
     /// Splits combined by the attention kernel's last CTA instead of a reduce launch, when
     /// they fit one wave (`KIVI_CUDA_FUSED_REDUCE=0`: the reduce launch, for comparison).
     fused_reduce: bool,
+    /// Decode steps' value quantization and window writes in one launch
+    /// (`KIVI_CUDA_FUSED_APPEND=0`: two, for comparison).
+    fused_append: bool,
     /// `resident_ctas`' answers.
     resident: std::collections::HashMap<(VariantKey, usize), usize>,
     step_tables: StepTables,
@@ -849,6 +855,7 @@ impl GpuCache {
             part_ml: None,
             tickets: None,
             fused_reduce: std::env::var("KIVI_CUDA_FUSED_REDUCE").map_or(true, |v| v != "0"),
+            fused_append: std::env::var("KIVI_CUDA_FUSED_APPEND").map_or(true, |v| v != "0"),
             resident: Default::default(),
             step_tables: StepTables::default(),
             split_override: None,
@@ -1254,6 +1261,8 @@ impl GpuCache {
             n_key_groups,
             dev_value_tokens,
             n_value_tokens,
+            decode_only: sink_writes.is_empty()
+                && plan_items.iter().all(|&(_, _, n_new)| n_new == 1),
             dev_prefill_tiles,
             n_prefill_tiles,
             n_tokens,
@@ -1805,7 +1814,10 @@ impl GpuCache {
                     .launch(cfg)?
             };
         }
-        if batch.n_value_tokens > 0 {
+        // A decode step: the values leaving full windows are quantized by the window kernel's
+        // own CTAs, before they overwrite those slots (one launch less per layer and step).
+        let fused = self.fused_append && batch.decode_only && batch.n_value_tokens > 0;
+        if batch.n_value_tokens > 0 && !fused {
             let g = match self.config {
                 CacheConfig::Kivi(kc) => kc.group_size,
                 CacheConfig::F16 => unreachable!("the f16 cache quantizes nothing"),
@@ -1822,10 +1834,15 @@ impl GpuCache {
                     .launch(cfg)?
             };
         }
-        let f = self.function("kivi_write_window")?;
+        let f = self.function(if fused {
+            "kivi_append_decode"
+        } else {
+            "kivi_write_window"
+        })?;
         let cfg = grid_2d((t as u32, 1), 128);
         // SAFETY: as above; window slots are taken modulo the window size (stream-relative
-        // records: a sink token's position is negative and written nowhere).
+        // records: a sink token's position is negative and written nowhere); kivi_append_decode
+        // quantizes the one value position each token's item leaves its window, in its block.
         unsafe {
             s.launch_builder(&f)
                 .arg(&c)
