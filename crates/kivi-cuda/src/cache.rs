@@ -62,10 +62,32 @@ const F16_CTAS_PER_SM: usize = 2;
 /// us), 1.2-2x slower from 33 MB on.
 const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
 /// One-warp CTAs are chosen for batches of at least this many (token, KV head) pairs whose
-/// sequences hold at most ONE_WARP_MAX_LEN tokens (measured on the H200: faster there, up to
+/// sequences hold at most `one_warp_max_len` tokens (measured on the H200: faster there, up to
 /// 1.4x; slower at B = 1 and for long GQA sequences).
 const ONE_WARP_MIN_PAIRS: usize = 64;
 const ONE_WARP_MAX_LEN: usize = 4096;
+
+/// The longest sequence for which one-warp CTAs are chosen, per attention module (head_dim,
+/// key and value bits, query heads per CTA) and number of (token, KV head group) pairs: past
+/// it the four-warp kernels, whose blocks four warps share, are faster. Measured on the H200
+/// (session 26, `kivi bench attention` with `KIVI_CUDA_WARPS=1` and `=4`, two rounds each,
+/// 32/32/128 and 32/8/128, B = 8-1024, T = 330-3072; docs/benchmarks.md): 2-bit four-head CTAs
+/// 1.07-1.58x faster on four warps from T = 512 on (one warp 1.3x faster at T = 330, B >= 256);
+/// 2-bit one-head 1.0-1.24x from T = 1K with at least 1024 pairs (with fewer, one warp wins
+/// up to 15 % at T = 1K); 4-bit one-head 1.01-1.52x from T = 1K with 1024 pairs (with fewer,
+/// from T = 2K), one warp 1.2-1.4x faster at T = 512; 4-bit four-head 1.13-1.42x at T = 3K,
+/// even (0.96-1.03x) at 2K. Other modules (head_dim 64, mixed bits, 2-3 heads per CTA) keep
+/// ONE_WARP_MAX_LEN: the same sweep at 9/3/64 found no consistent winner below it.
+fn one_warp_max_len(d: usize, kb: u8, vb: u8, ng: usize, pairs: usize) -> usize {
+    match (d, kb, vb, ng) {
+        (128, 2, 2, 4) => 512,
+        (128, 2, 2, 1) if pairs >= 1024 => 1024,
+        (128, 4, 4, 1) if pairs >= 1024 => 1024,
+        (128, 4, 4, 1) => 2048,
+        (128, 4, 4, 4) => 2048,
+        _ => ONE_WARP_MAX_LEN,
+    }
+}
 /// Positions per split of one-warp CTAs of several query heads at most (longer ones are split
 /// again, evenly): the warp takes its blocks one after another, so fewer, longer CTAs than the
 /// GPU holds wait on each block's loads. Measured on the H200 (session 22, 32/8/128, KIVI-2):
@@ -1578,11 +1600,16 @@ impl GpuCache {
         // would leave warps idle on 1-3 blocks) and ~20 independent warps share an SM.
         let pairs = hkv * nchunk * t;
         let quant = !matches!(self.config, CacheConfig::F16);
+        let (kb, vb) = match self.config {
+            CacheConfig::F16 => (16, 16),
+            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
+        };
         let one_warp = quant
             && self.tensor_cores
-            && self
-                .one_warp
-                .unwrap_or(pairs >= ONE_WARP_MIN_PAIRS && batch.max_len <= ONE_WARP_MAX_LEN);
+            && self.one_warp.unwrap_or(
+                pairs >= ONE_WARP_MIN_PAIRS
+                    && batch.max_len <= one_warp_max_len(d, kb, vb, ng, pairs),
+            );
         let split = if one_warp {
             let per_sm = if ng == 1 {
                 ONE_WARP_CTAS_PER_SM
@@ -1622,10 +1649,6 @@ impl GpuCache {
         let sink_slot = decode_splits;
         let nsplit = decode_splits + usize::from(self.sinks > 0) + usize::from(prefill);
         let direct = nsplit == 1 && self.sinks == 0;
-        let (kb, vb) = match self.config {
-            CacheConfig::F16 => (16, 16),
-            CacheConfig::Kivi(kc) => (kc.k_bits, kc.v_bits),
-        };
         let f16_tc = !quant && self.tensor_cores && batch.max_len > self.f16_tc_min_len;
         let ctas = decode_splits * hkv * nchunk * t;
         let path = if quant {
