@@ -596,6 +596,9 @@ pub struct GpuCache {
     resident: std::collections::HashMap<(VariantKey, usize), usize>,
     step_tables: StepTables,
     split_override: Option<usize>,
+    /// Four-warp splits grown past a last split of window rows only (`absorb_tail`;
+    /// `KIVI_CUDA_SPLIT_TAIL=0`: off, for comparison).
+    split_tail: bool,
     sm_count: usize,
     /// L2 cache bytes of the device.
     l2_bytes: usize,
@@ -881,6 +884,7 @@ impl GpuCache {
             resident: Default::default(),
             step_tables: StepTables::default(),
             split_override: None,
+            split_tail: std::env::var("KIVI_CUDA_SPLIT_TAIL").map_or(true, |v| v != "0"),
             sm_count,
             l2_bytes,
             ctas_per_sm: std::env::var("KIVI_CUDA_CTAS_PER_SM")
@@ -1547,7 +1551,12 @@ impl GpuCache {
                 } else {
                     blocks
                 };
-                blocks * BLOCK_TOKENS
+                let s = (blocks * BLOCK_TOKENS).clamp(BLOCK_TOKENS, MAX_SPLIT);
+                if unit > 1 && self.split_tail {
+                    absorb_tail(s, batch.max_len, unit * BLOCK_TOKENS)
+                } else {
+                    s
+                }
             }
         };
         s.clamp(BLOCK_TOKENS, MAX_SPLIT)
@@ -2123,6 +2132,28 @@ fn f16_ring_stages(
 /// `split` if it is at most `max_split` positions; else the fewest splits of at most
 /// `max_split` that cover `len` positions, as even as whole blocks allow (cutting at `max_split`
 /// itself can leave a last split of one position, with a CTA and a combination of its own).
+/// Tokens per split for four-warp CTAs (splits of two blocks or more in multiples of
+/// `unit_tokens`): `split`, or the next larger multiple, up to MAX_SPLIT, while the last of the
+/// splits of `len` tokens would hold one block or less. Those tokens are the sequence's window
+/// rows and new token: a CTA of their own costs a whole prologue and a split to combine, and its
+/// CTAs can spill into another wave. Measured on the H200 (session 26, 32/8/128 B = 32, four
+/// warps, µs): T = 1K KIVI-4 46.8 at 512-token splits (512 + 512 + 1) against 33.8 at one split,
+/// T = 3K 75.8 (1536 + 1536 + 1) against 60.7 at 2048 + 1025, KIVI-2 51.0 against 41.6.
+fn absorb_tail(split: usize, len: usize, unit_tokens: usize) -> usize {
+    let mut s = split;
+    loop {
+        let n = len.div_ceil(s);
+        if n <= 1 || len - (n - 1) * s > BLOCK_TOKENS {
+            return s;
+        }
+        let next = (s / unit_tokens + 1) * unit_tokens;
+        if next > MAX_SPLIT {
+            return s;
+        }
+        s = next;
+    }
+}
+
 fn even_split(split: usize, len: usize, max_split: usize) -> usize {
     if split <= max_split {
         return split;
@@ -2143,6 +2174,42 @@ fn stages_from_env(var: &str, default: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absorb_tail_takes_the_first_unit_multiple_without_a_window_only_tail() {
+        use rand::Rng;
+        let mut rng = fresh_rng("absorb_tail");
+        let tail = |len: usize, s: usize| len - (len.div_ceil(s) - 1) * s;
+        for _ in 0..5000 {
+            let len = rng.gen_range(1..12_000usize);
+            let unit = BLOCK_TOKENS * [1, 2, 4][rng.gen_range(0..3)];
+            let split = if rng.gen_bool(0.2) {
+                BLOCK_TOKENS
+            } else {
+                unit * rng.gen_range(1..=MAX_SPLIT / unit)
+            };
+            let s = absorb_tail(split, len, unit);
+            // Candidates in order: `split`, then every unit multiple above it up to MAX_SPLIT.
+            let candidates: Vec<usize> = std::iter::once(split)
+                .chain((split / unit + 1..=MAX_SPLIT / unit).map(|k| k * unit))
+                .collect();
+            let ok = |c: usize| len <= c || tail(len, c) > BLOCK_TOKENS;
+            let want = candidates.iter().copied().find(|&c| ok(c));
+            assert_eq!(
+                s,
+                want.unwrap_or(*candidates.last().unwrap()),
+                "{len} {split} {unit}"
+            );
+            assert!(
+                s >= split && s <= MAX_SPLIT.max(split),
+                "{len} {split} {unit}: {s}"
+            );
+        }
+        // The measured cases: 1025 tokens in one split, 3073 in 2048 + 1025.
+        assert_eq!(absorb_tail(512, 1025, 512), 1536);
+        assert_eq!(absorb_tail(1536, 3073, 512), 2048);
+        assert_eq!(absorb_tail(2048, 8193, 512), 2048);
+    }
 
     #[test]
     fn even_split_covers_with_the_fewest_capped_blocks() {
