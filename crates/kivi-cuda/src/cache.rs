@@ -1553,7 +1553,8 @@ impl GpuCache {
                 };
                 let s = (blocks * BLOCK_TOKENS).clamp(BLOCK_TOKENS, MAX_SPLIT);
                 if unit > 1 && self.split_tail {
-                    absorb_tail(s, batch.max_len, unit * BLOCK_TOKENS)
+                    let min_splits = self.sm_count.div_ceil(ctas_per_split.max(1));
+                    absorb_tail(s, batch.max_len, unit * BLOCK_TOKENS, min_splits)
                 } else {
                     s
                 }
@@ -2133,22 +2134,28 @@ fn f16_ring_stages(
 /// `max_split` that cover `len` positions, as even as whole blocks allow (cutting at `max_split`
 /// itself can leave a last split of one position, with a CTA and a combination of its own).
 /// Tokens per split for four-warp CTAs (splits of two blocks or more in multiples of
-/// `unit_tokens`): `split`, or the next larger multiple, up to MAX_SPLIT, while the last of the
-/// splits of `len` tokens would hold one block or less. Those tokens are the sequence's window
-/// rows and new token: a CTA of their own costs a whole prologue and a split to combine, and its
-/// CTAs can spill into another wave. Measured on the H200 (session 26, 32/8/128 B = 32, four
-/// warps, µs): T = 1K KIVI-4 46.8 at 512-token splits (512 + 512 + 1) against 33.8 at one split,
-/// T = 3K 75.8 (1536 + 1536 + 1) against 60.7 at 2048 + 1025, KIVI-2 51.0 against 41.6.
-fn absorb_tail(split: usize, len: usize, unit_tokens: usize) -> usize {
+/// `unit_tokens`): when the last of the splits of `len` tokens would hold one block or less,
+/// the first larger multiple, up to MAX_SPLIT, whose last split holds more (or that covers
+/// `len` alone), as long as it leaves at least `min_splits` splits; else `split`. Those last
+/// tokens are the sequence's window rows and new token: a CTA of their own costs a whole
+/// prologue and a split to combine, and its CTAs can spill into another wave. Measured on the
+/// H200 (session 26, four warps, µs): 32/8/128 B = 32 T = 1K KIVI-4 46.8 at 512-token splits
+/// (512 + 512 + 1) against 33.8 at one split, T = 3K 75.8 (1536 + 1536 + 1) against 60.7
+/// (2048 + 1025); without the `min_splits` bound (one CTA per SM at least) B = 1 lost up to
+/// 1.7x (T = 1K: nine splits of 128 became one).
+fn absorb_tail(split: usize, len: usize, unit_tokens: usize, min_splits: usize) -> usize {
     let mut s = split;
     loop {
         let n = len.div_ceil(s);
+        if n < min_splits {
+            return split;
+        }
         if n <= 1 || len - (n - 1) * s > BLOCK_TOKENS {
             return s;
         }
         let next = (s / unit_tokens + 1) * unit_tokens;
         if next > MAX_SPLIT {
-            return s;
+            return split;
         }
         s = next;
     }
@@ -2188,27 +2195,33 @@ mod tests {
             } else {
                 unit * rng.gen_range(1..=MAX_SPLIT / unit)
             };
-            let s = absorb_tail(split, len, unit);
-            // Candidates in order: `split`, then every unit multiple above it up to MAX_SPLIT.
+            let min_splits = rng.gen_range(1..20usize);
+            let s = absorb_tail(split, len, unit, min_splits);
+            // Candidates in order: `split`, then every unit multiple above it up to MAX_SPLIT;
+            // the answer is the first whose last split is more than a block (or the only one),
+            // if no candidate before it leaves fewer than min_splits splits; else `split`.
             let candidates: Vec<usize> = std::iter::once(split)
                 .chain((split / unit + 1..=MAX_SPLIT / unit).map(|k| k * unit))
                 .collect();
-            let ok = |c: usize| len <= c || tail(len, c) > BLOCK_TOKENS;
-            let want = candidates.iter().copied().find(|&c| ok(c));
-            assert_eq!(
-                s,
-                want.unwrap_or(*candidates.last().unwrap()),
-                "{len} {split} {unit}"
-            );
-            assert!(
-                s >= split && s <= MAX_SPLIT.max(split),
-                "{len} {split} {unit}: {s}"
-            );
+            let mut want = split;
+            for &c in &candidates {
+                if len.div_ceil(c) < min_splits {
+                    break;
+                }
+                if len <= c || tail(len, c) > BLOCK_TOKENS {
+                    want = c;
+                    break;
+                }
+            }
+            assert_eq!(s, want, "{len} {split} {unit} {min_splits}");
         }
-        // The measured cases: 1025 tokens in one split, 3073 in 2048 + 1025.
-        assert_eq!(absorb_tail(512, 1025, 512), 1536);
-        assert_eq!(absorb_tail(1536, 3073, 512), 2048);
-        assert_eq!(absorb_tail(2048, 8193, 512), 2048);
+        // The measured cases: 1025 tokens of 256 (token, head group) pairs in one split, 3073
+        // in 2048 + 1025; a batch of one keeps its nine splits of 128 at 1025 tokens.
+        assert_eq!(absorb_tail(512, 1025, 512, 1), 1536);
+        assert_eq!(absorb_tail(1536, 3073, 512, 1), 2048);
+        assert_eq!(absorb_tail(2048, 8193, 512, 1), 2048);
+        assert_eq!(absorb_tail(128, 1025, 512, 5), 128);
+        assert_eq!(absorb_tail(1024, 16385, 512, 5), 1536);
     }
 
     #[test]
