@@ -2130,9 +2130,6 @@ fn f16_ring_stages(
     }
 }
 
-/// `split` if it is at most `max_split` positions; else the fewest splits of at most
-/// `max_split` that cover `len` positions, as even as whole blocks allow (cutting at `max_split`
-/// itself can leave a last split of one position, with a CTA and a combination of its own).
 /// Tokens per split for four-warp CTAs (splits of two blocks or more in multiples of
 /// `unit_tokens`): when the last of the splits of `len` tokens would hold one block or less,
 /// the first larger multiple, up to MAX_SPLIT, whose last split holds more (or that covers
@@ -2161,6 +2158,9 @@ fn absorb_tail(split: usize, len: usize, unit_tokens: usize, min_splits: usize) 
     }
 }
 
+/// `split` if it is at most `max_split` positions; else the fewest splits of at most
+/// `max_split` that cover `len` positions, as even as whole blocks allow (cutting at `max_split`
+/// itself can leave a last split of one position, with a CTA and a combination of its own).
 fn even_split(split: usize, len: usize, max_split: usize) -> usize {
     if split <= max_split {
         return split;
