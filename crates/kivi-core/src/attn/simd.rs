@@ -1744,7 +1744,9 @@ const K_ARR_IDX: [u8; 64] = {
     t
 };
 
-/// Key epilogue, stage 1 (`s` = 0, 1): `u[2i + kk] = f_kk[2i + s]`.
+/// Key epilogue, stage 1 (`s` = 0, 1): `u[2i + kk] = f_kk[2i + s]`. The same permutation is the
+/// whole 4-bit key epilogue (`s` = h): token `16h + e` is lane `2(e/2) + h` of code `e % 2`'s
+/// result (byte column `8h + e/2`, nibble `e % 2`).
 const K_OUT1_IDX: [[i32; 16]; 2] = {
     let mut t = [[0i32; 16]; 2];
     let mut s = 0;
@@ -1768,22 +1770,6 @@ const K_OUT2_IDX: [[i32; 16]; 2] = {
         while e < 16 {
             let (i, k) = (4 * h + e / 4, e % 4);
             t[h][e] = (16 * (k / 2) + 2 * i + k % 2) as i32;
-            e += 1;
-        }
-        h += 1;
-    }
-    t
-};
-
-/// 4-bit key epilogue (`h` = 0, 1): token `16h + e` is lane `2(e/2) + h` of code `e % 2`'s
-/// result (byte column `8h + e/2`, nibble `e % 2`).
-const K4_OUT_IDX: [[i32; 16]; 2] = {
-    let mut t = [[0i32; 16]; 2];
-    let mut h = 0;
-    while h < 2 {
-        let mut e = 0;
-        while e < 16 {
-            t[h][e] = (16 * (e % 2) + 2 * (e / 2) + h) as i32;
             e += 1;
         }
         h += 1;
@@ -1977,8 +1963,7 @@ unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
     // 2 bits: lane (2i + s, code k) = token 32s + 4i + k, two vpermt2ps stages to natural order.
     let u_idx = [load_index(&K_OUT1_IDX[0]), load_index(&K_OUT1_IDX[1])];
     let o_idx = [load_index(&K_OUT2_IDX[0]), load_index(&K_OUT2_IDX[1])];
-    // 4 bits: lane (2i + s, code k) = token 16s + 2i + k, one vpermt2ps per 16 tokens.
-    let o4_idx = [load_index(&K4_OUT_IDX[0]), load_index(&K4_OUT_IDX[1])];
+    // 4 bits: lane (2i + s, code k) = token 16s + 2i + k, one vpermt2ps per 16 tokens (u_idx).
     let mats = gf_matrices::<BITS>();
     let cp = seg.codes.as_ptr();
     let end = t0 + n;
@@ -2063,7 +2048,7 @@ unsafe fn k_chan_vnni<const M: usize, const BITS: usize>(
                 }
             } else {
                 for h in 0..2 {
-                    let o = _mm512_permutex2var_ps(f[0], o4_idx[h], f[1]);
+                    let o = _mm512_permutex2var_ps(f[0], u_idx[h], f[1]);
                     _mm512_storeu_ps(tmp.as_mut_ptr().add(64 * r + 16 * h) as *mut f32, o);
                 }
             }
