@@ -35,6 +35,11 @@ pub struct BenchAttentionArgs {
     /// Attention calls per timed repetition.
     #[arg(long, default_value_t = 10)]
     pub inner: usize,
+    /// Cold L2: before every call, overwrite a buffer of twice the L2 cache and time the call
+    /// alone, as in a model's decode step, where the layer's weights have flushed its cache
+    /// from L2 (without it a cache smaller than L2 is read from L2 after the first call).
+    #[arg(long)]
+    pub cold: bool,
     /// Tokens per split (default: chosen to fill the GPU).
     #[arg(long)]
     pub split: Option<usize>,
@@ -87,10 +92,11 @@ pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
     }
     let gpu = Gpu::new(0)?;
     println!(
-        "device: {}; one layer's decode attention, 1 new token per sequence; median of {} x {} calls",
+        "device: {}; one layer's decode attention, 1 new token per sequence; median of {} x {} calls{}",
         gpu.describe(),
         a.reps,
-        a.inner
+        if a.cold { 1 } else { a.inner },
+        if a.cold { ", L2 flushed before each" } else { "" }
     );
     let mut json = match &a.json {
         Some(p) => {
@@ -200,16 +206,26 @@ fn measure(
     gpu.synchronize()?;
     let ctx = gpu.context().clone();
     let flag = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    // (Cold: 2x the L2 bytes, written before each call; its time is outside the events.)
+    let mut flush = if a.cold {
+        Some(s.alloc_zeros::<u8>(2 * gpu.l2_bytes().max(1 << 20))?)
+    } else {
+        None
+    };
+    let inner = if a.cold { 1 } else { a.inner };
     let mut times = Vec::with_capacity(a.reps);
     for _ in 0..a.reps {
+        if let Some(f) = flush.as_mut() {
+            s.memset_zeros(f)?;
+        }
         let start = ctx.new_event(flag)?;
         let end = ctx.new_event(flag)?;
         start.record(&s)?;
-        for _ in 0..a.inner {
+        for _ in 0..inner {
             cache.attend(0, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
         }
         end.record(&s)?;
-        times.push(start.elapsed_ms(&end)? as f64 * 1e3 / a.inner as f64);
+        times.push(start.elapsed_ms(&end)? as f64 * 1e3 / inner as f64);
     }
     let got = s.clone_dtoh(&out)?;
     if got.iter().any(|x| !x.is_finite()) {

@@ -54,18 +54,17 @@ const SCORE_ROW_PAD: usize = 8;
 /// (Batches with at least as many (token, head group) pairs as SMs take 1: see `attend`.)
 const F16_CTAS_PER_SM: usize = 2;
 /// GQA: a CTA serves all the query heads of a KV head (up to 4), reading its keys and values
-/// once, unless `one_head_default` says otherwise: with 2-3 heads per CTA, when the batch's
-/// attention reads at most this fraction of the L2 cache in cache bytes: small batches are bound by each warp's chain of dependent instructions, not by bytes,
+/// once, unless the batch's attention reads at most this fraction of the L2 cache in cache
+/// bytes: small batches are bound by each warp's chain of dependent instructions, not by bytes,
 /// and one head per CTA gives 4x the CTAs to spread it, each KV head's bytes then read 4x, from
-/// L2 while they fit. Measured on the H200 (session 8, 50 MB L2; 32/8/128, B = 1-32, T = 1K-32K,
-/// f16 and KIVI-2/4, before today's four-head kernels): one-head CTAs 1.02-1.86x faster up to 25 MB (B = 1, T = 4K KIVI-2 41.6 -> 27.1
-/// us), 1.2-2x slower from 33 MB on.
+/// L2 while they fit. Measured on the H200 (50 MB L2; 32/8/128, B = 1-32, T = 1K-32K, f16 and
+/// KIVI-2/4): one-head CTAs 1.02-1.86x faster up to 25 MB (B = 1, T = 4K KIVI-2 41.6 -> 27.1
+/// us), 1.2-2x slower from 33 MB on. (Session 27: `kivi bench attention` now puts four-head CTAs
+/// ahead from B = 1 T = 2K on, up to 2x, hot or cold L2; but inside the model, Mistral-7B shapes,
+/// they were slower: B = 1 KIVI-2 decode 3-5 % fewer tok/s at depths 2K-32K, the attention op
+/// 35 against 29 us per layer at 16K and 39 against 33 at B = 8 T = 4K. Kept until a benchmark
+/// reproduces the model's timings; docs/benchmarks.md "CUDA decode attention (H200)".)
 const ONE_HEAD_MAX_L2_FRACTION: (usize, usize) = (1, 2);
-/// ... and with at most this many (token, head group) pairs (see `one_head_default`).
-const ONE_HEAD_MAX_PAIRS: usize = 12;
-/// Four heads per KV head (see `one_head_default`): one-head CTAs only while pairs times the
-/// longest sequence is at most this (8 KV heads: one sequence of up to 1152 positions).
-const ONE_HEAD_MAX_POSITIONS: usize = 8 * 1152;
 /// One-warp CTAs are chosen for batches of at least this many (token, KV head) pairs whose
 /// sequences hold at most `one_warp_max_len` tokens (measured on the H200: faster there, up to
 /// 1.4x; slower at B = 1 and for long GQA sequences).
@@ -861,11 +860,7 @@ impl GpuCache {
             )
             .unwrap_or(132)
             .max(1) as usize;
-        let l2_bytes = gpu
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-            .unwrap_or(50 << 20)
-            .max(0) as usize;
+        let l2_bytes = gpu.l2_bytes();
         let position_bytes = (block / (shape.n_layer * hkv * BLOCK_TOKENS).max(1) as u64) as usize;
         // Compile (or load) the kernels now, so that timing never includes it.
         gpu.function(MODULE, SOURCE, "kivi_attn_reduce")?;
@@ -1553,16 +1548,6 @@ impl GpuCache {
                 let unit = tc_unit.max(1);
                 let blocks = if blocks >= 2 {
                     blocks.div_ceil(unit) * unit
-                } else if unit > 1
-                    && ctas_per_split * batch.max_len.div_ceil(unit * BLOCK_TOKENS) >= self.sm_count
-                {
-                    // One block per warp where the GPU still holds a CTA per SM: one-block
-                    // splits leave three warps of four idle, and their many CTAs each cost a
-                    // prologue and a split to combine. Measured on the H200 (session 27, µs,
-                    // one block -> `unit`): 32/8/128 four-head B = 1 T = 8K KIVI-2 20.3 ->
-                    // 15.1, KIVI-4 26.4 -> 20.7; B = 2 T = 4K 17.3 -> 14.5; B = 4 T = 2K 19.9
-                    // -> 14.2. (Fewer CTAs than SMs: B = 1 T = 2K KIVI-4 14.6 -> 18.6.)
-                    unit
                 } else {
                     blocks
                 };
@@ -1609,13 +1594,16 @@ impl GpuCache {
         {
             return Err(unsupported("attend: buffer shorter than the batch".into()));
         }
-        let heads = Self::heads_per_cta(n_head / hkv);
-        let head_pairs = t * (n_head / heads);
-        let one_head = self.one_head.unwrap_or_else(|| {
-            let read_bytes = t * batch.max_len * hkv * self.position_bytes;
-            one_head_default(heads, head_pairs, batch.max_len, read_bytes, self.l2_bytes)
-        });
-        let ng = if one_head { 1 } else { heads };
+        let read_bytes = t * batch.max_len * hkv * self.position_bytes;
+        let (num, den) = ONE_HEAD_MAX_L2_FRACTION;
+        let one_head = self
+            .one_head
+            .unwrap_or(read_bytes * den <= self.l2_bytes * num);
+        let ng = if one_head {
+            1
+        } else {
+            Self::heads_per_cta(n_head / hkv)
+        };
         let nchunk = n_head / hkv / ng;
         // Many short sequences (batched serving) are bound by instruction issue, not bytes: with
         // one warp per CTA each warp takes whole blocks on the tensor cores (a four-warp CTA
@@ -2167,32 +2155,6 @@ fn absorb_tail(split: usize, len: usize, unit_tokens: usize, min_splits: usize) 
             return split;
         }
         s = next;
-    }
-}
-
-/// Whether a GQA batch's CTAs take one query head each rather than `heads` (all the heads of a
-/// KV head, up to 4): `pairs` (token, head group) pairs of `heads` heads, the longest sequence
-/// `max_len`, `read_bytes` of cache to read. One head per CTA gives `heads` times the CTAs, each
-/// KV head's bytes then read that many times, from L2 while they fit. Measured on the H200
-/// (session 27, `KIVI_CUDA_ONE_HEAD=0` / `=1`, µs): at four heads (32/8/128) one-head CTAs win
-/// only at B = 1 T = 1K (KIVI-2 12.2 / 10.9, KIVI-4 13.3 / 11.7) and lose up to 2x from there
-/// (B = 1 T = 32K KIVI-2 22.2 / 36.2, B = 32 T = 1K 17.5 / 34.2, B = 2 T = 16K 21.3 / 36.0),
-/// where the half-L2 rule of session 8, before the four-head kernels of sessions 19-23, took
-/// them up to 25 MB. At three heads (9/3/64) they still win to ~25 MB with few pairs (B = 1
-/// T = 16K KIVI-2 26.6 / 15.6, B = 2 T = 8K 18.7 / 13.2, B = 4 T = 4K 14.7 / 12.4) but lose
-/// from 8 sequences on (B = 8 T = 2K 12.6 / 14.8, B = 16 T = 2K f16 18.5 / 31.9).
-fn one_head_default(
-    heads: usize,
-    pairs: usize,
-    max_len: usize,
-    read_bytes: usize,
-    l2_bytes: usize,
-) -> bool {
-    if heads >= 4 {
-        pairs * max_len <= ONE_HEAD_MAX_POSITIONS
-    } else {
-        let (num, den) = ONE_HEAD_MAX_L2_FRACTION;
-        pairs <= ONE_HEAD_MAX_PAIRS && read_bytes * den <= l2_bytes * num
     }
 }
 

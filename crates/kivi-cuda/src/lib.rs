@@ -122,6 +122,14 @@ impl Gpu {
         format!("{name} (sm_{}{})", self.arch.0, self.arch.1)
     }
 
+    /// Bytes of the device's L2 cache (50 MiB when the driver does not say).
+    pub fn l2_bytes(&self) -> usize {
+        self.ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .unwrap_or(50 << 20)
+            .max(0) as usize
+    }
+
     /// Keeps memory released by stream-ordered frees in the device's default pool instead of
     /// handing it back to the driver at every synchronization: a step's activations are then
     /// reused by the next step instead of being mapped again (the pool's size stays at its
