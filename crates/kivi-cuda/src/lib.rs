@@ -226,6 +226,12 @@ impl Gpu {
                 optin - fixed,
             )?;
         }
+        if let Some(pct) = carveout_percent() {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                pct,
+            )?;
+        }
         m.functions.insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -355,6 +361,19 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+/// `KIVI_CUDA_CARVEOUT` (0-100): every kernel's preferred shared-memory share of L1, so that
+/// kernels of different shared-memory needs do not make the SMs change the split between
+/// launches (an experiment; unset: the driver's choice per kernel).
+fn carveout_percent() -> Option<i32> {
+    static PCT: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    *PCT.get_or_init(|| {
+        std::env::var("KIVI_CUDA_CARVEOUT")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|p| (0..=100).contains(p))
+    })
 }
 
 #[cfg(test)]
