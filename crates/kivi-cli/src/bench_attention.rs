@@ -7,8 +7,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kivi_core::{CacheConfig, CacheShape};
-use kivi_cuda::{Gpu, GpuCache};
+use kivi_cuda::model::GpuMatrix;
+use kivi_cuda::{Activation, CudaBackend, Gpu, GpuCache};
 use kivi_engine::kv_spec::{format_kv, parse_kv};
+use kivi_model::backend::Backend;
 use rand::{Rng, SeedableRng};
 
 #[derive(Args)]
@@ -40,6 +42,12 @@ pub struct BenchAttentionArgs {
     /// from L2 (without it a cache smaller than L2 is read from L2 after the first call).
     #[arg(long)]
     pub cold: bool,
+    /// Before every call, the model's matrix product over a random `[N][4096]` 16-bit weight of
+    /// about this many MiB, one row per sequence (the GEMV at small batches, cuBLAS above), and
+    /// the call timed alone: the GPU's state as a decode step leaves it between a layer's
+    /// projections and its attention (L2 holding weights, SMs fresh from another kernel).
+    #[arg(long, value_name = "MIB")]
+    pub between: Option<usize>,
     /// Tokens per split (default: chosen to fill the GPU).
     #[arg(long)]
     pub split: Option<usize>,
@@ -95,8 +103,12 @@ pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
         "device: {}; one layer's decode attention, 1 new token per sequence; median of {} x {} calls{}",
         gpu.describe(),
         a.reps,
-        if a.cold { 1 } else { a.inner },
-        if a.cold { ", L2 flushed before each" } else { "" }
+        if a.cold || a.between.is_some() { 1 } else { a.inner },
+        match (a.cold, a.between) {
+            (_, Some(mib)) => format!(", each after a {mib} MiB matrix product"),
+            (true, None) => ", L2 flushed before each".to_string(),
+            (false, None) => String::new(),
+        }
     );
     let mut json = match &a.json {
         Some(p) => {
@@ -212,11 +224,22 @@ fn measure(
     } else {
         None
     };
-    let inner = if a.cold { 1 } else { a.inner };
+    let mut product = match a.between {
+        Some(mib) => Some(BetweenProduct::new(gpu, mib, b)?),
+        None => None,
+    };
+    let inner = if a.cold || product.is_some() {
+        1
+    } else {
+        a.inner
+    };
     let mut times = Vec::with_capacity(a.reps);
     for _ in 0..a.reps {
         if let Some(f) = flush.as_mut() {
             s.memset_zeros(f)?;
+        }
+        if let Some(p) = product.as_mut() {
+            p.run()?;
         }
         let start = ctx.new_event(flag)?;
         let end = ctx.new_event(flag)?;
@@ -233,4 +256,41 @@ fn measure(
     }
     times.sort_by(|x, y| x.total_cmp(y));
     Ok((times[times.len() / 2], cache.decode_bytes(&batch, nh)))
+}
+
+/// The matrix product `--between` runs before each timed call: the model's own op (GEMV at up
+/// to a few rows, cuBLAS above) on the attention's stream.
+struct BetweenProduct {
+    backend: CudaBackend,
+    w: GpuMatrix,
+    x: Activation,
+    out: Activation,
+    rows: usize,
+}
+
+impl BetweenProduct {
+    const COLS: usize = 4096;
+
+    fn new(gpu: &Arc<Gpu>, mib: usize, rows: usize) -> Result<BetweenProduct> {
+        let mut backend = CudaBackend::new(gpu.clone())?;
+        backend.set_graphs(false);
+        let n_out = (mib.max(1) << 20) / (2 * Self::COLS);
+        let w = backend.random_matrix(n_out, Self::COLS, 0.0, 0.02, 1)?;
+        let x = backend.zeros(rows * Self::COLS)?;
+        let out = backend.zeros(rows * n_out)?;
+        Ok(BetweenProduct {
+            backend,
+            w,
+            x,
+            out,
+            rows,
+        })
+    }
+
+    fn run(&mut self) -> Result<()> {
+        self.backend
+            .matmul(&self.w, &self.x, self.rows, &mut self.out)?;
+        self.backend.flush()?;
+        Ok(())
+    }
 }

@@ -1,0 +1,37 @@
+#!/bin/bash
+# Why four-head GQA attention CTAs are slower inside the model than in `kivi bench attention`
+# (docs/benchmarks.md, "CUDA decode attention (H200)" -> "Session 27"). One device call, ~3 min:
+#   1. the attention alone after one of the model's matrix products (`--between`, a Mistral-7B
+#      FFN weight of 112 MiB), one-head / four-head CTAs, every kernel's preferred shared-memory
+#      carveout left to the driver / at its maximum (KIVI_CUDA_CARVEOUT=100);
+#   2. the same four variants inside the model (Mistral-7B shapes, random weights), decode tok/s,
+#      with the SM clock sampled alongside.
+# Expects the `kivi` binary in $D and $OUT for outputs; run from the repository root on the GPU
+# machine.
+D=${D:-.dev/oh}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64:/usr/local/nvidia/lib:$LD_LIBRARY_PATH
+export KIVI_CUDA_CACHE=/tmp/kcache
+K=$D/kivi
+$K bench attention --device cuda --shapes 32/8/128 --batch 1 --context 1024 --reps 2 > /dev/null 2>&1
+for co in none 100; do
+  for oh in 1 0; do
+    if [ $co = none ]; then unset KIVI_CUDA_CARVEOUT; else export KIVI_CUDA_CARVEOUT=$co; fi
+    KIVI_CUDA_ONE_HEAD=$oh timeout 60 $K bench attention --device cuda --shapes 32/8/128 \
+      --batch 1,8 --context 4096,16384 --caches kivi2,kivi4 --reps 9 --between 112 \
+      --json $OUT/attn.$co.$oh.jsonl > /dev/null 2>&1
+    echo "attention carveout=$co one_head=$oh rc=$?"
+  done
+done
+unset KIVI_CUDA_CARVEOUT
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw --format=csv -lms 200 > $OUT/clocks.csv &
+SMI=$!
+for co in none 100; do
+  for oh in 1 0; do
+    if [ $co = none ]; then unset KIVI_CUDA_CARVEOUT; else export KIVI_CUDA_CARVEOUT=$co; fi
+    echo "$(date +%T.%N) start carveout=$co one_head=$oh" >> $OUT/clocks.csv
+    KIVI_CUDA_ONE_HEAD=$oh timeout 60 $K bench model --device cuda --random-weights --arch mistral-7b \
+      --caches kivi2 --depth 4096,16384 --prompt-tokens 64 --gen-tokens 48 > $OUT/model.$co.$oh.txt 2>&1
+    echo "model carveout=$co one_head=$oh rc=$?"; grep '^| kivi' $OUT/model.$co.$oh.txt
+  done
+done
+kill $SMI
