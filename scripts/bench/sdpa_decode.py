@@ -6,8 +6,9 @@ of T tokens). Run both in the same device call, then this script merges the two 
     kivi bench attention --device cuda --json kivi.jsonl
     python3 scripts/bench/sdpa_decode.py --kivi-json kivi.jsonl --json sdpa.jsonl
 
-Time: CUDA events around `inner` calls, median of `reps`, after warm-up. Bytes: K and V of the
-cache (f16) plus q and out. GQA shapes run with enable_gqa=True (no K/V copies); the default
+Time: CUDA events around `inner` calls, median of `reps`, after warm-up (`--cold`, as `kivi
+bench attention --cold`: a buffer of twice the L2 overwritten before each call, timed alone).
+Bytes: K and V of the cache (f16) plus q and out. GQA shapes run with enable_gqa=True (no K/V copies); the default
 backend selection is used (the backend that ran is reported when PyTorch can tell).
 """
 import argparse
@@ -26,7 +27,7 @@ def parse_shapes(s):
     return out
 
 
-def time_sdpa(h, kv, d, b, t, reps, inner, gen):
+def time_sdpa(h, kv, d, b, t, reps, inner, gen, flush=None):
     q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16, generator=gen)
     k = torch.randn(b, kv, t, d, device="cuda", dtype=torch.float16, generator=gen)
     v = torch.randn(b, kv, t, d, device="cuda", dtype=torch.float16, generator=gen)
@@ -39,7 +40,11 @@ def time_sdpa(h, kv, d, b, t, reps, inner, gen):
         call()
     torch.cuda.synchronize()
     times = []
+    if flush is not None:
+        inner = 1
     for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
         s = torch.cuda.Event(enable_timing=True)
         e = torch.cuda.Event(enable_timing=True)
         s.record()
@@ -65,7 +70,13 @@ def main():
     ap.add_argument("--inner", type=int, default=10)
     ap.add_argument("--kivi-json", help="kivi bench attention --json output to merge")
     ap.add_argument("--json", help="write SDPA measurements here (JSON lines)")
+    ap.add_argument("--cold", action="store_true",
+                    help="overwrite twice the L2 before each call and time it alone")
     a = ap.parse_args()
+    flush = None
+    if a.cold:
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        flush = torch.empty(2 * max(l2, 1 << 20), device="cuda", dtype=torch.uint8)
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cudnn {torch.backends.cudnn.version()}")
@@ -74,7 +85,7 @@ def main():
     for (h, kv, d) in parse_shapes(a.shapes):
         for b in (int(x) for x in a.batch.split(",")):
             for t in (int(x) for x in a.context.split(",")):
-                us, nbytes = time_sdpa(h, kv, d, b, t, a.reps, a.inner, gen)
+                us, nbytes = time_sdpa(h, kv, d, b, t, a.reps, a.inner, gen, flush)
                 sdpa[(h, kv, d, b, t)] = (us, nbytes)
                 if jf:
                     jf.write(json.dumps(dict(n_head=h, n_kv_head=kv, head_dim=d, batch=b,
