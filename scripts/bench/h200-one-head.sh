@@ -1,11 +1,12 @@
 #!/bin/bash
 # Why four-head GQA attention CTAs are slower inside the model than in `kivi bench attention`
-# (docs/benchmarks.md, "CUDA decode attention (H200)" -> "Session 27"). One device call, ~3 min:
+# (docs/benchmarks.md, "CUDA decode attention (H200)" -> "Session 27"). One device call, ~4 min:
 #   1. the attention alone after one of the model's matrix products (`--between`, a Mistral-7B
 #      FFN weight of 112 MiB), one-head / four-head CTAs, every kernel's preferred shared-memory
 #      carveout left to the driver / at its maximum (KIVI_CUDA_CARVEOUT=100);
-#   2. the same four variants inside the model (Mistral-7B shapes, random weights), decode tok/s,
-#      with the SM clock sampled alongside.
+#   2. the same four variants inside the model (Mistral-7B shapes, random weights): the attention
+#      op's GPU time per pass (`--profile`, B = 8, 4K tokens; session 27: one-head 1.043 ms,
+#      four-head 1.237), then decode tok/s at B = 1, with the SM clock sampled alongside.
 # Expects the `kivi` binary in $D and $OUT for outputs; run from the repository root on the GPU
 # machine.
 D=${D:-.dev/oh}
@@ -20,6 +21,15 @@ for co in none 100; do
       --batch 1,8 --context 4096,16384 --caches kivi2,kivi4 --reps 9 --between 112 \
       --json $OUT/attn.$co.$oh.jsonl > /dev/null 2>&1
     echo "attention carveout=$co one_head=$oh rc=$?"
+  done
+done
+for co in none 100; do
+  for oh in 1 0; do
+    if [ $co = none ]; then unset KIVI_CUDA_CARVEOUT; else export KIVI_CUDA_CARVEOUT=$co; fi
+    KIVI_CUDA_ONE_HEAD=$oh timeout 45 $K bench throughput --device cuda --random-weights --arch mistral-7b \
+      --kv kivi2 --workload fixed --prompt-len 4096 --output-len 32 --batch 8 --max-batch 8 --profile \
+      > $OUT/profile.$co.$oh.txt 2>&1
+    echo "profile carveout=$co one_head=$oh rc=$? $(grep -m1 '^  attend' $OUT/profile.$co.$oh.txt)"
   done
 done
 unset KIVI_CUDA_CARVEOUT
