@@ -6,8 +6,9 @@ of T tokens). Run both in the same device call, then this script merges the two 
     kivi bench attention --device cuda --json kivi.jsonl
     python3 scripts/bench/sdpa_decode.py --kivi-json kivi.jsonl --json sdpa.jsonl
 
-Time: CUDA events around `inner` calls, median of `reps`, after warm-up (`--cold`, as `kivi
-bench attention --cold`: a buffer of twice the L2 overwritten before each call, timed alone).
+Time: CUDA events around `inner` calls, median of `reps`, after warm-up (`--cold` and
+`--between MIB`, as `kivi bench attention`'s: a buffer of twice the L2 overwritten, or a matrix
+product of MIB MiB, before each call, timed alone).
 Bytes: K and V of the cache (f16) plus q and out. GQA shapes run with enable_gqa=True (no K/V copies); the default
 backend selection is used (the backend that ran is reported when PyTorch can tell).
 """
@@ -27,7 +28,7 @@ def parse_shapes(s):
     return out
 
 
-def time_sdpa(h, kv, d, b, t, reps, inner, gen, flush=None):
+def time_sdpa(h, kv, d, b, t, reps, inner, gen, flush=None, between=None):
     q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.float16, generator=gen)
     k = torch.randn(b, kv, t, d, device="cuda", dtype=torch.float16, generator=gen)
     v = torch.randn(b, kv, t, d, device="cuda", dtype=torch.float16, generator=gen)
@@ -40,11 +41,16 @@ def time_sdpa(h, kv, d, b, t, reps, inner, gen, flush=None):
         call()
     torch.cuda.synchronize()
     times = []
-    if flush is not None:
+    if flush is not None or between is not None:
         inner = 1
+    x = None
+    if between is not None:
+        x = torch.randn(b, between.shape[1], device="cuda", dtype=torch.float16, generator=gen)
     for _ in range(reps):
         if flush is not None:
             flush.zero_()
+        if between is not None:
+            _ = x @ between.t()  # (its result is not needed: only its run before the call)
         s = torch.cuda.Event(enable_timing=True)
         e = torch.cuda.Event(enable_timing=True)
         s.record()
@@ -72,11 +78,18 @@ def main():
     ap.add_argument("--json", help="write SDPA measurements here (JSON lines)")
     ap.add_argument("--cold", action="store_true",
                     help="overwrite twice the L2 before each call and time it alone")
+    ap.add_argument("--between", type=int, metavar="MIB",
+                    help="a [N][4096] f16 matrix product of about MIB MiB (one row per sequence) "
+                         "before each call, timed alone (as kivi bench attention --between)")
     a = ap.parse_args()
     flush = None
     if a.cold:
         l2 = torch.cuda.get_device_properties(0).L2_cache_size
         flush = torch.empty(2 * max(l2, 1 << 20), device="cuda", dtype=torch.uint8)
+    between = None
+    if a.between:
+        between = torch.randn((a.between << 20) // 8192, 4096, device="cuda", dtype=torch.float16,
+                              generator=gen) * 0.02
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cudnn {torch.backends.cudnn.version()}")
@@ -85,7 +98,7 @@ def main():
     for (h, kv, d) in parse_shapes(a.shapes):
         for b in (int(x) for x in a.batch.split(",")):
             for t in (int(x) for x in a.context.split(",")):
-                us, nbytes = time_sdpa(h, kv, d, b, t, a.reps, a.inner, gen, flush)
+                us, nbytes = time_sdpa(h, kv, d, b, t, a.reps, a.inner, gen, flush, between)
                 sdpa[(h, kv, d, b, t)] = (us, nbytes)
                 if jf:
                     jf.write(json.dumps(dict(n_head=h, n_kv_head=kv, head_dim=d, batch=b,
