@@ -598,6 +598,9 @@ pub struct GpuCache {
     fused_append: bool,
     /// `resident_ctas`' answers.
     resident: std::collections::HashMap<(VariantKey, usize), usize>,
+    /// `KIVI_CUDA_TRACE=1`: the attention plans already printed (each distinct one once, to
+    /// stderr: which module, split and grid a batch got), None when off.
+    traced: Option<std::collections::HashSet<String>>,
     step_tables: StepTables,
     split_override: Option<usize>,
     /// Four-warp splits grown past a last split of window rows only (`absorb_tail`;
@@ -882,6 +885,7 @@ impl GpuCache {
             fused_reduce: std::env::var("KIVI_CUDA_FUSED_REDUCE").map_or(true, |v| v != "0"),
             fused_append: std::env::var("KIVI_CUDA_FUSED_APPEND").map_or(true, |v| v != "0"),
             resident: Default::default(),
+            traced: (std::env::var("KIVI_CUDA_TRACE").as_deref() == Ok("1")).then(Default::default),
             step_tables: StepTables::default(),
             split_override: None,
             split_tail: std::env::var("KIVI_CUDA_SPLIT_TAIL").map_or(true, |v| v != "0"),
@@ -1693,6 +1697,28 @@ impl GpuCache {
             && self.sinks == 0
             && !prefill
             && ctas <= self.resident_ctas(&f, (kb, vb, ng, warps, path, stages), smem)?;
+        if let Some(traced) = self.traced.as_mut() {
+            let plan = format!(
+                "attention plan: {t} tokens, longest {} positions, {n_head}/{hkv}/{d}, {kb}/{vb} \
+                 bits: {ng} head(s) and {warps} warp(s) per CTA, split {split} x {decode_splits}, \
+                 {ctas} CTAs, {} ({path:?}, {stages} ring stages)",
+                batch.max_len,
+                if direct {
+                    "direct"
+                } else if fused {
+                    "combined by the last CTA"
+                } else {
+                    "reduce launch"
+                }
+            );
+            // (At most 4096 kept: a long run prints each plan once for a while, then again.)
+            if traced.len() >= 4096 {
+                traced.clear();
+            }
+            if traced.insert(plan.clone()) {
+                eprintln!("{plan}");
+            }
+        }
         let parts = t * n_head * nsplit;
         let s = self.gpu.stream().clone();
         if self.part_o.as_ref().is_none_or(|p| p.len() < parts * d) {
