@@ -14,6 +14,12 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linu
 export KIVI_CUDA_CACHE=/tmp/kcache
 K=$D/kivi
 $K bench attention --device cuda --shapes 32/8/128 --batch 1 --context 1024 --reps 2 > /dev/null 2>&1
+# The plans each variant gets (KIVI_CUDA_TRACE), for the record.
+for oh in 1 0; do
+  KIVI_CUDA_TRACE=1 KIVI_CUDA_ONE_HEAD=$oh $K bench attention --device cuda --shapes 32/8/128 \
+    --batch 1,8 --context 4096,16384 --caches kivi2,kivi4 --reps 1 --inner 1 2>&1 >/dev/null \
+    | grep 'attention plan' > $OUT/plans.$oh.txt
+done
 for co in none 100; do
   for oh in 1 0; do
     if [ $co = none ]; then unset KIVI_CUDA_CARVEOUT; else export KIVI_CUDA_CARVEOUT=$co; fi
