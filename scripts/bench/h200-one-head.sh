@@ -8,7 +8,7 @@
 #      op's GPU time per pass (`--profile`, B = 8, 4K tokens; session 27: one-head 1.043 ms,
 #      four-head 1.237), then decode tok/s at B = 1, with the SM clock sampled alongside.
 # Expects the `kivi` binary in $D and $OUT for outputs; run from the repository root on the GPU
-# machine.
+# machine. Leaves plans.txt, attention.jsonl, profiles.txt, models.txt and clocks.csv in $OUT.
 D=${D:-.dev/oh}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/nvidia/lib64:/usr/local/nvidia/lib:$LD_LIBRARY_PATH
 export KIVI_CUDA_CACHE=/tmp/kcache
@@ -51,3 +51,8 @@ for co in none 100; do
   done
 done
 kill $SMI
+# Few files come back from a device call: one per kind.
+cd $OUT && tail -n +1 plans.[01].txt > plans.txt && tail -n +1 profile.*.txt > profiles.txt \
+  && tail -n +1 model.*.txt > models.txt \
+  && for f in attn.*.jsonl; do sed "s/^{/{\"file\":\"$f\",/" $f; done > attention.jsonl \
+  && rm -f plans.[01].txt profile.*.txt model.*.txt attn.*.jsonl
