@@ -48,6 +48,18 @@ pub struct BenchAttentionArgs {
     /// projections and its attention (L2 holding weights, SMs fresh from another kernel).
     #[arg(long, value_name = "MIB")]
     pub between: Option<usize>,
+    /// Layers in the cache, all filled; timed call i reads layer i mod N, so that with N
+    /// layers whose caches together exceed L2 each call finds its cache cold, as in a model.
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
+    /// The cache's block pool in GiB (default: just the blocks the batch needs). A model's
+    /// pool fills most of the GPU, which spreads each layer's heads over more memory pages.
+    #[arg(long, value_name = "GIB")]
+    pub pool_gib: Option<f64>,
+    /// Fill the sequences in turns of this many tokens each, as a scheduler's chunked prefill
+    /// does (their blocks then interleave in the pool); default: one sequence after another.
+    #[arg(long, value_name = "TOKENS")]
+    pub fill_chunk: Option<usize>,
     /// Tokens per split (default: chosen to fill the GPU).
     #[arg(long)]
     pub split: Option<usize>,
@@ -95,8 +107,11 @@ pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
         .split(',')
         .map(|s| parse_kv(s).map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
-    if a.reps == 0 || a.inner == 0 {
-        bail!("--reps and --inner must be at least 1");
+    if a.reps == 0 || a.inner == 0 || a.layers == 0 {
+        bail!("--reps, --inner and --layers must be at least 1");
+    }
+    if a.fill_chunk == Some(0) {
+        bail!("--fill-chunk must be at least 1");
     }
     let gpu = Gpu::new(0)?;
     println!(
@@ -110,6 +125,19 @@ pub fn bench_attention(a: BenchAttentionArgs) -> Result<()> {
             (false, None) => String::new(),
         }
     );
+    if a.layers > 1 || a.pool_gib.is_some() || a.fill_chunk.is_some() {
+        println!(
+            "cache: {} layer(s), call i reads layer i mod {}; pool {}; filled {}",
+            a.layers,
+            a.layers,
+            a.pool_gib
+                .map_or("as needed".into(), |g| format!("{g} GiB")),
+            a.fill_chunk
+                .map_or("one sequence after another".into(), |c| format!(
+                    "{c} tokens of each sequence in turn"
+                ))
+        );
+    }
     let mut json = match &a.json {
         Some(p) => {
             Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -181,29 +209,47 @@ fn measure(
     a: &BenchAttentionArgs,
 ) -> Result<(f64, u64)> {
     let shape = CacheShape {
-        n_layer: 1,
+        n_layer: a.layers,
         n_kv_head: hkv,
         head_dim: d,
     };
-    let mut cache = GpuCache::new(gpu.clone(), *config, shape, b, t + 1)?;
+    let mut cache = match a.pool_gib {
+        Some(g) => GpuCache::with_budget(
+            gpu.clone(),
+            *config,
+            shape,
+            (g * (1u64 << 30) as f64) as u64,
+            b,
+        )?,
+        None => GpuCache::new(gpu.clone(), *config, shape, b, t + 1)?,
+    };
     cache.set_split_tokens(a.split);
     let s = gpu.stream().clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    // Fill every sequence with t tokens, appended in chunks of random data.
+    // Fill every sequence with t tokens, appended in chunks of random data (whole sequences in
+    // turn, or --fill-chunk tokens of each sequence in turn).
     let chunk = 1024.min(t.max(1));
     let row = hkv * d;
     let kc: Vec<f32> = (0..chunk * row).map(|_| rng.gen_range(-2.0..2.0)).collect();
     let vc: Vec<f32> = (0..chunk * row).map(|_| rng.gen_range(-2.0..2.0)).collect();
     let (dk, dv) = (s.clone_htod(&kc)?, s.clone_htod(&vc)?);
-    for _ in 0..b {
-        let slot = cache.add_sequence()?;
-        let mut n = 0;
-        while n < t {
-            let m = chunk.min(t - n);
-            let batch = cache.batch(&[(slot, m)])?;
-            cache.append(0, &batch, &dk, &dv)?;
-            cache.advance(&batch);
-            n += m;
+    let slots: Vec<usize> = (0..b)
+        .map(|_| cache.add_sequence())
+        .collect::<Result<_, _>>()?;
+    let turn = a.fill_chunk.unwrap_or(t.max(1));
+    let mut filled = vec![0usize; b];
+    while filled.iter().any(|&n| n < t) {
+        for (&slot, n) in slots.iter().zip(filled.iter_mut()) {
+            let end = t.min(*n + turn);
+            while *n < end {
+                let m = chunk.min(end - *n);
+                let batch = cache.batch(&[(slot, m)])?;
+                for layer in 0..a.layers {
+                    cache.append(layer, &batch, &dk, &dv)?;
+                }
+                cache.advance(&batch);
+                *n += m;
+            }
         }
     }
     let items: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
@@ -212,8 +258,8 @@ fn measure(
     let kn: Vec<f32> = (0..b * row).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let (dq, dkn, dvn) = (s.clone_htod(&q)?, s.clone_htod(&kn)?, s.clone_htod(&kn)?);
     let mut out = s.alloc_zeros::<f32>(b * nh * d)?;
-    for _ in 0..3 {
-        cache.attend(0, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
+    for layer in 0..3 {
+        cache.attend(layer % a.layers, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
     }
     gpu.synchronize()?;
     let ctx = gpu.context().clone();
@@ -234,7 +280,8 @@ fn measure(
         a.inner
     };
     let mut times = Vec::with_capacity(a.reps);
-    for _ in 0..a.reps {
+    for rep in 0..a.reps {
+        let layer = rep % a.layers;
         if let Some(f) = flush.as_mut() {
             s.memset_zeros(f)?;
         }
@@ -245,7 +292,7 @@ fn measure(
         let end = ctx.new_event(flag)?;
         start.record(&s)?;
         for _ in 0..inner {
-            cache.attend(0, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
+            cache.attend(layer, nh, &batch, &dq, &dkn, &dvn, &mut out)?;
         }
         end.record(&s)?;
         times.push(start.elapsed_ms(&end)? as f64 * 1e3 / inner as f64);

@@ -378,6 +378,81 @@ __device__ __forceinline__ void quantize_value_group(const CacheBufs& c, int slo
     c.vm[m] = gp.min;
 }
 
+// Quantizes every value group of position p (as quantize_value_group does, bit for bit) with
+// the whole CTA: four threads per 32 channels, 8 values each, the group's min and max by warp
+// shuffles. A decode step's one token per CTA was one thread per group before, a serial chain
+// of ~3400 instructions in one warp: 9.1 us of the 19 us a Mistral-7B layer's KIVI-2 append
+// and attention took at B = 1 (Nsight Compute, session 28). Thread j of a 32-channel chunk
+// owns whole output bytes/words: 2-bit, slots 2j and 2j+1 (channels 2j + {0,1} + 8k, the
+// interleaved layout of value2_word); 4-bit, word j (channels 8j .. 8j+7).
+__device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slot, int n0, int tok_off, int p,
+                                                     const float* vnew) {
+    const int D = c.head_dim, G = c.group, gpt = D / G, bits = c.v_bits;
+    const int total = c.n_kv * D / 8;  // threads: 4 per 32 channels
+    const int lanes = G / 8;           // threads per group (4, 8 or 16: a group never spans warps)
+    const bool old = p < n0;
+    const u64 blk = block_of(c, slot, p);
+    const int b = p % BLOCK_TOKENS;
+    for (int base = threadIdx.x & ~31; base < total; base += blockDim.x) {
+        const int t = base + (threadIdx.x & 31);
+        const bool live = t < total;
+        const int chunk = t / 4, j = t % 4, h = chunk / (D / 32), ch0 = (chunk % (D / 32)) * 32;
+        // Value pair k: channels ch0 + off(k) and the next one.
+        float v[8];
+        float mn = __int_as_float(0x7f800000), mx = -mn;
+        if (live) {
+            const u64 vwin = (u64)slot * c.vwin_unit + (u64)h * c.vwin_head +
+                             (u64)(c.resid > 0 ? p % c.resid : 0) * D;
+            const float* src = vnew + ((u64)(tok_off + p - n0) * c.n_kv + h) * D;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int ch = ch0 + (bits == 2 ? 2 * j + 8 * k : 8 * j + 2 * k);
+                if (old) {
+                    const u32 w = *(const u32*)(c.vwin + vwin + ch);
+                    v[2 * k] = h2f((u16)w);
+                    v[2 * k + 1] = h2f((u16)(w >> 16));
+                } else {
+                    const float2 x = *(const float2*)(src + ch);
+                    v[2 * k] = f16_round(x.x);
+                    v[2 * k + 1] = f16_round(x.y);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                mn = fminf(mn, v[e]);
+                mx = fmaxf(mx, v[e]);
+            }
+        }
+        for (int o = 1; o < lanes; o <<= 1) {
+            mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+        if (!live) continue;
+        const GroupParams gp = group_params(mn, mx, bits);
+        if (bits == 2) {
+            u32 lo = 0u, hi = 0u;  // slots 2j and 2j + 1
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                lo |= quantize_value(v[2 * k], gp, 2) << (2 * k);
+                hi |= quantize_value(v[2 * k + 1], gp, 2) << (2 * k);
+            }
+            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
+            store_byte(c.vq + vq + value2_word(D, b, ch0 + 2 * j), value2_shift(D, b, ch0 + 2 * j) / 8, lo);
+            store_byte(c.vq + vq + value2_word(D, b, ch0 + 2 * j + 1), value2_shift(D, b, ch0 + 2 * j + 1) / 8, hi);
+        } else {
+            u32 word = 0u;
+#pragma unroll
+            for (int e = 0; e < 8; e++) word |= quantize_value(v[e], gp, 4) << (4 * e);
+            c.vq[blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / 8) + (ch0 + 8 * j) / 8] = word;
+        }
+        if (t % lanes == 0) {
+            const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + ch0 / G;
+            c.vs[m] = gp.scale;
+            c.vm[m] = gp.min;
+        }
+    }
+}
+
 // One thread per (value token record, KV head, value group). grid = records, block = Hkv * D/G.
 extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
                                                 const float* vnew) {
@@ -457,11 +532,8 @@ extern "C" __global__ void kivi_write_window(CacheBufs c, const Tok* toks, const
 extern "C" __global__ void kivi_append_decode(CacheBufs c, const Tok* toks, const float* knew,
                                               const float* vnew) {
     const Tok tk = toks[blockIdx.x];
-    const int gpt = c.head_dim / c.group;
     const int v0 = val_quant_end(c, tk.n_old), v1 = val_quant_end(c, tk.n_old + 1);
-    if (v1 > v0)
-        for (int u = threadIdx.x; u < c.n_kv * gpt; u += blockDim.x)
-            quantize_value_group(c, tk.slot, tk.n_old, tk.tok_off, v0, vnew, u / gpt, u % gpt);
+    if (v1 > v0) quantize_value_token(c, tk.slot, tk.n_old, tk.tok_off, v0, vnew);
     __syncthreads();
     write_window_token(c, tk, blockIdx.x, knew, vnew);
 }

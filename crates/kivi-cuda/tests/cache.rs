@@ -274,6 +274,10 @@ fn stored_bytes_match_cpu() {
         (sinks(kivi((4, 2), 64, 128), 4), 2, 128),
         (sinks(kivi((2, 2), 32, 32), 1), 3, 64),
         (sinks(kivi((2, 4), 32, 0), 37), 1, 128),
+        // The decode append's CTA-wide value quantization: groups of 16 threads (G = 128) in a
+        // partial warp, and more threads' worth of channels than the CTA has (9 heads).
+        (kivi((4, 2), 128, 128), 3, 128),
+        (kivi((2, 4), 32, 128), 9, 128),
     ] {
         check_stored(&gpu, kc, hkv, d, &mut r);
     }
