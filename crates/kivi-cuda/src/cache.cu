@@ -380,11 +380,11 @@ __device__ __forceinline__ void quantize_value_group(const CacheBufs& c, int slo
 
 // Quantizes every value group of position p (as quantize_value_group does, bit for bit) with
 // the whole CTA: four threads per 32 channels, 8 values each, the group's min and max by warp
-// shuffles. A decode step's one token per CTA was one thread per group before, a serial chain
-// of ~3400 instructions in one warp: 9.1 us of the 19 us a Mistral-7B layer's KIVI-2 append
-// and attention took at B = 1 (Nsight Compute, session 28). Thread j of a 32-channel chunk
-// owns whole output bytes/words: 2-bit, slots 2j and 2j+1 (channels 2j + {0,1} + 8k, the
-// interleaved layout of value2_word); 4-bit, word j (channels 8j .. 8j+7).
+// shuffles. With one thread per group (quantize_value_group) a decode step's CTA ran a serial
+// chain of ~3400 instructions in one warp: 9.1 us per Mistral-7B layer at B = 1, now 5.4
+// (Nsight Compute, docs/benchmarks.md "CUDA end-to-end (H200)" -> "Session 28"). Thread j of a
+// 32-channel chunk owns whole output bytes / words: 2-bit, slots 2j and 2j+1 (channels
+// 2j + {0,1} + 8k, value2_word's interleaved layout); 4-bit, word j (channels 8j .. 8j+7).
 __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slot, int n0, int tok_off, int p,
                                                      const float* vnew) {
     const int D = c.head_dim, G = c.group, gpt = D / G, bits = c.v_bits;
