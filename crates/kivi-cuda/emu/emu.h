@@ -148,7 +148,8 @@ emu_ctx_switch:
 )");
 
 struct EmuFibers {
-    static constexpr int N = 128;
+    // Threads per CTA at most (kivi_quantize_keys: 4 D = 512).
+    static constexpr int N = 512;
     static constexpr size_t STACK = 512 * 1024;
     std::vector<std::unique_ptr<char[]>> stacks;
     void* sp[N];
@@ -372,6 +373,10 @@ inline void cp_async_wait() {
 // fiber, resumed in turn until all have finished.
 inline void emu_run_block(EmuDim block, int threads, const std::function<void(int)>& fn, size_t smem_floats = 0) {
     EmuFibers& f = emu_fibers;
+    if (threads > EmuFibers::N || threads > 32 * EMU_MAX_WARPS) {
+        std::fprintf(stderr, "emu: %d threads per CTA, more than %d\n", threads, EmuFibers::N);
+        std::abort();
+    }
     EmuBarrier cta(threads);
     std::vector<std::unique_ptr<EmuBarrier>> warps;
     for (int w = 0; w * 32 < threads; w++) {

@@ -791,7 +791,7 @@ struct Pipeline {
         if (!sinkw.empty())
             emu_launch({(int)sinkw.size() / 3, hkv, 1}, D, [&](int) { kivi_write_sinks(c, sinkw.data(), kn.data(), vn.data()); });
         if (!kgroups.empty())
-            emu_launch({(int)kgroups.size() / 2, hkv, 1}, D, [&](int) {
+            emu_launch({(int)kgroups.size() / 2, hkv, 1}, 4 * D, [&](int) {
                 kivi_quantize_keys(c, (const Item*)sitems.data(), (const Rec*)kgroups.data(), kn.data());
             });
         // A decode step (one token per item, none a sink) with values to quantize: one launch,

@@ -206,90 +206,110 @@ struct Rec {
 };
 
 #ifndef ATTN_D  // the append kernels: not in the per-variant attention modules
-// Raw bits of positions p0 .. p0 + 31 of channel d (0 from the n-th on): f16 window rows (low 16
-// bits) or f32 new tokens. Every load is issued before any value is used (key_value converts).
-__device__ __forceinline__ void key_raw32(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
-                                          int p0, int n, u32 (&raw)[32]) {
-    const int D = c.head_dim, mod = c.kwin_mod, s0 = p0 % mod;
+// Raw bits of the 8 positions of a 32-position chunk (from p0) that thread j of a channel holds
+// (key_tok), 0 from the n-th on: f16 window rows (low 16 bits) or f32 new tokens.
+template <int BITS>
+__device__ __forceinline__ int key_tok(int j, int k) {
+    // 2-bit: the positions of slots 2j and 2j + 1 (key2_word: slot = position % 8); 4-bit: word j.
+    return BITS == 2 ? 2 * j + (k & 1) + 8 * (k >> 1) : 8 * j + k;
+}
+template <int BITS>
+__device__ __forceinline__ void key_raw8(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
+                                         int j, int p0, int n, u32 (&raw)[8]) {
+    const int D = c.head_dim, mod = c.kwin_mod;
 #pragma unroll
-    for (int j = 0; j < 32; j++) {
-        const int p = p0 + j, sl = s0 + j < mod ? s0 + j : s0 + j - mod;  // (mod >= 32)
-        if (j >= n)
-            raw[j] = 0u;
+    for (int k = 0; k < 8; k++) {
+        const int tl = key_tok<BITS>(j, k), p = p0 + tl;
+        if (tl >= n)
+            raw[k] = 0u;
         else if (p < it.n_old)
-            raw[j] = c.kwin[kwin + (u64)sl * D + d];
+            raw[k] = c.kwin[kwin + (u64)(p % mod) * D + d];
         else
-            raw[j] = __float_as_uint(knew[((u64)(it.tok_off + p - it.n_old) * c.n_kv + h) * D + d]);
+            raw[k] = __float_as_uint(knew[((u64)(it.tok_off + p - it.n_old) * c.n_kv + h) * D + d]);
     }
 }
 // Position p's value from its raw bits (a new token rounded to f16, as the window stores it).
 __device__ __forceinline__ float key_value(const Item& it, int p, u32 raw) {
     return p < it.n_old ? h2f((u16)raw) : f16_round(__uint_as_float(raw));
 }
-// One thread per (key group record, KV head, channel): (re)quantizes a key group that this
+// Four threads per (key group record, KV head, channel): (re)quantizes a key group that this
 // append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
-// with its current statistics). grid = (records, Hkv), block = D. A channel's positions are
-// read 32 at a time with every load in flight (G = 32: once for both passes); one load, then
-// its use, per position and pass took 41 us per layer at a B = 1046 decode step on the H200
-// (with the value kernel below, append 1.48 -> 1.16 ms per decode pass). Indices are static so
-// that raw stays in registers (a dynamically indexed copy went to local memory and was slower).
-extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const Rec* groups,
-                                              const float* knew) {
-    const Rec r = groups[blockIdx.x];
-    const Item it = items[r.item];
-    const int h = blockIdx.y, d = threadIdx.x, D = c.head_dim, G = c.group;
-    const int n1 = it.n_old + it.n_new;
-    const int q1 = key_quant_end(c, n1);
-    const int g = r.at;
-    if (d >= D) return;
+// with its current statistics). grid = (records, Hkv), block = 4 D; thread 4 d + j holds 8 of
+// each 32 positions of channel d (key_tok: whole output bytes of the 2-bit interleaved layout,
+// a whole 4-bit word), the group's min and max by two shuffles. One thread per channel (32
+// positions in sequence) took 26.7-28.0 us for 32 groups x 32 heads on the H200, this takes
+// 24.7-26.1 (docs/benchmarks.md "CUDA end-to-end (H200)" -> "Session 28": a smaller gain than
+// the value quantization's, whose one warp per CTA had nothing to hide its chain behind).
+// Indices are static so that raw stays in registers.
+template <int BITS>
+__device__ __forceinline__ void quantize_key_group(const CacheBufs& c, const Item& it, const float* knew, int h,
+                                                   int d, int j, int g) {
+    const int D = c.head_dim, G = c.group;
+    const int q1 = key_quant_end(c, it.n_old + it.n_new);
     const int p0 = g * G, cnt = min(G, q1 - p0);
     const u64 kwin = (u64)it.slot * c.kwin_unit + (u64)h * c.kwin_head;
-    u32 raw[32];
+    u32 raw[8];
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int t0 = 0; t0 < cnt; t0 += 32) {
-        key_raw32(c, it, knew, kwin, h, d, p0 + t0, cnt - t0, raw);
+        key_raw8<BITS>(c, it, knew, kwin, h, d, j, p0 + t0, cnt - t0, raw);
 #pragma unroll
-        for (int j = 0; j < 32; j++)
-            if (t0 + j < cnt) {
-                const float x = key_value(it, p0 + t0 + j, raw[j]);
+        for (int k = 0; k < 8; k++)
+            if (t0 + key_tok<BITS>(j, k) < cnt) {
+                const float x = key_value(it, p0 + t0 + key_tok<BITS>(j, k), raw[k]);
                 mn = fminf(mn, x);
                 mx = fmaxf(mx, x);
             }
     }
-    const int bits = c.k_bits;
-    GroupParams gp = group_params(mn, mx, bits);
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    const GroupParams gp = group_params(mn, mx, BITS);
     const u64 blk = block_of(c, it.slot, p0);
     const int b0 = p0 % BLOCK_TOKENS;
     const u64 kq = blk * c.kq_block + (u64)h * c.kq_head;
     for (int t0 = 0; t0 < G; t0 += 32) {
-        if (G > 32) key_raw32(c, it, knew, kwin, h, d, p0 + t0, cnt - t0, raw);  // (G = 32: raw holds the group)
-        if (bits == 2) {
-            // Interleaved: per quarter k of the group, the channel's byte of its 8 slots' words
-            // k (b0 is a multiple of 32).
-            u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+        if (G > 32) key_raw8<BITS>(c, it, knew, kwin, h, d, j, p0 + t0, cnt - t0, raw);  // (G = 32: raw holds the group)
+        u32 code[8];
 #pragma unroll
-            for (int t = 0; t < 32; t++)
-                if (t0 + t < cnt) slot[t & 7] |= quantize_value(key_value(it, p0 + t0 + t, raw[t]), gp, 2) << (2 * (t >> 3));
+        for (int k = 0; k < 8; k++) {
+            const int tl = t0 + key_tok<BITS>(j, k);
+            code[k] = tl < cnt ? quantize_value(key_value(it, p0 + tl, raw[k]), gp, BITS) : 0u;
+        }
+        if (BITS == 2) {
+            // Slots 2j and 2j + 1 of quarter k of the block: positions slot + 8 i at bits 2 i.
             const int k = (b0 + t0) / 32;
-            for (int sl = 0; sl < 8; sl++)
-                store_byte(c.kq + kq + key2_word(d, 32 * k + sl), key2_shift(d, 32 * k + sl) / 8, slot[sl]);
-        } else {
-            // 4 bits (GpuCache takes 2 or 4): words of 8 positions, indices known at compile time
-            // so that raw stays in registers.
 #pragma unroll
-            for (int w0 = 0; w0 < 32; w0 += 8) {
-                u32 word = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++)
-                    if (t0 + w0 + j < cnt) word |= quantize_value(key_value(it, p0 + t0 + w0 + j, raw[w0 + j]), gp, 4) << (4 * j);
-                const int b = b0 + t0 + w0;
-                c.kq[kq + ((u64)(b / 32) * D + d) * 4 + (b % 32) / 8] = word;
+            for (int e = 0; e < 2; e++) {
+                const u32 byte = code[e] | code[2 + e] << 2 | code[4 + e] << 4 | code[6 + e] << 6;
+                const int b = 32 * k + 2 * j + e;
+                store_byte(c.kq + kq + key2_word(d, b), key2_shift(d, b) / 8, byte);
             }
+        } else {
+            u32 word = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++) word |= code[k] << (4 * k);
+            const int b = b0 + t0 + 8 * j;
+            c.kq[kq + ((u64)(b / 32) * D + d) * 4 + (b % 32) / 8] = word;
         }
     }
-    const u64 m = blk * c.ksm_block + (u64)h * c.ksm_head + (u64)(b0 / G) * D + d;
-    c.ks[m] = gp.scale;
-    c.km[m] = gp.min;
+    if (j == 0) {
+        const u64 m = blk * c.ksm_block + (u64)h * c.ksm_head + (u64)(b0 / G) * D + d;
+        c.ks[m] = gp.scale;
+        c.km[m] = gp.min;
+    }
+}
+extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, const Rec* groups,
+                                              const float* knew) {
+    const Rec r = groups[blockIdx.x];
+    const Item it = items[r.item];
+    const int d = threadIdx.x / 4, j = threadIdx.x % 4;
+    if (d >= c.head_dim) return;  // (block = 4 D: whole warps, as the shuffles need)
+    if (c.k_bits == 2)
+        quantize_key_group<2>(c, it, knew, blockIdx.y, d, j, r.at);
+    else
+        quantize_key_group<4>(c, it, knew, blockIdx.y, d, j, r.at);
 }
 
 // 32 consecutive values of a value group (f16 window row or f32 new token, rounded to f16 as the

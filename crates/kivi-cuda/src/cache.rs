@@ -1861,7 +1861,8 @@ impl GpuCache {
         }
         if batch.n_key_groups > 0 {
             let f = self.function("kivi_quantize_keys")?;
-            let cfg = grid_2d((batch.n_key_groups as u32, hkv as u32), d as u32);
+            // Four threads per channel (the kernel's shuffles need whole warps: D % 32 == 0).
+            let cfg = grid_2d((batch.n_key_groups as u32, hkv as u32), 4 * d as u32);
             // SAFETY: every position written is below n_old + n_new, whose blocks `batch`
             // took and entered in the device block table; the records index its items.
             unsafe {
