@@ -206,13 +206,14 @@ struct Rec {
 };
 
 #ifndef ATTN_D  // the append kernels: not in the per-variant attention modules
-// Raw bits of the 8 positions of a 32-position chunk (from p0) that thread j of a channel holds
-// (key_tok), 0 from the n-th on: f16 window rows (low 16 bits) or f32 new tokens.
+// Position (within a 32-position chunk) of value k of thread j of a channel's four: 2-bit, the
+// positions of slots 2j and 2j + 1 (key2_word: slot = position % 8); 4-bit, those of word j.
 template <int BITS>
 __device__ __forceinline__ int key_tok(int j, int k) {
-    // 2-bit: the positions of slots 2j and 2j + 1 (key2_word: slot = position % 8); 4-bit: word j.
     return BITS == 2 ? 2 * j + (k & 1) + 8 * (k >> 1) : 8 * j + k;
 }
+// Raw bits of thread j's 8 positions of the chunk from p0, 0 from the n-th on: f16 window rows
+// (low 16 bits) or f32 new tokens. Every load is issued before any value is used.
 template <int BITS>
 __device__ __forceinline__ void key_raw8(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
                                          int j, int p0, int n, u32 (&raw)[8]) {
