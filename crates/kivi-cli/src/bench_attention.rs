@@ -252,7 +252,7 @@ fn measure(
             }
         }
     }
-    let items: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
+    let items: Vec<(usize, usize)> = slots.iter().map(|&slot| (slot, 1)).collect();
     let batch = cache.batch(&items)?;
     let q: Vec<f32> = (0..b * nh * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let kn: Vec<f32> = (0..b * row).map(|_| rng.gen_range(-1.0..1.0)).collect();
