@@ -206,6 +206,7 @@ struct EmuWarp {
     float sh[2][32];
 };
 constexpr int EMU_MAX_WARPS = 32;
+static_assert(EmuFibers::N <= 32 * EMU_MAX_WARPS, "a CTA's fibers need their warps");
 inline EmuWarp emu_warps[EMU_MAX_WARPS];
 inline unsigned emu_exchanges[EMU_MAX_WARPS * 32];
 inline EmuBarrier* emu_cta_bar = nullptr;
@@ -373,7 +374,7 @@ inline void cp_async_wait() {
 // fiber, resumed in turn until all have finished.
 inline void emu_run_block(EmuDim block, int threads, const std::function<void(int)>& fn, size_t smem_floats = 0) {
     EmuFibers& f = emu_fibers;
-    if (threads > EmuFibers::N || threads > 32 * EMU_MAX_WARPS) {
+    if (threads > EmuFibers::N) {
         std::fprintf(stderr, "emu: %d threads per CTA, more than %d\n", threads, EmuFibers::N);
         std::abort();
     }
