@@ -5,7 +5,7 @@ each instruction's line in `attn_split` (an inlined helper's instructions count 
 site). Prints the totals per `// ----` section of `attn_split` and the heaviest lines.
 
     TOOLS=$(scripts/fetch-cuda-tools.sh) python3 scripts/bench/sass_regions.py d128_k2_v2_g1_w1 \\
-        [--defines=-DKEY_UNROLL_ONE_HEAD=8] [--top 25]
+        [--defines=-DKEY_I8_UNROLL=4] [--top 25]
 
 Why: code that every CTA walks through once costs instruction fetch, which Nsight Compute
 showed as the first stall of the one-warp kernels (docs/benchmarks.md, "Session 11"); this

@@ -92,12 +92,6 @@ inline u16 f2h(float f) {
     std::memcpy(&h, &x, 2);
     return h;
 }
-inline u16 d2h(double d) {
-    _Float16 x = (_Float16)d;
-    u16 h;
-    std::memcpy(&h, &x, 2);
-    return h;
-}
 inline u32 prmt(u32 a, u32 b, u32 sel) {
     const u64 x = ((u64)b << 32) | a;
     u32 r = 0;
@@ -109,17 +103,7 @@ inline u32 prmt(u32 a, u32 b, u32 sel) {
     }
     return r;
 }
-inline u32 hfma2(u32 a, u32 b, u32 c) {
-    u32 r = 0;
-    for (int i = 0; i < 2; i++) {
-        const int s = 16 * i;
-        const double v = std::fma((double)h2f(a >> s), (double)h2f(b >> s), (double)h2f(c >> s));
-        r |= (u32)d2h(v) << s;
-    }
-    return r;
-}
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
-inline u32 and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
 
 // Fibers: each CUDA thread of a CTA runs on its own stack in the one host thread, switching to
 // the scheduler when it waits at a barrier (a few nanoseconds, where OS threads took a futex
@@ -356,6 +340,7 @@ inline void cp_async16(SmemAddr dst, const void* src) {
     a.pending.push_back({a.committed, dst + DOFF, (const char*)src + SOFF});
 }
 inline void cp_async_commit() { emu_cp_async[threadIdx.x].committed++; }
+inline void prefetch_l2_line(const void*) {}
 template <int N>
 inline void cp_async_wait() {
     EmuCpAsync& a = emu_cp_async[threadIdx.x];

@@ -6,15 +6,13 @@
 // indexes the same place in every layer's arenas. Sequence ("slot") position p lives in block
 // table[slot][p / BLOCK_TOKENS] at position p % BLOCK_TOKENS. Per layer (arenas head-major, so
 // that a head's consecutive blocks are contiguous; strides in CacheBufs):
-//   keys, quantized per channel: codes  [Hkv][block][BT/32][D][32/fpi] u32  (4-bit: a 32-token
-//                                        sub-tile of one channel is 32/fpi consecutive words, the
-//                                        same words as the CPU packing of that channel row; 2-bit
-//                                        codes are interleaved instead, see key2_word)
+//   keys, quantized per channel: codes  [Hkv][block][BT * D * bits / 32] u32, interleaved (see
+//                                        key_word)
 //                                scale, min [Hkv][block][BT/G][D] f16
 //                                window [slot][Hkv][W][D] f16, token p at slot p % W (W = R, or G
 //                                        for the R = 0 staging of the partial group)
-//   values, quantized per token: codes  [Hkv][block][BT][D/fpi] u32 (2-bit: interleaved, see
-//                                        value2_word), scale, min [Hkv][block][BT][D/G]
+//   values, quantized per token: codes  [Hkv][block][BT * D * bits / 32] u32, interleaved (see
+//                                        value_word), scale, min [Hkv][block][BT][D/G]
 //                                window [slot][Hkv][R][D] f16, token p at slot p % R
 //   f16 cache: keys and values [Hkv][block][BT][D] f16 (in the "window" buffers, paged).
 // The windows are per slot, outside the pool. BT is a multiple of every supported G (G divides
@@ -146,35 +144,47 @@ __device__ __forceinline__ u64 block_of(const CacheBufs& c, int slot, int p) {
     return (u64)c.table[(u64)slot * c.table_stride + p / BLOCK_TOKENS];
 }
 
-// 2-bit codes are interleaved, so that every m-tile of the tensor-core paths (16 tokens of a
-// key block, 16 channels of a value block) lies in one 32-wide quarter, the span of a key
-// scale group (G = 32) or of a value one: one B operand per quarter then serves all the
-// m-tile's rows, with the scales folded in (tc_key_block_heads). Per pool block and KV head,
+// Codes are interleaved, so that every m-tile of the tensor-core paths (16 tokens of a key
+// block, 16 channels of a value block) lies in one 32-wide quarter, the span of a key scale
+// group (G = 32) or of a value one: one B operand per quarter then serves all the m-tile's
+// rows, with the scales folded in (tc_key_block_heads). Per pool block and KV head, 2-bit codes
 // in 16-byte groups of four words:
 //   keys   [D / 4 channel quads][8 slots][4 quarters] u32: word k of (quad, slot s) holds in
 //          byte e channel 4 quad + e's tokens 32 k + s + 8 i (i < 4) at bits 2 i;
-//   values [BT / 4 token quads][D / 16 row words][4 bytes] u32: a token's row word w holds its
-//          slots' codes, slot s = channels s + 8 i (i < D / 8) at bits 2 i of the slot's D / 4
-//          bits (D = 128: slot w; D = 64: slots 2 w and 2 w + 1, in the low and high half), so
-//          that byte k holds quarter k (D = 64: bytes 2 h + k, slot 2 w + h); word k of (quad,
-//          w) holds byte k of the quad's four row words w, token e's in byte e.
-// Each word is the byte transpose of four plain interleaved words (a slot of four channels,
-// a row word of four tokens): one mask (code_bits) makes it an A register of the integer
-// tensor cores, where a byte_transpose (8 PRMT per four words) used to, and a lane's four
-// words are one 16-byte load. 4-bit codes keep the plain packing (see the layout at the top).
-__device__ __forceinline__ u64 key2_word(int d, int b) { return (u64)(d >> 2) * 32 + (b & 7) * 4 + ((b >> 5) & 3); }
-__device__ __forceinline__ int key2_shift(int d, int b) { return 8 * (d & 3) + 2 * ((b >> 3) & 3); }
-// The bit of channel ch in its token's row word ((ch & 7) (D / 4) / 32).
-__device__ __forceinline__ int value2_row_bit(int D, int ch) { return ((ch & 7) * (D / 4)) % 32 + 2 * (ch >> 3); }
-__device__ __forceinline__ u64 value2_word(int D, int b, int ch) {
-    return (u64)(b >> 2) * (D / 4) + ((ch & 7) * (D / 4) / 32) * 4 + value2_row_bit(D, ch) / 8;
+//   values [BT / 4 token quads][8 slots][D / 32 quarters] u32: word k of (quad, slot s) holds
+//          in byte e token 4 quad + e's channels 32 k + s + 8 i (i < 4) at bits 2 i.
+// A byte holds rows g (i = 0) and g + 8 (i = 1) of m-tile 2k and the same of m-tile 2k + 1
+// (i = 2, 3) for the lane of slot g, and the four bytes of a word are four consecutive k
+// indices of the MMA: one mask (code_bits) makes a word an A register of the integer tensor
+// cores, and a lane's four words are one 16-byte load.
+// 4-bit codes are two planes of that geometry, 8 D words each: plane hm holds the half hm of
+// every quarter (i = 2 hm + r at bits 4 r of the byte: tokens, or channels, 32 k + 16 hm + s +
+// 8 r), so that every 2-bit load at word w is a 4-bit load at w and w + 8 D, and a nibble mask
+// makes an A register of rows g (r = 0) or g + 8 (r = 1) of m-tile 2k + hm.
+template <int BITS>
+__device__ __forceinline__ u64 key_word(int D, int d, int b) {
+    return (BITS == 4 ? (u64)((b >> 4) & 1) * 8 * D : 0) + (u64)(d >> 2) * 32 + (b & 7) * 4 + ((b >> 5) & 3);
 }
-__device__ __forceinline__ int value2_shift(int D, int b, int ch) { return 8 * (b & 3) + value2_row_bit(D, ch) % 8; }
-// The channel of code j (bits 2 j) of a token's row word w (0 .. D / 16): slot
-// w (32 / U) + 2 j / U, code j % (U / 2) of it (U = D / 4 bits per slot).
-template <int D>
-__device__ __forceinline__ constexpr int value2_channel(int w, int j) {
-    return w * (128 / D) + (2 * j) / (D / 4) + 8 * (j % (D / 8));
+template <int BITS>
+__device__ __forceinline__ int key_shift(int d, int b) {
+    return 8 * (d & 3) + (BITS == 2 ? 2 * ((b >> 3) & 3) : 4 * ((b >> 3) & 1));
+}
+template <int BITS>
+__device__ __forceinline__ u64 value_word(int D, int b, int ch) {
+    return (BITS == 4 ? (u64)((ch >> 4) & 1) * 8 * D : 0) + (u64)(b >> 2) * (D / 4) + (ch & 7) * (D / 32) + (ch >> 5);
+}
+template <int BITS>
+__device__ __forceinline__ int value_shift(int b, int ch) {
+    return 8 * (b & 3) + (BITS == 2 ? 2 * ((ch >> 3) & 3) : 4 * ((ch >> 3) & 1));
+}
+// The channel of code j (bits BITS j) of a token's row word w (< D / 16) in plane hm: the
+// token's byte of each of its quad's words 4 w .. 4 w + 3 of the plane, so byte x is in-quad
+// word 4 w + x = slot s (D / 32) + quarter k, and code j channel 32 k + s + 8 i (2-bit, i = j % 4)
+// or 32 k + 16 hm + s + 8 r (4-bit, r = j % 2).
+template <int D, int BITS>
+__device__ __forceinline__ constexpr int value_channel(int hm, int w, int j) {
+    return 32 * ((4 * w + j / (8 / BITS)) % (D / 32)) + (4 * w + j / (8 / BITS)) / (D / 32) +
+           (BITS == 2 ? 8 * (j % 4) : 16 * hm + 8 * (j % 2));
 }
 // Byte `k` of the word at `w` (little-endian), written alone: other threads write its other
 // bytes (other key groups of the block, other value groups of the token).
@@ -206,21 +216,20 @@ struct Rec {
 };
 
 #ifndef ATTN_D  // the append kernels: not in the per-variant attention modules
-// Position (within a 32-position chunk) of value k of thread j of a channel's four: 2-bit, the
-// positions of slots 2j and 2j + 1 (key2_word: slot = position % 8); 4-bit, those of word j.
-template <int BITS>
+// Position (within a 32-position chunk) of value k of thread j of a channel's four: the
+// positions of slots 2j and 2j + 1 (key_word: slot = position % 8), i = k / 2 (position
+// slot + 8 i: 2-bit, bits 2 i of the slot's byte; 4-bit, plane i / 2, bits 4 (i % 2)).
 __device__ __forceinline__ int key_tok(int j, int k) {
-    return BITS == 2 ? 2 * j + (k & 1) + 8 * (k >> 1) : 8 * j + k;
+    return 2 * j + (k & 1) + 8 * (k >> 1);
 }
 // Raw bits of thread j's 8 positions of the chunk from p0, 0 from the n-th on: f16 window rows
 // (low 16 bits) or f32 new tokens. Every load is issued before any value is used.
-template <int BITS>
 __device__ __forceinline__ void key_raw8(const CacheBufs& c, const Item& it, const float* knew, u64 kwin, int h, int d,
                                          int j, int p0, int n, u32 (&raw)[8]) {
     const int D = c.head_dim, mod = c.kwin_mod;
 #pragma unroll
     for (int k = 0; k < 8; k++) {
-        const int tl = key_tok<BITS>(j, k), p = p0 + tl;
+        const int tl = key_tok(j, k), p = p0 + tl;
         if (tl >= n)
             raw[k] = 0u;
         else if (p < it.n_old)
@@ -236,8 +245,8 @@ __device__ __forceinline__ float key_value(const Item& it, int p, u32 raw) {
 // Four threads per (key group record, KV head, channel): (re)quantizes a key group that this
 // append completes (R > 0: whole R-chunks; R = 0: every group touched, the partial last one
 // with its current statistics). grid = (records, Hkv), block = 4 D; thread 4 d + j holds 8 of
-// each 32 positions of channel d (key_tok: whole output bytes of the 2-bit interleaved layout,
-// a whole 4-bit word), the group's min and max by two shuffles. One thread per channel (32
+// each 32 positions of channel d (key_tok: whole output bytes of the interleaved layout), the
+// group's min and max by two shuffles. One thread per channel (32
 // positions in sequence) took 26.7-28.0 us for 32 groups x 32 heads on the H200, this takes
 // 24.7-26.1 (docs/benchmarks.md "CUDA end-to-end (H200)" -> "Session 28": a smaller gain than
 // the value quantization's, whose one warp per CTA had nothing to hide its chain behind).
@@ -252,11 +261,11 @@ __device__ __forceinline__ void quantize_key_group(const CacheBufs& c, const Ite
     u32 raw[8];
     float mn = __int_as_float(0x7f800000), mx = -mn;
     for (int t0 = 0; t0 < cnt; t0 += 32) {
-        key_raw8<BITS>(c, it, knew, kwin, h, d, j, p0 + t0, cnt - t0, raw);
+        key_raw8(c, it, knew, kwin, h, d, j, p0 + t0, cnt - t0, raw);
 #pragma unroll
         for (int k = 0; k < 8; k++)
-            if (t0 + key_tok<BITS>(j, k) < cnt) {
-                const float x = key_value(it, p0 + t0 + key_tok<BITS>(j, k), raw[k]);
+            if (t0 + key_tok(j, k) < cnt) {
+                const float x = key_value(it, p0 + t0 + key_tok(j, k), raw[k]);
                 mn = fminf(mn, x);
                 mx = fmaxf(mx, x);
             }
@@ -271,28 +280,28 @@ __device__ __forceinline__ void quantize_key_group(const CacheBufs& c, const Ite
     const int b0 = p0 % BLOCK_TOKENS;
     const u64 kq = blk * c.kq_block + (u64)h * c.kq_head;
     for (int t0 = 0; t0 < G; t0 += 32) {
-        if (G > 32) key_raw8<BITS>(c, it, knew, kwin, h, d, j, p0 + t0, cnt - t0, raw);  // (G = 32: raw holds the group)
+        if (G > 32) key_raw8(c, it, knew, kwin, h, d, j, p0 + t0, cnt - t0, raw);  // (G = 32: raw holds the group)
         u32 code[8];
 #pragma unroll
         for (int k = 0; k < 8; k++) {
-            const int tl = t0 + key_tok<BITS>(j, k);
+            const int tl = t0 + key_tok(j, k);
             code[k] = tl < cnt ? quantize_value(key_value(it, p0 + tl, raw[k]), gp, BITS) : 0u;
         }
-        if (BITS == 2) {
-            // Slots 2j and 2j + 1 of quarter k of the block: positions slot + 8 i at bits 2 i.
-            const int k = (b0 + t0) / 32;
+        // Slots 2j and 2j + 1 of quarter k of the block: positions slot + 8 i at bits 2 i
+        // (4-bit: of plane i / 2, at bits 4 (i % 2)).
+        const int k = (b0 + t0) / 32;
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
+        for (int e = 0; e < 2; e++) {
+            const int b = 32 * k + 2 * j + e;
+            if (BITS == 2) {
                 const u32 byte = code[e] | code[2 + e] << 2 | code[4 + e] << 4 | code[6 + e] << 6;
-                const int b = 32 * k + 2 * j + e;
-                store_byte(c.kq + kq + key2_word(d, b), key2_shift(d, b) / 8, byte);
-            }
-        } else {
-            u32 word = 0;
+                store_byte(c.kq + kq + key_word<2>(D, d, b), key_shift<2>(d, b) / 8, byte);
+            } else {
 #pragma unroll
-            for (int k = 0; k < 8; k++) word |= code[k] << (4 * k);
-            const int b = b0 + t0 + 8 * j;
-            c.kq[kq + ((u64)(b / 32) * D + d) * 4 + (b % 32) / 8] = word;
+                for (int hm = 0; hm < 2; hm++)
+                    store_byte(c.kq + kq + key_word<4>(D, d, b + 16 * hm), key_shift<4>(d, b) / 8,
+                               code[4 * hm + e] | code[4 * hm + 2 + e] << 4);
+            }
         }
     }
     if (j == 0) {
@@ -372,26 +381,24 @@ __device__ __forceinline__ void quantize_value_group(const CacheBufs& c, int slo
     const int b = p % BLOCK_TOKENS;
     for (int q0 = 0; q0 < G; q0 += 32) {
         if (G > 32) value_chunk(old, win + q0, src + q0, v);  // (G = 32: v holds the group)
+        // Interleaved: per quarter of the group, the token's byte of each of its 8 slots (4-bit:
+        // of both planes). Indices known at compile time, so that v stays in registers.
+        const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
+        const int ch0 = gi * G + q0;  // a multiple of 32: quarter ch0 / 32 of the slot
         if (bits == 2) {
-            // Interleaved: per quarter of the group, the token's byte of each of its 8 slots.
-            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
             u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
 #pragma unroll
             for (int i = 0; i < 32; i++) slot[i & 7] |= quantize_value(v[i], gp, 2) << (2 * (i >> 3));
-            const int ch0 = gi * G + q0;  // a multiple of 32: quarter ch0 / 32 of the slot
             for (int sl = 0; sl < 8; sl++)
-                store_byte(c.vq + vq + value2_word(D, b, ch0 + sl), value2_shift(D, b, ch0 + sl) / 8, slot[sl]);
+                store_byte(c.vq + vq + value_word<2>(D, b, ch0 + sl), value_shift<2>(b, ch0 + sl) / 8, slot[sl]);
         } else {
-            // 4 bits (GpuCache takes 2 or 4): words of 8 values, indices known at compile time so
-            // that v stays in registers.
-            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / 8);
+            u32 slot[2][8] = {{0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u}, {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u}};
 #pragma unroll
-            for (int w0 = 0; w0 < 32; w0 += 8) {
-                u32 word = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++) word |= quantize_value(v[w0 + j], gp, 4) << (4 * j);
-                c.vq[vq + (gi * G + q0 + w0) / 8] = word;
-            }
+            for (int i = 0; i < 32; i++) slot[i >> 4][i & 7] |= quantize_value(v[i], gp, 4) << (4 * ((i >> 3) & 1));
+            for (int hm = 0; hm < 2; hm++)
+                for (int sl = 0; sl < 8; sl++)
+                    store_byte(c.vq + vq + value_word<4>(D, b, ch0 + 16 * hm + sl), value_shift<4>(b, ch0 + sl) / 8,
+                               slot[hm][sl]);
         }
     }
     const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
@@ -404,8 +411,8 @@ __device__ __forceinline__ void quantize_value_group(const CacheBufs& c, int slo
 // shuffles. With one thread per group (quantize_value_group) a decode step's CTA ran a serial
 // chain of ~3400 instructions in one warp: 9.1 us per Mistral-7B layer at B = 1, now 5.4
 // (Nsight Compute, docs/benchmarks.md "CUDA end-to-end (H200)" -> "Session 28"). Thread j of a
-// 32-channel chunk owns whole output bytes / words: 2-bit, slots 2j and 2j+1 (channels
-// 2j + {0,1} + 8k, value2_word's interleaved layout); 4-bit, word j (channels 8j .. 8j+7).
+// 32-channel chunk owns whole output bytes: slots 2j and 2j+1 (channels 2j + {0,1} + 8k,
+// value_word's interleaved layout; 4-bit: of both planes).
 __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slot, int n0, int tok_off, int p,
                                                      const float* vnew) {
     const int D = c.head_dim, G = c.group, gpt = D / G, bits = c.v_bits;
@@ -427,7 +434,7 @@ __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slo
             const float* src = vnew + ((u64)(tok_off + p - n0) * c.n_kv + h) * D;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                const int ch = ch0 + (bits == 2 ? 2 * j + 8 * k : 8 * j + 2 * k);
+                const int ch = ch0 + 2 * j + 8 * k;
                 if (old) {
                     const u32 w = *(const u32*)(c.vwin + vwin + ch);
                     v[2 * k] = h2f((u16)w);
@@ -450,6 +457,8 @@ __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slo
         }
         if (!live) continue;
         const GroupParams gp = group_params(mn, mx, bits);
+        const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
+        const int sl = ch0 + 2 * j;
         if (bits == 2) {
             u32 lo = 0u, hi = 0u;  // slots 2j and 2j + 1
 #pragma unroll
@@ -457,14 +466,17 @@ __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slo
                 lo |= quantize_value(v[2 * k], gp, 2) << (2 * k);
                 hi |= quantize_value(v[2 * k + 1], gp, 2) << (2 * k);
             }
-            const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
-            store_byte(c.vq + vq + value2_word(D, b, ch0 + 2 * j), value2_shift(D, b, ch0 + 2 * j) / 8, lo);
-            store_byte(c.vq + vq + value2_word(D, b, ch0 + 2 * j + 1), value2_shift(D, b, ch0 + 2 * j + 1) / 8, hi);
+            store_byte(c.vq + vq + value_word<2>(D, b, sl), value_shift<2>(b, sl) / 8, lo);
+            store_byte(c.vq + vq + value_word<2>(D, b, sl + 1), value_shift<2>(b, sl + 1) / 8, hi);
         } else {
-            u32 word = 0u;
+            // Value pair k = 2 hm + r: bits 4 r of plane hm's bytes of slots 2j, 2j + 1.
 #pragma unroll
-            for (int e = 0; e < 8; e++) word |= quantize_value(v[e], gp, 4) << (4 * e);
-            c.vq[blk * c.vq_block + (u64)h * c.vq_head + (u64)b * (D / 8) + (ch0 + 8 * j) / 8] = word;
+            for (int hm = 0; hm < 2; hm++) {
+                const u32 lo = quantize_value(v[4 * hm], gp, 4) | quantize_value(v[4 * hm + 2], gp, 4) << 4;
+                const u32 hi = quantize_value(v[4 * hm + 1], gp, 4) | quantize_value(v[4 * hm + 3], gp, 4) << 4;
+                store_byte(c.vq + vq + value_word<4>(D, b, sl + 16 * hm), value_shift<4>(b, sl) / 8, lo);
+                store_byte(c.vq + vq + value_word<4>(D, b, sl + 16 * hm + 1), value_shift<4>(b, sl + 1) / 8, hi);
+            }
         }
         if (t % lanes == 0) {
             const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + ch0 / G;
@@ -822,28 +834,17 @@ __device__ __forceinline__ void raw_to_float(const u32 (&r)[CPL], bool is_f32, f
 
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core path for whole quantized blocks (mma.sync m16n8k16: f16 operands, f32
-// accumulation). The codes are the A operand: one PRMT pairs 16 bits of two code words, one LOP3
-// per f16 pair puts two codes under a magic exponent (1024 + 2^(BITS j) c, exact), one HFMA2
-// brings back c exactly and one more dequantizes it (c s + m, rounded once to f16, as the f16
-// cache stores a row). Codes stay in the CPU packing: a register pairs two rows of the A tile
-// that share a k index, and the tile's row/column order is chosen to match the words. The B
-// operand is the query (keys) or the softmax weights (values), split into f16 hi + lo parts in
-// columns 2h and 2h + 1 of head h (up to 4 heads in the 8 columns), so neither is rounded to
-// f16: lane t of each quad ends with head t's two parts in c0/c1 and c2/c3 and adds them.
-// One-head CTAs take the integer path instead (IMMA_KEYS, IMMA_VALUES below: u8 codes into
-// mma.sync m16n8k32, the scales folded into a 16-bit fixed-point B operand); several-head CTAs
-// (GQA) keep this one, whose dequantized A serves all their heads at once.
+// Tensor-core paths. The f16 cache's blocks go through mma.sync m16n8k16 as they are stored,
+// the query (keys) or the softmax weights (values) as the B operand split into f16 hi + lo parts
+// in columns 2h and 2h + 1 of head h (up to 4 heads in the 8 columns), so neither is rounded to
+// f16: lane t of each quad ends with head t's two parts in c0/c1 and c2/c3 and adds them. The
+// quantized blocks go through mma.sync m16n8k32 as u8 codes, the scales folded into a 16-bit
+// fixed-point B operand (tc_key_block_i8 and the rest below).
 
 #ifndef KIVI_EMU
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 r;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-    return r;
-}
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-    u32 r;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
 // f16 pair, `lo` in the low half.
@@ -858,12 +859,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], u32 a0, u32 a1, u32 a2,
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// (a & b) | c in one LOP3 (with two immediate constants the compiler emits an AND and an OR).
-__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
-    u32 r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-    return r;
-}
 #endif  // KIVI_EMU
 
 // Part 0 (hi = f16(x)) or part 1 (x - hi, exact in f32; rounded to f16 when packed) of x.
@@ -877,120 +872,13 @@ __device__ __forceinline__ u32 split_bits(float x) {
     return (u32)hi | ((u32)f2h(x - h2f(hi)) << 16);
 }
 
-// Quantized keys of KV head `kvh` in pool block `blk`, at block-relative position `b`: the
-// codes of its 32-token sub-tile (WPD words per channel, channel-major) ...
-template <int D, int WPD>
-__device__ __forceinline__ const u32* key_tile_words(const CacheBufs& c, int kvh, u64 blk, int b) {
-    return c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + (u64)(b / 32) * (D * WPD);
-}
-// ... and the offset of its group's per-channel scales and mins (in c.ks / c.km).
-template <int D>
-__device__ __forceinline__ u64 key_group_scales(const CacheBufs& c, int kvh, u64 blk, int b) {
-    return blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
-}
 
-// Codes [E k, E k + E) (E = 8 / BITS; byte k = 0..3) of words wa and wb as exact f16 pairs (wa's
-// code in the low half).
-template <int BITS>
-__device__ __forceinline__ void unpack_byte(u32 wa, u32 wb, int k, u32 (&r)[8 / BITS]) {
-    // Byte k of wa in the low half, byte k of wb in the high half: one PRMT, no shift.
-    const u32 x = prmt(wa, wb, (u32)k | ((u32)(k + 4) << 8));
-#pragma unroll
-    for (int j = 0; j < 8 / BITS; j++) {
-        const int sh = BITS * j;
-        const u32 h = and_or(x, (((1u << BITS) - 1) * 0x00010001u) << sh, 0x64006400u);
-        // h = 1024 + 2^sh c; h 2^-sh - 2^(10 - sh) = c (f16 bits of 2^e: 0x3c00 + (e << 10)).
-        const u32 scale = (0x3c00u - (sh << 10)) * 0x00010001u;
-        const u32 off = (0x8000u | (0x3c00u + ((10 - sh) << 10))) * 0x00010001u;
-        r[j] = hfma2(h, scale, off);
-    }
-}
-
-// k-steps unrolled in the tensor-core key block loop: one-head CTAs 2 of 8, as fully unrolled the
-// loop (~1100 instructions, 17 KiB) made instruction fetch the kernel's first stall (Nsight
-// Compute, MHA B = 32 T = 32K KIVI-2); measured on the H200: MHA B = 32 T = 32K KIVI-2 1573 ->
-// 1437 us, KIVI-4 1744 -> 1571, B = 1024 T = 330 KIVI-4 937 -> 864 (1 and 4 slower). Several-head
-// CTAs (GQA) stay fully unrolled: partly unrolled they measured 6-11 % slower.
-#ifndef KEY_UNROLL_ONE_HEAD
-#define KEY_UNROLL_ONE_HEAD 2
-#endif
-#ifndef KEY_UNROLL_HEADS
-#define KEY_UNROLL_HEADS 8
-#endif
-
-// Scores of one whole quantized key block (128 positions from pb, pool block blk) for the
-// CTA's NG heads, by one warp. Lane (g, t) = (lane / 4, lane % 4) holds the block's tokens
-// 16g..16g+15 (m-tile M: row g = token 16g + 2M, row g + 8 = token 16g + 2M + 1) and, in the
-// 16-channel k-step, channels 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). qf: the query's
-// B fragments [D / 16][32].
-template <int D, int KB, int NG>
-__device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                             int valid, const uint2* qf, float* sc, int lane) {
-    static_assert(KB == 4, "2-bit keys are interleaved: tc_key_block_i8, tc_key_block_heads");
-    const CacheBufs& c = P.c;
-    constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
-    constexpr int WL = KB / 2;  // of which the lane's 16 tokens
-    const int g = lane >> 2, t = lane & 3;
-    const u32* kq = key_tile_words<D, WPD>(c, kvh, blk, 16 * g) + (g & 1) * WL;
-    const u64 sm = key_group_scales<D>(c, kvh, blk, 16 * g);
-    const u16* ks = c.ks + sm;
-    const u16* km = c.km + sm;
-    float acc[8][4];
-#pragma unroll
-    for (int m = 0; m < 8; m++)
-#pragma unroll
-        for (int x = 0; x < 4; x++) acc[m][x] = 0.0f;
-#pragma unroll(NG == 1 ? KEY_UNROLL_ONE_HEAD : KEY_UNROLL_HEADS)
-    for (int kstep = 0; kstep < D / 16; kstep++) {
-        const int ca = 16 * kstep + 2 * t, cb = ca + 8;
-        u32 wa0[WL], wa1[WL], wb0[WL], wb1[WL];
-#pragma unroll
-        for (int w = 0; w < WL; w++) {
-            wa0[w] = kq[ca * WPD + w];
-            wa1[w] = kq[(ca + 1) * WPD + w];
-            wb0[w] = kq[cb * WPD + w];
-            wb1[w] = kq[(cb + 1) * WPD + w];
-        }
-        const u32 sa = *(const u32*)(ks + ca), ma = *(const u32*)(km + ca);
-        const u32 sb = *(const u32*)(ks + cb), mb = *(const u32*)(km + cb);
-        const uint2 b = qf[kstep * 32 + lane];
-#pragma unroll
-        for (int w = 0; w < WL; w++)
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                u32 ra[8 / KB], rb[8 / KB];
-                unpack_byte<KB>(wa0[w], wa1[w], k, ra);
-                unpack_byte<KB>(wb0[w], wb1[w], k, rb);
-#pragma unroll
-                for (int j = 0; j < 8 / KB; j += 2) {
-                    const int m = (w * (32 / KB) + k * (8 / KB) + j) / 2;
-                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
-                              hfma2(rb[j + 1], sb, mb), b.x, b.y);
-                }
-            }
-    }
-    // c0 + c1: head t, token 16g + 2M; c2 + c3: token 16g + 2M + 1. Only the block's first
-    // `valid` tokens are quantized keys (the rest of a partial block: other paths' positions).
-    if (t < NG) {
-        float* row = sc + t * P.sc_stride + (pb - s0) + 16 * g;
-#pragma unroll
-        for (int m = 0; m < 8; m++) {
-            if (16 * g + 2 * m < valid) row[2 * m] = (acc[m][0] + acc[m][1]) * P.scale_log2;
-            if (16 * g + 2 * m + 1 < valid) row[2 * m + 1] = (acc[m][2] + acc[m][3]) * P.scale_log2;
-        }
-    }
-}
-
-// ---- Integer tensor-core keys (IMMA_KEYS): the codes go into mma.sync m16n8k32 as the u8
-// integers they are, with no conversion to f16 at all; the scales go into the B operand
-// instead (q s per channel and 32-token quarter of the block, as 16-bit fixed point split into
-// two s8 columns), and the mins' term q . m is added per quarter. Per block and lane this is
-// ~890 SASS instructions where the f16 path takes ~1085: each code pair there is a LOP3 and
-// two HFMA2, here four codes are a quarter of a PRMT, a shift and a LOP3; building the B
-// operand (~300) is the new cost. One-head CTAs only.
-#ifndef IMMA_KEYS
-#define IMMA_KEYS 1
-#endif
+// ---- Integer tensor-core keys: the codes go into mma.sync m16n8k32 as the u8 integers they
+// are, with no conversion to f16 at all; the scales go into the B operand instead (q s per
+// channel and 32-token quarter of the block, as 16-bit fixed point split into two s8 columns),
+// and the mins' term q . m is added per quarter. (Dequantizing the codes to f16 pairs for
+// mma.sync m16n8k16 took ~1085 SASS instructions per block and lane, this ~890 with the plain
+// 4-bit packing of session 12.)
 
 // 1: the integer paths' 2-bit A operands are the code bits masked where they lie in the word,
 // c 2^s for a code s bits up (s <= 6: at most 192, still a u8), not shifted down first: one LOP3
@@ -998,14 +886,14 @@ __device__ __forceinline__ void tc_key_block(const AttnParams& P, int kvh, u64 b
 // so the row's sums come out times 2^s, and the factor that turns them into floats divides it
 // out (unshift below; exact, a power of two). Measured on the H200 (µs, shifted -> in place):
 // MHA B = 32 T = 32K KIVI-2 1027 / 1020 -> 956 / 964, B = 1024 T = 330 KIVI-2 R = 32 528 -> 499.
-// MASK_IN_PLACE4: the same for 4-bit codes (s = 4, at most 240); it moved the 4-bit four-warp
-// kernel's spills (44 / 84 -> 48 / 92 B) and measured slower (MHA B = 32 T = 32K KIVI-4 1411 /
-// 1398 -> 1461 / 1456), so it is off.
+// MASK_IN_PLACE4: the same for 4-bit codes (s = 4, at most 240). With the plain 4-bit packing
+// (before the planes of key_word) it moved the four-warp kernel's spills (44 / 84 -> 48 / 92 B)
+// and measured slower (MHA B = 32 T = 32K KIVI-4 1411 / 1398 -> 1461 / 1456).
 #ifndef MASK_IN_PLACE
 #define MASK_IN_PLACE 1
 #endif
 #ifndef MASK_IN_PLACE4
-#define MASK_IN_PLACE4 0
+#define MASK_IN_PLACE4 1
 #endif
 // Code mask `mask` (a code's bits at bit 0 of each byte) of word x at bit s: x & (mask << s)
 // in place, else (x >> s) & mask.
@@ -1062,26 +950,13 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES4
 #define STAGE_CODES4 1
 #endif
-// Words of padding after each 32-token 4-bit key sub-tile in the staged copy: 4 puts lane (g, t)'s
-// code words of sub-tiles g / 2 in different banks (two lanes per bank, where four were).
-// Measured on the H200 (µs, MHA B = 32 T = 32K, 0 -> 4): KIVI-2 871 / 864 -> 847 / 848, KIVI-4
-// 1320 / 1318 -> 1266 / 1266. (Reading the value tokens in a transposed order, t + 4 i instead
-// of 4 t + i, spread their banks too but made the B operand's scale loads scattered: KIVI-2
-// 900 / 904, KIVI-4 1428 / 1429.)
-#ifndef KEY_STAGE_PAD
-#define KEY_STAGE_PAD 4
-#endif
-// Words of padding after every 128 bytes of staged 4-bit value codes: lane (g, t)'s words of
-// tokens 4 t + i then fall in different banks (2-bit codes, before they were interleaved: 8
-// words, g + 8 t + 32 i + 8 k instead of g + 32 t + ..., four lanes per bank).
-// Interleaved 2-bit codes (key2_word, value2_word), staged: words of padding after each quad's
-// row (keys: 32 words; values: D / 4), so that the eight 16-byte loads of a quarter-warp
-// (lanes (g, t), g < 2) fall in different banks: 8 t + 4 g (keys, D = 128 values) apart.
+// Staged interleaved codes (key_word, value_word): words of padding after each quad's row
+// (keys: 32 words; values: D / 4), so that the eight 16-byte loads of a quarter-warp (lanes
+// (g, t), g < 2) fall in different banks: 8 t + 4 g (keys, D = 128 values) apart. (With the
+// plain 4-bit packing, 4 words after each 32-token key sub-tile measured on the H200, MHA
+// B = 32 T = 32K, 0 -> 4: KIVI-2 871 / 864 -> 847 / 848, KIVI-4 1320 / 1318 -> 1266 / 1266.)
 #ifndef STAGE2_PAD
 #define STAGE2_PAD 8
-#endif
-#ifndef VALUE_STAGE_PAD4
-#define VALUE_STAGE_PAD4 4
 #endif
 
 #ifndef KIVI_EMU
@@ -1105,6 +980,8 @@ __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
                      : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// The 128-byte line at p into L2.
+__device__ __forceinline__ void prefetch_l2_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Waits until at most N of the thread's committed groups are in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -1128,16 +1005,6 @@ __device__ __forceinline__ void warp_copy_async(SmemAddr dst, const u32* src, in
     static_assert(BYTES % (16 * 32) == 0 && SEG % 16 == 0 && (SEG & (SEG - 1)) == 0, "whole rounds of 16 bytes");
     cp_async_rounds<0, BYTES / 512, SEG, PAD>(dst + 16 * lane + PAD * (16 * lane / SEG), (const char*)src + 16 * lane);
     cp_async_commit();
-}
-
-// x[k] = byte k of w0, w1, w2, w3 (in bytes 0..3): a 4 x 4 byte transpose in eight PRMT.
-__device__ __forceinline__ void byte_transpose(u32 w0, u32 w1, u32 w2, u32 w3, u32 (&x)[4]) {
-    const u32 lo01 = prmt(w0, w1, 0x5140u), hi01 = prmt(w0, w1, 0x7362u);
-    const u32 lo23 = prmt(w2, w3, 0x5140u), hi23 = prmt(w2, w3, 0x7362u);
-    x[0] = prmt(lo01, lo23, 0x5410u);
-    x[1] = prmt(lo01, lo23, 0x7632u);
-    x[2] = prmt(hi01, hi23, 0x5410u);
-    x[3] = prmt(hi01, hi23, 0x7632u);
 }
 
 // Sum (or max) of a[j] over the warp for j = 0..3, in 6 shuffles: lane l ends with j = (l >> 3) & 3.
@@ -1235,63 +1102,46 @@ __device__ __forceinline__ void key_b_i8(const AttnParams& P, int kvh, u64 blk, 
     __syncwarp();
 }
 
-// A lane's code words of one k-step of an integer key or value block: rows 16 e + i (e < 2,
-// i < 4) of `stride` words from `row0`, N words each (one word: shifted right by `shift`); with
-// PAD words of padding after every TPR rows (staged value codes; row0's own are in row0).
-template <int PAD = 0, int TPR = 1, int N>
-__device__ __forceinline__ void lane_code_words(const u32* row0, int stride, int shift, u32 (&w)[2][4][N]) {
-#pragma unroll
-    for (int e = 0; e < 2; e++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const u32* p = row0 + (16 * e + i) * stride + PAD * ((16 * e + i) / TPR);
-            if constexpr (N == 1) {
-                w[e][i][0] = p[0] >> shift;
-            } else {
-                const uint2 u = *(const uint2*)p;
-                w[e][i][0] = u.x;
-                w[e][i][N - 1] = u.y;
-            }
-        }
+// The A register of rows g (r = 0) or g + 8 (r = 1) of m-tile 2k + hm of a block's interleaved
+// codes (key_word, value_word), from the lane's words x[plane][quarter k]: 2-bit, bits 2 (2 hm +
+// r) of each byte; 4-bit, bits 4 r of plane hm's. a_shift: the bit the codes are left at (the
+// row's sums come out times 2^a_shift, see unshift).
+template <int BITS>
+__device__ __forceinline__ constexpr int a_shift(int hm, int r) {
+    return BITS == 2 ? 4 * hm + 2 * r : 4 * r;
 }
-// tc_key_block for one-head CTAs on the integer tensor cores (IMMA_KEYS). Lane (g, t) holds the
-// block's tokens 16g..16g + 15 as tc_key_block (m-tile M: row g = token 16g + 2M, row g + 8 =
-// token 16g + 2M + 1) and, in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
-// (a2, a3): words whose byte i is channel i's codes of a few tokens (2-bit: as stored; 4-bit: a
-// byte_transpose of four channels' words), where a mask (code_bits) picks one token's four
-// codes. Column 2j + part of the result is quarter j's part, so lane (g, t) holds its rows'
-// scores when t = g / 2.
+template <int BITS>
+__device__ __forceinline__ u32 a_code(const u32 (&x)[BITS / 2][4], int k, int hm, int r) {
+    if constexpr (BITS == 2)
+        return code_bits<2>(x[0][k], 0x03030303u, a_shift<2>(hm, r));
+    else
+        return code_bits<4>(x[hm][k], 0x0f0f0f0fu, a_shift<4>(hm, r));
+}
+
+// tc_key_block for one-head CTAs on the integer tensor cores. Lane (g, t) holds slot g of the
+// block's interleaved codes (key_word): in m-tile m = 2k + hm (tokens 32k + 16hm + [0, 16)),
+// rows g and g + 8, and in the 32-channel k-step, channels 4t..4t + 3 (a0, a1) and 16 + 4t..
+// (a2, a3): the bytes of its words, one mask each (a_code). Column 2j + part of the result is
+// quarter j's part, so lane (g, t) holds the scores of m-tiles 2t and 2t + 1.
 template <int D, int KB, bool STAGED = false>
 __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                 int qshift, const float* sq, u32* bbuf, float* sc, int lane,
                                                 u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
-    constexpr int WPD = KB;     // words per channel of a 32-token sub-tile
-    constexpr int WL = KB / 2;  // of which the lane's 16 tokens
+    constexpr int NP = KB / 2;  // code planes
     const int g = lane >> 2, t = lane & 3;
-    // The lane's first word; every load below is at a constant offset from it. STAGED: in the
-    // warp's copy of the block's codes (see STAGE_CODES), started here.
+    // The lane's slot g of channel quads 8 k + t (+ 4): quad rows of QS words (STAGE2_PAD words
+    // of padding after each in the staged copy), planes of PS words. Every load below is at a
+    // constant offset from kq. STAGED: in the warp's copy of the block's codes (STAGE_CODES),
+    // started here.
+    constexpr int QS = STAGED ? 32 + STAGE2_PAD : 32, PS = D / 4 * QS;
+    const u32* words = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head;
     const u32* kq;
-    if constexpr (KB == 2) {
-        // Interleaved (key2_word): the lane's slot g of channel quads 8 k + t (+ 4), with
-        // STAGE2_PAD words of padding after every quad's 32 in the staged copy.
-        const u32* words = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head;
-        if constexpr (STAGED) {
-            warp_copy_async<BLOCK_TOKENS * D * KB / 8, 128, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
-            kq = cbuf + t * (32 + STAGE2_PAD) + 4 * g;
-        } else {
-            kq = words + t * 32 + 4 * g;
-        }
+    if constexpr (STAGED) {
+        warp_copy_async<BLOCK_TOKENS * D * KB / 8, 128, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
+        kq = cbuf + t * QS + 4 * g;
     } else {
-        const u32* tile;  // the lane's 32-token sub-tile
-        if constexpr (STAGED) {
-            warp_copy_async<BLOCK_TOKENS * D * KB / 8, D * WPD * 4, KEY_STAGE_PAD * 4>(
-                smem_addr(cbuf), key_tile_words<D, WPD>(c, kvh, blk, 0), lane);
-            tile = cbuf + (16 * g / 32) * (D * WPD + KEY_STAGE_PAD);
-        } else {
-            tile = key_tile_words<D, WPD>(c, kvh, blk, 16 * g);
-        }
-        kq = tile + ((g & 1) * WL + 4 * t * WPD);
+        kq = words + t * QS + 4 * g;
     }
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
@@ -1306,8 +1156,7 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 // k-steps unrolled: 2-bit two at a time (all 4 measured best with the plain layout, 1: MHA B = 32
 // T = 32K 1018 -> 1064 us; with the interleaved codes all 4 spill in the loop: 792 -> 831 us,
-// session 19), 4-bit two at a time (all: 1481 us, one: 1415, two: 1379 in another call where
-// one took 1397).
+// session 19).
 #ifndef KEY_I8_UNROLL
 #define KEY_I8_UNROLL 2
 #endif
@@ -1317,80 +1166,39 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
 #pragma unroll(KB == 2 ? KEY_I8_UNROLL : KEY_I8_UNROLL_K4)
     for (int kstep = 0; kstep < D / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
-        u32 w[2][4][WL];
-        if constexpr (KB == 2) {
-            // Channels 32 kstep + 16 e + 4 t + i: quad 8 kstep + 4 e + t.
-            constexpr int QS = STAGED ? 32 + STAGE2_PAD : 32;
+        // Channels 32 kstep + 16 e + 4 t + i: quad 8 kstep + 4 e + t; word k: quarter k.
+        u32 xa[NP][4], xb[NP][4];
+#pragma unroll
+        for (int hp = 0; hp < NP; hp++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const uint4 u = *(const uint4*)(kq + (8 * kstep + 4 * e) * QS);
-                w[e][0][0] = u.x;
-                w[e][1][0] = u.y;
-                w[e][2][0] = u.z;
-                w[e][3][0] = u.w;
-            }
-        } else {
-            lane_code_words(kq + 32 * kstep * WPD, WPD, 0, w);
-        }
-#pragma unroll
-        for (int x = 0; x < WL; x++) {
-            u32 xa[4], xb[4];
-            if constexpr (KB == 2) {
+                const uint4 u = *(const uint4*)(kq + hp * PS + (8 * kstep + 4 * e) * QS);
+                const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
-                    xa[k] = w[0][k][x];  // (stored transposed, key2_word)
-                    xb[k] = w[1][k][x];
-                }
-            } else {
-                byte_transpose(w[0][0][x], w[0][1][x], w[0][2][x], w[0][3][x], xa);
-                byte_transpose(w[1][0][x], w[1][1][x], w[1][2][x], w[1][3][x], xb);
-            }
-            if constexpr (KB == 2) {
-                // xa[k] byte i: channel 4t + i's tokens 4k..4k + 3 (2 bits each): token 4k + s
-                // is m-tile 2k + s / 2, row g + 8 (s & 1).
-#pragma unroll
-                for (int m = 0; m < 8; m++) {
-                    const int k = m >> 1, sh = 4 * (m & 1);
-                    constexpr u32 M2 = 0x03030303u;
-                    imma_16832(acc[m], code_bits<2>(xa[k], M2, sh), code_bits<2>(xa[k], M2, sh + 2),
-                               code_bits<2>(xb[k], M2, sh), code_bits<2>(xb[k], M2, sh + 2), b.x, b.y);
-                }
-            } else {
-                // Word x: tokens 8x..8x + 7; xa[k] byte i: channel 4t + i's tokens 8x + 2k (low
-                // nibble) and 8x + 2k + 1: m-tile 4x + k.
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    constexpr u32 M4 = 0x0f0f0f0fu;
-                    imma_16832(acc[4 * x + k], xa[k] & M4, code_bits<4>(xa[k], M4, 4), xb[k] & M4,
-                               code_bits<4>(xb[k], M4, 4), b.x, b.y);
+                    if (e)
+                        xb[hp][k] = w[k];
+                    else
+                        xa[hp][k] = w[k];
                 }
             }
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            const int k = m >> 1, hm = m & 1;
+            imma_16832(acc[m], a_code<KB>(xa, k, hm, 0), a_code<KB>(xa, k, hm, 1), a_code<KB>(xb, k, hm, 0),
+                       a_code<KB>(xb, k, hm, 1), b.x, b.y);
         }
     }
-    // Only the block's first `valid` tokens are quantized keys. (The rows' code shifts: 2 bits,
-    // row g of m-tile m 4 (m & 1), row g + 8 two more; 4 bits, row g + 8 four.)
-    if constexpr (KB == 2) {
-        // Interleaved: m-tile m is tokens 32 (m / 2) + 16 (m & 1) + [0, 16) of quarter m / 2,
-        // whose columns lane (g, t) holds when t = m / 2.
-        float* row = sc + (pb - s0) + g;
+    // Only the block's first `valid` tokens are quantized keys. M-tile m is tokens 32 (m / 2) +
+    // 16 (m & 1) + [0, 16) of quarter m / 2, whose columns lane (g, t) holds when t = m / 2.
+    float* row = sc + (pb - s0) + g;
 #pragma unroll
-        for (int m = 0; m < 8; m++) {
-            const int b = 16 * m, sh = 4 * (m & 1);
-            if ((m >> 1) == t && b + g < valid)
-                row[b] = (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<KB>(sh)) + bias;
-            if ((m >> 1) == t && b + g + 8 < valid)
-                row[b + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<KB>(sh + 2)) + bias;
-        }
-    } else if (t == (g >> 1)) {
-        float* row = sc + (pb - s0) + 16 * g;
-#pragma unroll
-        for (int m = 0; m < 8; m++) {
-            const int sh = KB == 2 ? 4 * (m & 1) : 0, sh8 = KB == 2 ? sh + 2 : 4;
-            if (16 * g + 2 * m < valid)
-                row[2 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<KB>(sh)) + bias;
-            if (16 * g + 2 * m + 1 < valid)
-                row[2 * m + 1] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<KB>(sh8)) + bias;
-        }
+    for (int m = 0; m < 8; m++) {
+        const int b = 16 * m, hm = m & 1;
+        if ((m >> 1) == t && b + g < valid)
+            row[b] = (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<KB>(a_shift<KB>(hm, 0))) + bias;
+        if ((m >> 1) == t && b + g + 8 < valid)
+            row[b + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<KB>(a_shift<KB>(hm, 1))) + bias;
     }
     if constexpr (STAGED) __syncwarp();  // the buffer is read: the next block's copy may start
 }
@@ -1696,9 +1504,6 @@ __device__ __forceinline__ void f16_value_piece_row(const uint4 (&x)[D / 16], in
     }
 }
 
-// Row of a staged value block's scales or mins (one group): BLOCK_TOKENS plus 8 words of padding,
-// so that the 4 groups read by a warp fall in different banks.
-#define STAGE_ROW (BLOCK_TOKENS + 16)
 // 1: attention reads f16 rows in whole 8-row chunks at consecutive addresses, without
 // per-token branches (0: every token through the generic path). F16_FAST: the f16 cache's
 // rows (measured on the H200: MHA B = 32, T = 32K 4826 -> 3913 us, GQA 1724 -> 1230 us);
@@ -1710,132 +1515,8 @@ __device__ __forceinline__ void f16_value_piece_row(const uint4 (&x)[D / 16], in
 #ifndef F16_FAST_QUANT
 #define F16_FAST_QUANT 1
 #endif
-// 0: each lane loads its value scales/mins from memory (the previous path, for comparison).
-#ifndef VALUE_STAGE
-#define VALUE_STAGE 1
-#endif
 
-// Adds one whole quantized value block (128 positions from pb) weighted by the softmax to acc,
-// by one warp. Lane (g, t) holds channels g CH..g CH + CH - 1 (CH = D / 8; m-tile M: row g =
-// channel g CH + 2M, row g + 8 = channel g CH + 2M + 1) and, in the 16-token k-step, tokens
-// 2t, 2t + 1 (a0, a1) and 2t + 8, 2t + 9 (a2, a3). The weights of these tokens are stored in sc
-// as split_bits.
-template <int D, int VB, int NG>
-__device__ __forceinline__ void tc_value_block(const AttnParams& P, int kvh, u64 blk, int pb, int s0,
-                                               int valid, const float* sc, float (&acc)[D / 16][4],
-                                               u16* stage, int lane) {
-    static_assert(VB == 4, "2-bit values are interleaved: tc_value_block_i8, tc_value_block_heads");
-    const CacheBufs& c = P.c;
-    constexpr int CH = D / 8;
-    constexpr int LBITS = CH * VB;              // the lane's bits of a token: 16, 32 or 64
-    constexpr int NW = LBITS > 32 ? 2 : 1;      // words
-    constexpr int NBYTE = LBITS >= 32 ? 4 : 2;  // bytes used per word
-    constexpr int WPT = D * VB / 32;            // words per token
-    const int g = lane >> 2, t = lane & 3, hg = g >> 1;
-    const u32* vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32;
-    const int shift = (g * LBITS) % 32;
-    // The block's scales and mins ([token][group] in memory) staged in the warp's shared memory
-    // as [group][token]: one 32-bit load then gives the two adjacent tokens an A register pairs,
-    // where 16-bit loads from memory cost two loads, their 64-bit addresses and a PRMT.
-    // (Staging costs shared memory: with several heads per CTA, whose CTAs are limited by it,
-    // it measured slower for many short sequences, so only one-head CTAs stage.)
-    constexpr bool STAGE = VALUE_STAGE && NG == 1;
-    const int gpt = D / c.group;
-    // LANE_GROUP: the group whose scales the lane loads: its channels'.
-#define LANE_GROUP ((g * CH) / c.group)
-    const u16* vs;
-    const u16* vm;
-    if constexpr (STAGE) {
-        const int gshift = __ffs(gpt) - 1;
-        const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head;
-        const u32* vs32 = (const u32*)(c.vs + sm);
-        const u32* vm32 = (const u32*)(c.vm + sm);
-        // All loads first (one memory round trip per block, not one per iteration).
-        constexpr int IT = BLOCK_TOKENS * (D / 32) / 2 / 32;  // iterations at the largest gpt
-        const int n_pairs = BLOCK_TOKENS * gpt / 2;
-        u32 sw[IT], mw[IT];
-#pragma unroll
-        for (int it = 0; it < IT; it++) {
-            const int i = lane + 32 * it;
-            sw[it] = i < n_pairs ? vs32[i] : 0u;
-            mw[it] = i < n_pairs ? vm32[i] : 0u;
-        }
-        __syncwarp();  // the previous block's readers are done
-#pragma unroll
-        for (int it = 0; it < IT; it++) {
-            const int i = lane + 32 * it;
-            if (i < n_pairs) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int e = 2 * i + h, tok = e >> gshift, grp = e & (gpt - 1);
-                    stage[grp * STAGE_ROW + tok] = (u16)(sw[it] >> (16 * h));
-                    stage[(D / 32 + grp) * STAGE_ROW + tok] = (u16)(mw[it] >> (16 * h));
-                }
-            }
-        }
-        __syncwarp();
-        const int vg = LANE_GROUP;
-        vs = stage + vg * STAGE_ROW;
-        vm = stage + (D / 32 + vg) * STAGE_ROW;
-    } else {
-        const u64 sm = blk * c.vsm_block + (u64)kvh * c.vsm_head + LANE_GROUP;
-        vs = c.vs + sm;
-        vm = c.vm + sm;
-    }
-#undef LANE_GROUP
-    const u32* pw = (const u32*)(sc + min(hg, NG - 1) * P.sc_stride + (pb - s0));
-    const u32 sel = (g & 1) ? 0x7632u : 0x5410u;
-#pragma unroll 2  // (1 measured slower: MHA B = 32 T = 32K KIVI-2 1437 -> 1491 us)
-    for (int kstep = 0; kstep < BLOCK_TOKENS / 16; kstep++) {
-        const int ta = 16 * kstep + 2 * t, tb = ta + 8;
-        u32 a0[NW], a1[NW], b0[NW], b1[NW];
-#pragma unroll
-        for (int w = 0; w < NW; w++) {
-            a0[w] = vq[ta * WPT + w] >> shift;
-            a1[w] = vq[(ta + 1) * WPT + w] >> shift;
-            b0[w] = vq[tb * WPT + w] >> shift;
-            b1[w] = vq[(tb + 1) * WPT + w] >> shift;
-        }
-        // Tokens from `valid` on (a partial block's tail: unwritten codes, other paths' weights)
-        // get scale, min and weight 0, so they add exactly nothing. (Instantiating a mask-free
-        // copy for whole blocks was measured slower: 14 % at KIVI-2 R = 128, 330 tokens.)
-        const u32 keep_a = (ta < valid ? 0xffffu : 0u) | (ta + 1 < valid ? 0xffff0000u : 0u);
-        const u32 keep_b = (tb < valid ? 0xffffu : 0u) | (tb + 1 < valid ? 0xffff0000u : 0u);
-        u32 sa, ma, sb, mb;
-        if constexpr (STAGE) {
-            sa = *(const u32*)(vs + ta) & keep_a;
-            ma = *(const u32*)(vm + ta) & keep_a;
-            sb = *(const u32*)(vs + tb) & keep_b;
-            mb = *(const u32*)(vm + tb) & keep_b;
-        } else {
-            sa = ((u32)vs[ta * gpt] | ((u32)vs[(ta + 1) * gpt] << 16)) & keep_a;
-            ma = ((u32)vm[ta * gpt] | ((u32)vm[(ta + 1) * gpt] << 16)) & keep_a;
-            sb = ((u32)vs[tb * gpt] | ((u32)vs[(tb + 1) * gpt] << 16)) & keep_b;
-            mb = ((u32)vm[tb * gpt] | ((u32)vm[(tb + 1) * gpt] << 16)) & keep_b;
-        }
-        u32 bx = 0, by = 0;
-        if (hg < NG) {
-            bx = prmt(pw[ta], pw[ta + 1], sel) & keep_a;
-            by = prmt(pw[tb], pw[tb + 1], sel) & keep_b;
-        }
-#pragma unroll
-        for (int w = 0; w < NW; w++)
-#pragma unroll
-            for (int k = 0; k < NBYTE; k++) {
-                u32 ra[8 / VB], rb[8 / VB];
-                unpack_byte<VB>(a0[w], a1[w], k, ra);
-                unpack_byte<VB>(b0[w], b1[w], k, rb);
-#pragma unroll
-                for (int j = 0; j < 8 / VB; j += 2) {
-                    const int m = (w * (32 / VB) + k * (8 / VB) + j) / 2;
-                    mma_16816(acc[m], hfma2(ra[j], sa, ma), hfma2(ra[j + 1], sa, ma), hfma2(rb[j], sb, mb),
-                              hfma2(rb[j + 1], sb, mb), bx, by);
-                }
-            }
-    }
-}
-
-// Adds a warp's tensor-core value sums (tc_value_block) to its slot `wacc` ([NG][D]): c0 + c1
+// Adds a warp's f16 tensor-core value sums (tc_f16_value_block) to its slot `wacc` ([NG][D]): c0 + c1
 // of m-tile M is head t's channel g CH + 2M, c2 + c3 channel g CH + 2M + 1. (Each phase of a
 // warp writes an element of its slot from one lane; the lanes of different phases meet at the
 // __syncwarp.)
@@ -1852,13 +1533,10 @@ __device__ __forceinline__ void tc_value_store(const float (&tacc)[D / 16][4], f
     }
 }
 
-// ---- Integer tensor-core values (IMMA_VALUES), as IMMA_KEYS for the value blocks: A = the u8
-// codes (rows: channels, k: tokens), B = the softmax weight times the token's scale of the
-// column's 32-channel quarter, as a 16-bit unsigned fixed-point pair of u8 columns; the mins'
-// term p . m per quarter is added to the quarter's channels. One-head CTAs only.
-#ifndef IMMA_VALUES
-#define IMMA_VALUES 1
-#endif
+// ---- Integer tensor-core values, as the keys: A = the u8 codes (rows: channels, k: tokens),
+// B = the softmax weight times the token's scale of the column's 32-channel quarter, as a
+// 16-bit unsigned fixed-point pair of u8 columns; the mins' term p . m per quarter is added to
+// the quarter's channels.
 
 // Fixed-point range of the value B operand: v <= VAL_FIX (< 65536 with the approximate divide).
 #define VAL_FIX 65000.0f
@@ -1961,47 +1639,31 @@ __device__ __forceinline__ void value_b_i8(const AttnParams& P, int kvh, u64 blk
     __syncwarp();
 }
 
-// tc_value_block for one-head CTAs on the integer tensor cores (IMMA_VALUES): adds value block
-// blk's weighted sum to vacc (lane (g, t) with t = the quarter of its channels: channels gCH
-// + 2M (vacc[M][0]) and gCH + 2M + 1 (vacc[M][1]), CH = D / 8). In the 32-token k-step the
-// lane takes tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3): words whose byte i is token
-// i's codes of a few channels (2-bit: as stored; 4-bit: a byte_transpose of four tokens' words).
+// tc_value_block for one-head CTAs on the integer tensor cores: adds value block blk's weighted
+// sum to vacc. Lane (g, t) holds slot g of the block's interleaved codes (value_word): in m-tile
+// m = 2k + hm (channels 32k + 16hm + [0, 16)), rows g (vacc[m][0]) and g + 8 (vacc[m][1]), and
+// in the 32-token k-step, tokens 4t..4t + 3 (a0, a1) and 16 + 4t.. (a2, a3). Its results are
+// quarter t's (tc_value_store_i8).
 template <int D, int VB, bool STAGED = false>
 __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                   const float* sc, u32* bbuf, float (&vacc)[D / 16][2], int lane,
                                                   u32* cbuf = nullptr) {
     const CacheBufs& c = P.c;
-    constexpr int CH = D / 8;
-    constexpr int LBITS = CH * VB;          // the lane's bits of a token: 16, 32 or 64
-    constexpr int NW = LBITS > 32 ? 2 : 1;  // words
-    constexpr int NK = LBITS >= 32 ? 4 : 2; // bytes used per word
-    constexpr int WPT = D * VB / 32;        // words per token
-    constexpr int FPB = 8 / VB;             // codes per byte
-    constexpr u32 MASK = VB == 2 ? 0x03030303u : 0x0f0f0f0fu;
+    constexpr int NP = VB / 2;  // code planes
     const int g = lane >> 2, t = lane & 3;
-    const int shift = (g * LBITS) % 32;
-    // STAGED 4-bit codes: VPAD words of padding after every TPR tokens (128 bytes).
-    constexpr int VPAD = STAGED && VB == 4 ? VALUE_STAGE_PAD4 : 0, TPR = 32 / WPT;
+    // The lane's slot g of token quads 8 k + t (+ 4): quad rows of QW words (D / 4, plus
+    // STAGE2_PAD when staged), planes of PS words; D = 64: a 16-byte load holds slots g & ~1 and
+    // g | 1 (slot_half: the lane's is the second).
+    constexpr int QW = D / 4 + (STAGED ? STAGE2_PAD : 0), PS = 32 * QW;
+    const int slot_word = 4 * ((g * (D / 4)) / 32);
+    const bool slot_half = (g * (D / 4)) % 32 != 0;
+    const u32* words = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
     const u32* vq;
-    // Interleaved 2-bit codes (value2_word): the lane's slot g of token quads 8 k + t (+ 4),
-    // rows of QW words (D / 4) plus STAGE2_PAD when staged.
-    constexpr int QW = D / 4 + (STAGED ? STAGE2_PAD : 0);
-    const int slot_word = 4 * ((g * (D / 4)) / 32), slot_shift = (g * (D / 4)) % 32;
-    if constexpr (VB == 2) {
-        const u32* words = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head;
-        if constexpr (STAGED) {
-            warp_copy_async<BLOCK_TOKENS * D * VB / 8, D, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
-            vq = cbuf + t * QW + slot_word;
-        } else {
-            vq = words + t * QW + slot_word;
-        }
-    } else if constexpr (STAGED) {  // as in tc_key_block_i8
-        warp_copy_async<BLOCK_TOKENS * D * VB / 8, 128, 4 * VPAD>(smem_addr(cbuf),
-                                                              c.vq + blk * c.vq_block + (u64)kvh * c.vq_head, lane);
-        // (4 t + i + 16 e) / TPR = 4 t / TPR + (i + 16 e) / TPR: TPR <= 8 and i < 4.
-        vq = cbuf + (g * LBITS) / 32 + (4 * t) * WPT + VPAD * (4 * t / TPR);
+    if constexpr (STAGED) {
+        warp_copy_async<BLOCK_TOKENS * D * VB / 8, D, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
+        vq = cbuf + t * QW + slot_word;
     } else {
-        vq = c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + (g * LBITS) / 32 + (4 * t) * WPT;
+        vq = words + t * QW + slot_word;
     }
     float fac, bias;
     value_b_i8<D>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
@@ -2021,81 +1683,56 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
 #pragma unroll VALUE_I8_UNROLL
     for (int kstep = 0; kstep < BLOCK_TOKENS / 32; kstep++) {
         const uint2 b = ((const uint2*)bbuf)[kstep * 32 + lane];
-        u32 w[2][4][NW];
-        if constexpr (VB == 2) {
+        // x[e][plane][k]: word k (quarter k) of the lane's slot, token quad 8 kstep + 4 e + t.
+        u32 xa[NP][4], xb[NP][4];
+#pragma unroll
+        for (int hp = 0; hp < NP; hp++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const uint4 u = *(const uint4*)(vq + (8 * kstep + 4 * e) * QW);
-                w[e][0][0] = u.x;
-                w[e][1][0] = u.y;
-                w[e][2][0] = u.z;
-                w[e][3][0] = u.w;
+                const uint4 u = *(const uint4*)(vq + hp * PS + (8 * kstep + 4 * e) * QW);
+                const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const u32 v = slot_half ? w[(k + 2) & 3] : w[k];
+                    if (e)
+                        xb[hp][k] = v;
+                    else
+                        xa[hp][k] = v;
+                }
             }
-        } else {
-            lane_code_words<VPAD, TPR>(vq + 32 * kstep * (WPT + VPAD / TPR), WPT, shift, w);
-        }
-        // x[e][word][k] byte i: token 16e + i's codes of the lane's channels (32 word + 8 k) / VB ..
-        // (2-bit: as stored, value2_word, D = 64 the words of the lane's slot half; 4-bit: a
-        // byte_transpose of four tokens' words).
-        u32 x[2][NW][4];
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            if constexpr (VB == 2) {
-#pragma unroll
-                for (int k = 0; k < 4; k++) x[e][0][k] = slot_shift ? w[e][(k + 2) & 3][0] : w[e][k][0];
-            } else {
-#pragma unroll
-                for (int n = 0; n < NW; n++) byte_transpose(w[e][0][n], w[e][1][n], w[e][2][n], w[e][3][n], x[e][n]);
-            }
-        }
-        // Channel cl = (32 n + 8 k) / VB + s of the lane's: m-tile cl / 2, row g + 8 (cl & 1).
 #pragma unroll
         for (int m = 0; m < D / 16; m++) {
-            const int c0 = 2 * m, c1 = 2 * m + 1;
-            const int n0 = c0 / (32 / VB), k0 = (c0 % (32 / VB)) / FPB, s0b = VB * (c0 % FPB);
-            const int n1 = c1 / (32 / VB), k1 = (c1 % (32 / VB)) / FPB, s1b = VB * (c1 % FPB);
-            static_assert(NK * FPB * NW >= CH, "the lane's channels");
-            imma_16832_uu(acc[m], code_bits<VB>(x[0][n0][k0], MASK, s0b), code_bits<VB>(x[0][n1][k1], MASK, s1b),
-                          code_bits<VB>(x[1][n0][k0], MASK, s0b), code_bits<VB>(x[1][n1][k1], MASK, s1b), b.x, b.y);
+            const int k = m >> 1, hm = m & 1;
+            imma_16832_uu(acc[m], a_code<VB>(xa, k, hm, 0), a_code<VB>(xa, k, hm, 1), a_code<VB>(xb, k, hm, 0),
+                          a_code<VB>(xb, k, hm, 1), b.x, b.y);
         }
     }
-    // (Row g of m-tile m is channel 2m of the lane's, row g + 8 channel 2m + 1: their codes'
-    // shifts in the byte, as above.)
 #pragma unroll
     for (int m = 0; m < D / 16; m++) {
-        const int s0b = VB * ((2 * m) % FPB), s1b = VB * ((2 * m + 1) % FPB);
-        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<VB>(s0b)) + bias;
-        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<VB>(s1b)) + bias;
+        const int hm = m & 1;
+        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac * unshift<VB>(a_shift<VB>(hm, 0))) + bias;
+        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac * unshift<VB>(a_shift<VB>(hm, 1))) + bias;
     }
     if constexpr (STAGED) __syncwarp();
 }
 
-// Adds a warp's tc_value_block_i8 sums to its slot `wacc` ([D]): lane (g, t) holds them when t
-// is the quarter of its channels.
-template <int D, int VB>
+// Adds a warp's tc_value_block_i8 sums to its slot `wacc` ([D]): m-tile m is channels 16 m +
+// [0, 16) of quarter m / 2 (rows g, g + 8), whose sums lane (g, t) holds when t = m / 2.
+template <int D>
 __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2], float* wacc, int lane) {
     const int g = lane >> 2, t = lane & 3;
     __syncwarp();
-    if constexpr (VB == 2) {
-        // Interleaved: m-tile m is channels 16 m + [0, 16) of quarter m / 2 (row g, row g + 8).
 #pragma unroll
-        for (int m = 0; m < D / 16; m++) {
-            if ((m >> 1) == t) {
-                wacc[16 * m + g] += vacc[m][0];
-                wacc[16 * m + g + 8] += vacc[m][1];
-            }
-        }
-    } else if (t == (g * (D / 8)) / 32) {
-#pragma unroll
-        for (int m = 0; m < D / 16; m++) {
-            wacc[g * (D / 8) + 2 * m] += vacc[m][0];
-            wacc[g * (D / 8) + 2 * m + 1] += vacc[m][1];
+    for (int m = 0; m < D / 16; m++) {
+        if ((m >> 1) == t) {
+            wacc[16 * m + g] += vacc[m][0];
+            wacc[16 * m + g + 8] += vacc[m][1];
         }
     }
 }
 
-// ---- Several query heads per CTA (GQA), 2-bit codes on the integer tensor cores. The
-// interleaved layout (key2_word, value2_word) puts each m-tile in one quarter, so one B operand
+// ---- Several query heads per CTA (GQA) on the integer tensor cores. The interleaved layout
+// (key_word, value_word) puts each m-tile in one quarter, so one B operand
 // per quarter serves all 16 rows and holds NG <= 4 heads: column 2h + part is head h's 16-bit
 // fixed-point v, part 0 its high byte, part 1 its low one. Every lane's result is a score (or
 // output) of its head t (one-head CTAs use a quarter of theirs). v is one FFMA per element:
@@ -2105,7 +1742,8 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // The mins' terms: keys by a small f16 MMA (mins x query fragments), values by a warp sum.
 // Per block and lane ~1000 (keys) and ~1160 (values) SASS instructions, where dequantizing the
 // codes to f16 for mma.sync m16n8k16 took ~1360 and ~1750 (GQA B = 32 T = 32K KIVI-2 on the
-// H200: 450 -> 385 us, docs/benchmarks.md "Session 19").
+// H200: 450 -> 385 us, docs/benchmarks.md "Session 19"). 4-bit codes take the same B operands
+// and twice the code words (two planes).
 
 // k-steps unrolled in tc_key_block_heads and tc_value_block_heads. All 4: Nsight Compute (GQA
 // B = 32 T = 32K KIVI-2) put 15 % of the stall samples on instruction fetch, but 1 measured
@@ -2122,39 +1760,57 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_AHEAD
 #define HEADS_AHEAD 0
 #endif
-template <int D, int W, bool PRE>
+// 4-bit codes (twice the words per k-step): HEADS_AHEAD4; 0: 1 with PRE, else the rule above.
+// Measured on the H200 (session 29, GQA KIVI-4 four-warp D = 128 with PRE, us, 2 / 1): B = 32
+// T = 32K 433.8 / 418.5, B = 8 T = 32K 122.2 / 117.8, B = 32 T = 4K 74.8 / 75.3.
+#ifndef HEADS_AHEAD4
+#define HEADS_AHEAD4 0
+#endif
+template <int D, int W, bool PRE, int BITS = 2>
 __device__ __forceinline__ constexpr int heads_ahead() {
-    return HEADS_AHEAD > 0 ? HEADS_AHEAD : W == 1 || D == 64 || PRE ? 2 : 1;
+    return BITS == 4 && HEADS_AHEAD4 > 0 ? HEADS_AHEAD4
+           : BITS == 4 && PRE            ? 1
+           : HEADS_AHEAD > 0             ? HEADS_AHEAD
+           : W == 1 || D == 64 || PRE    ? 2
+                                         : 1;
 }
 // A lane's two 16-byte code words of each k-step x of tc_key_block_heads / tc_value_block_heads
-// (rows 8x and 8x + 4 of ROW words from p), loaded AHEAD k-steps ahead.
-template <int AHEAD, int KS, int ROW>
+// (rows 8x and 8x + 4 of ROW words from p) in each of NP planes (PLANE words apart), loaded
+// AHEAD k-steps ahead.
+template <int AHEAD, int KS, int ROW, int NP = 1, int PLANE = 0>
 struct AheadWords {
     const u32* p;
-    uint4 w0, w1, n0, n1;  // the next k-step's words, and (AHEAD 2) the one after's
+    uint4 w0[NP], w1[NP], n0[NP], n1[NP];  // the next k-step's words, and (AHEAD 2) the one after's
     __device__ __forceinline__ explicit AheadWords(const u32* p_) : p(p_) {
-        w0 = n0 = *(const uint4*)p;
-        w1 = n1 = *(const uint4*)(p + 4 * ROW);
-        if (AHEAD > 1) {
-            n0 = *(const uint4*)(p + 8 * ROW);
-            n1 = *(const uint4*)(p + (8 + 4) * ROW);
+#pragma unroll
+        for (int hp = 0; hp < NP; hp++) {
+            w0[hp] = n0[hp] = *(const uint4*)(p + hp * PLANE);
+            w1[hp] = n1[hp] = *(const uint4*)(p + hp * PLANE + 4 * ROW);
+            if (AHEAD > 1) {
+                n0[hp] = *(const uint4*)(p + hp * PLANE + 8 * ROW);
+                n1[hp] = *(const uint4*)(p + hp * PLANE + (8 + 4) * ROW);
+            }
         }
     }
     // k-step x's words into c0, c1, after issuing k-step x + AHEAD's loads (the last k-steps
     // load their own words again).
-    __device__ __forceinline__ void next(int x, uint4& c0, uint4& c1) {
+    __device__ __forceinline__ void next(int x, uint4 (&c0)[NP], uint4 (&c1)[NP]) {
         const int xn = x + AHEAD < KS ? x + AHEAD : x;
-        const uint4 l0 = *(const uint4*)(p + 8 * xn * ROW), l1 = *(const uint4*)(p + (8 * xn + 4) * ROW);
-        c0 = w0;
-        c1 = w1;
-        if (AHEAD > 1) {
-            w0 = n0;
-            w1 = n1;
-            n0 = l0;
-            n1 = l1;
-        } else {
-            w0 = l0;
-            w1 = l1;
+#pragma unroll
+        for (int hp = 0; hp < NP; hp++) {
+            const uint4 l0 = *(const uint4*)(p + hp * PLANE + 8 * xn * ROW);
+            const uint4 l1 = *(const uint4*)(p + hp * PLANE + (8 * xn + 4) * ROW);
+            c0[hp] = w0[hp];
+            c1[hp] = w1[hp];
+            if (AHEAD > 1) {
+                w0[hp] = n0[hp];
+                w1[hp] = n1[hp];
+                n0[hp] = l0;
+                n1[hp] = l1;
+            } else {
+                w0[hp] = l0;
+                w1[hp] = l1;
+            }
         }
     }
 };
@@ -2175,15 +1831,26 @@ __device__ __forceinline__ void fixed_b(const float4& xa, const float4& xb, cons
     b1 = fixed_bytes(fmaf(xb.x, sb.x, magic), fmaf(xb.y, sb.y, magic), fmaf(xb.z, sb.z, magic),
                      fmaf(xb.w, sb.w, magic), sel);
 }
-// The four IMMAs of quarter j's two m-tiles (2j, 2j + 1) in one k-step: A from byte j of the
-// lane's transposed words (code_bits: row g at 4 (m & 1), row g + 8 two bits up).
-template <bool B_SIGNED>
-__device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], u32 xa, u32 xb, u32 b0, u32 b1) {
-    constexpr u32 M2 = 0x03030303u;
-    imma_16832<B_SIGNED>(acc0, code_bits<2>(xa, M2, 0), code_bits<2>(xa, M2, 2), code_bits<2>(xb, M2, 0),
-                         code_bits<2>(xb, M2, 2), b0, b1);
-    imma_16832<B_SIGNED>(acc1, code_bits<2>(xa, M2, 4), code_bits<2>(xa, M2, 6), code_bits<2>(xb, M2, 4),
-                         code_bits<2>(xb, M2, 6), b0, b1);
+// The four IMMAs of quarter j's two m-tiles (2j, 2j + 1) in one k-step: A from word j of the
+// lane's words (a_code).
+template <bool B_SIGNED, int BITS>
+__device__ __forceinline__ void quarter_immas(int (&acc0)[4], int (&acc1)[4], const u32 (&xa)[BITS / 2][4],
+                                              const u32 (&xb)[BITS / 2][4], int j, u32 b0, u32 b1) {
+    imma_16832<B_SIGNED>(acc0, a_code<BITS>(xa, j, 0, 0), a_code<BITS>(xa, j, 0, 1), a_code<BITS>(xb, j, 0, 0),
+                         a_code<BITS>(xb, j, 0, 1), b0, b1);
+    imma_16832<B_SIGNED>(acc1, a_code<BITS>(xa, j, 1, 0), a_code<BITS>(xa, j, 1, 1), a_code<BITS>(xb, j, 1, 0),
+                         a_code<BITS>(xb, j, 1, 1), b0, b1);
+}
+// A lane's k-step words (AheadWords::next) as x[plane][quarter], for D = 64 values (slot_half)
+// the words of the lane's slot.
+template <int NP>
+__device__ __forceinline__ void heads_words(const uint4 (&c)[NP], bool slot_half, u32 (&x)[NP][4]) {
+#pragma unroll
+    for (int hp = 0; hp < NP; hp++) {
+        const u32 w[4] = {c[hp].x, c[hp].y, c[hp].z, c[hp].w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) x[hp][k] = slot_half ? w[(k + 2) & 3] : w[k];
+    }
 }
 
 // 1: four-warp CTAs of four heads at D = 128 form a block's B operands once, before its
@@ -2234,14 +1901,26 @@ __device__ __forceinline__ void pre_b_head(u32* lo_, u32* hi_, int lane, int h, 
 }
 // The eight IMMAs of k-step x (quarter j: m-tiles 2j, 2j + 1) with the pre-formed B operands of
 // lane (g, t).
-template <bool B_SIGNED>
-__device__ __forceinline__ void pre_b_kstep(int (&acc)[8][4], const u32 (&xa)[4], const u32 (&xb)[4], u32* lo,
-                                            u32* hi, int x, int t, int g) {
+template <bool B_SIGNED, int BITS>
+__device__ __forceinline__ void pre_b_kstep(int (&acc)[8][4], const u32 (&xa)[BITS / 2][4],
+                                            const u32 (&xb)[BITS / 2][4], u32* lo, u32* hi, int x, int t, int g) {
     const uint4 b0 = *(const uint4*)pre_b_at(lo, hi, x, t, g, 0), b1 = *(const uint4*)pre_b_at(lo, hi, x, t, g, 1);
-    quarter_immas<B_SIGNED>(acc[0], acc[1], xa[0], xb[0], b0.x, b0.y);
-    quarter_immas<B_SIGNED>(acc[2], acc[3], xa[1], xb[1], b0.z, b0.w);
-    quarter_immas<B_SIGNED>(acc[4], acc[5], xa[2], xb[2], b1.x, b1.y);
-    quarter_immas<B_SIGNED>(acc[6], acc[7], xa[3], xb[3], b1.z, b1.w);
+    quarter_immas<B_SIGNED, BITS>(acc[0], acc[1], xa, xb, 0, b0.x, b0.y);
+    quarter_immas<B_SIGNED, BITS>(acc[2], acc[3], xa, xb, 1, b0.z, b0.w);
+    quarter_immas<B_SIGNED, BITS>(acc[4], acc[5], xa, xb, 2, b1.x, b1.y);
+    quarter_immas<B_SIGNED, BITS>(acc[6], acc[7], xa, xb, 3, b1.z, b1.w);
+}
+// 1: CTAs of several heads prefetch each warp's next code block into L2 (and, at the last key
+// block, the first value block) while they work on the present one. Measured slower on the
+// H200 (session 29, GQA B = 32 T = 32K, us, 0 / 1: KIVI-4 433.8 / 462.0, KIVI-2 283.7 / 296.4).
+#ifndef HEADS_PREFETCH
+#define HEADS_PREFETCH 0
+#endif
+// A block's BYTES of codes from p into L2, one 128-byte line per lane and round.
+template <int BYTES>
+__device__ __forceinline__ void prefetch_block(const u32* p, int lane) {
+#pragma unroll
+    for (int off = 128 * lane; off < BYTES; off += 32 * 128) prefetch_l2_line(p + off / 4);
 }
 // Zero columns 2 NG..7 (heads >= NG) of the lane's rows.
 template <int NG>
@@ -2387,7 +2066,7 @@ __device__ __forceinline__ void key_mins_terms(const AttnParams& P, const u32 (&
     m[1] = (mc[0][2] + mc[1][2] + mc[0][3] + mc[1][3]) * P.scale_log2;
 }
 
-// Scores of one whole 2-bit key block for the CTA's NG heads, by one warp. sq: [NG][D] q,
+// Scores of one whole quantized key block (KB bits) for the CTA's NG heads, by one warp. sq: [NG][D] q,
 // sqmax: [NG] max|q|, sqinv: [NG] 1 / max|q|, qhat (QHAT): [NG + 1][D] q^ = q sqinv and a row
 // of zeros (else q^ is formed here: the copy made one-warp CTAs of GQA serving shapes one wave
 // too many, see QF_IN_SACC), qf: the query's f16 B fragments (query_fragments, F16_ROWS), wbuf: the
@@ -2397,7 +2076,7 @@ __device__ __forceinline__ void key_mins_terms(const AttnParams& P, const u32 (&
 // Lane (g, t) holds, in m-tile m = 2j + hm (tokens 32j + 16hm + [0, 16)),
 // rows g and g + 8 and, in the 32-channel k-step x, channels 32x + 4t + i (a0, a1) and + 16 (a2,
 // a3); its results are head t's.
-template <int D, int NG, bool QHAT, int AHEAD, bool PRE = false>
+template <int D, int KB, int NG, bool QHAT, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                    int qshift, const float* sq, const float* sqmax,
                                                    const float* sqinv, const float* qhat, const uint2* qf,
@@ -2407,8 +2086,9 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     constexpr int KS = D / 32;
     constexpr bool MINS_AHEAD = PRE && KEY_MINS_AHEAD;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
-    // The lane's code words: slot g of channel quads 8x + 4e + t.
-    AheadWords<AHEAD, KS, 32> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g);
+    // The lane's code words: slot g of channel quads 8x + 4e + t (4-bit: in both planes).
+    constexpr int NP = KB / 2;
+    AheadWords<AHEAD, KS, 32, NP, 8 * D> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g);
     // s^ of every quarter: lane l takes channels 4l..4l + 3 (PRE: see pre_b_at).
     const int ch = 4 * lane;
     const bool has = ch < D;
@@ -2515,11 +2195,13 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < KS; x++) {
-        uint4 c0, c1;
+        uint4 c0[NP], c1[NP];
         cw.next(x, c0, c1);
-        const u32 xa[4] = {c0.x, c0.y, c0.z, c0.w}, xb[4] = {c1.x, c1.y, c1.z, c1.w};
+        u32 xa[NP][4], xb[NP][4];
+        heads_words<NP>(c0, false, xa);
+        heads_words<NP>(c1, false, xb);
         if constexpr (PRE) {
-            pre_b_kstep<true>(acc, xa, xb, pre_lo, (u32*)wbuf, x, t, g);
+            pre_b_kstep<true, KB>(acc, xa, xb, pre_lo, (u32*)wbuf, x, t, g);
             continue;
         }
         float4 qa = *(const float4*)(qn + 32 * x), qb = *(const float4*)(qn + 32 * x + 16);
@@ -2532,7 +2214,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
             const float* sj = wbuf + j * D + 32 * x + 4 * t;
             u32 b0, b1;
             fixed_b(qa, qb, *(const float4*)sj, *(const float4*)(sj + 16), magic, sel, b0, b1);
-            quarter_immas<true>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
+            quarter_immas<true, KB>(acc[2 * j], acc[2 * j + 1], xa, xb, j, b0, b1);
         }
     }
     // c0 / c1: head t's high / low parts of row g (token 16m + g); c2 / c3: row g + 8.
@@ -2540,32 +2222,36 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
         float* row = sc + t * P.sc_stride + (pb - s0) + g;
 #pragma unroll
         for (int m = 0; m < 8; m++) {
-            const int j = m >> 1, sh = 4 * (m & 1);
+            const int j = m >> 1, hm = m & 1;
             if (16 * m + g < valid)
-                row[16 * m] = (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh)) + bias[j];
+                row[16 * m] =
+                    (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<KB>(a_shift<KB>(hm, 0))) + bias[j];
             if (16 * m + g + 8 < valid)
-                row[16 * m + 8] = (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2)) + bias[j];
+                row[16 * m + 8] =
+                    (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<KB>(a_shift<KB>(hm, 1))) + bias[j];
         }
     }
 }
 
-// Adds one whole 2-bit value block's weighted sums for the CTA's NG heads to vacc, by one warp
+// Adds one whole quantized value block's (VB bits) weighted sums for the CTA's NG heads to vacc, by one warp
 // (sc: the split's weights [NG][sc_stride], plain floats; wbuf: the warp's [4][128] floats;
 // PRE: wbuf and pre_lo hold the block's B operands, see pre_b_at).
 // Lane (g, t) holds, in m-tile m = 2j + hm (channels 16m + [0, 16) of quarter j), rows g and
 // g + 8 and, in the 32-token k-step x, tokens 32x + 4t + i (a0, a1) and + 16 (a2, a3); its
 // results are head t's: vacc[m][0] channel 16m + g, vacc[m][1] channel 16m + g + 8.
-template <int D, int NG, int AHEAD, bool PRE = false>
+template <int D, int VB, int NG, int AHEAD, bool PRE = false>
 __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kvh, u64 blk, int pb, int s0, int valid,
                                                      const float* sc, float* wbuf, float (&vacc)[D / 16][2],
                                                      float (&pm)[4 * (D / 32)], int lane, u32* pre_lo = nullptr) {
     const CacheBufs& c = P.c;
     constexpr int NQ = D / 32;
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
-    // The lane's code words: slot g of token quads 8x + 4e + t (D = 64: the half g & 1).
+    // The lane's code words: slot g of token quads 8x + 4e + t (D = 64: the half g & 1; 4-bit:
+    // in both planes).
+    constexpr int NP = VB / 2;
     const bool slot_half = (g * (D / 4)) % 32 != 0;
-    AheadWords<AHEAD, 4, D / 4> cw(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) +
-                                   4 * ((g * (D / 4)) / 32));
+    AheadWords<AHEAD, 4, D / 4, NP, 8 * D> cw(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) +
+                                              4 * ((g * (D / 4)) / 32));
     // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: scale and min 0,
     // whatever other paths or unwritten memory hold there; the weights are finite there, other
     // paths' or the softmax's zeros past the split's end, so that they add nothing).
@@ -2671,18 +2357,13 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
 #pragma unroll(HEADS_UNROLL)
     for (int x = 0; x < 4; x++) {
-        uint4 c0, c1;
+        uint4 c0[NP], c1[NP];
         cw.next(x, c0, c1);
-        // (D = 64: the words of the lane's slot half, see value2_word.)
-        const u32 wa[4] = {c0.x, c0.y, c0.z, c0.w}, wb[4] = {c1.x, c1.y, c1.z, c1.w};
-        u32 xa[4], xb[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            xa[k] = slot_half ? wa[(k + 2) & 3] : wa[k];
-            xb[k] = slot_half ? wb[(k + 2) & 3] : wb[k];
-        }
+        u32 xa[NP][4], xb[NP][4];
+        heads_words<NP>(c0, slot_half, xa);
+        heads_words<NP>(c1, slot_half, xb);
         if constexpr (PRE) {
-            pre_b_kstep<false>(acc, xa, xb, pre_lo, (u32*)wbuf, x, t, g);
+            pre_b_kstep<false, VB>(acc, xa, xb, pre_lo, (u32*)wbuf, x, t, g);
             continue;
         }
         // (Past `valid` the weights are finite and s^ zero: B zero there, with no selects, where
@@ -2694,14 +2375,14 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
             const float* sj = wbuf + j * 128 + 32 * x + 4 * t;
             u32 b0, b1;
             fixed_b(pa, pb4, *(const float4*)sj, *(const float4*)(sj + 16), F32_MAGIC, sel, b0, b1);
-            quarter_immas<false>(acc[2 * j], acc[2 * j + 1], xa[j], xb[j], b0, b1);
+            quarter_immas<false, VB>(acc[2 * j], acc[2 * j + 1], xa, xb, j, b0, b1);
         }
     }
 #pragma unroll
     for (int m = 0; m < D / 16; m++) {
-        const int j = m >> 1, sh = 4 * (m & 1);
-        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<2>(sh));
-        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<2>(sh + 2));
+        const int j = m >> 1, hm = m & 1;
+        vacc[m][0] += (float)(256 * acc[m][0] + acc[m][1]) * (fac[j] * unshift<VB>(a_shift<VB>(hm, 0)));
+        vacc[m][1] += (float)(256 * acc[m][2] + acc[m][3]) * (fac[j] * unshift<VB>(a_shift<VB>(hm, 1)));
     }
 }
 
@@ -2854,8 +2535,8 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // slot of swbuf16 (2, 3); the value sums have it again after the warp's last value block.
     // The query fragments then take shared memory of their own (sqf_own: 2 KiB, four CTAs of
     // ~55 KiB per SM still).
-    constexpr bool PRE = PRE_B && QUANT && KB == 2 && VB == 2 && NG == 4 && W > 1 && D == 128 && QHAT_FOUR_WARPS;
-    constexpr bool QF_IN_SACC = QUANT && NG > 1 && KB == 2 && W * NG * D * 4 >= (D / 16) * 32 * 8 && !PRE;
+    constexpr bool PRE = PRE_B && QUANT && NG == 4 && W > 1 && D == 128 && QHAT_FOUR_WARPS;
+    constexpr bool QF_IN_SACC = QUANT && NG > 1 && W * NG * D * 4 >= (D / 16) * 32 * 8 && !PRE;
     if constexpr (!QF_IN_SACC && !PRE)
         for (int x = threadIdx.x; x < W * NG * D; x += blockDim.x) sacc[x] = 0.0f;
     float* wacc = sacc + warp * NG * D;  // this warp's slot
@@ -2872,9 +2553,6 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
     __shared__ uint2 sqf_own[QF_IN_SACC ? 1 : (128 / 16) * 32];
     uint2* sqf = QF_IN_SACC ? (uint2*)sacc : sqf_own;  // the query's B fragments (tc_key_block)
-    // Per warp: a value block's scales and mins, [2][D / 32 groups at most][STAGE_ROW]
-    // (tc_value_block), 32-bit aligned.
-    __shared__ u32 svstage[QUANT && VALUE_STAGE && NG == 1 ? W * D / 32 * STAGE_ROW : 1];
     // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
     constexpr bool F16_TENSOR = !QUANT && F16_TC;
     const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
@@ -2905,14 +2583,12 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     }
     // The query's B fragments, only when the split has key blocks for the tensor cores (short
     // splits skip this and its barrier; kt_end is the same for the whole CTA).
-    // (4-bit keys or values in one-warp CTAs: measured 2-3 % slower on the integer path, B = 1024
-    // T = 330.)
-    // (2-bit codes always: their interleaved layout has no f16 path.)
-    constexpr bool IMMA_K = QUANT && NG == 1 && (KB == 2 || (IMMA_KEYS && W > 1));
-    constexpr bool IMMA_V = QUANT && NG == 1 && (VB == 2 || (IMMA_VALUES && W > 1));
-    // Several heads per CTA, 2-bit codes: tc_key_block_heads, tc_value_block_heads.
-    constexpr bool HEADS_K = QUANT && NG > 1 && KB == 2;
-    constexpr bool HEADS_V = QUANT && NG > 1 && VB == 2;
+    // Quantized blocks: one head per CTA, tc_key_block_i8 and tc_value_block_i8; several,
+    // tc_key_block_heads and tc_value_block_heads.
+    constexpr bool IMMA_K = QUANT && NG == 1;
+    constexpr bool IMMA_V = QUANT && NG == 1;
+    constexpr bool HEADS_K = QUANT && NG > 1;
+    constexpr bool HEADS_V = QUANT && NG > 1;
     // Their q^ and max|q| (HEADS_K), and each warp's s^ of a block ([4][128] floats at most).
     __shared__ float sqmax[HEADS_K ? NG : 1], sqinv[HEADS_K ? NG : 1];
     // ... and q^ itself, in four-warp CTAs (tc_key_block_heads forms it in one-warp ones, whose
@@ -2923,18 +2599,15 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     __shared__ float4 swbuf16[HEADS_K || HEADS_V ? W * 128 : 1];
     float* wbuf = (float*)swbuf16 + warp * 512;
     u32* pre_lo = (u32*)wacc;  // (PRE)
-    // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs: one-warp ones take
-    // 4-bit codes through the f16 tensor-core path).
-    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || STAGE_CODES4);
-    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || STAGE_CODES4);
-    // A block's codes plus their padding (keys: per 32-token sub-tile; values: per 128 bytes).
+    // STAGE_CODES: 2-bit codes (STAGE_CODES4: 4-bit too, in four-warp CTAs).
+    constexpr bool STAGED_K = STAGE_CODES && IMMA_K && (KB == 2 || (STAGE_CODES4 && W > 1));
+    constexpr bool STAGED_V = STAGE_CODES && IMMA_V && (VB == 2 || (STAGE_CODES4 && W > 1));
+    // A block's codes plus their padding: per plane, key quad rows of 32 words, value ones of
+    // D / 4, each padded.
     constexpr int CBUF_BITS = (STAGED_K && KB == 4) || (STAGED_V && VB == 4) ? 4 : 2;
-    constexpr int CBUF_PAD = VALUE_STAGE_PAD4 > KEY_STAGE_PAD ? VALUE_STAGE_PAD4 : KEY_STAGE_PAD;
-    // (Interleaved 2-bit codes: key quad rows of 32 words, value ones of D / 4, each padded.)
-    constexpr int CBUF_WORDS = CBUF_BITS == 2 ? (D / 4 * (32 + STAGE2_PAD) > 32 * (D / 4 + STAGE2_PAD)
-                                                     ? D / 4 * (32 + STAGE2_PAD)
-                                                     : 32 * (D / 4 + STAGE2_PAD))
-                                              : BLOCK_TOKENS * D * CBUF_BITS / 32 * (32 + CBUF_PAD) / 32;
+    constexpr int CBUF_WORDS = CBUF_BITS / 2 * (D / 4 * (32 + STAGE2_PAD) > 32 * (D / 4 + STAGE2_PAD)
+                                                    ? D / 4 * (32 + STAGE2_PAD)
+                                                    : 32 * (D / 4 + STAGE2_PAD));
     __shared__ uint4 scodes16[STAGED_K || STAGED_V ? W * CBUF_WORDS / 4 : 1];  // (16-byte aligned)
     u32* scodes = (u32*)scodes16;
     // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
@@ -2978,8 +2651,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
         for (int k = 0; k < CPL; k++) qr[g][k] = sq[g * D + lane * CPL + k];
 
+    constexpr int KBq = QUANT ? KB : 2;  // (the f16 cache: never read as codes)
+    constexpr int VBq = QUANT ? VB : 2;
     if (IMMA_K && kt_end > s0) {
-        constexpr int KBq = QUANT ? KB : 2;
         for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
             tc_key_block_i8<D, KBq, STAGED_K>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb,
                                               __ffs(c.group) - 6, sq, skb + warp * 4 * 64, sc, lane, cbuf);
@@ -2996,15 +2670,18 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             key_mins_terms<D>(P, a, sqf, lane, mterm);
         }
         int bi = 0;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++)
-            tc_key_block_heads<D, NG, QHAT, heads_ahead<D, W, PRE>(), PRE && QHAT>(
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++) {
+            if (HEADS_PREFETCH) {  // the warp's next key block, or its first value block
+                const int nb = pb + W * BLOCK_TOKENS;
+                if (nb < kt_end)
+                    prefetch_block<D * KBq * 16>(c.kq + (u64)sblk[(nb - s0) / BLOCK_TOKENS] * c.kq_block + (u64)kvh * c.kq_head, lane);
+                else if (pb < vt_end)
+                    prefetch_block<D * VBq * 16>(c.vq + (u64)sblk[(pb - s0) / BLOCK_TOKENS] * c.vq_block + (u64)kvh * c.vq_head, lane);
+            }
+            tc_key_block_heads<D, KBq, NG, QHAT, heads_ahead<D, W, PRE, KBq>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
                 sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo, mterm, bi);
-    } else if (QUANT && kt_end > s0) {
-        constexpr int KBq = 4;  // (2-bit keys took one of the integer paths above)
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS)
-            tc_key_block<D, KBq, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, sqf,
-                                     sc, lane);
+        }
     } else if (F16_TENSOR && kt_end > s0) {
         if constexpr (F16_RING) {
             for (int i = 0; i < ring_blocks; i++) {
@@ -3027,41 +2704,32 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     }
     for (int t0 = kt_valid + warp * 32; t0 < s1; t0 += W * 32) {
         if (QUANT && t0 + 32 <= nqk) {
-            constexpr int KBq = QUANT ? KB : 2;
-            constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
+            constexpr int FPI = 32 / KBq, WPD = 32 / FPI, NP = KBq / 2;
             const u64 blk = (u64)sblk[(unsigned)(t0 - s0) / BLOCK_TOKENS];
             const int b = t0 & (BLOCK_TOKENS - 1);
-            const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
-            const u64 sm = key_group_scales<D>(c, kvh, blk, b);
+            const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
+            // Interleaved codes (key_word): word b / 32 of the lane's quad's 8 slots in each plane
+            // hp, the channel's byte of each gathered as w[i][2 hp] (slots 0..3) and w[i][2 hp + 1]
+            // (4..7): token s + 8 j of the quarter at bits 8 (s & 3) + 2 j of w[i][s >> 2] (2-bit),
+            // token s + 16 hp + 8 r at bits 8 (s & 3) + 4 r of w[i][2 hp + (s >> 2)] (4-bit).
+            // The lane's channels: CPL consecutive ones, of one quad.
             u32 w[CPL][WPD];
             float s[CPL], m[CPL];
-            // Interleaved 2-bit codes (key2_word): word b / 32 of the lane's quad's 8 slots, the
-            // channel's byte of each gathered as w[i][0] (slots 0..3) and w[i][1] (4..7): token
-            // s + 8 j of the quarter at bits 8 (s & 3) + 2 j of w[i][s >> 2].
-            // The lane's channels: 2-bit CPL consecutive ones (of one quad), else lane + 32 i.
-            u32 sl[8];
-            if (KBq == 2) {
-                const u32* words2 = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(CPL * lane, b);
+            u32 sl[NP][8];
+            const u32* words = c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + key_word<KBq>(D, CPL * lane, b);
 #pragma unroll
-                for (int x = 0; x < 8; x++) sl[x] = words2[4 * x];
-            }
+            for (int hp = 0; hp < NP; hp++)
+#pragma unroll
+                for (int x = 0; x < 8; x++) sl[hp][x] = words[hp * 8 * D + 4 * x];
 #pragma unroll
             for (int i = 0; i < CPL; i++) {
-                const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
-                if (KBq == 2) {
-                    const u32 e = (u32)(d & 3), gather = e | ((e + 4) << 4);
-                    w[i][0] = prmt(prmt(sl[0], sl[1], gather), prmt(sl[2], sl[3], gather), 0x5410u);
-                    w[i][1] = prmt(prmt(sl[4], sl[5], gather), prmt(sl[6], sl[7], gather), 0x5410u);
-                } else if (WPD == 2) {
-                    uint2 u = *(const uint2*)(base + d * WPD);
-                    w[i][0] = u.x;
-                    w[i][1] = u.y;
-                } else {
-                    uint4 u = *(const uint4*)(base + d * WPD);
-                    w[i][0] = u.x;
-                    w[i][1] = u.y;
-                    w[i][WPD > 2 ? 2 : 0] = u.z;
-                    w[i][WPD > 3 ? 3 : 0] = u.w;
+                const int d = CPL * lane + i;
+                const u32 e = (u32)(d & 3), gather = e | ((e + 4) << 4);
+#pragma unroll
+                for (int hp = 0; hp < NP; hp++) {
+                    w[i][2 * hp] = prmt(prmt(sl[hp][0], sl[hp][1], gather), prmt(sl[hp][2], sl[hp][3], gather), 0x5410u);
+                    w[i][2 * hp + 1] =
+                        prmt(prmt(sl[hp][4], sl[hp][5], gather), prmt(sl[hp][6], sl[hp][7], gather), 0x5410u);
                 }
                 s[i] = h2f(c.ks[sm + d]);
                 m[i] = h2f(c.km[sm + d]);
@@ -3073,7 +2741,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             for (int g = 0; g < NG; g++) bias[g] = 0.0f;
 #pragma unroll
             for (int i = 0; i < CPL; i++) {
-                const int d = KBq == 2 ? CPL * lane + i : lane + 32 * i;
+                const int d = CPL * lane + i;
 #pragma unroll
                 for (int g = 0; g < NG; g++) {
                     const float qd = sq[g * D + d];
@@ -3096,10 +2764,13 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
                     for (int wi = 0; wi < WPP; wi++)
 #pragma unroll
                         for (int j = 0; j < FPI; j++) {
-                            // (Interleaved: token tt = s + 8 j' of the quarter, see above.)
+                            // (Token tt of the quarter, see above.)
                             const int tt = pass * TOK + wi * FPI + j, sl = tt & 7;
-                            const float f = KBq == 2 ? code_as_float<KBq>(w[i][sl >> 2], 4 * (sl & 3) + (tt >> 3))
-                                                     : code_as_float<KBq>(w[i][pass * WPP + wi], j);
+                            float f;
+                            if constexpr (KBq == 2)
+                                f = code_as_float<2>(w[i][sl >> 2], 4 * (sl & 3) + (tt >> 3));
+                            else
+                                f = code_as_float<4>(w[i][2 * ((tt >> 4) & 1) + (sl >> 2)], 2 * (sl & 3) + ((tt >> 3) & 1));
 #pragma unroll
                             for (int g = 0; g < NG; g++) acc[g][wi * FPI + j] += qs[i][g] * f;
                         }
@@ -3171,19 +2842,14 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
                             for (int x = 0; x < CPL; x++) raw[k][x] = 0u;
                         } else if (QUANT && p < nqk) {
-                            constexpr int KBq = QUANT ? KB : 2;
-                            constexpr int FPI = 32 / KBq, WPD = 32 / FPI;
                             const u64 blk = (u64)sblk[(unsigned)(p - s0) / BLOCK_TOKENS];
                             const int b = p & (BLOCK_TOKENS - 1);
-                            const u32* base = key_tile_words<D, WPD>(c, kvh, blk, b);
-                            const u64 sm = key_group_scales<D>(c, kvh, blk, b);
+                            const u64 sm = blk * c.ksm_block + (u64)kvh * c.ksm_head + (u64)(b / c.group) * D;
 #pragma unroll
                             for (int x = 0; x < CPL; x++) {
                                 const int d = d0 + x;
-                                const u32 wd = KBq == 2 ? c.kq[blk * c.kq_block + (u64)kvh * c.kq_head + key2_word(d, b)]
-                                                        : base[d * WPD + (b % 32) / FPI];
-                                const u32 code =
-                                    (wd >> (KBq == 2 ? key2_shift(d, b) : (p % FPI) * KBq)) & ((1u << KBq) - 1);
+                                const u32 wd = c.kq[blk * c.kq_block + (u64)kvh * c.kq_head + key_word<KBq>(D, d, b)];
+                                const u32 code = (wd >> key_shift<KBq>(d, b)) & ((1u << KBq) - 1);
                                 raw[k][x] = __float_as_uint((float)code * h2f(c.ks[sm + d]) + h2f(c.km[sm + d]));
                             }
                         } else if (p < n) {
@@ -3292,22 +2958,17 @@ PASS_LOOP
 
     // ---- values: quantized tokens [s0, min(s1, nqv))
     if (QUANT) {
-        constexpr int VBq = QUANT ? VB : 2;
         constexpr int FPI = 32 / VBq, WPT = D / FPI, TPI = 32 / WPT;
         const int wi = lane % WPT, sub = lane / WPT;
-        const int vg = (wi * FPI) / c.group, gpt = D / c.group;
+        const int gpt = D / c.group;
         const u64 vqb = (u64)kvh * c.vq_head;
         const u64 vsb = (u64)kvh * c.vsm_head;
         float acc[NG][FPI];
-        float bias[NG];
-        float bias2[NG][VBq == 2 ? D / 32 : 1];  // (interleaved 2-bit codes: per quarter)
-#pragma unroll
-        for (int g = 0; g < NG; g++)
-#pragma unroll
-            for (int q = 0; q < (VBq == 2 ? D / 32 : 1); q++) bias2[g][q] = 0.0f;
+        float bias2[NG][D / 32];  // the mins' terms, per quarter
 #pragma unroll
         for (int g = 0; g < NG; g++) {
-            bias[g] = 0.0f;
+#pragma unroll
+            for (int q = 0; q < D / 32; q++) bias2[g][q] = 0.0f;
 #pragma unroll
             for (int j = 0; j < FPI; j++) acc[g][j] = 0.0f;
         }
@@ -3319,129 +2980,83 @@ PASS_LOOP
             for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block_i8<D, VBq, STAGED_V>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb,
                                                     sc, skb + warp * 4 * 64, vacc, lane, cbuf);
-            tc_value_store_i8<D, VBq>(vacc, wacc, lane);
+            tc_value_store_i8<D>(vacc, wacc, lane);
         } else if (HEADS_V && vt_end > s0) {
             float vacc[D / 16][2], pm[4 * (D / 32)];
 #pragma unroll
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block_heads<D, NG, heads_ahead<D, W, PRE>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
+                const int nb = pb + W * BLOCK_TOKENS;
+                if (HEADS_PREFETCH && nb < vt_end)
+                    prefetch_block<D * VBq * 16>(c.vq + (u64)sblk[(nb - s0) / BLOCK_TOKENS] * c.vq_block + (u64)kvh * c.vq_head, lane);
+                tc_value_block_heads<D, VBq, NG, heads_ahead<D, W, PRE, VBq>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
                                                                  s0, vt_valid - pb, sc, wbuf, vacc, pm, lane, pre_lo);
+            }
             tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc, lane);
-        } else if (vt_end > s0) {
-            float tacc[D / 16][4];
-#pragma unroll
-            for (int m = 0; m < D / 16; m++)
-#pragma unroll
-                for (int x = 0; x < 4; x++) tacc[m][x] = 0.0f;
-            constexpr int VB4 = 4;  // (2-bit values took one of the integer paths above)
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
-                tc_value_block<D, VB4, NG>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, vt_valid - pb, sc,
-                                           tacc, (u16*)svstage + warp * (2 * D / 32 * STAGE_ROW), lane);
-            tc_value_store<D, NG>(tacc, wacc, lane);
         }
         constexpr int UNROLL = 4;
-        if constexpr (VBq == 2) {
-            // Interleaved codes (value2_word): the lane's row word wi of a token holds channels
-            // value2_channel<D>(wi, j) of every quarter, so the weights times the scales, and
-            // the mins' terms, are per quarter (bias2, added per channel at the end).
-            constexpr int NQ = D / 32;
-            const int qshift = __ffs(c.group) - 6;
-            for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
-                const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
-                const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
-                const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
-                u32 w[UNROLL];
-                uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
-#pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    const int p = pb + u * TPI + sub;
-                    const int b = bp + u * TPI;
-                    w[u] = 0u;
-                    sr[u] = mr[u] = make_uint2(0u, 0u);
-                    if (p < qend) {
-                        // The token's row word wi: its byte of each of the quad's four words.
-                        const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 2) * (D / 4) + 4 * wi);
-                        const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
-                        w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
-                        const u16* sp = c.vs + vso + (u64)b * gpt;
-                        const u16* mp = c.vm + vso + (u64)b * gpt;
-                        if (gpt == 4) {
-                            sr[u] = *(const uint2*)sp;
-                            mr[u] = *(const uint2*)mp;
-                        } else if (gpt == 2) {
-                            sr[u].x = *(const u32*)sp;
-                            mr[u].x = *(const u32*)mp;
-                        } else {
-                            sr[u].x = sp[0];
-                            mr[u].x = mp[0];
-                        }
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    const int p = pb + u * TPI + sub;
-                    float ps[NG][NQ];
-#pragma unroll
-                    for (int q = 0; q < NQ; q++) {
-                        const int gq = q >> qshift;  // the quarter's group: half gq & 1 of word gq >> 1
-                        const u32 sw = gq < 2 ? sr[u].x : sr[u].y, mw = gq < 2 ? mr[u].x : mr[u].y;
-                        const float sv = h2f((u16)(sw >> (16 * (gq & 1)))), mv = h2f((u16)(mw >> (16 * (gq & 1))));
-#pragma unroll
-                        for (int g = 0; g < NG; g++) {
-                            const float pv = p < qend ? sc[g * P.sc_stride + (p - s0)] : 0.0f;
-                            ps[g][q] = pv * (sv * 4.0f);
-                            bias2[g][q] += pv * mv - ps[g][q];
-                        }
-                    }
-#pragma unroll
-                    for (int j = 0; j < FPI; j++) {
-                        const int q = value2_channel<D>(0, j) / 32;
-                        const float f = code_as_float<2>(w[u], j);
-#pragma unroll
-                        for (int g = 0; g < NG; g++) acc[g][j] += ps[g][q] * f;
-                    }
-                }
-            }
-        } else
-        // An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
+        // Interleaved codes (value_word): the lane's row word wi of a token (plane hp, word wp
+        // of it) holds channels value_channel<D, VBq>(hp, wp, j) of every quarter, so the weights
+        // times the scales, and the mins' terms, are per quarter (bias2, added per channel at
+        // the end). An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
+        constexpr int NQ = D / 32;
+        const int qshift = __ffs(c.group) - 6;
+        const int hp = wi / (D / 16), wp = wi % (D / 16);
         for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
             const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
             const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
-            const u64 vqo = vqb + blk * c.vq_block, vso = vsb + blk * c.vsm_block;
+            const u64 vqo = vqb + blk * c.vq_block + (u64)hp * 8 * D, vso = vsb + blk * c.vsm_block;
             u32 w[UNROLL];
-            float s[UNROLL], m[UNROLL];
+            uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u * TPI + sub;
                 const int b = bp + u * TPI;
+                w[u] = 0u;
+                sr[u] = mr[u] = make_uint2(0u, 0u);
                 if (p < qend) {
-                    w[u] = c.vq[vqo + (u64)b * WPT + wi];
-                    s[u] = h2f(c.vs[vso + (u64)b * gpt + vg]);
-                    m[u] = h2f(c.vm[vso + (u64)b * gpt + vg]);
-                } else {
-                    w[u] = 0;
-                    s[u] = 0.0f;
-                    m[u] = 0.0f;
+                    // The token's row word: its byte of each of the quad's four words.
+                    const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 2) * (D / 4) + 4 * wp);
+                    const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
+                    w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
+                    const u16* sp = c.vs + vso + (u64)b * gpt;
+                    const u16* mp = c.vm + vso + (u64)b * gpt;
+                    if (gpt == 4) {
+                        sr[u] = *(const uint2*)sp;
+                        mr[u] = *(const uint2*)mp;
+                    } else if (gpt == 2) {
+                        sr[u].x = *(const u32*)sp;
+                        mr[u].x = *(const u32*)mp;
+                    } else {
+                        sr[u].x = sp[0];
+                        mr[u].x = mp[0];
+                    }
                 }
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + u * TPI + sub;
-                float ps[NG];
+                float ps[NG][NQ];
 #pragma unroll
-                for (int g = 0; g < NG; g++) {
-                    const float pv = p < qend ? sc[g * P.sc_stride + (p - s0)] : 0.0f;
-                    ps[g] = pv * (s[u] * (float)(1 << VBq));
-                    bias[g] += pv * m[u] - ps[g];
+                for (int q = 0; q < NQ; q++) {
+                    const int gq = q >> qshift;  // the quarter's group: half gq & 1 of word gq >> 1
+                    const u32 sw = gq < 2 ? sr[u].x : sr[u].y, mw = gq < 2 ? mr[u].x : mr[u].y;
+                    const float sv = h2f((u16)(sw >> (16 * (gq & 1)))), mv = h2f((u16)(mw >> (16 * (gq & 1))));
+#pragma unroll
+                    for (int g = 0; g < NG; g++) {
+                        const float pv = p < qend ? sc[g * P.sc_stride + (p - s0)] : 0.0f;
+                        ps[g][q] = pv * (sv * (float)(1 << VBq));
+                        bias2[g][q] += pv * mv - ps[g][q];
+                    }
                 }
 #pragma unroll
                 for (int j = 0; j < FPI; j++) {
+                    const int q = value_channel<D, VBq>(0, 0, j) / 32;
                     const float f = code_as_float<VBq>(w[u], j);
 #pragma unroll
-                    for (int g = 0; g < NG; g++) acc[g][j] += ps[g] * f;
+                    for (int g = 0; g < NG; g++) acc[g][j] += ps[g][q] * f;
                 }
             }
         }
@@ -3454,9 +3069,7 @@ PASS_LOOP
 #pragma unroll
             for (int g = 0; g < NG; g++) {
 #pragma unroll
-                for (int o = WPT; o < 32; o <<= 1) bias[g] += __shfl_xor_sync(0xffffffffu, bias[g], o);
-#pragma unroll
-                for (int q = 0; q < (VBq == 2 ? D / 32 : 0); q++)
+                for (int q = 0; q < NQ; q++)
 #pragma unroll
                     for (int o = WPT; o < 32; o <<= 1) bias2[g][q] += __shfl_xor_sync(0xffffffffu, bias2[g][q], o);
 #pragma unroll
@@ -3464,8 +3077,9 @@ PASS_LOOP
                     float v = acc[g][j];
 #pragma unroll
                     for (int o = WPT; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                    if (VBq == 2 && sub == 0) wacc[g * D + value2_channel<D>(wi, j)] += v + bias2[g][value2_channel<D>(0, j) / 32];
-                    if (VBq != 2 && sub == 0) wacc[g * D + wi * FPI + j] += v + bias[g];
+                    if (sub == 0)
+                        wacc[g * D + value_channel<D, VBq>(hp, wp, j)] +=
+                            v + bias2[g][value_channel<D, VBq>(0, 0, j) / 32];
                 }
             }
         }
@@ -3668,7 +3282,7 @@ __device__ __forceinline__ void attn_split(const AttnParams& P) {
     ((KB) == 16 ? F16_MIN_CTAS                                                                     \
      : (NG) != 1 ? QUANT_MIN_CTAS_GQA                                                              \
      : (KB) + (VB) == 4 ? QUANT_MIN_CTAS_K2                                                        \
-     : STAGE_CODES && STAGE_CODES4 && IMMA_KEYS && IMMA_VALUES ? QUANT_MIN_CTAS_STAGED : QUANT_MIN_CTAS)
+     : STAGE_CODES && STAGE_CODES4 ? QUANT_MIN_CTAS_STAGED : QUANT_MIN_CTAS)
 // One decode-attention variant per module, compiled on first use (cache.rs `attn_variant`):
 // -DATTN_D (head dim) -DATTN_KB -DATTN_VB (key/value bits, 16: the f16 cache) -DATTN_NG
 // (query heads per CTA) -DATTN_W (warps per CTA: 4, or 1 for batches of many short

@@ -663,52 +663,51 @@ fn unsupported(m: String) -> Error {
 
 /// Whole blocks a four-warp attention CTA sends through the tensor cores at a time (the rest
 /// of a split's whole blocks take the CUDA-core path; [`GpuCache::set_tensor_core_multiple`]).
-/// One per warp, except for 2-bit keys and values: their interleaved codes made the CUDA-core
-/// path dearer, and every block on the tensor cores measured faster (H200, session 19, µs,
+/// One per warp for the f16 cache; one for KIVI: interleaved codes make the CUDA-core path
+/// dearer, and every block on the tensor cores measured faster (H200, session 19, 2-bit, µs,
 /// one per warp -> one: MHA B = 1 T = 4K 18.9 -> 15.8, B = 32 T = 4K 158.6 -> 132.4; GQA B = 8
 /// T = 4K 39.7 -> 35.2, B = 1 T = 1K 14.5 -> 12.2).
 fn default_tc_multiple(config: &CacheConfig) -> usize {
     match config {
-        CacheConfig::Kivi(kc) if kc.k_bits == 2 && kc.v_bits == 2 => 1,
+        CacheConfig::Kivi(_) => 1,
         _ => ATTN_THREADS as usize / 32,
     }
 }
 
-/// Word and bit offset of the key code of block position `b`, channel `c` in a block's codes
-/// (`cache.cu`: 2-bit codes interleaved, `key2_word`; 4-bit in 32-token sub-tiles).
-fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
-    if bits == 2 {
-        (
-            (c / 4) * 32 + (b % 8) * 4 + b / 32,
-            8 * (c % 4) + 2 * ((b / 8) % 4),
-        )
+/// Word and bit offset of the code at interleaved position `x` (a token of a key block, a
+/// channel of a value token) of quad member `member` (a key channel or value token % 4) in a
+/// block's codes (`cache.cu`, "Codes are interleaved"): position x = 32 k + s + 8 i is slot s
+/// of quarter k, bits 2 i of the member's byte; 4-bit codes are two planes of 8 d words, plane
+/// i / 2 at bits 4 (i % 2). `quad` is the member's quad, `quad_row` and `slot_stride` the words of
+/// a quad and of a slot in a plane.
+fn interleaved_code_at(
+    bits: u8,
+    d: usize,
+    (quad, quad_row, slot_stride): (usize, usize, usize),
+    member: usize,
+    x: usize,
+) -> (usize, usize) {
+    let (k, s, i) = (x / 32, x % 8, (x % 32) / 8);
+    let (plane, bit) = if bits == 4 {
+        (i / 2, 4 * (i % 2))
     } else {
-        let per_word = 32 / bits as usize;
-        (
-            ((b / 32) * d + c) * (32 / per_word) + (b % 32) / per_word,
-            (b % per_word) * bits as usize,
-        )
-    }
+        (0, 2 * i)
+    };
+    (
+        plane * 8 * d + quad * quad_row + s * slot_stride + k,
+        8 * member + bit,
+    )
 }
 
-/// The same for the value code of block position `b`, channel `c` (`value2_word`; 4-bit: one
-/// row of words per token).
+/// Word and bit offset of the key code of block position `b`, channel `c` in a block's codes
+/// (`cache.cu`, `key_word`).
+fn key_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
+    interleaved_code_at(bits, d, (c / 4, 32, 4), c % 4, b)
+}
+
+/// The same for the value code of block position `b`, channel `c` (`value_word`).
 fn value_code_at(bits: u8, d: usize, b: usize, c: usize) -> (usize, usize) {
-    if bits == 2 {
-        // Bit `row_bit` of token b's row word (slot c % 8, d / 4 bits each), stored as byte
-        // b % 4 of word row_bit % 32 / 8 of the quad's group for that row word.
-        let row_bit = (c % 8) * (d / 4) + 2 * (c / 8);
-        (
-            (b / 4) * (d / 4) + (row_bit / 32) * 4 + (row_bit % 32) / 8,
-            8 * (b % 4) + row_bit % 8,
-        )
-    } else {
-        let per_word = 32 / bits as usize;
-        (
-            b * (d / per_word) + c / per_word,
-            (c % per_word) * bits as usize,
-        )
-    }
+    interleaved_code_at(bits, d, (b / 4, d / 4, d / 32), b % 4, c)
 }
 
 /// Checks the configurations the kernels implement.

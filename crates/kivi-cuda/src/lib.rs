@@ -314,7 +314,7 @@ fn compile_options(arch: (i32, i32), defines: &[String]) -> Vec<String> {
         "-std=c++17".to_string(),
     ];
     options.extend(defines.iter().cloned());
-    // Kernel tuning experiments: `KIVI_CUDA_DEFINES="-DVALUE_STAGE=0 -DQUANT_MIN_CTAS=4"`
+    // Kernel tuning experiments: `KIVI_CUDA_DEFINES="-DSTAGE_CODES=0 -DQUANT_MIN_CTAS=4"`
     // overrides the kernels' compile-time knobs (part of the PTX cache key).
     if let Ok(defines) = std::env::var("KIVI_CUDA_DEFINES") {
         options.extend(

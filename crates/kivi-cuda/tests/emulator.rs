@@ -3,8 +3,10 @@
 //! and whole attention + append steps (every kernel of `GpuCache::attend` and `append`, sink
 //! tokens included) over exactly quantizable data against plain attention; once as the GPU
 //! modules are built and once with every measured switch on its other side (the f16 cache on the
-//! CUDA cores only, `F16_TC=0`; quantized blocks on the f16 tensor-core path, `IMMA_KEYS=0
-//! IMMA_VALUES=0`). Needs g++ with C++20 on x86-64; without them the test says `skipped`.
+//! CUDA cores only, `F16_TC=0`; code masks shifted down, `MASK_IN_PLACE=0 MASK_IN_PLACE4=0`;
+//! four-head blocks forming their B operands in the k-steps, `PRE_B=0`; codes read from memory
+//! rather than staged, `STAGE_CODES=0`). Needs g++ with C++20 on x86-64; without them the test
+//! says `skipped`.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,7 +28,10 @@ fn kernel_code_matches_the_reference_on_the_emulator() {
     // The default build, and one with the switches' other sides: built at once, run at once.
     let builds: Vec<_> = [
         ("default", ""),
-        ("switches_off", "-DF16_TC=0 -DIMMA_KEYS=0 -DIMMA_VALUES=0"),
+        (
+            "switches_off",
+            "-DF16_TC=0 -DMASK_IN_PLACE=0 -DMASK_IN_PLACE4=0 -DPRE_B=0 -DSTAGE_CODES=0",
+        ),
     ]
     .into_iter()
     .map(|(name, define)| {
