@@ -1203,9 +1203,9 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     if constexpr (STAGED) __syncwarp();  // the buffer is read: the next block's copy may start
 }
 
-// The B fragments of the query heads `sq` ([NG][D] f32) for tc_key_block, fragment x = k-step
-// x / 32 of lane x % 32, written by threads `tid`, `tid + nthreads`, ...: column g holds head
-// g / 2's part g % 2 (split_part).
+// The B fragments of the query heads `sq` ([NG][D] f32) for the f16 MMAs (tc_f16_key_block,
+// key_mins_terms), fragment x = k-step x / 32 of lane x % 32, written by threads `tid`, `tid +
+// nthreads`, ...: column g holds head g / 2's part g % 2 (split_part).
 // F16_ROWS: the channel order of tc_f16_key_block (k-steps 2j and 2j + 1 of lane t take
 // channels 32j + 8t .. 32j + 8t + 7, so that its A registers come from one 16-byte load per row).
 template <int D, int NG, bool F16_ROWS = false>
@@ -1267,10 +1267,11 @@ __device__ __forceinline__ void query_fragments(const float* sq, uint2* sqf, int
 
 // Which rows of an f16 key block lane group g computes in m-tile m: F16_KEY_CONTIG, rows
 // 16 m + 2 g and + 1 (an m-tile is 16 consecutive rows: each step of a warp reads 4 KB in one
-// piece, and a head's scores are stored to consecutive words); else 16 g + 2 m and + 1 (as
-// tc_key_block: 8 pieces of 512 bytes, 4 KB apart). Measured on the H200 (session 17, µs,
-// 0 -> 1): 0.5-1.6 % faster on the one-wave shapes (GQA B = 1 T = 4K 19.0 -> 18.7, B = 32 T = 4K
-// 139.7 -> 138.1, MHA B = 8 T = 4K 133.2 -> 131.8), within +-0.5 % on the large ones.
+// piece, and a head's scores are stored to consecutive words); else 16 g + 2 m and + 1 (as the
+// quantized blocks once did: 8 pieces of 512 bytes, 4 KB apart). Measured on the H200 (session
+// 17, µs, 0 -> 1): 0.5-1.6 % faster on the one-wave shapes (GQA B = 1 T = 4K 19.0 -> 18.7,
+// B = 32 T = 4K 139.7 -> 138.1, MHA B = 8 T = 4K 133.2 -> 131.8), within +-0.5 % on the large
+// ones.
 #ifndef F16_KEY_CONTIG
 #define F16_KEY_CONTIG 1
 #endif
@@ -1371,7 +1372,7 @@ __device__ __forceinline__ void f16_value_kstep(const AttnParams& P, const u32 (
 }
 
 // Adds one f16 value block (128 rows from pb, the first `valid` stored) weighted by the
-// softmax to acc, by one warp, as tc_value_block (lane g: channels g CH..g CH + CH - 1, m-tile
+// softmax to acc, by one warp (lane g: channels g CH..g CH + CH - 1, m-tile
 // M: rows = channels g CH + 2M and + 1; k-step tokens 2t, 2t + 1, 2t + 8, 2t + 9): a
 // channel pair of two tokens is two A registers after two PRMT.
 template <int D, int NG>
@@ -2577,7 +2578,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     int kt_end = s0, vt_end = s0;
     const int tc_unit = P.tc_multiple * BLOCK_TOKENS;
     __shared__ uint2 sqf_own[QF_IN_SACC ? 1 : (128 / 16) * 32];
-    uint2* sqf = QF_IN_SACC ? (uint2*)sacc : sqf_own;  // the query's B fragments (tc_key_block)
+    uint2* sqf = QF_IN_SACC ? (uint2*)sacc : sqf_own;  // the query's B fragments (query_fragments)
     // Positions in pool blocks: KIVI's quantized ones; the f16 cache's stored rows.
     constexpr bool F16_TENSOR = !QUANT && F16_TC;
     const int kpaged = QUANT ? nqk : F16_TENSOR ? n : 0, vpaged = QUANT ? nqv : F16_TENSOR ? n : 0;
@@ -2960,7 +2961,7 @@ PASS_LOOP
         } else {
             for (int t = lane; t < ns; t += 32) mx = fmaxf(mx, row[t]);
             mx = warp_max(mx);
-            const int packed = vt_valid - s0;  // weights read by tc_value_block, as split_bits
+            const int packed = vt_valid - s0;  // weights read by tc_f16_value_block, as split_bits
             for (int t = lane; t < ns; t += 32) {
                 const float e = exp2f(row[t] - mx);
                 row[t] = t < packed && !IMMA_V && !HEADS_V ? __uint_as_float(split_bits(e)) : e;
