@@ -888,7 +888,8 @@ __device__ __forceinline__ u32 split_bits(float x) {
 // MHA B = 32 T = 32K KIVI-2 1027 / 1020 -> 956 / 964, B = 1024 T = 330 KIVI-2 R = 32 528 -> 499.
 // MASK_IN_PLACE4: the same for 4-bit codes (s = 4, at most 240). With the plain 4-bit packing
 // (before the planes of key_word) it moved the four-warp kernel's spills (44 / 84 -> 48 / 92 B)
-// and measured slower (MHA B = 32 T = 32K KIVI-4 1411 / 1398 -> 1461 / 1456).
+// and measured slower (MHA B = 32 T = 32K KIVI-4 1411 / 1398 -> 1461 / 1456); with the planes
+// the same (session 29, GQA B = 32 T = 32K KIVI-4, 0 / 1: 434.9 / 433.8 us).
 #ifndef MASK_IN_PLACE
 #define MASK_IN_PLACE 1
 #endif
@@ -943,10 +944,11 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES
 #define STAGE_CODES 1
 #endif
-// The same for 4-bit codes (8 KiB per warp: the CTAs' shared memory then allows 4 per SM, so
-// those kernels take the register cap of 4, QUANT_MIN_CTAS_STAGED). Measured on the H200 (µs,
-// MHA B = 32, pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 /
-// 1339 (again 1404 / 1412 / 1378), T = 16K 718 / 722 / 689, B = 8 T = 32K 381 / 379 / 362.
+// The same for 4-bit codes in four-warp CTAs (10 KiB per warp with padding: the CTAs' shared
+// memory then allows 4 per SM, so those kernels take the register cap of 4,
+// QUANT_MIN_CTAS_STAGED). Measured on the H200 with the plain 4-bit packing (µs, MHA B = 32,
+// pool-reading / staged at 5 CTAs / staged at 4 CTAs): T = 32K KIVI-4 1402 / 1435 / 1339 (again
+// 1404 / 1412 / 1378), T = 16K 718 / 722 / 689, B = 8 T = 32K 381 / 379 / 362.
 #ifndef STAGE_CODES4
 #define STAGE_CODES4 1
 #endif
