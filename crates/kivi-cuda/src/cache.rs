@@ -78,14 +78,14 @@ const ONE_WARP_MAX_LEN: usize = 4096;
 /// 32/32/128 and 32/8/128, B = 8-1024, T = 330-3072; docs/benchmarks.md): 2-bit four-head CTAs
 /// 1.07-1.58x faster on four warps from T = 512 on (one warp 1.3x faster at T = 330, B >= 256);
 /// 2-bit one-head 1.0-1.24x from T = 1K with at least 1024 pairs (with fewer, one warp wins
-/// up to 15 % at T = 1K); 4-bit one-head (plain 4-bit packing then) 1.01-1.52x from T = 1K with
-/// 1024 pairs (with fewer, from T = 2K). Other modules (head_dim 64, mixed bits, 2-3 heads per CTA) keep
-/// ONE_WARP_MAX_LEN: the same sweep at 9/3/64 found no consistent winner below it. 4-bit
-/// kernels since their codes are interleaved (session 29, KIVI-4, B = 64 / 256 / 1024, T = 256-
-/// 3072 context tokens plus the new one; one warp's speed-up): one-head 1.04 / 1.22 / 1.34x at
-/// T = 256, 0.93 / 1.09 / 1.21x at 330, 0.83 / 0.94 / 1.03x at 512, 0.96x at B = 1024 T = 1K;
-/// four-head 1.04 / 1.36 / 1.39x at 256, 0.97 / 1.22 / 1.26x at 330, 0.60 / 0.76 / 1.00x at
-/// 512; four warps 1.05-1.57x faster from T = 1K on.
+/// up to 15 % at T = 1K); 4-bit one-head (plain 4-bit packing then) 1.01-1.52x from T = 1K
+/// with 1024 pairs (with fewer, from T = 2K). Other modules (head_dim 64, mixed bits, 2-3 heads
+/// per CTA) keep ONE_WARP_MAX_LEN: the same sweep at 9/3/64 found no consistent winner below it.
+/// 4-bit kernels since their codes are interleaved (session 29, KIVI-4, B = 64 / 256 / 1024,
+/// T = 256-3072 context tokens plus the new one; one warp's speed-up): one-head 1.04 / 1.22 /
+/// 1.34x at T = 256, 0.93 / 1.09 / 1.21x at 330, 0.83 / 0.94 / 1.03x at 512, 0.96x at B = 1024
+/// T = 1K; four-head 1.04 / 1.36 / 1.39x at 256, 0.97 / 1.22 / 1.26x at 330, 0.60 / 0.76 /
+/// 1.00x at 512; four warps 1.04-1.47x faster from T = 1K on.
 fn one_warp_max_len(d: usize, kb: u8, vb: u8, ng: usize, pairs: usize) -> usize {
     match (d, kb, vb, ng) {
         (128, 2, 2, 4) => 512,
