@@ -340,7 +340,6 @@ inline void cp_async16(SmemAddr dst, const void* src) {
     a.pending.push_back({a.committed, dst + DOFF, (const char*)src + SOFF});
 }
 inline void cp_async_commit() { emu_cp_async[threadIdx.x].committed++; }
-inline void prefetch_l2_line(const void*) {}
 template <int N>
 inline void cp_async_wait() {
     EmuCpAsync& a = emu_cp_async[threadIdx.x];

@@ -982,8 +982,6 @@ __device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src) {
                      : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// The 128-byte line at p into L2.
-__device__ __forceinline__ void prefetch_l2_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Waits until at most N of the thread's committed groups are in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -1938,18 +1936,6 @@ __device__ __forceinline__ void pre_b_kstep(int (&acc)[8][4], const u32 (&xa)[BI
     quarter_immas<B_SIGNED, BITS>(acc[4], acc[5], xa, xb, 2, b1.x, b1.y);
     quarter_immas<B_SIGNED, BITS>(acc[6], acc[7], xa, xb, 3, b1.z, b1.w);
 }
-// 1: CTAs of several heads prefetch each warp's next code block into L2 (and, at the last key
-// block, the first value block) while they work on the present one. Measured slower on the
-// H200 (session 29, GQA B = 32 T = 32K, us, 0 / 1: KIVI-4 433.8 / 462.0, KIVI-2 283.7 / 296.4).
-#ifndef HEADS_PREFETCH
-#define HEADS_PREFETCH 0
-#endif
-// A block's BYTES of codes from p into L2, one 128-byte line per lane and round.
-template <int BYTES>
-__device__ __forceinline__ void prefetch_block(const u32* p, int lane) {
-#pragma unroll
-    for (int off = 128 * lane; off < BYTES; off += 32 * 128) prefetch_l2_line(p + off / 4);
-}
 // Zero columns 2 NG..7 (heads >= NG) of the lane's rows.
 template <int NG>
 __device__ __forceinline__ void pre_b_zero(u32* lo_, u32* hi_, int lane) {
@@ -2698,18 +2684,10 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
             key_mins_terms<D>(P, a, sqf, lane, mterm);
         }
         int bi = 0;
-        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++) {
-            if (HEADS_PREFETCH) {  // the warp's next key block, or its first value block
-                const int nb = pb + W * BLOCK_TOKENS;
-                if (nb < kt_end)
-                    prefetch_block<D * KBq * 16>(c.kq + (u64)sblk[(nb - s0) / BLOCK_TOKENS] * c.kq_block + (u64)kvh * c.kq_head, lane);
-                else if (pb < vt_end)
-                    prefetch_block<D * VBq * 16>(c.vq + (u64)sblk[(pb - s0) / BLOCK_TOKENS] * c.vq_block + (u64)kvh * c.vq_head, lane);
-            }
+        for (int pb = s0 + warp * BLOCK_TOKENS; pb < kt_end; pb += W * BLOCK_TOKENS, bi++)
             tc_key_block_heads<D, KBq, NG, QHAT, heads_ahead<D, W, PRE, KBq>(), PRE && QHAT>(
                 P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb, s0, kt_valid - pb, __ffs(c.group) - 6, sq, sqmax,
                 sqinv, sqhat, sqf, wbuf, sc, lane, pre_lo, mterm, bi);
-        }
     } else if (F16_TENSOR && kt_end > s0) {
         if constexpr (F16_RING) {
             for (int i = 0; i < ring_blocks; i++) {
@@ -3015,13 +2993,9 @@ PASS_LOOP
             for (int m = 0; m < D / 16; m++) vacc[m][0] = vacc[m][1] = 0.0f;
 #pragma unroll
             for (int x = 0; x < 4 * (D / 32); x++) pm[x] = 0.0f;
-            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS) {
-                const int nb = pb + W * BLOCK_TOKENS;
-                if (HEADS_PREFETCH && nb < vt_end)
-                    prefetch_block<D * VBq * 16>(c.vq + (u64)sblk[(nb - s0) / BLOCK_TOKENS] * c.vq_block + (u64)kvh * c.vq_head, lane);
+            for (int pb = s0 + warp * BLOCK_TOKENS; pb < vt_end; pb += W * BLOCK_TOKENS)
                 tc_value_block_heads<D, VBq, NG, heads_ahead<D, W, PRE, VBq>(), PRE>(P, kvh, (u64)sblk[(pb - s0) / BLOCK_TOKENS], pb,
                                                                  s0, vt_valid - pb, sc, wbuf, vacc, pm, lane, pre_lo);
-            }
             tc_value_store_heads<D, NG, PRE>(vacc, pm, wacc, lane);
         }
         constexpr int UNROLL = 4;
