@@ -788,7 +788,7 @@ struct Pipeline {
             emu_launch({T, 1, 1}, 128, [&](int) { kivi_append_decode(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });
         } else {
             if (!vtoks.empty())
-                emu_launch({(int)vtoks.size() / 2, 1, 1}, hkv * (D / G), [&](int) {
+                emu_launch({(int)vtoks.size() / 2, 1, 1}, 128, [&](int) {
                     kivi_quantize_values(c, (const Item*)sitems.data(), (const Rec*)vtoks.data(), vn.data());
                 });
             emu_launch({T, 1, 1}, 128, [&](int) { kivi_write_window(c, (const Tok*)stoks.data(), kn.data(), vn.data()); });

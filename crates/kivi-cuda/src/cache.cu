@@ -322,97 +322,14 @@ extern "C" __global__ void kivi_quantize_keys(CacheBufs c, const Item* items, co
         quantize_key_group<4>(c, it, knew, blockIdx.y, d, j, r.at);
 }
 
-// 32 consecutive values of a value group (f16 window row or f32 new token, rounded to f16 as the
-// window stores it): every 16-byte load issued before any value is converted.
-__device__ __forceinline__ void value_chunk(bool old, const u16* win, const float* src, float (&v)[32]) {
-    if (old) {
-        uint4 u[4];
-#pragma unroll
-        for (int x = 0; x < 4; x++) u[x] = *(const uint4*)(win + 8 * x);
-#pragma unroll
-        for (int x = 0; x < 4; x++) {
-            const u32 w[4] = {u[x].x, u[x].y, u[x].z, u[x].w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                v[8 * x + 2 * j] = h2f((u16)w[j]);
-                v[8 * x + 2 * j + 1] = h2f((u16)(w[j] >> 16));
-            }
-        }
-    } else {
-        float4 f[8];
-#pragma unroll
-        for (int x = 0; x < 8; x++) f[x] = *(const float4*)(src + 4 * x);
-#pragma unroll
-        for (int x = 0; x < 8; x++) {
-            v[4 * x] = f16_round(f[x].x);
-            v[4 * x + 1] = f16_round(f[x].y);
-            v[4 * x + 2] = f16_round(f[x].z);
-            v[4 * x + 3] = f16_round(f[x].w);
-        }
-    }
-}
-
-// Quantizes value group gi of KV head h of position p of the sequence in `slot` (n0 stored
-// positions; new tokens packed from tok_off): from the window when p < n0, else from vnew. Its G
-// values come in 16-byte loads, 32 at a time, every load in flight (G = 32: once for both
-// passes; with the window kernel below, append went from 3.07 to 2.41 ms of a B = 1046 decode
-// pass on the H200, one 2-byte load per value before; then 18.5 us per layer with one 16-byte
-// load and its use per round trip).
-__device__ __forceinline__ void quantize_value_group(const CacheBufs& c, int slot, int n0, int tok_off, int p,
-                                                     const float* vnew, int h, int gi) {
-    const int D = c.head_dim, G = c.group, gpt = D / G;
-    const bool old = p < n0;
-    const u64 vwin = (u64)slot * c.vwin_unit + (u64)h * c.vwin_head + (u64)(c.resid > 0 ? p % c.resid : 0) * D;
-    const u16* win = c.vwin + vwin + gi * G;
-    const float* src = vnew + ((u64)(tok_off + p - n0) * c.n_kv + h) * D + gi * G;
-    float v[32];
-    float mn = __int_as_float(0x7f800000), mx = -mn;
-    for (int x0 = 0; x0 < G; x0 += 32) {
-        value_chunk(old, win + x0, src + x0, v);
-#pragma unroll
-        for (int j = 0; j < 32; j++) {
-            mn = fminf(mn, v[j]);
-            mx = fmaxf(mx, v[j]);
-        }
-    }
-    const int bits = c.v_bits;
-    GroupParams gp = group_params(mn, mx, bits);
-    const u64 blk = block_of(c, slot, p);
-    const int b = p % BLOCK_TOKENS;
-    for (int q0 = 0; q0 < G; q0 += 32) {
-        if (G > 32) value_chunk(old, win + q0, src + q0, v);  // (G = 32: v holds the group)
-        // Interleaved: per quarter of the group, the token's byte of each of its 8 slots (4-bit:
-        // of both planes). Indices known at compile time, so that v stays in registers.
-        const u64 vq = blk * c.vq_block + (u64)h * c.vq_head;
-        const int ch0 = gi * G + q0;  // a multiple of 32: quarter ch0 / 32 of the slot
-        if (bits == 2) {
-            u32 slot[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-#pragma unroll
-            for (int i = 0; i < 32; i++) slot[i & 7] |= quantize_value(v[i], gp, 2) << (2 * (i >> 3));
-            for (int sl = 0; sl < 8; sl++)
-                store_byte(c.vq + vq + value_word<2>(D, b, ch0 + sl), value_shift<2>(b, ch0 + sl) / 8, slot[sl]);
-        } else {
-            u32 slot[2][8] = {{0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u}, {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u}};
-#pragma unroll
-            for (int i = 0; i < 32; i++) slot[i >> 4][i & 7] |= quantize_value(v[i], gp, 4) << (4 * ((i >> 3) & 1));
-            for (int hm = 0; hm < 2; hm++)
-                for (int sl = 0; sl < 8; sl++)
-                    store_byte(c.vq + vq + value_word<4>(D, b, ch0 + 16 * hm + sl), value_shift<4>(b, ch0 + sl) / 8,
-                               slot[hm][sl]);
-        }
-    }
-    const u64 m = blk * c.vsm_block + (u64)h * c.vsm_head + (u64)b * gpt + gi;
-    c.vs[m] = gp.scale;
-    c.vm[m] = gp.min;
-}
-
-// Quantizes every value group of position p (as quantize_value_group does, bit for bit) with
-// the whole CTA: four threads per 32 channels, 8 values each, the group's min and max by warp
-// shuffles. With one thread per group (quantize_value_group) a decode step's CTA ran a serial
-// chain of ~3400 instructions in one warp: 9.1 us per Mistral-7B layer at B = 1, now 5.4
-// (Nsight Compute, docs/benchmarks.md "CUDA end-to-end (H200)" -> "Session 28"). Thread j of a
-// 32-channel chunk owns whole output bytes: slots 2j and 2j+1 (channels 2j + {0,1} + 8k,
-// value_word's interleaved layout; 4-bit: of both planes).
+// Quantizes every value group of position p of the sequence in `slot` (n0 stored positions; new
+// tokens packed from tok_off), from the window when p < n0 (f16), else from vnew (rounded to f16
+// as the window stores it), with the whole CTA (blockDim.x a multiple of 32): four threads per
+// 32 channels, 8 values each, the group's min and max by warp shuffles. With one thread per
+// group a decode step's CTA ran a serial chain of ~3400 instructions in one warp: 9.1 us per
+// Mistral-7B layer at B = 1, now 5.4 (Nsight Compute, docs/benchmarks.md "CUDA end-to-end
+// (H200)" -> "Session 28"). Thread j of a 32-channel chunk owns whole output bytes: slots 2j and
+// 2j+1 (channels 2j + {0,1} + 8k, value_word's interleaved layout; 4-bit: of both planes).
 __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slot, int n0, int tok_off, int p,
                                                      const float* vnew) {
     const int D = c.head_dim, G = c.group, gpt = D / G, bits = c.v_bits;
@@ -486,15 +403,13 @@ __device__ __forceinline__ void quantize_value_token(const CacheBufs& c, int slo
     }
 }
 
-// One thread per (value token record, KV head, value group). grid = records, block = Hkv * D/G.
+// Quantizes the values of one position per CTA (quantize_value_token, the decode step's writer
+// too). grid = value token records, block = 128.
 extern "C" __global__ void kivi_quantize_values(CacheBufs c, const Item* items, const Rec* toks,
                                                 const float* vnew) {
     const Rec r = toks[blockIdx.x];
     const Item it = items[r.item];
-    const int gpt = c.head_dim / c.group;
-    const int h = threadIdx.x / gpt, gi = threadIdx.x % gpt;
-    if (h >= c.n_kv) return;
-    quantize_value_group(c, it.slot, it.n_old, it.tok_off, r.at, vnew, h, gi);
+    quantize_value_token(c, it.slot, it.n_old, it.tok_off, r.at, vnew);
 }
 
 // Writes new tokens that are sink positions into the sink rows. rec = (packed token, slot,

@@ -1882,12 +1882,8 @@ impl GpuCache {
         // own CTAs, before they overwrite those slots (one launch less per layer and step).
         let fused = self.fused_append && batch.decode_only && batch.n_value_tokens > 0;
         if batch.n_value_tokens > 0 && !fused {
-            let g = match self.config {
-                CacheConfig::Kivi(kc) => kc.group_size,
-                CacheConfig::F16 => unreachable!("the f16 cache quantizes nothing"),
-            };
             let f = self.function("kivi_quantize_values")?;
-            let cfg = grid_2d((batch.n_value_tokens as u32, 1), (hkv * (d / g)) as u32);
+            let cfg = grid_2d((batch.n_value_tokens as u32, 1), 128);
             // SAFETY: as above.
             unsafe {
                 s.launch_builder(&f)
