@@ -47,6 +47,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return float4{x,
 #define __forceinline__ inline
 #define __global__
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
 inline float __int_as_float(int i) {
