@@ -2542,10 +2542,9 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
     // The warp's buffer (STAGED_K / STAGED_V). (Its shared-memory address computed once per CTA
     // instead of per block held one more register across the loops: 4 % slower at KIVI-2.)
     u32* cbuf = scodes + warp * CBUF_WORDS;
-    // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps. (Read
-    // as uint2: __align__, where a u32 array is only 4-byte aligned. Without it a change
-    // elsewhere in the module moved skb to 4 mod 8 and the one-warp 4-bit MHA kernel stopped
-    // with a misaligned shared-memory read, compute-sanitizer: docs/benchmarks.md, "Session 30".)
+    // Per warp, a key or value block's B operand (key_b_i8, value_b_i8): <= 4 k-steps. Read as
+    // uint2, so aligned explicitly: a u32 array is only 4-byte aligned, and where ptxas puts it
+    // depends on the module (docs/benchmarks.md "CUDA decode attention (H200)" -> "Session 30").
     __shared__ __align__(16) u32 skb[IMMA_K || IMMA_V ? W * 4 * 64 : 1];
     if (!IMMA_K && kt_end > s0) {
         query_fragments<D, NG, F16_TENSOR || HEADS_K>(sq, sqf, threadIdx.x, blockDim.x);

@@ -36,6 +36,9 @@ const SOURCE: &str = include_str!("cache.cu");
 const MODULE: &str = "cache";
 /// Threads of a four-warp attention CTA (one-warp CTAs: 32).
 const ATTN_THREADS: u32 = 128;
+/// Threads per CTA of the per-token append kernels (`kivi_quantize_values`, `kivi_write_window`,
+/// `kivi_append_decode`): one CTA per token; `quantize_value_token` needs whole warps.
+const APPEND_THREADS: u32 = 128;
 /// Splits are sized for this many attention CTAs per SM: one-warp CTAs of one head (~20
 /// resident), and all others (four-warp CTAs; one-warp CTAs of 2-4 heads, whose fixed cost per
 /// CTA is larger). A split sweep on the H200 (docs/benchmarks.md "Session 8": 128-2048 tokens,
@@ -1883,7 +1886,7 @@ impl GpuCache {
         let fused = self.fused_append && batch.decode_only && batch.n_value_tokens > 0;
         if batch.n_value_tokens > 0 && !fused {
             let f = self.function("kivi_quantize_values")?;
-            let cfg = grid_2d((batch.n_value_tokens as u32, 1), 128);
+            let cfg = grid_2d((batch.n_value_tokens as u32, 1), APPEND_THREADS);
             // SAFETY: as above.
             unsafe {
                 s.launch_builder(&f)
@@ -1899,7 +1902,7 @@ impl GpuCache {
         } else {
             "kivi_write_window"
         })?;
-        let cfg = grid_2d((t as u32, 1), 128);
+        let cfg = grid_2d((t as u32, 1), APPEND_THREADS);
         // SAFETY: as above; window slots are taken modulo the window size (stream-relative
         // records: a sink token's position is negative and written nowhere); kivi_append_decode
         // quantizes the one value position each token's item leaves its window, in its block.
