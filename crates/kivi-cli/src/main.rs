@@ -275,6 +275,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             a.prompt.clone()
         };
         let prompt = tok.encode(&text, true)?;
+        check_prompt_fits(prompt.len(), model.config.context_len)?;
         let mut stream = tok.stream();
         let mut stdout = std::io::stdout().lock();
         if !a.chat_template {
@@ -302,6 +303,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         a.prompt.clone()
     };
     let prompt = m.tokenizer.encode(&text, true)?;
+    check_prompt_fits(prompt.len(), m.model.config.context_len)?;
     let eos = m.tokenizer.eos_ids().to_vec();
     let mut stream = m.tokenizer.stream();
     let mut stdout = std::io::stdout().lock();
@@ -317,6 +319,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
     writeln!(stdout, "{}", stream.finish())?;
     if a.sampling.stats {
         print_stats(&stats, session.cache(), &cache_cfg, &m);
+    }
+    Ok(())
+}
+
+/// Before the prompt is echoed: a prompt over the context window is an error, not a screenful
+/// of the user's own text followed by one.
+fn check_prompt_fits(prompt_tokens: usize, context_len: usize) -> Result<()> {
+    if prompt_tokens > context_len {
+        bail!("prompt of {prompt_tokens} tokens does not fit the context window of {context_len} tokens");
     }
     Ok(())
 }

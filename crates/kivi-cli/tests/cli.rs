@@ -131,6 +131,9 @@ fn missing_model_file() {
         "hi",
     ]);
     assert_clean_failure(&out, "/nonexistent/model.gguf");
+    // The OS's reason once, not once per level of the error chain.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
 }
 
 #[test]
@@ -184,6 +187,12 @@ fn prompt_longer_than_the_context() {
         &prompt,
     ]);
     assert_clean_failure(&out, "context window");
+    // Checked before the prompt is echoed: nothing on stdout.
+    assert!(
+        out.stdout.is_empty(),
+        "{} bytes on stdout",
+        out.stdout.len()
+    );
 }
 
 #[test]

@@ -143,7 +143,7 @@ impl ChatTemplate {
             Err(e) => {
                 return Err(ModelError::Io {
                     path: cfg_path.display().to_string(),
-                    source: e,
+                    error: e,
                 })
             }
         };

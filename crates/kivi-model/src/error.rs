@@ -4,11 +4,10 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 #[derive(Debug, Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // (Not named `source`: thiserror would make it the error's source, and a chain printed with
+    // `{:#}` would repeat the I/O message.)
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     /// A malformed or hostile file. `field` names what was being read.
     #[error("invalid {format} file: {field}: {detail}")]
     Format {

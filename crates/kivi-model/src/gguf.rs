@@ -286,9 +286,9 @@ impl std::fmt::Debug for Gguf {
 impl Gguf {
     /// Opens, maps and validates `path`. Nothing is read from the tensor data.
     pub fn open(path: &Path) -> Result<Gguf> {
-        let io = |source| ModelError::Io {
+        let io = |error| ModelError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
@@ -488,9 +488,9 @@ pub(crate) fn map_file(file: &File, path: &Path) -> Result<Mmap> {
     // SAFETY: the file is opened read-only and the map is never written through. As with any
     // memory map, another process truncating or rewriting the file while it is mapped can
     // change the bytes under us or fault on access; like every mmap-based loader we accept that.
-    unsafe { Mmap::map(file) }.map_err(|source| ModelError::Io {
+    unsafe { Mmap::map(file) }.map_err(|error| ModelError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 
@@ -1177,9 +1177,9 @@ impl GgufWriter {
 
     pub fn write(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|source| ModelError::Io {
+        std::fs::write(path, bytes).map_err(|error| ModelError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })
     }
 }

@@ -36,7 +36,7 @@ pub fn load_on<B: Backend>(backend: B, path: &Path) -> Result<Loaded<B>> {
     );
     let io_err = |e: std::io::Error| ModelError::Io {
         path: path.display().to_string(),
-        source: e,
+        error: e,
     };
     let meta = std::fs::metadata(path).map_err(io_err)?;
     let (model, tokenizer, chat_template) = if meta.is_dir() {

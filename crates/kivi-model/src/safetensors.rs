@@ -92,9 +92,9 @@ fn format_err(field: impl Into<String>, detail: impl fmt::Display, path: &Path) 
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
+    move |error| ModelError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 

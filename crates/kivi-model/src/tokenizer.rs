@@ -378,7 +378,7 @@ impl Tokenizer {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(ModelError::Io {
                     path: p.display().to_string(),
-                    source: e,
+                    error: e,
                 }),
             }
         };
