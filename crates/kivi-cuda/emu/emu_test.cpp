@@ -74,7 +74,9 @@ static u32 interleaved_code(const std::vector<u32>& words, int D, int quad_row, 
                             int x) {
     const int k = x / 32, s = x % 8, i = (x % 32) / 8;
     const int plane = BITS == 4 ? i / 2 : 0, bit = BITS == 4 ? 4 * (i % 2) : 2 * i;
-    const u32 w = words[plane * 8 * D + quad * quad_row + s * slot_stride + k];
+    // (The word in its row; rows' 16-byte groups chunk-major in units of four rows: code_word.)
+    const int rw = s * slot_stride + k;
+    const u32 w = words[plane * 8 * D + (quad / 4) * 4 * quad_row + (rw / 4) * 16 + (quad % 4) * 4 + rw % 4];
     return (w >> (8 * member + bit)) & ((1u << BITS) - 1);
 }
 template <int D, int KB>

@@ -157,13 +157,30 @@ __device__ __forceinline__ u64 block_of(const CacheBufs& c, int slot, int p) {
 // (i = 2, 3) for the lane of slot g, and the four bytes of a word are four consecutive k
 // indices of the MMA: one mask (code_bits) makes a word an A register of the integer tensor
 // cores, and a lane's four words are one 16-byte load.
+// Those 16-byte groups are stored chunk-major in units of four rows (quads): group c of row r
+// at words 4 (r & ~3) W + 16 c + 4 (r & 3), W the row's words (keys 32, values D / 4), so that
+// the eight lanes of a quarter warp, lanes (g, t) of slots g = 2q, 2q + 1 and rows t of a unit,
+// load one contiguous 128 bytes: one L1 wavefront where row-major rows took four (Nsight
+// Compute, GQA KIVI-2 B = 32 T = 32K: 44.3 M -> 31.9 M wavefronts; docs/benchmarks.md "CUDA
+// decode attention (H200)" -> "Session 31").
 // 4-bit codes are two planes of that geometry, 8 D words each: plane hm holds the half hm of
 // every quarter (i = 2 hm + r at bits 4 r of the byte: tokens, or channels, 32 k + 16 hm + s +
 // 8 r), so that every 2-bit load at word w is a 4-bit load at w and w + 8 D, and a nibble mask
 // makes an A register of rows g (r = 0) or g + 8 (r = 1) of m-tile 2k + hm.
+// Word `w` of row `r` (rows of W words, grouped as above).
+template <int W>
+__device__ __forceinline__ u64 code_word(int r, int w) {
+    return (u64)(r >> 2) * (4 * W) + (w >> 2) * 16 + (r & 3) * 4 + (w & 3);
+}
+// A lane's 16-byte group (g, t) in a unit: row t, group c (keys and D = 128 values: slot g; D = 64
+// values: slots 2c, 2c + 1), plus PAD words after every W (a staged copy's padding).
+template <int W, int PAD = 0>
+__device__ __forceinline__ constexpr int group_word(int c, int t) {
+    return 16 * c + 4 * t + PAD * ((16 * c + 4 * t) / W);
+}
 template <int BITS>
 __device__ __forceinline__ u64 key_word(int D, int d, int b) {
-    return (BITS == 4 ? (u64)((b >> 4) & 1) * 8 * D : 0) + (u64)(d >> 2) * 32 + (b & 7) * 4 + ((b >> 5) & 3);
+    return (BITS == 4 ? (u64)((b >> 4) & 1) * 8 * D : 0) + code_word<32>(d >> 2, (b & 7) * 4 + ((b >> 5) & 3));
 }
 template <int BITS>
 __device__ __forceinline__ int key_shift(int d, int b) {
@@ -171,7 +188,9 @@ __device__ __forceinline__ int key_shift(int d, int b) {
 }
 template <int BITS>
 __device__ __forceinline__ u64 value_word(int D, int b, int ch) {
-    return (BITS == 4 ? (u64)((ch >> 4) & 1) * 8 * D : 0) + (u64)(b >> 2) * (D / 4) + (ch & 7) * (D / 32) + (ch >> 5);
+    const u64 plane = BITS == 4 ? (u64)((ch >> 4) & 1) * 8 * D : 0;
+    const int w = (ch & 7) * (D / 32) + (ch >> 5);
+    return plane + (D == 128 ? code_word<32>(b >> 2, w) : code_word<16>(b >> 2, w));
 }
 template <int BITS>
 __device__ __forceinline__ int value_shift(int b, int ch) {
@@ -1054,9 +1073,9 @@ __device__ __forceinline__ void tc_key_block_i8(const AttnParams& P, int kvh, u6
     const u32* kq;
     if constexpr (STAGED) {
         warp_copy_async<BLOCK_TOKENS * D * KB / 8, 128, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
-        kq = cbuf + t * QS + 4 * g;
+        kq = cbuf + group_word<32, STAGE2_PAD>(g, t);
     } else {
-        kq = words + t * QS + 4 * g;
+        kq = words + group_word<32>(g, t);
     }
     float fac, bias;
     key_b_i8<D>(P, kvh, blk, qshift, sq, bbuf, lane, fac, bias);
@@ -1577,9 +1596,9 @@ __device__ __forceinline__ void tc_value_block_i8(const AttnParams& P, int kvh, 
     const u32* vq;
     if constexpr (STAGED) {
         warp_copy_async<BLOCK_TOKENS * D * VB / 8, D, STAGE2_PAD * 4>(smem_addr(cbuf), words, lane);
-        vq = cbuf + t * QW + slot_word;
+        vq = cbuf + group_word<D / 4, STAGE2_PAD>(slot_word / 4, t);
     } else {
-        vq = words + t * QW + slot_word;
+        vq = words + group_word<D / 4>(slot_word / 4, t);
     }
     float fac, bias;
     value_b_i8<D>(P, kvh, blk, sc + (pb - s0), valid, bbuf, lane, fac, bias);
@@ -2017,7 +2036,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     const int g = lane >> 2, t = lane & 3, h = g >> 1, part = g & 1;
     // The lane's code words: slot g of channel quads 8x + 4e + t (4-bit: in both planes).
     constexpr int NP = KB / 2;
-    AheadWords<AHEAD, KS, 32, NP, 8 * D> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + t * 32 + 4 * g);
+    AheadWords<AHEAD, KS, 32, NP, 8 * D> cw(c.kq + blk * c.kq_block + (u64)kvh * c.kq_head + group_word<32>(g, t));
     // s^ of every quarter: lane l takes channels 4l..4l + 3 (PRE: see pre_b_at).
     const int ch = 4 * lane;
     const bool has = ch < D;
@@ -2179,8 +2198,8 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     // in both planes).
     constexpr int NP = VB / 2;
     const bool slot_half = (g * (D / 4)) % 32 != 0;
-    AheadWords<AHEAD, 4, D / 4, NP, 8 * D> cw(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head + t * (D / 4) +
-                                              4 * ((g * (D / 4)) / 32));
+    AheadWords<AHEAD, 4, D / 4, NP, 8 * D> cw(c.vq + blk * c.vq_block + (u64)kvh * c.vq_head +
+                                              group_word<D / 4>((g * (D / 4)) / 32, t));
     // s^ and the mins' terms: lane l takes tokens 4l..4l + 3 (past `valid`: scale and min 0,
     // whatever other paths or unwritten memory hold there; the weights are finite there, other
     // paths' or the softmax's zeros past the split's end, so that they add nothing).
@@ -2643,7 +2662,7 @@ __device__ __forceinline__ void attn_split_partials(const AttnParams& P) {
 #pragma unroll
             for (int hp = 0; hp < NP; hp++)
 #pragma unroll
-                for (int x = 0; x < 8; x++) sl[hp][x] = words[hp * 8 * D + 4 * x];
+                for (int x = 0; x < 8; x++) sl[hp][x] = words[hp * 8 * D + 16 * x];  // (code_word)
 #pragma unroll
             for (int i = 0; i < CPL; i++) {
                 const int d = CPL * lane + i;
@@ -2937,7 +2956,7 @@ PASS_LOOP
                 sr[u] = mr[u] = make_uint2(0u, 0u);
                 if (p < qend) {
                     // The token's row word: its byte of each of the quad's four words.
-                    const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 2) * (D / 4) + 4 * wp);
+                    const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 4) * D + group_word<D / 4>(wp, (b >> 2) & 3));
                     const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
                     w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
                     const u16* sp = c.vs + vso + (u64)b * gpt;

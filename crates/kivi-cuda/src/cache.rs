@@ -701,8 +701,11 @@ fn interleaved_code_at(
     } else {
         (0, 2 * i)
     };
+    // The word in its row, then the row's 16-byte groups stored chunk-major in units of four
+    // rows (cache.cu, `code_word`).
+    let w = s * slot_stride + k;
     (
-        plane * 8 * d + quad * quad_row + s * slot_stride + k,
+        plane * 8 * d + (quad / 4) * 4 * quad_row + (w / 4) * 16 + (quad % 4) * 4 + w % 4,
         8 * member + bit,
     )
 }
