@@ -2951,19 +2951,23 @@ PASS_LOOP
             const u64 vqo = vqb + blk * c.vq_block + (u64)hp * 8 * D, vso = vsb + blk * c.vsm_block;
             u32 w[UNROLL];
             uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
-            const uint4 q4 = pb + 4 * sub < qend
-                                 ? *(const uint4*)(c.vq + vqo + (u64)(bp >> 4) * D + group_word<D / 4>(wp, (bp >> 2) & 3))
-                                 : make_uint4(0u, 0u, 0u, 0u);
+            {
+                const uint4 q4 = pb + 4 * sub < qend ? *(const uint4*)(c.vq + vqo + (u64)(bp >> 4) * D +
+                                                                    group_word<D / 4>(wp, (bp >> 2) & 3))
+                                                     : make_uint4(0u, 0u, 0u, 0u);
+                // Token bp + u's row word: its byte of each of the quad's four words.
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    const u32 gather = (u32)u | ((u32)(u + 4) << 4);
+                    w[u] = pb + 4 * sub + u < qend ? prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u) : 0u;
+                }
+            }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int p = pb + 4 * sub + u;
                 const int b = bp + u;
-                w[u] = 0u;
                 sr[u] = mr[u] = make_uint2(0u, 0u);
                 if (p < qend) {
-                    // The token's row word: its byte of each of the quad's four words.
-                    const u32 e = (u32)u, gather = e | ((e + 4) << 4);
-                    w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
                     const u16* sp = c.vs + vso + (u64)b * gpt;
                     const u16* mp = c.vm + vso + (u64)b * gpt;
                     if (gpt == 4) {
