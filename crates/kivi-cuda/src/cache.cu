@@ -2938,36 +2938,27 @@ PASS_LOOP
         // Interleaved codes (value_word): the lane's row word wi of a token (plane hp, word wp
         // of it) holds channels value_channel<D, VBq>(hp, wp, j) of every quarter, so the weights
         // times the scales, and the mins' terms, are per quarter (bias2, added per channel at
-        // the end). An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block;
-        // lane sub takes token quad sub of them (UNROLL = 4 tokens), so that it loads its 16-byte
-        // group of the quad's row once and a warp's load covers whole units (code_word).
-        static_assert(UNROLL == 4, "a lane's tokens: one quad");
+        // the end). An iteration's TPI * UNROLL (<= 32) tokens are aligned and inside one block.
         constexpr int NQ = D / 32;
         const int qshift = __ffs(c.group) - 6;
         const int hp = wi / (D / 16), wp = wi % (D / 16);
         for (int pb = vt_valid + warp * TPI * UNROLL; pb < qend; pb += W * TPI * UNROLL) {
             const u64 blk = (u64)sblk[(unsigned)(pb - s0) / BLOCK_TOKENS];
-            const int bp = (pb & (BLOCK_TOKENS - 1)) + 4 * sub;  // the lane's quad: bp .. bp + 3
+            const int bp = (pb & (BLOCK_TOKENS - 1)) + sub;
             const u64 vqo = vqb + blk * c.vq_block + (u64)hp * 8 * D, vso = vsb + blk * c.vsm_block;
             u32 w[UNROLL];
             uint2 sr[UNROLL], mr[UNROLL];  // the token's gpt (<= 4) f16 scales and mins
-            {
-                const uint4 q4 = pb + 4 * sub < qend ? *(const uint4*)(c.vq + vqo + (u64)(bp >> 4) * D +
-                                                                    group_word<D / 4>(wp, (bp >> 2) & 3))
-                                                     : make_uint4(0u, 0u, 0u, 0u);
-                // Token bp + u's row word: its byte of each of the quad's four words.
-#pragma unroll
-                for (int u = 0; u < UNROLL; u++) {
-                    const u32 gather = (u32)u | ((u32)(u + 4) << 4);
-                    w[u] = pb + 4 * sub + u < qend ? prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u) : 0u;
-                }
-            }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int p = pb + 4 * sub + u;
-                const int b = bp + u;
+                const int p = pb + u * TPI + sub;
+                const int b = bp + u * TPI;
+                w[u] = 0u;
                 sr[u] = mr[u] = make_uint2(0u, 0u);
                 if (p < qend) {
+                    // The token's row word: its byte of each of the quad's four words.
+                    const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 4) * D + group_word<D / 4>(wp, (b >> 2) & 3));
+                    const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
+                    w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
                     const u16* sp = c.vs + vso + (u64)b * gpt;
                     const u16* mp = c.vm + vso + (u64)b * gpt;
                     if (gpt == 4) {
@@ -2984,7 +2975,7 @@ PASS_LOOP
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int p = pb + 4 * sub + u;
+                const int p = pb + u * TPI + sub;
                 float ps[NG][NQ];
 #pragma unroll
                 for (int q = 0; q < NQ; q++) {
