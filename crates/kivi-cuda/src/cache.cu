@@ -158,10 +158,10 @@ __device__ __forceinline__ u64 block_of(const CacheBufs& c, int slot, int p) {
 // indices of the MMA: one mask (code_bits) makes a word an A register of the integer tensor
 // cores, and a lane's four words are one 16-byte load.
 // Those 16-byte groups are stored chunk-major in units of four rows (quads): group c of row r
-// at words 4 (r & ~3) W + 16 c + 4 (r & 3), W the row's words (keys 32, values D / 4), so that
+// at words (r & ~3) W + 16 c + 4 (r & 3), W the row's words (keys 32, values D / 4), so that
 // the eight lanes of a quarter warp, lanes (g, t) of slots g = 2q, 2q + 1 and rows t of a unit,
 // load one contiguous 128 bytes: one L1 wavefront where row-major rows took four (Nsight
-// Compute, GQA KIVI-2 B = 32 T = 32K: 44.3 M -> 31.9 M wavefronts; docs/benchmarks.md "CUDA
+// Compute, GQA KIVI-2 B = 32 T = 32K: 44.3 M -> 32.4 M wavefronts; docs/benchmarks.md "CUDA
 // decode attention (H200)" -> "Session 31").
 // 4-bit codes are two planes of that geometry, 8 D words each: plane hm holds the half hm of
 // every quarter (i = 2 hm + r at bits 4 r of the byte: tokens, or channels, 32 k + 16 hm + s +
