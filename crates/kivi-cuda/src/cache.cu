@@ -886,9 +886,11 @@ __device__ __forceinline__ void imma_16832_uu(int (&c)[4], u32 a0, u32 a1, u32 a
 #ifndef STAGE_CODES4
 #define STAGE_CODES4 1
 #endif
-// Staged interleaved codes (key_word, value_word): words of padding after each quad's row
-// (keys: 32 words; values: D / 4), so that the eight 16-byte loads of a quarter-warp (lanes
-// (g, t), g < 2) fall in different banks: 8 t + 4 g (keys, D = 128 values) apart. (With the
+// Staged interleaved codes (key_word, value_word): words of padding after every row's worth of
+// the copy (keys: 32 words; values: D / 4). Row-major rows needed them so that the eight 16-byte
+// loads of a quarter-warp fell in different banks; the chunk-major units (code_word) read 128
+// contiguous bytes per quarter warp without them, but 0 measured slower on the H200 (session 31,
+// MHA B = 32 T = 32K, 8 -> 0: KIVI-4 1194.6 -> 1401.9 us, KIVI-2 746.9 -> 779.8). (With the
 // plain 4-bit packing, 4 words after each 32-token key sub-tile measured on the H200, MHA
 // B = 32 T = 32K, 0 -> 4: KIVI-2 871 / 864 -> 847 / 848, KIVI-4 1320 / 1318 -> 1266 / 1266.)
 #ifndef STAGE2_PAD
@@ -2956,7 +2958,8 @@ PASS_LOOP
                 sr[u] = mr[u] = make_uint2(0u, 0u);
                 if (p < qend) {
                     // The token's row word: its byte of each of the quad's four words.
-                    const uint4 q4 = *(const uint4*)(c.vq + vqo + (u64)(b >> 4) * D + group_word<D / 4>(wp, (b >> 2) & 3));
+                    const uint4 q4 =
+                        *(const uint4*)(c.vq + vqo + (u64)(b >> 4) * D + group_word<D / 4>(wp, (b >> 2) & 3));
                     const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
                     w[u] = prmt(prmt(q4.x, q4.y, gather), prmt(q4.z, q4.w, gather), 0x5410u);
                     const u16* sp = c.vs + vso + (u64)b * gpt;
