@@ -1688,6 +1688,14 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
+// 4-bit blocks in four-warp CTAs that form B once (PRE): 2. Measured on the H200 after the
+// chunk-major code layout (session 31, GQA KIVI-4, us, 4 / 2, best of two rounds each): B = 32
+// T = 32K 390.5 / 367.0, T = 16K 207.3 / 194.7, T = 4K 69.1 / 65.0, B = 8 T = 32K 111.8 / 105.4,
+// T = 4K 24.2 / 23.4; the 2-bit blocks lost 6-11 % with 2 (B = 32 T = 32K 269.9 / 298.0).
+#ifndef HEADS_UNROLL4_PRE
+#define HEADS_UNROLL4_PRE 2
+#endif
+#define HEADS_UNROLL_OF(BITS, PRE) ((BITS) == 4 && (PRE) ? HEADS_UNROLL4_PRE : HEADS_UNROLL)
 // k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words: 1 or
 // 2; 0: 1 in four-warp D = 128 CTAs without pre-formed B operands (PRE), else 2. Measured on
 // the H200 (session 20, us, 2 / 1): four-warp D = 128 GQA B = 32 T = 32K 355.8 / 348.3, T = 16K
@@ -2143,7 +2151,7 @@ __device__ __forceinline__ void tc_key_block_heads(const AttnParams& P, int kvh,
     for (int m = 0; m < 8; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-#pragma unroll(HEADS_UNROLL)
+#pragma unroll(HEADS_UNROLL_OF(KB, PRE))
     for (int x = 0; x < KS; x++) {
         uint4 c0[NP], c1[NP];
         cw.next(x, c0, c1);
@@ -2305,7 +2313,7 @@ __device__ __forceinline__ void tc_value_block_heads(const AttnParams& P, int kv
     for (int m = 0; m < D / 16; m++)
 #pragma unroll
         for (int x = 0; x < 4; x++) acc[m][x] = 0;
-#pragma unroll(HEADS_UNROLL)
+#pragma unroll(HEADS_UNROLL_OF(VB, PRE))
     for (int x = 0; x < 4; x++) {
         uint4 c0[NP], c1[NP];
         cw.next(x, c0, c1);
