@@ -324,10 +324,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 /// Before the prompt is echoed: a prompt over the context window is an error, not a screenful
-/// of the user's own text followed by one.
-fn check_prompt_fits(prompt_tokens: usize, context_len: usize) -> Result<()> {
-    if prompt_tokens > context_len {
-        bail!("prompt of {prompt_tokens} tokens does not fit the context window of {context_len} tokens");
+/// of the user's own text followed by one (the error the model would give).
+fn check_prompt_fits(prompt: usize, context: usize) -> Result<()> {
+    if prompt > context {
+        return Err(kivi_model::ModelError::ContextOverflow { prompt, context }.into());
     }
     Ok(())
 }
