@@ -1688,12 +1688,14 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
-// 4-bit blocks in four-warp CTAs that form B once (PRE): 2. Measured on the H200 after the
+// 4-bit blocks in four-warp CTAs that form B once (PRE). 2 measured faster on the H200 after the
 // chunk-major code layout (session 31, GQA KIVI-4, us, 4 / 2, best of two rounds each): B = 32
 // T = 32K 390.5 / 367.0, T = 16K 207.3 / 194.7, T = 4K 69.1 / 65.0, B = 8 T = 32K 111.8 / 105.4,
-// T = 4K 24.2 / 23.4; the 2-bit blocks lost 6-11 % with 2 (B = 32 T = 32K 269.9 / 298.0).
+// T = 4K 24.2 / 23.4 (the 2-bit blocks lost 6-11 % with 2: B = 32 T = 32K 269.9 / 298.0). Left at
+// HEADS_UNROLL until the GPU tests have run on the unrolled modules (the session's device time
+// was spent): then 2.
 #ifndef HEADS_UNROLL4_PRE
-#define HEADS_UNROLL4_PRE 2
+#define HEADS_UNROLL4_PRE HEADS_UNROLL
 #endif
 #define HEADS_UNROLL_OF(BITS, PRE) ((BITS) == 4 && (PRE) ? HEADS_UNROLL4_PRE : HEADS_UNROLL)
 // k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words: 1 or
@@ -2966,6 +2968,8 @@ PASS_LOOP
                 sr[u] = mr[u] = make_uint2(0u, 0u);
                 if (p < qend) {
                     // The token's row word: its byte of each of the quad's four words.
+                    // (code_word<D / 4>(b >> 2, 4 wp), spelled out: calling it changed every quantized
+                    // module's SASS, and this code's neighbours have shown timing-sensitive.)
                     const uint4 q4 =
                         *(const uint4*)(c.vq + vqo + (u64)(b >> 4) * D + group_word<D / 4>(wp, (b >> 2) & 3));
                     const u32 e = (u32)(b & 3), gather = e | ((e + 4) << 4);
