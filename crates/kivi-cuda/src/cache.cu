@@ -1688,14 +1688,14 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 #ifndef HEADS_UNROLL
 #define HEADS_UNROLL 4
 #endif
-// 4-bit blocks in four-warp CTAs that form B once (PRE). 2 measured faster on the H200 after the
-// chunk-major code layout (session 31, GQA KIVI-4, us, 4 / 2, best of two rounds each): B = 32
-// T = 32K 390.5 / 367.0, T = 16K 207.3 / 194.7, T = 4K 69.1 / 65.0, B = 8 T = 32K 111.8 / 105.4,
-// T = 4K 24.2 / 23.4 (the 2-bit blocks lost 6-11 % with 2: B = 32 T = 32K 269.9 / 298.0). Left at
-// HEADS_UNROLL until the GPU tests have run on the unrolled modules (the session's device time
-// was spent): then 2.
+// 4-bit blocks in four-warp CTAs that form B once (PRE): 2. Measured on the H200 after the
+// chunk-major code layout (GQA KIVI-4, us, 4 / 2, best of two rounds each; session 31: B = 32
+// T = 32K 390.5 / 367.0, T = 16K 207.3 / 194.7, T = 4K 69.1 / 65.0, B = 8 T = 32K 111.8 / 105.4;
+// session 32: B = 32 T = 32K 386.5 / 361.8, T = 16K 205.2 / 192.6, T = 4K 68.5 / 63.1, B = 8
+// T = 16K 61.2 / 55.0). The 2-bit blocks lost 6-11 % with 2 (B = 32 T = 32K 269.9 / 298.0), and
+// HEADS_AHEAD4 = 2 on top of it cost 4-14 % (B = 32 T = 32K 448.0).
 #ifndef HEADS_UNROLL4_PRE
-#define HEADS_UNROLL4_PRE HEADS_UNROLL
+#define HEADS_UNROLL4_PRE 2
 #endif
 #define HEADS_UNROLL_OF(BITS, PRE) ((BITS) == 4 && (PRE) ? HEADS_UNROLL4_PRE : HEADS_UNROLL)
 // k-steps ahead that tc_key_block_heads and tc_value_block_heads load their code words: 1 or
