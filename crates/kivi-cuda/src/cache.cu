@@ -1693,7 +1693,7 @@ __device__ __forceinline__ void tc_value_store_i8(const float (&vacc)[D / 16][2]
 // T = 32K 390.5 / 367.0, T = 16K 207.3 / 194.7, T = 4K 69.1 / 65.0, B = 8 T = 32K 111.8 / 105.4;
 // session 32: B = 32 T = 32K 386.5 / 361.8, T = 16K 205.2 / 192.6, T = 4K 68.5 / 63.1, B = 8
 // T = 16K 61.2 / 55.0). The 2-bit blocks lost 6-11 % with 2 (B = 32 T = 32K 269.9 / 298.0), and
-// HEADS_AHEAD4 = 2 on top of it cost 4-14 % (B = 32 T = 32K 448.0).
+// HEADS_AHEAD4 = 2 on top of it cost 6-24 % at B = 8 and 32 (B = 32 T = 32K 361.8 -> 448.0).
 #ifndef HEADS_UNROLL4_PRE
 #define HEADS_UNROLL4_PRE 2
 #endif
@@ -1879,7 +1879,8 @@ __device__ __forceinline__ void fixed_hi_lo(const float4& x, const float (&s)[4]
 template <bool KEYS>
 __device__ __forceinline__ void pre_b_head(u32* lo_, u32* hi_, int lane, int h, const float4 (&x)[2],
                                            const float (&sp)[2][2][4]) {
-    // (PACK_IMAD: keys v + 128 + 2^15 >= 0, so both bytes come out 128 more, mod 256: flipped.)
+    // (PACK_IMAD: keys take v + 128 + 2^15 >= 0, whose high byte is then 128 more, mod 256, and
+    // flipped back like the low one.)
     constexpr float magic = KEYS ? F32_MAGIC + 128.0f + (PACK_IMAD ? 32768.0f : 0.0f) : F32_MAGIC;
     u32 hi[2][2], lo[2][2];  // [jj][b]
 #pragma unroll
