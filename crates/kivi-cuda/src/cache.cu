@@ -1857,6 +1857,8 @@ __device__ __forceinline__ u32* pre_b_at(u32* lo, u32* hi, int x, int t, int g, 
 // with F32_MAGIC - 0x4B40 their low 16 bits are round(y) - 0x4B40, so that
 // bits(b) * 0x10000 + bits(a) = round(y_b) << 16 | round(y_a) (mod 2^32).
 #define PACK_MAGIC_SHIFT 19264.0f
+// The ranges that keep it exact: values p s^ in [0, VAL_FIX], keys v + 128 + 2^15 with |v| <= KEY_FIX.
+static_assert(VAL_FIX < 65536.0f && KEY_FIX + 128.0f < 32768.0f, "PACK_IMAD: fixed-point values past 16 bits");
 // Bytes 1 (hi) and 0 (lo) of four floats round(x s) + magic, each in one register. (PACK_IMAD:
 // magic must give values in [F32_MAGIC, F32_MAGIC + 2^16).)
 __device__ __forceinline__ void fixed_hi_lo(const float4& x, const float (&s)[4], float magic, u32& hi, u32& lo) {
